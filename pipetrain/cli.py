@@ -1,0 +1,58 @@
+"""The ``pipetrain`` command line: ``graph | plan | simulate | sweep | run | report | demo ...``.
+
+Each subcommand lives in ``pipetrain/commands/<name>.py`` with ``add_arguments(parser)`` and
+``run(args) -> int``; command modules import torch lazily, inside ``run``. Every
+:class:`~pipetrain.errors.PipetrainError` becomes one line on stderr and exit code 2.
+Nothing imports this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from pipetrain import __version__
+from pipetrain.errors import PipetrainError
+
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+#: name -> (module under pipetrain.commands, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "graph": ("graph", "trace a model on the meta device and print its layer graph"),
+    "simulate": ("simulate", "simulate one training step of a schedule or a plan"),
+    "demo": ("demo", "plan, simulate, run, validate and report tiny-gpt on this CPU"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipetrain", description="Plan, simulate, run and validate pipeline-parallel training.")
+    parser.add_argument("--version", action="version", version=f"pipetrain {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        mod = importlib.import_module(f"pipetrain.commands.{module}")
+        p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip().splitlines()[0])
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except PipetrainError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""The Plan: the contract between planner, simulator, executor and reports.
+
+A plan says how one model is pipelined on one topology: pipeline depth ``pp`` and
+data-parallel width ``dp``, micro-batch size and count, the schedule, the stage boundaries
+(as block ranges of the layer graph), the placement of stages on pipeline ranks and devices,
+activation buffers and recomputation per stage, and the metrics the planner predicted.
+
+Everything here is a frozen, keyword-only dataclass validated in ``__post_init__``; bad
+values raise :class:`~pipetrain.errors.PlanError` naming the field. ``Plan.to_json`` /
+``Plan.from_json`` round-trip exactly and carry :data:`SCHEMA_VERSION`; a plan carries the
+fingerprint of the layer graph it was made for, so it refuses to run another model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipetrain.errors import PlanError
+from pipetrain.serde import from_dict, to_dict
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "SCHEDULES",
+    "DTYPES",
+    "OPTIMIZERS",
+    "TensorSpec",
+    "StagePlan",
+    "PredictedMetrics",
+    "Alternative",
+    "Plan",
+]
+
+SCHEMA_VERSION = 1
+#: Schedule names, as accepted by :mod:`pipetrain.schedules` and the CLI.
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+#: Training precisions: fp32, or bf16/fp16 autocast with fp32 master weights.
+DTYPES = ("fp32", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise PlanError(msg)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TensorSpec:
+    """Shape and dtype of one tensor crossing a stage boundary (dtype as torch names it)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    def __post_init__(self) -> None:
+        _need(all(isinstance(d, int) and d >= 0 for d in self.shape), f"TensorSpec.shape must be non-negative ints, got {self.shape}")
+        _need(bool(self.dtype), "TensorSpec.dtype must not be empty")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StagePlan:
+    """One pipeline stage: blocks ``[block_start, block_end)`` of the layer graph.
+
+    With interleaved schedules a pipeline rank hosts several (virtual) stages; stage ``index``
+    runs on pipeline rank ``rank``.
+    """
+
+    index: int
+    block_start: int
+    block_end: int
+    rank: int
+    device: str
+    buffers: int
+    recompute: bool = False
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    predicted_peak_memory_bytes: float = 0.0
+    memory_cap_bytes: float = 0.0
+
+    def __post_init__(self) -> None:
+        _need(self.index >= 0, f"stage.index must be >= 0, got {self.index}")
+        _need(0 <= self.block_start < self.block_end, f"stage {self.index}: block range [{self.block_start}, {self.block_end}) is empty or negative")
+        _need(self.rank >= 0, f"stage {self.index}: rank must be >= 0, got {self.rank}")
+        _need(self.buffers >= 1, f"stage {self.index}: buffers must be >= 1, got {self.buffers}")
+        _need(self.predicted_peak_memory_bytes >= 0 and self.memory_cap_bytes >= 0, f"stage {self.index}: memory figures must be >= 0")
+
+    @property
+    def num_blocks(self) -> int:
+        return self.block_end - self.block_start
+
+
+@dataclass(frozen=True, kw_only=True)
+class PredictedMetrics:
+    """What the planner (via the simulator) predicts for one training step."""
+
+    step_time_s: float
+    samples_per_s: float
+    tokens_per_s: float
+    mfu: float
+    bubble_fraction: float
+    peak_memory_bytes: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        _need(self.step_time_s > 0, f"predicted.step_time_s must be > 0, got {self.step_time_s}")
+        _need(0.0 <= self.bubble_fraction <= 1.0, f"predicted.bubble_fraction must be in [0, 1], got {self.bubble_fraction}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Alternative:
+    """A candidate the planner considered and rejected, and why."""
+
+    description: str
+    step_time_s: float | None
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    """A complete, runnable pipeline plan (see module docstring)."""
+
+    model: str
+    graph_fingerprint: str
+    topology: str
+    pp: int
+    dp: int
+    micro_batch_size: int
+    num_microbatches: int
+    seq_len: int
+    schedule: str
+    stages: tuple[StagePlan, ...]
+    chunks: int = 1
+    dtype: str = "fp32"
+    optimizer: str = "adamw"
+    seed: int = 0
+    predicted: PredictedMetrics | None = None
+    alternatives: tuple[Alternative, ...] = ()
+    simulation_only: bool = False
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        _need(self.schema_version == SCHEMA_VERSION, f"plan schema_version {self.schema_version} is not supported (this pipetrain reads {SCHEMA_VERSION}): re-run `pipetrain plan`")
+        _need(self.pp >= 1, f"pp must be >= 1, got {self.pp}")
+        _need(self.dp >= 1, f"dp must be >= 1, got {self.dp}")
+        _need(self.micro_batch_size >= 1, f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        _need(self.num_microbatches >= 1, f"num_microbatches must be >= 1, got {self.num_microbatches}")
+        _need(self.seq_len >= 1, f"seq_len must be >= 1, got {self.seq_len}")
+        _need(self.chunks >= 1, f"chunks must be >= 1, got {self.chunks}")
+        _need(self.schedule in SCHEDULES, f"schedule {self.schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
+        _need(self.dtype in DTYPES, f"dtype {self.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
+        _need(self.optimizer in OPTIMIZERS, f"optimizer {self.optimizer!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
+        _need(self.chunks == 1 or self.schedule == "interleaved", f"chunks={self.chunks} needs schedule 'interleaved', not {self.schedule!r}")
+        _need(len(self.stages) == self.pp * self.chunks, f"plan has {len(self.stages)} stages but pp*chunks = {self.pp * self.chunks}")
+        expected_start = 0
+        for i, st in enumerate(self.stages):
+            _need(st.index == i, f"stages[{i}].index is {st.index}; stages must be listed in order")
+            _need(st.block_start == expected_start, f"stage {i} starts at block {st.block_start} but the previous stage ends at {expected_start}: stages must be contiguous from block 0")
+            _need(st.rank < self.pp, f"stage {i}: rank {st.rank} >= pp {self.pp}")
+            expected_start = st.block_end
+
+    # ----- derived -----------------------------------------------------------------
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.stages[-1].block_end
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch_size * self.num_microbatches * self.dp
+
+    @property
+    def boundaries(self) -> tuple[int, ...]:
+        """Cut positions: the first block of every stage after the first."""
+        return tuple(st.block_start for st in self.stages[1:])
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp
+
+    def stages_of_rank(self, rank: int) -> tuple[StagePlan, ...]:
+        return tuple(st for st in self.stages if st.rank == rank)
+
+    def check_graph(self, fingerprint: str, model: str | None = None) -> None:
+        """Refuse a layer graph other than the one this plan was made for."""
+        if fingerprint != self.graph_fingerprint:
+            other = f" ({model})" if model else ""
+            raise PlanError(
+                f"plan was made for model {self.model!r} (graph {self.graph_fingerprint[:12]}) but the model given{other} "
+                f"has graph {fingerprint[:12]}: re-run `pipetrain plan` for this model, micro-batch size and seq-len"
+            )
+
+    # ----- JSON --------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Plan":
+        if isinstance(data, dict) and data.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
+            raise PlanError(f"plan schema_version {data.get('schema_version')!r} is not supported (this pipetrain reads {SCHEMA_VERSION}): re-run `pipetrain plan`")
+        return from_dict(cls, data, error=PlanError)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"plan file is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> Path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(p.suffix + ".tmp")
+        tmp.write_text(self.to_json() + "\n")
+        tmp.replace(p)
+        return p
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        p = Path(path)
+        if not p.is_file():
+            raise PlanError(f"plan file {str(p)!r} does not exist: create one with `pipetrain plan ... -o {p.name}`")
+        return cls.from_json(p.read_text())

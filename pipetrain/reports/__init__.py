@@ -1,0 +1,5 @@
+"""pipetrain.reports"""
+
+from __future__ import annotations
+
+__all__: list[str] = []

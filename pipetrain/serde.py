@@ -1,0 +1,109 @@
+"""Strict JSON <-> frozen dataclass conversion shared by every contract type.
+
+``from_dict`` rejects unknown and missing keys and wrong types with a :class:`ConfigError`
+(or the error class given) naming the dotted path of the bad field, so a typo in a plan or
+config file is one clear line, never a ``TypeError`` traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, TypeVar
+
+from pipetrain.errors import ConfigError, PipetrainError
+
+__all__ = ["to_dict", "from_dict"]
+
+T = TypeVar("T")
+
+
+def to_dict(obj: Any) -> Any:
+    """Recursively turn dataclasses, tuples and lists into JSON-ready values."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (tuple, list)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def _convert(tp: Any, value: Any, where: str, err: type[PipetrainError]) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        last: PipetrainError | None = None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, where, err)
+            except PipetrainError as exc:
+                last = exc
+        raise last or err(f"{where}: unexpected value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where=where, error=err)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise err(f"{where}: expected a list, got {type(value).__name__}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, f"{where}[{i}]", err) for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise err(f"{where}: expected {len(args)} items, got {len(value)}")
+        return tuple(_convert(a, v, f"{where}[{i}]", err) for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise err(f"{where}: expected a mapping, got {type(value).__name__}")
+        kt, vt = args or (Any, Any)
+        return {_convert(kt, k, where, err): _convert(vt, v, f"{where}.{k}", err) for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise err(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise err(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise err(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise err(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type[T], data: Any, *, where: str = "", error: type[PipetrainError] = ConfigError) -> T:
+    """Build dataclass ``cls`` from ``data``; errors name the field path (``where``)."""
+    label = where or cls.__name__
+    if not isinstance(data, dict):
+        raise error(f"{label}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise error(f"{label}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(fields))}")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        path = f"{where}.{name}" if where else name
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise error(f"{label}: missing key {name!r}")
+            continue
+        kwargs[name] = _convert(hints[name], data[name], path, error)
+    try:
+        return cls(**kwargs)
+    except PipetrainError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise error(f"{label}: {exc}") from None

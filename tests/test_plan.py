@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipetrain.errors import PlanError
+from pipetrain.plan import SCHEMA_VERSION, Alternative, Plan, PredictedMetrics, StagePlan, TensorSpec
+
+
+def _plan(**kw) -> Plan:
+    stages = (
+        StagePlan(index=0, block_start=0, block_end=3, rank=0, device="cpu:0", buffers=2, outputs=(TensorSpec(shape=(2, 16, 64), dtype="float32"),)),
+        StagePlan(index=1, block_start=3, block_end=5, rank=1, device="cpu:1", buffers=1, recompute=True, inputs=(TensorSpec(shape=(2, 16, 64), dtype="float32"),)),
+    )
+    base = dict(model="tiny-gpt", graph_fingerprint="f" * 64, topology="local-cpu:2", pp=2, dp=2, micro_batch_size=2,
+                num_microbatches=4, seq_len=16, schedule="1f1b", stages=stages,
+                predicted=PredictedMetrics(step_time_s=0.5, samples_per_s=32.0, tokens_per_s=512.0, mfu=0.1, bubble_fraction=0.2, peak_memory_bytes=(1e6, 2e6)),
+                alternatives=(Alternative(description="gpipe", step_time_s=0.7, reason="slower by 40%"),))
+    base.update(kw)
+    return Plan(**base)
+
+
+def test_round_trip_is_exact_and_derived_fields() -> None:
+    p = _plan()
+    q = Plan.from_json(p.to_json())
+    assert q == p
+    assert json.loads(p.to_json())["schema_version"] == SCHEMA_VERSION
+    assert p.global_batch == 2 * 4 * 2
+    assert p.boundaries == (3,)
+    assert p.world_size == 4
+    assert p.num_blocks == 5
+
+
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda d: d["stages"][1].update(bufers=2), "unknown key 'bufers'"),
+        (lambda d: d.update(schedule="zigzag"), "schedule 'zigzag' is unknown"),
+        (lambda d: d.update(pp=3), "pp*chunks = 3"),
+        (lambda d: d["stages"][1].update(block_start=4), "must be contiguous"),
+        (lambda d: d.update(schema_version=99), "schema_version 99"),
+        (lambda d: d["stages"][0].update(buffers=0), "buffers must be >= 1"),
+        (lambda d: d.update(micro_batch_size="2"), "micro_batch_size: expected an integer"),
+    ],
+)
+def test_bad_plans_name_the_field(edit, needle) -> None:
+    d = json.loads(_plan().to_json())
+    edit(d)
+    with pytest.raises(PlanError, match=None) as info:
+        Plan.from_dict(d)
+    assert needle in str(info.value)
+
+
+def test_plan_refuses_another_graph() -> None:
+    p = _plan()
+    p.check_graph("f" * 64)
+    with pytest.raises(PlanError, match="re-run `pipetrain plan`"):
+        p.check_graph("0" * 64, model="gpt2")
