@@ -1,0 +1,164 @@
+"""Report charts other than timelines: convergence, memory, per-stage breakdown, landscape.
+
+Every function takes plain numbers (no runtime objects) and returns a matplotlib ``Figure``,
+so ``reports`` imports no runtime and the charts are testable on their own.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+__all__ = [
+    "convergence_figure",
+    "memory_figure",
+    "breakdown_figure",
+    "step_time_figure",
+    "param_consistency_figure",
+    "landscape_figure",
+    "scatter_figure",
+]
+
+_GIB = float(1 << 30)
+
+
+def convergence_figure(pipeline_loss: Sequence[float], reference_loss: Sequence[float]) -> Figure:
+    """Loss curves of the pipeline and the single-device run, and |difference| on a log scale."""
+    fig = Figure(figsize=(11, 3.6), layout="constrained")
+    ax, axd = fig.subplots(1, 2)
+    steps = np.arange(1, len(pipeline_loss) + 1)
+    ax.plot(steps, pipeline_loss, label="pipeline", lw=2)
+    ax.plot(np.arange(1, len(reference_loss) + 1), reference_loss, "--", label="single device", lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("loss")
+    ax.legend()
+    n = min(len(pipeline_loss), len(reference_loss))
+    diff = np.abs(np.asarray(pipeline_loss[:n], dtype=float) - np.asarray(reference_loss[:n], dtype=float))
+    axd.semilogy(steps[:n], np.maximum(diff, 1e-12), marker=".", color="#C44E52")
+    axd.set_xlabel("step")
+    axd.set_ylabel("|pipeline - single device| (floor 1e-12)")
+    axd.set_title("loss difference")
+    return fig
+
+
+def memory_figure(predicted_bytes: Sequence[float], measured_bytes: Sequence[float] | None,
+                  cap_bytes: Sequence[float] | None) -> Figure:
+    """Memory per stage: predicted vs measured bars, with the device cap as a marker."""
+    fig = Figure(figsize=(7, 3.4), layout="constrained")
+    ax = fig.add_subplot()
+    n = len(predicted_bytes)
+    x = np.arange(n)
+    w = 0.38 if measured_bytes is not None else 0.6
+    ax.bar(x - (w / 2 if measured_bytes is not None else 0), np.asarray(predicted_bytes) / _GIB, w, label="predicted")
+    if measured_bytes is not None:
+        ax.bar(x + w / 2, np.asarray(measured_bytes) / _GIB, w, label="measured")
+    if cap_bytes is not None and any(c > 0 for c in cap_bytes):
+        ax.scatter(x, np.asarray(cap_bytes) / _GIB, marker="_", s=900, color="black", label="device cap", zorder=3)
+    ax.set_xticks(x, [f"stage {i}" for i in range(n)])
+    ax.set_ylabel("GiB")
+    ax.set_title("memory per stage")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def breakdown_figure(rows: Mapping[str, Sequence[Sequence[float]]], *, parts: Sequence[str]) -> Figure:
+    """Stacked bars per stage for each source (e.g. 'simulated', 'measured'): compute, comm, bubble (s)."""
+    fig = Figure(figsize=(9, 3.6), layout="constrained")
+    ax = fig.add_subplot()
+    sources = list(rows)
+    n = max(len(v) for v in rows.values())
+    width = 0.8 / max(1, len(sources))
+    colors = ["#4C72B0", "#8172B3", "#CCCCCC", "#55A868"]
+    for si, src in enumerate(sources):
+        bottoms = np.zeros(n)
+        for pi, part in enumerate(parts):
+            vals = np.array([row[pi] for row in rows[src]]) * 1e3
+            ax.bar(np.arange(n) + si * width, vals, width, bottom=bottoms, color=colors[pi % len(colors)],
+                   edgecolor="black" if si else "white", hatch="//" if si else None,
+                   label=f"{part} ({src})")
+            bottoms += vals
+    ax.set_xticks(np.arange(n) + width * (len(sources) - 1) / 2, [f"stage {i}" for i in range(n)])
+    ax.set_ylabel("ms per step")
+    ax.set_title("per-stage breakdown")
+    ax.legend(fontsize=7, ncols=2)
+    return fig
+
+
+def step_time_figure(measured_s: Sequence[float], simulated_s: float) -> Figure:
+    fig = Figure(figsize=(7, 3.2), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(np.arange(1, len(measured_s) + 1), np.asarray(measured_s) * 1e3, marker=".", label="measured")
+    ax.axhline(simulated_s * 1e3, color="#C44E52", ls="--", label=f"simulated {simulated_s * 1e3:.1f} ms")
+    ax.set_xlabel("step")
+    ax.set_ylabel("step time (ms)")
+    ax.set_title("step time")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def param_consistency_figure(max_abs: Sequence[float], rel: Sequence[float], tol: float) -> Figure:
+    fig = Figure(figsize=(7, 3.2), layout="constrained")
+    ax = fig.add_subplot()
+    x = np.arange(len(max_abs))
+    ax.bar(x - 0.2, np.maximum(np.asarray(max_abs), 1e-16), 0.4, label="max |Δparam|")
+    ax.bar(x + 0.2, np.maximum(np.asarray(rel), 1e-16), 0.4, label="relative ‖Δ‖/‖p‖")
+    ax.axhline(tol, color="black", ls="--", label=f"tolerance {tol:g}")
+    ax.set_yscale("log")
+    ax.set_xticks(x, [f"stage {i}" for i in x])
+    ax.set_title("final parameters vs single device (floor 1e-16)")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def landscape_figure(ms: Sequence[int], ps: Sequence[int], step_time_s: Sequence[Sequence[float]],
+                     chosen: tuple[int, int] | None = None) -> Figure:
+    """Predicted step time over (m, p); NaN cells are infeasible and hatched."""
+    fig = Figure(figsize=(7, 3.8), layout="constrained")
+    ax = fig.add_subplot()
+    z = np.asarray(step_time_s, dtype=float) * 1e3  # rows = p, cols = m
+    masked = np.ma.masked_invalid(z)
+    im = ax.imshow(masked, aspect="auto", origin="lower", cmap="viridis_r")
+    for i in range(z.shape[0]):
+        for j in range(z.shape[1]):
+            if math.isnan(z[i, j]):
+                ax.add_patch(_hatch(j, i))
+                ax.text(j, i, "infeasible", ha="center", va="center", fontsize=6)
+            else:
+                ax.text(j, i, f"{z[i, j]:.3g}", ha="center", va="center", fontsize=6, color="white")
+    if chosen is not None and chosen[0] in ms and chosen[1] in ps:
+        ax.scatter([list(ms).index(chosen[0])], [list(ps).index(chosen[1])], marker="*", s=220, color="red", label="chosen")
+        ax.legend(fontsize=8, loc="upper right")
+    ax.set_xticks(range(len(ms)), [str(m) for m in ms])
+    ax.set_yticks(range(len(ps)), [str(p) for p in ps])
+    ax.set_xlabel("micro-batches m")
+    ax.set_ylabel("pipeline depth p")
+    ax.set_title("planner landscape: predicted step time (ms)")
+    fig.colorbar(im, ax=ax, label="ms")
+    return fig
+
+
+def _hatch(x: int, y: int):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, hatch="xx", edgecolor="#999")
+
+
+def scatter_figure(predicted: Sequence[float], measured: Sequence[float], labels: Sequence[str], *, title: str) -> Figure:
+    """Predicted vs measured with the y = x line (for simulator-accuracy results)."""
+    fig = Figure(figsize=(5.5, 5), layout="constrained")
+    ax = fig.add_subplot()
+    pr, me = np.asarray(predicted) * 1e3, np.asarray(measured) * 1e3
+    ax.scatter(me, pr)
+    for x, y, lab in zip(me, pr, labels):
+        ax.annotate(lab, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    lo, hi = float(min(pr.min(), me.min())) * 0.9, float(max(pr.max(), me.max())) * 1.1
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = x")
+    ax.set_xlabel("measured (ms)")
+    ax.set_ylabel("simulated (ms)")
+    ax.set_title(title)
+    ax.legend()
+    return fig
