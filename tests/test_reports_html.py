@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+from matplotlib.figure import Figure
+
+from pipetrain.events import Event, to_chrome_trace
+from pipetrain.reports import charts
+from pipetrain.reports.browser import check_page, find_chromium, screenshot
+from pipetrain.reports.figures import timelines_side_by_side
+from pipetrain.reports.html import Section, figure_png, write_report
+
+needs_chromium = pytest.mark.skipif(find_chromium() is None and not os.environ.get("CI"),
+                                    reason="Debian chromium not installed (CI installs it)")
+
+
+def _events() -> list[Event]:
+    return [Event(stage=s, rank=s, kind=k, microbatch=m, start_s=(t + m + s) / 1e3, end_s=(t + m + s + 1) / 1e3)
+            for s in range(2) for m in range(3) for k, t in (("F", 0), ("B", 5))]
+
+
+def test_chrome_trace_has_one_complete_event_per_event_in_microseconds() -> None:
+    tr = to_chrome_trace(_events())
+    xs = [e for e in tr["traceEvents"] if e["ph"] == "X"]
+    assert len(xs) == 12
+    f = next(e for e in xs if e["name"] == "1F2")
+    assert f["ts"] == pytest.approx(3000.0) and f["dur"] == pytest.approx(1000.0) and f["tid"] == 1
+
+
+@needs_chromium
+def test_report_renders_in_headless_chromium(tmp_path) -> None:
+    blank = Figure(figsize=(2, 2))
+    blank.add_subplot().set_axis_off()
+    sections = [
+        Section(id="timelines", title="Timelines", figures=(("sim vs run", figure_png(timelines_side_by_side(_events(), _events()))),)),
+        Section(id="landscape", title="Landscape", figures=(("m x p", figure_png(charts.landscape_figure([2, 4], [1, 2], [[1.0, math.nan], [0.5, 0.4]]))),)),
+        Section(id="blank", title="Blank", figures=(("white", figure_png(blank)),)),
+    ]
+    page = write_report(tmp_path / "report.html", "test report", sections)
+    got = check_page(page)
+    assert got.sections == ("timelines", "landscape", "blank")
+    assert [i["alt"] for i in got.images] == ["sim vs run", "m x p", "white"]
+    # the probe really measures pixels: the all-white figure is caught as blank, the charts are not
+    assert got.blank_images == ("white",)
+    assert all(i["width"] > 100 for i in got.images)
+    shot = screenshot(page, tmp_path / "report.png", height=800)
+    assert shot.stat().st_size > 5000
