@@ -1,0 +1,187 @@
+"""Memory model of one pipeline stage, torch-free.
+
+A stage holding layer-graph nodes ``[start, end)`` needs (all in bytes):
+
+* **weights + gradients + optimizer state**, per parameter (:func:`bytes_per_param`), after
+  ZeRO's accounting (Rajbhandari et al. 2020, "ZeRO", sec. 3.1: mixed-precision Adam keeps
+  2 + 2 + 12 = 16 bytes per parameter):
+
+  ========  ==========  ============  =========  ===================================  =====
+  dtype     optimizer   weights       grads      optimizer state                      total
+  ========  ==========  ============  =========  ===================================  =====
+  fp32      adamw       4             4          8 (m, v in fp32)                      16
+  bf16/fp16 adamw       2 (working)   2          12 (fp32 master 4 + m 4 + v 4)        16
+  fp32      sgd         4             4          0 (4 with momentum)                  8/12
+  bf16/fp16 sgd         2             2          4 fp32 master (8 with momentum)     8/12
+  ========  ==========  ============  =========  ===================================  =====
+
+* **tied parameters** used here but owned by another stage (GPT-2's head on the last
+  stage): a full copy with its own gradient and optimizer state.
+* **activations**: per in-flight micro-batch, the bytes autograd saves for backward
+  (``Node.saved_bytes``, summed over the stage), times the number in flight. With
+  recomputation only the stage input is kept per micro-batch, plus the working set of one
+  micro-batch being recomputed (the full saved bytes, once).
+* **receive buffers**: ``buffers`` slots for the activation arriving from the previous stage
+  (the bytes crossing the cut at ``start``) and one slot for the gradient arriving from the
+  next stage (the bytes crossing the cut at ``end``). Counted apart from the saved
+  activations (an executor that saves the received tensor in place double-counts: conservative).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipetrain.errors import ConfigError, InfeasibleError
+from pipetrain.planner.graph import LayerGraph
+
+__all__ = [
+    "GiB", "ParamStateBytes", "StageMemory", "bytes_per_param", "activation_bytes_per_microbatch",
+    "block_activation_bytes", "stage_input_bytes", "stage_output_bytes", "tied_extra_params", "stage_memory",
+    "check_stage_memory",
+]
+
+GiB = 2**30
+_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+_TORCH_DTYPE_BYTES = {"int64": 8, "long": 8, "int32": 4, "int": 4, "float32": 4, "float": 4, "float16": 2, "half": 2,
+                      "bfloat16": 2, "float64": 8, "double": 8, "int8": 1, "uint8": 1, "bool": 1}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParamStateBytes:
+    """Bytes per parameter of weights, gradients and optimizer state (see module table)."""
+
+    weights: int
+    grads: int
+    optimizer: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.grads + self.optimizer
+
+
+def bytes_per_param(dtype: str, optimizer: str, *, momentum: bool = False) -> ParamStateBytes:
+    """Bytes per parameter for a training precision and optimizer (ZeRO, Rajbhandari et al. 2020)."""
+    if dtype not in _DTYPE_BYTES:
+        raise ConfigError(f"dtype {dtype!r} is unknown; choose one of {', '.join(_DTYPE_BYTES)}")
+    w = _DTYPE_BYTES[dtype]
+    master = 0 if dtype == "fp32" else 4
+    if optimizer == "adamw":
+        return ParamStateBytes(weights=w, grads=w, optimizer=master + 8)
+    if optimizer == "sgd":
+        return ParamStateBytes(weights=w, grads=w, optimizer=master + (4 if momentum else 0))
+    raise ConfigError(f"optimizer {optimizer!r} is unknown; choose one of adamw, sgd")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageMemory:
+    """Peak memory of one stage by component (bytes); ``total_bytes`` is their sum."""
+
+    param_count: int
+    weights_bytes: int
+    grads_bytes: int
+    optimizer_bytes: int
+    tied_bytes: int
+    activation_bytes: int  # in-flight saved activations (or stage inputs when recomputing)
+    recompute_working_bytes: int
+    buffer_bytes: int
+    in_flight: int
+    recompute: bool
+
+    def __post_init__(self) -> None:
+        for f in ("param_count", "weights_bytes", "grads_bytes", "optimizer_bytes", "tied_bytes", "activation_bytes",
+                  "recompute_working_bytes", "buffer_bytes", "in_flight"):
+            if getattr(self, f) < 0:
+                raise ConfigError(f"stage memory {f} must be >= 0, got {getattr(self, f)}")
+
+    @property
+    def model_state_bytes(self) -> int:
+        return self.weights_bytes + self.grads_bytes + self.optimizer_bytes + self.tied_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.model_state_bytes + self.activation_bytes + self.recompute_working_bytes + self.buffer_bytes
+
+    def describe(self) -> str:
+        act = f"activations {self.activation_bytes / GiB:.2f} for {self.in_flight} micro-batch(es)"
+        if self.recompute:
+            act += f" (recompute, +{self.recompute_working_bytes / GiB:.2f} working)"
+        return (f"{self.total_bytes / GiB:.2f} GiB: weights+grads+optimizer {self.model_state_bytes / GiB:.2f}, "
+                f"{act}, buffers {self.buffer_bytes / GiB:.2f}")
+
+
+def _check_range(graph: LayerGraph, start: int, end: int) -> None:
+    if not 0 <= start < end <= graph.num_nodes:
+        raise ConfigError(f"stage range [{start}, {end}) is not within the graph's {graph.num_nodes} nodes")
+
+
+def block_activation_bytes(graph: LayerGraph, index: int) -> int:
+    """Bytes saved for backward by node ``index`` for one micro-batch (from the traced graph)."""
+    return graph.nodes[index].saved_bytes
+
+
+def activation_bytes_per_microbatch(graph: LayerGraph, start: int, end: int) -> int:
+    """Saved-for-backward bytes of nodes ``[start, end)`` for one micro-batch."""
+    _check_range(graph, start, end)
+    return sum(n.saved_bytes for n in graph.nodes[start:end])
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out
+
+
+def stage_input_bytes(graph: LayerGraph, start: int) -> int:
+    """Bytes entering a stage that starts at ``start``: the model input, or the cut's tensors."""
+    if start == 0:
+        return _numel(graph.input_shape) * _TORCH_DTYPE_BYTES.get(graph.input_dtype.replace("torch.", ""), 8) if graph.input_shape else 0
+    return graph.cut(start).bytes
+
+
+def stage_output_bytes(graph: LayerGraph, end: int) -> int:
+    """Bytes leaving a stage that ends before ``end`` (0 for the last stage)."""
+    return 0 if end >= graph.num_nodes else graph.cut(end).bytes
+
+
+def tied_extra_params(graph: LayerGraph, start: int, end: int) -> int:
+    """Parameters of tied weights used in ``[start, end)`` but owned outside it (own copy)."""
+    return sum(t.param_count for t in graph.tied
+               if not (start <= t.owner < end) and any(start <= u < end for u in t.users))
+
+
+def stage_memory(graph: LayerGraph, start: int, end: int, *, in_flight: int, buffers: int = 1, recompute: bool = False,
+                 optimizer: str = "adamw", dtype: str | None = None, momentum: bool = False) -> StageMemory:
+    """Peak bytes of a stage with ``in_flight`` micro-batches' activations alive at once.
+
+    ``in_flight`` comes from the schedule (1F1B: min(p - s, m); GPipe: m). ``dtype`` defaults to
+    the graph's (the activation bytes are those of the traced dtype and micro-batch size).
+    """
+    _check_range(graph, start, end)
+    if in_flight < 1:
+        raise ConfigError(f"in_flight must be >= 1, got {in_flight}")
+    if buffers < 1:
+        raise ConfigError(f"buffers must be >= 1, got {buffers}")
+    per = bytes_per_param(dtype or graph.dtype, optimizer, momentum=momentum)
+    params = sum(n.param_count for n in graph.nodes[start:end])
+    act = activation_bytes_per_microbatch(graph, start, end)
+    inp = stage_input_bytes(graph, start)
+    if recompute:
+        activation, working = in_flight * inp, act
+    else:
+        activation, working = in_flight * act, 0
+    recv = (buffers * graph.cut(start).bytes if start > 0 else 0) + stage_output_bytes(graph, end)
+    return StageMemory(param_count=params, weights_bytes=params * per.weights, grads_bytes=params * per.grads,
+                       optimizer_bytes=params * per.optimizer, tied_bytes=tied_extra_params(graph, start, end) * per.total,
+                       activation_bytes=activation, recompute_working_bytes=working, buffer_bytes=recv,
+                       in_flight=in_flight, recompute=recompute)
+
+
+def check_stage_memory(mem: StageMemory, capacity_bytes: float, *, stage: int, device: str = "") -> None:
+    """Raise :class:`InfeasibleError` when a stage does not fit its device, naming the fixes."""
+    if mem.total_bytes <= capacity_bytes:
+        return
+    on = f" {device}" if device else ""
+    fixes = "raise pp, lower micro-batch size" + ("" if mem.recompute else " or enable recompute")
+    raise InfeasibleError(f"stage {stage} needs {mem.total_bytes / GiB:.1f} GiB ({mem.describe()}), "
+                          f"device{on} has {capacity_bytes / GiB:.1f} GiB: {fixes}")

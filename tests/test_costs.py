@@ -1,0 +1,100 @@
+"""Analytic cost model: roofline numbers by hand, stage sums, W split, recompute, p2p,
+all-reduce and optimizer step; calibration on synthetic data recovers known factors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipetrain.errors import ConfigError
+from pipetrain.planner.costs import (
+    AnalyticCostModel, AnalyticParams, CostModel, StageCost, node_input_bytes, optimizer_step_time_s, p2p_time_s,
+    ring_allreduce_time_s, roofline_time_s,
+)
+from pipetrain.planner.topology import DeviceType, Link, topology_preset
+from test_memory import chain  # tests/ is on sys.path (rootdir conftest, no __init__)
+
+DEV = DeviceType(name="toy", kind="gpu", peak_flops_fp32=1e9, peak_flops_bf16=4e9, peak_flops_fp16=4e9,
+                 memory_bytes=1e9, memory_bandwidth_bytes_per_s=1e6, efficiency=0.5, memory_efficiency=0.5)
+
+
+def test_roofline_picks_the_slower_side() -> None:
+    assert roofline_time_s(1e9, 0, 1e9, 0.5, 1e6, 0.5) == pytest.approx(2.0)  # compute bound
+    assert roofline_time_s(1, 1e6, 1e9, 0.5, 1e6, 0.5) == pytest.approx(2.0)  # memory bound
+    assert roofline_time_s(1e9, 3e6, 1e9, 1.0, 1e6, 1.0) == pytest.approx(3.0)
+
+
+def test_analytic_stage_by_hand() -> None:
+    g = chain(4)  # embed, b0, b1, head; outputs 512 B, input ids 128 B
+    assert node_input_bytes(g) == (128, 512, 512, 512)
+    m = AnalyticCostModel()
+    c = m.stage_costs(g, 1, 2, DEV)
+    # b0: fwd 1e6 flops / (1e9*0.5) = 2e-3 s; bytes 400 + 512 + 512 + 3000 = 4424 / (1e6*0.5) = 8.848e-3 s
+    assert c.t_fwd_s == pytest.approx(8.848e-3)
+    # bwd: 2e6 / 5e8 = 4e-3; bytes 2*400 + 3000 + 512 + 512 = 4824 / 5e5 = 9.648e-3
+    assert c.t_bwd_s == pytest.approx(9.648e-3)
+    assert c.t_wgrad_s == pytest.approx(9.648e-3 / 2)  # wgrad_flops / bwd_flops = 1/2
+    assert c.t_recompute_s == 0 and c.t_bwd_input_s == pytest.approx(9.648e-3 / 2)
+    rc = m.stage_costs(g, 1, 3, DEV, recompute=True)
+    whole = m.stage_costs(g, 1, 3, DEV)
+    assert rc.t_recompute_s == pytest.approx(whole.t_fwd_s) and rc.t_total_s == pytest.approx(whole.t_total_s + whole.t_fwd_s)
+    parts = [m.stage_costs(g, i, i + 1, DEV) for i in range(4)]
+    assert m.stage_costs(g, 0, 4, DEV).t_fwd_s == pytest.approx(sum(p.t_fwd_s for p in parts))
+
+
+def test_dtype_selects_the_peak() -> None:
+    fast = DeviceType(name="fast", kind="gpu", peak_flops_fp32=1e9, peak_flops_bf16=4e9, peak_flops_fp16=4e9,
+                      memory_bytes=1e9, memory_bandwidth_bytes_per_s=1e15)
+    f32 = AnalyticCostModel().stage_costs(chain(4), 1, 3, fast)
+    b16 = AnalyticCostModel().stage_costs(chain(4, dtype="bf16"), 1, 3, fast)
+    assert f32.t_fwd_s / b16.t_fwd_s == pytest.approx(4.0, rel=1e-6)
+
+
+def test_h100_preset_predicts_faster_than_a100() -> None:
+    g = chain(6, dtype="bf16")
+    a = topology_preset("dgx-a100-80g:1").device_type_of(0)
+    h = topology_preset("dgx-h100:1").device_type_of(0)
+    m = AnalyticCostModel()
+    assert m.stage_costs(g, 1, 5, h).t_fwd_s < m.stage_costs(g, 1, 5, a).t_fwd_s
+
+
+def test_params_override_and_overheads() -> None:
+    g = chain(4)
+    p = AnalyticParams(efficiency_by_kind={"block": 1.0}, memory_efficiency=1.0, overhead_fwd_s=1e-3, overhead_bwd_s=2e-3,
+                       bwd_efficiency_scale=0.5)
+    c = AnalyticCostModel(p).stage_costs(g, 1, 2, DEV)
+    assert c.t_fwd_s == pytest.approx(max(1e6 / 1e9, 4424 / 1e6) + 1e-3)
+    assert c.t_bwd_s == pytest.approx(max(2e6 / 0.5e9, 4824 / 1e6) + 2e-3)
+    by_dev = AnalyticCostModel(params_by_device={"toy": p})
+    assert by_dev.stage_costs(g, 1, 2, DEV) == c
+    other = DeviceType(name="other", kind="gpu", peak_flops_fp32=1e9, peak_flops_bf16=4e9, peak_flops_fp16=4e9,
+                       memory_bytes=1e9, memory_bandwidth_bytes_per_s=1e6, efficiency=0.5, memory_efficiency=0.5)
+    assert by_dev.stage_costs(g, 1, 2, other).t_fwd_s == pytest.approx(8.848e-3)  # defaults elsewhere
+
+
+def test_links_and_collectives() -> None:
+    nv = Link(kind="nvswitch", bandwidth_bytes_per_s=450e9, latency_s=3e-6)
+    assert p2p_time_s(450e6, nv) == pytest.approx(3e-6 + 1e-3)
+    assert p2p_time_s(0, nv) == 0.0
+    assert ring_allreduce_time_s(8e9, 8, nv) == pytest.approx(2 * 7 / 8 * 8e9 / 450e9 + 14 * 3e-6)
+    assert ring_allreduce_time_s(8e9, 1, nv) == 0.0
+    h = topology_preset("dgx-h100:1").device_type_of(0)
+    # 1e9 params * 28 B / (3.35e12 * 0.8)
+    assert optimizer_step_time_s(10**9, h) == pytest.approx(28e9 / (3.35e12 * 0.8))
+    assert optimizer_step_time_s(10**9, h, optimizer="sgd") == pytest.approx(12e9 / (3.35e12 * 0.8))
+    with pytest.raises(ConfigError):
+        p2p_time_s(-1, nv)
+    with pytest.raises(ConfigError):
+        optimizer_step_time_s(1, h, optimizer="lion")
+
+
+def test_interface_and_validation() -> None:
+    assert isinstance(AnalyticCostModel(), CostModel)
+    with pytest.raises(ConfigError, match="W is part of B"):
+        StageCost(t_fwd_s=1, t_bwd_s=1, t_wgrad_s=2)
+    with pytest.raises(ConfigError, match="not within"):
+        AnalyticCostModel().stage_costs(chain(4), 2, 7, DEV)
+    with pytest.raises(ConfigError):
+        AnalyticParams(efficiency_by_kind={"block": 0.0})
