@@ -7,20 +7,38 @@ An :class:`Action` prints and parses as ``"{stage}{kind}{microbatch}"``, e.g. ``
 (stage 2, forward, micro-batch 0), ``"1B3"``, ``"0W5"``, ``"1SEND_F3"``, ``"2RECV_B0"``.
 ``B`` is the full backward, except in schedules that also emit ``W`` (zero-bubble), where
 ``B`` computes only the input gradient and ``W`` the weight gradient.
+
+Communication actions, named from the stage that owns them: ``sSEND_Fk`` sends stage ``s``'s
+forward output of micro-batch ``k`` to stage ``s+1``, matched by ``(s+1)RECV_Fk`` there;
+``sSEND_Bk`` sends stage ``s``'s input gradient to stage ``s-1``, matched by
+``(s-1)RECV_Bk``. They appear only between stages on different ranks. Each rank's list is
+meant to be executed literally: a SEND is non-blocking (post it and go on), a RECV waits until
+its data is there, and it sits right before the compute that needs it; a SEND sits right
+after the compute that produced it. :func:`validate` proves that this execution completes.
+
+Generators: :func:`gpipe`, :func:`one_f_one_b`, :func:`interleaved`, :func:`zb_h1`, and
+:func:`make_schedule` by name. ``stage_to_rank[s]`` is ``s % p`` everywhere.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from pipetrain.errors import ScheduleError
 
-__all__ = ["COMPUTE_KINDS", "COMM_KINDS", "ACTION_KINDS", "Action", "Schedule"]
+__all__ = [
+    "COMPUTE_KINDS", "COMM_KINDS", "ACTION_KINDS", "SCHEDULE_NAMES", "Action", "Schedule",
+    "gpipe", "one_f_one_b", "interleaved", "zb_h1", "make_schedule", "with_comms",
+    "validate", "execution_order", "peak_in_flight", "format_grid",
+]
 
 COMPUTE_KINDS = ("F", "B", "W")
 COMM_KINDS = ("SEND_F", "RECV_F", "SEND_B", "RECV_B")
 ACTION_KINDS = COMPUTE_KINDS + COMM_KINDS
+#: Names accepted by :func:`make_schedule` (same as ``pipetrain.plan.SCHEDULES``).
+SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 
 _ACTION_RE = re.compile(r"^\s*(\d+)(SEND_F|RECV_F|SEND_B|RECV_B|F|B|W)(\d+)\s*$")
 
@@ -72,8 +90,357 @@ class Schedule:
     split_backward: bool = False
     chunks: int = field(default=1)
 
+    def __post_init__(self) -> None:
+        if self.num_ranks < 1 or self.num_stages < 1 or self.num_microbatches < 1:
+            raise ScheduleError(f"schedule {self.name}: ranks, stages and micro-batches must be >= 1")
+        if len(self.stage_to_rank) != self.num_stages or any(not 0 <= r < self.num_ranks for r in self.stage_to_rank):
+            raise ScheduleError(f"schedule {self.name}: stage_to_rank must map {self.num_stages} stages to ranks 0..{self.num_ranks - 1}")
+        if len(self.actions) != self.num_ranks:
+            raise ScheduleError(f"schedule {self.name}: {len(self.actions)} action lists for {self.num_ranks} ranks")
+
     def rank_actions(self, rank: int) -> tuple[Action, ...]:
         return self.actions[rank]
 
     def compute_order(self, rank: int) -> tuple[Action, ...]:
         return tuple(a for a in self.actions[rank] if a.is_compute)
+
+    def stages_of(self, rank: int) -> tuple[int, ...]:
+        return tuple(s for s, r in enumerate(self.stage_to_rank) if r == rank)
+
+    @property
+    def num_compute_actions(self) -> int:
+        return sum(1 for acts in self.actions for a in acts if a.is_compute)
+
+    def to_strings(self, *, compute_only: bool = False) -> list[list[str]]:
+        """Per-rank action strings (what golden files store)."""
+        return [[str(a) for a in acts if a.is_compute or not compute_only] for acts in self.actions]
+
+
+# ---------------------------------------------------------------------------------- generators
+
+def _check_pm(p: int, m: int) -> None:
+    if not isinstance(p, int) or p < 1:
+        raise ScheduleError(f"number of pipeline stages must be an integer >= 1, got {p!r}")
+    if not isinstance(m, int) or m < 1:
+        raise ScheduleError(f"number of micro-batches must be an integer >= 1, got {m!r}")
+
+
+def _buffer_caps(buffers: Sequence[int] | None, n: int) -> list[int]:
+    if buffers is None:
+        return [1 << 60] * n
+    caps = list(buffers)
+    if len(caps) != n or any((not isinstance(b, int)) or b < 1 for b in caps):
+        raise ScheduleError(f"buffers must be {n} integers >= 1 (one per stage), got {list(buffers)}")
+    return caps
+
+
+def _build(name: str, p: int, m: int, v: int, orders: list[list[Action]], split: bool) -> Schedule:
+    s2r = tuple(s % p for s in range(p * v))
+    compute = tuple(tuple(o) for o in orders)
+    return Schedule(name=name, num_ranks=p, num_stages=p * v, num_microbatches=m, stage_to_rank=s2r,
+                    actions=with_comms(compute, s2r), split_backward=split, chunks=v)
+
+
+def gpipe(p: int, m: int, *, buffers: Sequence[int] | None = None) -> Schedule:
+    """GPipe (Huang et al. 2019): all forwards, then all backwards in micro-batch order.
+
+    Every stage keeps all ``m`` micro-batches in flight, so ``buffers`` below ``m`` is refused.
+    """
+    _check_pm(p, m)
+    for s, b in enumerate(_buffer_caps(buffers, p)):
+        if b < m:
+            raise ScheduleError(f"gpipe keeps all {m} micro-batches in flight but stage {s} has {b} buffers: use 1f1b or raise buffers to {m}")
+    return _build("gpipe", p, m, 1, [[Action(r, "F", k) for k in range(m)] + [Action(r, "B", k) for k in range(m)]
+                                     for r in range(p)], False)
+
+
+def one_f_one_b(p: int, m: int, *, buffers: Sequence[int] | None = None) -> Schedule:
+    """1F1B (PipeDream-Flush, Narayanan et al. 2021): ``min(p-1-s, m)`` warm-up forwards, then F,B pairs.
+
+    ``buffers[s]`` caps the micro-batches stage ``s`` keeps in flight (its activation buffer pool).
+    A stage with fewer than ``min(p-s, m)`` buffers gets a shorter warm-up; because a stage may
+    not warm up deeper than its upstream neighbour (that would deadlock), the cap propagates
+    downstream. Fewer buffers: less activation memory, bigger bubble.
+    """
+    _check_pm(p, m)
+    caps = _buffer_caps(buffers, p)
+    orders: list[list[Action]] = []
+    prev_warmup = m
+    for s in range(p):
+        warmup = min(p - 1 - s, m, caps[s] - 1, prev_warmup)
+        prev_warmup = warmup
+        order = [Action(s, "F", k) for k in range(warmup)]
+        for k in range(m - warmup):
+            order += [Action(s, "F", warmup + k), Action(s, "B", k)]
+        order += [Action(s, "B", k) for k in range(m - warmup, m)]
+        orders.append(order)
+    return _build("1f1b", p, m, 1, orders, False)
+
+
+def interleaved(p: int, m: int, v: int, *, buffers: Sequence[int] | None = None) -> Schedule:
+    """Interleaved 1F1B (Narayanan et al. 2021, Megatron-LM): ``v`` chunks per rank, stage ``s`` on rank ``s % p``.
+
+    Rank ``r``'s ``k``-th forward runs chunk ``(k mod pv) // p`` on micro-batch
+    ``(k // pv)·p + k mod p``; backwards visit chunks in reverse. Warm-up is
+    ``2(p-1-r) + (v-1)p`` forwards (all of them when ``m == p``), as in Megatron-LM.
+    """
+    _check_pm(p, m)
+    if not isinstance(v, int) or v < 1:
+        raise ScheduleError(f"interleaved needs chunks (virtual stages per rank) >= 1, got {v!r}")
+    if m % p != 0:
+        raise ScheduleError(f"interleaved needs the number of micro-batches ({m}) to be a multiple of the stages ({p}): use m={((m + p - 1) // p) * p}")
+    total = m * v
+
+    def unit(k: int, forward: bool) -> tuple[int, int]:
+        chunk = (k % (p * v)) // p
+        if not forward:
+            chunk = v - 1 - chunk
+        return chunk, (k // (p * v)) * p + k % p
+
+    orders = []
+    for r in range(p):
+        warmup = total if m == p else min(2 * (p - 1 - r) + (v - 1) * p, total)
+        fwd = [Action(c * p + r, "F", mb) for c, mb in (unit(k, True) for k in range(total))]
+        bwd = [Action(c * p + r, "B", mb) for c, mb in (unit(k, False) for k in range(total))]
+        order = fwd[:warmup]
+        for k in range(total - warmup):
+            order += [fwd[warmup + k], bwd[k]]
+        order += bwd[total - warmup:]
+        orders.append(order)
+    sched = _build("interleaved", p, m, v, orders, False)
+    _check_caps(sched, buffers)
+    return sched
+
+
+def zb_h1(p: int, m: int, *, buffers: Sequence[int] | None = None) -> Schedule:
+    """ZB-H1 (Qi et al. 2024, "Zero Bubble Pipeline Parallelism"): B (input grad) and W (weight grad) split.
+
+    Built by list scheduling with unit F, B, W times: whenever a rank is idle it runs, in
+    priority, its next B, else its next F if fewer than ``min(p-s, buffers[s])`` micro-batches are
+    in flight (F done, W not done: 1F1B's activation memory), else its oldest pending W. The
+    deferred W passes fill the 1F1B cool-down bubbles. The order comes from an actual execution,
+    so it is deadlock-free for any stage times.
+    """
+    _check_pm(p, m)
+    caps = _buffer_caps(buffers, p)
+    limit = [max(1, min(p - s, caps[s])) for s in range(p)]
+    f_done = [[-1] * m for _ in range(p)]  # completion time of F(s,k), -1 = not yet
+    b_done = [[-1] * m for _ in range(p)]
+    nf, nb, nw = [0] * p, [0] * p, [0] * p
+    orders: list[list[Action]] = [[] for _ in range(p)]
+    t = 0
+    while any(nw[s] < m for s in range(p)):
+        if t > 10 * (m + p) * 3:
+            raise ScheduleError(f"zb-h1 list scheduling did not finish for p={p}, m={m}, buffers={list(caps)}")
+        for s in range(p):
+            if nb[s] < m and 0 <= f_done[s][nb[s]] <= t and (s == p - 1 or 0 <= b_done[s + 1][nb[s]] <= t):
+                b_done[s][nb[s]] = t + 1
+                orders[s].append(Action(s, "B", nb[s]))
+                nb[s] += 1
+            elif nf[s] < m and nf[s] - nw[s] < limit[s] and (s == 0 or 0 <= f_done[s - 1][nf[s]] <= t):
+                f_done[s][nf[s]] = t + 1
+                orders[s].append(Action(s, "F", nf[s]))
+                nf[s] += 1
+            elif nw[s] < nb[s] and b_done[s][nw[s]] <= t:
+                orders[s].append(Action(s, "W", nw[s]))
+                nw[s] += 1
+        t += 1
+    return _build("zb-h1", p, m, 1, orders, True)
+
+
+def make_schedule(name: str, p: int, m: int, chunks: int = 1, *, buffers: Sequence[int] | None = None) -> Schedule:
+    """Build a schedule by name: ``gpipe``, ``1f1b``, ``interleaved`` (``chunks`` = v) or ``zb-h1``."""
+    if name not in SCHEDULE_NAMES:
+        raise ScheduleError(f"schedule {name!r} is unknown; choose one of {', '.join(SCHEDULE_NAMES)}")
+    if name != "interleaved" and chunks != 1:
+        raise ScheduleError(f"schedule {name} runs one chunk per rank; --chunks {chunks} needs the interleaved schedule")
+    if name == "gpipe":
+        return gpipe(p, m, buffers=buffers)
+    if name == "1f1b":
+        return one_f_one_b(p, m, buffers=buffers)
+    if name == "interleaved":
+        return interleaved(p, m, chunks, buffers=buffers)
+    return zb_h1(p, m, buffers=buffers)
+
+
+def _check_caps(sched: Schedule, buffers: Sequence[int] | None) -> None:
+    caps = _buffer_caps(buffers, sched.num_stages)
+    for s, (need, cap) in enumerate(zip(peak_in_flight(sched), caps)):
+        if need > cap:
+            raise ScheduleError(f"{sched.name} keeps {need} micro-batches in flight at stage {s} but it has {cap} buffers: raise buffers to {need} or use 1f1b")
+
+
+def with_comms(compute: Sequence[Sequence[Action]], stage_to_rank: Sequence[int]) -> tuple[tuple[Action, ...], ...]:
+    """Insert SEND/RECV actions: each RECV right before its compute, each SEND right after."""
+    last = len(stage_to_rank) - 1
+    out = []
+    for order in compute:
+        acts: list[Action] = []
+        for a in order:
+            s, k = a.stage, a.microbatch
+            if a.kind == "F":
+                if s > 0 and stage_to_rank[s - 1] != stage_to_rank[s]:
+                    acts.append(Action(s, "RECV_F", k))
+                acts.append(a)
+                if s < last and stage_to_rank[s + 1] != stage_to_rank[s]:
+                    acts.append(Action(s, "SEND_F", k))
+            elif a.kind == "B":
+                if s < last and stage_to_rank[s + 1] != stage_to_rank[s]:
+                    acts.append(Action(s, "RECV_B", k))
+                acts.append(a)
+                if s > 0 and stage_to_rank[s - 1] != stage_to_rank[s]:
+                    acts.append(Action(s, "SEND_B", k))
+            else:
+                acts.append(a)
+        out.append(tuple(acts))
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------------- checking
+
+_NEEDS_BEFORE = {"F": "RECV_F", "B": "RECV_B"}
+
+
+def _static_check(sched: Schedule) -> None:
+    """Placement, completeness and SEND/RECV pairing (no timing)."""
+    m, last, s2r = sched.num_microbatches, sched.num_stages - 1, sched.stage_to_rank
+    seen: dict[tuple[int, str, int], int] = {}
+    for r, acts in enumerate(sched.actions):
+        for i, a in enumerate(acts):
+            where = f"rank {r} step {i} ({a})"
+            if a.stage > last or s2r[a.stage] != r:
+                raise ScheduleError(f"{where}: stage {a.stage} does not run on rank {r}")
+            if a.microbatch >= m:
+                raise ScheduleError(f"{where}: micro-batch {a.microbatch} >= {m}")
+            if a.kind == "W" and not sched.split_backward:
+                raise ScheduleError(f"{where}: W actions need split_backward=True")
+            key = (a.stage, a.kind, a.microbatch)
+            if key in seen:
+                raise ScheduleError(f"{where}: appears twice")
+            seen[key] = i
+            cross_f = a.stage > 0 and s2r[a.stage - 1] != r
+            cross_b = a.stage < last and s2r[a.stage + 1] != r
+            if a.kind in ("SEND_F", "RECV_B") and not cross_b or a.kind in ("SEND_B", "RECV_F") and not cross_f:
+                raise ScheduleError(f"{where}: no other rank to talk to for this action")
+            if a.kind in ("SEND_F", "SEND_B") and seen.get((a.stage, a.kind[-1], a.microbatch), i + 1) > i:
+                raise ScheduleError(f"{where}: sends before its {a.stage}{a.kind[-1]}{a.microbatch} is computed")
+            if a.kind in _NEEDS_BEFORE and (cross_f if a.kind == "F" else cross_b):
+                if seen.get((a.stage, _NEEDS_BEFORE[a.kind], a.microbatch), i) >= i:
+                    raise ScheduleError(f"{where}: no {a.stage}{_NEEDS_BEFORE[a.kind]}{a.microbatch} before it")
+    kinds = ("F", "B", "W") if sched.split_backward else ("F", "B")
+    for s in range(sched.num_stages):
+        for k in range(m):
+            for kind in kinds:
+                if (s, kind, k) not in seen:
+                    raise ScheduleError(f"schedule {sched.name} is incomplete: {s}{kind}{k} never runs (rank {s2r[s]})")
+    for s in range(sched.num_stages):
+        for k in range(m):
+            if s < last and s2r[s + 1] != s2r[s]:
+                for snd, rcv, rs in (("SEND_F", "RECV_F", s + 1), ("SEND_B", "RECV_B", s)):
+                    a_s, a_r = (s, snd, k) if snd == "SEND_F" else (s + 1, snd, k), (rs, rcv, k)
+                    if (a_s in seen) != (a_r in seen) or a_s not in seen:
+                        raise ScheduleError(f"schedule {sched.name}: {a_s[0]}{snd}{k} and {rs}{rcv}{k} must both appear")
+
+
+def execution_order(sched: Schedule) -> list[tuple[int, int]]:
+    """A global order ``[(rank, index), ...]`` in which literal execution runs every action.
+
+    Each rank runs its list in order; SENDs never block; a RECV waits for its SEND; a compute
+    waits for its data (the previous stage's F, the next stage's B, its own F/B). Raises
+    :class:`ScheduleError` with the stuck ranks and the grid if execution cannot finish.
+    """
+    _static_check(sched)
+    last, m = sched.num_stages - 1, sched.num_microbatches
+    kind_ix = {k: i for i, k in enumerate(ACTION_KINDS)}
+    nk = len(ACTION_KINDS)
+
+    def key(s: int, kind: str, k: int) -> int:
+        return (s * nk + kind_ix[kind]) * m + k
+
+    def needs(a: Action) -> tuple[tuple[int, str, int], ...]:
+        s, kind, k = a.stage, a.kind, a.microbatch
+        if kind == "F":
+            return ((s - 1, "F", k),) if s > 0 else ()
+        if kind == "B":
+            return ((s, "F", k), (s + 1, "B", k)) if s < last else ((s, "F", k),)
+        if kind == "W":
+            return ((s, "B", k),)
+        if kind == "RECV_F":
+            return ((s - 1, "SEND_F", k),)
+        if kind == "RECV_B":
+            return ((s + 1, "SEND_B", k),)
+        return ((s, kind[-1], k),)
+
+    done = bytearray(sched.num_stages * nk * m)
+    waiting: dict[int, list[int]] = {}
+    pos = [0] * sched.num_ranks
+    order: list[tuple[int, int]] = []
+    ready = list(range(sched.num_ranks - 1, -1, -1))
+    while ready:
+        r = ready.pop()
+        acts = sched.actions[r]
+        i = pos[r]
+        while i < len(acts):
+            a = acts[i]
+            blocked = next((kk for kk in (key(*n) for n in needs(a)) if not done[kk]), None)
+            if blocked is not None:
+                waiting.setdefault(blocked, []).append(r)
+                break
+            kk = key(a.stage, a.kind, a.microbatch)
+            done[kk] = 1
+            order.append((r, i))
+            i += 1
+            if kk in waiting:
+                ready.extend(waiting.pop(kk))
+        pos[r] = i
+    stuck = [r for r in range(sched.num_ranks) if pos[r] < len(sched.actions[r])]
+    if stuck:
+        lines = []
+        for r in stuck:
+            a = sched.actions[r][pos[r]]
+            missing = ", ".join(f"{s}{k}{mb}" for s, k, mb in needs(a) if not done[key(s, k, mb)])
+            lines.append(f"rank {r} at step {pos[r]} ({a}) waits for {missing}")
+        first = min(pos[r] for r in stuck)
+        grid = format_grid(sched, compute_only=False, start=max(0, first - 4), max_steps=12)
+        raise ScheduleError(f"schedule {sched.name} deadlocks: " + "; ".join(lines) + "\n" + grid)
+    return order
+
+
+def validate(sched: Schedule) -> Schedule:
+    """Prove ``sched`` complete, its SENDs matched, and deadlock-free; return it unchanged."""
+    execution_order(sched)
+    return sched
+
+
+def peak_in_flight(sched: Schedule) -> tuple[int, ...]:
+    """Per stage, the most micro-batches whose F ran and whose activations are not yet freed.
+
+    Activations are freed by B, or by W when the backward is split.
+    """
+    release = "W" if sched.split_backward else "B"
+    cur = [0] * sched.num_stages
+    peak = [0] * sched.num_stages
+    for acts in sched.actions:
+        for a in acts:
+            if a.kind == "F":
+                cur[a.stage] += 1
+                peak[a.stage] = max(peak[a.stage], cur[a.stage])
+            elif a.kind == release:
+                cur[a.stage] -= 1
+    return tuple(peak)
+
+
+def format_grid(sched: Schedule, *, compute_only: bool = True, start: int = 0, max_steps: int | None = 40) -> str:
+    """The schedule as a step x rank table (rows are steps of each rank's own list)."""
+    cols = [[str(a) for a in acts if compute_only is False or a.is_compute] for acts in sched.actions]
+    n = max((len(c) for c in cols), default=0)
+    stop = n if max_steps is None else min(n, start + max_steps)
+    width = max([len(x) for c in cols for x in c[start:stop]] + [len(f"rank {sched.num_ranks - 1}")])
+    step_w = max(4, len(str(stop)))
+    head = "step".rjust(step_w) + " | " + " | ".join(f"rank {r}".ljust(width) for r in range(sched.num_ranks))
+    lines = [head, "-" * len(head)]
+    for i in range(start, stop):
+        lines.append(str(i).rjust(step_w) + " | " + " | ".join((c[i] if i < len(c) else "").ljust(width) for c in cols))
+    if stop < n:
+        lines.append(f"... {n - stop} more steps")
+    return "\n".join(line.rstrip() for line in lines)

@@ -1,0 +1,59 @@
+"""Our GPipe and 1F1B compute orders against torch.distributed.pipelining's ``pipeline_order``.
+
+torch builds ``pipeline_order`` in the schedule's constructor from ``stage.num_stages`` alone, so a
+stand-in object with that attribute is enough (no process group, no model). torch's lists carry
+``None`` idle slots and a trailing REDUCE_GRAD action; both are bookkeeping, not compute, and are
+dropped before comparing.
+
+GPipe: equal on every rank.
+
+1F1B: equal on every rank but the last. One documented difference, which is torch's, not ours:
+``Schedule1F1B._get_pipeline_order`` (torch 2.13) starts the last rank's steady phase with
+``forward_mb += 1`` from 0 when it had no warm-up forward, so that rank's IR reads
+``F1 B0 F2 B1 ... Fm B(m-1)``: micro-batch 0's forward is missing and a non-existent ``Fm``
+appears. torch's runtime (``Schedule1F1B._step_microbatches``) runs ``F0 B0 F1 B1 ...`` there,
+which is our order. The test asserts exactly that shift, so any other difference fails.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from pipetrain.schedules import gpipe, one_f_one_b
+
+pipelining = pytest.importorskip("torch.distributed.pipelining.schedules")
+
+CASES = [(p, m) for p in (2, 4, 8) for m in (p, 2 * p, 3 * p)]
+
+
+def _torch_order(cls: type, p: int, m: int) -> list[list[str]]:
+    sched = cls(SimpleNamespace(num_stages=p), n_microbatches=m)
+    out = []
+    for rank in range(p):
+        acts = [a for a in sched.pipeline_order[rank] if a is not None and a.is_compute_op]
+        out.append([str(a) for a in acts])
+    return out
+
+
+@pytest.mark.parametrize("p,m", CASES)
+def test_gpipe_matches_torch(p: int, m: int) -> None:
+    ours = gpipe(p, m).to_strings(compute_only=True)
+    assert ours == _torch_order(pipelining.ScheduleGPipe, p, m)
+
+
+@pytest.mark.parametrize("p,m", CASES)
+def test_1f1b_matches_torch(p: int, m: int) -> None:
+    ours = one_f_one_b(p, m).to_strings(compute_only=True)
+    theirs = _torch_order(pipelining.Schedule1F1B, p, m)
+    assert ours[:-1] == theirs[:-1]
+    # the last rank: torch's IR numbers forwards one too high (see module docstring)
+    shifted = [f"{p - 1}F{int(a.split('F')[1]) + 1}" if "F" in a else a for a in ours[-1]]
+    assert shifted == theirs[-1]
+    assert ours[-1][:2] == [f"{p - 1}F0", f"{p - 1}B0"]
+
+
+def test_comparison_can_fail() -> None:
+    # GPipe and 1F1B differ for p >= 2, so the helper really distinguishes orders.
+    assert gpipe(4, 8).to_strings(compute_only=True) != _torch_order(pipelining.Schedule1F1B, 4, 8)
