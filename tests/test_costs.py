@@ -98,3 +98,28 @@ def test_interface_and_validation() -> None:
         AnalyticCostModel().stage_costs(chain(4), 2, 7, DEV)
     with pytest.raises(ConfigError):
         AnalyticParams(efficiency_by_kind={"block": 0.0})
+
+
+def test_calibration_recovers_known_factors_on_synthetic_profiles(tmp_path: Path) -> None:
+    from pipetrain.planner.calibrate import CalibratedCostModel, CalibrationFit, fit_calibration
+    from pipetrain.planner.costs import analytic_node_times
+    from pipetrain.planner.profile import BlockProfile, BlockTiming
+
+    g = chain(6)
+    dev = DeviceType(name="toy", kind="cpu", peak_flops_fp32=1e9, peak_flops_bf16=1e9, peak_flops_fp16=1e9,
+                     memory_bytes=1e9, memory_bandwidth_bytes_per_s=1e8, efficiency=0.5)
+    truth = AnalyticParams(efficiency_by_kind={"block": 0.2, "head": 0.05}, default_efficiency=0.3, bwd_efficiency_scale=0.7,
+                           memory_efficiency=0.4, overhead_fwd_s=2e-4, overhead_bwd_s=3e-4)
+    t = analytic_node_times(g, dev, truth)
+    prof = BlockProfile(model=g.model, micro_batch_size=2, seq_len=8, dtype="fp32", device="toy", device_kind="cpu", warmup=0, repeats=1,
+                        blocks=tuple(BlockTiming(name=n.name, kind=n.kind, fwd_s=f, bwd_s=b) for n, f, b in zip(g.nodes, t.fwd_s, t.bwd_s)))
+    fit = fit_calibration([(g, prof)], dev)
+    assert fit.error_before > 0.5 and fit.error_after < 0.02 and fit.num_samples == 12
+    back = CalibrationFit.load(fit.save(tmp_path / "fit.json"))
+    assert back == fit
+    model = CalibratedCostModel(back)
+    c = model.stage_costs(g, 1, 5, dev)
+    assert c.t_fwd_s == pytest.approx(sum(t.fwd_s[1:5]), rel=0.03)
+    assert c.t_bwd_s == pytest.approx(sum(t.bwd_s[1:5]), rel=0.03)
+    with pytest.raises(ConfigError, match="calibration"):
+        CalibrationFit.from_json(json.dumps({**json.loads(fit.to_json()), "efficency": 1}))

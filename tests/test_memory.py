@@ -113,3 +113,10 @@ def test_bad_arguments(kw: dict) -> None:
 def test_imports_without_torch() -> None:
     code = "import sys; import pipetrain.planner.memory, pipetrain.planner.costs; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_last_stage_carries_the_loss_activations() -> None:
+    g = chain(4)  # head output (2, 8, 125): fp32 log-softmax 2000*4 B + int64 targets 16*8 B
+    assert activation_bytes_per_microbatch(g, 3, 4) == 9000 + 8128
+    assert activation_bytes_per_microbatch(g, 3, 4, include_loss=False) == 9000
+    assert stage_memory(g, 2, 4, in_flight=2).activation_bytes == 2 * (3001 + 9000 + 8128)

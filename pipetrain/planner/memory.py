@@ -18,7 +18,10 @@ A stage holding layer-graph nodes ``[start, end)`` needs (all in bytes):
 * **tied parameters** used here but owned by another stage (GPT-2's head on the last
   stage): a full copy with its own gradient and optimizer state.
 * **activations**: per in-flight micro-batch, the bytes autograd saves for backward
-  (``Node.saved_bytes``, summed over the stage), times the number in flight. With
+  (``Node.saved_bytes``, summed over the stage), times the number in flight. The last stage
+  also computes the loss: cross-entropy saves its fp32 log-softmax (the size of the logits in
+  fp32) and the int64 targets (:func:`loss_saved_bytes`; GPT-2 at micro-batch 8 x 1024 tokens:
+  1.6 GB, more than a transformer block). With
   recomputation only the stage input is kept per micro-batch, plus the working set of one
   micro-batch being recomputed (the full saved bytes, once).
 * **receive buffers**: ``buffers`` slots for the activation arriving from the previous stage
@@ -36,7 +39,7 @@ from pipetrain.planner.graph import LayerGraph
 
 __all__ = [
     "GiB", "ParamStateBytes", "StageMemory", "bytes_per_param", "activation_bytes_per_microbatch",
-    "block_activation_bytes", "stage_input_bytes", "stage_output_bytes", "tied_extra_params", "stage_memory",
+    "block_activation_bytes", "loss_saved_bytes", "stage_input_bytes", "stage_output_bytes", "tied_extra_params", "stage_memory",
     "check_stage_memory",
 ]
 
@@ -119,10 +122,23 @@ def block_activation_bytes(graph: LayerGraph, index: int) -> int:
     return graph.nodes[index].saved_bytes
 
 
-def activation_bytes_per_microbatch(graph: LayerGraph, start: int, end: int) -> int:
-    """Saved-for-backward bytes of nodes ``[start, end)`` for one micro-batch."""
+def loss_saved_bytes(graph: LayerGraph) -> int:
+    """Bytes cross-entropy saves on the last stage: fp32 log-softmax of the output + int64 targets.
+
+    The output's last dimension is the class/vocabulary axis; the targets have the other
+    dimensions (``F.cross_entropy`` of ``ModelSpec.loss``; measured in tests/test_profile.py).
+    """
+    shape = graph.nodes[-1].output_shape
+    if not shape:
+        return 0
+    return _numel(shape) * 4 + _numel(shape[:-1]) * 8
+
+
+def activation_bytes_per_microbatch(graph: LayerGraph, start: int, end: int, *, include_loss: bool = True) -> int:
+    """Saved-for-backward bytes of nodes ``[start, end)`` for one micro-batch (+ the loss's, last stage)."""
     _check_range(graph, start, end)
-    return sum(n.saved_bytes for n in graph.nodes[start:end])
+    loss = loss_saved_bytes(graph) if include_loss and end == graph.num_nodes else 0
+    return sum(n.saved_bytes for n in graph.nodes[start:end]) + loss
 
 
 def _numel(shape: tuple[int, ...]) -> int:

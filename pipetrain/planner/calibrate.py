@@ -1,0 +1,183 @@
+"""Calibrated cost grade: the analytic roofline with its factors fitted to measured profiles.
+
+:func:`fit_calibration` takes (layer graph, block profile) pairs measured on one device type
+and fits, with ``scipy.optimize.least_squares`` (bounded trust-region reflective), the
+factors of :class:`~pipetrain.planner.costs.AnalyticParams`:
+
+* a compute efficiency per node kind ("transformer", "embedding", "head", ...), or one for
+  all kinds with ``per_kind=False``;
+* a backward efficiency scale, a memory-bandwidth efficiency;
+* a fixed per-node overhead for forward and for backward (launches, Python dispatch).
+
+The residuals are ``log(predicted / measured)`` of every distinctly measured block's forward
+and backward, so a block of 50 us weighs as much as one of 50 ms. The fit is stored as JSON
+(:class:`CalibrationFit`) with the mean absolute relative error before and after, and
+:class:`CalibratedCostModel` answers the :class:`~pipetrain.planner.costs.CostModel`
+interface with it (the analytic defaults for device types it has no fit for). torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from pipetrain.errors import ConfigError
+from pipetrain.planner.costs import AnalyticCostModel, AnalyticParams, analytic_node_times
+from pipetrain.planner.graph import LayerGraph
+from pipetrain.planner.profile import BlockProfile
+from pipetrain.planner.topology import DeviceType
+from pipetrain.serde import from_dict, to_dict
+
+__all__ = ["CALIBRATION_SCHEMA_VERSION", "CalibrationFit", "CalibratedCostModel", "fit_calibration", "relative_errors",
+           "mean_abs_relative_error"]
+
+CALIBRATION_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibrationFit:
+    """Fitted analytic factors for one device type and dtype, and how well they fit."""
+
+    device_type: str
+    dtype: str
+    efficiency_by_kind: dict[str, float]
+    default_efficiency: float
+    bwd_efficiency_scale: float
+    memory_efficiency: float
+    overhead_fwd_s: float
+    overhead_bwd_s: float
+    error_before: float  # mean |pred - measured| / measured of the uncalibrated analytic model
+    error_after: float
+    num_samples: int
+    sources: tuple[str, ...] = ()
+    schema_version: int = CALIBRATION_SCHEMA_VERSION
+
+    @property
+    def params(self) -> AnalyticParams:
+        return AnalyticParams(efficiency_by_kind=dict(self.efficiency_by_kind), default_efficiency=self.default_efficiency,
+                              bwd_efficiency_scale=self.bwd_efficiency_scale, memory_efficiency=self.memory_efficiency,
+                              overhead_fwd_s=self.overhead_fwd_s, overhead_bwd_s=self.overhead_bwd_s)
+
+    def to_json(self) -> str:
+        return json.dumps(to_dict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "CalibrationFit":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"calibration file is not valid JSON: {exc}") from None
+        fit = from_dict(cls, data, where="calibration")
+        if fit.schema_version != CALIBRATION_SCHEMA_VERSION:
+            raise ConfigError(f"calibration schema_version {fit.schema_version} is not supported; re-run the calibration")
+        fit.params  # validates the factors
+        return fit
+
+    def save(self, path: str | Path) -> Path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(self.to_json())
+        return p
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CalibrationFit":
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"calibration file {str(p)!r} does not exist")
+        return cls.from_json(p.read_text())
+
+
+def _check_pair(graph: LayerGraph, prof: BlockProfile) -> None:
+    if graph.model != prof.model or graph.num_nodes != len(prof.blocks):
+        raise ConfigError(f"profile of {prof.model!r} ({len(prof.blocks)} blocks) does not match graph {graph.model!r} ({graph.num_nodes} nodes)")
+    if (graph.micro_batch_size, graph.seq_len, graph.dtype) != (prof.micro_batch_size, prof.seq_len, prof.dtype):
+        raise ConfigError(f"profile shape (mbs {prof.micro_batch_size}, seq {prof.seq_len}, {prof.dtype}) differs from the graph's "
+                          f"(mbs {graph.micro_batch_size}, seq {graph.seq_len}, {graph.dtype}): trace the graph at the profile's shape")
+
+
+def relative_errors(samples: Sequence[tuple[LayerGraph, BlockProfile]], device_type: DeviceType,
+                    params: AnalyticParams = AnalyticParams()) -> list[float]:
+    """(pred - measured) / measured for every distinctly measured block's forward and backward."""
+    out: list[float] = []
+    for graph, prof in samples:
+        _check_pair(graph, prof)
+        t = analytic_node_times(graph, device_type, params)
+        for i, b in enumerate(prof.blocks):
+            if b.measured_as >= 0:
+                continue
+            for pred, meas in ((t.fwd_s[i], b.fwd_s), (t.bwd_s[i], b.bwd_s)):
+                if meas > 0:
+                    out.append((pred - meas) / meas)
+    return out
+
+
+def mean_abs_relative_error(errors: Sequence[float]) -> float:
+    return sum(abs(e) for e in errors) / len(errors) if errors else 0.0
+
+
+def fit_calibration(samples: Sequence[tuple[LayerGraph, BlockProfile]], device_type: DeviceType, *, per_kind: bool = True) -> CalibrationFit:
+    """Fit the analytic factors to profiles measured on ``device_type`` (module docstring)."""
+    import numpy as np
+    from scipy.optimize import least_squares
+
+    if not samples:
+        raise ConfigError("calibration needs at least one (graph, profile) pair")
+    dtypes = {g.dtype for g, _ in samples}
+    if len(dtypes) != 1:
+        raise ConfigError(f"calibrate one dtype at a time, got {sorted(dtypes)}")
+    for g, p in samples:
+        _check_pair(g, p)
+    kinds = sorted({n.kind for g, _ in samples for n in g.nodes if n.fwd_flops > 0 or n.bwd_flops > 0}) if per_kind else []
+    nk = len(kinds)
+
+    def params_of(x: Any) -> AnalyticParams:
+        effs = np.exp(x[:nk]) if nk else []
+        return AnalyticParams(efficiency_by_kind=dict(zip(kinds, map(float, effs))), default_efficiency=float(math.exp(x[nk])),
+                              bwd_efficiency_scale=float(math.exp(x[nk + 1])), memory_efficiency=float(math.exp(x[nk + 2])),
+                              overhead_fwd_s=float(x[nk + 3]), overhead_bwd_s=float(x[nk + 4]))
+
+    def residuals(x: Any) -> Any:
+        return np.log1p(np.clip(np.asarray(relative_errors(samples, device_type, params_of(x))), -1 + 1e-12, None))
+
+    before = relative_errors(samples, device_type)
+    # Efficiencies may exceed 1 (up to 8): a nominal peak (this machine's CPU) can be low.
+    le, he = math.log(1e-5), math.log(8.0)
+    x0 = np.array([math.log(device_type.efficiency)] * (nk + 1) + [0.0, math.log(device_type.memory_efficiency), 1e-6, 1e-6])
+    lo = np.array([le] * (nk + 1) + [math.log(0.1), le, 0.0, 0.0])
+    hi = np.array([he] * (nk + 1) + [math.log(10.0), he, 1.0, 1.0])
+    best = None
+    for start in (x0, np.clip(x0 + np.array([-2.0] * (nk + 1) + [0.0, -1.0, 0.0, 0.0]), lo, hi)):
+        res = least_squares(residuals, start, bounds=(lo, hi), x_scale=np.array([1.0] * (nk + 3) + [1e-4, 1e-4]),
+                            diff_step=1e-3, max_nfev=400)
+        if best is None or res.cost < best.cost:
+            best = res
+    assert best is not None
+    p = params_of(best.x)
+    after = relative_errors(samples, device_type, p)
+    return CalibrationFit(device_type=device_type.name, dtype=dtypes.pop(), efficiency_by_kind=dict(p.efficiency_by_kind),
+                          default_efficiency=float(p.default_efficiency or device_type.efficiency),
+                          bwd_efficiency_scale=p.bwd_efficiency_scale, memory_efficiency=float(p.memory_efficiency or 0.8),
+                          overhead_fwd_s=p.overhead_fwd_s, overhead_bwd_s=p.overhead_bwd_s,
+                          error_before=mean_abs_relative_error(before), error_after=mean_abs_relative_error(after),
+                          num_samples=len(after), sources=tuple(prof.key for _, prof in samples))
+
+
+class CalibratedCostModel(AnalyticCostModel):
+    """The analytic model with fitted factors per device type (analytic defaults elsewhere)."""
+
+    name = "calibrated"
+
+    def __init__(self, fits: CalibrationFit | Sequence[CalibrationFit]) -> None:
+        fits = [fits] if isinstance(fits, CalibrationFit) else list(fits)
+        names = [f.device_type for f in fits]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"two calibration fits for one device type: {names}")
+        super().__init__(params_by_device={f.device_type: f.params for f in fits})
+        self.fits = tuple(fits)
+
+    @classmethod
+    def load(cls, *paths: str | Path) -> "CalibratedCostModel":
+        return cls([CalibrationFit.load(p) for p in paths])

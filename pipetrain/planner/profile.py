@@ -1,0 +1,350 @@
+"""Profiled cost grade: each block's forward and backward timed on this machine's device.
+
+:func:`profile_model` builds a zoo model with real weights (``ModelSpec.build(device, seed)``),
+runs one micro-batch through it to capture every block's input, then times each block's
+forward and backward (``warmup`` runs, then the median of ``repeats``). The last block's
+timing includes the loss, as the last pipeline stage computes it. Blocks with the same
+``trace_signature`` and input shape (GPT-2's twelve identical layers) share one measurement
+when ``share_identical``. Results are cached as JSON keyed by model, micro-batch size, sequence
+length, dtype and device (:func:`load_or_profile`). :class:`ProfiledCostModel` answers the
+:class:`~pipetrain.planner.costs.CostModel` interface from a profile.
+
+This module imports torch only inside the functions that measure; the profile types and
+:class:`ProfiledCostModel` work without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from pipetrain.errors import ConfigError
+from pipetrain.planner.costs import StageCost, optimizer_step_time_s, p2p_time_s, ring_allreduce_time_s
+from pipetrain.planner.graph import LayerGraph
+from pipetrain.planner.topology import DeviceType, Link
+from pipetrain.serde import from_dict, to_dict
+
+__all__ = [
+    "PROFILE_SCHEMA_VERSION", "BlockTiming", "BlockProfile", "ProfiledCostModel", "profile_model", "load_or_profile",
+    "measure_stage", "measure_saved_bytes", "default_cache_dir", "local_device_name",
+]
+
+PROFILE_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockTiming:
+    """Median seconds of one block's forward and backward for one micro-batch."""
+
+    name: str
+    kind: str
+    fwd_s: float
+    bwd_s: float
+    measured_as: int = -1  # index of the identical block whose measurement this shares (-1: own)
+
+    def __post_init__(self) -> None:
+        if not (self.fwd_s >= 0 and self.bwd_s >= 0):
+            raise ConfigError(f"block {self.name!r}: times must be >= 0, got fwd {self.fwd_s}, bwd {self.bwd_s}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockProfile:
+    model: str
+    micro_batch_size: int
+    seq_len: int
+    dtype: str
+    device: str  # e.g. "cpu:AMD EPYC:1thr" or "cuda:NVIDIA H100 80GB HBM3"
+    device_kind: str  # "cpu" | "gpu"
+    warmup: int
+    repeats: int
+    blocks: tuple[BlockTiming, ...]
+    schema_version: int = PROFILE_SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if self.device_kind not in ("cpu", "gpu"):
+            raise ConfigError(f"profile device_kind must be 'cpu' or 'gpu', got {self.device_kind!r}")
+        if not self.blocks:
+            raise ConfigError("a profile needs at least one block")
+
+    @property
+    def key(self) -> str:
+        return profile_key(self.model, self.micro_batch_size, self.seq_len, self.dtype, self.device)
+
+    def to_json(self) -> str:
+        return json.dumps(to_dict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "BlockProfile":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"profile file is not valid JSON: {exc}") from None
+        if isinstance(data, dict) and data.get("schema_version") != PROFILE_SCHEMA_VERSION:
+            raise ConfigError(f"profile schema_version {data.get('schema_version')!r} is not supported; delete the cache file to re-profile")
+        return from_dict(cls, data, where="profile")
+
+    def save(self, path: str | Path) -> Path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(p.suffix + f".{os.getpid()}.tmp")
+        tmp.write_text(self.to_json())
+        tmp.replace(p)
+        return p
+
+    @classmethod
+    def load(cls, path: str | Path) -> "BlockProfile":
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"profile file {str(p)!r} does not exist")
+        return cls.from_json(p.read_text())
+
+
+def profile_key(model: str, micro_batch_size: int, seq_len: int, dtype: str, device: str) -> str:
+    raw = f"{model}_mbs{micro_batch_size}_seq{seq_len}_{dtype}_{device}"
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "-", raw)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("PIPETRAIN_PROFILE_CACHE", Path.home() / ".cache" / "pipetrain" / "profiles"))
+
+
+def local_device_name(device: str = "cpu", threads: int | None = None) -> str:
+    """A stable name for the device a profile was measured on (part of the cache key)."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(dev)}"
+    cpu = "cpu"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "cpu")
+    except OSError:
+        pass
+    return f"cpu:{cpu}:{threads or torch.get_num_threads()}thr"
+
+
+# ----- measuring (torch) -------------------------------------------------------------------
+class _Setup:
+    """A built model on a device, every block's input for one micro-batch, and the target."""
+
+    def __init__(self, model_name: str, micro_batch_size: int, seq_len: int | None, dtype: str, device: str, seed: int) -> None:
+        import torch
+
+        from pipetrain.planner.zoo import get_model_spec
+
+        if dtype not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"dtype {dtype!r} is unknown; choose one of fp32, bf16, fp16")
+        self.torch = torch
+        self.spec = get_model_spec(model_name)
+        self.seq_len = self.spec.check_shape(micro_batch_size, seq_len)
+        self.device = torch.device(device)
+        self.model = self.spec.build(self.device, seed=seed)
+        self.model.train()
+        gen = torch.Generator().manual_seed(seed)
+        x = self.spec.example_input(micro_batch_size, self.seq_len, self.device, generator=gen)
+        self.target = self.spec.example_target(micro_batch_size, self.seq_len, self.device, generator=gen)
+        self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        self.inputs = []
+        with torch.no_grad(), self.autocast():
+            for block in self.model.blocks:
+                self.inputs.append(x.detach())
+                x = block(x)
+        self.n = len(self.model.blocks)
+
+    def autocast(self) -> Any:
+        if self.amp_dtype is None:
+            return nullcontext()
+        return self.torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize(self.device)
+
+    def leaf(self, i: int) -> Any:
+        x = self.inputs[i]
+        return x.detach().requires_grad_(True) if x.is_floating_point() else x
+
+    def time_range(self, start: int, end: int, warmup: int, repeats: int) -> tuple[float, float]:
+        """Median forward and backward seconds of blocks [start, end) run as one stage."""
+        torch = self.torch
+        blocks = self.model.blocks[start:end]
+        last = end == self.n
+        grad = None
+        fwd: list[float] = []
+        bwd: list[float] = []
+        for r in range(warmup + repeats):
+            x = self.leaf(start)
+            self.sync()
+            t0 = time.perf_counter()
+            with self.autocast():
+                for b in blocks:
+                    x = b(x)
+                if last:
+                    x = self.spec.loss(x, self.target)
+            self.sync()
+            t1 = time.perf_counter()
+            if grad is None and not last:
+                grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float32).to(x.device, x.dtype)
+            x.backward(None if last else grad)
+            self.sync()
+            t2 = time.perf_counter()
+            if r >= warmup:
+                fwd.append(t1 - t0)
+                bwd.append(t2 - t1)
+        return statistics.median(fwd), statistics.median(bwd)
+
+
+def _threads(threads: int | None) -> Any:
+    """Context manager: run with ``threads`` torch intra-op threads, then restore."""
+    import torch
+
+    class _Ctx:
+        def __enter__(self) -> None:
+            self.old = torch.get_num_threads()
+            if threads:
+                torch.set_num_threads(threads)
+
+        def __exit__(self, *exc: object) -> None:
+            torch.set_num_threads(self.old)
+
+    return _Ctx()
+
+
+def profile_model(model: str, *, micro_batch_size: int, seq_len: int | None = None, dtype: str = "fp32",
+                  device: str = "cpu", warmup: int = 2, repeats: int = 7, seed: int = 0, share_identical: bool = True,
+                  threads: int | None = None, progress: Callable[[int, int], None] | None = None) -> BlockProfile:
+    """Time every block of zoo model ``model`` on ``device`` (see module docstring)."""
+    if warmup < 0 or repeats < 1:
+        raise ConfigError(f"profiling needs warmup >= 0 and repeats >= 1, got {warmup}, {repeats}")
+    with _threads(threads):
+        s = _Setup(model, micro_batch_size, seq_len, dtype, device, seed)
+        timings: list[BlockTiming] = []
+        seen: dict[Any, int] = {}
+        for i, block in enumerate(s.model.blocks):
+            sig = getattr(block, "trace_signature", None)
+            key = (sig, tuple(s.inputs[i].shape), str(s.inputs[i].dtype), i == s.n - 1) if sig is not None else None
+            name, kind = s.model.block_names[i], s.model.block_kinds[i]
+            if share_identical and key is not None and key in seen:
+                src = timings[seen[key]]
+                timings.append(BlockTiming(name=name, kind=kind, fwd_s=src.fwd_s, bwd_s=src.bwd_s, measured_as=seen[key]))
+                continue
+            f, b = s.time_range(i, i + 1, warmup, repeats)
+            timings.append(BlockTiming(name=name, kind=kind, fwd_s=f, bwd_s=b))
+            if key is not None:
+                seen[key] = i
+            if progress:
+                progress(i + 1, s.n)
+        dev_name = local_device_name(device, threads)
+    return BlockProfile(model=model, micro_batch_size=micro_batch_size, seq_len=s.seq_len, dtype=dtype, device=dev_name,
+                        device_kind="gpu" if s.device.type == "cuda" else "cpu", warmup=warmup, repeats=repeats,
+                        blocks=tuple(timings))
+
+
+def load_or_profile(model: str, *, micro_batch_size: int, seq_len: int | None = None, dtype: str = "fp32", device: str = "cpu",
+                    threads: int | None = None, cache_dir: str | Path | None = None, refresh: bool = False, **kw: Any) -> BlockProfile:
+    """The cached profile for this model, shape, dtype and device, measuring it when absent."""
+    from pipetrain.planner.zoo import get_model_spec
+
+    seq = get_model_spec(model).check_shape(micro_batch_size, seq_len)
+    path = Path(cache_dir or default_cache_dir()) / (profile_key(model, micro_batch_size, seq, dtype, local_device_name(device, threads)) + ".json")
+    if path.is_file() and not refresh:
+        return BlockProfile.load(path)
+    prof = profile_model(model, micro_batch_size=micro_batch_size, seq_len=seq, dtype=dtype, device=device, threads=threads, **kw)
+    prof.save(path)
+    return prof
+
+
+def measure_stage(model: str, start: int, end: int, *, micro_batch_size: int, seq_len: int | None = None, dtype: str = "fp32",
+                  device: str = "cpu", warmup: int = 2, repeats: int = 7, seed: int = 0, threads: int | None = None) -> tuple[float, float]:
+    """A fresh measurement: median forward and backward seconds of blocks [start, end) as one stage."""
+    with _threads(threads):
+        s = _Setup(model, micro_batch_size, seq_len, dtype, device, seed)
+        if not 0 <= start < end <= s.n:
+            raise ConfigError(f"stage range [{start}, {end}) is not within the model's {s.n} blocks")
+        return s.time_range(start, end, warmup, repeats)
+
+
+def measure_saved_bytes(model: str, *, micro_batch_size: int, seq_len: int | None = None, dtype: str = "fp32",
+                        device: str = "cpu", seed: int = 0) -> tuple[int, ...]:
+    """Bytes autograd really saves for backward in each block's forward, on real tensors.
+
+    Counted with ``torch.autograd.graph.saved_tensors_hooks``: every tensor packed during the
+    block's forward, deduplicated by storage (views of one buffer count once, as the buffer is
+    what stays alive), excluding the model's parameters (they are not activations).
+    """
+    import torch
+
+    s = _Setup(model, micro_batch_size, seq_len, dtype, device, seed)
+    param_ptrs = {p.untyped_storage().data_ptr() for p in s.model.parameters()}
+    out = []
+    for i, block in enumerate(s.model.blocks):
+        storages: dict[int, int] = {}
+
+        def pack(t: Any) -> Any:
+            st = t.untyped_storage()
+            if st.data_ptr() not in param_ptrs:
+                storages[st.data_ptr()] = max(storages.get(st.data_ptr(), 0), st.nbytes())
+            return t
+
+        x = s.leaf(i)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), s.autocast():
+            y = block(x)
+        out.append(sum(storages.values()))
+        del y
+    return tuple(out)
+
+
+# ----- the cost model ----------------------------------------------------------------------
+class ProfiledCostModel:
+    """Cost model answering from a :class:`BlockProfile` (one graph node per profiled block).
+
+    Stage time is the sum of its blocks' medians; W is the FLOP share of B
+    (``wgrad_flops / bwd_flops`` of each node); recompute reruns the forward. Transfers and the
+    optimizer step are not profiled: they use the analytic formulas of
+    :mod:`pipetrain.planner.costs`.
+    """
+
+    name = "profiled"
+
+    def __init__(self, profile: BlockProfile) -> None:
+        self.profile = profile
+
+    def _check(self, graph: LayerGraph, device_type: DeviceType) -> None:
+        p = self.profile
+        if graph.model != p.model or graph.num_nodes != len(p.blocks):
+            raise ConfigError(f"profile is of model {p.model!r} with {len(p.blocks)} blocks but the graph is {graph.model!r} "
+                              f"with {graph.num_nodes} nodes: profile this model at block granularity")
+        if (graph.micro_batch_size, graph.seq_len, graph.dtype) != (p.micro_batch_size, p.seq_len, p.dtype):
+            raise ConfigError(f"profile was measured at micro-batch {p.micro_batch_size}, seq-len {p.seq_len}, {p.dtype} but the "
+                              f"graph is at {graph.micro_batch_size}, {graph.seq_len}, {graph.dtype}: re-profile at that shape")
+        if device_type.kind != p.device_kind:
+            raise ConfigError(f"profile was measured on {p.device} but the stage runs on {device_type.name} ({device_type.kind}): "
+                              "use the analytic or calibrated cost model for other devices")
+
+    def stage_costs(self, graph: LayerGraph, start: int, end: int, device_type: DeviceType, *, recompute: bool = False) -> StageCost:
+        self._check(graph, device_type)
+        if not 0 <= start < end <= graph.num_nodes:
+            raise ConfigError(f"stage range [{start}, {end}) is not within the graph's {graph.num_nodes} nodes")
+        f = b = w = 0.0
+        for node, t in zip(graph.nodes[start:end], self.profile.blocks[start:end]):
+            f += t.fwd_s
+            b += t.bwd_s
+            w += t.bwd_s * (node.wgrad_flops / node.bwd_flops) if node.bwd_flops > 0 else 0.0
+        return StageCost(t_fwd_s=f, t_bwd_s=b, t_wgrad_s=min(w, b), t_recompute_s=f if recompute else 0.0)
+
+    def p2p_time_s(self, nbytes: float, link: Link) -> float:
+        return p2p_time_s(nbytes, link)
+
+    def allreduce_time_s(self, nbytes: float, n: int, link: Link) -> float:
+        return ring_allreduce_time_s(nbytes, n, link)
+
+    def optimizer_step_time_s(self, param_count: int, device_type: DeviceType, *, optimizer: str = "adamw", dtype: str = "fp32") -> float:
+        return optimizer_step_time_s(param_count, device_type, optimizer=optimizer, dtype=dtype)
