@@ -1,0 +1,167 @@
+"""The simpy discrete-event simulation of one training step.
+
+One simpy process per pipeline rank executes the rank's action list literally, as the executor
+does:
+
+* **compute** (F, B, W) holds the rank for its duration; ranks in a shared
+  :class:`~pipetrain.simulator.model.ComputeGroup` first request its ``simpy.Resource``;
+* **SEND** never blocks the rank: the transfer queues FIFO on its link (one queue per link and
+  direction), occupies it for ``bytes / bandwidth`` and lands ``latency`` later;
+* **RECV** blocks the rank until the matching transfer has landed;
+* **buffers**: an F takes one of its stage's activation buffers, waiting while all are in use
+  (back-pressure); the B (or W when the backward is split) of that micro-batch gives it back.
+
+Then :func:`~pipetrain.simulator.program.end_of_step` adds the data-parallel all-reduce and the
+optimizer step. A run that cannot finish (a schedule asking for more buffers than the stage has,
+or a deadlocking hand-made schedule) raises :class:`~pipetrain.errors.ScheduleError` naming the
+stuck ranks. Speed: events are plain tuples, links and messages are plain dicts, and only waits
+that really wait create simpy events.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import simpy
+from simpy.events import NORMAL
+
+from pipetrain.errors import ScheduleError
+from pipetrain.simulator.model import SimInput
+from pipetrain.simulator.program import COMPUTE, SEND, EventTuple, end_of_step, skeleton, tables
+from pipetrain.simulator.result import SimResult, build_result
+
+__all__ = ["simulate"]
+
+_UNLIMITED = 1 << 60
+
+
+def _land(env: simpy.Environment, ev: simpy.Event, delay: float, value: float) -> None:
+    """Trigger ``ev`` ``delay`` from now with ``value``: a Timeout for an event created earlier.
+
+    (This is what ``simpy.Timeout.__init__`` does; it saves a second event per waiting RECV.)
+    """
+    ev._ok = True
+    ev._value = value
+    env.schedule(ev, NORMAL, delay)
+
+
+def simulate(inp: SimInput) -> SimResult:
+    """Simulate one training step of ``inp`` with simpy; see the module docstring."""
+    sched = inp.schedule
+    ops_per_rank = skeleton(sched)
+    tab = tables(inp)
+    dur_of, link_of, wire_of, lat_of, bytes_of = tab.dur, tab.link, tab.wire, tab.latency, tab.nbytes
+    env = simpy.Environment()
+    n_st, n_rk = sched.num_stages, sched.num_ranks
+    resource: list[simpy.Resource | None] = [None] * n_rk
+    for g in inp.compute_groups:
+        if g.capacity < len(g.ranks):
+            res = simpy.Resource(env, capacity=g.capacity)
+            for r in g.ranks:
+                resource[r] = res
+    caps = [spec.buffers or _UNLIMITED for spec in inp.stages]
+    act_bytes = [spec.activation_bytes for spec in inp.stages]
+    in_flight = [0] * n_st
+    peak = [0] * n_st
+    buf_wait: list[deque] = [deque() for _ in range(n_st)]
+    mem = [spec.static_bytes for spec in inp.stages]
+    timeline: list[list[tuple[float, float]]] = [[(0.0, m)] for m in mem]
+    busy = [0.0] * n_st
+    grad_start = [0.0] * n_st
+    grad_end = [0.0] * n_st
+    rank_end = [0.0] * n_rk
+    link_free: dict[str, float] = {}
+    landed: dict[int, float] = {}
+    recv_wait: dict[int, simpy.Event] = {}
+    events: list[EventTuple] = []
+    waiting_on = [""] * n_rk
+    push = events.append
+    timeout = env.timeout
+
+    def rank_proc(r: int, ops: tuple[tuple, ...]):  # type: ignore[no-untyped-def]
+        res = resource[r]
+        for op in ops:
+            code = op[0]
+            if code == COMPUTE:
+                _, s, kind, mb, slot, acquires, releases, final = op
+                dur = dur_of[slot]
+                if acquires:
+                    while in_flight[s] >= caps[s]:
+                        waiting_on[r] = f"a free activation buffer of stage {s} (it has {caps[s]}) for {s}{kind}{mb}"
+                        w = env.event()
+                        buf_wait[s].append(w)
+                        yield w
+                    in_flight[s] += 1
+                    if in_flight[s] > peak[s]:
+                        peak[s] = in_flight[s]
+                    if act_bytes[s]:
+                        mem[s] += act_bytes[s]
+                        timeline[s].append((env.now, mem[s]))
+                if res is not None:
+                    waiting_on[r] = "its compute group"
+                    req = res.request()
+                    yield req
+                    start = env.now
+                    yield timeout(dur)
+                    res.release(req)
+                else:
+                    start = env.now
+                    yield timeout(dur)
+                end = env.now
+                busy[s] += dur
+                push((s, r, kind, mb, start, end, 0))
+                if releases:
+                    in_flight[s] -= 1
+                    if act_bytes[s]:
+                        mem[s] -= act_bytes[s]
+                        timeline[s].append((end, mem[s]))
+                    if buf_wait[s]:
+                        buf_wait[s].popleft().succeed()
+                    if final:
+                        grad_start[s] = start
+                        grad_end[s] = end
+            elif code == SEND:
+                _, s, mb, msg, slot = op
+                now = env.now
+                name = link_of[slot]
+                begin = link_free.get(name, 0.0)
+                if begin < now:
+                    begin = now
+                done = begin + wire_of[slot]
+                link_free[name] = done
+                arrive = done + lat_of[slot]
+                push((s, r, "SEND", mb, begin, arrive, bytes_of[slot]))
+                w = recv_wait.pop(msg, None)
+                if w is None:
+                    landed[msg] = arrive
+                else:
+                    _land(env, w, arrive - now, arrive)
+            else:
+                _, s, mb, msg, slot = op
+                t0 = env.now
+                arrive = landed.pop(msg, None)
+                if arrive is None:
+                    waiting_on[r] = f"the data of {s}RECV{mb}"
+                    w = env.event()
+                    recv_wait[msg] = w
+                    yield w
+                elif arrive > t0:
+                    yield timeout(arrive - t0)
+                push((s, r, "RECV", mb, t0, env.now, bytes_of[slot]))
+        rank_end[r] = env.now
+        waiting_on[r] = ""
+
+    procs = [env.process(rank_proc(r, ops)) for r, ops in enumerate(ops_per_rank)]
+    env.run()
+    stuck = [r for r, p in enumerate(procs) if p.is_alive]
+    if stuck:
+        why = "; ".join(f"rank {r} waits for {waiting_on[r]}" for r in stuck)
+        raise ScheduleError(f"simulation of {sched.name} cannot finish: {why}. A stage with fewer buffers than the schedule keeps in flight "
+                            "stalls for ever: build the schedule with those buffers (make_schedule(..., buffers=...)) or raise them")
+    pipeline = max(rank_end) if rank_end else 0.0
+    step, tail = end_of_step(inp, rank_end, grad_start, grad_end)
+    events.extend(tail)
+    return build_result(inp, evaluator="simpy", step_time_s=max(step, pipeline), pipeline_time_s=pipeline,
+                        busy_s_per_stage=busy, peak_in_flight=peak,
+                        timeline=tuple(tuple(tl) for tl in timeline), num_compute=sum(1 for ops in ops_per_rank for op in ops if op[0] == COMPUTE),
+                        raw_events=tuple(events))

@@ -1,0 +1,205 @@
+"""The fast evaluator: the longest path through the schedule's dependency DAG, no simpy.
+
+Nodes are the compute actions (plus a zero-length node for a RECV not directly followed by a
+compute); edges are each rank's program order (weight: the node's duration) and SEND -> RECV
+(weight: the link's wire time plus latency). A node ends at
+``max(end of the previous node on its rank, end of the sender's node + wire + latency) + duration``:
+exactly what the simpy engine computes when nothing contends. It ignores what only the simpy
+engine models — shared compute groups, link contention (FIFO queues) and buffer back-pressure —
+and is meant for the planner's screening of many candidates.
+
+The DAG's shape depends only on the schedule, so it is compiled once per :class:`Schedule` object
+(cached) into flat lists in topological order; an evaluation is then one tight loop.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+from pipetrain.errors import ScheduleError
+from pipetrain.schedules import Schedule, peak_in_flight
+from pipetrain.simulator.model import SimInput
+from pipetrain.simulator.program import EventTuple, Tables, end_of_step, tables
+from pipetrain.simulator.result import SimResult, build_result
+
+__all__ = ["FastProgram", "compile_schedule", "fast_evaluate", "fast_step_time"]
+
+_KIND = {"F": 0, "B": 1, "W": 2}
+_NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class FastProgram:
+    """A schedule's DAG in topological order. Node ``i`` (1-based; 0 is the time-zero sentinel)."""
+
+    prev: list[int]        # previous node on the same rank (0: none)
+    src: list[int]         # sender's node of the RECV folded into this node (0: none)
+    dur_key: list[int]     # 3 * stage + kind (F 0, B 1, W 2); -1 for a zero-length RECV node
+    link_key: list[int]    # 2 * boundary + (0 forward, 1 backward) for the folded RECV, -1 none
+    rank_last: list[int]   # per rank, its last node (0: empty rank)
+    grad_final: list[int]  # per stage, the node of its last gradient action (B, or W if split)
+    peak_in_flight: tuple[int, ...]
+    num_compute: int
+    nodes: list[tuple[int, int, str, int]]  # (stage, rank, kind, microbatch) per node, kind "" for RECV nodes
+
+
+_CACHE: dict[int, tuple[weakref.ref, FastProgram]] = {}
+
+
+def compile_schedule(sched: Schedule) -> FastProgram:
+    """Compile (and cache per schedule object) the DAG of ``sched``."""
+    hit = _CACHE.get(id(sched))
+    if hit is not None and hit[0]() is sched:
+        return hit[1]
+    prog = _compile(sched)
+    key = id(sched)
+    _CACHE[key] = (weakref.ref(sched, lambda _r, k=key: _CACHE.pop(k, None)), prog)
+    return prog
+
+
+def _compile(sched: Schedule) -> FastProgram:
+    m, split = sched.num_microbatches, sched.split_backward
+    grad_kind = "W" if split else "B"
+    # raw nodes per rank: (stage, kind, mb, recv_msg or -1), and sends: msg -> (rank, index of node before)
+    raw: list[list[tuple[int, str, int, int]]] = []
+    send_at: dict[int, tuple[int, int]] = {}
+    n_compute = 0
+    for r, acts in enumerate(sched.actions):
+        nodes: list[tuple[int, str, int, int]] = []
+        pending = -1
+        for a in acts:
+            kind = a.kind
+            if kind in _KIND:
+                n_compute += 1
+                nodes.append((a.stage, kind, a.microbatch, pending))
+                pending = -1
+            elif kind.startswith("RECV"):
+                if pending >= 0:
+                    nodes.append((a.stage, "", a.microbatch, pending))
+                fwd = kind == "RECV_F"
+                src = a.stage - 1 if fwd else a.stage + 1
+                pending = (2 * src + (0 if fwd else 1)) * m + a.microbatch
+            else:
+                if pending >= 0:
+                    nodes.append((a.stage, "", a.microbatch, pending))
+                    pending = -1
+                msg = (2 * a.stage + (0 if kind == "SEND_F" else 1)) * m + a.microbatch
+                send_at[msg] = (r, len(nodes) - 1)
+        if pending >= 0:
+            nodes.append((sched.num_stages, "", 0, pending))
+        raw.append(nodes)
+    # Kahn's algorithm over rank chains: a rank advances until a node's sender is not yet placed.
+    gid: list[list[int]] = [[0] * len(n) for n in raw]
+    pos = [0] * sched.num_ranks
+    waiting: dict[tuple[int, int], list[int]] = {}
+    ready = list(range(sched.num_ranks - 1, -1, -1))
+    prev: list[int] = [0]
+    src: list[int] = [0]
+    dur_key: list[int] = [-1]
+    link_key: list[int] = [-1]
+    out_nodes: list[tuple[int, int, str, int]] = [(-1, -1, "", -1)]
+    while ready:
+        r = ready.pop()
+        nodes, ids = raw[r], gid[r]
+        i = pos[r]
+        while i < len(nodes):
+            s, kind, mb, msg = nodes[i]
+            sender = 0
+            if msg >= 0:
+                if msg not in send_at:
+                    raise ScheduleError(f"rank {r}: a RECV (message {msg}) has no matching SEND; validate the schedule")
+                sr, si = send_at[msg]
+                if si >= 0:
+                    if sr == r and si >= i or gid[sr][si] == 0:
+                        waiting.setdefault((sr, si), []).append(r)
+                        break
+                    sender = gid[sr][si]
+            n = len(prev)
+            ids[i] = n
+            prev.append(ids[i - 1] if i else 0)
+            src.append(sender)
+            dur_key.append(3 * s + _KIND[kind] if kind else -1)
+            link_key.append(-1 if msg < 0 else _boundary_key(msg // m))
+            out_nodes.append((s, r, kind or "RECV", mb))
+            if (r, i) in waiting:
+                ready.extend(waiting.pop((r, i)))
+            i += 1
+        pos[r] = i
+    stuck = [r for r in range(sched.num_ranks) if pos[r] < len(raw[r])]
+    if stuck:
+        raise ScheduleError(f"schedule {sched.name} deadlocks at ranks {stuck}; run pipetrain.schedules.validate for details")
+    grad_final = [0] * sched.num_stages
+    for r, nodes in enumerate(raw):
+        for i, (s, kind, _mb, _msg) in enumerate(nodes):
+            if kind == grad_kind:
+                grad_final[s] = gid[r][i]
+    return FastProgram(prev=prev, src=src, dur_key=dur_key, link_key=link_key,
+                       rank_last=[ids[-1] if ids else 0 for ids in gid], grad_final=grad_final,
+                       peak_in_flight=peak_in_flight(sched), num_compute=n_compute, nodes=out_nodes)
+
+
+def _boundary_key(q: int) -> int:
+    """Message class ``2 * sender_stage + direction`` -> ``2 * boundary + direction``."""
+    sender, backward = divmod(q, 2)
+    return 2 * (sender - backward) + backward
+
+
+def _run(inp: SimInput, prog: FastProgram) -> tuple[list[float], Tables]:
+    tab = tables(inp)
+    table = tab.dur + [0.0]
+    wires = [w for w in tab.wire] + [_NEG_INF]
+    lats = [x for x in tab.latency] + [_NEG_INF]
+    dur = [table[k] for k in prog.dur_key]
+    wire = [wires[k] for k in prog.link_key]
+    lat = [lats[k] for k in prog.link_key]
+    val = [0.0]
+    push = val.append
+    it = zip(prog.prev, prog.src, wire, lat, dur)
+    next(it)  # the sentinel
+    for p, s, w, l, d in it:
+        t = val[p]
+        a = val[s] + w + l
+        push((t if t >= a else a) + d)
+    return val, tab
+
+
+def _exact_start(prog: FastProgram, val: list[float], i: int, tab: Tables) -> float:
+    t = val[prog.prev[i]]
+    k = prog.link_key[i]
+    if k >= 0:
+        a = val[prog.src[i]] + tab.wire[k] + tab.latency[k]
+        t = t if t >= a else a
+    return t
+
+
+def fast_step_time(inp: SimInput) -> float:
+    """Step time only (the quickest call, for screening)."""
+    return fast_evaluate(inp).step_time_s
+
+
+def fast_evaluate(inp: SimInput, *, events: bool = False) -> SimResult:
+    """Evaluate ``inp`` by longest path; ``events=True`` also returns the F/B/W events."""
+    sched = inp.schedule
+    prog = compile_schedule(sched)
+    val, tab = _run(inp, prog)
+    rank_end = [val[i] for i in prog.rank_last]
+    gs = [_exact_start(prog, val, i, tab) if i else 0.0 for i in prog.grad_final]
+    ge = [val[i] for i in prog.grad_final]
+    step, tail = end_of_step(inp, rank_end, gs, ge)
+    pipeline = max(rank_end) if rank_end else 0.0
+    busy = [0.0] * sched.num_stages
+    for spec_s, spec in enumerate(inp.stages):
+        kinds = ("F", "B", "W") if sched.split_backward else ("F", "B")
+        busy[spec_s] = sum(spec.duration_s(k, sched.split_backward) for k in kinds) * sched.num_microbatches
+    raw: tuple[EventTuple, ...] = ()
+    if events:
+        evs: list[EventTuple] = []
+        for i in range(1, len(val)):
+            s, r, kind, mb = prog.nodes[i]
+            if kind != "RECV":
+                evs.append((s, r, kind, mb, _exact_start(prog, val, i, tab), val[i], 0))
+        raw = tuple(evs + tail)
+    return build_result(inp, evaluator="fast", step_time_s=max(step, pipeline), pipeline_time_s=pipeline,
+                        busy_s_per_stage=busy, peak_in_flight=prog.peak_in_flight,
+                        num_compute=prog.num_compute, raw_events=raw)

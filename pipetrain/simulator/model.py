@@ -1,0 +1,235 @@
+"""What the simulator is told: a schedule plus per-stage costs, links, sharing and data parallelism.
+
+Everything is a frozen, keyword-only dataclass, torch-free, with units in field names. The
+planner builds a :class:`SimInput` from a Plan, a Topology and a cost model; a user with
+profiled per-stage times builds one with :func:`uniform`.
+
+Time model of one stage (virtual stage with interleaving):
+
+* ``F`` takes ``t_fwd_s``.
+* Without a split backward, ``B`` takes ``t_bwd_s + t_wgrad_s`` (input grad plus weight grad;
+  leave ``t_wgrad_s`` at 0 and ``t_bwd_s`` is simply the full backward). With recomputation,
+  ``t_recompute_s`` is added in front of every B.
+* With a split backward (zero-bubble schedules) ``B`` takes ``t_bwd_s`` (+ recompute) and ``W``
+  takes ``t_wgrad_s``.
+
+Memory of one stage: ``static_bytes`` (parameters, gradients, optimizer state) plus
+``activation_bytes`` for every micro-batch in flight (its F ran, its B — or W when split — has not
+finished). ``buffers`` caps the micro-batches in flight (the stage's activation buffer pool).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from pipetrain.errors import ConfigError
+from pipetrain.schedules import Schedule, make_schedule
+
+__all__ = [
+    "Link", "StageSpec", "BoundarySpec", "ComputeGroup", "DataParallelSpec", "SimInput",
+    "ring_allreduce_time_s", "uniform",
+]
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _nonneg(owner: str, **values: float) -> None:
+    for name, v in values.items():
+        _need(isinstance(v, (int, float)) and not math.isnan(v) and v >= 0, f"{owner}: {name} must be a number >= 0, got {v!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Link:
+    """One direction of a point-to-point connection, or a collective link. Transfers on it queue (FIFO).
+
+    A transfer of ``n`` bytes occupies the link for ``n / bandwidth`` and lands ``latency_s``
+    after that (the alpha-beta model). Give the two directions of a full-duplex connection two
+    names; give one name to every transfer that shares a wire (e.g. one NIC).
+    """
+
+    name: str
+    latency_s: float = 0.0
+    bandwidth_bytes_per_s: float = math.inf
+
+    def __post_init__(self) -> None:
+        _nonneg(f"link {self.name}", latency_s=self.latency_s)
+        _need(self.bandwidth_bytes_per_s > 0, f"link {self.name}: bandwidth_bytes_per_s must be > 0, got {self.bandwidth_bytes_per_s}")
+
+    def wire_time_s(self, nbytes: float) -> float:
+        return nbytes / self.bandwidth_bytes_per_s if nbytes else 0.0
+
+    def transfer_time_s(self, nbytes: float) -> float:
+        """Latency plus serialization: the alpha-beta (Hockney) model."""
+        return self.latency_s + self.wire_time_s(nbytes)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageSpec:
+    """Costs of one (virtual) stage for one micro-batch; see the module docstring."""
+
+    t_fwd_s: float
+    t_bwd_s: float
+    t_wgrad_s: float = 0.0
+    t_recompute_s: float = 0.0
+    recompute: bool = False
+    activation_bytes: float = 0.0
+    static_bytes: float = 0.0
+    buffers: int | None = None
+    grad_bytes: float = 0.0
+    t_optimizer_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        _nonneg("stage", t_fwd_s=self.t_fwd_s, t_bwd_s=self.t_bwd_s, t_wgrad_s=self.t_wgrad_s,
+                t_recompute_s=self.t_recompute_s, activation_bytes=self.activation_bytes,
+                static_bytes=self.static_bytes, grad_bytes=self.grad_bytes, t_optimizer_s=self.t_optimizer_s)
+        _need(self.buffers is None or (isinstance(self.buffers, int) and self.buffers >= 1),
+              f"stage buffers must be an integer >= 1 or None (unlimited), got {self.buffers!r}")
+
+    def duration_s(self, kind: str, split_backward: bool) -> float:
+        """Duration of one ``F``, ``B`` or ``W`` of this stage."""
+        if kind == "F":
+            return self.t_fwd_s
+        if kind == "W":
+            return self.t_wgrad_s
+        extra = self.t_recompute_s if self.recompute else 0.0
+        return extra + self.t_bwd_s + (0.0 if split_backward else self.t_wgrad_s)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BoundarySpec:
+    """The cut between stage ``s`` and ``s + 1``: activation bytes forward, gradient bytes back.
+
+    ``link`` carries the forward transfers, ``bwd_link`` the backward ones (default: a link like
+    ``link`` named ``link.name + ":bwd"``). A :class:`Link` is one direction of a connection:
+    transfers contend exactly when they use links of the same name, from any boundary or rank.
+    """
+
+    fwd_bytes: float = 0.0
+    bwd_bytes: float = 0.0
+    link: Link = field(default_factory=lambda: Link(name="p2p"))
+    bwd_link: Link | None = None
+
+    def __post_init__(self) -> None:
+        _nonneg("boundary", fwd_bytes=self.fwd_bytes, bwd_bytes=self.bwd_bytes)
+        if self.bwd_link is None:
+            object.__setattr__(self, "bwd_link", Link(name=self.link.name + ":bwd", latency_s=self.link.latency_s,
+                                                      bandwidth_bytes_per_s=self.link.bandwidth_bytes_per_s))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ComputeGroup:
+    """Pipeline ranks that share cores or one GPU: at most ``capacity`` of them compute at once."""
+
+    ranks: tuple[int, ...]
+    capacity: int = 1
+
+    def __post_init__(self) -> None:
+        _need(len(self.ranks) >= 1 and len(set(self.ranks)) == len(self.ranks), f"compute group ranks must be distinct, got {self.ranks}")
+        _need(self.capacity >= 1, f"compute group capacity must be >= 1, got {self.capacity}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataParallelSpec:
+    """Data-parallel replicas of the whole pipeline and their gradient all-reduce.
+
+    ``overlap``: a stage's all-reduce starts when its last backward pass (B, or W when split)
+    starts, as bucketed reducers do, and cannot end before that pass ends; otherwise it starts
+    once the rank has finished all its compute. A rank's all-reduces share its link (FIFO).
+    """
+
+    width: int = 1
+    link: Link = field(default_factory=lambda: Link(name="dp"))
+    overlap: bool = False
+
+    def __post_init__(self) -> None:
+        _need(isinstance(self.width, int) and self.width >= 1, f"data-parallel width must be >= 1, got {self.width}")
+
+
+def ring_allreduce_time_s(nbytes: float, n: int, link: Link) -> float:
+    """Ring all-reduce of ``nbytes`` over ``n`` replicas: 2(n-1)/n · bytes/bw + 2(n-1) · latency.
+
+    Reduce-scatter then all-gather, each ``n-1`` steps moving ``bytes/n`` (Patarasuk & Yuan 2009,
+    "Bandwidth optimal all-reduce algorithms"; Thakur et al. 2005).
+    """
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    return 2 * (n - 1) / n * nbytes / link.bandwidth_bytes_per_s + 2 * (n - 1) * link.latency_s
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimInput:
+    """Everything one simulated training step needs.
+
+    ``stages`` has one entry per (virtual) stage of ``schedule``; ``boundaries`` one per cut
+    (``num_stages - 1``; a cut between stages on the same rank moves nothing). Ranks absent from
+    ``compute_groups`` compute alone. ``micro_batch_size`` and ``seq_len`` turn step time into
+    samples/s and tokens/s; ``model_flops_per_sample`` (forward + backward) and
+    ``peak_flops_per_device`` give TFLOP/s per device and MFU (left at 0: not reported).
+    """
+
+    schedule: Schedule
+    stages: tuple[StageSpec, ...]
+    boundaries: tuple[BoundarySpec, ...] = ()
+    compute_groups: tuple[ComputeGroup, ...] = ()
+    data_parallel: DataParallelSpec = field(default_factory=DataParallelSpec)
+    micro_batch_size: int = 1
+    seq_len: int = 1
+    model_flops_per_sample: float = 0.0
+    peak_flops_per_device: float = 0.0
+
+    def __post_init__(self) -> None:
+        n = self.schedule.num_stages
+        _need(len(self.stages) == n, f"SimInput needs {n} stage specs for schedule {self.schedule.name}, got {len(self.stages)}")
+        if not self.boundaries and n > 1:
+            object.__setattr__(self, "boundaries", tuple(BoundarySpec() for _ in range(n - 1)))
+        _need(len(self.boundaries) == n - 1, f"SimInput needs {n - 1} boundaries, got {len(self.boundaries)}")
+        seen: set[int] = set()
+        for g in self.compute_groups:
+            _need(all(0 <= r < self.schedule.num_ranks for r in g.ranks), f"compute group {g.ranks} names a rank outside 0..{self.schedule.num_ranks - 1}")
+            _need(not seen & set(g.ranks), f"rank(s) {sorted(seen & set(g.ranks))} are in two compute groups")
+            seen |= set(g.ranks)
+        _need(self.micro_batch_size >= 1 and self.seq_len >= 1, "micro_batch_size and seq_len must be >= 1")
+        _nonneg("SimInput", model_flops_per_sample=self.model_flops_per_sample, peak_flops_per_device=self.peak_flops_per_device)
+
+    @property
+    def num_devices(self) -> int:
+        return self.schedule.num_ranks * self.data_parallel.width
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.micro_batch_size * self.schedule.num_microbatches * self.data_parallel.width
+
+
+def uniform(p: int, m: int, schedule: str | Schedule = "1f1b", *, t_fwd_s: float, t_bwd_s: float,
+            t_wgrad_s: float = 0.0, t_comm_s: float = 0.0, chunks: int = 1, buffers: int | None = None,
+            micro_batch_size: int = 1, seq_len: int = 1, activation_bytes: float = 0.0,
+            static_bytes: float = 0.0, comm_bytes: float = 0.0, bandwidth_bytes_per_s: float = math.inf,
+            dp: int = 1, grad_bytes: float = 0.0, t_optimizer_s: float = 0.0,
+            model_flops_per_sample: float = 0.0, peak_flops_per_device: float = 0.0) -> SimInput:
+    """Equal stages: ``p`` ranks, ``m`` micro-batches, times per rank and micro-batch.
+
+    ``t_fwd_s``/``t_bwd_s``/``t_wgrad_s`` are one rank's share of the model; with ``chunks = v``
+    (interleaved) each virtual stage takes a ``1/v`` share. Each cut gets its own link with
+    latency ``t_comm_s`` (and ``comm_bytes`` at ``bandwidth_bytes_per_s`` if given). ``buffers``
+    caps every stage's activation buffers; a named 1F1B or ZB-H1 schedule is shaped to it.
+    """
+    _nonneg("uniform", t_fwd_s=t_fwd_s, t_bwd_s=t_bwd_s, t_wgrad_s=t_wgrad_s, t_comm_s=t_comm_s)
+    if isinstance(schedule, str):
+        n_st = p * chunks if isinstance(p, int) and isinstance(chunks, int) else 0
+        caps: Sequence[int] | None = None if buffers is None or n_st < 1 else [buffers] * n_st
+        schedule = make_schedule(schedule, p, m, chunks, buffers=caps)
+    v = schedule.chunks
+    stage = StageSpec(t_fwd_s=t_fwd_s / v, t_bwd_s=t_bwd_s / v, t_wgrad_s=t_wgrad_s / v,
+                      activation_bytes=activation_bytes / v, static_bytes=static_bytes / v, buffers=buffers,
+                      grad_bytes=grad_bytes / v, t_optimizer_s=t_optimizer_s / v)
+    bounds = tuple(BoundarySpec(fwd_bytes=comm_bytes, bwd_bytes=comm_bytes,
+                                link=Link(name=f"p2p{s}", latency_s=t_comm_s, bandwidth_bytes_per_s=bandwidth_bytes_per_s))
+                   for s in range(schedule.num_stages - 1))
+    return SimInput(schedule=schedule, stages=(stage,) * schedule.num_stages, boundaries=bounds,
+                    data_parallel=DataParallelSpec(width=dp), micro_batch_size=micro_batch_size, seq_len=seq_len,
+                    model_flops_per_sample=model_flops_per_sample, peak_flops_per_device=peak_flops_per_device)

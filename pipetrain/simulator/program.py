@@ -1,0 +1,133 @@
+"""A schedule lowered to per-rank operation tuples, shared by the simpy engine and the fast evaluator.
+
+The *skeleton* depends only on the schedule (cached per :class:`Schedule` object): each action
+becomes a plain tuple naming a duration slot or a boundary slot. The *tables* depend on the
+SimInput: durations per (stage, kind), and per boundary direction the link, wire time, latency
+and bytes. Both evaluators finish the step with the same :func:`end_of_step` (data-parallel
+all-reduce and optimizer step), so they agree exactly wherever nothing contends.
+
+Skeleton op tuples:
+
+* ``(COMPUTE, stage, kind, microbatch, dur_slot, acquires, releases, grad_final)``:
+  ``dur_slot = 3·stage + (F 0, B 1, W 2)``; ``acquires`` for F (takes an activation buffer),
+  ``releases`` for the action that frees it (B, or W when the backward is split), ``grad_final``
+  for the stage's last gradient-producing action.
+* ``(SEND, stage, microbatch, message, link_slot)`` and ``(RECV, stage, microbatch, message, link_slot)``,
+  ``link_slot = 2·boundary + (0 forward, 1 backward)``; ``message`` pairs a SEND with its RECV.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+from pipetrain.schedules import Schedule
+from pipetrain.simulator.model import SimInput, ring_allreduce_time_s
+
+__all__ = ["COMPUTE", "SEND", "RECV", "EventTuple", "Tables", "skeleton", "tables", "end_of_step"]
+
+COMPUTE, SEND, RECV = 0, 1, 2
+#: (stage, rank, kind, microbatch, start_s, end_s, bytes)
+EventTuple = tuple[int, int, str, int, float, float, int]
+_KIND_SLOT = {"F": 0, "B": 1, "W": 2}
+
+_CACHE: dict[int, tuple[weakref.ref, tuple[tuple[tuple, ...], ...]]] = {}
+
+
+def skeleton(sched: Schedule) -> tuple[tuple[tuple, ...], ...]:
+    """Per-rank op tuples of ``sched`` (see the module docstring); cached per schedule object."""
+    hit = _CACHE.get(id(sched))
+    if hit is not None and hit[0]() is sched:
+        return hit[1]
+    m, grad_kind = sched.num_microbatches, ("W" if sched.split_backward else "B")
+    out = []
+    for acts in sched.actions:
+        final = {a.stage: i for i, a in enumerate(acts) if a.kind == grad_kind}
+        ops: list[tuple] = []
+        for i, a in enumerate(acts):
+            s, kind, k = a.stage, a.kind, a.microbatch
+            slot = _KIND_SLOT.get(kind)
+            if slot is not None:
+                ops.append((COMPUTE, s, kind, k, 3 * s + slot, slot == 0, kind == grad_kind, final.get(s) == i))
+            elif kind == "SEND_F":
+                ops.append((SEND, s, k, (2 * s) * m + k, 2 * s))
+            elif kind == "SEND_B":
+                ops.append((SEND, s, k, (2 * s + 1) * m + k, 2 * (s - 1) + 1))
+            elif kind == "RECV_F":
+                ops.append((RECV, s, k, (2 * (s - 1)) * m + k, 2 * (s - 1)))
+            else:
+                ops.append((RECV, s, k, (2 * (s + 1) + 1) * m + k, 2 * s + 1))
+        out.append(tuple(ops))
+    result = tuple(out)
+    key = id(sched)
+    _CACHE[key] = (weakref.ref(sched, lambda _r, k=key: _CACHE.pop(k, None)), result)
+    return result
+
+
+@dataclass(frozen=True)
+class Tables:
+    """Per-input lookups by slot: ``dur[dur_slot]``; ``link/wire/latency/nbytes[link_slot]``."""
+
+    dur: list[float]
+    link: list[str]
+    wire: list[float]
+    latency: list[float]
+    nbytes: list[int]
+    senders: dict[str, set[int]]  # link name -> pipeline ranks that send on it
+
+
+def tables(inp: SimInput) -> Tables:
+    sched, split = inp.schedule, inp.schedule.split_backward
+    dur = [spec.duration_s(k, split) for spec in inp.stages for k in ("F", "B", "W")]
+    link: list[str] = []
+    wire: list[float] = []
+    lat: list[float] = []
+    nbytes: list[int] = []
+    senders: dict[str, set[int]] = {}
+    for s, b in enumerate(inp.boundaries):
+        for lk, n, src in ((b.link, b.fwd_bytes, s), (b.bwd_link, b.bwd_bytes, s + 1)):
+            link.append(lk.name)
+            wire.append(lk.wire_time_s(n))
+            lat.append(lk.latency_s)
+            nbytes.append(int(n))
+            if sched.stage_to_rank[s] != sched.stage_to_rank[s + 1]:
+                senders.setdefault(lk.name, set()).add(sched.stage_to_rank[src])
+    return Tables(dur=dur, link=link, wire=wire, latency=lat, nbytes=nbytes, senders=senders)
+
+
+def end_of_step(inp: SimInput, rank_end_s: list[float], grad_start_s: list[float],
+                grad_end_s: list[float]) -> tuple[float, list[EventTuple]]:
+    """Data-parallel all-reduce of every stage's gradients, then each rank's optimizer steps.
+
+    ``rank_end_s[r]``: when rank ``r`` finished its list; ``grad_start_s[s]`` / ``grad_end_s[s]``:
+    start and end of stage ``s``'s last gradient-producing action. A rank's all-reduces run one
+    after another on its data-parallel link (ring, :func:`ring_allreduce_time_s`): with overlap from
+    the start of that action (and not ending before it ends), else after the rank's last compute.
+    Then the rank's optimizer steps run one after another. Returns the step time and the events.
+    """
+    sched, dp = inp.schedule, inp.data_parallel
+    events: list[EventTuple] = []
+    step = 0.0
+    for r in range(sched.num_ranks):
+        stages = sorted(sched.stages_of(r), key=lambda s: (grad_end_s[s], s))
+        link_free = 0.0
+        t = rank_end_s[r]
+        for s in stages:
+            spec = inp.stages[s]
+            t_ar = ring_allreduce_time_s(spec.grad_bytes, dp.width, dp.link)
+            if t_ar <= 0.0:
+                continue
+            start = max(link_free, grad_start_s[s] if dp.overlap else rank_end_s[r])
+            end = start + t_ar
+            if dp.overlap and end < grad_end_s[s]:
+                end = grad_end_s[s]
+            link_free = end
+            t = max(t, end)
+            events.append((s, r, "ALLREDUCE", -1, start, end, int(spec.grad_bytes)))
+        for s in sorted(stages):
+            t_opt = inp.stages[s].t_optimizer_s
+            if t_opt > 0.0:
+                events.append((s, r, "OPT", -1, t, t + t_opt, 0))
+                t += t_opt
+        step = max(step, t)
+    return step, events
