@@ -52,6 +52,7 @@ _SHORT = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "int64": "i64"
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from pipetrain.planner.trace import trace_graph
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     shape = "x".join(str(d) for d in graph.input_shape)
     title = (f"{graph.model}: micro-batch {graph.micro_batch_size}, input {shape} {graph.input_dtype}, {graph.dtype}, "
              f"{graph.granularity} granularity, {graph.num_nodes} nodes")
-    table = Table(title=title, show_footer=True)
+    table = Table(title=escape(title), show_footer=True)
     totals = {
         "params": human_count(graph.param_count),
         "param_bytes": human_bytes(graph.param_bytes),
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     table.add_column("saved for bwd", justify="right", footer=totals["saved"])
     table.add_column("output shape")
     for i, n in enumerate(graph.nodes):
-        table.add_row(str(i), n.name, n.kind, human_count(n.param_count), human_bytes(n.param_bytes),
+        table.add_row(str(i), escape(n.name), escape(n.kind), human_count(n.param_count), human_bytes(n.param_bytes),
                       human_flops(n.fwd_flops), human_flops(n.bwd_flops), human_flops(n.wgrad_flops),
                       human_bytes(n.output_bytes), human_bytes(n.saved_bytes),
                       "x".join(str(d) for d in n.output_shape) + f" {_SHORT.get(n.output_dtype, n.output_dtype)}")
