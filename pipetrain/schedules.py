@@ -31,7 +31,7 @@ from pipetrain.errors import ScheduleError
 __all__ = [
     "COMPUTE_KINDS", "COMM_KINDS", "ACTION_KINDS", "SCHEDULE_NAMES", "Action", "Schedule",
     "gpipe", "one_f_one_b", "interleaved", "zb_h1", "make_schedule", "with_comms",
-    "validate", "execution_order", "peak_in_flight", "format_grid",
+    "validate", "execution_order", "peak_in_flight", "peak_pending_wgrad", "format_grid",
 ]
 
 COMPUTE_KINDS = ("F", "B", "W")
@@ -215,11 +215,13 @@ def interleaved(p: int, m: int, v: int, *, buffers: Sequence[int] | None = None)
 def zb_h1(p: int, m: int, *, buffers: Sequence[int] | None = None) -> Schedule:
     """ZB-H1 (Qi et al. 2024, "Zero Bubble Pipeline Parallelism"): B (input grad) and W (weight grad) split.
 
-    Built by list scheduling with unit F, B, W times: whenever a rank is idle it runs, in
-    priority, its next B, else its next F if fewer than ``min(p-s, buffers[s])`` micro-batches are
-    in flight (F done, W not done: 1F1B's activation memory), else its oldest pending W. The
-    deferred W passes fill the 1F1B cool-down bubbles. The order comes from an actual execution,
-    so it is deadlock-free for any stage times.
+    Built by list scheduling with unit F, B, W times: whenever stage ``s`` is idle it runs, in
+    priority, its next F if fewer than ``min(p-s, buffers[s])`` micro-batches hold activations
+    (F done, B not: 1F1B's activation memory), else its next B, else its oldest pending W — and
+    it must run that W first once more than ``s`` are pending. Deferring W on later stages fills
+    the 1F1B cool-down bubbles: with unit times the step takes ``3m + p - 1``, the paper's
+    ``(p-1)(tF+tB-tW)`` bubble, against 1F1B's ``3(m + p - 1)``. The order comes from an actual
+    execution, so it is deadlock-free for any stage times.
     """
     _check_pm(p, m)
     caps = _buffer_caps(buffers, p)
@@ -230,18 +232,22 @@ def zb_h1(p: int, m: int, *, buffers: Sequence[int] | None = None) -> Schedule:
     orders: list[list[Action]] = [[] for _ in range(p)]
     t = 0
     while any(nw[s] < m for s in range(p)):
-        if t > 10 * (m + p) * 3:
+        if t > 4 * (m + p) * max(1, p):
             raise ScheduleError(f"zb-h1 list scheduling did not finish for p={p}, m={m}, buffers={list(caps)}")
         for s in range(p):
-            if nb[s] < m and 0 <= f_done[s][nb[s]] <= t and (s == p - 1 or 0 <= b_done[s + 1][nb[s]] <= t):
-                b_done[s][nb[s]] = t + 1
-                orders[s].append(Action(s, "B", nb[s]))
-                nb[s] += 1
-            elif nf[s] < m and nf[s] - nw[s] < limit[s] and (s == 0 or 0 <= f_done[s - 1][nf[s]] <= t):
+            can_w = nw[s] < nb[s] and b_done[s][nw[s]] <= t
+            if can_w and nb[s] - nw[s] > s:
+                orders[s].append(Action(s, "W", nw[s]))
+                nw[s] += 1
+            elif nf[s] < m and nf[s] - nb[s] < limit[s] and (s == 0 or 0 <= f_done[s - 1][nf[s]] <= t):
                 f_done[s][nf[s]] = t + 1
                 orders[s].append(Action(s, "F", nf[s]))
                 nf[s] += 1
-            elif nw[s] < nb[s] and b_done[s][nw[s]] <= t:
+            elif nb[s] < m and 0 <= f_done[s][nb[s]] <= t and (s == p - 1 or 0 <= b_done[s + 1][nb[s]] <= t):
+                b_done[s][nb[s]] = t + 1
+                orders[s].append(Action(s, "B", nb[s]))
+                nb[s] += 1
+            elif can_w:
                 orders[s].append(Action(s, "W", nw[s]))
                 nw[s] += 1
         t += 1
@@ -413,11 +419,12 @@ def validate(sched: Schedule) -> Schedule:
 
 
 def peak_in_flight(sched: Schedule) -> tuple[int, ...]:
-    """Per stage, the most micro-batches whose F ran and whose activations are not yet freed.
+    """Per stage, the most micro-batches whose F ran and whose B has not (activations held).
 
-    Activations are freed by B, or by W when the backward is split.
+    With a split backward, what a micro-batch keeps between its B and W is accounted apart
+    (``StageSpec.wgrad_stash_bytes`` in the simulator).
     """
-    release = "W" if sched.split_backward else "B"
+    release = "B"
     cur = [0] * sched.num_stages
     peak = [0] * sched.num_stages
     for acts in sched.actions:
@@ -427,6 +434,21 @@ def peak_in_flight(sched: Schedule) -> tuple[int, ...]:
                 peak[a.stage] = max(peak[a.stage], cur[a.stage])
             elif a.kind == release:
                 cur[a.stage] -= 1
+    return tuple(peak)
+
+
+def peak_pending_wgrad(sched: Schedule) -> tuple[int, ...]:
+    """Per stage, the most micro-batches whose B ran and whose W has not (0 without a split backward)."""
+    cur = [0] * sched.num_stages
+    peak = [0] * sched.num_stages
+    if sched.split_backward:
+        for acts in sched.actions:
+            for a in acts:
+                if a.kind == "B":
+                    cur[a.stage] += 1
+                    peak[a.stage] = max(peak[a.stage], cur[a.stage])
+                elif a.kind == "W":
+                    cur[a.stage] -= 1
     return tuple(peak)
 
 

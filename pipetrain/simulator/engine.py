@@ -9,7 +9,8 @@ does:
   direction), occupies it for ``bytes / bandwidth`` and lands ``latency`` later;
 * **RECV** blocks the rank until the matching transfer has landed;
 * **buffers**: an F takes one of its stage's activation buffers, waiting while all are in use
-  (back-pressure); the B (or W when the backward is split) of that micro-batch gives it back.
+  (back-pressure); the B of that micro-batch gives it back. Memory per stage is tracked at
+  every change (activations F -> B; with a split backward, the W stash B -> W).
 
 Then :func:`~pipetrain.simulator.program.end_of_step` adds the data-parallel all-reduce and the
 optimizer step. A run that cannot finish (a schedule asking for more buffers than the stage has,
@@ -61,6 +62,8 @@ def simulate(inp: SimInput) -> SimResult:
                 resource[r] = res
     caps = [spec.buffers or _UNLIMITED for spec in inp.stages]
     act_bytes = [spec.activation_bytes for spec in inp.stages]
+    wg_bytes = [spec.wgrad_stash_bytes for spec in inp.stages]
+    split = sched.split_backward
     in_flight = [0] * n_st
     peak = [0] * n_st
     buf_wait: list[deque] = [deque() for _ in range(n_st)]
@@ -83,7 +86,7 @@ def simulate(inp: SimInput) -> SimResult:
         for op in ops:
             code = op[0]
             if code == COMPUTE:
-                _, s, kind, mb, slot, acquires, releases, final = op
+                _, s, kind, mb, slot, acquires, kind_slot, final = op
                 dur = dur_of[slot]
                 if acquires:
                     while in_flight[s] >= caps[s]:
@@ -110,16 +113,20 @@ def simulate(inp: SimInput) -> SimResult:
                 end = env.now
                 busy[s] += dur
                 push((s, r, kind, mb, start, end, 0))
-                if releases:
+                if kind_slot == 1:
                     in_flight[s] -= 1
-                    if act_bytes[s]:
-                        mem[s] -= act_bytes[s]
+                    delta = wg_bytes[s] - act_bytes[s] if split else -act_bytes[s]
+                    if delta:
+                        mem[s] += delta
                         timeline[s].append((end, mem[s]))
                     if buf_wait[s]:
                         buf_wait[s].popleft().succeed()
-                    if final:
-                        grad_start[s] = start
-                        grad_end[s] = end
+                elif kind_slot == 2 and wg_bytes[s]:
+                    mem[s] -= wg_bytes[s]
+                    timeline[s].append((end, mem[s]))
+                if final:
+                    grad_start[s] = start
+                    grad_end[s] = end
             elif code == SEND:
                 _, s, mb, msg, slot = op
                 now = env.now

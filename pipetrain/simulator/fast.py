@@ -18,7 +18,7 @@ import weakref
 from dataclasses import dataclass
 
 from pipetrain.errors import ScheduleError
-from pipetrain.schedules import Schedule, peak_in_flight
+from pipetrain.schedules import Schedule, peak_in_flight, peak_pending_wgrad
 from pipetrain.simulator.model import SimInput
 from pipetrain.simulator.program import EventTuple, Tables, end_of_step, tables
 from pipetrain.simulator.result import SimResult, build_result
@@ -40,6 +40,7 @@ class FastProgram:
     rank_last: list[int]   # per rank, its last node (0: empty rank)
     grad_final: list[int]  # per stage, the node of its last gradient action (B, or W if split)
     peak_in_flight: tuple[int, ...]
+    peak_pending_wgrad: tuple[int, ...]
     num_compute: int
     nodes: list[tuple[int, int, str, int]]  # (stage, rank, kind, microbatch) per node, kind "" for RECV nodes
 
@@ -136,7 +137,8 @@ def _compile(sched: Schedule) -> FastProgram:
                 grad_final[s] = gid[r][i]
     return FastProgram(prev=prev, src=src, dur_key=dur_key, link_key=link_key,
                        rank_last=[ids[-1] if ids else 0 for ids in gid], grad_final=grad_final,
-                       peak_in_flight=peak_in_flight(sched), num_compute=n_compute, nodes=out_nodes)
+                       peak_in_flight=peak_in_flight(sched),
+                       peak_pending_wgrad=peak_pending_wgrad(sched), num_compute=n_compute, nodes=out_nodes)
 
 
 def _boundary_key(q: int) -> int:
@@ -201,5 +203,5 @@ def fast_evaluate(inp: SimInput, *, events: bool = False) -> SimResult:
                 evs.append((s, r, kind, mb, _exact_start(prog, val, i, tab), val[i], 0))
         raw = tuple(evs + tail)
     return build_result(inp, evaluator="fast", step_time_s=max(step, pipeline), pipeline_time_s=pipeline,
-                        busy_s_per_stage=busy, peak_in_flight=prog.peak_in_flight,
+                        busy_s_per_stage=busy, peak_in_flight=prog.peak_in_flight, peak_pending_wgrad=prog.peak_pending_wgrad,
                         num_compute=prog.num_compute, raw_events=raw)

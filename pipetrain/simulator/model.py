@@ -14,8 +14,10 @@ Time model of one stage (virtual stage with interleaving):
   takes ``t_wgrad_s``.
 
 Memory of one stage: ``static_bytes`` (parameters, gradients, optimizer state) plus
-``activation_bytes`` for every micro-batch in flight (its F ran, its B — or W when split — has not
-finished). ``buffers`` caps the micro-batches in flight (the stage's activation buffer pool).
+``activation_bytes`` for every micro-batch in flight (its F started, its B has not finished), plus,
+with a split backward, ``wgrad_stash_bytes`` for every micro-batch between its B and its W (what
+the weight gradient still needs). ``buffers`` caps the micro-batches in flight (the stage's
+activation buffer pool): an F waits for a free buffer.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class StageSpec:
     t_recompute_s: float = 0.0
     recompute: bool = False
     activation_bytes: float = 0.0
+    wgrad_stash_bytes: float = 0.0
     static_bytes: float = 0.0
     buffers: int | None = None
     grad_bytes: float = 0.0
@@ -86,6 +89,7 @@ class StageSpec:
     def __post_init__(self) -> None:
         _nonneg("stage", t_fwd_s=self.t_fwd_s, t_bwd_s=self.t_bwd_s, t_wgrad_s=self.t_wgrad_s,
                 t_recompute_s=self.t_recompute_s, activation_bytes=self.activation_bytes,
+                wgrad_stash_bytes=self.wgrad_stash_bytes,
                 static_bytes=self.static_bytes, grad_bytes=self.grad_bytes, t_optimizer_s=self.t_optimizer_s)
         _need(self.buffers is None or (isinstance(self.buffers, int) and self.buffers >= 1),
               f"stage buffers must be an integer >= 1 or None (unlimited), got {self.buffers!r}")

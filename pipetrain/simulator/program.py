@@ -8,10 +8,10 @@ all-reduce and optimizer step), so they agree exactly wherever nothing contends.
 
 Skeleton op tuples:
 
-* ``(COMPUTE, stage, kind, microbatch, dur_slot, acquires, releases, grad_final)``:
-  ``dur_slot = 3·stage + (F 0, B 1, W 2)``; ``acquires`` for F (takes an activation buffer),
-  ``releases`` for the action that frees it (B, or W when the backward is split), ``grad_final``
-  for the stage's last gradient-producing action.
+* ``(COMPUTE, stage, kind, microbatch, dur_slot, acquires, kind_slot, grad_final)``:
+  ``dur_slot = 3·stage + kind_slot`` with ``kind_slot`` F 0, B 1, W 2; ``acquires`` for F (takes an
+  activation buffer; B gives it back); ``grad_final`` for the stage's last gradient-producing
+  action (B, or W when the backward is split).
 * ``(SEND, stage, microbatch, message, link_slot)`` and ``(RECV, stage, microbatch, message, link_slot)``,
   ``link_slot = 2·boundary + (0 forward, 1 backward)``; ``message`` pairs a SEND with its RECV.
 """
@@ -48,7 +48,7 @@ def skeleton(sched: Schedule) -> tuple[tuple[tuple, ...], ...]:
             s, kind, k = a.stage, a.kind, a.microbatch
             slot = _KIND_SLOT.get(kind)
             if slot is not None:
-                ops.append((COMPUTE, s, kind, k, 3 * s + slot, slot == 0, kind == grad_kind, final.get(s) == i))
+                ops.append((COMPUTE, s, kind, k, 3 * s + slot, slot == 0, slot, final.get(s) == i))
             elif kind == "SEND_F":
                 ops.append((SEND, s, k, (2 * s) * m + k, 2 * s))
             elif kind == "SEND_B":

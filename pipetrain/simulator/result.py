@@ -90,6 +90,7 @@ class SimResult:
 
 def build_result(inp: SimInput, *, evaluator: str, step_time_s: float, pipeline_time_s: float,
                  busy_s_per_stage: list[float], peak_in_flight: tuple[int, ...] | list[int],
+                 peak_pending_wgrad: tuple[int, ...] = (),
                  timeline: tuple[tuple[tuple[float, float], ...], ...] = (), num_compute: int = 0,
                  raw_events: tuple[EventTuple, ...] = ()) -> SimResult:
     """Derive throughput, MFU, bubbles and memory peaks from the raw timings."""
@@ -104,7 +105,12 @@ def build_result(inp: SimInput, *, evaluator: str, step_time_s: float, pipeline_
     flops = inp.model_flops_per_sample * inp.samples_per_step
     tflops = flops / step / inp.num_devices / 1e12 if flops > 0 else None
     mfu = tflops * 1e12 / inp.peak_flops_per_device if tflops is not None and inp.peak_flops_per_device > 0 else None
-    peak_mem = tuple(spec.static_bytes + spec.activation_bytes * n for spec, n in zip(inp.stages, peak_in_flight))
+    if timeline:
+        peak_mem = tuple(max(b for _t, b in tl) for tl in timeline)
+    else:  # exact without a W stash; with one, an upper bound (both peaks counted at once)
+        pend = peak_pending_wgrad or (0,) * sched.num_stages
+        peak_mem = tuple(spec.static_bytes + spec.activation_bytes * n + spec.wgrad_stash_bytes * w
+                         for spec, n, w in zip(inp.stages, peak_in_flight, pend))
     return SimResult(
         evaluator=evaluator, schedule=sched.name, num_ranks=sched.num_ranks, num_stages=sched.num_stages,
         num_microbatches=sched.num_microbatches, dp_width=inp.data_parallel.width,
