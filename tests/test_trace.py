@@ -64,6 +64,14 @@ def test_saved_bytes_count_activations_once_and_exclude_parameters() -> None:
     assert block.saved_bytes == expected == 40_992
     assert block.param_bytes == 4 * (2 * d + d * hidden + hidden + hidden * d + d)
     assert block.output_bytes == 4 * b * d and block.output_shape == (4, 256)
+    # the first block's input is data and needs no gradient, so all its backward work serves the
+    # weights (fc1's input grad is still needed, for the LayerNorm weight): wgrad == bwd == 2 fwd
+    assert block.bwd_flops == block.wgrad_flops == 2 * block.fwd_flops == 4 * 2 * b * d * hidden
+    stem = trace_graph("resnet", micro_batch_size=2).nodes[0]  # conv straight on the image: no dgrad at all
+    assert stem.bwd_flops == stem.wgrad_flops == stem.fwd_flops == 2 * 2 * 32 * 32 * 32 * 3 * 9
+    assert g.nodes[1].bwd_flops == 2 * g.nodes[1].fwd_flops and g.nodes[1].wgrad_flops == g.nodes[1].fwd_flops
+    ops = trace_graph("resmlp", micro_batch_size=4, granularity="op")
+    assert ops.bwd_flops == g.bwd_flops and ops.fwd_flops == g.fwd_flops
 
 
 def test_bf16_halves_bytes_not_flops() -> None:

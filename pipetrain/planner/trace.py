@@ -190,7 +190,7 @@ def _trace_blocks(spec: ModelSpec, model: PipelineModel, x: torch.Tensor) -> tup
     cache: dict[Any, tuple[_Cost, tuple[int, ...], torch.dtype]] = {}
     nodes: list[Node] = []
     for i, block in enumerate(model.blocks):
-        inp = _leafify(x)
+        inp = _leafify(x) if i > 0 else x.detach()  # the model's input (data) needs no gradient
         sig = getattr(block, "trace_signature", None)
         key = None if sig is None else (type(block), sig, tuple(inp.shape), inp.dtype, inp.requires_grad)
         if key is not None and key in cache:
@@ -264,8 +264,8 @@ def _trace_ops(model: PipelineModel, x: torch.Tensor) -> tuple[list[Node], list[
             params += list(gm.get_submodule(str(fx_node.target)).parameters())
 
         def value(v: Any) -> Any:
-            if not isinstance(v, torch.fx.Node):
-                return v
+            if not isinstance(v, torch.fx.Node) or v.op == "placeholder":  # data needs no gradient
+                return env[v] if isinstance(v, torch.fx.Node) else v
             if v.op == "get_attr":  # parameters stay the model's own Parameter objects
                 if isinstance(env[v], nn.Parameter):
                     params.append(env[v])
