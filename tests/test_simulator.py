@@ -1,0 +1,212 @@
+"""Simulator: closed forms, hand-computed timelines, contention, buffers, data parallelism, results."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipetrain.errors import ConfigError, ScheduleError
+from pipetrain.schedules import one_f_one_b
+from pipetrain.simulator import (
+    BoundarySpec, ComputeGroup, DataParallelSpec, Link, SimInput, StageSpec, fast_evaluate, simulate, uniform,
+)
+
+REL = 1e-9
+
+
+def close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=REL, abs_tol=1e-12)
+
+
+def both(inp: SimInput) -> tuple[float, float]:
+    return simulate(inp).step_time_s, fast_evaluate(inp).step_time_s
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b"])
+def test_closed_form_gpipe_1f1b(name: str) -> None:
+    for p in (1, 2, 3, 4, 7):
+        for m in (1, 2, 5, 8, 13):
+            for tf, tb in ((1.0, 2.0), (0.37e-3, 0.81e-3)):
+                want = (m + p - 1) * (tf + tb)
+                got = both(uniform(p, m, name, t_fwd_s=tf, t_bwd_s=tb))
+                assert close(got[0], want) and close(got[1], want), (p, m, tf, tb, got, want)
+
+
+def test_closed_form_interleaved() -> None:
+    for p in (1, 2, 3, 4):
+        for v in (1, 2, 3, 4):
+            for m in (p, 2 * p, 3 * p):
+                for tf, tb in ((1.0, 2.0), (0.3e-3, 0.7e-3)):
+                    want = m * (tf + tb) + (p - 1) * (tf + tb) / v
+                    got = both(uniform(p, m, "interleaved", chunks=v, t_fwd_s=tf, t_bwd_s=tb))
+                    assert close(got[0], want) and close(got[1], want), (p, v, m, got, want)
+
+
+def test_zb_h1_beats_1f1b_by_the_papers_bubble() -> None:
+    # Qi et al. 2024: with tF = tB = tW, ZB-H1's bubble is (p-1)(tF+tB-tW) = (p-1)t, 1F1B's (p-1)(tF+tB+tW)
+    t = 1.5e-3
+    for p in (2, 4, 8):
+        for m in (p, 2 * p):
+            zb = both(uniform(p, m, "zb-h1", t_fwd_s=t, t_bwd_s=t, t_wgrad_s=t))
+            ofob = simulate(uniform(p, m, "1f1b", t_fwd_s=t, t_bwd_s=t, t_wgrad_s=t)).step_time_s
+            assert close(zb[0], (3 * m + p - 1) * t) and close(zb[1], zb[0])
+            assert close(ofob, 3 * (m + p - 1) * t)
+
+
+def test_peak_in_flight_and_bubble() -> None:
+    for p in (1, 3, 4, 6):
+        for m in (1, 2, 4, 9):
+            r = simulate(uniform(p, m, "1f1b", t_fwd_s=1.0, t_bwd_s=2.0))
+            assert r.peak_in_flight_per_stage == tuple(min(p - s, m) for s in range(p))
+            assert close(r.bubble_fraction, (p - 1) / (m + p - 1))
+            assert fast_evaluate(uniform(p, m, "1f1b", t_fwd_s=1.0, t_bwd_s=2.0)).peak_in_flight_per_stage == r.peak_in_flight_per_stage
+            g = simulate(uniform(p, m, "gpipe", t_fwd_s=1.0, t_bwd_s=2.0))
+            assert g.peak_in_flight_per_stage == (m,) * p
+
+
+def _timeline(r, kinds=("F", "B", "SEND", "RECV")) -> list[tuple]:
+    return sorted((e.rank, e.start_s, e.kind, e.stage, e.microbatch, e.end_s) for e in r.events if e.kind in kinds)
+
+
+def test_hand_computed_1f1b_timeline() -> None:
+    # p=2, m=2, F 1 s, B 2 s, each transfer 0.5 s of latency
+    r = simulate(uniform(2, 2, "1f1b", t_fwd_s=1.0, t_bwd_s=2.0, t_comm_s=0.5))
+    assert _timeline(r) == sorted([
+        (0, 0.0, "F", 0, 0, 1.0), (0, 1.0, "SEND", 0, 0, 1.5), (0, 1.0, "F", 0, 1, 2.0), (0, 2.0, "SEND", 0, 1, 2.5),
+        (0, 2.0, "RECV", 0, 0, 5.0), (0, 5.0, "B", 0, 0, 7.0), (0, 7.0, "RECV", 0, 1, 8.0), (0, 8.0, "B", 0, 1, 10.0),
+        (1, 0.0, "RECV", 1, 0, 1.5), (1, 1.5, "F", 1, 0, 2.5), (1, 2.5, "B", 1, 0, 4.5), (1, 4.5, "SEND", 1, 0, 5.0),
+        (1, 4.5, "RECV", 1, 1, 4.5), (1, 4.5, "F", 1, 1, 5.5), (1, 5.5, "B", 1, 1, 7.5), (1, 7.5, "SEND", 1, 1, 8.0),
+    ])
+    assert r.step_time_s == 10.0 and fast_evaluate(r_inp := uniform(2, 2, "1f1b", t_fwd_s=1.0, t_bwd_s=2.0, t_comm_s=0.5)).step_time_s == 10.0
+    assert [(e.kind, e.start_s, e.end_s) for e in fast_evaluate(r_inp, events=True).events if e.rank == 1] == [
+        ("F", 1.5, 2.5), ("B", 2.5, 4.5), ("F", 4.5, 5.5), ("B", 5.5, 7.5)]
+
+
+def test_link_contention_queues_transfers() -> None:
+    # two 150 MB activations on one 100 MB/s link: the second waits for the first (FIFO)
+    stage = StageSpec(t_fwd_s=1.0, t_bwd_s=1.0)
+    inp = SimInput(schedule=one_f_one_b(2, 2), stages=(stage, stage),
+                   boundaries=(BoundarySpec(fwd_bytes=150e6, link=Link(name="l", bandwidth_bytes_per_s=100e6)),))
+    r = simulate(inp)
+    sends = [(e.start_s, e.end_s) for e in r.events if e.kind == "SEND" and e.rank == 0]
+    assert sends == [(1.0, 2.5), (2.5, 4.0)]
+    f1 = [e for e in r.events if e.kind == "F" and e.rank == 1]
+    assert [(e.start_s, e.end_s) for e in f1] == [(2.5, 3.5), (4.5, 5.5)]  # 1F1 also waits for 1B0
+    # the fast evaluator ignores contention: it lets the second transfer start at 2.0
+    assert fast_evaluate(inp).step_time_s <= r.step_time_s
+
+
+def test_shared_compute_group_serializes() -> None:
+    stage = StageSpec(t_fwd_s=1.0, t_bwd_s=1.0)
+    base = dict(schedule=one_f_one_b(2, 2), stages=(stage, stage))
+    alone = simulate(SimInput(**base))
+    shared = simulate(SimInput(**base, compute_groups=(ComputeGroup(ranks=(0, 1), capacity=1),)))
+    roomy = simulate(SimInput(**base, compute_groups=(ComputeGroup(ranks=(0, 1), capacity=2),)))
+    assert alone.step_time_s == 6.0 and roomy.step_time_s == 6.0
+    assert shared.step_time_s == 8.0  # all 8 s of work on one core, never idle
+    spans = sorted((e.start_s, e.end_s) for e in shared.events if e.kind in "FB")
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # never two at once
+
+
+def test_buffer_back_pressure_both_directions() -> None:
+    p, m = 4, 16
+    kw = dict(t_fwd_s=1.0, t_bwd_s=2.0, t_comm_s=0.1)
+    exact = SimInput(schedule=one_f_one_b(p, m, buffers=[p - s for s in range(p)]),
+                     stages=tuple(StageSpec(t_fwd_s=1.0, t_bwd_s=2.0, buffers=p - s) for s in range(p)),
+                     boundaries=uniform(p, m, **kw).boundaries)
+    base = simulate(exact)
+    assert close(base.step_time_s, simulate(uniform(p, m, **kw)).step_time_s)
+    more = simulate(uniform(p, m, buffers=p + 3, **kw))
+    assert more.step_time_s == base.step_time_s and _timeline(more) == _timeline(base)
+    fewer = simulate(uniform(p, m, buffers=2, **kw))
+    assert fewer.step_time_s > base.step_time_s * 1.2
+    assert max(fewer.peak_in_flight_per_stage) == 2
+    # a schedule that wants more buffers than a stage has cannot finish: the simulator says so
+    tight = SimInput(schedule=one_f_one_b(p, m), stages=tuple(StageSpec(t_fwd_s=1.0, t_bwd_s=2.0, buffers=2) for _ in range(p)))
+    with pytest.raises(ScheduleError, match="rank 0 waits for a free activation buffer of stage 0 \\(it has 2\\)"):
+        simulate(tight)
+
+
+def test_data_parallel_allreduce_and_optimizer() -> None:
+    link = Link(name="dp", latency_s=1e-3, bandwidth_bytes_per_s=1e9)
+    t_ar = 2 * 3 / 4 * 1e9 / 1e9 + 2 * 3 * 1e-3
+    stage = StageSpec(t_fwd_s=1.0, t_bwd_s=2.0, grad_bytes=1e9, t_optimizer_s=0.25)
+    for overlap in (False, True):
+        inp = SimInput(schedule=one_f_one_b(2, 4), stages=(stage, stage),
+                       data_parallel=DataParallelSpec(width=4, link=link, overlap=overlap), micro_batch_size=3, seq_len=128)
+        r = simulate(inp)
+        assert close(r.step_time_s, fast_evaluate(inp).step_time_s)
+        assert r.pipeline_time_s == 15.0  # (4 + 1) * 3
+        ar = {e.rank: e for e in r.events if e.kind == "ALLREDUCE"}
+        # rank 1's last B runs [11, 13]; rank 0's [13, 15]
+        if overlap:
+            assert close(ar[1].start_s, 11.0) and close(ar[1].end_s, 13.0)  # hidden behind the B
+            assert close(ar[0].end_s, 15.0)
+            assert close(r.step_time_s, 15.25)
+        else:
+            assert close(ar[1].start_s, 13.0) and close(ar[1].end_s, 13.0 + t_ar)
+            assert close(r.step_time_s, 15.0 + t_ar + 0.25)
+        assert close(r.samples_per_s, 3 * 4 * 4 / r.step_time_s) and close(r.tokens_per_s, r.samples_per_s * 128)
+        assert {e.kind for e in r.events} == {"F", "B", "SEND", "RECV", "ALLREDUCE", "OPT"}
+
+
+def test_throughput_tflops_mfu() -> None:
+    inp = uniform(4, 8, "1f1b", t_fwd_s=1e-3, t_bwd_s=2e-3, micro_batch_size=2, seq_len=512,
+                  model_flops_per_sample=6e12, peak_flops_per_device=1e15, dp=2)
+    r = simulate(inp)
+    step = 11 * 3e-3
+    assert close(r.step_time_s, step)
+    assert close(r.samples_per_s, 2 * 8 * 2 / step) and close(r.samples_per_s_per_device, 2 * 8 * 2 / step / 8)
+    assert close(r.tflops_per_device, 6e12 * 32 / step / 8 / 1e12) and close(r.mfu, r.tflops_per_device * 1e12 / 1e15)
+    assert simulate(uniform(2, 2, t_fwd_s=1.0, t_bwd_s=1.0)).mfu is None
+
+
+def test_memory_timeline() -> None:
+    stage = StageSpec(t_fwd_s=1.0, t_bwd_s=2.0, activation_bytes=10.0, static_bytes=100.0)
+    r = simulate(SimInput(schedule=one_f_one_b(2, 2), stages=(stage, stage)))
+    assert r.peak_memory_bytes_per_stage == (120.0, 110.0)
+    assert r.memory_timeline_per_stage[0] == ((0.0, 100.0), (0.0, 110.0), (1.0, 120.0), (6.0, 110.0), (9.0, 100.0))
+    assert fast_evaluate(SimInput(schedule=one_f_one_b(2, 2), stages=(stage, stage))).peak_memory_bytes_per_stage == (120.0, 110.0)
+    # zero-bubble: what W still needs is held from B to W
+    zb = StageSpec(t_fwd_s=1.0, t_bwd_s=1.0, t_wgrad_s=1.0, activation_bytes=10.0, wgrad_stash_bytes=3.0)
+    inp = uniform(4, 8, "zb-h1", t_fwd_s=1.0, t_bwd_s=1.0, t_wgrad_s=1.0)
+    inp = SimInput(schedule=inp.schedule, stages=(zb,) * 4)
+    sim, fast = simulate(inp), fast_evaluate(inp)
+    assert all(a <= b for a, b in zip(sim.peak_memory_bytes_per_stage, fast.peak_memory_bytes_per_stage))
+    # stage s holds p-s activations at its peak, or p-s-1 of them plus s W stashes
+    assert sim.peak_memory_bytes_per_stage == tuple(10.0 * (4 - s) + 3.0 * s for s in range(4))
+
+
+def test_recompute_lengthens_backward() -> None:
+    s = StageSpec(t_fwd_s=1.0, t_bwd_s=2.0, t_recompute_s=1.0, recompute=True)
+    r = simulate(SimInput(schedule=one_f_one_b(3, 6), stages=(s,) * 3))
+    assert close(r.step_time_s, 8 * 4.0)
+
+
+def test_result_json_and_trace(tmp_path: Path) -> None:
+    r = simulate(uniform(2, 3, "1f1b", t_fwd_s=1e-3, t_bwd_s=2e-3, t_comm_s=1e-4))
+    d = json.loads(r.to_json(tmp_path / "r.json"))
+    assert d["step_time_s"] == r.step_time_s and len(d["events"]) == len(r.events) == 2 * 2 * 3 + 2 * 2 * 3
+    trace = json.loads(r.write_chrome_trace(tmp_path / "t.json").read_text())
+    xs = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert len(xs) == len(r.events) and max(e["ts"] + e["dur"] for e in xs) == pytest.approx(r.step_time_s * 1e6)
+
+
+def test_bad_inputs() -> None:
+    with pytest.raises(ConfigError, match="t_fwd_s must be a number >= 0"):
+        uniform(2, 2, t_fwd_s=-1.0, t_bwd_s=1.0)
+    with pytest.raises(ConfigError, match="needs 3 stage specs"):
+        SimInput(schedule=one_f_one_b(3, 3), stages=(StageSpec(t_fwd_s=1.0, t_bwd_s=1.0),))
+    with pytest.raises(ConfigError, match="two compute groups"):
+        SimInput(schedule=one_f_one_b(2, 2), stages=(StageSpec(t_fwd_s=1.0, t_bwd_s=1.0),) * 2,
+                 compute_groups=(ComputeGroup(ranks=(0, 1)), ComputeGroup(ranks=(1,))))
+
+
+def test_imports_without_torch() -> None:
+    code = "import sys, pipetrain.simulator, pipetrain.commands.simulate; assert 'torch' not in sys.modules, 'torch'"
+    subprocess.run([sys.executable, "-c", code], check=True)

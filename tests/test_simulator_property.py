@@ -1,0 +1,56 @@
+"""Property: wherever nothing contends, the simpy engine and the fast longest path agree."""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipetrain.schedules import make_schedule
+from pipetrain.simulator import (
+    BoundarySpec, DataParallelSpec, Link, SimInput, StageSpec, fast_evaluate, simulate,
+)
+
+times = st.floats(min_value=1e-4, max_value=5e-3, allow_nan=False)
+
+
+@st.composite
+def contention_free_inputs(draw: st.DrawFn) -> SimInput:
+    name = draw(st.sampled_from(["gpipe", "1f1b", "interleaved", "zb-h1"]))
+    p = draw(st.integers(1, 8))
+    v = draw(st.integers(1, 3)) if name == "interleaved" else 1
+    m = p * draw(st.integers(1, max(1, 16 // p))) if name == "interleaved" else draw(st.integers(1, 16))
+    sched = make_schedule(name, p, m, v)
+    n = sched.num_stages
+    stages = tuple(StageSpec(t_fwd_s=draw(times), t_bwd_s=draw(times), t_wgrad_s=draw(st.sampled_from([0.0, 1e-3])) or draw(times),
+                             grad_bytes=draw(st.sampled_from([0.0, 1e8])), t_optimizer_s=draw(st.sampled_from([0.0, 2e-4])))
+                   for _ in range(n))
+    bounds = []
+    for s in range(n - 1):
+        # each cut has its own links; a transfer's wire time stays below the compute between two
+        # sends of the same cut, so transfers never queue (contention-free)
+        bw = 1e9
+        fwd = draw(st.floats(0.0, 1.0)) * stages[s].t_fwd_s * bw
+        bwd = draw(st.floats(0.0, 1.0)) * stages[s + 1].duration_s("B", sched.split_backward) * bw
+        lat = draw(st.floats(0.0, 2e-3))
+        bounds.append(BoundarySpec(fwd_bytes=fwd, bwd_bytes=bwd, link=Link(name=f"f{s}", latency_s=lat, bandwidth_bytes_per_s=bw),
+                                   bwd_link=Link(name=f"b{s}", latency_s=draw(st.floats(0.0, 2e-3)), bandwidth_bytes_per_s=bw)))
+    dp = DataParallelSpec(width=draw(st.integers(1, 4)), link=Link(name="dp", latency_s=1e-5, bandwidth_bytes_per_s=1e11),
+                          overlap=draw(st.booleans()))
+    return SimInput(schedule=sched, stages=stages, boundaries=tuple(bounds), data_parallel=dp)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(contention_free_inputs())
+def test_simpy_equals_longest_path(inp: SimInput) -> None:
+    a, b = simulate(inp), fast_evaluate(inp, events=True)
+    assert math.isclose(a.step_time_s, b.step_time_s, rel_tol=1e-9)
+    assert math.isclose(a.pipeline_time_s, b.pipeline_time_s, rel_tol=1e-9)
+    assert a.peak_in_flight_per_stage == b.peak_in_flight_per_stage
+    sim = sorted((e.rank, e.stage, e.kind, e.microbatch, e.start_s, e.end_s) for e in a.events if e.kind in ("F", "B", "W"))
+    fast = sorted((e.rank, e.stage, e.kind, e.microbatch, e.start_s, e.end_s) for e in b.events if e.kind in ("F", "B", "W"))
+    assert len(sim) == len(fast) == a.num_compute_actions
+    for x, y in zip(sim, fast):
+        assert x[:4] == y[:4]
+        assert math.isclose(x[4], y[4], rel_tol=1e-9, abs_tol=1e-15) and math.isclose(x[5], y[5], rel_tol=1e-9, abs_tol=1e-15)
