@@ -1,15 +1,119 @@
-"""(being built)"""
+"""Simulate one training step of a schedule from per-stage times (or, with the planner, of a plan file).
+
+``pipetrain simulate --stages P --microbatches M --schedule 1f1b|gpipe|interleaved|zb-h1
+[--chunks V] --t-fwd MS --t-bwd MS [--t-wgrad MS] [--t-comm MS] [--microbatch-size N]
+[--buffers N] [--evaluator simpy|fast] [--json PATH|-] [--trace PATH]``
+
+Times are milliseconds per micro-batch for one pipeline rank's share of the model (with
+``--chunks V`` each virtual stage takes 1/V of it). ``--t-bwd`` is the full backward, or only
+the input-gradient part when ``--t-wgrad`` is given. ``--t-comm`` is the latency of each
+stage-to-stage transfer. Prints step time, bubble and samples/s per device; ``--json`` writes the
+full result (``step_time_s`` at the top level), ``--trace`` a Chrome trace for Perfetto.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+
+from pipetrain.errors import ConfigError, PlanError
 
 __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("plan", nargs="?", metavar="PLAN.json", default=None,
+                        help="a plan file from `pipetrain plan` (instead of the per-stage flags)")
+    parser.add_argument("--stages", "-p", type=int, default=None, help="pipeline stages (ranks), P >= 1")
+    parser.add_argument("--microbatches", "-m", type=int, default=None, help="micro-batches per step, M >= 1")
+    parser.add_argument("--schedule", default="1f1b", help="gpipe | 1f1b (default) | interleaved | zb-h1")
+    parser.add_argument("--chunks", type=int, default=1, help="model chunks per rank for --schedule interleaved (V)")
+    parser.add_argument("--t-fwd", type=float, default=None, metavar="MS", help="forward time per micro-batch per rank, ms")
+    parser.add_argument("--t-bwd", type=float, default=None, metavar="MS", help="backward (input-grad part if --t-wgrad) time, ms")
+    parser.add_argument("--t-wgrad", type=float, default=0.0, metavar="MS", help="weight-gradient time, ms (default 0)")
+    parser.add_argument("--t-comm", type=float, default=0.0, metavar="MS", help="stage-to-stage transfer latency, ms (default 0)")
+    parser.add_argument("--microbatch-size", type=int, default=1, metavar="N", help="samples per micro-batch (default 1)")
+    parser.add_argument("--seq-len", type=int, default=1, metavar="N", help="tokens per sample, for tokens/s (default 1)")
+    parser.add_argument("--buffers", type=int, default=None, metavar="N",
+                        help="activation buffers per stage (default: as many as the schedule wants)")
+    parser.add_argument("--evaluator", default="simpy", help="simpy (default: contention, buffers) or fast (longest path)")
+    parser.add_argument("--json", metavar="PATH", default=None, help="write the full result as JSON to PATH ('-': stdout only)")
+    parser.add_argument("--trace", metavar="PATH", default=None, help="write a Chrome trace (Perfetto) to PATH")
+
+
+def _simulate_plan(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """Hook for plan files: the planner turns a Plan into a SimInput (not wired yet)."""
+    raise PlanError(f"simulating plan file {args.plan} needs the planner's plan-to-simulator bridge, which this build lacks; "
+                    "give --stages/--microbatches/--t-fwd/--t-bwd instead")
+
+
+def _from_flags(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from pipetrain.simulator import uniform
+
+    missing = [f for f, v in (("--stages", args.stages), ("--microbatches", args.microbatches),
+                              ("--t-fwd", args.t_fwd), ("--t-bwd", args.t_bwd)) if v is None]
+    if missing:
+        raise ConfigError(f"simulate needs {', '.join(missing)} (or a PLAN.json)")
+    if args.stages < 1:
+        raise ConfigError(f"--stages must be >= 1, got {args.stages}")
+    if args.microbatches < 1:
+        raise ConfigError(f"--microbatches must be >= 1, got {args.microbatches}")
+    for flag, v in (("--t-fwd", args.t_fwd), ("--t-bwd", args.t_bwd), ("--t-wgrad", args.t_wgrad), ("--t-comm", args.t_comm)):
+        if not v >= 0:
+            raise ConfigError(f"{flag} must be a time >= 0 ms, got {v}")
+    if args.microbatch_size < 1 or args.seq_len < 1:
+        raise ConfigError("--microbatch-size and --seq-len must be >= 1")
+    if args.buffers is not None and args.buffers < 1:
+        raise ConfigError(f"--buffers must be >= 1, got {args.buffers}")
+    if args.chunks < 1:
+        raise ConfigError(f"--chunks must be >= 1, got {args.chunks}")
+    ms = 1e-3
+    return uniform(args.stages, args.microbatches, args.schedule, chunks=args.chunks, t_fwd_s=args.t_fwd * ms,
+                   t_bwd_s=args.t_bwd * ms, t_wgrad_s=args.t_wgrad * ms, t_comm_s=args.t_comm * ms,
+                   buffers=args.buffers, micro_batch_size=args.microbatch_size, seq_len=args.seq_len)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    from pipetrain.simulator import fast_evaluate, simulate
+
+    if args.evaluator not in ("simpy", "fast"):
+        raise ConfigError(f"--evaluator {args.evaluator!r} is unknown; choose simpy or fast")
+    if args.plan is not None:
+        inp = _simulate_plan(args)
+    else:
+        inp = _from_flags(args)
+    result = simulate(inp) if args.evaluator == "simpy" else fast_evaluate(inp, events=args.trace is not None or args.json is not None)
+    if args.trace:
+        result.write_chrome_trace(args.trace)
+    if args.json == "-":
+        sys.stdout.write(result.to_json() + "\n")
+        return 0
+    if args.json:
+        result.to_json(args.json)
+    _print(result, inp)
+    return 0
+
+
+def _print(result, inp) -> None:  # type: ignore[no-untyped-def]
+    from rich.console import Console
+    from rich.table import Table
+
+    sched = inp.schedule
+    head = Table(title=f"{sched.name}: {sched.num_ranks} stages" + (f" x {sched.chunks} chunks" if sched.chunks > 1 else "")
+                 + f", {sched.num_microbatches} micro-batches ({result.evaluator})", show_header=False)
+    head.add_column("metric")
+    head.add_column("value", justify="right")
+    head.add_row("step time", f"{result.step_time_s * 1e3:.4g} ms")
+    head.add_row("bubble", f"{result.bubble_fraction * 100:.1f} %")
+    head.add_row("samples/s per device", f"{result.samples_per_s_per_device:.4g}")
+    head.add_row("samples/s", f"{result.samples_per_s:.4g}")
+    head.add_row("tokens/s", f"{result.tokens_per_s:.4g}")
+    per = Table(title="per stage")
+    for col in ("stage", "rank", "busy ms", "bubble %", "peak in flight"):
+        per.add_column(col, justify="right")
+    for s in range(sched.num_stages):
+        per.add_row(str(s), str(sched.stage_to_rank[s]), f"{result.busy_s_per_stage[s] * 1e3:.4g}",
+                    f"{result.bubble_fraction_per_stage[s] * 100:.1f}", str(result.peak_in_flight_per_stage[s]))
+    console = Console()
+    console.print(head)
+    console.print(per)
