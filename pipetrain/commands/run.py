@@ -1,0 +1,43 @@
+"""Run a plan as a real torch.distributed pipeline on this machine (gloo on CPU, NCCL on CUDA).
+
+Starts pp*dp workers with PyTorch's elastic launcher (torchrun's machinery). For several nodes
+run ``torchrun --nnodes K ... -m pipetrain.executor plan.json [options]`` on each node instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pipetrain.executor.config import add_run_arguments
+
+    add_run_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipetrain.executor.config import config_from_args
+    from pipetrain.executor.launch import launch
+    from pipetrain.plan import Plan
+
+    cfg = config_from_args(args)
+    plan = Plan.load(cfg.plan_path)
+    print(f"pipetrain run: {plan.model}, pp={plan.pp} dp={plan.dp} {plan.schedule} m={plan.num_microbatches} "
+          f"mbs={plan.micro_batch_size}, {cfg.steps} steps -> {cfg.run_dir}", flush=True)
+    try:
+        res = launch(cfg, plan=plan)
+    except KeyboardInterrupt:
+        print("interrupted: workers stopped")
+        return 130
+    except Exception as exc:  # the elastic agent turns Ctrl-C into its SignalException
+        if type(exc).__name__ == "SignalException":
+            print("interrupted: workers stopped")
+            return 130
+        raise
+    for s, loss, t in zip(res.steps, res.losses, res.step_times_s):
+        print(f"step {s + 1:5d}  loss {loss:.5f}  {t * 1e3:8.1f} ms")
+    print(f"median step {res.median_step_time_s * 1e3:.1f} ms; result: {cfg.run_dir}/result.json, "
+          f"telemetry: {cfg.run_dir}/telemetry/rank*.jsonl")
+    return 0

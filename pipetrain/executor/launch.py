@@ -1,0 +1,100 @@
+"""Launch a plan on this machine with PyTorch's elastic launcher (what ``torchrun`` runs).
+
+:func:`launch` starts ``pp*dp`` workers (``python -m pipetrain.executor plan.json ...``) through
+``torch.distributed.launcher.api.elastic_launch`` on ``127.0.0.1`` and a free port, with
+``max_restarts=0``: when any worker fails or is killed the agent stops the others, and
+:func:`launch` raises a :class:`~pipetrain.errors.RunError` naming the failed rank and its
+error (a rank's own error beats the connection errors it caused in its peers). On success it
+returns the :class:`~pipetrain.executor.result.RunResult` rank 0 wrote.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pipetrain.errors import RunError
+from pipetrain.executor.config import RunConfig, config_to_argv
+from pipetrain.plan import Plan
+
+__all__ = ["free_port", "launch", "describe_failure", "worker_env"]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def worker_env(threads: int) -> None:
+    """Environment every worker inherits: one OpenMP thread per rank unless told otherwise."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+
+def describe_failure(run_dir: Path, failures: dict[int, Any], pp: int) -> str:
+    """One line naming the rank that failed first and why (see module docstring)."""
+    root: list[tuple[float, int, str]] = []
+    peer: list[tuple[float, int, str]] = []
+    fdir = run_dir / "failures"
+    if fdir.is_dir():
+        for f in fdir.glob("rank*.txt"):
+            r = int(f.stem[4:])
+            head = f.read_text().splitlines()[0] if f.stat().st_size else "unknown error"
+            kind, _, msg = head.partition(" ")
+            (root if kind == "root" else peer).append((f.stat().st_mtime, r, msg))
+    if root:
+        _, r, msg = min(root)
+        return f"rank {r} (pipeline rank {r % pp}, replica {r // pp}) failed: {msg}"
+    killed = []
+    for r, pf in failures.items():
+        code = getattr(pf, "exitcode", 1)
+        if code is not None and code < 0 and code != -15:
+            try:
+                name = pf.signal_name()
+            except Exception:  # noqa: BLE001
+                name = f"signal {-code}"
+            killed.append((r, name))
+    if killed:
+        r, name = min(killed)
+        return f"rank {r} (pipeline rank {r % pp}, replica {r // pp}) was killed by {name}"
+    if peer:
+        _, r, msg = min(peer)
+        return f"rank {r} (pipeline rank {r % pp}, replica {r // pp}) failed: {msg}"
+    if failures:
+        r = min(failures)
+        return f"rank {r} exited with code {getattr(failures[r], 'exitcode', '?')}"
+    return "the run failed without a rank reporting an error"
+
+
+def launch(cfg: RunConfig, *, plan: Plan | None = None, monitor_interval_s: float = 0.1) -> Any:
+    """Run ``cfg`` on ``pp*dp`` local workers; return the RunResult (raises RunError on failure)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from pipetrain.executor.result import load_result
+
+    plan = plan or Plan.load(cfg.plan_path)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for f in (run_dir / "failures").glob("rank*.txt"):
+        f.unlink()
+    if not cfg.resume:
+        for f in (run_dir / "telemetry").glob("rank*.jsonl"):
+            f.unlink()
+    (run_dir / "result.json").unlink(missing_ok=True)
+    worker_env(cfg.threads)
+    port = free_port()
+    lc = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=plan.world_size, run_id=f"pipetrain-{uuid.uuid4().hex[:8]}",
+                      rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{port}", rdzv_configs={"timeout": int(max(cfg.timeout_s, 30))},
+                      max_restarts=0, monitor_interval=monitor_interval_s, start_method="spawn", local_addr="127.0.0.1")
+    argv = ["-u", "-m", "pipetrain.executor", *config_to_argv(cfg)]
+    try:
+        elastic_launch(lc, sys.executable)(*argv)
+    except ChildFailedError as exc:
+        raise RunError(describe_failure(run_dir, dict(exc.failures), plan.pp)) from None
+    return load_result(run_dir)

@@ -1,0 +1,135 @@
+"""Optimizer, gradient synchronisation and global-norm clipping of one rank's stages.
+
+Order at the end of a step (every rank, same order):
+1. data-parallel all-reduce (SUM) of all this rank's gradients, flattened into one persistent
+   buffer, in the rank's data-parallel group;
+2. tied parameters whose owner and users sit on different ranks: all-reduce (SUM) of that
+   parameter's gradient in its tie group, so every copy holds the full gradient;
+3. global-norm clipping: squared norms summed over this rank's parameters (a tied copy counts
+   only at its owner), all-reduced over the pipeline group; coefficient as
+   ``torch.nn.utils.clip_grad_norm_``: ``min(1, max_norm / (norm + 1e-6))``;
+4. the optimizer step (AdamW or SGD), then gradients zeroed in place (no re-allocation).
+
+Losses are scaled by ``1/(m*dp)`` per micro-batch, so the summed gradient is the gradient of
+the mean loss over the global batch, as on one device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipetrain.errors import ConfigError
+
+__all__ = ["OptimConfig", "make_optimizer", "GradSync", "clip_coefficient", "DEFAULT_LR"]
+
+DEFAULT_LR = {"adamw": 1e-3, "sgd": 0.05}
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 0.0  # 0 -> DEFAULT_LR[name]
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    clip_norm: float = 1.0  # 0 disables clipping
+
+    def __post_init__(self) -> None:
+        if self.name not in DEFAULT_LR:
+            raise ConfigError(f"optimizer {self.name!r} is unknown; use adamw or sgd")
+        if self.lr < 0 or self.weight_decay < 0 or self.momentum < 0 or self.clip_norm < 0:
+            raise ConfigError("lr, weight decay, momentum and clip norm must be >= 0")
+
+    @property
+    def effective_lr(self) -> float:
+        return self.lr or DEFAULT_LR[self.name]
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.effective_lr, weight_decay=cfg.weight_decay, foreach=False)
+    return torch.optim.SGD(params, lr=cfg.effective_lr, momentum=cfg.momentum, foreach=False)
+
+
+def clip_coefficient(total_norm: float, max_norm: float) -> float:
+    """Scale factor of ``torch.nn.utils.clip_grad_norm_`` (1.0 when within the limit)."""
+    if max_norm <= 0:
+        return 1.0
+    return min(1.0, max_norm / (total_norm + 1e-6))
+
+
+def unique_params(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
+    seen: set[int] = set()
+    out: list[nn.Parameter] = []
+    for m in modules:
+        for p in m.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+class GradSync:
+    """Steps 1-3 of the module docstring for one rank."""
+
+    def __init__(self, params: list[nn.Parameter], *, dp_group: Any, pp_group: Any,
+                 ties: list[tuple[nn.Parameter, Any, bool]], clip_norm: float, telemetry: Any, stage: int) -> None:
+        self.params = params
+        self.dp_group = dp_group
+        self.pp_group = pp_group
+        self.ties = ties  # (local parameter, group, this rank owns it)
+        self.clip_norm = clip_norm
+        self.tel = telemetry
+        self.stage = stage
+        not_owned = {id(p) for p, _, owner in ties if not owner}
+        self.norm_params = [p for p in params if id(p) not in not_owned]
+        n = sum(p.numel() for p in params)
+        self.flat = torch.zeros(n, dtype=torch.float32, device=params[0].device) if (dp_group is not None and params) else None
+        self.last_norm = 0.0
+
+    def _grads(self) -> None:
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+    def sync(self) -> float:
+        """All-reduce and clip; return the global gradient norm (before clipping)."""
+        self._grads()
+        tel = self.tel
+        if self.flat is not None:
+            t0 = tel.now()
+            off = 0
+            for p in self.params:
+                k = p.numel()
+                self.flat[off:off + k].copy_(p.grad.reshape(-1))
+                off += k
+            dist.all_reduce(self.flat, group=self.dp_group)
+            off = 0
+            for p in self.params:
+                k = p.numel()
+                p.grad.copy_(self.flat[off:off + k].view_as(p.grad))
+                off += k
+            tel.add("ALLREDUCE", self.stage, -1, t0, tel.now(), self.flat.numel() * 4)
+        for p, group, _ in self.ties:
+            t0 = tel.now()
+            dist.all_reduce(p.grad, group=group)
+            tel.add("ALLREDUCE", self.stage, -1, t0, tel.now(), p.grad.numel() * p.grad.element_size())
+        if self.clip_norm <= 0:
+            return 0.0
+        dev = self.params[0].device if self.params else torch.device("cpu")
+        sq = torch.zeros(1, dtype=torch.float64, device=dev)
+        for p in self.norm_params:
+            sq += p.grad.detach().double().pow(2).sum()
+        if self.pp_group is not None:
+            dist.all_reduce(sq, group=self.pp_group)
+        norm = float(sq.sqrt())
+        coef = clip_coefficient(norm, self.clip_norm)
+        if coef < 1.0:
+            for p in self.params:
+                p.grad.mul_(coef)
+        self.last_norm = norm
+        return norm

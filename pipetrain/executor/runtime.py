@@ -1,0 +1,285 @@
+"""The schedule interpreter: run one training step of one pipeline rank.
+
+The rank executes its compute actions exactly in the order of
+``Schedule.compute_order(pp_rank)`` (the object the simulator consumed). Communication is
+derived from it: after ``F`` of a stage that is not last, its output goes to the next stage
+with a non-blocking ``isend``; after ``B`` of a stage that is not first, its input gradient
+goes back. Receives are prefetched: each stage posts ``irecv`` into its persistent buffer pool
+(exactly ``StagePlan.buffers`` input-activation buffers and as many gradient buffers) as soon as
+a buffer is free, in the order the compute actions need them, and waits (with a timeout) only
+right before the compute that reads it. An input buffer stays owned by its micro-batch until
+that micro-batch's backward has run, so the pool size bounds the activations in flight.
+Adjacent stages on one rank (interleaved with p=1) hand tensors over in memory.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipetrain.errors import RunError, ScheduleError
+from pipetrain.executor.comm import BufferPool, tag_of
+from pipetrain.executor.telemetry import Telemetry
+
+__all__ = ["StageRuntime", "PipelineRuntime", "SavedBytes"]
+
+
+@dataclass(eq=False)
+class StageRuntime:
+    index: int
+    module: nn.Module
+    is_first: bool
+    is_last: bool
+    prev_rank: int | None  # global rank of stage index-1 (None if first or same rank)
+    next_rank: int | None
+    in_pool: BufferPool
+    grad_pool: BufferPool | None
+    recompute: bool = False
+    prev_local: bool = False
+    next_local: bool = False
+    out_dtype: torch.dtype | None = None  # boundary dtype of this stage's output (plan)
+
+
+class SavedBytes:
+    """Bytes autograd saves for backward, via saved-tensor hooks (storages counted once per micro-batch)."""
+
+    def __init__(self) -> None:
+        self.current = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+        self.per_mb: dict[Any, int] = {}
+
+    def begin(self) -> None:
+        self._seen = set()
+        self._acc = 0
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        try:
+            st = t.untyped_storage()
+            key = st.data_ptr()
+            if key not in self._seen and t.device.type != "meta":
+                self._seen.add(key)
+                self._acc += st.nbytes()
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    @staticmethod
+    def unpack(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def end(self, key: Any) -> None:
+        self.per_mb[key] = self._acc
+        self.current += self._acc
+        self.peak = max(self.peak, self.current)
+
+    def free(self, key: Any) -> None:
+        self.current -= self.per_mb.pop(key, 0)
+
+
+@dataclass(eq=False)
+class PipelineRuntime:
+    """Runs the compute order of one pipeline rank for one step; see module docstring."""
+
+    stages: dict[int, StageRuntime]
+    order: tuple[Any, ...]  # compute actions of this rank
+    num_stages: int
+    num_microbatches: int
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    loss_scale: float
+    telemetry: Telemetry
+    timeout: datetime.timedelta
+    autocast_dtype: torch.dtype | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    saved: SavedBytes = field(default_factory=SavedBytes)
+    fault: Callable[[int, int], None] | None = None
+
+    def __post_init__(self) -> None:
+        for a in self.order:
+            if a.kind == "W":
+                raise ScheduleError("the executor runs B as a full backward and has no separate weight-grad (W) pass: "
+                                    "zero-bubble (zb-h1) schedules are simulation-only; use 1f1b or interleaved")
+        self.in_flight_peak = {s: 0 for s in self.stages}
+        # per-pool need order: which micro-batch each pool's next receive is for
+        self._act_order = {s: [a.microbatch for a in self.order if a.stage == s and a.kind == "F"]
+                           for s, st in self.stages.items() if not st.is_first and not st.prev_local}
+        self._grad_order = {s: [a.microbatch for a in self.order if a.stage == s and a.kind == "B"]
+                            for s, st in self.stages.items() if not st.is_last and not st.next_local}
+
+    # ----------------------------------------------------------------- receives
+    def _post(self) -> None:
+        now = self.telemetry.now
+        for s, q in self._act_q.items():
+            st = self.stages[s]
+            while q:
+                i = st.in_pool.acquire()
+                if i is None:
+                    break
+                mb = q.popleft()
+                buf = st.in_pool.buffers[i]
+                w = dist.irecv(buf, st.prev_rank, tag=tag_of(0, s, mb, self.num_stages, self.num_microbatches))
+                self._recv[(0, s, mb)] = (w, i, now(), buf)
+        for s, q in self._grad_q.items():
+            st = self.stages[s]
+            pool = st.grad_pool
+            assert pool is not None
+            while q:
+                i = pool.acquire()
+                if i is None:
+                    break
+                mb = q.popleft()
+                buf = pool.buffers[i]
+                w = dist.irecv(buf, st.next_rank, tag=tag_of(1, s, mb, self.num_stages, self.num_microbatches))
+                self._recv[(1, s, mb)] = (w, i, now(), buf)
+
+    def _wait_recv(self, kind: int, s: int, mb: int) -> tuple[int, torch.Tensor]:
+        key = (kind, s, mb)
+        if key not in self._recv:
+            self._post()
+            if key not in self._recv:
+                pool = self.stages[s].in_pool if kind == 0 else self.stages[s].grad_pool
+                raise RunError(f"stage {s} needs a free {'activation' if kind == 0 else 'gradient'} buffer for micro-batch {mb} "
+                               f"but all {len(pool) if pool else 0} are in flight: the plan's buffers for stage {s} are fewer "
+                               "than the schedule keeps in flight; re-plan with more buffers")
+        w, i, t0, buf = self._recv.pop(key)
+        if not w.wait(self.timeout):
+            raise RunError(f"timed out after {self.timeout.total_seconds():.0f}s receiving {'activation' if kind == 0 else 'gradient'} "
+                           f"of micro-batch {mb} for stage {s}")
+        self.telemetry.add("RECV", s, mb, t0, self.telemetry.now(), buf.numel() * buf.element_size())
+        return i, buf
+
+    def _send(self, t: torch.Tensor, dst: int, kind: int, to_stage: int, mb: int, from_stage: int) -> None:
+        t = t.detach()
+        if not t.is_contiguous():
+            t = t.contiguous()
+        w = dist.isend(t, dst, tag=tag_of(kind, to_stage, mb, self.num_stages, self.num_microbatches))
+        self._sends.append((w, t, from_stage, mb, self.telemetry.now()))
+
+    def _poll_sends(self, block: bool = False) -> None:
+        keep = []
+        for item in self._sends:
+            w, t, s, mb, t0 = item
+            if block:
+                if not w.wait(self.timeout):
+                    raise RunError(f"timed out after {self.timeout.total_seconds():.0f}s sending micro-batch {mb} from stage {s}")
+            elif not w.is_completed():
+                keep.append(item)
+                continue
+            self.telemetry.add("SEND", s, mb, t0, self.telemetry.now(), t.numel() * t.element_size())
+        self._sends = keep
+
+    # ----------------------------------------------------------------- step
+    def run_step(self, step: int, inputs: list[torch.Tensor] | None, targets: list[torch.Tensor] | None) -> list[torch.Tensor]:
+        """Run this rank's actions for one step; return the last stage's per-micro-batch losses (unscaled)."""
+        tel = self.telemetry
+        self._recv: dict[tuple[int, int, int], tuple[Any, int, int, torch.Tensor]] = {}
+        self._sends: list[tuple[Any, torch.Tensor, int, int, int]] = []
+        self._act_q = {s: deque(v) for s, v in self._act_order.items()}
+        self._grad_q = {s: deque(v) for s, v in self._grad_order.items()}
+        local: dict[tuple[int, int, int], torch.Tensor] = {}
+        ctx: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, int]] = {}
+        in_flight = {s: 0 for s in self.stages}
+        self.in_flight_peak = {s: 0 for s in self.stages}
+        losses: list[torch.Tensor] = []
+        self._post()
+        hooks = torch.autograd.graph.saved_tensors_hooks(self.saved.pack, self.saved.unpack)
+        for n_action, a in enumerate(self.order):
+            if self.fault is not None:
+                self.fault(step, n_action)
+            st = self.stages[a.stage]
+            s, mb = a.stage, a.microbatch
+            if a.kind == "F":
+                if st.is_first:
+                    i = st.in_pool.acquire()
+                    if i is None:
+                        raise RunError(f"stage {s} has {len(st.in_pool)} input buffers, all in flight, at F of micro-batch {mb}: "
+                                       "the plan's buffers are fewer than the schedule keeps in flight")
+                    buf = st.in_pool.buffers[i]
+                    assert inputs is not None
+                    buf.copy_(inputs[mb])
+                    x = buf
+                elif st.prev_local:
+                    i = -1
+                    x = local.pop((0, s, mb)).detach().requires_grad_(True)
+                else:
+                    i, buf = self._wait_recv(0, s, mb)
+                    x = buf.detach().requires_grad_(buf.is_floating_point())
+                t0 = tel.now()
+                self.saved.begin()
+                with hooks:
+                    if self.autocast_dtype is not None:
+                        with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                            out = self._forward(st, x)
+                    else:
+                        out = self._forward(st, x)
+                    if st.is_last:
+                        assert targets is not None
+                        out = self.loss_fn(out.float(), targets[mb])
+                    elif st.out_dtype is not None and out.dtype != st.out_dtype:
+                        out = out.to(st.out_dtype)
+                self.saved.end((s, mb))
+                tel.add("F", s, mb, t0, tel.now())
+                ctx[(s, mb)] = (x, out, i)
+                in_flight[s] += 1
+                if in_flight[s] > self.in_flight_peak[s]:
+                    self.in_flight_peak[s] = in_flight[s]
+                if st.is_last:
+                    losses.append(out.detach())
+                elif st.next_local:
+                    local[(0, s + 1, mb)] = out
+                else:
+                    self._send(out, st.next_rank, 0, s + 1, mb, s)
+            elif a.kind == "B":
+                x, out, i = ctx.pop((s, mb))
+                gi = -1
+                if st.is_last:
+                    g = None
+                elif st.next_local:
+                    g = local.pop((1, s, mb))
+                else:
+                    gi, g = self._wait_recv(1, s, mb)
+                t0 = tel.now()
+                if st.is_last:
+                    (out * self.loss_scale).backward()
+                else:
+                    torch.autograd.backward(out, g)
+                tel.add("B", s, mb, t0, tel.now())
+                del out
+                if gi >= 0:
+                    assert st.grad_pool is not None
+                    st.grad_pool.release(gi)
+                if not st.is_first:
+                    gx = x.grad
+                    if gx is None:
+                        raise RunError(f"stage {s}: its input got no gradient in backward (the stage does not use its input)")
+                    x.grad = None
+                    if st.prev_local:
+                        local[(1, s - 1, mb)] = gx
+                    else:
+                        self._send(gx, st.prev_rank, 1, s - 1, mb, s)
+                if i >= 0:
+                    st.in_pool.release(i)
+                self.saved.free((s, mb))
+                in_flight[s] -= 1
+            else:  # pragma: no cover - rejected in __post_init__
+                raise ScheduleError(f"unexpected action {a}")
+            self._post()
+            if self._sends:
+                self._poll_sends()
+        self._poll_sends(block=True)
+        if self._recv:
+            raise RunError(f"step {step}: receives left unconsumed: {sorted(self._recv)}")
+        return losses
+
+    def _forward(self, st: StageRuntime, x: torch.Tensor) -> torch.Tensor:
+        if st.recompute and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(st.module, x, use_reentrant=False)
+        return st.module(x)

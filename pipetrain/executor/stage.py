@@ -1,0 +1,143 @@
+"""Build one rank's stages: the model on ``meta``, only this rank's blocks materialized.
+
+Blocks are initialized by the zoo from ``(seed, block index)`` alone, so a stage's weights are
+bit-identical to the same blocks of the single-device model. A tied parameter (GPT-2's
+embedding and head) whose owner block lives on another rank is broadcast from the owner at
+start-up (see :mod:`pipetrain.executor.comm`); tied blocks on one rank share the submodule.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from pipetrain.errors import ModelError, PlanError
+from pipetrain.plan import Plan, StagePlan, TensorSpec
+
+__all__ = ["StageModule", "load_spec", "build_meta", "materialize_blocks", "retie", "boundary_specs",
+           "check_boundaries", "stage_modules", "vocab_size_of", "dtype_name"]
+
+
+def dtype_name(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
+class StageModule(nn.Module):
+    """Blocks ``[start, end)`` of a PipelineModel, keyed by their global index.
+
+    ``state_dict`` keys are ``blocks.{i}.*``, the same as the full model's.
+    """
+
+    def __init__(self, blocks: dict[int, nn.Module]) -> None:
+        super().__init__()
+        self.order = sorted(blocks)
+        self.blocks = nn.ModuleDict({str(i): blocks[i] for i in self.order})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i in self.order:
+            x = self.blocks[str(i)](x)
+        return x
+
+
+def load_spec(name: str) -> Any:
+    from pipetrain.planner.zoo import get_model_spec
+
+    return get_model_spec(name)
+
+
+def build_meta(spec: Any) -> nn.Module:
+    model = spec.build("meta")
+    if not hasattr(model, "blocks"):
+        raise ModelError(f"model {spec.name!r} has no `blocks`: the executor slices a PipelineModel into stages")
+    return model
+
+
+def ties_of(model: nn.Module) -> tuple[tuple[str, int, tuple[int, ...]], ...]:
+    from pipetrain.planner.zoo import tied_parameters
+
+    return tuple((str(n), int(o), tuple(int(u) for u in us)) for n, o, us in tied_parameters(model))
+
+
+def retie(model: nn.Module, ties: Iterable[tuple[str, int, tuple[int, ...]]], blocks: Iterable[int]) -> None:
+    """Make users of a tied parameter share the owner's submodule when both are materialized here."""
+    have = set(blocks)
+    for name, owner, users in ties:
+        if owner not in have:
+            continue
+        path, _, leaf = name.rpartition(".")
+        src = model.blocks[owner].get_submodule(path) if path else model.blocks[owner]
+        for u in users:
+            if u not in have:
+                continue
+            dst_block = model.blocks[u]
+            if path:
+                parent_path, _, attr = path.rpartition(".")
+                parent = dst_block.get_submodule(parent_path) if parent_path else dst_block
+                setattr(parent, attr, src)
+            else:
+                setattr(dst_block, leaf, getattr(src, leaf))
+
+
+def materialize_blocks(model: nn.Module, blocks: Iterable[int], device: torch.device | str, seed: int) -> None:
+    from pipetrain.planner.zoo import materialize
+
+    idx = sorted(set(blocks))
+    materialize(model, device, seed, blocks=idx)
+    retie(model, ties_of(model), idx)
+
+
+def stage_modules(model: nn.Module, stages: Iterable[StagePlan]) -> dict[int, StageModule]:
+    return {st.index: StageModule({b: model.blocks[b] for b in range(st.block_start, st.block_end)}) for st in stages}
+
+
+def vocab_size_of(spec: Any, model: nn.Module) -> int:
+    v = getattr(spec, "vocab_size", None)
+    if v:
+        return int(v)
+    for m in model.modules():
+        if isinstance(m, nn.Embedding):
+            return int(m.num_embeddings)
+    return 0
+
+
+def boundary_specs(spec: Any, model: nn.Module, micro_batch_size: int, seq_len: int,
+                   boundaries: Iterable[int], dtype: str = "fp32") -> list[TensorSpec]:
+    """Shape/dtype of the tensor entering each block in ``boundaries``, by running blocks on meta.
+
+    Under bf16/fp16 autocast, floating boundary tensors travel in that dtype.
+    """
+    want = set(boundaries)
+    x = spec.example_input(micro_batch_size, seq_len, device="meta")
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
+    out: dict[int, TensorSpec] = {}
+    with torch.no_grad():
+        for i, block in enumerate(model.blocks):
+            if i in want:
+                dt = half if (half is not None and x.is_floating_point()) else x.dtype
+                out[i] = TensorSpec(shape=tuple(int(d) for d in x.shape), dtype=dtype_name(dt))
+            x = block(x)
+        if len(model.blocks) in want:
+            out[len(model.blocks)] = TensorSpec(shape=tuple(int(d) for d in x.shape), dtype=dtype_name(x.dtype))
+    return [out[b] for b in sorted(want)]
+
+
+def check_boundaries(plan: Plan, spec: Any, model: nn.Module) -> None:
+    """The plan's boundary shapes/dtypes must be what the model produces; the error names both."""
+    cuts = list(plan.boundaries)
+    if not cuts:
+        return
+    actual = boundary_specs(spec, model, plan.micro_batch_size, plan.seq_len, cuts, plan.dtype)
+    for k, (cut, got) in enumerate(zip(cuts, actual)):
+        prev, nxt = plan.stages[k], plan.stages[k + 1]
+        for side, specs in (("outputs", prev.outputs), ("inputs", nxt.inputs)):
+            owner = prev if side == "outputs" else nxt
+            if not specs:
+                continue
+            planned = specs[0]
+            if len(specs) != 1 or tuple(planned.shape) != got.shape or planned.dtype != got.dtype:
+                raise PlanError(
+                    f"stage {owner.index} {side}: the plan says {[(list(s.shape), s.dtype) for s in specs]} at block {cut} "
+                    f"but model {plan.model!r} produces [{list(got.shape)}, {got.dtype!r}] there: re-run `pipetrain plan` "
+                    "for this model, micro-batch size, seq-len and dtype")

@@ -1,0 +1,133 @@
+"""Per-rank telemetry: ``RUN_DIR/telemetry/rank{r}.jsonl``.
+
+Each line is a JSON object with a ``type``:
+- ``"meta"``: rank, pipeline rank, replica, stages, host, clock base;
+- ``"event"``: an :class:`~pipetrain.events.Event` (its fields, ``start_s``/``end_s`` in seconds
+  since the aligned run start): F/B/W per action, SEND/RECV per transfer (bytes; start = posted,
+  end = completion observed), ALLREDUCE, OPT;
+- ``"step"``: step, loss (last stage only), step time, peak activations in flight per stage,
+  receive-buffer allocations and distinct storages used, memory.
+
+Clocks: after a barrier every rank reads ``perf_counter_ns``; the values are all-gathered. On
+one host (one monotonic clock) every rank uses rank 0's reading as time zero, so times compare
+exactly; across hosts each uses its own barrier-exit reading (aligned to the barrier's skew).
+CUDA: compute events are timed with CUDA events; on CPU with ``perf_counter_ns``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Telemetry", "rss_bytes", "read_telemetry", "read_rank_file"]
+
+
+def rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # pragma: no cover - non-Linux
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class Telemetry:
+    """Collects events in memory during a step and appends them to the rank's JSONL file at step end."""
+
+    def __init__(self, run_dir: Path, rank: int, *, enabled: bool = True) -> None:
+        self.rank = rank
+        self.enabled = enabled
+        self.base_ns = time.perf_counter_ns()
+        self.events: list[tuple[str, int, int, int, int, int]] = []
+        self.path = Path(run_dir) / "telemetry" / f"rank{rank}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a", buffering=1 << 16)
+        self.step = 0
+
+    def align(self, dist: Any, group: Any = None) -> None:
+        """Barrier, then agree on time zero (see module docstring)."""
+        import torch
+
+        dist.barrier(group=group)
+        now = time.perf_counter_ns()
+        host = zlib.crc32(socket.gethostname().encode())
+        mine = torch.tensor([now, host], dtype=torch.int64)
+        world = dist.get_world_size(group)
+        allv = [torch.zeros(2, dtype=torch.int64) for _ in range(world)]
+        dist.all_gather(allv, mine, group=group)
+        same_host = len({int(v[1]) for v in allv}) == 1
+        self.base_ns = int(allv[0][0]) if same_host else now
+        self.same_host = same_host
+
+    def now(self) -> int:
+        return time.perf_counter_ns()
+
+    def add(self, kind: str, stage: int, microbatch: int, t0_ns: int, t1_ns: int, nbytes: int = 0) -> None:
+        if self.enabled:
+            self.events.append((kind, stage, microbatch, t0_ns, t1_ns, nbytes))
+
+    def record(self, obj: dict[str, Any]) -> None:
+        self._f.write(json.dumps(obj) + "\n")
+
+    def flush_step(self, step: int, summary: dict[str, Any]) -> None:
+        b = self.base_ns
+        r = self.rank
+        w = self._f.write
+        for kind, stage, mb, t0, t1, nb in self.events:
+            w(json.dumps({"type": "event", "stage": stage, "rank": r, "kind": kind, "microbatch": mb,
+                          "start_s": (t0 - b) * 1e-9, "end_s": (max(t1, t0) - b) * 1e-9, "bytes": nb, "step": step}) + "\n")
+        self.events.clear()
+        w(json.dumps({"type": "step", "rank": r, "step": step, **summary}) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        try:
+            self._f.close()
+        except OSError:  # pragma: no cover
+            pass
+
+
+def read_telemetry(run_dir: str | Path) -> dict[int, list[dict[str, Any]]]:
+    """All records of every rank: ``{rank: [record, ...]}`` (a torn last line is skipped)."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    for p in sorted((Path(run_dir) / "telemetry").glob("rank*.jsonl")):
+        rank = int(p.stem[4:])
+        recs = []
+        for line in p.read_text().splitlines():
+            try:
+                recs.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        out[rank] = recs
+    return out
+
+
+def read_rank_file(run_dir: str | Path, rank: int) -> dict[str, Any]:
+    """One rank's telemetry, compacted: meta, step records, and per (stage, kind) event totals."""
+    p = Path(run_dir) / "telemetry" / f"rank{rank}.jsonl"
+    meta: dict[str, Any] = {}
+    steps: dict[int, dict[str, Any]] = {}
+    summary: dict[str, list[float]] = {}
+    for line in p.read_text().splitlines() if p.is_file() else []:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        t = rec.get("type")
+        if t == "meta":
+            meta = rec
+        elif t == "step":
+            steps[int(rec["step"])] = rec  # a resumed run overwrites the steps it re-ran
+        elif t == "event":
+            key = f"{rec['stage']}:{rec['kind']}"
+            acc = summary.setdefault(key, [0, 0.0, 0])
+            acc[0] += 1
+            acc[1] += rec["end_s"] - rec["start_s"]
+            acc[2] += rec.get("bytes", 0)
+    return {"meta": meta, "steps": [steps[k] for k in sorted(steps)], "events": summary}
