@@ -22,6 +22,7 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 COMMANDS: dict[str, tuple[str, str]] = {
     "graph": ("graph", "trace a model on the meta device and print its layer graph"),
     "simulate": ("simulate", "simulate one training step of a schedule or a plan"),
+    "run": ("run", "run a plan as a real torch.distributed pipeline (torchrun; gloo on CPU, NCCL on CUDA)"),
     "demo": ("demo", "plan, simulate, run, validate and report tiny-gpt on this CPU"),
 }
 
