@@ -145,3 +145,22 @@ def test_bad_arguments() -> None:
         trace_graph("tiny-gpt", micro_batch_size=1, dtype="fp8")
     with pytest.raises(ConfigError, match="granularity"):
         trace_graph("tiny-gpt", micro_batch_size=1, granularity="layer")
+
+
+def test_untraceable_user_model_is_a_model_error(tmp_path, monkeypatch) -> None:
+    (tmp_path / "odd_models.py").write_text(
+        "import torch\n"
+        "from pipetrain.planner.zoo import PipelineModel\n"
+        "class DataDependent(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.e = torch.nn.Embedding(10, 4)\n"
+        "    def forward(self, x):\n"
+        "        return self.e(x) * 2 if x.sum().item() > 0 else self.e(x)\n"
+        "def make():\n"
+        "    return PipelineModel([DataDependent()])\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModelError, match="failed on the meta device"):
+        trace_graph("odd_models:make", micro_batch_size=1, seq_len=4)
+    with pytest.raises(ModelError, match="use --granularity block"):
+        trace_graph("odd_models:make", micro_batch_size=1, seq_len=4, granularity="op")

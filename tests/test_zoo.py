@@ -66,7 +66,7 @@ def test_every_preset_blocks_map_one_tensor_to_one_tensor() -> None:
         assert tuple(x.shape) == expected, name
 
 
-@pytest.mark.parametrize("name", ["tiny-gpt", "resnet", "bert-large", "llama2-7b", "mlp-uneven"])
+@pytest.mark.parametrize("name", list_presets())
 def test_presets_are_fx_traceable(name: str) -> None:
     gm = torch.fx.symbolic_trace(get_model_spec(name).build())
     ops = [n for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method")]

@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipetrain.errors import ConfigError
+from pipetrain.errors import ConfigError, ModelError, PipetrainError
 from pipetrain.planner.graph import Edge, LayerGraph, Node, TiedParam, structure_fingerprint
 from pipetrain.planner.zoo import ModelSpec, PipelineModel, get_model_spec, tied_parameters
 
@@ -197,7 +197,13 @@ def _trace_blocks(spec: ModelSpec, model: PipelineModel, x: torch.Tensor) -> tup
             cost, shape, out_dtype = cache[key]
             out = torch.empty(shape, dtype=out_dtype, device="meta")
         else:
-            cost, out = _measure(lambda b=block, t=inp: b(t), [inp], list(block.parameters()))
+            try:
+                cost, out = _measure(lambda b=block, t=inp: b(t), [inp], list(block.parameters()))
+            except PipetrainError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a block that cannot run on meta tensors
+                raise ModelError(f"block {i} ({model.block_names[i]}) of {spec.name!r} failed on the meta device "
+                                 f"with input {list(inp.shape)} {_dtype_name(inp)}: {type(exc).__name__}: {exc}") from None
             if not isinstance(out, torch.Tensor):
                 raise ConfigError(f"block {i} ({model.block_names[i]}) returned a {type(out).__name__}; every "
                                   "PipelineModel block must return one tensor")
@@ -241,8 +247,12 @@ def _callable(gm: torch.fx.GraphModule, node: torch.fx.Node, args: tuple[Any, ..
     return lambda: fn(*args, **kwargs)  # type: ignore[operator]
 
 
-def _trace_ops(model: PipelineModel, x: torch.Tensor) -> tuple[list[Node], list[Edge], tuple[TiedParam, ...]]:
-    gm = torch.fx.symbolic_trace(model)
+def _trace_ops(name: str, model: PipelineModel, x: torch.Tensor) -> tuple[list[Node], list[Edge], tuple[TiedParam, ...]]:
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception as exc:  # noqa: BLE001 - fx cannot trace data-dependent control flow etc.
+        raise ModelError(f"torch.fx cannot trace {name!r} at op granularity ({type(exc).__name__}: {exc}); "
+                         "use --granularity block") from None
     env: dict[torch.fx.Node, Any] = {}
     index: dict[torch.fx.Node, int] = {}
     nodes: list[Node] = []
@@ -327,7 +337,7 @@ def trace_graph(spec_or_name: ModelSpec | str, *, micro_batch_size: int, seq_len
         nodes, edges = _trace_blocks(spec, model, x)
         ties = _block_ties(model)
     else:
-        nodes, edges, ties = _trace_ops(model, x)
+        nodes, edges, ties = _trace_ops(spec.name, model, x)
     return LayerGraph(model=spec.name, granularity=granularity, micro_batch_size=micro_batch_size, seq_len=t,
                       dtype=dtype, nodes=tuple(nodes), edges=tuple(edges), input_shape=tuple(x.shape),
                       input_dtype=_dtype_name(x), tied=ties)
