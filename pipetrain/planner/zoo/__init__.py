@@ -8,6 +8,8 @@ where ``factory()`` returns a ``PipelineModel`` or a ``ModelSpec``.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import Callable
 
 from torch import nn
@@ -66,6 +68,8 @@ def _user_spec(name: str) -> ModelSpec:
     module_name, _, attr = name.partition(":")
     if not module_name or not attr:
         raise ModelError(f"model {name!r} is not of the form package.module:factory; {_known()}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())  # `pipetrain graph mymodels:build` from the project directory
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - any import failure is the user's module
