@@ -1,0 +1,230 @@
+"""From a layer graph, a topology and a cost model to the planner's matrices and the simulator's input.
+
+:class:`StageTables` precomputes, for one traced graph (one micro-batch size), everything the
+inner partitioner needs as ``(n+1) x (n+1)`` range matrices (prefix sums; numpy):
+
+* time of blocks ``[i, j)`` on a device type: ``F + B`` (+ ``F`` again when recomputing), the
+  cost model's per-node times summed (:func:`pipetrain.planner.costs.stage_from_node_times`);
+* memory of blocks ``[i, j)`` as stage ``s`` with ``in_flight`` micro-batches and ``buffers``
+  receive slots, term for term what :func:`pipetrain.planner.memory.stage_memory` returns
+  (a test checks equality on every range).
+
+:func:`placement` puts stages on devices (replica ``k``'s pipeline rank ``r`` on device
+``k * p + r``: adjacent stages share a node, one pipeline fills nodes before the next) and
+:func:`sim_input` turns a chosen split into a :class:`pipetrain.simulator.SimInput` whose
+simulated peak memory per stage equals the memory model's. Torch-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Sequence
+
+import numpy as np
+
+from pipetrain.errors import InfeasibleError
+from pipetrain.planner.costs import AnalyticCostModel, CostModel, stage_from_node_times
+from pipetrain.planner.graph import LayerGraph
+from pipetrain.planner.memory import (bytes_per_param, loss_saved_bytes, stage_input_bytes, stage_memory,
+                                      stage_output_bytes)
+from pipetrain.planner.partition import additive_matrix
+from pipetrain.planner.topology import Device, DeviceType, Topology
+from pipetrain.schedules import Schedule
+from pipetrain.simulator import BoundarySpec, ComputeGroup, DataParallelSpec, Link, SimInput, StageSpec
+
+__all__ = ["StageTables", "Placement", "placement", "sim_input", "rank_caps"]
+
+
+def _node_times(cost: CostModel, graph: LayerGraph, dt: DeviceType) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if hasattr(cost, "node_times"):
+        t = cost.node_times(graph, dt)  # type: ignore[attr-defined]
+        return np.asarray(t.fwd_s, float), np.asarray(t.bwd_s, float), np.asarray(t.wgrad_s, float)
+    n = graph.num_nodes
+    f, b, w = np.zeros(n), np.zeros(n), np.zeros(n)
+    for i in range(n):
+        c = cost.stage_costs(graph, i, i + 1, dt)
+        f[i], b[i], w[i] = c.t_fwd_s, c.t_bwd_s, c.t_wgrad_s
+    return f, b, w
+
+
+class StageTables:
+    """Range matrices of one graph for the partitioner (see module docstring)."""
+
+    def __init__(self, graph: LayerGraph, cost: CostModel | None = None, *, optimizer: str = "adamw") -> None:
+        self.graph = graph
+        self.cost = cost or AnalyticCostModel()
+        self.optimizer = optimizer
+        self.n = n = graph.num_nodes
+        self.per_param = bytes_per_param(graph.dtype, optimizer)
+        self.params = np.array([nd.param_count for nd in graph.nodes], dtype=float)
+        self.saved = np.array([nd.saved_bytes for nd in graph.nodes], dtype=float)
+        self.input_bytes = np.array([stage_input_bytes(graph, i) for i in range(n)] + [0.0])
+        self.cut_bytes = np.array([0.0] + [float(graph.cut(i).bytes) for i in range(1, n)] + [0.0])
+        self.loss_bytes = float(loss_saved_bytes(graph))
+        self._times: dict[tuple[str, bool], np.ndarray] = {}
+        self._node_times: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    @cached_property
+    def _tied_params(self) -> np.ndarray:
+        """Parameters of tied weights used in [i, j) but owned outside it."""
+        n = self.n
+        out = np.zeros((n + 1, n + 1))
+        i = np.arange(n + 1)[:, None]
+        j = np.arange(n + 1)[None, :]
+        for t in self.graph.tied:
+            owner_in = (i <= t.owner) & (t.owner < j)
+            user_in = np.zeros((n + 1, n + 1), dtype=bool)
+            for u in t.users:
+                user_in |= (i <= u) & (u < j)
+            out += np.where(~owner_in & user_in, float(t.param_count), 0.0)
+        return out
+
+    @cached_property
+    def model_state(self) -> np.ndarray:
+        """Weights + grads + optimizer state (+ tied copies) of [i, j), bytes."""
+        return additive_matrix(self.params, scale=self.per_param.total) + self._tied_params * self.per_param.total
+
+    @cached_property
+    def activations(self) -> np.ndarray:
+        """Saved-for-backward bytes of one micro-batch in [i, j) (+ the loss's on the last stage)."""
+        a = additive_matrix(self.saved)
+        a[:, self.n] += self.loss_bytes
+        return a
+
+    @cached_property
+    def stage_params(self) -> np.ndarray:
+        return additive_matrix(self.params)
+
+    def node_times(self, dt: DeviceType) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if dt.name not in self._node_times:
+            self._node_times[dt.name] = _node_times(self.cost, self.graph, dt)
+        return self._node_times[dt.name]
+
+    def time_matrix(self, dt: DeviceType, *, recompute: bool) -> np.ndarray:
+        """Seconds of one micro-batch's F + B (+ recompute F) through [i, j) on ``dt``."""
+        key = (dt.name, recompute)
+        if key not in self._times:
+            f, b, _ = self.node_times(dt)
+            self._times[key] = additive_matrix(f * (2.0 if recompute else 1.0) + b)
+        return self._times[key]
+
+    def memory_matrix(self, *, in_flight: int, buffers: int, recompute: bool) -> np.ndarray:
+        """Peak bytes of [i, j) as a stage: equals ``memory.stage_memory(...).total_bytes``."""
+        recv = buffers * self.cut_bytes[:, None] + self.cut_bytes[None, :]
+        if recompute:
+            act = in_flight * self.input_bytes[:, None] + self.activations
+        else:
+            act = in_flight * self.activations
+        return self.model_state + act + recv
+
+    def stage_cost(self, dt: DeviceType, start: int, end: int, *, recompute: bool):  # -> StageCost
+        f, b, w = self.node_times(dt)
+        from pipetrain.planner.costs import NodeTimes
+
+        return stage_from_node_times(NodeTimes(fwd_s=tuple(f), bwd_s=tuple(b), wgrad_s=tuple(w)), start, end, recompute=recompute)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Placement:
+    """Pipeline rank ``r`` of replica ``k`` runs on ``devices[k][r]`` (indices into topology.devices)."""
+
+    pp: int
+    dp: int
+    devices: tuple[tuple[int, ...], ...]
+
+    def rank_devices(self, topology: Topology, rank: int) -> list[Device]:
+        return [topology.devices[self.devices[k][rank]] for k in range(self.dp)]
+
+
+def placement(topology: Topology, pp: int, dp: int) -> Placement:
+    """Replica-major, stage-contiguous placement: adjacent stages of a pipeline share a node."""
+    need = pp * dp
+    if need > topology.num_devices:
+        raise InfeasibleError(f"pp={pp} x dp={dp} needs {need} devices but topology {topology.name} has {topology.num_devices}")
+    return Placement(pp=pp, dp=dp, devices=tuple(tuple(k * pp + r for r in range(pp)) for k in range(dp)))
+
+
+def rank_device_type(topology: Topology, place: Placement, rank: int) -> DeviceType:
+    """The slowest device type among the replicas of pipeline rank ``rank`` (it sets the pace)."""
+    types = [d.type for d in place.rank_devices(topology, rank)]
+    return min(types, key=lambda t: (t.achievable_flops("bf16"), t.name))
+
+
+def rank_caps(topology: Topology, place: Placement, *, max_memory_bytes: float | None = None,
+              max_memory_fraction: float | None = None) -> list[float]:
+    """Memory cap per pipeline rank: the smallest device among its replicas, after the user's limit."""
+    caps = []
+    for r in range(place.pp):
+        cap = min(d.type.memory_bytes for d in place.rank_devices(topology, r))
+        if max_memory_fraction is not None:
+            cap *= max_memory_fraction
+        if max_memory_bytes is not None:
+            cap = min(cap, max_memory_bytes)
+        caps.append(float(cap))
+    return caps
+
+
+def _sim_link(topology: Topology, a: int, b: int) -> Link:
+    lk = topology.link_between(a, b)
+    return Link(name=lk.resource or f"{a}->{b}", latency_s=lk.latency_s, bandwidth_bytes_per_s=lk.bandwidth_bytes_per_s)
+
+
+def _compute_groups(topology: Topology, place: Placement) -> tuple[ComputeGroup, ...]:
+    """Pipeline ranks on one CPU node share its cores (only where the node says they share)."""
+    groups = []
+    by_node: dict[int, list[int]] = {}
+    for r in range(place.pp):
+        by_node.setdefault(topology.devices[place.devices[0][r]].node, []).append(r)
+    for node, ranks in by_node.items():
+        spec = topology.nodes[node]
+        if spec.cores <= 0 or len(ranks) < 2:
+            continue
+        per_rank = max(1, topology.devices[place.devices[0][ranks[0]]].type.cores)
+        on_node = sum(1 for dev in topology.devices if dev.node == node)
+        used = min(on_node, place.pp * place.dp)
+        capacity = max(1, int(spec.cores // per_rank * len(ranks) // max(used, 1)))
+        if capacity < len(ranks):
+            groups.append(ComputeGroup(ranks=tuple(ranks), capacity=capacity))
+    return tuple(groups)
+
+
+def sim_input(*, tables: StageTables, topology: Topology, place: Placement, schedule: Schedule,
+              ranges: Sequence[tuple[int, int]], buffers: Sequence[int], recompute: Sequence[bool],
+              in_flight: Sequence[int], dp_overlap: bool = True) -> SimInput:
+    """The simulator's input for one split; stage ``s`` runs on pipeline rank ``s % pp``."""
+    g = tables.graph
+    stages = []
+    peak_flops = min(rank_device_type(topology, place, r).peak_flops(g.dtype) for r in range(place.pp))
+    for s, (a, b) in enumerate(ranges):
+        r = schedule.stage_to_rank[s]
+        dt = rank_device_type(topology, place, r)
+        c = tables.stage_cost(dt, a, b, recompute=recompute[s])
+        mem = stage_memory(g, a, b, in_flight=max(1, in_flight[s]), buffers=buffers[s], recompute=recompute[s],
+                           optimizer=tables.optimizer)
+        act_per_mb = mem.activation_bytes / max(1, in_flight[s])
+        static = mem.total_bytes - mem.activation_bytes
+        params = mem.param_count
+        stages.append(StageSpec(
+            t_fwd_s=c.t_fwd_s, t_bwd_s=(c.t_bwd_s - c.t_wgrad_s) if schedule.split_backward else c.t_bwd_s,
+            t_wgrad_s=c.t_wgrad_s if schedule.split_backward else 0.0, t_recompute_s=c.t_recompute_s,
+            recompute=recompute[s], activation_bytes=act_per_mb, static_bytes=static, buffers=buffers[s],
+            grad_bytes=float(params * tables.per_param.grads),
+            t_optimizer_s=tables.cost.optimizer_step_time_s(params, dt, optimizer=tables.optimizer, dtype=g.dtype)))
+    bounds = []
+    for s in range(len(ranges) - 1):
+        ra, rb = schedule.stage_to_rank[s], schedule.stage_to_rank[s + 1]
+        nbytes = float(stage_output_bytes(g, ranges[s][1]))
+        link = _sim_link(topology, place.devices[0][ra], place.devices[0][rb]) if ra != rb else Link(name=f"local{ra}")
+        bounds.append(BoundarySpec(fwd_bytes=nbytes, bwd_bytes=nbytes, link=link))
+    if place.dp > 1:
+        worst = min((_sim_link(topology, place.devices[0][r], place.devices[1][r]) for r in range(place.pp)),
+                    key=lambda lk: lk.bandwidth_bytes_per_s)
+        dpl = DataParallelSpec(width=place.dp, link=worst, overlap=dp_overlap)
+    else:
+        dpl = DataParallelSpec(width=1)
+    return SimInput(schedule=schedule, stages=tuple(stages), boundaries=tuple(bounds),
+                    compute_groups=_compute_groups(topology, place), data_parallel=dpl,
+                    micro_batch_size=g.micro_batch_size, seq_len=g.seq_len,
+                    model_flops_per_sample=(g.fwd_flops + g.bwd_flops) / g.micro_batch_size,
+                    peak_flops_per_device=peak_flops)

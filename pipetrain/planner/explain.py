@@ -1,0 +1,170 @@
+"""Turn a search result into a :class:`~pipetrain.plan.Plan` that explains itself, and back.
+
+* :func:`plan_job`: search, then build the Plan: stage table with boundary tensor shapes (from
+  the graph's cuts), placement, buffers, recomputation, simulated peak memory against each
+  cap, predicted metrics (simpy), the alternatives and why they lost, and -- when knobs were
+  pinned -- what the pins cost against the unpinned optimum.
+* :func:`plan_sim_input`: a Plan (e.g. loaded from ``plan.json``) back to the simulator's
+  input, refusing a graph other than the one the plan was made for. ``pipetrain simulate
+  PLAN.json`` calls this.
+
+Torch-free at import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from pipetrain.errors import PipetrainError
+from pipetrain.plan import Alternative, Plan, PredictedMetrics, StagePlan, TensorSpec
+from pipetrain.planner.build import StageTables, placement, sim_input
+from pipetrain.planner.costs import CostModel
+from pipetrain.planner.graph import LayerGraph
+from pipetrain.planner.job import Job
+from pipetrain.planner.search import Evaluated, SearchResult, _tracer, runnable_schedules, search
+from pipetrain.planner.topology import Topology, resolve_topology
+from pipetrain.schedules import make_schedule, peak_in_flight
+from pipetrain.simulator import SimInput
+
+__all__ = ["PlanOutcome", "plan_job", "make_plan", "plan_sim_input", "stage_tensors"]
+
+_MAX_ALTERNATIVES = 12
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanOutcome:
+    """The plan plus what the CLI prints beside it."""
+
+    plan: Plan
+    result: SearchResult
+    unpinned: SearchResult | None = None  # the optimum without the user's pins (None: nothing pinned)
+
+    @property
+    def pin_cost_fraction(self) -> float | None:
+        """Relative step-time cost of the pins against the unpinned optimum (0.05 = 5% slower)."""
+        if self.unpinned is None:
+            return None
+        base = self.unpinned.best.step_time_s
+        return self.result.best.step_time_s / base - 1.0
+
+
+def stage_tensors(graph: LayerGraph, start: int, end: int) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """Shapes and dtypes entering and leaving blocks ``[start, end)`` (the graph's cut tensors)."""
+    if start == 0:
+        ins = (TensorSpec(shape=tuple(graph.input_shape), dtype=graph.input_dtype),) if graph.input_shape else ()
+    else:
+        ins = tuple(TensorSpec(shape=tuple(t.shape), dtype=t.dtype) for t in graph.cut(start).tensors)
+    if end >= graph.num_nodes:
+        last = graph.nodes[-1]
+        outs = (TensorSpec(shape=tuple(last.output_shape), dtype=last.output_dtype),) if last.output_shape else ()
+    else:
+        outs = tuple(TensorSpec(shape=tuple(t.shape), dtype=t.dtype) for t in graph.cut(end).tensors)
+    return ins, outs
+
+
+def _pct(a: float, b: float) -> str:
+    return f"{(a / b - 1.0) * 100:+.1f}%"
+
+
+def _alternatives(res: SearchResult, unpinned: SearchResult | None, job: Job) -> tuple[Alternative, ...]:
+    best = res.best
+    t_best = best.step_time_s
+    out: list[Alternative] = []
+    seen = {best.candidate}
+    for e in res.confirmed[1:]:
+        seen.add(e.candidate)
+        out.append(Alternative(description=e.candidate.describe(), step_time_s=float(e.step_time_s),
+                               reason=f"simulated {_pct(e.step_time_s, t_best)} slower ({e.step_time_s:.4g} s vs {t_best:.4g} s)"))
+    classes = set()
+    for e in res.screened:  # best screened point of every other (pp, schedule) class
+        key = (e.candidate.pp, e.candidate.schedule, e.candidate.chunks)
+        if e.candidate in seen or key in classes or key == (best.candidate.pp, best.candidate.schedule, best.candidate.chunks):
+            continue
+        classes.add(key)
+        out.append(Alternative(description=e.candidate.describe(), step_time_s=float(e.fast.step_time_s),
+                               reason=f"screened out: fast evaluator {_pct(e.fast.step_time_s, best.fast.step_time_s)} slower"))
+    if res.pruned:
+        out.append(Alternative(description=f"{res.pruned} more grid point(s)", step_time_s=None,
+                               reason="pruned: their lower bound on step time exceeded the screened best"))
+    reasons = set()
+    for desc, why in res.infeasible:
+        key = desc.split(" mb=")[0]
+        if key in reasons:
+            continue
+        reasons.add(key)
+        out.append(Alternative(description=desc, step_time_s=None, reason=f"infeasible: {why}"))
+    out = out[:_MAX_ALTERNATIVES]
+    if unpinned is not None:
+        u = unpinned.best
+        pins = ", ".join(f"{k}={v if not isinstance(v, tuple) else ','.join(str(x).lower() for x in v)}" for k, v in job.pinned.items())
+        out.append(Alternative(description=f"unpinned optimum: {u.candidate.describe()}", step_time_s=float(u.step_time_s),
+                               reason=f"your pins ({pins}) cost {_pct(t_best, u.step_time_s)} step time against it"))
+    return tuple(out)
+
+
+def make_plan(res: SearchResult, *, unpinned: SearchResult | None = None) -> Plan:
+    """Build the Plan of ``res.best`` (see module docstring)."""
+    job = res.job
+    assert job is not None and res.topology is not None
+    ev: Evaluated = res.best
+    c = ev.candidate
+    graph = res.graph()
+    sim = ev.sim or ev.fast
+    place = placement(res.topology, c.pp, c.dp)
+    stages = []
+    for s, (a, b) in enumerate(ev.split.ranges):
+        r = s % c.pp
+        ins, outs = stage_tensors(graph, a, b)
+        stages.append(StagePlan(index=s, block_start=a, block_end=b, rank=r, device=res.topology.devices[place.devices[0][r]].id,
+                                buffers=int(ev.buffers[s]), recompute=bool(ev.recompute[s]), inputs=ins, outputs=outs,
+                                predicted_peak_memory_bytes=float(sim.peak_memory_bytes_per_stage[s]),
+                                memory_cap_bytes=float(ev.stage_caps_bytes[s])))
+    predicted = PredictedMetrics(step_time_s=float(sim.step_time_s), samples_per_s=float(sim.samples_per_s),
+                                 tokens_per_s=float(sim.tokens_per_s),
+                                 mfu=float(sim.mfu or 0.0), bubble_fraction=float(min(1.0, max(0.0, sim.bubble_fraction))),
+                                 peak_memory_bytes=tuple(float(x) for x in sim.peak_memory_bytes_per_stage))
+    return Plan(model=job.model, graph_fingerprint=graph.fingerprint, topology=job.topology,
+                pp=c.pp, dp=c.dp, micro_batch_size=c.micro_batch_size, num_microbatches=c.num_microbatches,
+                seq_len=graph.seq_len, schedule=c.schedule, stages=tuple(stages), chunks=c.chunks, dtype=job.dtype,
+                optimizer=job.optimizer, seed=job.seed, predicted=predicted, alternatives=_alternatives(res, unpinned, job),
+                simulation_only=job.simulation_only or c.schedule not in runnable_schedules())
+
+
+def plan_job(job: Job, *, graph_for: Callable[[int], LayerGraph] | None = None, topology: Topology | None = None,
+             cost: CostModel | None = None, top_k: int = 3, price_pins: bool = True) -> PlanOutcome:
+    """Search ``job`` and build its Plan; with pinned knobs also search without them to price the pins."""
+    topo = topology or resolve_topology(job.topology)
+    if graph_for is None:
+        graph_for = _tracer(job)
+    res = search(job, graph_for=graph_for, topology=topo, cost=cost, top_k=top_k)
+    unpinned = None
+    if price_pins and job.pinned:
+        try:
+            unpinned = search(job.unpinned(), graph_for=graph_for, topology=topo, cost=cost, top_k=top_k, explain=False)
+        except PipetrainError:
+            unpinned = None
+    return PlanOutcome(plan=make_plan(res, unpinned=unpinned), result=res, unpinned=unpinned)
+
+
+def plan_sim_input(plan: Plan, *, graph: LayerGraph | None = None, topology: Topology | None = None,
+                   cost: CostModel | None = None) -> SimInput:
+    """The simulator's input for a saved plan (traces ``plan.model`` when no graph is given)."""
+    if graph is None:
+        from pipetrain.planner.trace import trace_graph
+
+        graph = trace_graph(plan.model, micro_batch_size=plan.micro_batch_size, seq_len=plan.seq_len, dtype=plan.dtype)
+    plan.check_graph(graph.fingerprint, graph.model)
+    if graph.micro_batch_size != plan.micro_batch_size or graph.seq_len != plan.seq_len:
+        raise PipetrainError(f"graph was traced at micro-batch {graph.micro_batch_size} x seq {graph.seq_len}, the plan "
+                             f"uses {plan.micro_batch_size} x {plan.seq_len}: trace it with those")
+    if plan.num_blocks != graph.num_nodes:
+        raise PipetrainError(f"plan covers {plan.num_blocks} blocks but the graph has {graph.num_nodes}")
+    topo = topology or resolve_topology(plan.topology)
+    place = placement(topo, plan.pp, plan.dp)
+    buffers = [st.buffers for st in plan.stages]
+    sched = make_schedule(plan.schedule, plan.pp, plan.num_microbatches, plan.chunks, buffers=buffers)
+    tab = StageTables(graph, cost, optimizer=plan.optimizer)
+    return sim_input(tables=tab, topology=topo, place=place, schedule=sched,
+                     ranges=[(st.block_start, st.block_end) for st in plan.stages], buffers=buffers,
+                     recompute=[st.recompute for st in plan.stages], in_flight=peak_in_flight(sched))

@@ -1,0 +1,481 @@
+"""The planner's outer search: the best :class:`~pipetrain.plan.Plan` for a :class:`Job`.
+
+Decision variables: pipeline depth ``pp``, data-parallel width ``dp``, micro-batch size ``b``
+(and so the count ``m = global_batch / (dp * b)``), the schedule (GPipe, 1F1B, interleaved
+with ``v`` chunks, ZB-H1 when simulation-only), activation buffers per stage, recomputation
+per stage, the stage boundaries and the placement.
+
+How (an integer-aware search, exact on its grid):
+
+1. **Enumerate** the discrete grid of (pp, dp, b, schedule, v, buffer level). It is small:
+   pp and dp are divisor pairs of the device count, b divides the per-replica batch, v is
+   2 or 4 -- at most a few hundred points even for 1024 GPUs. A continuous relaxation
+   (e.g. ``scipy.optimize.differential_evolution`` with ``integrality``) would sample the
+   same points with no optimality guarantee; enumeration with a bound is exact and cheaper.
+2. **Inner problem** per point: the exact min-max partition under per-device memory caps
+   (:func:`pipetrain.planner.partition.partition`). Recomputation is decided per stage inside
+   it: a range runs without recompute when that fits, else with it (recompute only costs
+   time, so this is the per-range optimum). Buffers: the schedule's full demand; lower
+   levels (4, 2, 1 micro-batches in flight) are tried only when the full one does not fit,
+   since fewer buffers never make a step faster.
+3. **Bound, then screen** with the simulator's fast longest-path evaluator: a point whose
+   lower bound ``m * max_rank(sum of its stages' F+B)`` cannot beat the k-th best screened
+   step time is skipped (branch and bound).
+4. **Confirm** the top ``k`` in the simpy simulator (link contention, shared cores, buffer
+   back-pressure); the final plan is simpy's best whose simulated peak memory fits every cap.
+
+Infeasible points are recorded with their reason; when nothing fits, the error names the
+smallest change that would make a plan fit. Torch-free at import (tracing a model by name
+imports torch lazily).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable, Sequence
+
+import numpy as np
+
+from pipetrain.errors import InfeasibleError, PipetrainError, ScheduleError
+from pipetrain.planner.build import Placement, StageTables, placement, rank_caps, rank_device_type, sim_input
+from pipetrain.planner.costs import CostModel
+from pipetrain.planner.graph import LayerGraph
+from pipetrain.planner.job import Job
+from pipetrain.planner.partition import PartitionInfeasibleError, PartitionResult, evaluate_partition, format_bytes, partition
+from pipetrain.planner.topology import Topology, resolve_topology
+from pipetrain.schedules import Schedule, make_schedule, peak_in_flight
+from pipetrain.simulator import SimInput, SimResult, fast_evaluate, simulate
+
+__all__ = ["RUNNABLE_SCHEDULES", "Candidate", "Evaluated", "SearchResult", "search", "runnable_schedules"]
+
+#: What the executor runs, unless ``pipetrain.executor`` declares ``RUNNABLE_SCHEDULES`` itself.
+RUNNABLE_SCHEDULES = ("gpipe", "1f1b", "interleaved")
+_BUFFER_LEVELS = (4, 2, 1)
+_CHUNKS = (2, 4)
+
+
+def runnable_schedules() -> tuple[str, ...]:
+    """The executor's own ``RUNNABLE_SCHEDULES`` literal when it declares one, else the default.
+
+    Read from the executor's source with :mod:`ast` so that planning never imports torch.
+    """
+    import ast
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parent.parent / "executor"
+    for path in sorted(pkg.glob("*.py")) if pkg.is_dir() else ():
+        try:
+            tree = ast.parse(path.read_text())
+        except (OSError, SyntaxError):
+            continue
+        for node in tree.body:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+            if any(isinstance(t, ast.Name) and t.id == "RUNNABLE_SCHEDULES" for t in targets) and node.value is not None:
+                try:
+                    value = ast.literal_eval(node.value)
+                except ValueError:
+                    continue
+                return tuple(str(v) for v in value)
+    return RUNNABLE_SCHEDULES
+
+
+@dataclass(frozen=True, kw_only=True, order=True)
+class Candidate:
+    """One point of the outer grid. ``buffer_level`` None: the schedule's full demand."""
+
+    pp: int
+    dp: int
+    micro_batch_size: int
+    num_microbatches: int
+    schedule: str
+    chunks: int = 1
+    buffer_level: int | None = None
+
+    def describe(self) -> str:
+        sched = f"interleaved v={self.chunks}" if self.schedule == "interleaved" else self.schedule
+        buf = "" if self.buffer_level is None else f" buffers<={self.buffer_level}"
+        return f"pp={self.pp} dp={self.dp} mb={self.micro_batch_size} m={self.num_microbatches} {sched}{buf}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Evaluated:
+    """A feasible point with its optimal split and its screened (and maybe simulated) step time."""
+
+    candidate: Candidate
+    split: PartitionResult
+    recompute: tuple[bool, ...]
+    buffers: tuple[int, ...]
+    in_flight: tuple[int, ...]
+    stage_caps_bytes: tuple[float, ...]  # per (virtual) stage; per rank it is the sum over chunks
+    rank_caps_bytes: tuple[float, ...]
+    fast: SimResult
+    sim: SimResult | None = None
+    inp: SimInput | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def step_time_s(self) -> float:
+        return (self.sim or self.fast).step_time_s
+
+    def rank_peaks_bytes(self) -> tuple[float, ...]:
+        res = self.sim or self.fast
+        pp = self.candidate.pp
+        out = [0.0] * pp
+        for s, b in enumerate(res.peak_memory_bytes_per_stage):
+            out[s % pp] += b
+        return tuple(out)
+
+    def fits(self) -> bool:
+        return all(p <= c * (1 + 1e-12) for p, c in zip(self.rank_peaks_bytes(), self.rank_caps_bytes))
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchResult:
+    best: Evaluated
+    confirmed: tuple[Evaluated, ...]  # simpy-confirmed, best first
+    screened: tuple[Evaluated, ...]  # every feasible point, by fast step time
+    infeasible: tuple[tuple[str, str], ...]  # (description, reason)
+    tables: dict = field(default_factory=dict, repr=False, compare=False)  # b -> StageTables
+    topology: Topology | None = field(default=None, repr=False, compare=False)
+    job: Job | None = None
+    elapsed_s: float = 0.0
+    pruned: int = 0
+
+    def graph(self, b: int | None = None) -> LayerGraph:
+        return self.tables[b or self.best.candidate.micro_batch_size].graph
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _grid(job: Job, num_devices: int, num_blocks: int, allowed: tuple[str, ...], max_microbatch_size: int,
+          max_sizes: int) -> tuple[list[Candidate], list[tuple[str, str]]]:
+    bad: list[tuple[str, str]] = []
+    pps = [job.pp] if job.pp else [p for p in range(1, min(num_blocks, num_devices) + 1) if job.dp or num_devices % p == 0]
+    out = []
+    for pp in pps:
+        dps = [job.dp] if job.dp else [num_devices // pp]
+        for dp in dps:
+            if pp * dp > num_devices:
+                bad.append((f"pp={pp} dp={dp}", f"needs {pp * dp} devices, topology has {num_devices}"))
+                continue
+            if job.global_batch % dp:
+                bad.append((f"pp={pp} dp={dp}", f"global_batch {job.global_batch} is not divisible by dp={dp}"))
+                continue
+            per = job.global_batch // dp
+            if job.microbatch_size:
+                sizes = [job.microbatch_size]
+            elif job.microbatches:
+                sizes = [per // job.microbatches] if per % job.microbatches == 0 else []
+            else:
+                sizes = [b for b in _divisors(per) if b <= max_microbatch_size][-max_sizes:]
+            if not sizes or per % sizes[0]:
+                bad.append((f"pp={pp} dp={dp}", f"batch {per} per replica does not split into the pinned micro-batches"))
+                continue
+            for b in sizes:
+                m = per // b
+                if job.microbatches and m != job.microbatches:
+                    continue
+                for sched in ("gpipe", "1f1b", "interleaved", "zb-h1"):
+                    if not job.schedule_allowed(sched, allowed):
+                        continue
+                    chunk_opts = [1]
+                    if sched == "interleaved":
+                        chunk_opts = [job.chunks] if job.chunks else [v for v in _CHUNKS if pp * v <= num_blocks]
+                        if pp == 1:
+                            continue
+                        if m % pp:
+                            bad.append((f"pp={pp} dp={dp} mb={b} m={m} interleaved", f"needs m a multiple of pp={pp}"))
+                            continue
+                    elif job.chunks not in (None, 1):
+                        continue
+                    for v in chunk_opts:
+                        out.append(Candidate(pp=pp, dp=dp, micro_batch_size=b, num_microbatches=m, schedule=sched, chunks=v))
+    return out, bad
+
+
+class _Searcher:
+    def __init__(self, job: Job, topology: Topology, graph_for: Callable[[int], LayerGraph], cost: CostModel | None,
+                 top_k: int) -> None:
+        self.job, self.topo, self.graph_for, self.cost, self.top_k = job, topology, graph_for, cost, top_k
+        self.tables: dict[int, StageTables] = {}
+        self.infeasible: list[tuple[str, str]] = []
+        self.overflows: list[tuple[float, str, PartitionInfeasibleError]] = []
+        self._schedules: dict[tuple, Schedule] = {}
+        self._cuts: dict[int, list[int]] = {}
+
+    def tables_for(self, b: int) -> StageTables:
+        if b not in self.tables:
+            self.tables[b] = StageTables(self.graph_for(b), self.cost, optimizer=self.job.optimizer)
+        return self.tables[b]
+
+    def _per_stage(self, values: tuple | None, n: int, name: str) -> tuple | None:
+        if values is None:
+            return None
+        if len(values) == 1:
+            return tuple(values) * n
+        if len(values) != n:
+            raise InfeasibleError(f"{name} lists {len(values)} values but the plan has {n} stages; give one value or {n}")
+        return tuple(values)
+
+    def schedule(self, c: Candidate, caps: list[int] | None) -> Schedule:
+        key = (c.schedule, c.pp, c.num_microbatches, c.chunks, tuple(caps) if caps else None)
+        if key not in self._schedules:
+            self._schedules[key] = make_schedule(c.schedule, c.pp, c.num_microbatches, c.chunks, buffers=caps)
+        return self._schedules[key]
+
+    def in_flight(self, c: Candidate, caps: list[int] | None) -> tuple[int, ...]:
+        """Peak micro-batches in flight per stage: closed forms for GPipe/1F1B, else from the schedule."""
+        p, m = c.pp, c.num_microbatches
+        if c.schedule == "gpipe":
+            if caps and min(caps) < m:
+                raise ScheduleError(f"gpipe keeps all {m} micro-batches in flight but a stage has {min(caps)} buffers")
+            return (m,) * p
+        if c.schedule == "1f1b":
+            out, prev = [], m
+            for st in range(p):  # the warm-up recurrence of pipetrain.schedules.one_f_one_b
+                warm = min(p - 1 - st, m, (caps[st] if caps else 1 << 60) - 1, prev)
+                prev = warm
+                out.append(min(warm + 1, m))
+            return tuple(out)
+        if c.schedule == "interleaved" and m % p == 0:
+            return _interleaved_in_flight(p, m, c.chunks)
+        return peak_in_flight(self.schedule(c, caps))
+
+    def split(self, c: Candidate) -> _Split | None:
+        """Phase A: memory pre-check, then the exact partition; None (reason recorded) if nothing fits."""
+        job, S = self.job, c.pp * c.chunks
+        tab = self.tables_for(c.micro_batch_size)
+        n = tab.n
+        if S > n:
+            self.infeasible.append((c.describe(), f"{S} stages but the model has only {n} blocks"))
+            return None
+        place = placement(self.topo, c.pp, c.dp)
+        caps_rank = rank_caps(self.topo, place, max_memory_bytes=job.max_memory_bytes, max_memory_fraction=job.max_memory_fraction)
+        state = float(tab.model_state[0, n])
+        if state > sum(caps_rank):
+            self.infeasible.append((c.describe(), f"pp={c.pp}: weights+grads+optimizer state alone need {format_bytes(state)} "
+                                    f"> {c.pp} x {format_bytes(min(caps_rank))}"))
+            self.overflows.append((state / sum(caps_rank), c.describe(), PartitionInfeasibleError(
+                f"pp={c.pp}: the model state needs {format_bytes(state / c.pp)} per device", num_stages=S, stage=0,
+                need_bytes=state / c.pp, cap_bytes=min(caps_rank))))
+            return None
+        pinned_buf = self._per_stage(job.buffers, S, "buffers")
+        pinned_rec = self._per_stage(job.recompute, S, "recompute")
+        caps = list(pinned_buf) if pinned_buf else ([c.buffer_level] * S if c.buffer_level else None)
+        try:
+            inflight = self.in_flight(c, caps)
+        except ScheduleError as exc:
+            self.infeasible.append((c.describe(), str(exc)))
+            return None
+        buffers = tuple(pinned_buf) if pinned_buf else tuple(max(1, k) for k in inflight)
+        s2r = [st % c.pp for st in range(S)]
+        dts = [rank_device_type(self.topo, place, s2r[st]) for st in range(S)]
+        caps_stage = [caps_rank[s2r[st]] / c.chunks for st in range(S)]
+        tm, mm, rec_choice = [], [], []
+        for st in range(S):
+            t0, t1 = tab.time_matrix(dts[st], recompute=False), tab.time_matrix(dts[st], recompute=True)
+            m0 = tab.memory_matrix(in_flight=max(1, inflight[st]), buffers=buffers[st], recompute=False)
+            if pinned_rec is not None and not pinned_rec[st]:
+                tm.append(t0), mm.append(m0), rec_choice.append(np.zeros(m0.shape, dtype=bool))
+                continue
+            m1 = tab.memory_matrix(in_flight=max(1, inflight[st]), buffers=buffers[st], recompute=True)
+            if pinned_rec is not None:
+                tm.append(t1), mm.append(m1), rec_choice.append(np.ones(m0.shape, dtype=bool))
+            else:
+                use1 = m0 > caps_stage[st]
+                tm.append(np.where(use1, t1, t0)), mm.append(np.where(use1, m1, m0)), rec_choice.append(use1)
+        try:
+            if job.boundaries is not None:
+                if len(job.boundaries) != S - 1:
+                    raise InfeasibleError(f"boundaries {list(job.boundaries)} give {len(job.boundaries) + 1} stages but "
+                                          f"{c.describe()} has {S}")
+                if job.boundaries[-1] >= n:
+                    raise InfeasibleError(f"boundaries {list(job.boundaries)}: the model has blocks 0..{n - 1}")
+                sp = evaluate_partition(job.boundaries, num_blocks=n, stage_time=lambda k: tm[k],
+                                        stage_memory=lambda k: mm[k], caps=caps_stage)
+            else:
+                sp = partition(n, S, stage_time=lambda k: tm[k], stage_memory=lambda k: mm[k], caps=caps_stage,
+                               allowed_cuts=self.cuts(tab))
+        except PartitionInfeasibleError as exc:
+            reason = str(exc) + (f" (cap per chunk = rank cap / {c.chunks})" if c.chunks > 1 else "")
+            self.infeasible.append((c.describe(), reason))
+            self.overflows.append((exc.overflow_ratio, c.describe(), exc))
+            return None
+        except InfeasibleError as exc:
+            self.infeasible.append((c.describe(), str(exc)))
+            return None
+        rec = tuple(bool(rec_choice[k][a, b]) for k, (a, b) in enumerate(sp.ranges))
+        fwd = [float(tab.node_times(dts[k])[0][a:b].sum()) for k, (a, b) in enumerate(sp.ranges)]
+        m = c.num_microbatches
+        per_rank = [0.0] * c.pp
+        for k, t in enumerate(sp.stage_times_s):
+            per_rank[s2r[k]] += t
+        # Stage k cannot start before micro-batch 0 has gone forward through stages < k, and does
+        # m units of its own work: a lower bound on any schedule's makespan (so does every rank).
+        lb = max(max(sum(fwd[:k]) + m * t for k, t in enumerate(sp.stage_times_s)), m * max(per_rank))
+        return _Split(candidate=c, place=place, split=sp, recompute=rec, buffers=buffers, in_flight=tuple(inflight),
+                      caps=caps, stage_caps=tuple(caps_stage), rank_caps=tuple(caps_rank), lower_bound_s=lb)
+
+    def cuts(self, tab: StageTables) -> list[int]:
+        key = id(tab)
+        if key not in self._cuts:
+            self._cuts[key] = [cut.position for cut in tab.graph.cuts]
+        return self._cuts[key]
+
+    def screen(self, sp: _Split) -> Evaluated:
+        """Phase B: build the simulator input and run the fast evaluator."""
+        c = sp.candidate
+        tab = self.tables_for(c.micro_batch_size)
+        sched = self.schedule(c, sp.caps)
+        inp = sim_input(tables=tab, topology=self.topo, place=sp.place, schedule=sched, ranges=sp.split.ranges,
+                        buffers=sp.buffers, recompute=sp.recompute, in_flight=sp.in_flight)
+        return Evaluated(candidate=c, split=sp.split, recompute=sp.recompute, buffers=sp.buffers, in_flight=sp.in_flight,
+                         stage_caps_bytes=sp.stage_caps, rank_caps_bytes=sp.rank_caps, fast=fast_evaluate(inp), inp=inp)
+
+
+def _interleaved_in_flight(p: int, m: int, v: int) -> tuple[int, ...]:
+    """Peak in flight per virtual stage of :func:`pipetrain.schedules.interleaved`, from its order alone.
+
+    Replays the generator's per-rank order (warm-up forwards, then F/B pairs, then the rest of
+    the backwards) counting only, without building the action lists (tests check equality).
+    """
+    total = m * v
+    peak = [0] * (p * v)
+    for r in range(p):
+        warm = total if m == p else min(2 * (p - 1 - r) + (v - 1) * p, total)
+        cur = [0] * v
+        nf = nb = 0
+
+        def fwd() -> None:
+            nonlocal nf
+            ch = (nf % (p * v)) // p
+            cur[ch] += 1
+            peak[ch * p + r] = max(peak[ch * p + r], cur[ch])
+            nf += 1
+
+        def bwd() -> None:
+            nonlocal nb
+            cur[v - 1 - (nb % (p * v)) // p] -= 1
+            nb += 1
+
+        for _ in range(warm):
+            fwd()
+        for _ in range(total - warm):
+            fwd()
+            bwd()
+    return tuple(peak)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Split:
+    candidate: Candidate
+    place: Placement
+    split: PartitionResult
+    recompute: tuple[bool, ...]
+    buffers: tuple[int, ...]
+    in_flight: tuple[int, ...]
+    caps: list[int] | None
+    stage_caps: tuple[float, ...]
+    rank_caps: tuple[float, ...]
+    lower_bound_s: float
+
+
+def search(job: Job, *, graph_for: Callable[[int], LayerGraph] | None = None, topology: Topology | None = None,
+           cost: CostModel | None = None, top_k: int = 3, max_microbatch_size: int = 32, max_sizes: int = 6,
+           explain: bool = True) -> SearchResult:
+    """Search the best plan for ``job`` (see module docstring); raise InfeasibleError when nothing fits.
+
+    ``graph_for(b)`` returns the layer graph at micro-batch size ``b`` (default: trace ``job.model``);
+    ``explain`` False skips working out the smallest fix when nothing fits (used for that work itself).
+    """
+    t0 = time.perf_counter()
+    topo = topology or resolve_topology(job.topology)
+    if graph_for is None:
+        graph_for = _tracer(job)
+    allowed = runnable_schedules()
+    if job.schedule and job.schedule not in allowed and not job.simulation_only:
+        raise InfeasibleError(f"schedule {job.schedule!r} is simulation-only (the executor runs {', '.join(allowed)}): "
+                              f"add --simulation-only (simulation_only: true) for a what-if, or pick one of those")
+    s = _Searcher(job, topo, graph_for, cost, top_k)
+    n_blocks = s.tables_for(job.microbatch_size or 1).n
+    grid, bad = _grid(job, topo.num_devices, n_blocks, allowed, max_microbatch_size, max_sizes)
+    s.infeasible.extend(bad)
+    splits: list[_Split] = []
+    for c in grid:  # phase A: exact partition of every grid point
+        sp = s.split(c)
+        if sp is None and job.buffers is None and c.schedule in ("1f1b", "zb-h1"):
+            for level in _BUFFER_LEVELS:  # fewer buffers: less memory, never faster
+                if level < min(c.pp, c.num_microbatches):
+                    sp = s.split(replace(c, buffer_level=level))
+                    if sp is not None:
+                        break
+        if sp is not None:
+            splits.append(sp)
+    if not splits:
+        raise _nothing_fits(job, s, explain)
+    splits.sort(key=lambda x: (x.lower_bound_s, x.candidate))
+    screened: list[Evaluated] = []
+    pruned = 0
+    for sp in splits:  # phase B: branch and bound over the fast evaluator
+        if len(screened) >= top_k and sp.lower_bound_s > sorted(e.fast.step_time_s for e in screened)[top_k - 1]:
+            pruned += 1
+            continue
+        screened.append(s.screen(sp))
+    screened.sort(key=lambda e: (e.fast.step_time_s, e.candidate))
+    confirmed = [replace(ev, sim=simulate(ev.inp)) for ev in screened[:max(1, top_k)]]  # type: ignore[arg-type]
+    fitting = [e for e in confirmed if e.fits()]
+    for e in confirmed:
+        if not e.fits():
+            worst = max(range(e.candidate.pp), key=lambda r: e.rank_peaks_bytes()[r] / e.rank_caps_bytes[r])
+            s.infeasible.append((e.candidate.describe(), f"simulated peak of rank {worst} "
+                                 f"{format_bytes(e.rank_peaks_bytes()[worst])} > {format_bytes(e.rank_caps_bytes[worst])}"))
+    if not fitting:
+        raise _nothing_fits(job, s, explain)
+    fitting.sort(key=lambda e: (e.sim.step_time_s, e.candidate))  # type: ignore[union-attr]
+    return SearchResult(best=fitting[0], confirmed=tuple(fitting), screened=tuple(screened), infeasible=tuple(s.infeasible),
+                        tables=s.tables, topology=topo, job=job, elapsed_s=time.perf_counter() - t0, pruned=pruned)
+
+
+def _tracer(job: Job) -> Callable[[int], LayerGraph]:
+    cache: dict[int, LayerGraph] = {}
+
+    def graph_for(b: int) -> LayerGraph:
+        if b not in cache:
+            from pipetrain.planner.trace import trace_graph
+
+            cache[b] = trace_graph(job.model, micro_batch_size=b, seq_len=job.seq_len, dtype=job.dtype)
+        return cache[b]
+
+    return graph_for
+
+
+def _nothing_fits(job: Job, s: _Searcher, explain: bool) -> InfeasibleError:
+    """The smallest change that would make a plan fit: an unpinned knob, or the memory it needs."""
+    hints: list[str] = []
+    for knob, value in job.pinned.items() if explain else ():
+        if knob == "boundaries":
+            continue
+        try:
+            trial = search(replace(job, **{knob: None}), graph_for=s.graph_for, topology=s.topo, cost=s.cost, top_k=1,
+                           explain=False)
+        except PipetrainError:
+            continue
+        hints.append(f"unpin {knob} (={_fmt(value)}): {trial.best.candidate.describe()} fits")
+    if s.overflows:
+        ratio, desc, exc = min(s.overflows, key=lambda o: (o[0], o[1]))
+        if math.isfinite(ratio):
+            more = f"; or enable recompute" if job.recompute is not None and not all(job.recompute) else ""
+            hints.append(f"closest: {desc}, where {exc}: give each device {format_bytes(exc.need_bytes)} "
+                         f"(max_memory) or more devices{more}")
+    if not hints and s.infeasible:
+        hints.append(s.infeasible[0][0] + ": " + s.infeasible[0][1])
+    return InfeasibleError("no plan fits: " + ("; ".join(hints[:3]) if hints else "no candidate configuration"))
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, tuple):
+        return ",".join(str(x).lower() for x in v)
+    return str(v)
