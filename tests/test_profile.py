@@ -18,7 +18,7 @@ from pipetrain.planner.calibrate import CalibratedCostModel, fit_calibration, re
 from pipetrain.planner.costs import AnalyticCostModel, CostModel  # noqa: E402
 from pipetrain.planner.memory import activation_bytes_per_microbatch, block_activation_bytes, loss_saved_bytes  # noqa: E402
 from pipetrain.planner.profile import (  # noqa: E402
-    BlockProfile, ProfiledCostModel, load_or_profile, measure_saved_bytes, measure_stage, profile_model,
+    BlockProfile, ProfiledCostModel, load_or_profile, measure_saved_bytes, measure_stage, profile_and_measure, profile_model,
 )
 from pipetrain.planner.topology import topology_preset  # noqa: E402
 from pipetrain.planner.trace import trace_graph  # noqa: E402
@@ -65,20 +65,34 @@ def _within(pred: float, real: float, tol: float) -> bool:
     return abs(pred - real) <= tol * real
 
 
-@pytest.mark.parametrize("start, end", [(1, 3), (1, 5)])
-def test_profiled_stage_time_predicts_a_fresh_measurement(start: int, end: int) -> None:
+def test_profiled_stage_time_predicts_a_fresh_measurement() -> None:
+    """Stages of 2 and 4 tiny-gpt layers, fwd+bwd: profile sum vs the stage run as one unit.
+
+    The machine is shared with other jobs, so the stage runs are interleaved with the block
+    runs round by round (a burst of load hits both; medians of 9) and a spoiled attempt is
+    retried up to 3 times."""
     graph = trace_graph("tiny-gpt", **TINY)
+    stages = [(1, 3), (1, 5)]
     seen = []
-    for _attempt in range(3):  # the machine is shared: a burst of load can spoil one attempt
-        prof = profile_model("tiny-gpt", **TINY, threads=1, warmup=2, repeats=9)
-        predicted = ProfiledCostModel(prof).stage_costs(graph, start, end, CPU)
-        f, b = measure_stage("tiny-gpt", start, end, **TINY, threads=1, warmup=2, repeats=9)
-        seen.append((predicted.t_fwd_s + predicted.t_bwd_s, f + b))
-        if _within(*seen[-1], 0.10):
+    for _attempt in range(3):
+        prof, measured = profile_and_measure("tiny-gpt", stages, **TINY, threads=1, warmup=2, repeats=9, share_identical=False)
+        model = ProfiledCostModel(prof)
+        pairs = [(model.stage_costs(graph, a, b, CPU).t_fwd_s + model.stage_costs(graph, a, b, CPU).t_bwd_s, f + bw)
+                 for (a, b), (f, bw) in zip(stages, measured)]
+        seen.append(pairs)
+        if all(_within(p, r, 0.10) for p, r in pairs):
             break
-    pred, real = seen[-1]
-    assert _within(pred, real, 0.10), f"blocks [{start},{end}): predicted/measured (s) per attempt {seen}"
-    assert predicted.t_recompute_s == 0 and 0 < predicted.t_wgrad_s < predicted.t_bwd_s
+    assert all(_within(p, r, 0.10) for p, r in seen[-1]), f"predicted/measured (s) for stages {stages} per attempt: {seen}"
+    c = model.stage_costs(graph, 1, 5, CPU)
+    assert c.t_recompute_s == 0 and 0 < c.t_wgrad_s < c.t_bwd_s
+
+
+def test_measure_stage_alone_agrees_roughly_with_the_profile() -> None:
+    """measure_stage on its own (no interleaving) lands in the same range as the profile."""
+    f, b = measure_stage("tiny-gpt", 1, 3, **TINY, threads=1, warmup=1, repeats=3)
+    prof = profile_model("tiny-gpt", **TINY, threads=1, warmup=1, repeats=3)
+    pred = sum(t.fwd_s + t.bwd_s for t in prof.blocks[1:3])
+    assert 0.3 < pred / (f + b) < 3.0
 
 
 def test_profile_cache_round_trip_and_checks(tmp_path: Path) -> None:

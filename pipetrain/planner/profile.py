@@ -23,7 +23,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Sequence
 
 from pipetrain.errors import ConfigError
 from pipetrain.planner.costs import StageCost, optimizer_step_time_s, p2p_time_s, ring_allreduce_time_s
@@ -32,7 +32,8 @@ from pipetrain.planner.topology import DeviceType, Link
 from pipetrain.serde import from_dict, to_dict
 
 __all__ = [
-    "PROFILE_SCHEMA_VERSION", "BlockTiming", "BlockProfile", "ProfiledCostModel", "profile_model", "load_or_profile",
+    "PROFILE_SCHEMA_VERSION", "BlockTiming", "BlockProfile", "ProfiledCostModel", "profile_model", "profile_and_measure",
+    "load_or_profile",
     "measure_stage", "measure_saved_bytes", "default_cache_dir", "local_device_name",
 ]
 
@@ -172,34 +173,45 @@ class _Setup:
         x = self.inputs[i]
         return x.detach().requires_grad_(True) if x.is_floating_point() else x
 
-    def time_range(self, start: int, end: int, warmup: int, repeats: int) -> tuple[float, float]:
-        """Median forward and backward seconds of blocks [start, end) run as one stage."""
+    def _once(self, start: int, end: int, grads: dict[tuple[int, int], Any]) -> tuple[float, float]:
+        """One forward and backward of blocks [start, end): (seconds, seconds)."""
         torch = self.torch
-        blocks = self.model.blocks[start:end]
         last = end == self.n
+        x = self.leaf(start)
+        self.sync()
+        t0 = time.perf_counter()
+        with self.autocast():
+            for b in self.model.blocks[start:end]:
+                x = b(x)
+            if last:
+                x = self.spec.loss(x, self.target)
+        self.sync()
+        t1 = time.perf_counter()
         grad = None
-        fwd: list[float] = []
-        bwd: list[float] = []
+        if not last:
+            grad = grads.get((start, end))
+            if grad is None:
+                gen = torch.Generator().manual_seed(1)
+                grad = grads[(start, end)] = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x.device, x.dtype)
+        x.backward(grad)
+        self.sync()
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1
+
+    def time_ranges(self, ranges: Sequence[tuple[int, int]], warmup: int, repeats: int) -> list[tuple[float, float]]:
+        """Median forward and backward seconds of each block range run as one stage.
+
+        Rounds interleave the ranges (round r times every range once), so a burst of load
+        from other processes on a shared machine hits all ranges alike.
+        """
+        grads: dict[tuple[int, int], Any] = {}
+        samples: list[list[tuple[float, float]]] = [[] for _ in ranges]
         for r in range(warmup + repeats):
-            x = self.leaf(start)
-            self.sync()
-            t0 = time.perf_counter()
-            with self.autocast():
-                for b in blocks:
-                    x = b(x)
-                if last:
-                    x = self.spec.loss(x, self.target)
-            self.sync()
-            t1 = time.perf_counter()
-            if grad is None and not last:
-                grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float32).to(x.device, x.dtype)
-            x.backward(None if last else grad)
-            self.sync()
-            t2 = time.perf_counter()
-            if r >= warmup:
-                fwd.append(t1 - t0)
-                bwd.append(t2 - t1)
-        return statistics.median(fwd), statistics.median(bwd)
+            for k, (a, b) in enumerate(ranges):
+                t = self._once(a, b, grads)
+                if r >= warmup:
+                    samples[k].append(t)
+        return [(statistics.median(f for f, _ in ss), statistics.median(b for _, b in ss)) for ss in samples]
 
 
 def _threads(threads: int | None) -> Any:
@@ -218,34 +230,59 @@ def _threads(threads: int | None) -> Any:
     return _Ctx()
 
 
+def _profile(s: _Setup, model: str, micro_batch_size: int, dtype: str, device: str, threads: int | None, warmup: int,
+             repeats: int, share_identical: bool, stages: Sequence[tuple[int, int]]) -> tuple[BlockProfile, list[tuple[float, float]]]:
+    measure: list[int] = []
+    shared: dict[int, int] = {}
+    seen: dict[Any, int] = {}
+    for i, block in enumerate(s.model.blocks):
+        sig = getattr(block, "trace_signature", None)
+        key = (sig, tuple(s.inputs[i].shape), str(s.inputs[i].dtype), i == s.n - 1) if sig is not None else None
+        if share_identical and key is not None and key in seen:
+            shared[i] = seen[key]
+            continue
+        measure.append(i)
+        if key is not None:
+            seen[key] = i
+    for a, b in stages:
+        if not 0 <= a < b <= s.n:
+            raise ConfigError(f"stage range [{a}, {b}) is not within the model's {s.n} blocks")
+    times = s.time_ranges([(i, i + 1) for i in measure] + list(stages), warmup, repeats)
+    own = dict(zip(measure, times))
+    timings = []
+    for i in range(s.n):
+        src = shared.get(i, i)
+        f, b = own[src]
+        timings.append(BlockTiming(name=s.model.block_names[i], kind=s.model.block_kinds[i], fwd_s=f, bwd_s=b,
+                                   measured_as=src if src != i else -1))
+    prof = BlockProfile(model=model, micro_batch_size=micro_batch_size, seq_len=s.seq_len, dtype=dtype,
+                        device=local_device_name(device, threads), device_kind="gpu" if s.device.type == "cuda" else "cpu",
+                        warmup=warmup, repeats=repeats, blocks=tuple(timings))
+    return prof, times[len(measure):]
+
+
 def profile_model(model: str, *, micro_batch_size: int, seq_len: int | None = None, dtype: str = "fp32",
                   device: str = "cpu", warmup: int = 2, repeats: int = 7, seed: int = 0, share_identical: bool = True,
-                  threads: int | None = None, progress: Callable[[int, int], None] | None = None) -> BlockProfile:
+                  threads: int | None = None) -> BlockProfile:
     """Time every block of zoo model ``model`` on ``device`` (see module docstring)."""
+    return profile_and_measure(model, (), micro_batch_size=micro_batch_size, seq_len=seq_len, dtype=dtype, device=device,
+                               warmup=warmup, repeats=repeats, seed=seed, share_identical=share_identical, threads=threads)[0]
+
+
+def profile_and_measure(model: str, stages: Sequence[tuple[int, int]], *, micro_batch_size: int, seq_len: int | None = None,
+                        dtype: str = "fp32", device: str = "cpu", warmup: int = 2, repeats: int = 7, seed: int = 0,
+                        share_identical: bool = True, threads: int | None = None) -> tuple[BlockProfile, list[tuple[float, float]]]:
+    """A profile and, in the same interleaved rounds, fresh (fwd, bwd) medians of whole stages.
+
+    Each stage ``(start, end)`` runs blocks [start, end) as one unit, as a pipeline stage would;
+    comparing it with the profile's per-block sum checks the profiled grade on a shared, noisy
+    machine (load bursts hit the blocks and the stages alike).
+    """
     if warmup < 0 or repeats < 1:
         raise ConfigError(f"profiling needs warmup >= 0 and repeats >= 1, got {warmup}, {repeats}")
     with _threads(threads):
         s = _Setup(model, micro_batch_size, seq_len, dtype, device, seed)
-        timings: list[BlockTiming] = []
-        seen: dict[Any, int] = {}
-        for i, block in enumerate(s.model.blocks):
-            sig = getattr(block, "trace_signature", None)
-            key = (sig, tuple(s.inputs[i].shape), str(s.inputs[i].dtype), i == s.n - 1) if sig is not None else None
-            name, kind = s.model.block_names[i], s.model.block_kinds[i]
-            if share_identical and key is not None and key in seen:
-                src = timings[seen[key]]
-                timings.append(BlockTiming(name=name, kind=kind, fwd_s=src.fwd_s, bwd_s=src.bwd_s, measured_as=seen[key]))
-                continue
-            f, b = s.time_range(i, i + 1, warmup, repeats)
-            timings.append(BlockTiming(name=name, kind=kind, fwd_s=f, bwd_s=b))
-            if key is not None:
-                seen[key] = i
-            if progress:
-                progress(i + 1, s.n)
-        dev_name = local_device_name(device, threads)
-    return BlockProfile(model=model, micro_batch_size=micro_batch_size, seq_len=s.seq_len, dtype=dtype, device=dev_name,
-                        device_kind="gpu" if s.device.type == "cuda" else "cpu", warmup=warmup, repeats=repeats,
-                        blocks=tuple(timings))
+        return _profile(s, model, micro_batch_size, dtype, device, threads, warmup, repeats, share_identical, stages)
 
 
 def load_or_profile(model: str, *, micro_batch_size: int, seq_len: int | None = None, dtype: str = "fp32", device: str = "cpu",
@@ -269,7 +306,7 @@ def measure_stage(model: str, start: int, end: int, *, micro_batch_size: int, se
         s = _Setup(model, micro_batch_size, seq_len, dtype, device, seed)
         if not 0 <= start < end <= s.n:
             raise ConfigError(f"stage range [{start}, {end}) is not within the model's {s.n} blocks")
-        return s.time_range(start, end, warmup, repeats)
+        return s.time_ranges([(start, end)], warmup, repeats)[0]
 
 
 def measure_saved_bytes(model: str, *, micro_batch_size: int, seq_len: int | None = None, dtype: str = "fp32",
