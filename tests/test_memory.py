@@ -111,7 +111,8 @@ def test_bad_arguments(kw: dict) -> None:
 
 
 def test_imports_without_torch() -> None:
-    code = "import sys; import pipetrain.planner.memory, pipetrain.planner.costs; assert 'torch' not in sys.modules"
+    code = ("import sys; import pipetrain.planner.memory, pipetrain.planner.costs, pipetrain.planner.profile, "
+            "pipetrain.planner.calibrate; assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 

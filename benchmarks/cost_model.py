@@ -1,0 +1,109 @@
+"""Cost-model grades against measurement, per block and per stage, on this machine.
+
+For one model and shape it:
+1. traces the layer graph (FLOPs, bytes) on the meta device;
+2. profiles every block (median of repeats) and, in the same interleaved rounds, measures each
+   block and some multi-block stages again as units ("measured": a fresh run);
+3. fits the calibrated grade to profiles at the training shapes (--fit-shapes) and reports
+   its error before/after, both on those profiles and on a held-out shape it never saw;
+4. prints, per block and per stage, analytic / calibrated / profiled predictions as ratios
+   to the measured time (1.00 = exact), and the command that reproduces the run.
+
+    .venv/bin/python benchmarks/cost_model.py [--model tiny-gpt] [--micro-batch-size 8] [--seq-len 128]
+        [--threads 1] [--repeats 15] [--device cpu|cuda] [--preset local-cpu:1|dgx-h100:1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipetrain.planner.calibrate import CalibratedCostModel, fit_calibration, mean_abs_relative_error, relative_errors  # noqa: E402
+from pipetrain.planner.costs import AnalyticCostModel  # noqa: E402
+from pipetrain.planner.profile import ProfiledCostModel, profile_and_measure, profile_model  # noqa: E402
+from pipetrain.planner.topology import resolve_topology  # noqa: E402
+from pipetrain.planner.trace import trace_graph  # noqa: E402
+
+
+def _shape(text: str) -> tuple[int, int]:
+    mbs, _, seq = text.partition("x")
+    return int(mbs), int(seq)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="tiny-gpt")
+    ap.add_argument("--micro-batch-size", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--preset", default=None, help="topology whose first device type the analytic grade uses "
+                    "(default local-cpu:1 on cpu, dgx-h100:1 on cuda)")
+    ap.add_argument("--fit-shapes", default="8x128,2x64", help="micro-batch x seq-len shapes the calibration fits on")
+    ap.add_argument("--holdout", default="4x96", help="a shape the calibration never sees")
+    args = ap.parse_args(argv)
+    cmd = (f"python benchmarks/cost_model.py --model {shlex.quote(args.model)} --micro-batch-size {args.micro_batch_size} "
+           f"--seq-len {args.seq_len} --dtype {args.dtype} --threads {args.threads} --repeats {args.repeats} "
+           f"--device {args.device} --fit-shapes {args.fit_shapes} --holdout {args.holdout}" + (f" --preset {args.preset}" if args.preset else ""))
+    preset = args.preset or ("dgx-h100:1" if args.device.startswith("cuda") else "local-cpu:1")
+    dev = resolve_topology(preset).device_type_of(0)
+    kw = dict(dtype=args.dtype, device=args.device, threads=args.threads, repeats=args.repeats)
+
+    mbs, seq = args.micro_batch_size, args.seq_len
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    graph = trace_graph(args.model, micro_batch_size=mbs, seq_len=seq, dtype=args.dtype)
+    n = graph.num_nodes
+    stages = [(1, 3), (1, min(5, n - 1)), (0, n)] if n > 3 else [(0, n)]
+    singles = [(i, i + 1) for i in range(n)]
+    prof, measured = profile_and_measure(args.model, singles + stages, micro_batch_size=mbs, seq_len=seq, share_identical=False, **kw)
+
+    # calibration: fit at the fit shapes (incl. this run's profile when it is one of them)
+    fit_shapes = [_shape(s) for s in args.fit_shapes.split(",") if s]
+    samples = []
+    for fm, fs in fit_shapes:
+        p = prof if (fm, fs) == (mbs, seq) else profile_model(args.model, micro_batch_size=fm, seq_len=fs, **kw)
+        samples.append((trace_graph(args.model, micro_batch_size=fm, seq_len=fs, dtype=args.dtype), p))
+    fit = fit_calibration(samples, dev)
+    hm, hs = _shape(args.holdout)
+    held = [(trace_graph(args.model, micro_batch_size=hm, seq_len=hs, dtype=args.dtype),
+             profile_model(args.model, micro_batch_size=hm, seq_len=hs, **kw))]
+    held_before = mean_abs_relative_error(relative_errors(held, dev))
+    held_after = mean_abs_relative_error(relative_errors(held, dev, fit.params))
+
+    grades = {"analytic": AnalyticCostModel(), "calibrated": CalibratedCostModel(fit), "profiled": ProfiledCostModel(prof)}
+    print(f"{args.model} micro-batch {mbs} x seq {seq} {args.dtype} on {prof.device}; analytic device type {dev.name} "
+          f"(peak {dev.peak_flops(args.dtype) / 1e9:.0f} GFLOP/s x eff {dev.efficiency}, {dev.memory_bandwidth_bytes_per_s / 1e9:.0f} GB/s)")
+    print("fwd+bwd per micro-batch; columns analytic/calibrated/profiled are predicted / measured (1.00 = exact)")
+    print(f"{'blocks':<16}{'kind':<12}{'GFLOP':>8}{'measured ms':>13}{'analytic':>10}{'calibrated':>12}{'profiled':>10}")
+    rows = [(f"{graph.nodes[i].name}", graph.nodes[i].kind, (i, i + 1)) for i in range(n)]
+    rows += [(f"stage [{a},{b})", f"{b - a} blocks", (a, b)) for a, b in stages]
+    for (label, kind, (a, b)), (f, bw) in zip(rows, measured):
+        real = f + bw
+        flops = sum(nd.fwd_flops + nd.bwd_flops for nd in graph.nodes[a:b]) / 1e9
+        ratios = [grades[g].stage_costs(graph, a, b, dev).t_total_s / real if g != "profiled"
+                  else (lambda c: (c.t_fwd_s + c.t_bwd_s) / real)(grades[g].stage_costs(graph, a, b, dev)) for g in grades]
+        print(f"{label:<16}{kind:<12}{flops:>8.3f}{real * 1e3:>13.3f}{ratios[0]:>10.2f}{ratios[1]:>12.2f}{ratios[2]:>10.2f}")
+    print(f"\ncalibration (scipy least_squares, {fit.num_samples} samples at shapes {args.fit_shapes}): "
+          f"mean |pred-meas|/meas per block pass {fit.error_before:.3f} -> {fit.error_after:.3f} "
+          f"({fit.error_before / max(fit.error_after, 1e-12):.1f}x lower)")
+    print(f"held-out shape {args.holdout}: {held_before:.3f} -> {held_after:.3f} ({held_before / max(held_after, 1e-12):.1f}x lower)")
+    effs = ", ".join(f"{k} {v:.3f}" for k, v in fit.efficiency_by_kind.items())
+    print(f"fitted: compute efficiency {effs}, bwd scale {fit.bwd_efficiency_scale:.2f}, "
+          f"memory efficiency {fit.memory_efficiency:.3f}, overhead fwd {fit.overhead_fwd_s * 1e6:.1f} us / bwd {fit.overhead_bwd_s * 1e6:.1f} us per block")
+    share = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+    print(f"machine: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; this run got {share:.0%} of a core "
+          "(a shared machine: ratios within one run are comparable, absolute ms are not)")
+    print(f"\nreproduce: {cmd}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
