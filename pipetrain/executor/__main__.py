@@ -49,7 +49,7 @@ def entry(argv: list[str] | None = None) -> int:
         except OSError:
             pass
         print(f"rank {rank} failed: {line}", file=sys.stderr)
-        if not isinstance(exc, PipetrainError):
+        if not isinstance(exc, PipetrainError) and not secondary:
             traceback.print_exc()
         sys.stderr.flush()
         os._exit(3 if secondary else 1)
