@@ -108,6 +108,8 @@ def test_profile_cache_round_trip_and_checks(tmp_path: Path) -> None:
     g = trace_graph("tiny-gpt", micro_batch_size=2, seq_len=16)
     c = model.stage_costs(g, 0, 6, CPU, recompute=True)
     assert c.t_fwd_s == pytest.approx(sum(b.fwd_s for b in p1.blocks)) and c.t_recompute_s == c.t_fwd_s
+    nt = model.node_times(g, CPU)
+    assert nt.bwd_s[2] == p1.blocks[2].bwd_s and 0 < nt.wgrad_s[2] < nt.bwd_s[2]
     with pytest.raises(ConfigError, match="re-profile at that shape"):
         model.stage_costs(trace_graph("tiny-gpt", micro_batch_size=4, seq_len=16), 0, 2, CPU)
     with pytest.raises(ConfigError, match="analytic or calibrated"):

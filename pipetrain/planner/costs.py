@@ -76,7 +76,12 @@ class StageCost:
 
 @runtime_checkable
 class CostModel(Protocol):
-    """What the planner and simulator ask of any grade."""
+    """What the planner and simulator ask of any grade.
+
+    Every grade here also has ``node_times(graph, device_type) -> NodeTimes`` (per-node
+    seconds, so a planner can sum O(n^2) ranges with prefix sums) and
+    ``allreduce_time_s(nbytes, n, link)``; they are not part of the protocol.
+    """
 
     name: str
 

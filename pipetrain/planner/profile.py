@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pipetrain.errors import ConfigError
-from pipetrain.planner.costs import StageCost, optimizer_step_time_s, p2p_time_s, ring_allreduce_time_s
+from pipetrain.planner.costs import (NodeTimes, StageCost, optimizer_step_time_s, p2p_time_s, ring_allreduce_time_s,
+                                     stage_from_node_times)
 from pipetrain.planner.graph import LayerGraph
 from pipetrain.planner.topology import DeviceType, Link
 from pipetrain.serde import from_dict, to_dict
@@ -366,16 +367,16 @@ class ProfiledCostModel:
             raise ConfigError(f"profile was measured on {p.device} but the stage runs on {device_type.name} ({device_type.kind}): "
                               "use the analytic or calibrated cost model for other devices")
 
-    def stage_costs(self, graph: LayerGraph, start: int, end: int, device_type: DeviceType, *, recompute: bool = False) -> StageCost:
+    def node_times(self, graph: LayerGraph, device_type: DeviceType) -> NodeTimes:
+        """Per-node (fwd, bwd, wgrad) seconds, the planner's fast path (as AnalyticCostModel's)."""
         self._check(graph, device_type)
-        if not 0 <= start < end <= graph.num_nodes:
-            raise ConfigError(f"stage range [{start}, {end}) is not within the graph's {graph.num_nodes} nodes")
-        f = b = w = 0.0
-        for node, t in zip(graph.nodes[start:end], self.profile.blocks[start:end]):
-            f += t.fwd_s
-            b += t.bwd_s
-            w += t.bwd_s * (node.wgrad_flops / node.bwd_flops) if node.bwd_flops > 0 else 0.0
-        return StageCost(t_fwd_s=f, t_bwd_s=b, t_wgrad_s=min(w, b), t_recompute_s=f if recompute else 0.0)
+        blocks = self.profile.blocks
+        wgrad = tuple(min(t.bwd_s, t.bwd_s * node.wgrad_flops / node.bwd_flops) if node.bwd_flops > 0 else 0.0
+                      for node, t in zip(graph.nodes, blocks))
+        return NodeTimes(fwd_s=tuple(t.fwd_s for t in blocks), bwd_s=tuple(t.bwd_s for t in blocks), wgrad_s=wgrad)
+
+    def stage_costs(self, graph: LayerGraph, start: int, end: int, device_type: DeviceType, *, recompute: bool = False) -> StageCost:
+        return stage_from_node_times(self.node_times(graph, device_type), start, end, recompute=recompute)
 
     def p2p_time_s(self, nbytes: float, link: Link) -> float:
         return p2p_time_s(nbytes, link)
