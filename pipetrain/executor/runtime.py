@@ -70,6 +70,9 @@ class SavedBytes:
             pass
         return t
 
+    def add_input(self, x: torch.Tensor) -> None:
+        self.pack(x)
+
     @staticmethod
     def unpack(t: torch.Tensor) -> torch.Tensor:
         return t
@@ -223,6 +226,8 @@ class PipelineRuntime:
                         out = self.loss_fn(out.float(), targets[mb])
                     elif st.out_dtype is not None and out.dtype != st.out_dtype:
                         out = out.to(st.out_dtype)
+                if st.recompute:  # checkpoint keeps the stage input alive until backward
+                    self.saved.add_input(x)
                 self.saved.end((s, mb))
                 tel.add("F", s, mb, t0, tel.now())
                 ctx[(s, mb)] = (x, out, i)
