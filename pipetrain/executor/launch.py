@@ -10,6 +10,8 @@ returns the :class:`~pipetrain.executor.result.RunResult` rank 0 wrote.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import socket
 import sys
@@ -81,6 +83,10 @@ def launch(cfg: RunConfig, *, plan: Plan | None = None, monitor_interval_s: floa
     plan = plan or Plan.load(cfg.plan_path)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # what `pipetrain validate RUN_DIR` / `pipetrain report RUN_DIR` read back (same plan, same options)
+    if not (run_dir / "plan.json").exists() or (run_dir / "plan.json").resolve() != Path(cfg.plan_path).resolve():
+        plan.save(run_dir / "plan.json")
+    (run_dir / "run_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
     for f in (run_dir / "failures").glob("rank*.txt"):
         f.unlink()
     if not cfg.resume:

@@ -24,6 +24,8 @@ class ReferenceResult:
     losses: tuple[float, ...]
     grad_norms: tuple[float, ...]
     state: dict[str, Any]  # full model state_dict ("blocks.{i}.*"), CPU tensors
+    stage_grad_norms: tuple[tuple[float, ...], ...] = ()  # [step][stage], before clipping (tied copy at its owner)
+    step_times_s: tuple[float, ...] = ()  # wall time of each step on this one device
 
 
 def reference_run(plan: Plan, *, steps: int, dataset: str = "synthetic", lr: float = 0.0, weight_decay: float = 0.0,
@@ -69,8 +71,13 @@ def _run(plan: Plan, *, steps: int, dataset: str, lr: float, weight_decay: float
     m, dp = plan.num_microbatches, plan.dp
     losses: list[float] = []
     norms: list[float] = []
+    stage_norms: list[tuple[float, ...]] = []
+    times: list[float] = []
     dev = torch.device(device)
+    import time
+
     for step in range(steps):
+        t_step = time.perf_counter()
         idx = sampler.indices(step)
         replica_grads: list[list[torch.Tensor]] = []
         replica_loss = []
@@ -111,6 +118,16 @@ def _run(plan: Plan, *, steps: int, dataset: str, lr: float, weight_decay: float
             if id(p) not in not_owned:
                 sq += p.grad.double().pow(2).sum()
         norm = float(sq.sqrt())
+        seen = set(not_owned)
+        per_stage = []
+        for s in range(len(plan.stages)):
+            acc = 0.0
+            for p in stages[s].parameters():
+                if id(p) not in seen and p.grad is not None:
+                    seen.add(id(p))
+                    acc += float(p.grad.double().pow(2).sum())
+            per_stage.append(acc ** 0.5)
+        stage_norms.append(tuple(per_stage))
         coef = clip_coefficient(norm, clip_norm)
         if coef < 1.0:
             for p in params:
@@ -121,8 +138,9 @@ def _run(plan: Plan, *, steps: int, dataset: str, lr: float, weight_decay: float
             tot = tot + replica_loss[d]
         losses.append(float(tot / dp))
         norms.append(norm if clip_norm > 0 else 0.0)
-    return ReferenceResult(losses=tuple(losses), grad_norms=tuple(norms),
-                           state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        times.append(time.perf_counter() - t_step)
+    return ReferenceResult(losses=tuple(losses), grad_norms=tuple(norms), stage_grad_norms=tuple(stage_norms),
+                           step_times_s=tuple(times), state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
 
 
 def _untie_across_stages(model: Any, plan: Plan) -> list[list[Any]]:

@@ -47,6 +47,42 @@ def _fault_hook(rank: int) -> Any:
     return hook
 
 
+def _grad_scale_hook() -> Any:
+    """Validation test hook: ``PIPETRAIN_INJECT_GRAD_SCALE=stage:factor`` multiplies that stage's
+    gradients by ``factor`` after every backward (a deliberately broken pipeline)."""
+    spec = os.environ.get("PIPETRAIN_INJECT_GRAD_SCALE", "")
+    if not spec:
+        return None
+    stage_text, _, factor_text = spec.partition(":")
+    stage, factor = int(stage_text), float(factor_text)
+
+    def hook(step: int, modules: dict[int, Any]) -> None:
+        if stage in modules:
+            for p in modules[stage].parameters():
+                if p.grad is not None:
+                    p.grad.mul_(factor)
+
+    return hook
+
+
+def _stage_grad_norms(modules: dict[int, Any], ties: list[tuple[Any, Any, bool]], norm: float, clip_norm: float) -> dict[str, float]:
+    """Per-stage gradient L2 norm before clipping (a tied copy counts only at its owner), as the reference computes it."""
+    from pipetrain.executor.optim import clip_coefficient
+
+    coef = clip_coefficient(norm, clip_norm)
+    skip = {id(p) for p, _, owner in ties if not owner}
+    out: dict[str, float] = {}
+    for s in sorted(modules):
+        sq = 0.0
+        for p in modules[s].parameters():
+            if id(p) in skip or p.grad is None:
+                continue
+            skip.add(id(p))
+            sq += float(p.grad.detach().double().pow(2).sum())
+        out[str(s)] = sq ** 0.5 / coef
+    return out
+
+
 def main(cfg: RunConfig) -> int:
     import torch
     import torch.distributed as dist
@@ -194,6 +230,7 @@ def _train(cfg: RunConfig, plan: Plan, spec: Any, model: Any, device: Any, timeo
 
     static_bytes = sum(p.numel() * p.element_size() for p in params) * 2
     pool_bytes = sum(r.in_pool.nbytes + (r.grad_pool.nbytes if r.grad_pool else 0) for r in runtimes.values())
+    grad_scale = _grad_scale_hook()
     for step in range(start_step, cfg.steps):
         t_step = time.perf_counter()
         idx = sampler.indices(step)[layout.dp_rank]
@@ -201,7 +238,10 @@ def _train(cfg: RunConfig, plan: Plan, spec: Any, model: Any, device: Any, timeo
         targets = [_batch(source.targets, ids, device) for ids in idx] if need_targets else None
         rt.saved.peak = 0
         losses = rt.run_step(step, inputs, targets)
+        if grad_scale is not None:
+            grad_scale(step, modules)
         norm = sync.sync()
+        stage_norms = _stage_grad_norms(modules, tie_params, norm, cfg.clip_norm)
         t0 = tel.now()
         opt.step()
         opt.zero_grad(set_to_none=False)
@@ -223,7 +263,7 @@ def _train(cfg: RunConfig, plan: Plan, spec: Any, model: Any, device: Any, timeo
         if device.type == "cuda":
             mem["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device))
         tel.flush_step(step, {
-            "loss": loss, "step_time_s": step_s, "grad_norm": norm, "in_flight_peak": {str(k): v for k, v in rt.in_flight_peak.items()},
+            "loss": loss, "step_time_s": step_s, "grad_norm": norm, "stage_grad_norms": stage_norms, "in_flight_peak": {str(k): v for k, v in rt.in_flight_peak.items()},
             "recv_buffer_allocations": sum(r.in_pool.allocations + (r.grad_pool.allocations if r.grad_pool else 0) for r in runtimes.values()),
             "recv_buffer_storages": sum(len(r.in_pool.used_ptrs) + (len(r.grad_pool.used_ptrs) if r.grad_pool else 0) for r in runtimes.values()),
             "memory": mem})
