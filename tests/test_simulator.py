@@ -113,21 +113,45 @@ def test_shared_compute_group_serializes() -> None:
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # never two at once
 
 
+def _with_buffers(p: int, m: int, caps: list[int] | None, t_comm_s: float) -> SimInput:
+    base = uniform(p, m, t_fwd_s=1.0, t_bwd_s=2.0, t_comm_s=t_comm_s)
+    return SimInput(schedule=one_f_one_b(p, m, buffers=caps), boundaries=base.boundaries,
+                    stages=tuple(StageSpec(t_fwd_s=1.0, t_bwd_s=2.0, buffers=None if caps is None else caps[s]) for s in range(p)))
+
+
 def test_buffer_back_pressure_both_directions() -> None:
     p, m = 4, 16
-    kw = dict(t_fwd_s=1.0, t_bwd_s=2.0, t_comm_s=0.1)
-    exact = SimInput(schedule=one_f_one_b(p, m, buffers=[p - s for s in range(p)]),
-                     stages=tuple(StageSpec(t_fwd_s=1.0, t_bwd_s=2.0, buffers=p - s) for s in range(p)),
-                     boundaries=uniform(p, m, **kw).boundaries)
-    base = simulate(exact)
-    assert close(base.step_time_s, simulate(uniform(p, m, **kw)).step_time_s)
-    more = simulate(uniform(p, m, buffers=p + 3, **kw))
-    assert more.step_time_s == base.step_time_s and _timeline(more) == _timeline(base)
-    fewer = simulate(uniform(p, m, buffers=2, **kw))
-    assert fewer.step_time_s > base.step_time_s * 1.2
-    assert max(fewer.peak_in_flight_per_stage) == 2
-    # a schedule that wants more buffers than a stage has cannot finish: the simulator says so
-    tight = SimInput(schedule=one_f_one_b(p, m), stages=tuple(StageSpec(t_fwd_s=1.0, t_bwd_s=2.0, buffers=2) for _ in range(p)))
+    exact = [p - s for s in range(p)]  # what 1F1B keeps in flight
+    for comm in (0.0, 0.1):
+        free = simulate(_with_buffers(p, m, None, comm))
+        fewer = simulate(_with_buffers(p, m, [2] * p, comm))
+        assert fewer.step_time_s > free.step_time_s * 1.5 and max(fewer.peak_in_flight_per_stage) == 2
+        more = simulate(_with_buffers(p, m, [b + 1 for b in exact], comm))
+        assert more.step_time_s == free.step_time_s and _timeline(more) == _timeline(free)
+        assert simulate(_with_buffers(p, m, [b + 5 for b in exact], comm)).step_time_s == free.step_time_s
+        just = simulate(_with_buffers(p, m, exact, comm))
+        if comm == 0.0:
+            # computes are unchanged; only the (zero-latency) sends start later, when posted
+            assert just.step_time_s == free.step_time_s and _timeline(just, ("F", "B")) == _timeline(free, ("F", "B"))
+        else:  # no spare buffer to prefetch into: each stage's receive is posted late, latency shows
+            assert just.step_time_s > free.step_time_s + 0.2
+
+
+def test_back_pressure_hand_timeline() -> None:
+    # p=2, m=2, F 1 s, B 2 s, latency 0.5 s; stage 1 has one input buffer: its receive of
+    # micro-batch 1 is posted only when 1B0 frees the buffer (4.5), so 0's send of F1 waits.
+    r = simulate(_with_buffers(2, 2, [2, 1], 0.5))
+    sends = sorted((e.start_s, e.end_s, e.stage, e.microbatch) for e in r.events if e.kind == "SEND")
+    assert sends == [(1.0, 1.5, 0, 0), (4.5, 5.0, 0, 1), (4.5, 5.0, 1, 0), (8.0, 8.5, 1, 1)]
+    assert [(e.kind, e.start_s, e.end_s) for e in r.events if e.rank == 1 and e.kind in "FB"] == [
+        ("F", 1.5, 2.5), ("B", 2.5, 4.5), ("F", 5.0, 6.0), ("B", 6.0, 8.0)]
+    assert r.step_time_s == 10.5
+    assert simulate(_with_buffers(2, 2, [2, 2], 0.5)).step_time_s == 10.0  # a spare buffer hides it
+    assert fast_evaluate(_with_buffers(2, 2, [2, 1], 0.5)).step_time_s == 10.0  # fast ignores buffers
+
+
+def test_too_few_buffers_for_the_schedule_is_reported() -> None:
+    tight = SimInput(schedule=one_f_one_b(4, 8), stages=tuple(StageSpec(t_fwd_s=1.0, t_bwd_s=2.0, buffers=2) for _ in range(4)))
     with pytest.raises(ScheduleError, match="rank 0 waits for a free activation buffer of stage 0 \\(it has 2\\)"):
         simulate(tight)
 

@@ -41,7 +41,7 @@ def contention_free_inputs(draw: st.DrawFn) -> SimInput:
     return SimInput(schedule=sched, stages=stages, boundaries=tuple(bounds), data_parallel=dp)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(contention_free_inputs())
 def test_simpy_equals_longest_path(inp: SimInput) -> None:
     a, b = simulate(inp), fast_evaluate(inp, events=True)

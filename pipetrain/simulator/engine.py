@@ -8,9 +8,15 @@ does:
 * **SEND** never blocks the rank: the transfer queues FIFO on its link (one queue per link and
   direction), occupies it for ``bytes / bandwidth`` and lands ``latency`` later;
 * **RECV** blocks the rank until the matching transfer has landed;
-* **buffers**: an F takes one of its stage's activation buffers, waiting while all are in use
-  (back-pressure); the B of that micro-batch gives it back. Memory per stage is tracked at
-  every change (activations F -> B; with a split backward, the W stash B -> W).
+* **receive buffers (back-pressure)**, as the executor keeps them: stage ``s`` has ``buffers``
+  input-activation buffers and as many output-gradient buffers; it posts its receives into them
+  in the order its actions need them, as soon as one is free, and a buffer stays taken until the
+  B of its micro-batch has run. A transfer starts only once its receive is posted, so a stage with
+  few buffers delays its upstream's sends (exposing their latency); with fewer buffers than the
+  schedule keeps in flight it stalls for ever (reported). A stage without remote input (stage 0)
+  is checked at each F: no more than ``buffers`` micro-batches in flight.
+* **memory** per stage at every change: activations F -> B; with a split backward, the W stash
+  B -> W; plus the static bytes.
 
 Then :func:`~pipetrain.simulator.program.end_of_step` adds the data-parallel all-reduce and the
 optimizer step. A run that cannot finish (a schedule asking for more buffers than the stage has,
@@ -28,8 +34,8 @@ from simpy.events import NORMAL
 
 from pipetrain.errors import ScheduleError
 from pipetrain.simulator.model import SimInput
-from pipetrain.simulator.program import COMPUTE, SEND, EventTuple, end_of_step, skeleton, tables
-from pipetrain.simulator.result import SimResult, build_result
+from pipetrain.simulator.program import COMPUTE, RECV, SEND, EventTuple, end_of_step, skeleton, tables
+from pipetrain.simulator.result import SimResult, build_result, busy_s_per_stage
 
 __all__ = ["simulate"]
 
@@ -44,6 +50,17 @@ def _land(env: simpy.Environment, ev: simpy.Event, delay: float, value: float) -
     ev._ok = True
     ev._value = value
     env.schedule(ev, NORMAL, delay)
+
+
+def _why(what: tuple[str, int, int] | None, caps: list[int]) -> str:
+    if what is None:
+        return "nothing"
+    why, s, mb = what
+    if why == "buffer":
+        return f"a free activation buffer of stage {s} (it has {caps[s]}) for {s}F{mb}"
+    if why == "recv":
+        return f"the data of {s}RECV{mb}"
+    return f"its compute group for stage {s} micro-batch {mb}"
 
 
 def simulate(inp: SimInput) -> SimResult:
@@ -69,7 +86,6 @@ def simulate(inp: SimInput) -> SimResult:
     buf_wait: list[deque] = [deque() for _ in range(n_st)]
     mem = [spec.static_bytes for spec in inp.stages]
     timeline: list[list[tuple[float, float]]] = [[(0.0, m)] for m in mem]
-    busy = [0.0] * n_st
     grad_start = [0.0] * n_st
     grad_end = [0.0] * n_st
     rank_end = [0.0] * n_rk
@@ -77,9 +93,73 @@ def simulate(inp: SimInput) -> SimResult:
     landed: dict[int, float] = {}
     recv_wait: dict[int, simpy.Event] = {}
     events: list[EventTuple] = []
-    waiting_on = [""] * n_rk
+    waiting_on: list[tuple[str, int, int] | None] = [None] * n_rk
     push = events.append
     timeout = env.timeout
+
+    # receive pools: stage s keeps `buffers` input-activation buffers and as many output-gradient
+    # buffers; it posts receives into them in the order its actions need them, as soon as one is
+    # free, and a buffer stays taken until the B of its micro-batch has run.
+    m = sched.num_microbatches
+    order: dict[tuple[int, int], list[int]] = {}
+    for ops in ops_per_rank:
+        for op in ops:
+            if op[0] == RECV:
+                order.setdefault((op[1], op[4] & 1), []).append(op[3])
+    posted: set[int] = set()
+    held: set[int] = set()
+    pending: dict[int, tuple[int, int, int, int]] = {}
+    pool_used: dict[tuple[int, int], int] = {}
+    pool_wait: dict[tuple[int, int], simpy.Event] = {}
+    limited = [False] * n_st
+
+    def transfer(msg: int, r: int, s: int, mb: int, slot: int) -> None:
+        now = env.now
+        name = link_of[slot]
+        begin = link_free.get(name, 0.0)
+        if begin < now:
+            begin = now
+        done = begin + wire_of[slot]
+        link_free[name] = done
+        arrive = done + lat_of[slot]
+        push((s, r, "SEND", mb, begin, arrive, bytes_of[slot]))
+        w = recv_wait.pop(msg, None)
+        if w is None:
+            landed[msg] = arrive
+        else:
+            _land(env, w, arrive - now, arrive)
+
+    def prefetch(key: tuple[int, int], msgs: list[int], cap: int):  # type: ignore[no-untyped-def]
+        for msg in msgs:
+            while pool_used[key] >= cap:
+                w = env.event()
+                pool_wait[key] = w
+                yield w
+            pool_used[key] += 1
+            held.add(msg)
+            posted.add(msg)
+            waiting_send = pending.pop(msg, None)
+            if waiting_send is not None:
+                transfer(msg, *waiting_send)
+
+    def release(s: int, mb: int) -> None:
+        for d, msg in ((0, (2 * (s - 1)) * m + mb), (1, (2 * (s + 1) + 1) * m + mb)):
+            if msg in held:
+                held.discard(msg)
+                key = (s, d)
+                pool_used[key] -= 1
+                w = pool_wait.pop(key, None)
+                if w is not None:
+                    w.succeed()
+
+    for key, msgs in order.items():
+        cap = caps[key[0]]
+        if cap >= len(msgs):
+            posted.update(msgs)  # enough buffers: every receive is posted from the start
+        else:
+            limited[key[0]] = True
+            pool_used[key] = 0
+            env.process(prefetch(key, msgs, cap))
 
     def rank_proc(r: int, ops: tuple[tuple, ...]):  # type: ignore[no-untyped-def]
         res = resource[r]
@@ -90,7 +170,7 @@ def simulate(inp: SimInput) -> SimResult:
                 dur = dur_of[slot]
                 if acquires:
                     while in_flight[s] >= caps[s]:
-                        waiting_on[r] = f"a free activation buffer of stage {s} (it has {caps[s]}) for {s}{kind}{mb}"
+                        waiting_on[r] = ("buffer", s, mb)
                         w = env.event()
                         buf_wait[s].append(w)
                         yield w
@@ -101,7 +181,7 @@ def simulate(inp: SimInput) -> SimResult:
                         mem[s] += act_bytes[s]
                         timeline[s].append((env.now, mem[s]))
                 if res is not None:
-                    waiting_on[r] = "its compute group"
+                    waiting_on[r] = ("group", s, mb)
                     req = res.request()
                     yield req
                     start = env.now
@@ -111,7 +191,6 @@ def simulate(inp: SimInput) -> SimResult:
                     start = env.now
                     yield timeout(dur)
                 end = env.now
-                busy[s] += dur
                 push((s, r, kind, mb, start, end, 0))
                 if kind_slot == 1:
                     in_flight[s] -= 1
@@ -121,6 +200,8 @@ def simulate(inp: SimInput) -> SimResult:
                         timeline[s].append((end, mem[s]))
                     if buf_wait[s]:
                         buf_wait[s].popleft().succeed()
+                    if limited[s]:
+                        release(s, mb)
                 elif kind_slot == 2 and wg_bytes[s]:
                     mem[s] -= wg_bytes[s]
                     timeline[s].append((end, mem[s]))
@@ -129,26 +210,29 @@ def simulate(inp: SimInput) -> SimResult:
                     grad_end[s] = end
             elif code == SEND:
                 _, s, mb, msg, slot = op
-                now = env.now
-                name = link_of[slot]
-                begin = link_free.get(name, 0.0)
-                if begin < now:
-                    begin = now
-                done = begin + wire_of[slot]
-                link_free[name] = done
-                arrive = done + lat_of[slot]
-                push((s, r, "SEND", mb, begin, arrive, bytes_of[slot]))
-                w = recv_wait.pop(msg, None)
-                if w is None:
-                    landed[msg] = arrive
-                else:
-                    _land(env, w, arrive - now, arrive)
+                if msg in posted:  # transfer(msg, r, s, mb, slot), inlined
+                    now = env.now
+                    name = link_of[slot]
+                    begin = link_free.get(name, 0.0)
+                    if begin < now:
+                        begin = now
+                    done = begin + wire_of[slot]
+                    link_free[name] = done
+                    arrive = done + lat_of[slot]
+                    push((s, r, "SEND", mb, begin, arrive, bytes_of[slot]))
+                    w = recv_wait.pop(msg, None)
+                    if w is None:
+                        landed[msg] = arrive
+                    else:
+                        _land(env, w, arrive - now, arrive)
+                else:  # the receiver has no free buffer yet: the transfer starts when it posts one
+                    pending[msg] = (r, s, mb, slot)
             else:
                 _, s, mb, msg, slot = op
                 t0 = env.now
                 arrive = landed.pop(msg, None)
                 if arrive is None:
-                    waiting_on[r] = f"the data of {s}RECV{mb}"
+                    waiting_on[r] = ("recv", s, mb)
                     w = env.event()
                     recv_wait[msg] = w
                     yield w
@@ -156,19 +240,19 @@ def simulate(inp: SimInput) -> SimResult:
                     yield timeout(arrive - t0)
                 push((s, r, "RECV", mb, t0, env.now, bytes_of[slot]))
         rank_end[r] = env.now
-        waiting_on[r] = ""
+        waiting_on[r] = None
 
     procs = [env.process(rank_proc(r, ops)) for r, ops in enumerate(ops_per_rank)]
     env.run()
     stuck = [r for r, p in enumerate(procs) if p.is_alive]
     if stuck:
-        why = "; ".join(f"rank {r} waits for {waiting_on[r]}" for r in stuck)
+        why = "; ".join(f"rank {r} waits for {_why(waiting_on[r], caps)}" for r in stuck)
         raise ScheduleError(f"simulation of {sched.name} cannot finish: {why}. A stage with fewer buffers than the schedule keeps in flight "
                             "stalls for ever: build the schedule with those buffers (make_schedule(..., buffers=...)) or raise them")
     pipeline = max(rank_end) if rank_end else 0.0
     step, tail = end_of_step(inp, rank_end, grad_start, grad_end)
     events.extend(tail)
     return build_result(inp, evaluator="simpy", step_time_s=max(step, pipeline), pipeline_time_s=pipeline,
-                        busy_s_per_stage=busy, peak_in_flight=peak,
+                        busy_s_per_stage=busy_s_per_stage(inp), peak_in_flight=peak,
                         timeline=tuple(tuple(tl) for tl in timeline), num_compute=sum(1 for ops in ops_per_rank for op in ops if op[0] == COMPUTE),
                         raw_events=tuple(events))

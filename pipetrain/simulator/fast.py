@@ -21,7 +21,7 @@ from pipetrain.errors import ScheduleError
 from pipetrain.schedules import Schedule, peak_in_flight, peak_pending_wgrad
 from pipetrain.simulator.model import SimInput
 from pipetrain.simulator.program import EventTuple, Tables, end_of_step, tables
-from pipetrain.simulator.result import SimResult, build_result
+from pipetrain.simulator.result import SimResult, build_result, busy_s_per_stage
 
 __all__ = ["FastProgram", "compile_schedule", "fast_evaluate", "fast_step_time"]
 
@@ -190,10 +190,6 @@ def fast_evaluate(inp: SimInput, *, events: bool = False) -> SimResult:
     ge = [val[i] for i in prog.grad_final]
     step, tail = end_of_step(inp, rank_end, gs, ge)
     pipeline = max(rank_end) if rank_end else 0.0
-    busy = [0.0] * sched.num_stages
-    for spec_s, spec in enumerate(inp.stages):
-        kinds = ("F", "B", "W") if sched.split_backward else ("F", "B")
-        busy[spec_s] = sum(spec.duration_s(k, sched.split_backward) for k in kinds) * sched.num_microbatches
     raw: tuple[EventTuple, ...] = ()
     if events:
         evs: list[EventTuple] = []
@@ -203,5 +199,5 @@ def fast_evaluate(inp: SimInput, *, events: bool = False) -> SimResult:
                 evs.append((s, r, kind, mb, _exact_start(prog, val, i, tab), val[i], 0))
         raw = tuple(evs + tail)
     return build_result(inp, evaluator="fast", step_time_s=max(step, pipeline), pipeline_time_s=pipeline,
-                        busy_s_per_stage=busy, peak_in_flight=prog.peak_in_flight, peak_pending_wgrad=prog.peak_pending_wgrad,
+                        busy_s_per_stage=busy_s_per_stage(inp), peak_in_flight=prog.peak_in_flight, peak_pending_wgrad=prog.peak_pending_wgrad,
                         num_compute=prog.num_compute, raw_events=raw)

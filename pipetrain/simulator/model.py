@@ -16,8 +16,16 @@ Time model of one stage (virtual stage with interleaving):
 Memory of one stage: ``static_bytes`` (parameters, gradients, optimizer state) plus
 ``activation_bytes`` for every micro-batch in flight (its F started, its B has not finished), plus,
 with a split backward, ``wgrad_stash_bytes`` for every micro-batch between its B and its W (what
-the weight gradient still needs). ``buffers`` caps the micro-batches in flight (the stage's
-activation buffer pool): an F waits for a free buffer.
+the weight gradient still needs).
+
+``buffers`` is the stage's pool of receive buffers, as the executor allocates it: that many
+input-activation buffers and as many output-gradient buffers, each taken when the receive is
+posted (in the order the stage's actions need them, as soon as one is free) and given back when
+the B of its micro-batch has run. A transfer starts only once its receive is posted, so a stage
+whose pool is exactly what the schedule keeps in flight cannot prefetch, and exposes its
+upstream's transfer latency; ``None`` means enough buffers for everything. A schedule that keeps
+more micro-batches in flight than ``buffers`` cannot run: build it with
+``make_schedule(..., buffers=...)`` (1F1B and ZB-H1 shorten their warm-up to fit).
 """
 
 from __future__ import annotations

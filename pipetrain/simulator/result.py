@@ -16,7 +16,7 @@ from pipetrain.events import Event, write_chrome_trace
 from pipetrain.simulator.model import SimInput
 from pipetrain.simulator.program import EventTuple
 
-__all__ = ["SimResult", "build_result"]
+__all__ = ["SimResult", "build_result", "busy_s_per_stage"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,6 +86,13 @@ class SimResult:
 
     def write_chrome_trace(self, path: str | Path) -> Path:
         return write_chrome_trace(self.events, path, process_name=f"pipetrain simulate ({self.schedule}, {self.evaluator})")
+
+
+def busy_s_per_stage(inp: SimInput) -> list[float]:
+    """Compute time of each stage in one step: every micro-batch's F, B (and W)."""
+    split = inp.schedule.split_backward
+    kinds = ("F", "B", "W") if split else ("F", "B")
+    return [sum(spec.duration_s(k, split) for k in kinds) * inp.schedule.num_microbatches for spec in inp.stages]
 
 
 def build_result(inp: SimInput, *, evaluator: str, step_time_s: float, pipeline_time_s: float,
