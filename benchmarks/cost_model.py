@@ -10,7 +10,7 @@ For one model and shape it:
    to the measured time (1.00 = exact), and the command that reproduces the run.
 
     .venv/bin/python benchmarks/cost_model.py [--model tiny-gpt] [--micro-batch-size 8] [--seq-len 128]
-        [--threads 1] [--repeats 15] [--device cpu|cuda] [--preset local-cpu:1|dgx-h100:1]
+        [--threads 1] [--repeats 15] [--device cpu|cuda] [--preset local-cpu:N|dgx-h100:1]
 """
 
 from __future__ import annotations
@@ -46,14 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--preset", default=None, help="topology whose first device type the analytic grade uses "
-                    "(default local-cpu:1 on cpu, dgx-h100:1 on cuda)")
+                    "(default local-cpu:N with N = cores // threads on cpu, dgx-h100:1 on cuda)")
     ap.add_argument("--fit-shapes", default="8x128,2x64", help="micro-batch x seq-len shapes the calibration fits on")
     ap.add_argument("--holdout", default="4x96", help="a shape the calibration never sees")
     args = ap.parse_args(argv)
     cmd = (f"python benchmarks/cost_model.py --model {shlex.quote(args.model)} --micro-batch-size {args.micro_batch_size} "
            f"--seq-len {args.seq_len} --dtype {args.dtype} --threads {args.threads} --repeats {args.repeats} "
            f"--device {args.device} --fit-shapes {args.fit_shapes} --holdout {args.holdout}" + (f" --preset {args.preset}" if args.preset else ""))
-    preset = args.preset or ("dgx-h100:1" if args.device.startswith("cuda") else "local-cpu:1")
+    # a CPU rank running `threads` torch threads: local-cpu:N with N = cores // threads
+    preset = args.preset or ("dgx-h100:1" if args.device.startswith("cuda") else f"local-cpu:{max(1, (os.cpu_count() or 1) // args.threads)}")
     dev = resolve_topology(preset).device_type_of(0)
     kw = dict(dtype=args.dtype, device=args.device, threads=args.threads, repeats=args.repeats)
 

@@ -123,3 +123,41 @@ def test_calibration_recovers_known_factors_on_synthetic_profiles(tmp_path: Path
     assert c.t_bwd_s == pytest.approx(sum(t.bwd_s[1:5]), rel=0.03)
     with pytest.raises(ConfigError, match="calibration"):
         CalibrationFit.from_json(json.dumps({**json.loads(fit.to_json()), "efficency": 1}))
+
+
+def test_calibration_from_observed_stages_alone() -> None:
+    from pipetrain.planner.calibrate import StageObservation, fit_calibration
+    from pipetrain.planner.costs import analytic_node_times
+
+    g = chain(8)
+    dev = DeviceType(name="toy", kind="gpu", peak_flops_fp32=1e9, peak_flops_bf16=1e9, peak_flops_fp16=1e9,
+                     memory_bytes=1e9, memory_bandwidth_bytes_per_s=1e8)
+    truth = AnalyticParams(default_efficiency=0.1, memory_efficiency=0.3, overhead_fwd_s=1e-4, overhead_bwd_s=1e-4)
+    t = analytic_node_times(g, dev, truth)
+    obs = [StageObservation(graph=g, start=a, end=b, fwd_s=sum(t.fwd_s[a:b]), bwd_s=sum(t.bwd_s[a:b]))
+           for a, b in [(0, 2), (2, 4), (4, 6), (6, 8), (1, 7), (3, 5)]]
+    fit = fit_calibration([], dev, observations=obs, per_kind=False)
+    assert fit.error_before > 0.3 and fit.error_after < 0.02
+    assert fit.sources[0] == "synthetic[0,2)"
+    with pytest.raises(ConfigError, match="not within"):
+        StageObservation(graph=g, start=3, end=9, fwd_s=1, bwd_s=1)
+    with pytest.raises(ConfigError, match="at least one"):
+        fit_calibration([], dev)
+
+
+def test_resolve_cost_model(tmp_path: Path) -> None:
+    from pipetrain.planner.calibrate import CalibratedCostModel, CalibrationFit, resolve_cost_model
+
+    assert isinstance(resolve_cost_model("analytic"), AnalyticCostModel)
+    fit = CalibrationFit(device_type="toy", dtype="fp32", efficiency_by_kind={"block": 0.9}, default_efficiency=0.5,
+                         bwd_efficiency_scale=1.0, memory_efficiency=0.9, overhead_fwd_s=0.0, overhead_bwd_s=0.0,
+                         error_before=1.0, error_after=0.1, num_samples=2)
+    path = fit.save(tmp_path / "toy.json")
+    cal = resolve_cost_model(f"calibrated:{path}")
+    assert isinstance(cal, CalibratedCostModel) and cal.fits == (fit,)
+    assert cal.stage_costs(chain(4), 1, 2, DEV).t_fwd_s == pytest.approx(max(1e6 / 0.9e9, 4424 / 0.9e6))
+    for bad in ("roofline", "calibrated", "profiled"):
+        with pytest.raises(ConfigError):
+            resolve_cost_model(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve_cost_model(f"calibrated:{tmp_path / 'nope.json'}")

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -20,11 +21,12 @@ from pipetrain.planner.memory import activation_bytes_per_microbatch, block_acti
 from pipetrain.planner.profile import (  # noqa: E402
     BlockProfile, ProfiledCostModel, load_or_profile, measure_saved_bytes, measure_stage, profile_and_measure, profile_model,
 )
-from pipetrain.planner.topology import topology_preset  # noqa: E402
+from pipetrain.planner.topology import local_cpu_device_type, topology_preset  # noqa: E402
 from pipetrain.planner.trace import trace_graph  # noqa: E402
 
 TINY = dict(micro_batch_size=8, seq_len=128)
-CPU = topology_preset("local-cpu:1").device_type_of(0)
+# profiles run with 1 torch thread: the matching device type is a CPU rank of 1 core
+CPU = local_cpu_device_type(os.cpu_count() or 1)
 
 
 @pytest.mark.parametrize("model, mbs, seq", [("tiny-gpt", 8, 128), ("gpt2", 1, 64)])

@@ -1,6 +1,7 @@
 """Calibrated cost grade: the analytic roofline with its factors fitted to measured profiles.
 
-:func:`fit_calibration` takes (layer graph, block profile) pairs measured on one device type
+:func:`fit_calibration` takes (layer graph, block profile) pairs measured on one device type,
+and/or :class:`StageObservation` s (a stage's measured F and B times from a real pipeline run),
 and fits, with ``scipy.optimize.least_squares`` (bounded trust-region reflective), the
 factors of :class:`~pipetrain.planner.costs.AnalyticParams`:
 
@@ -31,8 +32,8 @@ from pipetrain.planner.profile import BlockProfile
 from pipetrain.planner.topology import DeviceType
 from pipetrain.serde import from_dict, to_dict
 
-__all__ = ["CALIBRATION_SCHEMA_VERSION", "CalibrationFit", "CalibratedCostModel", "fit_calibration", "relative_errors",
-           "mean_abs_relative_error"]
+__all__ = ["CALIBRATION_SCHEMA_VERSION", "CalibrationFit", "StageObservation", "CalibratedCostModel", "fit_calibration", "relative_errors",
+           "mean_abs_relative_error", "resolve_cost_model"]
 
 CALIBRATION_SCHEMA_VERSION = 1
 
@@ -90,6 +91,23 @@ class CalibrationFit:
         return cls.from_json(p.read_text())
 
 
+@dataclass(frozen=True, kw_only=True)
+class StageObservation:
+    """Measured seconds per micro-batch of blocks ``[start, end)`` of ``graph`` (e.g. a run's F/B events)."""
+
+    graph: LayerGraph
+    start: int
+    end: int
+    fwd_s: float
+    bwd_s: float
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start < self.end <= self.graph.num_nodes:
+            raise ConfigError(f"observed stage [{self.start}, {self.end}) is not within the graph's {self.graph.num_nodes} nodes")
+        if not (self.fwd_s > 0 and self.bwd_s > 0):
+            raise ConfigError(f"observed stage [{self.start}, {self.end}): times must be > 0, got {self.fwd_s}, {self.bwd_s}")
+
+
 def _check_pair(graph: LayerGraph, prof: BlockProfile) -> None:
     if graph.model != prof.model or graph.num_nodes != len(prof.blocks):
         raise ConfigError(f"profile of {prof.model!r} ({len(prof.blocks)} blocks) does not match graph {graph.model!r} ({graph.num_nodes} nodes)")
@@ -99,8 +117,9 @@ def _check_pair(graph: LayerGraph, prof: BlockProfile) -> None:
 
 
 def relative_errors(samples: Sequence[tuple[LayerGraph, BlockProfile]], device_type: DeviceType,
-                    params: AnalyticParams = AnalyticParams()) -> list[float]:
-    """(pred - measured) / measured for every distinctly measured block's forward and backward."""
+                    params: AnalyticParams = AnalyticParams(), observations: Sequence[StageObservation] = ()) -> list[float]:
+    """(pred - measured) / measured for every distinctly measured block's forward and backward,
+    then for every observed stage's forward and backward."""
     out: list[float] = []
     for graph, prof in samples:
         _check_pair(graph, prof)
@@ -111,6 +130,13 @@ def relative_errors(samples: Sequence[tuple[LayerGraph, BlockProfile]], device_t
             for pred, meas in ((t.fwd_s[i], b.fwd_s), (t.bwd_s[i], b.bwd_s)):
                 if meas > 0:
                     out.append((pred - meas) / meas)
+    times: dict[int, Any] = {}
+    for ob in observations:
+        t = times.get(id(ob.graph))
+        if t is None:
+            t = times[id(ob.graph)] = analytic_node_times(ob.graph, device_type, params)
+        out.append((sum(t.fwd_s[ob.start:ob.end]) - ob.fwd_s) / ob.fwd_s)
+        out.append((sum(t.bwd_s[ob.start:ob.end]) - ob.bwd_s) / ob.bwd_s)
     return out
 
 
@@ -118,19 +144,22 @@ def mean_abs_relative_error(errors: Sequence[float]) -> float:
     return sum(abs(e) for e in errors) / len(errors) if errors else 0.0
 
 
-def fit_calibration(samples: Sequence[tuple[LayerGraph, BlockProfile]], device_type: DeviceType, *, per_kind: bool = True) -> CalibrationFit:
-    """Fit the analytic factors to profiles measured on ``device_type`` (module docstring)."""
+def fit_calibration(samples: Sequence[tuple[LayerGraph, BlockProfile]], device_type: DeviceType, *, per_kind: bool = True,
+                    observations: Sequence[StageObservation] = ()) -> CalibrationFit:
+    """Fit the analytic factors to profiles and/or stage observations on ``device_type``."""
     import numpy as np
     from scipy.optimize import least_squares
 
-    if not samples:
-        raise ConfigError("calibration needs at least one (graph, profile) pair")
-    dtypes = {g.dtype for g, _ in samples}
+    samples, observations = list(samples), list(observations)
+    if not samples and not observations:
+        raise ConfigError("calibration needs at least one (graph, profile) pair or stage observation")
+    graphs = [g for g, _ in samples] + [o.graph for o in observations]
+    dtypes = {g.dtype for g in graphs}
     if len(dtypes) != 1:
         raise ConfigError(f"calibrate one dtype at a time, got {sorted(dtypes)}")
     for g, p in samples:
         _check_pair(g, p)
-    kinds = sorted({n.kind for g, _ in samples for n in g.nodes if n.fwd_flops > 0 or n.bwd_flops > 0}) if per_kind else []
+    kinds = sorted({n.kind for g in graphs for n in g.nodes if n.fwd_flops > 0 or n.bwd_flops > 0}) if per_kind else []
     nk = len(kinds)
 
     def params_of(x: Any) -> AnalyticParams:
@@ -140,9 +169,10 @@ def fit_calibration(samples: Sequence[tuple[LayerGraph, BlockProfile]], device_t
                               overhead_fwd_s=float(x[nk + 3]), overhead_bwd_s=float(x[nk + 4]))
 
     def residuals(x: Any) -> Any:
-        return np.log1p(np.clip(np.asarray(relative_errors(samples, device_type, params_of(x))), -1 + 1e-12, None))
+        errs = relative_errors(samples, device_type, params_of(x), observations)
+        return np.log1p(np.clip(np.asarray(errs), -1 + 1e-12, None))
 
-    before = relative_errors(samples, device_type)
+    before = relative_errors(samples, device_type, observations=observations)
     # Efficiencies may exceed 1 (up to 8): a nominal peak (this machine's CPU) can be low.
     le, he = math.log(1e-5), math.log(8.0)
     x0 = np.array([math.log(device_type.efficiency)] * (nk + 1) + [0.0, math.log(device_type.memory_efficiency), 1e-6, 1e-6])
@@ -156,13 +186,14 @@ def fit_calibration(samples: Sequence[tuple[LayerGraph, BlockProfile]], device_t
             best = res
     assert best is not None
     p = params_of(best.x)
-    after = relative_errors(samples, device_type, p)
+    after = relative_errors(samples, device_type, p, observations)
     return CalibrationFit(device_type=device_type.name, dtype=dtypes.pop(), efficiency_by_kind=dict(p.efficiency_by_kind),
                           default_efficiency=float(p.default_efficiency or device_type.efficiency),
                           bwd_efficiency_scale=p.bwd_efficiency_scale, memory_efficiency=float(p.memory_efficiency or 0.8),
                           overhead_fwd_s=p.overhead_fwd_s, overhead_bwd_s=p.overhead_bwd_s,
                           error_before=mean_abs_relative_error(before), error_after=mean_abs_relative_error(after),
-                          num_samples=len(after), sources=tuple(prof.key for _, prof in samples))
+                          num_samples=len(after),
+                          sources=tuple(prof.key for _, prof in samples) + tuple(f"{o.graph.model}[{o.start},{o.end})" for o in observations))
 
 
 class CalibratedCostModel(AnalyticCostModel):
@@ -181,3 +212,25 @@ class CalibratedCostModel(AnalyticCostModel):
     @classmethod
     def load(cls, *paths: str | Path) -> "CalibratedCostModel":
         return cls([CalibrationFit.load(p) for p in paths])
+
+
+def resolve_cost_model(spec: str = "analytic", *, graph: LayerGraph | None = None, device: str = "cpu", threads: int | None = None,
+                       cache_dir: str | Path | None = None) -> AnalyticCostModel | Any:
+    """A cost model from a CLI-style name.
+
+    ``analytic``; ``profiled`` (profiles ``graph``'s model at its shape on ``device``, or reads
+    the cache; needs torch); ``calibrated:FIT.json[,FIT2.json]`` (fits from :class:`CalibrationFit`).
+    """
+    kind, _, arg = spec.partition(":")
+    if kind == "analytic" and not arg:
+        return AnalyticCostModel()
+    if kind == "profiled" and not arg:
+        if graph is None:
+            raise ConfigError("cost model 'profiled' needs the layer graph (model and micro-batch shape) to profile")
+        from pipetrain.planner.profile import ProfiledCostModel, load_or_profile
+
+        return ProfiledCostModel(load_or_profile(graph.model, micro_batch_size=graph.micro_batch_size, seq_len=graph.seq_len,
+                                                 dtype=graph.dtype, device=device, threads=threads, cache_dir=cache_dir))
+    if kind == "calibrated" and arg:
+        return CalibratedCostModel.load(*arg.split(","))
+    raise ConfigError(f"cost model {spec!r} is unknown; choose analytic, profiled or calibrated:FIT.json")
