@@ -149,3 +149,10 @@ def test_format_grid() -> None:
 def test_imports_without_torch() -> None:
     code = "import sys, pipetrain.schedules; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_schedule_shape_is_checked() -> None:
+    with pytest.raises(ScheduleError, match="stage_to_rank must map 2 stages"):
+        Schedule(name="x", num_ranks=2, num_stages=2, num_microbatches=1, stage_to_rank=(0, 2), actions=((), ()))
+    with pytest.raises(ScheduleError, match="1 action lists for 2 ranks"):
+        Schedule(name="x", num_ranks=2, num_stages=2, num_microbatches=1, stage_to_rank=(0, 1), actions=((),))

@@ -20,6 +20,12 @@ def test_prints_step_time_bubble_and_samples(capsys: pytest.CaptureFixture[str])
     assert "121.2" in out  # 2 * 8 / 0.033 / 4 samples/s per device
 
 
+def test_grid(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate", "-p", "2", "-m", "2", "--t-fwd", "1", "--t-bwd", "1", "--grid"]) == 0
+    out = capsys.readouterr().out
+    assert "   1 | 0F1    | 1B0" in out and "   3 | 0B1    | 1B1" in out
+
+
 def test_json_stdout_and_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main(BASE + ["--schedule", "interleaved", "--chunks", "2", "--json", "-"]) == 0
     d = json.loads(capsys.readouterr().out)

@@ -2,7 +2,7 @@
 
 ``pipetrain simulate --stages P --microbatches M --schedule 1f1b|gpipe|interleaved|zb-h1
 [--chunks V] --t-fwd MS --t-bwd MS [--t-wgrad MS] [--t-comm MS] [--microbatch-size N]
-[--buffers N] [--evaluator simpy|fast] [--json PATH|-] [--trace PATH]``
+[--buffers N] [--evaluator simpy|fast] [--json PATH|-] [--trace PATH] [--grid]``
 
 Times are milliseconds per micro-batch for one pipeline rank's share of the model (with
 ``--chunks V`` each virtual stage takes 1/V of it). ``--t-bwd`` is the full backward, or only
@@ -39,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--evaluator", default="simpy", help="simpy (default: contention, buffers) or fast (longest path)")
     parser.add_argument("--json", metavar="PATH", default=None, help="write the full result as JSON to PATH ('-': stdout only)")
     parser.add_argument("--trace", metavar="PATH", default=None, help="write a Chrome trace (Perfetto) to PATH")
+    parser.add_argument("--grid", action="store_true", help="also print the schedule as a step x rank grid")
 
 
 def _simulate_plan(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -91,6 +92,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         result.to_json(args.json)
     _print(result, inp)
+    if args.grid:
+        from pipetrain.schedules import format_grid
+
+        print(format_grid(inp.schedule, max_steps=None))
     return 0
 
 
