@@ -259,11 +259,15 @@ class _Searcher:
             self.infeasible.append((c.describe(), f"pp={c.pp}: weights+grads+optimizer state alone need {format_bytes(state)} "
                                     f"> {c.pp} x {format_bytes(min(caps_rank))}"))
             self.overflows.append((state / sum(caps_rank), c.describe(), PartitionInfeasibleError(
-                f"pp={c.pp}: the model state needs {format_bytes(state / c.pp)} per device", num_stages=S, stage=0,
-                need_bytes=state / c.pp, cap_bytes=min(caps_rank))))
+                f"pp={c.pp}: weights+grads+optimizer state need {format_bytes(state / c.pp)} per device "
+                f"> {format_bytes(min(caps_rank))}", num_stages=S, stage=0, need_bytes=state / c.pp, cap_bytes=min(caps_rank))))
             return None
-        pinned_buf = self._per_stage(job.buffers, S, "buffers")
-        pinned_rec = self._per_stage(job.recompute, S, "recompute")
+        try:
+            pinned_buf = self._per_stage(job.buffers, S, "buffers")
+            pinned_rec = self._per_stage(job.recompute, S, "recompute")
+        except InfeasibleError as exc:
+            self.infeasible.append((c.describe(), str(exc)))
+            return None
         caps = list(pinned_buf) if pinned_buf else ([c.buffer_level] * S if c.buffer_level else None)
         try:
             inflight = self.in_flight(c, caps)
@@ -467,9 +471,16 @@ def _nothing_fits(job: Job, s: _Searcher, explain: bool) -> InfeasibleError:
     if s.overflows:
         ratio, desc, exc = min(s.overflows, key=lambda o: (o[0], o[1]))
         if math.isfinite(ratio):
-            more = f"; or enable recompute" if job.recompute is not None and not all(job.recompute) else ""
-            hints.append(f"closest: {desc}, where {exc}: give each device {format_bytes(exc.need_bytes)} "
-                         f"(max_memory) or more devices{more}")
+            phys = min(d.type.memory_bytes for d in s.topo.devices)
+            limited = job.max_memory_bytes is not None or job.max_memory_fraction is not None
+            if limited and exc.need_bytes <= phys:
+                fix = f"raise max_memory to at least {format_bytes(exc.need_bytes)}"
+            else:
+                fix = (f"it needs {ratio:.2f}x the memory: use devices with >= {format_bytes(exc.need_bytes)} "
+                       f"or about {math.ceil(ratio * s.topo.num_devices)} devices")
+            if job.recompute is not None and not all(job.recompute):
+                fix += ", or allow recompute"
+            hints.append(f"closest is {desc}: {exc}; {fix}")
     if not hints and s.infeasible:
         hints.append(s.infeasible[0][0] + ": " + s.infeasible[0][1])
     return InfeasibleError("no plan fits: " + ("; ".join(hints[:3]) if hints else "no candidate configuration"))

@@ -1,0 +1,159 @@
+"""Search the best pipeline plan for a job under memory caps and explain it.
+
+``pipetrain plan CONFIG.yaml -o plan.json`` or with flags
+``pipetrain plan --model llama2-70b --topology dgx-h100:8 --global-batch 1024 --seq-len 4096``.
+Every knob (``--pp --dp --microbatches --microbatch-size --schedule --chunks --buffers
+--recompute --boundaries``) can be pinned by a flag or in the YAML; flags win over the file.
+Prints the stage table, the predicted metrics and the top alternatives; ``-o`` writes the plan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from pipetrain.errors import ConfigError
+
+__all__ = ["add_arguments", "run", "add_job_arguments", "job_from_args", "print_plan"]
+
+#: flag dest -> job key
+_FLAG_KEYS = {"model": "model", "topology": "topology", "global_batch": "global_batch", "seq_len": "seq_len", "dtype": "dtype",
+              "optimizer": "optimizer", "max_memory": "max_memory", "schedule": "schedule", "pp": "pp", "dp": "dp",
+              "microbatches": "microbatches", "microbatch_size": "microbatch_size", "chunks": "chunks", "buffers": "buffers",
+              "recompute": "recompute", "boundaries": "boundaries", "seed": "seed"}
+
+
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """The job flags shared by ``plan`` and ``sweep``."""
+    parser.add_argument("config", nargs="?", help="job YAML (see examples/*.yaml); flags override its keys")
+    g = parser.add_argument_group("job")
+    g.add_argument("--model", help="model preset (e.g. gpt2-xl, llama2-70b, tiny-gpt) or package.module:factory")
+    g.add_argument("--topology", help="topology preset (dgx-h100:8, local-cpu:2, mixed-a100-h100) or a YAML path")
+    g.add_argument("--global-batch", type=int, help="samples per optimizer step, over all replicas")
+    g.add_argument("--seq-len", type=int, help="tokens per sample")
+    g.add_argument("--dtype", help="fp32 | bf16 | fp16 (default bf16)")
+    g.add_argument("--optimizer", help="adamw | sgd (default adamw)")
+    g.add_argument("--max-memory", help="per-device memory cap: bytes ('70GiB', '75e9') or a share ('90%%')")
+    g.add_argument("--graph", help="plan from a layer-graph JSON (pipetrain graph --json) instead of tracing; fixes the micro-batch size")
+    k = parser.add_argument_group("pinned knobs (left out: searched)")
+    k.add_argument("--pp", type=int, help="pipeline depth")
+    k.add_argument("--dp", type=int, help="data-parallel width")
+    k.add_argument("--microbatches", type=int, help="micro-batches per step (m)")
+    k.add_argument("--microbatch-size", type=int, help="samples per micro-batch")
+    k.add_argument("--schedule", help="gpipe | 1f1b | interleaved | zb-h1 (zb-h1 needs --simulation-only)")
+    k.add_argument("--chunks", type=int, help="virtual stages per rank (interleaved)")
+    k.add_argument("--buffers", help="activation buffers: one number, or one per stage ('2,2,1,1')")
+    k.add_argument("--recompute", help="true | false, or one per stage ('1,1,0,0')")
+    k.add_argument("--boundaries", help="first block of every stage after the first ('12,24,36')")
+    k.add_argument("--seed", type=int, help="seed recorded in the plan")
+    parser.add_argument("--simulation-only", action="store_true", default=None,
+                        help="allow schedules the executor cannot run (what-if)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_job_arguments(parser)
+    parser.add_argument("-o", "--output", help="write the plan JSON here")
+    parser.add_argument("--json", action="store_true", help="print the plan JSON instead of the tables")
+    parser.add_argument("--top-k", type=int, default=3, help="candidates confirmed in the simpy simulator (default 3)")
+    parser.add_argument("--no-pin-cost", action="store_true", help="skip the unpinned search that prices the pins")
+
+
+def job_from_args(args: argparse.Namespace):  # -> Job
+    from pipetrain.planner.job import job_from_mapping, load_job
+
+    overrides: dict[str, Any] = {key: getattr(args, dest) for dest, key in _FLAG_KEYS.items() if getattr(args, dest, None) is not None}
+    if getattr(args, "simulation_only", None):
+        overrides["simulation_only"] = True
+    if args.config:
+        return load_job(args.config, overrides)
+    if getattr(args, "graph", None) and "model" not in overrides:
+        overrides["model"] = "from-graph"
+    return job_from_mapping(overrides, source="flags")
+
+
+def graph_source(args: argparse.Namespace, job):  # -> (graph_for | None, job)
+    """With ``--graph FILE``: a graph_for that serves that graph (its micro-batch size is pinned)."""
+    if not getattr(args, "graph", None):
+        return None, job
+    from dataclasses import replace
+
+    from pipetrain.planner.graph import LayerGraph
+
+    g = LayerGraph.load(args.graph)
+    if job.microbatch_size not in (None, g.micro_batch_size):
+        raise ConfigError(f"--graph was traced at micro-batch size {g.micro_batch_size}, not {job.microbatch_size}")
+    job = replace(job, model=g.model if job.model == "from-graph" else job.model, microbatch_size=g.micro_batch_size,
+                  seq_len=g.seq_len, dtype=g.dtype)
+
+    def graph_for(b: int):
+        return g
+
+    return graph_for, job
+
+
+def _gib(x: float) -> str:
+    from pipetrain.planner.partition import format_bytes
+
+    return format_bytes(x)
+
+
+def print_plan(outcome, console=None) -> None:  # outcome: PlanOutcome
+    from rich.console import Console
+    from rich.table import Table
+
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=160)
+    plan, res = outcome.plan, outcome.result
+    graph = res.graph()
+    best = res.best
+    sched = f"interleaved (v={plan.chunks})" if plan.schedule == "interleaved" else plan.schedule
+    console.print(f"[bold]{plan.model}[/] on [bold]{plan.topology}[/]: pp={plan.pp} x dp={plan.dp}, micro-batch {plan.micro_batch_size} "
+                  f"x m={plan.num_microbatches} (global batch {plan.global_batch}), {sched}, {plan.dtype}, {plan.optimizer}"
+                  + ("  [yellow](simulation only)[/]" if plan.simulation_only else ""))
+    t = Table(title="stages", show_lines=False)
+    for col in ("stage", "rank", "device", "blocks", "first .. last", "F+B ms", "recompute", "buffers", "peak", "cap"):
+        t.add_column(col, justify="right" if col not in ("device", "first .. last") else "left", no_wrap=True)
+    for st, tm in zip(plan.stages, best.split.stage_times_s):
+        names = f"{graph.nodes[st.block_start].name} .. {graph.nodes[st.block_end - 1].name}"
+        t.add_row(str(st.index), str(st.rank), st.device, f"{st.block_start}-{st.block_end - 1}", names, f"{tm * 1e3:.2f}",
+                  "yes" if st.recompute else "no", str(st.buffers), _gib(st.predicted_peak_memory_bytes), _gib(st.memory_cap_bytes))
+    console.print(t)
+    p = plan.predicted
+    if p is not None:
+        console.print(f"predicted (simpy): step {p.step_time_s:.4g} s, {p.samples_per_s:.4g} samples/s, {p.tokens_per_s:.4g} tokens/s, "
+                      f"MFU {p.mfu * 100:.1f}%, bubble {p.bubble_fraction * 100:.1f}%, peak {_gib(max(p.peak_memory_bytes))} "
+                      f"(fast evaluator: {best.fast.step_time_s:.4g} s)")
+    a = Table(title="alternatives")
+    a.add_column("candidate")
+    a.add_column("step s", justify="right")
+    a.add_column("why it lost")
+    for alt in plan.alternatives:
+        a.add_row(alt.description, "-" if alt.step_time_s is None else f"{alt.step_time_s:.4g}", alt.reason)
+    console.print(a)
+    if outcome.pin_cost_fraction is not None:
+        console.print(f"pins cost {outcome.pin_cost_fraction * 100:+.1f}% step time against the unpinned optimum "
+                      f"({outcome.unpinned.best.candidate.describe()})")
+    console.print(f"searched {len(res.screened)} screened, {res.pruned} pruned, {len(res.infeasible)} infeasible point(s) "
+                  f"in {res.elapsed_s:.2f} s")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipetrain.planner.explain import plan_job
+
+    job = job_from_args(args)
+    graph_for, job = graph_source(args, job)
+    if args.top_k < 1:
+        raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
+    outcome = plan_job(job, graph_for=graph_for, top_k=args.top_k, price_pins=not args.no_pin_cost)
+    if args.output:
+        path = outcome.plan.save(args.output)
+    if args.json:
+        print(json.dumps(outcome.plan.to_dict(), indent=2))
+    else:
+        print_plan(outcome)
+        if args.output:
+            print(f"wrote {path}")
+    return 0

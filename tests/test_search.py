@@ -1,0 +1,246 @@
+"""The outer search: memory safety, heterogeneous devices, pins, schedules, and the matrices it plans with."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pipetrain.errors import InfeasibleError, PlanError
+from pipetrain.planner.build import StageTables, placement, sim_input
+from pipetrain.planner.explain import plan_job, plan_sim_input
+from pipetrain.planner.graph import Edge, LayerGraph, Node, TiedParam
+from pipetrain.planner.job import Job
+from pipetrain.planner.memory import stage_memory
+from pipetrain.planner.partition import additive_matrix, partition
+from pipetrain.planner.search import Candidate, _interleaved_in_flight, _Searcher, search
+from pipetrain.planner.topology import load_topology, topology_preset
+from pipetrain.schedules import make_schedule, peak_in_flight
+from pipetrain.simulator import simulate
+
+GiB = 2**30
+
+
+def synthetic_graph(n: int, b: int, *, seed: int = 0, hidden: int = 1024, seq: int = 512, model: str = "synthetic",
+                    uniform: bool = False) -> LayerGraph:
+    """A transformer-shaped chain: embedding, n-2 blocks, head (tied to the embedding). Costs scale with b."""
+    rng = np.random.default_rng(seed)
+    act = b * seq * hidden * 2
+    nodes = [Node(name="embed", kind="embedding", fwd_flops=0.0, bwd_flops=0.0, param_count=32000 * hidden,
+                  param_bytes=32000 * hidden * 2, output_bytes=act, output_shape=(b, seq, hidden), output_dtype="bfloat16",
+                  saved_bytes=b * seq * 8)]
+    for i in range(n - 2):
+        scale = 1.0 if uniform else float(rng.uniform(0.5, 2.0))
+        p = int(12 * hidden * hidden * scale)
+        f = 2.0 * p * b * seq
+        nodes.append(Node(name=f"layer.{i}", kind="block", fwd_flops=f, bwd_flops=2 * f, wgrad_flops=f, param_count=p,
+                          param_bytes=2 * p, output_bytes=act, output_shape=(b, seq, hidden), output_dtype="bfloat16",
+                          saved_bytes=int(act * 17 * scale)))
+    f = 2.0 * 32000 * hidden * b * seq
+    nodes.append(Node(name="head", kind="head", fwd_flops=f, bwd_flops=2 * f, wgrad_flops=f, param_count=0, param_bytes=0,
+                      output_bytes=b * seq * 32000 * 2, output_shape=(b, seq, 32000), output_dtype="bfloat16",
+                      saved_bytes=act))
+    edges = tuple(Edge(src=i, dst=i + 1) for i in range(n - 1))
+    tied = (TiedParam(name="wte", owner=0, users=(0, n - 1), param_count=32000 * hidden, param_bytes=32000 * hidden * 2),)
+    return LayerGraph(model=model, granularity="block", micro_batch_size=b, seq_len=seq, dtype="bf16", nodes=tuple(nodes),
+                      edges=edges, input_shape=(b, seq), input_dtype="int64", tied=tied)
+
+
+def graphs(n: int, **kw):
+    cache: dict[int, LayerGraph] = {}
+
+    def graph_for(b: int) -> LayerGraph:
+        if b not in cache:
+            cache[b] = synthetic_graph(n, b, **kw)
+        return cache[b]
+
+    return graph_for
+
+
+def test_memory_matrix_equals_memory_model_on_every_range() -> None:
+    g = synthetic_graph(9, 2, seed=3)
+    tab = StageTables(g, optimizer="adamw")
+    for in_flight, buffers, rec in itertools.product((1, 3), (1, 2), (False, True)):
+        mat = tab.memory_matrix(in_flight=in_flight, buffers=buffers, recompute=rec)
+        for i in range(g.num_nodes):
+            for j in range(i + 1, g.num_nodes + 1):
+                want = stage_memory(g, i, j, in_flight=in_flight, buffers=buffers, recompute=rec, optimizer="adamw").total_bytes
+                assert mat[i, j] == pytest.approx(want, rel=1e-12), (i, j, in_flight, buffers, rec)
+
+
+def test_in_flight_closed_forms_match_the_schedules() -> None:
+    s = _Searcher(Job(model="x", topology="local-cpu:1", global_batch=1, seq_len=1), topology_preset("local-cpu:1"),
+                  graphs(6), None, 1)
+    rng = np.random.default_rng(0)
+    for p, m in itertools.product((1, 2, 3, 5, 8), (1, 2, 4, 7, 16)):
+        caps = [int(x) for x in rng.integers(1, p + 2, p)]
+        for buf in (None, caps):
+            c = Candidate(pp=p, dp=1, micro_batch_size=1, num_microbatches=m, schedule="1f1b")
+            assert s.in_flight(c, buf) == peak_in_flight(make_schedule("1f1b", p, m, buffers=buf)), (p, m, buf)
+    for p, v, k in itertools.product((2, 3, 4), (2, 3), (1, 2, 3)):
+        assert _interleaved_in_flight(p, p * k, v) == peak_in_flight(make_schedule("interleaved", p, p * k, v))
+
+
+_MIXED = """
+device_types:
+  fast: {peak_flops: {fp32: 100e12, bf16: 400e12}, memory_bytes: 40e9, memory_bandwidth_bytes_per_s: 2e12, efficiency: 0.5}
+  slow: {peak_flops: {fp32: 50e12, bf16: 200e12}, memory_bytes: 40e9, memory_bandwidth_bytes_per_s: 2e12, efficiency: 0.5}
+nodes:
+  - devices: [fast, fast, slow, slow]
+    link: {kind: nvswitch, bandwidth_bytes_per_s: 300e9, latency_s: 3e-6}
+"""
+
+
+def test_heterogeneous_fast_devices_get_more_blocks_and_beat_the_identical_device_split() -> None:
+    topo = load_topology(_MIXED)
+    gf = graphs(34, uniform=True, hidden=2048)  # embed + 32 equal blocks + head
+    job = Job(model="synthetic", topology="mixed", global_batch=32, seq_len=512, pp=4, dp=1, microbatch_size=1,
+              schedule="1f1b", recompute=(False,))
+    res = search(job, graph_for=gf, topology=topo, top_k=1)
+    blocks = res.best.split.blocks_per_stage
+    # fast ranks 0, 1 run 2x the FLOP/s of slow ranks 2, 3: about 2x the blocks
+    assert blocks[0] + blocks[1] >= 1.8 * (blocks[2] + blocks[3]), blocks
+    planned = res.best.sim.step_time_s
+
+    # The split a planner assuming identical devices makes: the same exact DP with equal speeds.
+    tab = res.tables[1]
+    dt_fast = topo.device_type_of(0)
+    t = tab.time_matrix(dt_fast, recompute=False)
+    same = partition(tab.n, 4, stage_time=lambda s: t, stage_memory=lambda s: np.zeros_like(t), caps=[1.0] * 4)
+    assert same.blocks_per_stage in ((9, 8, 8, 9), (8, 8, 9, 9), (9, 9, 8, 8), (8, 9, 9, 8), (9, 8, 9, 8), (8, 9, 8, 9))
+    sched = make_schedule("1f1b", 4, 32)
+    inp = sim_input(tables=tab, topology=topo, place=placement(topo, 4, 1), schedule=sched, ranges=same.ranges,
+                    buffers=[4, 3, 2, 1], recompute=[False] * 4, in_flight=peak_in_flight(sched))
+    identical = simulate(inp).step_time_s
+    # Numbers seen: blocks (12, 11, 6, 5) in 0.332 s vs (9, 8, 9, 8) in 0.478 s for the identical-device split.
+    assert planned < 0.75 * identical, (planned, identical, blocks)
+
+
+def _random_topology(rng: np.random.Generator) -> str:
+    mem = [float(rng.uniform(2, 24)) for _ in range(2)]
+    return f"""
+device_types:
+  a: {{peak_flops: {{fp32: 50e12, bf16: 200e12}}, memory_bytes: {mem[0]}e9, memory_bandwidth_bytes_per_s: 1e12}}
+  b: {{peak_flops: {{fp32: 80e12, bf16: 300e12}}, memory_bytes: {mem[1]}e9, memory_bandwidth_bytes_per_s: 2e12}}
+nodes:
+  - devices: {[str(x) for x in rng.choice(['a', 'b'], int(rng.choice([1, 2, 4])))]}
+    link: {{kind: pcie, bandwidth_bytes_per_s: 25e9, latency_s: 1e-5}}
+  - devices: {[str(x) for x in rng.choice(['a', 'b'], int(rng.choice([1, 2, 4])))]}
+    link: {{kind: nvlink, bandwidth_bytes_per_s: 100e9, latency_s: 3e-6}}
+inter_node: {{kind: infiniband, nic_bandwidth_bytes_per_s: 25e9, latency_s: 5e-6}}
+"""
+
+
+def test_no_returned_plan_exceeds_any_cap_in_simulation() -> None:
+    rng = np.random.default_rng(7)
+    planned = refused = 0
+    for trial in range(30):
+        topo = load_topology(_random_topology(rng))
+        n = int(rng.integers(4, 13))
+        gf = graphs(n, seed=trial, hidden=int(rng.choice([512, 1024, 2048])))
+        job = Job(model="synthetic", topology="random", global_batch=int(rng.choice([8, 16, 32])), seq_len=512,
+                  max_memory_fraction=float(rng.choice([1.0, 0.9, 0.5])),
+                  schedule=str(rng.choice(["gpipe", "1f1b", "interleaved"])) if trial % 3 else None)
+        try:
+            res = search(job, graph_for=gf, topology=topo, top_k=2, explain=False)
+        except InfeasibleError as exc:
+            refused += 1
+            assert "no plan fits" in str(exc)
+            continue
+        planned += 1
+        for ev in res.confirmed:
+            sim = ev.sim
+            place = placement(topo, ev.candidate.pp, ev.candidate.dp)
+            per_rank = [0.0] * ev.candidate.pp
+            for s, peak in enumerate(sim.peak_memory_bytes_per_stage):
+                per_rank[s % ev.candidate.pp] += peak
+            for r, used in enumerate(per_rank):
+                for d in place.rank_devices(topo, r):  # every device of every replica
+                    assert used <= d.type.memory_bytes * job.max_memory_fraction * (1 + 1e-9), (trial, r, used)
+    assert planned >= 15 and refused >= 1, (planned, refused)
+
+
+def test_pinned_knobs_are_respected_and_priced() -> None:
+    topo = topology_preset("dgx-h100:1")
+    gf = graphs(18, seed=1, hidden=2048)
+    job = Job(model="synthetic", topology="dgx-h100:1", global_batch=64, seq_len=512, pp=4, schedule="gpipe", buffers=(8,))
+    few = plan_job(Job(model="synthetic", topology="dgx-h100:1", global_batch=64, seq_len=512, pp=4, dp=2,
+                       schedule="gpipe", buffers=(2,)), graph_for=gf, topology=topo, price_pins=False).plan
+    assert few.num_microbatches <= 2 and few.dp == 2  # gpipe keeps all m in flight: 2 buffers force m <= 2
+    with pytest.raises(InfeasibleError, match=r"no plan fits: unpin (schedule|buffers|microbatches)"):
+        search(Job(model="synthetic", topology="dgx-h100:1", global_batch=64, seq_len=512, pp=4, dp=2, microbatches=8,
+                   schedule="gpipe", buffers=(2,)), graph_for=gf, topology=topo)
+    out = plan_job(job, graph_for=gf, topology=topo)
+    p = out.plan
+    assert (p.pp, p.schedule, p.num_microbatches) == (4, "gpipe", 8) and all(st.buffers == 8 for st in p.stages)
+    assert out.pin_cost_fraction is not None and out.pin_cost_fraction >= 0.0
+    assert "unpinned optimum" in p.alternatives[-1].description
+    bounds = Job(model="synthetic", topology="dgx-h100:1", global_batch=64, seq_len=512, pp=2, dp=4, boundaries=(5,),
+                 recompute=(True, False))
+    b = plan_job(bounds, graph_for=gf, topology=topo, price_pins=False).plan
+    assert b.boundaries == (5,) and [st.recompute for st in b.stages] == [True, False]
+
+
+def test_simulation_only_schedules_need_the_flag() -> None:
+    topo = topology_preset("dgx-h100:1")
+    gf = graphs(10, seed=2)
+    res = search(Job(model="synthetic", topology="dgx-h100:1", global_batch=32, seq_len=512, pp=4), graph_for=gf, topology=topo)
+    assert all(e.candidate.schedule != "zb-h1" for e in res.screened)
+    with pytest.raises(InfeasibleError, match="simulation-only"):
+        search(Job(model="synthetic", topology="dgx-h100:1", global_batch=32, seq_len=512, pp=4, schedule="zb-h1"),
+               graph_for=gf, topology=topo)
+    what_if = plan_job(Job(model="synthetic", topology="dgx-h100:1", global_batch=32, seq_len=512, pp=4, schedule="zb-h1",
+                           simulation_only=True), graph_for=gf, topology=topo, price_pins=False).plan
+    assert what_if.schedule == "zb-h1" and what_if.simulation_only
+
+
+def test_plan_round_trips_and_resimulates_and_refuses_another_model() -> None:
+    topo = topology_preset("dgx-h100:1")
+    gf = graphs(12, seed=4)
+    out = plan_job(Job(model="synthetic", topology="dgx-h100:1", global_batch=32, seq_len=512, pp=4), graph_for=gf,
+                   topology=topo, price_pins=False)
+    plan = type(out.plan).from_json(out.plan.to_json())
+    assert plan == out.plan
+    g = gf(plan.micro_batch_size)
+    again = simulate(plan_sim_input(plan, graph=g, topology=topo))
+    assert again.step_time_s == pytest.approx(plan.predicted.step_time_s, rel=1e-12)
+    assert plan.stages[1].inputs[0].shape == (plan.micro_batch_size, 512, 1024)
+    other = synthetic_graph(12, plan.micro_batch_size, seed=4, model="other-model")
+    with pytest.raises(PlanError, match="made for model 'synthetic'"):
+        plan_sim_input(plan, graph=other, topology=topo)
+
+
+def test_nothing_fits_names_the_smallest_change() -> None:
+    topo = topology_preset("dgx-h100:1")
+    gf = graphs(12, seed=5, hidden=4096)
+    job = Job(model="synthetic", topology="dgx-h100:1", global_batch=32, seq_len=512, pp=1, max_memory_bytes=8 * GiB)
+    with pytest.raises(InfeasibleError) as ei:
+        search(job, graph_for=gf, topology=topo)
+    msg = str(ei.value)
+    assert msg.startswith("no plan fits:") and "unpin pp (=1)" in msg and "GiB" in msg
+
+
+def test_search_modules_import_without_torch() -> None:
+    code = ("import sys; import pipetrain.planner.search, pipetrain.planner.build, pipetrain.planner.explain, "
+            "pipetrain.planner.job, pipetrain.commands.plan, pipetrain.commands.sweep; assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_additive_lower_bound_never_exceeds_the_fast_evaluator() -> None:
+    topo = topology_preset("dgx-h100:1")
+    gf = graphs(14, seed=6)
+    job = Job(model="synthetic", topology="dgx-h100:1", global_batch=64, seq_len=512)
+    s = _Searcher(job, topo, gf, None, 3)
+    checked = 0
+    for c in [Candidate(pp=p, dp=8 // p, micro_batch_size=b, num_microbatches=64 // (8 // p) // b, schedule=sch, chunks=v)
+              for p in (2, 4, 8) for b in (1, 2) for sch, v in (("1f1b", 1), ("gpipe", 1), ("interleaved", 2))]:
+        sp = s.split(c)
+        if sp is None:
+            continue
+        ev = s.screen(sp)
+        assert sp.lower_bound_s <= ev.fast.pipeline_time_s * (1 + 1e-9), c
+        checked += 1
+    assert checked >= 10
