@@ -21,6 +21,8 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 #: name -> (module under pipetrain.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "graph": ("graph", "trace a model on the meta device and print its layer graph"),
+    "plan": ("plan", "search the best pipeline plan for a job under memory caps, and explain it"),
+    "sweep": ("sweep", "what-if: vary one or two knobs (m, p, bandwidth, device, schedule) and compare plans"),
     "simulate": ("simulate", "simulate one training step of a schedule or a plan"),
     "run": ("run", "run a plan as a real torch.distributed pipeline (torchrun; gloo on CPU, NCCL on CUDA)"),
     "demo": ("demo", "plan, simulate, run, validate and report tiny-gpt on this CPU"),
