@@ -231,6 +231,17 @@ def test_bad_inputs() -> None:
                  compute_groups=(ComputeGroup(ranks=(0, 1)), ComputeGroup(ranks=(1,))))
 
 
+def test_schedule_without_comms_is_refused() -> None:
+    from pipetrain.schedules import Schedule
+
+    full = one_f_one_b(2, 2)
+    bare = Schedule(name="bare", num_ranks=2, num_stages=2, num_microbatches=2, stage_to_rank=(0, 1),
+                    actions=tuple(full.compute_order(r) for r in range(2)))
+    for fn in (simulate, fast_evaluate):
+        with pytest.raises(ScheduleError, match="0 sends and 0 receives where its 1 cross-rank cuts need 4"):
+            fn(SimInput(schedule=bare, stages=(StageSpec(t_fwd_s=1.0, t_bwd_s=1.0),) * 2))
+
+
 def test_imports_without_torch() -> None:
     code = "import sys, pipetrain.simulator, pipetrain.commands.simulate; assert 'torch' not in sys.modules, 'torch'"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pipetrain.errors import ScheduleError
 from pipetrain.schedules import Schedule, peak_in_flight, peak_pending_wgrad
 from pipetrain.simulator.model import SimInput
-from pipetrain.simulator.program import EventTuple, Tables, end_of_step, tables
+from pipetrain.simulator.program import EventTuple, Tables, check_comms, end_of_step, tables
 from pipetrain.simulator.result import SimResult, build_result, busy_s_per_stage
 
 __all__ = ["FastProgram", "compile_schedule", "fast_evaluate", "fast_step_time"]
@@ -60,6 +60,7 @@ def compile_schedule(sched: Schedule) -> FastProgram:
 
 
 def _compile(sched: Schedule) -> FastProgram:
+    check_comms(sched)
     m, split = sched.num_microbatches, sched.split_backward
     grad_kind = "W" if split else "B"
     # raw nodes per rank: (stage, kind, mb, recv_msg or -1), and sends: msg -> (rank, index of node before)

@@ -21,10 +21,11 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 
+from pipetrain.errors import ScheduleError
 from pipetrain.schedules import Schedule
 from pipetrain.simulator.model import SimInput, ring_allreduce_time_s
 
-__all__ = ["COMPUTE", "SEND", "RECV", "EventTuple", "Tables", "skeleton", "tables", "end_of_step"]
+__all__ = ["COMPUTE", "SEND", "RECV", "EventTuple", "Tables", "check_comms", "skeleton", "tables", "end_of_step"]
 
 COMPUTE, SEND, RECV = 0, 1, 2
 #: (stage, rank, kind, microbatch, start_s, end_s, bytes)
@@ -34,11 +35,27 @@ _KIND_SLOT = {"F": 0, "B": 1, "W": 2}
 _CACHE: dict[int, tuple[weakref.ref, tuple[tuple[tuple, ...], ...]]] = {}
 
 
+def check_comms(sched: Schedule) -> None:
+    """Cheap guard: a schedule without its SEND/RECV actions would simulate with no data flow.
+
+    (Full proof of completeness and deadlock-freedom: :func:`pipetrain.schedules.validate`.)
+    """
+    s2r = sched.stage_to_rank
+    cuts = sum(1 for s in range(sched.num_stages - 1) if s2r[s] != s2r[s + 1])
+    want = 2 * sched.num_microbatches * cuts
+    sends = sum(1 for acts in sched.actions for a in acts if a.kind in ("SEND_F", "SEND_B"))
+    recvs = sum(1 for acts in sched.actions for a in acts if a.kind in ("RECV_F", "RECV_B"))
+    if sends != want or recvs != want:
+        raise ScheduleError(f"schedule {sched.name} has {sends} sends and {recvs} receives where its {cuts} cross-rank cuts need "
+                            f"{want} of each: add them with pipetrain.schedules.with_comms and check with validate()")
+
+
 def skeleton(sched: Schedule) -> tuple[tuple[tuple, ...], ...]:
     """Per-rank op tuples of ``sched`` (see the module docstring); cached per schedule object."""
     hit = _CACHE.get(id(sched))
     if hit is not None and hit[0]() is sched:
         return hit[1]
+    check_comms(sched)
     m, grad_kind = sched.num_microbatches, ("W" if sched.split_backward else "B")
     out = []
     for acts in sched.actions:
