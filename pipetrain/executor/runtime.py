@@ -53,6 +53,7 @@ class SavedBytes:
         self.current = 0
         self.peak = 0
         self._seen: set[int] = set()
+        self.exclude: set[int] = set()  # storages never counted (the parameters: not activations)
         self.per_mb: dict[Any, int] = {}
 
     def begin(self) -> None:
@@ -63,7 +64,7 @@ class SavedBytes:
         try:
             st = t.untyped_storage()
             key = st.data_ptr()
-            if key not in self._seen and t.device.type != "meta":
+            if key not in self._seen and key not in self.exclude and t.device.type != "meta":
                 self._seen.add(key)
                 self._acc += st.nbytes()
         except (RuntimeError, NotImplementedError):
