@@ -15,6 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from pipetrain.executor.config import add_run_arguments
 
     add_run_arguments(parser)
+    parser.add_argument("--validate", action="store_true",
+                        help="then train the same steps on one device and compare (RUN_DIR/validation.json; implies --save-final)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,11 +25,19 @@ def run(args: argparse.Namespace) -> int:
     from pipetrain.plan import Plan
 
     cfg = config_from_args(args)
+    if getattr(args, "validate", False) and not cfg.save_final:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, save_final=True)
     plan = Plan.load(cfg.plan_path)
     print(f"pipetrain run: {plan.model}, pp={plan.pp} dp={plan.dp} {plan.schedule} m={plan.num_microbatches} "
           f"mbs={plan.micro_batch_size}, {cfg.steps} steps -> {cfg.run_dir}", flush=True)
+    from pipetrain.executor.monitor import LiveMonitor
+
+    mon = LiveMonitor(cfg.run_dir, plan, cfg.steps)
     try:
-        res = launch(cfg, plan=plan)
+        with mon:
+            res = launch(cfg, plan=plan)
     except KeyboardInterrupt:
         print("interrupted: workers stopped")
         return 130
@@ -37,7 +47,15 @@ def run(args: argparse.Namespace) -> int:
             return 130
         raise
     for s, loss, t in zip(res.steps, res.losses, res.step_times_s):
-        print(f"step {s + 1:5d}  loss {loss:.5f}  {t * 1e3:8.1f} ms")
+        if mon.last is None:  # the live view already showed the steps
+            print(f"step {s + 1:5d}  loss {loss:.5f}  {t * 1e3:8.1f} ms")
     print(f"median step {res.median_step_time_s * 1e3:.1f} ms; result: {cfg.run_dir}/result.json, "
           f"telemetry: {cfg.run_dir}/telemetry/rank*.jsonl")
+    if getattr(args, "validate", False):
+        from pipetrain.executor.validate import validate_run
+
+        report = validate_run(cfg.run_dir, progress=lambda msg: print(msg, flush=True))
+        print(report.summary)
+        print(f"wrote {cfg.run_dir}/validation.json")
+        return 0 if report.passed else 1
     return 0

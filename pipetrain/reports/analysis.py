@@ -1,0 +1,151 @@
+"""Per-stage numbers from one step's events, the same way for simulated and measured timelines.
+
+Pure functions over :class:`~pipetrain.events.Event` lists (no runtime), used by the live
+monitor and the report, so both say the same thing:
+
+* **compute** of a stage: the summed durations of its F/B/W events;
+* **span**: the pipeline time of the step, first F/B/W start to last F/B/W end over all ranks;
+* **busy / bubble**: a stage's compute over the span; its bubble is its rank's idle share of
+  the span (the simulator's definition: a stage's bubble is its rank's);
+* **p2p latency** of a transfer: from the sender posting the send to the receiver observing
+  the receive complete (one host's aligned clock), matched by (stage, micro-batch, direction);
+  activations go s -> s+1 first, gradients s+1 -> s later. It is an upper bound on wire time:
+  it includes any wait for the receiver to ask;
+* **communication** of a stage: the latencies of the transfers it received, but no more than
+  its rank's idle time; the rest of the idle time is **bubble**. So compute + communication +
+  bubble add up to the span on a rank that hosts one stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+from pipetrain.events import Event
+
+__all__ = ["COMPUTE_KINDS", "StageBreakdown", "Transfer", "events_from_records", "events_of_step",
+           "match_transfers", "stage_breakdown", "percentile", "pick_step"]
+
+COMPUTE_KINDS = ("F", "B", "W")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Transfer:
+    src_stage: int
+    dst_stage: int
+    step: int
+    microbatch: int
+    latency_s: float
+    bytes: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageBreakdown:
+    stage: int
+    rank: int
+    compute_s: float
+    comm_s: float
+    bubble_s: float
+    span_s: float
+    busy_fraction: float
+    bubble_fraction: float
+
+
+def events_from_records(records: Iterable[Mapping[str, Any]]) -> list[Event]:
+    """Telemetry records (``type == "event"``) to Events; other records are skipped."""
+    out = []
+    for r in records:
+        if r.get("type", "event") == "event" and "kind" in r:
+            out.append(Event.from_dict(dict(r)))
+    return out
+
+
+def events_of_step(events: Iterable[Event], step: int) -> list[Event]:
+    return [e for e in events if e.step == step]
+
+
+def pick_step(step_times_s: Sequence[float]) -> int:
+    """The step whose time is the median of steps after the first (warm-up): a typical step."""
+    if not step_times_s:
+        return 0
+    idx = list(range(1, len(step_times_s))) or [0]
+    idx.sort(key=lambda i: step_times_s[i])
+    return idx[len(idx) // 2]
+
+
+def percentile(xs: Sequence[float], q: float) -> float | None:
+    """Linear-interpolated percentile ``q`` in [0, 100]; None for no data."""
+    if not xs:
+        return None
+    ys = sorted(xs)
+    pos = (len(ys) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(ys) - 1)
+    return ys[lo] + (ys[hi] - ys[lo]) * (pos - lo)
+
+
+def match_transfers(events: Iterable[Event], num_stages: int) -> list[Transfer]:
+    """Pair SEND and RECV events into transfers (see module docstring)."""
+    sends: dict[tuple[int, int, int], list[Event]] = {}
+    recvs: dict[tuple[int, int, int], list[Event]] = {}
+    for e in events:
+        if e.kind == "SEND":
+            sends.setdefault((e.step, e.stage, e.microbatch), []).append(e)
+        elif e.kind == "RECV":
+            recvs.setdefault((e.step, e.stage, e.microbatch), []).append(e)
+    last = num_stages - 1
+
+    def split(evs: list[Event], stage: int, first_dir: str) -> dict[str, Event]:
+        evs = sorted(evs, key=lambda x: x.start_s)
+        out: dict[str, Event] = {}
+        # activations flow forward first; gradients flow back later
+        has_fwd = stage < last if first_dir == "send" else stage > 0
+        has_bwd = stage > 0 if first_dir == "send" else stage < last
+        if has_fwd and evs:
+            out["fwd"] = evs[0]
+        if has_bwd and len(evs) > (1 if has_fwd else 0):
+            out["bwd"] = evs[1 if has_fwd else 0]
+        return out
+
+    send_by = {k: split(v, k[1], "send") for k, v in sends.items()}
+    recv_by = {k: split(v, k[1], "recv") for k, v in recvs.items()}
+    out = []
+    for (step, s, mb), d in send_by.items():
+        for direction, dst in (("fwd", s + 1), ("bwd", s - 1)):
+            se = d.get(direction)
+            re = recv_by.get((step, dst, mb), {}).get(direction)
+            if se is None or re is None:
+                continue
+            out.append(Transfer(src_stage=s, dst_stage=dst, step=step, microbatch=mb,
+                                latency_s=max(0.0, re.end_s - se.start_s), bytes=max(se.bytes, re.bytes)))
+    out.sort(key=lambda t: (t.step, t.dst_stage, t.microbatch, t.src_stage))
+    return out
+
+
+def stage_breakdown(events: Sequence[Event], num_stages: int, stage_to_rank: Sequence[int]) -> list[StageBreakdown]:
+    """Compute / communication / bubble per stage for ONE step's events (see module docstring)."""
+    comp = [e for e in events if e.kind in COMPUTE_KINDS]
+    if not comp:
+        return [StageBreakdown(stage=s, rank=stage_to_rank[s], compute_s=0.0, comm_s=0.0, bubble_s=0.0, span_s=0.0,
+                               busy_fraction=0.0, bubble_fraction=0.0) for s in range(num_stages)]
+    t0 = min(e.start_s for e in comp)
+    span = max(e.end_s for e in comp) - t0
+    span = span if span > 0 else 1e-12
+    busy_stage = [0.0] * num_stages
+    for e in comp:
+        if 0 <= e.stage < num_stages:
+            busy_stage[e.stage] += e.duration_s
+    busy_rank: dict[int, float] = {}
+    for s, b in enumerate(busy_stage):
+        busy_rank[stage_to_rank[s]] = busy_rank.get(stage_to_rank[s], 0.0) + b
+    comm_in = [0.0] * num_stages
+    for t in match_transfers(events, num_stages):
+        comm_in[t.dst_stage] += t.latency_s
+    out = []
+    for s in range(num_stages):
+        r = stage_to_rank[s]
+        idle = max(0.0, span - busy_rank[r])
+        comm = min(comm_in[s], idle)
+        out.append(StageBreakdown(stage=s, rank=r, compute_s=busy_stage[s], comm_s=comm, bubble_s=idle - comm, span_s=span,
+                                  busy_fraction=busy_stage[s] / span, bubble_fraction=idle / span))
+    return out
