@@ -156,7 +156,7 @@ def _grid(job: Job, num_devices: int, num_blocks: int, allowed: tuple[str, ...],
     pps = [job.pp] if job.pp else [p for p in range(1, min(num_blocks, num_devices) + 1) if job.dp or num_devices % p == 0]
     out = []
     for pp in pps:
-        dps = [job.dp] if job.dp else [num_devices // pp]
+        dps = [job.dp] if job.dp else [max(1, num_devices // pp)]
         for dp in dps:
             if pp * dp > num_devices:
                 bad.append((f"pp={pp} dp={dp}", f"needs {pp * dp} devices, topology has {num_devices}"))
