@@ -63,3 +63,18 @@ def test_bad_input_is_one_line_exit_2(argv: list[str], msg: str, capsys: pytest.
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and msg in err
+
+
+@pytest.mark.slow
+def test_simulating_a_plan_reproduces_its_prediction(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = Path(__file__).resolve().parent.parent
+    plan = tmp_path / "plan.json"
+    assert main(["plan", str(root / "examples" / "tiny-gpt-cpu.yaml"), "-o", str(plan)]) == 0
+    capsys.readouterr()
+    assert main(["simulate", str(plan), "--json", "-"]) == 0
+    sim = json.loads(capsys.readouterr().out)
+    predicted = json.loads(plan.read_text())["predicted"]
+    assert sim["step_time_s"] == pytest.approx(predicted["step_time_s"], rel=1e-9)
+    assert sim["peak_memory_bytes_per_stage"] == pytest.approx(predicted["peak_memory_bytes"], rel=1e-9)
+    assert main(["simulate", str(plan), "--stages", "2"]) == 2
+    assert "not both" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Simulate one training step of a schedule from per-stage times (or, with the planner, of a plan file).
+"""Simulate one training step of a schedule from per-stage times, or of a plan file.
 
 ``pipetrain simulate --stages P --microbatches M --schedule 1f1b|gpipe|interleaved|zb-h1
 [--chunks V] --t-fwd MS --t-bwd MS [--t-wgrad MS] [--t-comm MS] [--microbatch-size N]
@@ -9,6 +9,9 @@ Times are milliseconds per micro-batch for one pipeline rank's share of the mode
 the input-gradient part when ``--t-wgrad`` is given. ``--t-comm`` is the latency of each
 stage-to-stage transfer. Prints step time, bubble and samples/s per device; ``--json`` writes the
 full result (``step_time_s`` at the top level), ``--trace`` a Chrome trace for Perfetto.
+
+``pipetrain simulate PLAN.json [--evaluator ...] [--json ...] [--trace ...]`` simulates a saved
+plan on its topology (the planner traces the model on the meta device to rebuild the costs).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipetrain.errors import ConfigError, PlanError
+from pipetrain.errors import ConfigError
 
 __all__ = ["add_arguments", "run"]
 
@@ -43,9 +46,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _simulate_plan(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    """Hook for plan files: the planner turns a Plan into a SimInput (not wired yet)."""
-    raise PlanError(f"simulating plan file {args.plan} needs the planner's plan-to-simulator bridge, which this build lacks; "
-                    "give --stages/--microbatches/--t-fwd/--t-bwd instead")
+    """A plan file: the planner rebuilds its SimInput (traces the model on the meta device)."""
+    given = [f for f, v in (("--stages", args.stages), ("--microbatches", args.microbatches), ("--t-fwd", args.t_fwd),
+                            ("--t-bwd", args.t_bwd), ("--buffers", args.buffers)) if v is not None]
+    if given:
+        raise ConfigError(f"give either a PLAN.json or per-stage flags, not both ({', '.join(given)} with {args.plan})")
+    from pipetrain.plan import Plan
+    from pipetrain.planner.explain import plan_sim_input
+
+    return plan_sim_input(Plan.load(args.plan))
 
 
 def _from_flags(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -113,12 +122,18 @@ def _print(result, inp) -> None:  # type: ignore[no-untyped-def]
     head.add_row("samples/s per device", f"{result.samples_per_s_per_device:.4g}")
     head.add_row("samples/s", f"{result.samples_per_s:.4g}")
     head.add_row("tokens/s", f"{result.tokens_per_s:.4g}")
+    if result.tflops_per_device is not None:
+        head.add_row("model TFLOP/s per device", f"{result.tflops_per_device:.4g}")
+    if result.mfu is not None:
+        head.add_row("MFU", f"{result.mfu * 100:.1f} %")
+    show_mem = any(result.peak_memory_bytes_per_stage)
     per = Table(title="per stage")
-    for col in ("stage", "rank", "busy ms", "bubble %", "peak in flight"):
+    for col in ("stage", "rank", "busy ms", "bubble %", "peak in flight") + (("peak memory MiB",) if show_mem else ()):
         per.add_column(col, justify="right")
     for s in range(sched.num_stages):
+        mem = (f"{result.peak_memory_bytes_per_stage[s] / 2**20:.4g}",) if show_mem else ()
         per.add_row(str(s), str(sched.stage_to_rank[s]), f"{result.busy_s_per_stage[s] * 1e3:.4g}",
-                    f"{result.bubble_fraction_per_stage[s] * 100:.1f}", str(result.peak_in_flight_per_stage[s]))
+                    f"{result.bubble_fraction_per_stage[s] * 100:.1f}", str(result.peak_in_flight_per_stage[s]), *mem)
     console = Console()
     console.print(head)
     console.print(per)
