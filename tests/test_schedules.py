@@ -156,3 +156,17 @@ def test_schedule_shape_is_checked() -> None:
         Schedule(name="x", num_ranks=2, num_stages=2, num_microbatches=1, stage_to_rank=(0, 2), actions=((), ()))
     with pytest.raises(ScheduleError, match="1 action lists for 2 ranks"):
         Schedule(name="x", num_ranks=2, num_stages=2, num_microbatches=1, stage_to_rank=(0, 1), actions=((),))
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=120, deadline=None)
+@given(name=st.sampled_from(["1f1b", "zb-h1"]), p=st.integers(1, 8), m=st.integers(1, 16), data=st.data())
+def test_buffer_shaped_schedules_are_valid_and_fit(name: str, p: int, m: int, data: st.DataObject) -> None:
+    caps = data.draw(st.lists(st.integers(1, 9), min_size=p, max_size=p))
+    s = validate(make_schedule(name, p, m, buffers=caps))
+    peaks = peak_in_flight(s)
+    assert all(n <= min(c, m) for n, c in zip(peaks, caps))
+    assert peaks[0] == min(caps[0], p, m)  # the first stage uses what it is given, up to what 1F1B would
