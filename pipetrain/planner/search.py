@@ -481,8 +481,8 @@ def _nothing_fits(job: Job, s: _Searcher, explain: bool) -> InfeasibleError:
             if job.recompute is not None and not all(job.recompute):
                 fix += ", or allow recompute"
             hints.append(f"closest is {desc}: {exc}; {fix}")
-    if not hints and s.infeasible:
-        hints.append(s.infeasible[0][0] + ": " + s.infeasible[0][1])
+    if not s.overflows and s.infeasible:  # no memory figure to give: say why the first point failed
+        hints.insert(0, s.infeasible[0][0] + ": " + s.infeasible[0][1])
     return InfeasibleError("no plan fits: " + ("; ".join(hints[:3]) if hints else "no candidate configuration"))
 
 
