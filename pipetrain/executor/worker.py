@@ -136,149 +136,16 @@ def main(cfg: RunConfig) -> int:
 
 
 def _train(cfg: RunConfig, plan: Plan, spec: Any, model: Any, device: Any, timeout: Any, rank: int, run_dir: Path) -> int:
-    import torch
-    import torch.distributed as dist
+    from pipetrain.executor.trainer import Trainer
 
-    from pipetrain.executor.checkpoint import load_rank, mark_latest, save_rank
-    from pipetrain.executor.comm import BufferPool, RankLayout, make_groups, torch_dtype
-    from pipetrain.executor.data import BatchSampler, make_source, warn_dropped
-    from pipetrain.executor.optim import GradSync, OptimConfig, make_optimizer, unique_params
-    from pipetrain.executor.runtime import PipelineRuntime, StageRuntime
-    from pipetrain.executor.stage import materialize_blocks, stage_modules, ties_of, vocab_size_of
-    from pipetrain.executor.telemetry import Telemetry, rss_bytes
-    from pipetrain.schedules import make_schedule
-
-    layout = RankLayout(pp=plan.pp, dp=plan.dp, rank=rank)
-    tel = Telemetry(run_dir, rank, enabled=cfg.telemetry)
-    tel.align(dist)
-    schedule = make_schedule(plan.schedule, plan.pp, plan.num_microbatches, plan.chunks,
-                             buffers=[st.buffers for st in plan.stages])
-    my_stages = plan.stages_of_rank(layout.pp_rank)
-    my_blocks = [b for st in my_stages for b in range(st.block_start, st.block_end)]
-    materialize_blocks(model, my_blocks, device, plan.seed)
-    ties = ties_of(model)
-    groups = make_groups(plan, layout, ties, timeout)
-    tie_params: list[tuple[Any, Any, bool]] = []
-    for tg in groups.ties:
-        path = tg.name
-        p = model.blocks[tg.blocks_here[0]].get_parameter(path)
-        with torch.no_grad():
-            dist.broadcast(p.data, src=tg.owner_rank, group=tg.group)
-        tie_params.append((p, tg.group, tg.owner_rank == rank))
-    modules = stage_modules(model, my_stages)
-    for m in modules.values():
-        m.train()
-
-    first_spec = TensorSpec(shape=tuple(spec.example_input(plan.micro_batch_size, plan.seq_len, device="meta").shape),
-                            dtype=str(spec.example_input(1, plan.seq_len, device="meta").dtype).replace("torch.", ""))
-    runtimes: dict[int, StageRuntime] = {}
-    last_index = plan.num_stages - 1
-    for st in my_stages:
-        s = st.index
-        in_spec = first_spec if s == 0 else st.inputs[0]
-        out_spec = st.outputs[0] if s < last_index else None
-        prev_r = plan.stages[s - 1].rank if s > 0 else None
-        next_r = plan.stages[s + 1].rank if s < last_index else None
-        runtimes[s] = StageRuntime(
-            index=s, module=modules[s], is_first=s == 0, is_last=s == last_index,
-            prev_rank=layout.global_rank(prev_r) if prev_r is not None else None,
-            next_rank=layout.global_rank(next_r) if next_r is not None else None,
-            in_pool=BufferPool(in_spec, st.buffers, device, what=f"stage {s} input"),
-            grad_pool=BufferPool(out_spec, st.buffers, device, what=f"stage {s} output grad") if out_spec else None,
-            recompute=st.recompute, prev_local=prev_r == layout.pp_rank, next_local=next_r == layout.pp_rank,
-            out_dtype=torch_dtype(out_spec.dtype) if out_spec else None)
-    params = unique_params(modules.values())
-    ocfg = OptimConfig(name=plan.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-                       clip_norm=cfg.clip_norm)
-    opt = make_optimizer(params, ocfg)
-    sync = GradSync(params, dp_group=groups.dp_group, pp_group=groups.pp_group, ties=tie_params,
-                    clip_norm=cfg.clip_norm, telemetry=tel, stage=my_stages[0].index)
-    autocast = torch.bfloat16 if plan.dtype == "bf16" else None
-    rt = PipelineRuntime(stages=runtimes, order=schedule.compute_order(layout.pp_rank), num_stages=plan.num_stages,
-                         num_microbatches=plan.num_microbatches, loss_fn=spec.loss,
-                         loss_scale=1.0 / (plan.num_microbatches * plan.dp), telemetry=tel, timeout=timeout,
-                         autocast_dtype=autocast, device=device, fault=_fault_hook(rank))
-
-    need_inputs = 0 in runtimes
-    need_targets = last_index in runtimes
-    source = None
-    if need_inputs or need_targets:
-        source = make_source(cfg.dataset, task=spec.task, seq_len=plan.seq_len, vocab_size=vocab_size_of(spec, model),
-                             seed=plan.seed, input_shape=tuple(getattr(spec, "input_size", ()) or ()),
-                             num_classes=int(getattr(spec, "vocab_size", 0) or 0))
-    n_samples = torch.tensor([source.num_samples if source else 0], dtype=torch.int64)
-    n_samples = _agree_max(n_samples, device)
-    sampler = BatchSampler(num_samples=int(n_samples), micro_batch_size=plan.micro_batch_size,
-                           num_microbatches=plan.num_microbatches, dp=plan.dp, seed=plan.seed)
-    if rank == 0 and source is not None:
-        warn_dropped(sampler, source.name)
-
-    phash = plan_hash(plan)
-    start_step = 0
-    if cfg.resume:
-        state = load_rank(run_dir, rank, phash)
-        if state is not None:
-            for s, sd in state["model"].items():
-                modules[int(s)].load_state_dict(sd)
-            opt.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["rng"])
-            start_step = int(state["step"])
-    tel.record({"type": "meta", "rank": rank, "pp_rank": layout.pp_rank, "dp_rank": layout.dp_rank,
-                "stages": sorted(runtimes), "buffers": {s: st.buffers for s, st in zip([x.index for x in my_stages], my_stages)},
-                "device": str(device), "backend": dist.get_backend(), "same_host_clock": getattr(tel, "same_host", True),
-                "start_step": start_step, "world_size": plan.world_size})
-
-    static_bytes = sum(p.numel() * p.element_size() for p in params) * 2
-    pool_bytes = sum(r.in_pool.nbytes + (r.grad_pool.nbytes if r.grad_pool else 0) for r in runtimes.values())
-    grad_scale = _grad_scale_hook()
-    for step in range(start_step, cfg.steps):
-        t_step = time.perf_counter()
-        idx = sampler.indices(step)[layout.dp_rank]
-        inputs = [_batch(source.inputs, ids, device) for ids in idx] if need_inputs else None
-        targets = [_batch(source.targets, ids, device) for ids in idx] if need_targets else None
-        rt.saved.peak = 0
-        losses = rt.run_step(step, inputs, targets)
-        if grad_scale is not None:
-            grad_scale(step, modules)
-        norm = sync.sync()
-        stage_norms = _stage_grad_norms(modules, tie_params, norm, cfg.clip_norm)
-        t0 = tel.now()
-        opt.step()
-        opt.zero_grad(set_to_none=False)
-        tel.add("OPT", my_stages[0].index, -1, t0, tel.now())
-        loss = None
-        if need_targets:
-            lsum = torch.stack(losses).sum().float().reshape(1) / plan.num_microbatches
-            if groups.dp_group is not None:
-                dist.all_reduce(lsum, group=groups.dp_group)
-                lsum /= plan.dp
-            loss = float(lsum)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        step_s = time.perf_counter() - t_step
-        opt_bytes = sum(t.numel() * t.element_size() for st_ in opt.state.values() for t in st_.values() if torch.is_tensor(t))
-        mem = {"tensor_bytes": static_bytes + opt_bytes + pool_bytes + rt.saved.peak,
-               "activation_bytes_peak": rt.saved.peak, "param_bytes": static_bytes // 2, "optimizer_bytes": opt_bytes,
-               "buffer_bytes": pool_bytes, "rss_bytes": rss_bytes()}
-        if device.type == "cuda":
-            mem["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device))
-        tel.flush_step(step, {
-            "loss": loss, "step_time_s": step_s, "grad_norm": norm, "stage_grad_norms": stage_norms, "in_flight_peak": {str(k): v for k, v in rt.in_flight_peak.items()},
-            "recv_buffer_allocations": sum(r.in_pool.allocations + (r.grad_pool.allocations if r.grad_pool else 0) for r in runtimes.values()),
-            "recv_buffer_storages": sum(len(r.in_pool.used_ptrs) + (len(r.grad_pool.used_ptrs) if r.grad_pool else 0) for r in runtimes.values()),
-            "memory": mem})
+    tr = Trainer(cfg, plan, spec, model, device, timeout, rank, run_dir)
+    for step in range(tr.start_step, cfg.steps):
+        tr.train_step(step)
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            save_rank(run_dir, step + 1, rank, {
-                "step": step + 1, "plan_hash": phash, "model": {s: m.state_dict() for s, m in modules.items()},
-                "optimizer": opt.state_dict(), "rng": torch.get_rng_state()})
-            dist.barrier()
-            if rank == 0:
-                mark_latest(run_dir, step + 1, plan.world_size)
+            tr.checkpoint(step + 1)
     if cfg.save_final:
-        final = run_dir / "final"
-        final.mkdir(parents=True, exist_ok=True)
-        torch.save({s: {k: v.detach().cpu() for k, v in m.state_dict().items()} for s, m in modules.items()}, final / f"rank{rank}.pt")
-    tel.close()
+        tr.save_final()
+    tr.telemetry.close()
     _write_result(plan, cfg, run_dir, rank)
     return 0
 

@@ -1,0 +1,197 @@
+"""One rank's training state and step: stages, buffers, groups, optimizer, data, telemetry.
+
+:class:`Trainer` is built inside an initialized process group (by the torchrun worker, or by
+``benchmarks/vs_torch_pipelining.py``); :meth:`Trainer.train_step` runs one step: the
+schedule's actions (:mod:`pipetrain.executor.runtime`), gradient sync and clipping
+(:mod:`pipetrain.executor.optim`), the optimizer, then the step's telemetry record.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from pipetrain.executor.config import RunConfig
+from pipetrain.plan import Plan, TensorSpec
+
+__all__ = ["Trainer"]
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, plan: Plan, spec: Any, model: Any, device: Any, timeout: Any, rank: int,
+                 run_dir: Path) -> None:
+        import torch
+        import torch.distributed as dist
+
+        from pipetrain.executor.checkpoint import load_rank
+        from pipetrain.executor.comm import BufferPool, RankLayout, make_groups, torch_dtype
+        from pipetrain.executor.data import BatchSampler, make_source, warn_dropped
+        from pipetrain.executor.optim import GradSync, OptimConfig, make_optimizer, unique_params
+        from pipetrain.executor.runtime import PipelineRuntime, StageRuntime
+        from pipetrain.executor.stage import materialize_blocks, stage_modules, ties_of, vocab_size_of
+        from pipetrain.executor.telemetry import Telemetry
+        from pipetrain.executor.worker import _agree_max, _fault_hook, _grad_scale_hook, plan_hash
+        from pipetrain.schedules import make_schedule
+
+        self.cfg, self.plan, self.spec, self.device, self.rank, self.run_dir = cfg, plan, spec, device, rank, run_dir
+        layout = self.layout = RankLayout(pp=plan.pp, dp=plan.dp, rank=rank)
+        tel = self.telemetry = Telemetry(run_dir, rank, enabled=cfg.telemetry)
+        tel.align(dist)
+        schedule = make_schedule(plan.schedule, plan.pp, plan.num_microbatches, plan.chunks,
+                                 buffers=[st.buffers for st in plan.stages])
+        my_stages = self.my_stages = plan.stages_of_rank(layout.pp_rank)
+        my_blocks = [b for st in my_stages for b in range(st.block_start, st.block_end)]
+        materialize_blocks(model, my_blocks, device, plan.seed)
+        ties = ties_of(model)
+        groups = self.groups = make_groups(plan, layout, ties, timeout)
+        tie_params: list[tuple[Any, Any, bool]] = []
+        for tg in groups.ties:
+            p = model.blocks[tg.blocks_here[0]].get_parameter(tg.name)
+            with torch.no_grad():
+                dist.broadcast(p.data, src=tg.owner_rank, group=tg.group)
+            tie_params.append((p, tg.group, tg.owner_rank == rank))
+        self.tie_params = tie_params
+        modules = self.modules = stage_modules(model, my_stages)
+        for m in modules.values():
+            m.train()
+
+        ex = spec.example_input(plan.micro_batch_size, plan.seq_len, device="meta")
+        first_spec = TensorSpec(shape=tuple(ex.shape), dtype=str(ex.dtype).replace("torch.", ""))
+        runtimes: dict[int, StageRuntime] = {}
+        last_index = plan.num_stages - 1
+        for st in my_stages:
+            s = st.index
+            in_spec = first_spec if s == 0 else st.inputs[0]
+            out_spec = st.outputs[0] if s < last_index else None
+            prev_r = plan.stages[s - 1].rank if s > 0 else None
+            next_r = plan.stages[s + 1].rank if s < last_index else None
+            runtimes[s] = StageRuntime(
+                index=s, module=modules[s], is_first=s == 0, is_last=s == last_index,
+                prev_rank=layout.global_rank(prev_r) if prev_r is not None else None,
+                next_rank=layout.global_rank(next_r) if next_r is not None else None,
+                in_pool=BufferPool(in_spec, st.buffers, device, what=f"stage {s} input"),
+                grad_pool=BufferPool(out_spec, st.buffers, device, what=f"stage {s} output grad") if out_spec else None,
+                recompute=st.recompute, prev_local=prev_r == layout.pp_rank, next_local=next_r == layout.pp_rank,
+                out_dtype=torch_dtype(out_spec.dtype) if out_spec else None)
+        self.runtimes = runtimes
+        params = self.params = unique_params(modules.values())
+        ocfg = OptimConfig(name=plan.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                           clip_norm=cfg.clip_norm)
+        self.opt = make_optimizer(params, ocfg)
+        self.sync = GradSync(params, dp_group=groups.dp_group, pp_group=groups.pp_group, ties=tie_params,
+                             clip_norm=cfg.clip_norm, telemetry=tel, stage=my_stages[0].index)
+        autocast = torch.bfloat16 if plan.dtype == "bf16" else None
+        self.rt = PipelineRuntime(stages=runtimes, order=schedule.compute_order(layout.pp_rank), num_stages=plan.num_stages,
+                                  num_microbatches=plan.num_microbatches, loss_fn=spec.loss,
+                                  loss_scale=1.0 / (plan.num_microbatches * plan.dp), telemetry=tel, timeout=timeout,
+                                  autocast_dtype=autocast, device=device, fault=_fault_hook(rank))
+        self.rt.saved.exclude = {p.untyped_storage().data_ptr() for p in params}  # weights autograd saves are not activations
+
+        self.need_inputs = 0 in runtimes
+        self.need_targets = last_index in runtimes
+        self.source = None
+        if self.need_inputs or self.need_targets:
+            self.source = make_source(cfg.dataset, task=spec.task, seq_len=plan.seq_len, vocab_size=vocab_size_of(spec, model),
+                                      seed=plan.seed, input_shape=tuple(getattr(spec, "input_size", ()) or ()),
+                                      num_classes=int(getattr(spec, "vocab_size", 0) or 0))
+        n_samples = _agree_max(torch.tensor([self.source.num_samples if self.source else 0], dtype=torch.int64), device)
+        self.sampler = BatchSampler(num_samples=int(n_samples), micro_batch_size=plan.micro_batch_size,
+                                    num_microbatches=plan.num_microbatches, dp=plan.dp, seed=plan.seed)
+        if rank == 0 and self.source is not None:
+            warn_dropped(self.sampler, self.source.name)
+
+        self.phash = plan_hash(plan)
+        self.start_step = 0
+        if cfg.resume:
+            state = load_rank(run_dir, rank, self.phash)
+            if state is not None:
+                for s, sd in state["model"].items():
+                    modules[int(s)].load_state_dict(sd)
+                self.opt.load_state_dict(state["optimizer"])
+                torch.set_rng_state(state["rng"])
+                self.start_step = int(state["step"])
+        tel.record({"type": "meta", "rank": rank, "pp_rank": layout.pp_rank, "dp_rank": layout.dp_rank,
+                    "stages": sorted(runtimes), "buffers": {st.index: st.buffers for st in my_stages},
+                    "device": str(device), "backend": dist.get_backend(), "same_host_clock": getattr(tel, "same_host", True),
+                    "start_step": self.start_step, "world_size": plan.world_size})
+        self.static_bytes = sum(p.numel() * p.element_size() for p in params) * 2
+        self.pool_bytes = sum(r.in_pool.nbytes + (r.grad_pool.nbytes if r.grad_pool else 0) for r in runtimes.values())
+        self.grad_scale = _grad_scale_hook()
+
+    def batches(self, step: int) -> tuple[Any, Any]:
+        from pipetrain.executor.worker import _batch
+
+        idx = self.sampler.indices(step)[self.layout.dp_rank]
+        src = self.source
+        inputs = [_batch(src.inputs, ids, self.device) for ids in idx] if self.need_inputs else None
+        targets = [_batch(src.targets, ids, self.device) for ids in idx] if self.need_targets else None
+        return inputs, targets
+
+    def train_step(self, step: int) -> float | None:
+        """One step; returns the global-batch mean loss on last-stage ranks, else None."""
+        import torch
+        import torch.distributed as dist
+
+        from pipetrain.executor.telemetry import rss_bytes
+        from pipetrain.executor.worker import _stage_grad_norms
+
+        plan, tel, rt, device = self.plan, self.telemetry, self.rt, self.device
+        t_step = time.perf_counter()
+        inputs, targets = self.batches(step)
+        rt.saved.peak = 0
+        losses = rt.run_step(step, inputs, targets)
+        if self.grad_scale is not None:
+            self.grad_scale(step, self.modules)
+        norm = self.sync.sync()
+        stage_norms = _stage_grad_norms(self.modules, self.tie_params, norm, self.cfg.clip_norm)
+        t0 = tel.now()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=False)
+        tel.add("OPT", self.my_stages[0].index, -1, t0, tel.now())
+        loss = None
+        if self.need_targets:
+            lsum = torch.stack(losses).sum().float().reshape(1) / plan.num_microbatches
+            if self.groups.dp_group is not None:
+                dist.all_reduce(lsum, group=self.groups.dp_group)
+                lsum /= plan.dp
+            loss = float(lsum)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        step_s = time.perf_counter() - t_step
+        opt_bytes = sum(t.numel() * t.element_size() for st_ in self.opt.state.values() for t in st_.values() if torch.is_tensor(t))
+        mem = {"tensor_bytes": self.static_bytes + opt_bytes + self.pool_bytes + rt.saved.peak,
+               "activation_bytes_peak": rt.saved.peak, "param_bytes": self.static_bytes // 2, "optimizer_bytes": opt_bytes,
+               "buffer_bytes": self.pool_bytes, "rss_bytes": rss_bytes()}
+        if device.type == "cuda":
+            mem["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device))
+        rts = self.runtimes.values()
+        tel.flush_step(step, {
+            "loss": loss, "step_time_s": step_s, "grad_norm": norm, "stage_grad_norms": stage_norms,
+            "in_flight_peak": {str(k): v for k, v in rt.in_flight_peak.items()},
+            "recv_buffer_allocations": sum(r.in_pool.allocations + (r.grad_pool.allocations if r.grad_pool else 0) for r in rts),
+            "recv_buffer_storages": sum(len(r.in_pool.used_ptrs) + (len(r.grad_pool.used_ptrs) if r.grad_pool else 0) for r in rts),
+            "memory": mem})
+        self.last_step_s = step_s
+        return loss
+
+    def checkpoint(self, step: int) -> None:
+        import torch
+        import torch.distributed as dist
+
+        from pipetrain.executor.checkpoint import mark_latest, save_rank
+
+        save_rank(self.run_dir, step, self.rank, {
+            "step": step, "plan_hash": self.phash, "model": {s: m.state_dict() for s, m in self.modules.items()},
+            "optimizer": self.opt.state_dict(), "rng": torch.get_rng_state()})
+        dist.barrier()
+        if self.rank == 0:
+            mark_latest(self.run_dir, step, self.plan.world_size)
+
+    def save_final(self) -> None:
+        import torch
+
+        final = self.run_dir / "final"
+        final.mkdir(parents=True, exist_ok=True)
+        torch.save({s: {k: v.detach().cpu() for k, v in m.state_dict().items()} for s, m in self.modules.items()},
+                   final / f"rank{self.rank}.pt")
