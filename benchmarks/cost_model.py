@@ -4,8 +4,9 @@ For one model and shape it:
 1. traces the layer graph (FLOPs, bytes) on the meta device;
 2. profiles every block (median of repeats) and, in the same interleaved rounds, measures each
    block and some multi-block stages again as units ("measured": a fresh run);
-3. fits the calibrated grade to profiles at the training shapes (--fit-shapes) and reports
-   its error before/after, both on those profiles and on a held-out shape it never saw;
+3. fits the calibrated grade to profiles at the training shapes (--fit-shapes; all shapes
+   profiled in interleaved rounds) and reports its error before/after, both on those profiles
+   and on a held-out shape it never saw;
 4. prints, per block and per stage, analytic / calibrated / profiled predictions as ratios
    to the measured time (1.00 = exact), and the command that reproduces the run.
 
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipetrain.planner.calibrate import CalibratedCostModel, fit_calibration, mean_abs_relative_error, relative_errors  # noqa: E402
 from pipetrain.planner.costs import AnalyticCostModel  # noqa: E402
-from pipetrain.planner.profile import ProfiledCostModel, profile_and_measure, profile_model  # noqa: E402
+from pipetrain.planner.profile import ProfiledCostModel, profile_shapes  # noqa: E402
 from pipetrain.planner.topology import resolve_topology  # noqa: E402
 from pipetrain.planner.trace import trace_graph  # noqa: E402
 
@@ -64,18 +65,18 @@ def main(argv: list[str] | None = None) -> int:
     n = graph.num_nodes
     stages = [(1, 3), (1, min(5, n - 1)), (0, n)] if n > 3 else [(0, n)]
     singles = [(i, i + 1) for i in range(n)]
-    prof, measured = profile_and_measure(args.model, singles + stages, micro_batch_size=mbs, seq_len=seq, share_identical=False, **kw)
-
-    # calibration: fit at the fit shapes (incl. this run's profile when it is one of them)
+    # One set of interleaved rounds (every measurement sees the same machine load): this shape's
+    # profile, its blocks and stages again as fresh units ("measured"), and the calibration's
+    # fit shapes and held-out shape.
     fit_shapes = [_shape(s) for s in args.fit_shapes.split(",") if s]
-    samples = []
-    for fm, fs in fit_shapes:
-        p = prof if (fm, fs) == (mbs, seq) else profile_model(args.model, micro_batch_size=fm, seq_len=fs, **kw)
-        samples.append((trace_graph(args.model, micro_batch_size=fm, seq_len=fs, dtype=args.dtype), p))
-    fit = fit_calibration(samples, dev)
     hm, hs = _shape(args.holdout)
-    held = [(trace_graph(args.model, micro_batch_size=hm, seq_len=hs, dtype=args.dtype),
-             profile_model(args.model, micro_batch_size=hm, seq_len=hs, **kw))]
+    extra = [sh for sh in fit_shapes + [(hm, hs)] if sh != (mbs, seq)]
+    profs, measured = profile_shapes(args.model, [(mbs, seq)] + extra, stages=singles + stages, share_identical=False, **kw)
+    prof = profs[0]
+    by_shape = {(mbs, seq): prof, **dict(zip(extra, profs[1:]))}
+    samples = [(trace_graph(args.model, micro_batch_size=fm, seq_len=fs, dtype=args.dtype), by_shape[(fm, fs)]) for fm, fs in fit_shapes]
+    fit = fit_calibration(samples, dev)
+    held = [(trace_graph(args.model, micro_batch_size=hm, seq_len=hs, dtype=args.dtype), by_shape[(hm, hs)])]
     held_before = mean_abs_relative_error(relative_errors(held, dev))
     held_after = mean_abs_relative_error(relative_errors(held, dev, fit.params))
 

@@ -20,6 +20,7 @@ from pipetrain.planner.costs import AnalyticCostModel, CostModel  # noqa: E402
 from pipetrain.planner.memory import activation_bytes_per_microbatch, block_activation_bytes, loss_saved_bytes  # noqa: E402
 from pipetrain.planner.profile import (  # noqa: E402
     BlockProfile, ProfiledCostModel, load_or_profile, measure_saved_bytes, measure_stage, profile_and_measure, profile_model,
+    profile_shapes,
 )
 from pipetrain.planner.topology import local_cpu_device_type, topology_preset  # noqa: E402
 from pipetrain.planner.trace import trace_graph  # noqa: E402
@@ -119,10 +120,10 @@ def test_profile_cache_round_trip_and_checks(tmp_path: Path) -> None:
 
 
 def test_calibration_reduces_the_analytic_error(tmp_path: Path) -> None:
-    samples = []
-    for mbs, seq in [(8, 128), (2, 64)]:
-        prof = profile_model("tiny-gpt", micro_batch_size=mbs, seq_len=seq, threads=1, repeats=5)
-        samples.append((trace_graph("tiny-gpt", micro_batch_size=mbs, seq_len=seq), prof))
+    shapes = [(8, 128), (2, 64)]
+    profs, _ = profile_shapes("tiny-gpt", shapes, threads=1, repeats=5)
+    assert [(p.micro_batch_size, p.seq_len) for p in profs] == shapes
+    samples = [(trace_graph("tiny-gpt", micro_batch_size=m, seq_len=s), p) for (m, s), p in zip(shapes, profs)]
     fit = fit_calibration(samples, CPU)
     before = relative_errors(samples, CPU)
     assert fit.error_before == pytest.approx(sum(map(abs, before)) / len(before))

@@ -33,7 +33,7 @@ from pipetrain.planner.topology import DeviceType, Link
 from pipetrain.serde import from_dict, to_dict
 
 __all__ = [
-    "PROFILE_SCHEMA_VERSION", "BlockTiming", "BlockProfile", "ProfiledCostModel", "profile_model", "profile_and_measure",
+    "PROFILE_SCHEMA_VERSION", "BlockTiming", "BlockProfile", "ProfiledCostModel", "profile_model", "profile_and_measure", "profile_shapes",
     "load_or_profile",
     "measure_stage", "measure_saved_bytes", "default_cache_dir", "local_device_name",
 ]
@@ -147,6 +147,7 @@ class _Setup:
         self.torch = torch
         self.spec = get_model_spec(model_name)
         self.seq_len = self.spec.check_shape(micro_batch_size, seq_len)
+        self.micro_batch_size = micro_batch_size
         self.device = torch.device(device)
         self.model = self.spec.build(self.device, seed=seed)
         self.model.train()
@@ -200,19 +201,24 @@ class _Setup:
         return t1 - t0, t2 - t1
 
     def time_ranges(self, ranges: Sequence[tuple[int, int]], warmup: int, repeats: int) -> list[tuple[float, float]]:
-        """Median forward and backward seconds of each block range run as one stage.
+        """Median forward and backward seconds of each block range run as one stage (see _time_jobs)."""
+        return _time_jobs([(self, a, b) for a, b in ranges], warmup, repeats)
 
-        Rounds interleave the ranges (round r times every range once), so a burst of load
-        from other processes on a shared machine hits all ranges alike.
-        """
-        grads: dict[tuple[int, int], Any] = {}
-        samples: list[list[tuple[float, float]]] = [[] for _ in ranges]
-        for r in range(warmup + repeats):
-            for k, (a, b) in enumerate(ranges):
-                t = self._once(a, b, grads)
-                if r >= warmup:
-                    samples[k].append(t)
-        return [(statistics.median(f for f, _ in ss), statistics.median(b for _, b in ss)) for ss in samples]
+
+def _time_jobs(jobs: Sequence[tuple[_Setup, int, int]], warmup: int, repeats: int) -> list[tuple[float, float]]:
+    """Median (fwd, bwd) seconds of each (setup, start, end) job.
+
+    Rounds interleave the jobs (round r runs every job once), so a burst of load from other
+    processes on a shared machine hits all of them alike.
+    """
+    grads: list[dict[tuple[int, int], Any]] = [{} for _ in jobs]
+    samples: list[list[tuple[float, float]]] = [[] for _ in jobs]
+    for r in range(warmup + repeats):
+        for k, (s, a, b) in enumerate(jobs):
+            t = s._once(a, b, grads[k])
+            if r >= warmup:
+                samples[k].append(t)
+    return [(statistics.median(f for f, _ in ss), statistics.median(b for _, b in ss)) for ss in samples]
 
 
 def _threads(threads: int | None) -> Any:
@@ -231,8 +237,8 @@ def _threads(threads: int | None) -> Any:
     return _Ctx()
 
 
-def _profile(s: _Setup, model: str, micro_batch_size: int, dtype: str, device: str, threads: int | None, warmup: int,
-             repeats: int, share_identical: bool, stages: Sequence[tuple[int, int]]) -> tuple[BlockProfile, list[tuple[float, float]]]:
+def _blocks_to_measure(s: _Setup, share_identical: bool) -> tuple[list[int], dict[int, int]]:
+    """Blocks to time, and for each other block the identical block whose time it shares."""
     measure: list[int] = []
     shared: dict[int, int] = {}
     seen: dict[Any, int] = {}
@@ -245,10 +251,11 @@ def _profile(s: _Setup, model: str, micro_batch_size: int, dtype: str, device: s
         measure.append(i)
         if key is not None:
             seen[key] = i
-    for a, b in stages:
-        if not 0 <= a < b <= s.n:
-            raise ConfigError(f"stage range [{a}, {b}) is not within the model's {s.n} blocks")
-    times = s.time_ranges([(i, i + 1) for i in measure] + list(stages), warmup, repeats)
+    return measure, shared
+
+
+def _assemble(s: _Setup, model: str, dtype: str, device: str, threads: int | None, warmup: int, repeats: int,
+              measure: list[int], shared: dict[int, int], times: Sequence[tuple[float, float]]) -> BlockProfile:
     own = dict(zip(measure, times))
     timings = []
     for i in range(s.n):
@@ -256,10 +263,39 @@ def _profile(s: _Setup, model: str, micro_batch_size: int, dtype: str, device: s
         f, b = own[src]
         timings.append(BlockTiming(name=s.model.block_names[i], kind=s.model.block_kinds[i], fwd_s=f, bwd_s=b,
                                    measured_as=src if src != i else -1))
-    prof = BlockProfile(model=model, micro_batch_size=micro_batch_size, seq_len=s.seq_len, dtype=dtype,
+    return BlockProfile(model=model, micro_batch_size=s.micro_batch_size, seq_len=s.seq_len, dtype=dtype,
                         device=local_device_name(device, threads), device_kind="gpu" if s.device.type == "cuda" else "cpu",
                         warmup=warmup, repeats=repeats, blocks=tuple(timings))
-    return prof, times[len(measure):]
+
+
+def profile_shapes(model: str, shapes: Sequence[tuple[int, int | None]], *, stages: Sequence[tuple[int, int]] = (),
+                   dtype: str = "fp32", device: str = "cpu", warmup: int = 2, repeats: int = 7, seed: int = 0,
+                   share_identical: bool = True, threads: int | None = None) -> tuple[list[BlockProfile], list[tuple[float, float]]]:
+    """Profiles of one model at several (micro-batch size, seq-len) shapes, plus fresh (fwd, bwd)
+    medians of whole ``stages`` at the first shape, all in the same interleaved rounds.
+
+    On a shared machine every measurement then sees the same load: a calibration across
+    shapes does not fit the load of the moment each shape was measured in, and a stage's
+    fresh measurement is comparable with the per-block profile.
+    """
+    if warmup < 0 or repeats < 1:
+        raise ConfigError(f"profiling needs warmup >= 0 and repeats >= 1, got {warmup}, {repeats}")
+    if not shapes:
+        raise ConfigError("profile_shapes needs at least one (micro-batch size, seq-len) shape")
+    with _threads(threads):
+        setups = [_Setup(model, mbs, seq, dtype, device, seed) for mbs, seq in shapes]
+        for a, b in stages:
+            if not 0 <= a < b <= setups[0].n:
+                raise ConfigError(f"stage range [{a}, {b}) is not within the model's {setups[0].n} blocks")
+        plans = [_blocks_to_measure(s, share_identical) for s in setups]
+        jobs = [(s, i, i + 1) for s, (measure, _) in zip(setups, plans) for i in measure]
+        jobs += [(setups[0], a, b) for a, b in stages]
+        times = _time_jobs(jobs, warmup, repeats)
+        out, k = [], 0
+        for s, (measure, shared) in zip(setups, plans):
+            out.append(_assemble(s, model, dtype, device, threads, warmup, repeats, measure, shared, times[k:k + len(measure)]))
+            k += len(measure)
+        return out, times[k:]
 
 
 def profile_model(model: str, *, micro_batch_size: int, seq_len: int | None = None, dtype: str = "fp32",
@@ -279,11 +315,9 @@ def profile_and_measure(model: str, stages: Sequence[tuple[int, int]], *, micro_
     comparing it with the profile's per-block sum checks the profiled grade on a shared, noisy
     machine (load bursts hit the blocks and the stages alike).
     """
-    if warmup < 0 or repeats < 1:
-        raise ConfigError(f"profiling needs warmup >= 0 and repeats >= 1, got {warmup}, {repeats}")
-    with _threads(threads):
-        s = _Setup(model, micro_batch_size, seq_len, dtype, device, seed)
-        return _profile(s, model, micro_batch_size, dtype, device, threads, warmup, repeats, share_identical, stages)
+    profs, times = profile_shapes(model, [(micro_batch_size, seq_len)], stages=stages, dtype=dtype, device=device, warmup=warmup,
+                                  repeats=repeats, seed=seed, share_identical=share_identical, threads=threads)
+    return profs[0], times
 
 
 def load_or_profile(model: str, *, micro_batch_size: int, seq_len: int | None = None, dtype: str = "fp32", device: str = "cpu",
