@@ -150,6 +150,16 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def _spread(values: list[int], k: int) -> list[int]:
+    """At most ``k`` of the sorted ``values``, evenly spaced in log scale, always keeping the ends."""
+    if len(values) <= k:
+        return values
+    logs = np.log(np.asarray(values, dtype=float))
+    targets = np.linspace(logs[0], logs[-1], k)
+    picked = sorted({values[int(np.argmin(np.abs(logs - t)))] for t in targets})
+    return picked
+
+
 def _grid(job: Job, num_devices: int, num_blocks: int, allowed: tuple[str, ...], max_microbatch_size: int,
           max_sizes: int) -> tuple[list[Candidate], list[tuple[str, str]]]:
     bad: list[tuple[str, str]] = []
@@ -170,7 +180,7 @@ def _grid(job: Job, num_devices: int, num_blocks: int, allowed: tuple[str, ...],
             elif job.microbatches:
                 sizes = [per // job.microbatches] if per % job.microbatches == 0 else []
             else:
-                sizes = [b for b in _divisors(per) if b <= max_microbatch_size][-max_sizes:]
+                sizes = _spread([b for b in _divisors(per) if b <= max_microbatch_size], max_sizes)
             if not sizes or per % sizes[0]:
                 bad.append((f"pp={pp} dp={dp}", f"batch {per} per replica does not split into the pinned micro-batches"))
                 continue
