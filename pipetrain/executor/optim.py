@@ -25,7 +25,7 @@ from torch import nn
 
 from pipetrain.errors import ConfigError
 
-__all__ = ["OptimConfig", "make_optimizer", "GradSync", "clip_coefficient", "DEFAULT_LR"]
+__all__ = ["OptimConfig", "make_optimizer", "GradSync", "clip_coefficient", "squared_norms", "DEFAULT_LR"]
 
 DEFAULT_LR = {"adamw": 1e-3, "sgd": 0.05}
 
@@ -62,6 +62,15 @@ def clip_coefficient(total_norm: float, max_norm: float) -> float:
     return min(1.0, max_norm / (total_norm + 1e-6))
 
 
+def squared_norms(tensors: list[torch.Tensor]) -> list[float]:
+    """Squared L2 norm of each tensor: one fused fp32 norm per tensor (as clip_grad_norm_), squared in fp64."""
+    if not tensors:
+        return []
+    foreach = getattr(torch, "_foreach_norm", None)
+    norms = foreach(tensors) if foreach is not None else [torch.linalg.vector_norm(t) for t in tensors]
+    return [float(v) ** 2 for v in torch.stack([n.reshape(()) for n in norms]).double().cpu().tolist()]
+
+
 def unique_params(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
     seen: set[int] = set()
     out: list[nn.Parameter] = []
@@ -77,7 +86,8 @@ class GradSync:
     """Steps 1-3 of the module docstring for one rank."""
 
     def __init__(self, params: list[nn.Parameter], *, dp_group: Any, pp_group: Any,
-                 ties: list[tuple[nn.Parameter, Any, bool]], clip_norm: float, telemetry: Any, stage: int) -> None:
+                 ties: list[tuple[nn.Parameter, Any, bool]], clip_norm: float, telemetry: Any, stage: int,
+                 stage_of: dict[int, int] | None = None) -> None:
         self.params = params
         self.dp_group = dp_group
         self.pp_group = pp_group
@@ -90,6 +100,8 @@ class GradSync:
         n = sum(p.numel() for p in params)
         self.flat = torch.zeros(n, dtype=torch.float32, device=params[0].device) if (dp_group is not None and params) else None
         self.last_norm = 0.0
+        self.stage_of = stage_of or {}  # id(param) -> stage index, for per-stage norms
+        self.stage_norms: dict[str, float] = {}
 
     def _grads(self) -> None:
         for p in self.params:
@@ -118,12 +130,14 @@ class GradSync:
             t0 = tel.now()
             dist.all_reduce(p.grad, group=group)
             tel.add("ALLREDUCE", self.stage, -1, t0, tel.now(), p.grad.numel() * p.grad.element_size())
-        if self.clip_norm <= 0:
-            return 0.0
+        sqs = squared_norms([p.grad.detach() for p in self.norm_params])
+        per_stage: dict[int, float] = {}
+        for p, v in zip(self.norm_params, sqs):
+            k = self.stage_of.get(id(p), self.stage)
+            per_stage[k] = per_stage.get(k, 0.0) + v
+        self.stage_norms = {str(k): per_stage[k] ** 0.5 for k in sorted(per_stage)}
         dev = self.params[0].device if self.params else torch.device("cpu")
-        sq = torch.zeros(1, dtype=torch.float64, device=dev)
-        for p in self.norm_params:
-            sq += p.grad.detach().double().pow(2).sum()
+        sq = torch.tensor([sum(sqs)], dtype=torch.float64, device=dev)
         if self.pp_group is not None:
             dist.all_reduce(sq, group=self.pp_group)
         norm = float(sq.sqrt())

@@ -48,7 +48,7 @@ def _run(plan: Plan, *, steps: int, dataset: str, lr: float, weight_decay: float
 
     from pipetrain.executor.comm import torch_dtype
     from pipetrain.executor.data import BatchSampler, make_source
-    from pipetrain.executor.optim import OptimConfig, clip_coefficient, make_optimizer, unique_params
+    from pipetrain.executor.optim import OptimConfig, clip_coefficient, make_optimizer, squared_norms, unique_params
     from pipetrain.executor.stage import build_meta, load_spec, materialize_blocks, stage_modules, vocab_size_of
     from pipetrain.executor.worker import _batch
 
@@ -113,19 +113,17 @@ def _run(plan: Plan, *, steps: int, dataset: str, lr: float, weight_decay: float
             for c in copies:
                 c.grad = g.clone()
         not_owned = {id(c) for copies in tie_copies for c in copies[1:]}
-        sq = torch.zeros(1, dtype=torch.float64)
-        for p in params:
-            if id(p) not in not_owned:
-                sq += p.grad.double().pow(2).sum()
-        norm = float(sq.sqrt())
+        owned = [p for p in params if id(p) not in not_owned]
+        sqs = dict(zip((id(p) for p in owned), squared_norms([p.grad.detach() for p in owned])))
+        norm = float(torch.tensor([sum(sqs.values())], dtype=torch.float64).sqrt())
         seen = set(not_owned)
         per_stage = []
         for s in range(len(plan.stages)):
             acc = 0.0
             for p in stages[s].parameters():
-                if id(p) not in seen and p.grad is not None:
+                if id(p) not in seen and id(p) in sqs:
                     seen.add(id(p))
-                    acc += float(p.grad.double().pow(2).sum())
+                    acc += sqs[id(p)]
             per_stage.append(acc ** 0.5)
         stage_norms.append(tuple(per_stage))
         coef = clip_coefficient(norm, clip_norm)
@@ -137,7 +135,7 @@ def _run(plan: Plan, *, steps: int, dataset: str, lr: float, weight_decay: float
         for d in range(1, dp):
             tot = tot + replica_loss[d]
         losses.append(float(tot / dp))
-        norms.append(norm if clip_norm > 0 else 0.0)
+        norms.append(norm)
         times.append(time.perf_counter() - t_step)
     return ReferenceResult(losses=tuple(losses), grad_norms=tuple(norms), stage_grad_norms=tuple(stage_norms),
                            step_times_s=tuple(times), state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})

@@ -80,7 +80,8 @@ class Trainer:
                            clip_norm=cfg.clip_norm)
         self.opt = make_optimizer(params, ocfg)
         self.sync = GradSync(params, dp_group=groups.dp_group, pp_group=groups.pp_group, ties=tie_params,
-                             clip_norm=cfg.clip_norm, telemetry=tel, stage=my_stages[0].index)
+                             clip_norm=cfg.clip_norm, telemetry=tel, stage=my_stages[0].index,
+                             stage_of=_stage_of(modules))
         autocast = torch.bfloat16 if plan.dtype == "bf16" else None
         self.rt = PipelineRuntime(stages=runtimes, order=schedule.compute_order(layout.pp_rank), num_stages=plan.num_stages,
                                   num_microbatches=plan.num_microbatches, loss_fn=spec.loss,
@@ -134,8 +135,6 @@ class Trainer:
         import torch.distributed as dist
 
         from pipetrain.executor.telemetry import rss_bytes
-        from pipetrain.executor.worker import _stage_grad_norms
-
         plan, tel, rt, device = self.plan, self.telemetry, self.rt, self.device
         t_step = time.perf_counter()
         inputs, targets = self.batches(step)
@@ -144,7 +143,7 @@ class Trainer:
         if self.grad_scale is not None:
             self.grad_scale(step, self.modules)
         norm = self.sync.sync()
-        stage_norms = _stage_grad_norms(self.modules, self.tie_params, norm, self.cfg.clip_norm)
+        stage_norms = self.sync.stage_norms
         t0 = tel.now()
         self.opt.step()
         self.opt.zero_grad(set_to_none=False)
@@ -195,3 +194,11 @@ class Trainer:
         final.mkdir(parents=True, exist_ok=True)
         torch.save({s: {k: v.detach().cpu() for k, v in m.state_dict().items()} for s, m in self.modules.items()},
                    final / f"rank{self.rank}.pt")
+
+
+def _stage_of(modules: dict[int, Any]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for s in sorted(modules):
+        for p in modules[s].parameters():
+            out.setdefault(id(p), s)
+    return out
