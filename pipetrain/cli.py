@@ -25,6 +25,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("sweep", "what-if: vary one or two knobs (m, p, bandwidth, device, schedule) and compare plans"),
     "simulate": ("simulate", "simulate one training step of a schedule or a plan"),
     "run": ("run", "run a plan as a real torch.distributed pipeline (torchrun; gloo on CPU, NCCL on CUDA)"),
+    "calibrate": ("calibrate", "measure this device and backend (blocks, p2p, optimizer) and fit the cost model"),
+    "validate": ("validate", "compare a finished run with single-device training: loss, grad norms, parameters, speed"),
+    "report": ("report", "write a run's self-contained HTML report (plan, timelines, memory, convergence) + PNGs + JSON"),
     "demo": ("demo", "plan, simulate, run, validate and report tiny-gpt on this CPU"),
 }
 

@@ -11,9 +11,11 @@ monitor and the report, so both say the same thing:
   the receive complete (one host's aligned clock), matched by (stage, micro-batch, direction);
   activations go s -> s+1 first, gradients s+1 -> s later. It is an upper bound on wire time:
   it includes any wait for the receiver to ask;
-* **communication** of a stage: the latencies of the transfers it received, but no more than
-  its rank's idle time; the rest of the idle time is **bubble**. So compute + communication +
-  bubble add up to the span on a rank that hosts one stage.
+* **communication** of a stage: the part of its rank's idle time (inside the span, not computing)
+  during which a transfer to this stage was in flight (its send posted, its receive not yet
+  complete): waiting on the wire. The rest of the idle time is **bubble**: waiting for a
+  neighbour to compute. So compute + communication + bubble add up to the span on a rank that
+  hosts one stage.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class Transfer:
     microbatch: int
     latency_s: float
     bytes: int
+    end_s: float = 0.0  # receive completed
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,7 +120,8 @@ def match_transfers(events: Iterable[Event], num_stages: int) -> list[Transfer]:
             if se is None or re is None:
                 continue
             out.append(Transfer(src_stage=s, dst_stage=dst, step=step, microbatch=mb,
-                                latency_s=max(0.0, re.end_s - se.start_s), bytes=max(se.bytes, re.bytes)))
+                                latency_s=max(0.0, re.end_s - se.start_s), bytes=max(se.bytes, re.bytes),
+                                end_s=re.end_s))
     out.sort(key=lambda t: (t.step, t.dst_stage, t.microbatch, t.src_stage))
     return out
 
@@ -138,14 +142,55 @@ def stage_breakdown(events: Sequence[Event], num_stages: int, stage_to_rank: Seq
     busy_rank: dict[int, float] = {}
     for s, b in enumerate(busy_stage):
         busy_rank[stage_to_rank[s]] = busy_rank.get(stage_to_rank[s], 0.0) + b
-    comm_in = [0.0] * num_stages
+    t_end = t0 + span
+    comp_by_rank: dict[int, list[tuple[float, float]]] = {}
+    for e in comp:
+        comp_by_rank.setdefault(e.rank, []).append((e.start_s, e.end_s))
+    flight: dict[int, list[tuple[float, float]]] = {}
     for t in match_transfers(events, num_stages):
-        comm_in[t.dst_stage] += t.latency_s
+        flight.setdefault(t.dst_stage, []).append((t.end_s - t.latency_s, t.end_s))
     out = []
     for s in range(num_stages):
         r = stage_to_rank[s]
         idle = max(0.0, span - busy_rank[r])
-        comm = min(comm_in[s], idle)
+        idle_iv = _complement(_union(comp_by_rank.get(r, [])), t0, t_end)
+        comm = min(idle, _overlap(idle_iv, _union(flight.get(s, []))))
         out.append(StageBreakdown(stage=s, rank=r, compute_s=busy_stage[s], comm_s=comm, bubble_s=idle - comm, span_s=span,
                                   busy_fraction=busy_stage[s] / span, bubble_fraction=idle / span))
     return out
+
+
+def _union(iv: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[tuple[float, float]] = []
+    for a, b in sorted(iv):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _complement(iv: list[tuple[float, float]], lo: float, hi: float) -> list[tuple[float, float]]:
+    out, cur = [], lo
+    for a, b in iv:
+        if a > cur:
+            out.append((cur, min(a, hi)))
+        cur = max(cur, b)
+    if cur < hi:
+        out.append((cur, hi))
+    return [(a, b) for a, b in out if b > a]
+
+
+def _overlap(xs: list[tuple[float, float]], ys: list[tuple[float, float]]) -> float:
+    """Total length of the intersection of two sorted disjoint interval lists."""
+    i = j = 0
+    tot = 0.0
+    while i < len(xs) and j < len(ys):
+        a, b = max(xs[i][0], ys[j][0]), min(xs[i][1], ys[j][1])
+        if b > a:
+            tot += b - a
+        if xs[i][1] < ys[j][1]:
+            i += 1
+        else:
+            j += 1
+    return tot

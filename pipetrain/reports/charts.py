@@ -20,6 +20,7 @@ __all__ = [
     "param_consistency_figure",
     "landscape_figure",
     "scatter_figure",
+    "grad_norm_figure",
 ]
 
 _GIB = float(1 << 30)
@@ -115,8 +116,8 @@ def param_consistency_figure(max_abs: Sequence[float], rel: Sequence[float], tol
 
 
 def landscape_figure(ms: Sequence[int], ps: Sequence[int], step_time_s: Sequence[Sequence[float]],
-                     chosen: tuple[int, int] | None = None) -> Figure:
-    """Predicted step time over (m, p); NaN cells are infeasible and hatched."""
+                     chosen: tuple[int, int] | None = None, labels: Sequence[Sequence[str]] | None = None) -> Figure:
+    """Predicted step time over (m, p); NaN cells are hatched and labelled (``labels[p][m]``, default "infeasible")."""
     fig = Figure(figsize=(7, 3.8), layout="constrained")
     ax = fig.add_subplot()
     z = np.asarray(step_time_s, dtype=float) * 1e3  # rows = p, cols = m
@@ -126,7 +127,7 @@ def landscape_figure(ms: Sequence[int], ps: Sequence[int], step_time_s: Sequence
         for j in range(z.shape[1]):
             if math.isnan(z[i, j]):
                 ax.add_patch(_hatch(j, i))
-                ax.text(j, i, "infeasible", ha="center", va="center", fontsize=6)
+                ax.text(j, i, labels[i][j] if labels is not None else "infeasible", ha="center", va="center", fontsize=6)
             else:
                 ax.text(j, i, f"{z[i, j]:.3g}", ha="center", va="center", fontsize=6, color="white")
     if chosen is not None and chosen[0] in ms and chosen[1] in ps:
@@ -161,4 +162,24 @@ def scatter_figure(predicted: Sequence[float], measured: Sequence[float], labels
     ax.set_ylabel("simulated (ms)")
     ax.set_title(title)
     ax.legend()
+    return fig
+
+
+def grad_norm_figure(pipeline: Sequence[Sequence[float]], reference: Sequence[Sequence[float]]) -> Figure:
+    """Per-stage gradient-norm curves ``[step][stage]``: pipeline solid, single device dashed."""
+    fig = Figure(figsize=(7, 3.2), layout="constrained")
+    ax = fig.add_subplot()
+    colors = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C"]
+    n = max((len(r) for r in list(pipeline) + list(reference)), default=0)
+    for s in range(n):
+        c = colors[s % len(colors)]
+        if pipeline:
+            ax.plot(np.arange(1, len(pipeline) + 1), [r[s] for r in pipeline], color=c, lw=2, label=f"stage {s} pipeline")
+        if reference:
+            ax.plot(np.arange(1, len(reference) + 1), [r[s] for r in reference], color="black", ls="--", lw=0.8,
+                    label=f"stage {s} single device" if s == 0 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("gradient L2 norm (before clipping)")
+    ax.set_title("per-stage gradient norms")
+    ax.legend(fontsize=7)
     return fig
