@@ -33,7 +33,13 @@ from pipetrain.planner.topology import Device, DeviceType, Topology
 from pipetrain.schedules import Schedule
 from pipetrain.simulator import BoundarySpec, ComputeGroup, DataParallelSpec, Link, SimInput, StageSpec
 
-__all__ = ["StageTables", "Placement", "placement", "sim_input", "rank_caps"]
+__all__ = ["StageTables", "Placement", "placement", "sim_input", "rank_caps", "rank_device_type"]
+
+#: Gradients are all-reduced in fp32 whatever the training dtype: pipetrain's executor keeps fp32
+#: master weights under autocast and reduces one flat fp32 buffer per stage after the pipeline
+#: flush (hence ``dp_overlap`` False by default), as Megatron-LM does with its default
+#: ``accumulate_allreduce_grads_in_fp32`` for bf16 (Narayanan et al. 2021).
+_ALLREDUCE_BYTES_PER_PARAM = 4
 
 
 def _node_times(cost: CostModel, graph: LayerGraph, dt: DeviceType) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -191,7 +197,7 @@ def _compute_groups(topology: Topology, place: Placement) -> tuple[ComputeGroup,
 
 def sim_input(*, tables: StageTables, topology: Topology, place: Placement, schedule: Schedule,
               ranges: Sequence[tuple[int, int]], buffers: Sequence[int], recompute: Sequence[bool],
-              in_flight: Sequence[int], dp_overlap: bool = True) -> SimInput:
+              in_flight: Sequence[int], dp_overlap: bool = False) -> SimInput:
     """The simulator's input for one split; stage ``s`` runs on pipeline rank ``s % pp``."""
     g = tables.graph
     stages = []
@@ -209,7 +215,7 @@ def sim_input(*, tables: StageTables, topology: Topology, place: Placement, sche
             t_fwd_s=c.t_fwd_s, t_bwd_s=(c.t_bwd_s - c.t_wgrad_s) if schedule.split_backward else c.t_bwd_s,
             t_wgrad_s=c.t_wgrad_s if schedule.split_backward else 0.0, t_recompute_s=c.t_recompute_s,
             recompute=recompute[s], activation_bytes=act_per_mb, static_bytes=static, buffers=buffers[s],
-            grad_bytes=float(params * tables.per_param.grads),
+            grad_bytes=float(params * _ALLREDUCE_BYTES_PER_PARAM),
             t_optimizer_s=tables.cost.optimizer_step_time_s(params, dt, optimizer=tables.optimizer, dtype=g.dtype)))
     bounds = []
     for s in range(len(ranges) - 1):
