@@ -36,3 +36,10 @@ def test_loss_only_divergence_and_param_failure() -> None:
 def test_mismatched_lengths_is_a_user_error() -> None:
     with pytest.raises(ConfigError, match="same number of steps"):
         compare_runs(pipeline_loss=[1.0], reference_loss=[1.0, 2.0], tolerances=TOL)
+
+
+def test_several_stages_off_names_the_one_off_the_most() -> None:
+    # a bug in stage 1 leaks into stage 0 through a tied weight; stage 1 is off the most
+    c = compare_runs(pipeline_loss=[3.0], reference_loss=[3.0], pipeline_grad_norms=[[1.1, 3.0]],
+                     reference_grad_norms=[[1.0, 2.0]], tolerances=TOL)
+    assert (c.first_divergence.step, c.first_divergence.stage) == (1, 1)

@@ -89,8 +89,8 @@ def compare_runs(*, pipeline_loss: Sequence[float], reference_loss: Sequence[flo
         if pipeline_grad_norms is not None and reference_grad_norms is not None and i < len(pipeline_grad_norms):
             gp, gr = pipeline_grad_norms[i], reference_grad_norms[i]
             bad = [s for s, (a, b) in enumerate(zip(gp, gr)) if not math.isfinite(a) or _rel(a, b) > tolerances.grad_norm_rtol]
-            if bad:
-                s = bad[0]
+            if bad:  # several stages off at once (e.g. through a tied weight): name the one off the most
+                s = max(bad, key=lambda k: (not math.isfinite(gp[k]), _rel(gp[k], gr[k]) if math.isfinite(gp[k]) else 0.0))
                 first = Divergence(step=i + 1, stage=s, what=f"stage {s} gradient norm {gp[s]:.6g} vs {gr[s]:.6g} single-device (rel {_rel(gp[s], gr[s]):.2e} > {tolerances.grad_norm_rtol:g})")
                 break
         if not math.isfinite(pipeline_loss[i]) or rel_d[i] > tolerances.loss_rtol:
