@@ -33,6 +33,7 @@ __all__ = [
     "stdlib_py_files",
     "stdlib_text_tokens",
     "make_source",
+    "warn_dropped",
 ]
 
 DATASETS = ("synthetic", "stdlib-text")

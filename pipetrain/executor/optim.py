@@ -138,9 +138,9 @@ class GradSync:
         self.stage_norms = {str(k): per_stage[k] ** 0.5 for k in sorted(per_stage)}
         dev = self.params[0].device if self.params else torch.device("cpu")
         sq = torch.tensor([sum(sqs)], dtype=torch.float64, device=dev)
-        if self.pp_group is not None:
+        if self.pp_group is not None and self.clip_norm > 0:  # without clipping no rank waits for the others
             dist.all_reduce(sq, group=self.pp_group)
-        norm = float(sq.sqrt())
+        norm = float(sq.sqrt())  # without clipping: this rank's stages only (RunResult sums the stages)
         coef = clip_coefficient(norm, self.clip_norm)
         if coef < 1.0:
             for p in self.params:

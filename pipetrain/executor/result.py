@@ -74,6 +74,7 @@ def build_result(plan: Plan, per_rank: dict[int, dict[str, Any]]) -> RunResult:
     for k in range(len(steps)):
         times.append(max(v["steps"][k]["step_time_s"] for v in per_rank.values() if len(v["steps"]) > k))
     ranks = sorted(per_rank)
+    norms = _global_norms(per_rank, plan, len(steps)) or tuple(float(s["grad_norm"]) for s in ref)
 
     def peak(r: int, key: str) -> int:
         return max((int(s["memory"][key]) for s in per_rank[r]["steps"]), default=0)
@@ -86,11 +87,25 @@ def build_result(plan: Plan, per_rank: dict[int, dict[str, Any]]) -> RunResult:
     backend = str(per_rank[ranks[0]]["meta"].get("backend", "gloo"))
     return RunResult(model=plan.model, pp=plan.pp, dp=plan.dp, schedule=plan.schedule, num_microbatches=plan.num_microbatches,
                      global_batch=plan.global_batch, steps=steps, losses=tuple(float(s["loss"]) for s in ref),
-                     step_times_s=tuple(times), grad_norms=tuple(float(s["grad_norm"]) for s in ref),
+                     step_times_s=tuple(times), grad_norms=norms,
                      peak_tensor_bytes=tuple(peak(r, "tensor_bytes") for r in ranks),
                      peak_rss_bytes=tuple(peak(r, "rss_bytes") for r in ranks),
                      peak_activation_bytes=tuple(peak(r, "activation_bytes_peak") for r in ranks),
                      events=tuple(events), backend=backend)
+
+
+def _global_norms(per_rank: dict[int, dict[str, Any]], plan: Plan, n: int) -> tuple[float, ...]:
+    """Global gradient norm per step from replica 0's per-stage norms (tied copies count at their owner)."""
+    out = []
+    for k in range(n):
+        sq = 0.0
+        for r in range(plan.pp):
+            recs = per_rank.get(r, {}).get("steps", [])
+            if len(recs) <= k or "stage_grad_norms" not in recs[k]:
+                return ()
+            sq += sum(float(v) ** 2 for v in recs[k]["stage_grad_norms"].values())
+        out.append(sq ** 0.5)
+    return tuple(out)
 
 
 def load_result(run_dir: str | Path) -> RunResult:
