@@ -88,7 +88,9 @@ def _alternatives(res: SearchResult, unpinned: SearchResult | None, job: Job) ->
         out.append(Alternative(description=f"{res.pruned} more grid point(s)", step_time_s=None,
                                reason="pruned: their lower bound on step time exceeded the screened best"))
     reasons = set()
-    for desc, why in res.infeasible:
+    # memory verdicts first (they explain the choice of pp), one per (pp, dp); then the rest
+    ranked = sorted(res.infeasible, key=lambda d: (0 if any(u in d[1] for u in ("KiB", "MiB", "GiB", "TiB")) else 1))
+    for desc, why in ranked:
         key = desc.split(" mb=")[0]
         if key in reasons:
             continue

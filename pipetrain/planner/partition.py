@@ -53,9 +53,9 @@ StageMatrix = Callable[[int], np.ndarray]
 
 
 def format_bytes(num_bytes: float) -> str:
-    """``92.4 GiB``, ``512.0 MiB``, ``3.0 KiB`` or ``17 B``."""
+    """``1.2 TiB``, ``92.4 GiB``, ``512.0 MiB``, ``3.0 KiB`` or ``17 B``."""
     b = float(num_bytes)
-    for unit, size in (("GiB", GiB), ("MiB", float(1 << 20)), ("KiB", 1024.0)):
+    for unit, size in (("TiB", GiB * 1024), ("GiB", GiB), ("MiB", float(1 << 20)), ("KiB", 1024.0)):
         if abs(b) >= size:
             return f"{b / size:.1f} {unit}"
     return f"{b:.0f} B"
