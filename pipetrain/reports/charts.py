@@ -40,6 +40,8 @@ def convergence_figure(pipeline_loss: Sequence[float], reference_loss: Sequence[
     n = min(len(pipeline_loss), len(reference_loss))
     diff = np.abs(np.asarray(pipeline_loss[:n], dtype=float) - np.asarray(reference_loss[:n], dtype=float))
     axd.semilogy(steps[:n], np.maximum(diff, 1e-12), marker=".", color="#C44E52")
+    if n and not diff.any():
+        axd.text(0.5, 0.6, "identical at every step (difference exactly 0)", ha="center", transform=axd.transAxes)
     axd.set_xlabel("step")
     axd.set_ylabel("|pipeline - single device| (floor 1e-12)")
     axd.set_title("loss difference")
@@ -122,16 +124,19 @@ def landscape_figure(ms: Sequence[int], ps: Sequence[int], step_time_s: Sequence
     ax = fig.add_subplot()
     z = np.asarray(step_time_s, dtype=float) * 1e3  # rows = p, cols = m
     masked = np.ma.masked_invalid(z)
+    lo, hi = (float(masked.min()), float(masked.max())) if masked.count() else (0.0, 0.0)
     im = ax.imshow(masked, aspect="auto", origin="lower", cmap="viridis_r")
     for i in range(z.shape[0]):
         for j in range(z.shape[1]):
             if math.isnan(z[i, j]):
                 ax.add_patch(_hatch(j, i))
                 ax.text(j, i, labels[i][j] if labels is not None else "infeasible", ha="center", va="center", fontsize=6)
-            else:
-                ax.text(j, i, f"{z[i, j]:.3g}", ha="center", va="center", fontsize=6, color="white")
+            else:  # dark text on the light (fast) end of viridis_r, white on the dark end
+                dark = (z[i, j] - lo) / (hi - lo) > 0.5 if hi > lo else False
+                ax.text(j, i, f"{z[i, j]:.3g}", ha="center", va="center", fontsize=8, color="white" if dark else "black")
     if chosen is not None and chosen[0] in ms and chosen[1] in ps:
-        ax.scatter([list(ms).index(chosen[0])], [list(ps).index(chosen[1])], marker="*", s=220, color="red", label="chosen")
+        ax.scatter([list(ms).index(chosen[0]) + 0.3], [list(ps).index(chosen[1]) + 0.25], marker="*", s=220, color="red",
+                   edgecolors="black", label="chosen")
         ax.legend(fontsize=8, loc="upper right")
     ax.set_xticks(range(len(ms)), [str(m) for m in ms])
     ax.set_yticks(range(len(ps)), [str(p) for p in ps])

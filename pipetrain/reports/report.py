@@ -23,7 +23,7 @@ from pipetrain.events import Event, write_chrome_trace
 from pipetrain.reports.html import Section, figure_png, write_report
 
 __all__ = ["RUN_SECTIONS", "ReportOutput", "write_run_report", "check_report", "simulate_plan", "plan_section",
-           "landscape_section", "FigureSink"]
+           "landscape_section", "landscape_path", "FigureSink"]
 
 RUN_SECTIONS = ("plan", "timelines", "breakdown", "step-time", "memory", "convergence", "parameters", "landscape")
 _MIB = float(1 << 20)
@@ -122,7 +122,7 @@ def landscape_section(land: Any, sink: FigureSink, *, note: str = "") -> Section
 def _load_landscape(run_dir: Path, plan: Any, say: Callable[[str], None]) -> tuple[Any, str]:
     from pipetrain.reports.landscape import Landscape, landscape_for_plan
 
-    p = run_dir / "landscape.json"
+    p = landscape_path(run_dir, plan)
     if p.is_file():
         try:
             return Landscape.from_dict(json.loads(p.read_text())), ""
@@ -140,11 +140,18 @@ def _load_landscape(run_dir: Path, plan: Any, say: Callable[[str], None]) -> tup
     return land, ""
 
 
-def _validation(run_dir: Path, say: Callable[[str], None]) -> tuple[Any, str]:
+def landscape_path(run_dir: str | Path, plan: Any) -> Path:
+    """Where a run directory caches the landscape of its plan (keyed by the plan's content)."""
+    import hashlib
+
+    return Path(run_dir) / f"landscape-{hashlib.sha256(plan.to_json().encode()).hexdigest()[:12]}.json"
+
+
+def _validation(run_dir: Path, res: Any, say: Callable[[str], None]) -> tuple[Any, str]:
     from pipetrain.executor.validate import load_validation, validate_run
 
     v = load_validation(run_dir)
-    if v is not None:
+    if v is not None and tuple(v.pipeline_loss) == tuple(res.losses):  # else it belongs to an earlier run here
         return v, ""
     try:
         say("no validation.json: validating against a single device first")
@@ -180,7 +187,7 @@ def write_run_report(run_dir: str | Path, *, out_dir: str | Path | None = None,
     sim_events = list(sim.events)
     traces = (write_chrome_trace(sim_events, out / "trace_simulated.json", process_name=f"simulated ({sim_topo})"),
               write_chrome_trace(measured_all, out / "trace_measured.json", process_name=f"measured ({res.backend})"))
-    validation, vnote = _validation(rd, say)
+    validation, vnote = _validation(rd, res, say)
     land, lnote = _load_landscape(rd, plan, say)
     n, stage_rank = plan.num_stages, [st.rank for st in plan.stages]
     br_sim = stage_breakdown(sim_events, n, stage_rank)
@@ -303,6 +310,6 @@ def check_report(html: str | Path, *, screenshot_path: str | Path | None = None,
     if page.blank_images or not page.images:
         raise ConfigError(f"{html}: blank or undecodable image(s): {', '.join(page.blank_images) or 'no images'}")
     if screenshot_path is not None:
-        screenshot(html, screenshot_path)
+        screenshot(html, screenshot_path, height=6000)  # the whole page
     return page
 
