@@ -13,9 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipetrain.errors import ConfigError
-from pipetrain.planner.topology import (
-    GiB, Topology, load_topology, local_cpu_device_type, resolve_topology, topology_preset,
-)
+from pipetrain.planner.hardware import local_cpu_device_type
+from pipetrain.planner.topology import GiB, Topology, load_topology, resolve_topology, topology_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -182,3 +181,13 @@ def test_random_text_loads_or_raises_config_error(text: str) -> None:
 def test_absurd_counts_are_refused_not_built() -> None:
     with pytest.raises(ConfigError, match=r"nodes\[0\].count"):
         load_topology(GOOD.replace("  - devices: {fast: 2}", "  - count: 10000000000000\n    devices: {fast: 2}"))
+
+
+def test_hardware_names_stay_reachable_from_topology() -> None:
+    import pipetrain.planner.topology as topo
+    from pipetrain.planner import hardware
+
+    assert topo.BUILTIN_DEVICE_TYPES is hardware.BUILTIN_DEVICE_TYPES
+    assert topo.local_cpu_device_type is hardware.local_cpu_device_type
+    with pytest.raises(AttributeError):
+        topo.no_such_name  # noqa: B018
