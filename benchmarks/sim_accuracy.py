@@ -1,0 +1,153 @@
+"""Simulator accuracy: simulated vs measured step time, stage busy time, bubble and activation memory.
+
+For each configuration of a grid (tiny-gpt and the uneven MLP; p in {2, 4}; m in {2, 4, 8, 16};
+GPipe and 1F1B; one data-parallel d=2 configuration) it fixes the plan (blocks split evenly,
+so the MLP's stages are unbalanced), simulates it with the calibration of this machine
+(``pipetrain calibrate``: profiled blocks, gloo p2p, optimizer step; the local-cpu topology's
+cores give the compute groups when ranks outnumber cores), runs it for real (gloo, one thread
+per rank) and compares the medians over the measured steps. Prints one row per configuration
+(errors are (simulated - measured) / measured; bubble in percentage points), the step-time
+MAPE, the worst configuration, the Spearman rank correlation of the configurations by step
+time, and the share of stages whose busy time and activation memory are within 10%; writes
+``OUT/sim_accuracy.json`` and a scatter plot ``OUT/sim_accuracy.png``. The machine load
+(/proc/loadavg) before each run is printed: other processes on a shared machine distort timings.
+
+    .venv/bin/python benchmarks/sim_accuracy.py [--subset] [--steps 12] [--out runs/sim_accuracy]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipetrain.executor.fidelity import Fidelity, compare, mape, measure_run, simulate_plan, spearman  # noqa: E402
+
+#: model -> (micro-batch size, seq len)
+SHAPES = {"tiny-gpt": (2, 128), "mlp-uneven": (64, None)}
+
+
+def grid(subset: bool) -> list[tuple[str, int, int, int, str]]:
+    """(model, pp, dp, m, schedule) of every configuration."""
+    ms = (2, 8) if subset else (2, 4, 8, 16)
+    out = [(model, p, 1, m, sched) for model in SHAPES for p in (2, 4) for m in ms for sched in ("gpipe", "1f1b")]
+    if subset:
+        out = [c for c in out if not (c[1] == 4 and c[3] == 2)]
+    out.append(("tiny-gpt", 2, 2, 8, "1f1b"))
+    return out
+
+
+def loadavg() -> float:
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except OSError:
+        return float("nan")
+
+
+def run_one(cfg: tuple[str, int, int, int, str], out: Path, steps: int, warmup: int, cal: object) -> tuple[Fidelity, float]:
+    from pipetrain.executor.config import RunConfig
+    from pipetrain.executor.launch import launch
+    from pipetrain.executor.plans import simple_plan
+
+    model, p, d, m, sched = cfg
+    mbs, seq = SHAPES[model]
+    from pipetrain.planner.zoo import get_model_spec
+
+    seq_len = get_model_spec(model).check_shape(mbs, seq)
+    plan = simple_plan(model, pp=p, dp=d, m=m, mbs=mbs, seq_len=seq_len, schedule=sched)
+    name = f"{model}-p{p}d{d}m{m}-{sched}"
+    plan.save(out / name / "plan.json")
+    load = loadavg()
+    launch(RunConfig(plan_path=str(out / name / "plan.json"), run_dir=str(out / name / "run"), steps=steps, threads=1, timeout_s=120))
+    meas = measure_run(out / name / "run", plan, warmup_steps=warmup)
+    inp, sim, source = simulate_plan(plan, calibration=cal)
+    return compare(plan, inp, sim, meas, label=name, cost_source=source), load
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--subset", action="store_true", help="a representative subset (m in {2, 8}; no p=4 m=2)")
+    ap.add_argument("--steps", type=int, default=12, help="steps per run (default 12)")
+    ap.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians (default 2)")
+    ap.add_argument("--out", default="runs/sim_accuracy", help="output directory")
+    ap.add_argument("--calibration", default=None, help="calibration JSON (default: calibrate now into OUT/calibration.json)")
+    ap.add_argument("--seed", type=int, default=0, help="shuffles the order of the runs")
+    a = ap.parse_args(argv)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    from pipetrain.executor.calibration import load_calibration, run_calibration
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sim_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"reproduce: {cmd}")
+    print(f"machine: {os.cpu_count()} cores; load average at start {loadavg():.2f}")
+    t0 = time.perf_counter()
+    if a.calibration:
+        cal = load_calibration(a.calibration)
+    else:
+        n = max(p * d for _m, p, d, _mm, _s in grid(a.subset))
+        cal = run_calibration(f"local-cpu:{n}", models=tuple(SHAPES), micro_batch_sizes=sorted({s[0] for s in SHAPES.values()}),
+                              progress=lambda msg: print(f"  calibrate: {msg}", flush=True))
+        cal.save(out / "calibration.json")
+    print(f"calibration: p2p {cal.p2p.latency_s * 1e6:.0f} us + {cal.p2p.bandwidth_bytes_per_s / 1e9:.2f} GB/s; "
+          f"analytic fit error {cal.fit.error_before * 100:.0f}% -> {cal.fit.error_after * 100:.0f}%")
+    configs = grid(a.subset)
+    random.Random(a.seed).shuffle(configs)
+    results: list[tuple[Fidelity, float]] = []
+    hdr = f"{'config':34s} {'sim ms':>8s} {'meas ms':>8s} {'step err':>8s} {'IQR %':>6s} {'busy err':>8s} " \
+          f"{'bubble sim/meas %':>17s} {'act err':>7s} {'load':>5s}"
+    print(hdr)
+    for cfg in configs:
+        f, load = run_one(cfg, out, a.steps, a.warmup, cal)
+        results.append((f, load))
+        iqr = (f.meas_step_iqr_s[1] - f.meas_step_iqr_s[0]) / f.meas_step_s * 100
+        worst_busy = max((s.busy_error for s in f.stages), key=abs)
+        worst_act = max((s.activation_error for s in f.stages), key=abs)
+        print(f"{f.label:34s} {f.sim_step_s * 1e3:8.1f} {f.meas_step_s * 1e3:8.1f} {f.step_error * 100:+7.1f}% {iqr:6.1f} "
+              f"{worst_busy * 100:+7.1f}% {f.sim_bubble * 100:8.1f}/{f.meas_bubble * 100:<8.1f} {worst_act * 100:+6.1f}% {load:5.2f}",
+              flush=True)
+    fids = [f for f, _ in results]
+    errs = [f.step_error for f in fids]
+    busy = [s.busy_error for f in fids for s in f.stages]
+    act = [s.activation_error for f in fids for s in f.stages]
+    bub = [s.bubble_error_pp for f in fids for s in f.stages]
+    rho = spearman([f.sim_step_s for f in fids], [f.meas_step_s for f in fids])
+    worst = max(fids, key=lambda f: abs(f.step_error))
+    summary = {
+        "configs": len(fids), "step_mape": mape(errs), "step_max_abs_error": abs(worst.step_error), "worst_config": worst.label,
+        "spearman_step_time": rho, "busy_mape": mape(busy), "busy_within_10pct": sum(abs(e) <= 0.10 for e in busy) / len(busy),
+        "busy_max_abs_error": max(abs(e) for e in busy), "bubble_mean_abs_diff_pp": mape(bub),
+        "activation_mape": mape(act), "activation_within_10pct": sum(abs(e) <= 0.10 for e in act) / len(act),
+        "activation_max_abs_error": max(abs(e) for e in act), "load_min": min(l for _, l in results),
+        "load_max": max(l for _, l in results), "elapsed_s": time.perf_counter() - t0, "steps": a.steps, "warmup": a.warmup,
+        "subset": a.subset, "command": cmd,
+    }
+    print()
+    print(f"step time: MAPE {summary['step_mape'] * 100:.1f}% (target <= 5%), worst {worst.label} {worst.step_error * 100:+.1f}% "
+          f"(target <= 10%), Spearman {rho:.3f} (target >= 0.9)")
+    print(f"stage busy: MAPE {summary['busy_mape'] * 100:.1f}%, within 10%: {summary['busy_within_10pct'] * 100:.0f}% of "
+          f"{len(busy)} stages, worst {summary['busy_max_abs_error'] * 100:.1f}%")
+    print(f"bubble: mean |sim - measured| {summary['bubble_mean_abs_diff_pp']:.1f} percentage points")
+    print(f"activation memory in flight: MAPE {summary['activation_mape'] * 100:.1f}%, within 10%: "
+          f"{summary['activation_within_10pct'] * 100:.0f}% of stages, worst {summary['activation_max_abs_error'] * 100:.1f}%")
+    print(f"load average during the grid: {summary['load_min']:.2f} .. {summary['load_max']:.2f} on {os.cpu_count()} cores; "
+          f"{summary['elapsed_s']:.0f} s")
+    (out / "sim_accuracy.json").write_text(json.dumps({"summary": summary, "configs": [dict(f.to_dict(), load=l) for f, l in results]}, indent=1))
+    from pipetrain.reports.charts import scatter_figure
+
+    fig = scatter_figure([f.sim_step_s for f in fids], [f.meas_step_s for f in fids], [f.label for f in fids],
+                         title=f"step time: MAPE {summary['step_mape'] * 100:.1f}%, Spearman {rho:.2f}")
+    fig.savefig(out / "sim_accuracy.png", dpi=120)
+    print(f"wrote {out / 'sim_accuracy.json'} and {out / 'sim_accuracy.png'}")
+    print(f"reproduce: {cmd}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

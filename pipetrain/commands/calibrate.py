@@ -1,0 +1,77 @@
+"""Calibrate the cost model on this machine: block profiles, p2p link, optimizer step, scipy fit.
+
+``pipetrain calibrate --topology local-cpu:4 [--model tiny-gpt] [--microbatch-sizes 1,4]
+[--seq-len N] [--threads 1] [-o calibration.json]`` profiles every block of the model(s) on
+the device the topology's ranks use (this CPU, one thread per rank as the executor runs; the
+GPU on a GPU topology), measures the point-to-point latency and bandwidth of the backend in use
+(gloo on loopback; NCCL on GPU) and the optimizer step, fits the analytic cost model with
+``scipy.optimize`` and writes the calibration JSON that ``pipetrain plan`` and ``pipetrain
+simulate`` take with ``--calibration FILE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from pipetrain.errors import ConfigError
+
+__all__ = ["add_arguments", "run", "parse_int_list"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--topology", required=True, help="topology whose device to calibrate (local-cpu:N here; a GPU preset on a GPU)")
+    parser.add_argument("--model", action="append", default=None,
+                        help="model preset to profile (repeatable; default tiny-gpt)")
+    parser.add_argument("--microbatch-sizes", default="1,4", help="micro-batch sizes to profile, comma separated (default 1,4)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default: the model's)")
+    parser.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16 (default fp32)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank, as `pipetrain run --threads` (default 1)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed repetitions per block (median; default 7)")
+    parser.add_argument("--rounds", type=int, default=3, help="profiling rounds per block; the least loaded is kept (default 3)")
+    parser.add_argument("--no-probe", action="store_true", help="skip the p2p probe (keep the topology's link figures)")
+    parser.add_argument("-o", "--output", default="calibration.json", help="where to write the calibration (default calibration.json)")
+    parser.add_argument("--json", action="store_true", help="print the calibration JSON instead of the table")
+
+
+def parse_int_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"{flag} must be comma-separated integers, got {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise ConfigError(f"{flag} needs integers >= 1, got {text!r}")
+    return vals
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from pipetrain.executor.calibration import describe, run_calibration
+
+    models = tuple(args.model or ["tiny-gpt"])
+    sizes = parse_int_list(args.microbatch_sizes, "--microbatch-sizes")
+    if args.seq_len is not None and args.seq_len < 1:
+        raise ConfigError(f"--seq-len must be >= 1, got {args.seq_len}")
+    quiet = bool(args.json)
+
+    def say(msg: str) -> None:
+        if not quiet:
+            print(f"  {msg} ...", file=sys.stderr, flush=True)
+
+    cal = run_calibration(args.topology, models=models, micro_batch_sizes=sizes, seq_len=args.seq_len, dtype=args.dtype,
+                          threads=args.threads, repeats=args.repeats, rounds=args.rounds, probe=not args.no_probe, progress=say)
+    path = cal.save(args.output)
+    if args.json:
+        print(cal.to_json())
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"calibration of {cal.topology} ({cal.elapsed_s:.1f} s)", show_header=False)
+    t.add_column("what")
+    t.add_column("measured / fitted")
+    for what, value in describe(cal):
+        t.add_row(what, value)
+    Console().print(t)
+    print(f"wrote {path}; use it with `pipetrain plan --calibration {path}` and `pipetrain simulate PLAN.json --calibration {path}`")
+    return 0

@@ -1,0 +1,359 @@
+"""The calibration run: measure this device and backend, fit the cost model, store it as JSON.
+
+:func:`run_calibration` measures, on the device a topology's ranks use (this CPU with one
+thread per rank, as the executor runs; or the GPU):
+
+* every block's forward and backward of each model at each micro-batch size
+  (:func:`pipetrain.planner.profile.profile_model`);
+* the point-to-point latency and bandwidth of the backend in use (gloo on loopback, NCCL on
+  GPU) by ping-pong and a Hockney fit (:func:`pipetrain.executor.commprobe.probe_p2p`);
+* the optimizer step as the executor runs it (global-norm clipping, the update, zeroing the
+  gradients) on the model's own parameters, fitted as ``fixed_s + per_param_s * params``
+  (non-negative least squares);
+
+then fits the analytic roofline's factors to the block profiles with ``scipy.optimize``
+(:func:`pipetrain.planner.calibrate.fit_calibration`). :class:`Calibration` is the stored
+result; :func:`calibrated_cost` turns it into a cost model (the profiled block times where a
+profile of that model and shape exists, the fitted analytic model elsewhere, the measured
+optimizer cost) and :func:`calibrated_topology` puts the measured link into the topology.
+``pipetrain plan|simulate --calibration FILE`` use both. Torch is imported only to measure.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+from pipetrain.errors import ConfigError
+from pipetrain.planner.calibrate import CalibratedCostModel, CalibrationFit
+from pipetrain.planner.costs import NodeTimes, stage_from_node_times, StageCost
+from pipetrain.planner.graph import LayerGraph
+from pipetrain.planner.profile import BlockProfile
+from pipetrain.planner.topology import DeviceType, Topology
+from pipetrain.serde import from_dict, to_dict
+
+__all__ = ["CALIBRATION_FILE_VERSION", "P2PCost", "OptimizerCost", "Calibration", "MeasuredCostModel",
+           "run_calibration", "least_loaded", "describe", "measure_optimizer", "calibrated_cost", "calibrated_topology", "load_calibration"]
+
+CALIBRATION_FILE_VERSION = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class P2PCost:
+    """Measured one-way point-to-point time ``latency_s + bytes / bandwidth_bytes_per_s``."""
+
+    backend: str
+    latency_s: float
+    bandwidth_bytes_per_s: float
+    sizes_bytes: tuple[int, ...] = ()
+    one_way_s: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not (self.latency_s >= 0 and self.bandwidth_bytes_per_s > 0):
+            raise ConfigError(f"calibration p2p: latency_s must be >= 0 and bandwidth > 0, got {self.latency_s}, {self.bandwidth_bytes_per_s}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerCost:
+    """Seconds of one optimizer step on one rank: ``fixed_s + per_param_s * parameters``."""
+
+    optimizer: str
+    fixed_s: float
+    per_param_s: float
+    params: tuple[int, ...] = ()
+    seconds: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not (self.fixed_s >= 0 and self.per_param_s >= 0):
+            raise ConfigError(f"calibration optimizer {self.optimizer}: fixed_s and per_param_s must be >= 0")
+
+    def time_s(self, param_count: float) -> float:
+        return self.fixed_s + self.per_param_s * param_count if param_count > 0 else 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Calibration:
+    """One calibration run (see module docstring); ``device_type`` names the topology's type it is for."""
+
+    topology: str
+    device_type: str
+    device: str
+    device_kind: str
+    threads: int
+    cores: int
+    p2p: P2PCost
+    optimizers: tuple[OptimizerCost, ...]
+    fit: CalibrationFit
+    profiles: tuple[BlockProfile, ...]
+    created_utc: str = ""
+    elapsed_s: float = 0.0
+    schema_version: int = CALIBRATION_FILE_VERSION
+
+    def __post_init__(self) -> None:
+        if self.schema_version != CALIBRATION_FILE_VERSION:
+            raise ConfigError(f"calibration file version {self.schema_version} is not supported (this pipetrain reads "
+                              f"{CALIBRATION_FILE_VERSION}): re-run `pipetrain calibrate`")
+        if not self.profiles:
+            raise ConfigError("a calibration needs at least one block profile")
+
+    def optimizer(self, name: str) -> OptimizerCost | None:
+        return next((o for o in self.optimizers if o.optimizer == name), None)
+
+    def profile_for(self, graph: LayerGraph) -> BlockProfile | None:
+        """The stored profile of this graph's model and shape (block granularity), if any."""
+        for p in self.profiles:
+            if (p.model, p.micro_batch_size, p.seq_len, p.dtype, len(p.blocks)) == (
+                    graph.model, graph.micro_batch_size, graph.seq_len, graph.dtype, graph.num_nodes):
+                return p
+        return None
+
+    def to_json(self) -> str:
+        return json.dumps(to_dict(self), indent=1)
+
+    def save(self, path: str | Path) -> Path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(p.suffix + f".{os.getpid()}.tmp")
+        tmp.write_text(self.to_json())
+        tmp.replace(p)
+        return p
+
+
+def load_calibration(path: str | Path) -> Calibration:
+    """Read a calibration file; every mistake is a ConfigError naming what to do."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"calibration file {str(p)!r} does not exist: create it with `pipetrain calibrate --topology local-cpu:N -o {p.name}`")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"calibration file {p} is not valid JSON ({exc}): re-run `pipetrain calibrate`") from None
+    if isinstance(data, dict) and data.get("schema_version") != CALIBRATION_FILE_VERSION:
+        raise ConfigError(f"calibration file {p} has version {data.get('schema_version')!r}, this pipetrain reads "
+                          f"{CALIBRATION_FILE_VERSION}: re-run `pipetrain calibrate`")
+    return from_dict(Calibration, data, where=f"calibration {p.name}")
+
+
+# ----- the cost model --------------------------------------------------------------------------
+class MeasuredCostModel(CalibratedCostModel):
+    """Cost model from a :class:`Calibration`.
+
+    Block times: the stored profile of the graph's model and shape when there is one (sum of
+    measured block medians; W is each block's FLOP share of its backward), else the fitted
+    analytic model. Optimizer step: the measured ``fixed + per-param`` fit. Transfers: the
+    analytic formulas over the links, which :func:`calibrated_topology` sets to the measured ones.
+    """
+
+    name = "calibrated"
+
+    def __init__(self, calibration: Calibration) -> None:
+        super().__init__(calibration.fit)
+        self.calibration = calibration
+
+    def _matches(self, device_type: DeviceType) -> bool:
+        return device_type.name == self.calibration.device_type and device_type.kind == self.calibration.device_kind
+
+    def node_times(self, graph: LayerGraph, device_type: DeviceType) -> NodeTimes:
+        prof = self.calibration.profile_for(graph) if self._matches(device_type) else None
+        if prof is None:
+            return super().node_times(graph, device_type)
+        f, b, w = [], [], []
+        for node, t in zip(graph.nodes, prof.blocks):
+            f.append(t.fwd_s)
+            b.append(t.bwd_s)
+            w.append(min(t.bwd_s, t.bwd_s * node.wgrad_flops / node.bwd_flops) if node.bwd_flops > 0 else 0.0)
+        return NodeTimes(fwd_s=tuple(f), bwd_s=tuple(b), wgrad_s=tuple(w))
+
+    def stage_costs(self, graph: LayerGraph, start: int, end: int, device_type: DeviceType, *, recompute: bool = False) -> StageCost:
+        if not 0 <= start < end <= graph.num_nodes:
+            raise ConfigError(f"stage range [{start}, {end}) is not within the graph's {graph.num_nodes} nodes")
+        return stage_from_node_times(self.node_times(graph, device_type), start, end, recompute=recompute)
+
+    def optimizer_step_time_s(self, param_count: int, device_type: DeviceType, *, optimizer: str = "adamw", dtype: str = "fp32") -> float:
+        oc = self.calibration.optimizer(optimizer)
+        if oc is None or not self._matches(device_type):
+            return super().optimizer_step_time_s(param_count, device_type, optimizer=optimizer, dtype=dtype)
+        return oc.time_s(param_count)
+
+
+def calibrated_cost(calibration: Calibration) -> MeasuredCostModel:
+    return MeasuredCostModel(calibration)
+
+
+def calibrated_topology(topology: Topology, calibration: Calibration) -> Topology:
+    """``topology`` with the measured p2p link inside every node whose devices are the calibrated type."""
+    nodes = []
+    for node in topology.nodes:
+        if all(t == calibration.device_type for t in node.device_types):
+            link = replace(node.link, latency_s=calibration.p2p.latency_s, bandwidth_bytes_per_s=calibration.p2p.bandwidth_bytes_per_s)
+            node = replace(node, link=link)
+        nodes.append(node)
+    return replace(topology, nodes=tuple(nodes))
+
+
+# ----- measuring --------------------------------------------------------------------------------
+def measure_optimizer(model: str, optimizer: str, *, device: str = "cpu", threads: int = 1, clip_norm: float = 1.0,
+                      repeats: int = 15, seed: int = 0) -> OptimizerCost:
+    """Time the executor's end-of-step update on growing prefixes of ``model``'s blocks and fit it.
+
+    The work timed is what :class:`pipetrain.executor.optim.GradSync` and the worker do after
+    the last backward on one rank: the squared gradient norm (float64), the clip scale, the
+    optimizer's step (``foreach=False``, as the executor builds it) and zeroing the gradients.
+    """
+    import numpy as np
+    import torch
+    from scipy.optimize import lsq_linear
+
+    from pipetrain.executor.optim import OptimConfig, make_optimizer, unique_params
+    from pipetrain.planner.zoo import get_model_spec
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        net = get_model_spec(model).build(torch.device(device), seed=seed)
+        blocks = list(net.blocks)
+        groups = []
+        for k in sorted({1, max(1, len(blocks) // 2), len(blocks)}):
+            params = unique_params(blocks[:k])
+            for p in params:
+                p.grad = torch.randn_like(p) * 1e-3
+            groups.append((params, make_optimizer(params, OptimConfig(name=optimizer))))
+        samples: list[list[float]] = [[] for _ in groups]
+
+        def once(params: list, opt: object) -> float:  # type: ignore[type-arg]
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            sq = torch.zeros(1, dtype=torch.float64, device=params[0].device)
+            for p in params:
+                sq += p.grad.detach().double().pow(2).sum()
+            coef = min(1.0, clip_norm / (float(sq.sqrt()) + 1e-6)) if clip_norm > 0 else 1.0
+            if coef < 1.0:
+                for p in params:
+                    p.grad.mul_(coef)
+            opt.step()  # type: ignore[attr-defined]
+            opt.zero_grad(set_to_none=False)  # type: ignore[attr-defined]
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            for p in params:
+                p.grad.normal_(0.0, 1e-3)
+            return dt
+
+        for r in range(repeats + 3):  # rounds interleave the sizes: a burst of outside load hits all alike
+            for i, (params, opt) in enumerate(groups):
+                t = once(params, opt)
+                if r >= 3:
+                    samples[i].append(t)
+        sizes = [sum(p.numel() for p in params) for params, _ in groups]
+        secs = [statistics.median(ts) for ts in samples]
+    finally:
+        torch.set_num_threads(old)
+    x = np.asarray(sizes, dtype=float)
+    t = np.asarray(secs)
+    w = 1.0 / t  # relative error: the small stage matters as much as the big one
+    a = np.stack([np.ones_like(x), x], axis=1) * w[:, None]
+    res = lsq_linear(a, t * w, bounds=([0.0, 0.0], [np.inf, np.inf]))
+    return OptimizerCost(optimizer=optimizer, fixed_s=float(res.x[0]), per_param_s=float(res.x[1]),
+                         params=tuple(int(v) for v in sizes), seconds=tuple(float(v) for v in secs))
+
+
+def least_loaded(profiles: Sequence[BlockProfile]) -> BlockProfile:
+    """Per block, the round with the smallest forward and the smallest backward median."""
+    if not profiles:
+        raise ConfigError("least_loaded needs at least one profile")
+    first = profiles[0]
+    blocks = []
+    for i, b in enumerate(first.blocks):
+        blocks.append(replace(b, fwd_s=min(p.blocks[i].fwd_s for p in profiles), bwd_s=min(p.blocks[i].bwd_s for p in profiles)))
+    return replace(first, blocks=tuple(blocks), repeats=first.repeats * len(profiles))
+
+
+def run_calibration(topology: str, *, models: Sequence[str] = ("tiny-gpt",), micro_batch_sizes: Sequence[int] = (1, 4),
+                    seq_len: int | None = None, dtype: str = "fp32", threads: int = 1, warmup: int = 2, repeats: int = 7,
+                    optimizers: Sequence[str] = ("adamw", "sgd"), probe: bool = True, rounds: int = 3,
+                    progress: Callable[[str], None] | None = None) -> Calibration:
+    """Measure and fit (module docstring). ``probe`` False skips the p2p probe (keeps the topology's link).
+
+    Each block is profiled in ``rounds`` independent rounds (each the median of ``repeats``) and
+    the smallest median is kept (:func:`least_loaded`): on a machine shared with other processes a
+    round that a burst of their load hit is slower, never faster, than the block really is.
+    """
+    from pipetrain.planner.calibrate import fit_calibration
+    from pipetrain.planner.profile import local_device_name, profile_model
+    from pipetrain.planner.topology import resolve_topology
+    from pipetrain.planner.trace import trace_graph
+
+    say = progress or (lambda _msg: None)
+    t_start = time.perf_counter()
+    topo = resolve_topology(topology)
+    dt = topo.devices[0].type
+    if any(d.type.name != dt.name for d in topo.devices):
+        raise ConfigError(f"topology {topo.name} mixes device types; calibrate one type at a time (a topology of that type only)")
+    if not models or not micro_batch_sizes:
+        raise ConfigError("calibrate needs at least one model and one micro-batch size")
+    if threads < 1 or warmup < 0 or repeats < 1 or rounds < 1:
+        raise ConfigError(f"calibrate needs threads, repeats and rounds >= 1 and warmup >= 0, got {threads}, {repeats}, {rounds}, {warmup}")
+    from pipetrain.planner.zoo import get_model_spec
+
+    for model in models:  # every mistake before the first measurement
+        for mbs in micro_batch_sizes:
+            get_model_spec(model).check_shape(mbs, seq_len)
+    if dt.kind == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"topology {topo.name} is made of GPUs ({dt.name}) but this machine has none: calibrate a local-cpu:N topology here")
+        device, backend = "cuda", "nccl"
+    else:
+        device, backend = "cpu", "gloo"
+    samples: list[tuple[LayerGraph, BlockProfile]] = []
+    for model in models:
+        for mbs in micro_batch_sizes:
+            say(f"profiling {model} blocks at micro-batch {mbs} on {device} ({threads} thread(s))")
+            graph = trace_graph(model, micro_batch_size=mbs, seq_len=seq_len, dtype=dtype)
+            profs = [profile_model(model, micro_batch_size=mbs, seq_len=seq_len, dtype=dtype, device=device, threads=threads,
+                                   warmup=warmup, repeats=repeats) for _ in range(rounds)]
+            samples.append((graph, least_loaded(profs)))
+    opts = []
+    for name in optimizers:
+        say(f"timing the {name} step on {models[0]}'s parameters")
+        opts.append(measure_optimizer(models[0], name, device=device, threads=threads))
+    if probe:
+        from pipetrain.executor.commprobe import probe_p2p
+
+        say(f"probing {backend} point-to-point latency and bandwidth")
+        lf = probe_p2p(backend=backend)
+        p2p = P2PCost(backend=backend, latency_s=lf.latency_s, bandwidth_bytes_per_s=lf.bandwidth_bytes_per_s,
+                      sizes_bytes=lf.sizes_bytes, one_way_s=lf.one_way_s)
+    else:
+        link = topo.nodes[0].link
+        p2p = P2PCost(backend=backend, latency_s=link.latency_s, bandwidth_bytes_per_s=link.bandwidth_bytes_per_s)
+    say("fitting the analytic cost model (scipy.optimize.least_squares)")
+    fit = fit_calibration(samples, dt)
+    return Calibration(topology=topo.name, device_type=dt.name, device=local_device_name(device, threads), device_kind=dt.kind,
+                       threads=threads, cores=os.cpu_count() or 1, p2p=p2p, optimizers=tuple(opts), fit=fit,
+                       profiles=tuple(p for _, p in samples),
+                       created_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                       elapsed_s=time.perf_counter() - t_start)
+
+
+def describe(cal: Calibration) -> list[tuple[str, str]]:
+    """(what, value) rows for a terminal table."""
+    rows = [("device", f"{cal.device} ({cal.device_type}, {cal.cores} cores)"),
+            (f"p2p ({cal.p2p.backend})", f"latency {cal.p2p.latency_s * 1e6:.1f} us, bandwidth {cal.p2p.bandwidth_bytes_per_s / 1e9:.3g} GB/s")]
+    for o in cal.optimizers:
+        rows.append((f"{o.optimizer} step", f"{o.fixed_s * 1e3:.3f} ms + {o.per_param_s * 1e9:.3f} ns/param"))
+    for p in cal.profiles:
+        f = sum(b.fwd_s for b in p.blocks)
+        b = sum(b.bwd_s for b in p.blocks)
+        rows.append((f"{p.model} mbs {p.micro_batch_size} seq {p.seq_len}", f"F {f * 1e3:.3f} ms, B {b * 1e3:.3f} ms ({len(p.blocks)} blocks)"))
+    rows.append(("analytic fit", f"mean |error| {cal.fit.error_before * 100:.1f}% -> {cal.fit.error_after * 100:.1f}% "
+                                 f"over {cal.fit.num_samples} block times"))
+    return rows

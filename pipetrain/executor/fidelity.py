@@ -1,0 +1,326 @@
+"""Simulated vs measured: simulate the plan a run used and compare it with the run's telemetry.
+
+:func:`simulate_plan` builds the simulator's input for a Plan exactly as the executor runs it
+(the plan's stages, buffers and schedule; the data-parallel all-reduce after the last backward,
+not overlapped; the compute groups of the topology's shared cores) with a cost model from a
+calibration (:mod:`pipetrain.executor.calibration`) or, without one, from this machine's cached
+block profile. :func:`measure_run` reads ``RUN_DIR/telemetry`` and takes, over the steps after
+the warm-up, the median of: step time (slowest rank), pipeline span (first F to last B of the
+step), each stage's busy time (sum of its F/B/W) and its bubble (idle share of the span), plus the
+peak bytes autograd saved for backward on each rank (activations in flight).
+:func:`compare` puts them side by side (:class:`Fidelity`); :func:`run_fidelity` does all three
+for a finished run. :func:`mape` and :func:`spearman` summarize a grid of them.
+
+Errors are signed ``(simulated - measured) / measured``; bubble errors are differences in
+percentage points (a bubble near 0 has no meaningful relative error).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from pipetrain.errors import RunError
+from pipetrain.plan import Plan
+
+__all__ = ["StageFidelity", "Fidelity", "Measured", "simulate_plan", "plan_topology", "cost_for_plan", "measure_run",
+           "compare", "run_fidelity", "mape", "spearman", "fidelity_lines", "fidelity_table_rows"]
+
+_COMPUTE = ("F", "B", "W")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Measured:
+    """Medians over the measured steps (``steps``), per stage where it says so."""
+
+    steps: tuple[int, ...]
+    step_time_s: float
+    pipeline_time_s: float
+    busy_s_per_stage: tuple[float, ...]
+    bubble_fraction_per_stage: tuple[float, ...]
+    bubble_fraction: float
+    peak_activation_bytes_per_rank: tuple[float, ...]
+    peak_in_flight_per_stage: tuple[int, ...]
+    step_time_iqr_s: tuple[float, float] = (0.0, 0.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageFidelity:
+    stage: int
+    rank: int
+    sim_busy_s: float
+    meas_busy_s: float
+    sim_bubble: float
+    meas_bubble: float
+    sim_activation_bytes: float
+    meas_activation_bytes: float
+    sim_in_flight: int
+    meas_in_flight: int
+
+    @property
+    def busy_error(self) -> float:
+        return _rel(self.sim_busy_s, self.meas_busy_s)
+
+    @property
+    def bubble_error_pp(self) -> float:
+        return (self.sim_bubble - self.meas_bubble) * 100.0
+
+    @property
+    def activation_error(self) -> float:
+        return _rel(self.sim_activation_bytes, self.meas_activation_bytes)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fidelity:
+    """One run: simulated vs measured step, pipeline span, bubble, and per stage."""
+
+    label: str
+    cost_source: str
+    sim_step_s: float
+    meas_step_s: float
+    sim_pipeline_s: float
+    meas_pipeline_s: float
+    sim_bubble: float
+    meas_bubble: float
+    stages: tuple[StageFidelity, ...]
+    steps_measured: int
+    meas_step_iqr_s: tuple[float, float] = (0.0, 0.0)
+
+    @property
+    def step_error(self) -> float:
+        return _rel(self.sim_step_s, self.meas_step_s)
+
+    @property
+    def pipeline_error(self) -> float:
+        return _rel(self.sim_pipeline_s, self.meas_pipeline_s)
+
+    @property
+    def max_busy_error(self) -> float:
+        return max((abs(s.busy_error) for s in self.stages), default=0.0)
+
+    @property
+    def max_activation_error(self) -> float:
+        return max((abs(s.activation_error) for s in self.stages), default=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "cost_source": self.cost_source, "sim_step_s": self.sim_step_s, "meas_step_s": self.meas_step_s,
+                "step_error": self.step_error, "sim_pipeline_s": self.sim_pipeline_s, "meas_pipeline_s": self.meas_pipeline_s,
+                "sim_bubble": self.sim_bubble, "meas_bubble": self.meas_bubble, "steps_measured": self.steps_measured,
+                "meas_step_iqr_s": list(self.meas_step_iqr_s),
+                "stages": [{"stage": s.stage, "rank": s.rank, "sim_busy_s": s.sim_busy_s, "meas_busy_s": s.meas_busy_s,
+                            "busy_error": s.busy_error, "sim_bubble": s.sim_bubble, "meas_bubble": s.meas_bubble,
+                            "sim_activation_bytes": s.sim_activation_bytes, "meas_activation_bytes": s.meas_activation_bytes,
+                            "activation_error": s.activation_error, "sim_in_flight": s.sim_in_flight,
+                            "meas_in_flight": s.meas_in_flight} for s in self.stages]}
+
+
+def _rel(sim: float, meas: float) -> float:
+    return (sim - meas) / meas if meas > 0 else (0.0 if sim == 0 else math.inf)
+
+
+# ----- simulate -----------------------------------------------------------------------------------
+def plan_topology(plan: Plan, calibration: Any = None) -> Any:
+    """The plan's topology (``local``: ``local-cpu:pp*dp``), with the calibrated link when given."""
+    from pipetrain.executor.calibration import calibrated_topology
+    from pipetrain.planner.topology import resolve_topology
+
+    name = plan.topology
+    if name in ("", "local") or not name:
+        name = f"local-cpu:{plan.world_size}"
+    topo = resolve_topology(name)
+    return calibrated_topology(topo, calibration) if calibration is not None else topo
+
+
+def cost_for_plan(plan: Plan, graph: Any, calibration: Any = None, *, threads: int = 1) -> tuple[Any, str]:
+    """(cost model, what it is): the calibration's (profiling the plan's shape now if it lacks it), else the cached profile."""
+    from dataclasses import replace
+
+    from pipetrain.executor.calibration import MeasuredCostModel
+    from pipetrain.planner.profile import ProfiledCostModel, load_or_profile
+
+    def profile() -> Any:
+        return load_or_profile(plan.model, micro_batch_size=plan.micro_batch_size, seq_len=plan.seq_len, dtype=plan.dtype,
+                               device="cpu", threads=threads)
+
+    if calibration is not None:
+        if calibration.profile_for(graph) is None:
+            calibration = replace(calibration, profiles=calibration.profiles + (profile(),))
+            return MeasuredCostModel(calibration), "calibration + block profile of this shape"
+        return MeasuredCostModel(calibration), "calibration"
+    return ProfiledCostModel(profile()), "block profile (no calibration: analytic optimizer step and link)"
+
+
+def simulate_plan(plan: Plan, *, calibration: Any = None, cost: Any = None, topology: Any = None,
+                  graph: Any = None) -> tuple[Any, Any, str]:
+    """(SimInput, SimResult, cost source) of one step of ``plan`` as the executor runs it."""
+    from pipetrain.planner.build import StageTables, placement, sim_input
+    from pipetrain.planner.trace import trace_graph
+    from pipetrain.schedules import make_schedule, peak_in_flight
+    from pipetrain.simulator import simulate
+
+    if graph is None:
+        graph = trace_graph(plan.model, micro_batch_size=plan.micro_batch_size, seq_len=plan.seq_len, dtype=plan.dtype)
+    plan.check_graph(graph.fingerprint, graph.model)
+    topo = topology if topology is not None else plan_topology(plan, calibration)
+    source = "given cost model"
+    if cost is None:
+        cost, source = cost_for_plan(plan, graph, calibration)
+    buffers = [st.buffers for st in plan.stages]
+    sched = make_schedule(plan.schedule, plan.pp, plan.num_microbatches, plan.chunks, buffers=buffers)
+    inp = sim_input(tables=StageTables(graph, cost, optimizer=plan.optimizer), topology=topo, place=placement(topo, plan.pp, plan.dp),
+                    schedule=sched, ranges=[(st.block_start, st.block_end) for st in plan.stages], buffers=buffers,
+                    recompute=[st.recompute for st in plan.stages], in_flight=peak_in_flight(sched), dp_overlap=False)
+    return inp, simulate(inp), source
+
+
+# ----- measure -------------------------------------------------------------------------------------
+def measure_run(run_dir: str | Path, plan: Plan, *, warmup_steps: int = 1) -> Measured:
+    """Medians over the steps after ``warmup_steps`` (all steps if there are no more) of RUN_DIR's telemetry."""
+    from pipetrain.executor.telemetry import read_telemetry
+
+    recs = read_telemetry(run_dir)
+    if not recs:
+        raise RunError(f"{run_dir}/telemetry has no rank files: run with telemetry on (no --no-telemetry)")
+    step_recs: dict[int, dict[int, dict[str, Any]]] = {}
+    events: dict[int, list[dict[str, Any]]] = {}
+    for rank, rs in recs.items():
+        for r in rs:
+            if r.get("type") == "step":
+                step_recs.setdefault(int(r["step"]), {})[rank] = r
+            elif r.get("type") == "event" and r["kind"] in _COMPUTE:
+                events.setdefault(int(r["step"]), []).append(r)
+    world = plan.world_size
+    complete = sorted(k for k, v in step_recs.items() if len(v) == world and k in events)
+    if not complete:
+        raise RunError(f"{run_dir}: no step has telemetry from all {world} ranks")
+    use = complete[warmup_steps:] if len(complete) > warmup_steps else complete
+    n_st, pp = plan.num_stages, plan.pp
+    steps_t, spans, busy, bub = [], [], [[] for _ in range(n_st)], [[] for _ in range(n_st)]
+    for k in use:
+        steps_t.append(max(float(r["step_time_s"]) for r in step_recs[k].values()))
+        per_rep_span = []
+        per_stage = [[] for _ in range(n_st)]
+        per_rank_busy: dict[int, float] = {}
+        for rep in range(plan.dp):
+            evs = [e for e in events[k] if rep * pp <= e["rank"] < (rep + 1) * pp]
+            span = max(e["end_s"] for e in evs) - min(e["start_s"] for e in evs)
+            per_rep_span.append(span)
+            for s in range(n_st):
+                b = sum(e["end_s"] - e["start_s"] for e in evs if e["stage"] == s)
+                per_stage[s].append(b)
+                r = plan.stages[s].rank + rep * pp
+                per_rank_busy[r] = per_rank_busy.get(r, 0.0) + b
+        span = statistics.fmean(per_rep_span)
+        spans.append(span)
+        for s in range(n_st):
+            busy[s].append(statistics.fmean(per_stage[s]))
+            ranks = [plan.stages[s].rank + rep * pp for rep in range(plan.dp)]
+            bub[s].append(statistics.fmean(max(0.0, 1.0 - per_rank_busy[r] / sp) for r, sp in zip(ranks, per_rep_span)))
+    peak_act = []
+    for r in range(world):
+        peak_act.append(float(max(int(step_recs[k][r]["memory"].get("activation_bytes_peak", 0)) for k in complete)))
+    in_flight = [0] * n_st
+    for k in complete:
+        for rec in step_recs[k].values():
+            for s, v in rec.get("in_flight_peak", {}).items():
+                in_flight[int(s)] = max(in_flight[int(s)], int(v))
+    bubble_stage = tuple(statistics.median(b) for b in bub)
+    rank_bubble = {plan.stages[s].rank: bubble_stage[s] for s in range(n_st)}
+    q = statistics.quantiles(steps_t, n=4) if len(steps_t) >= 2 else [steps_t[0]] * 3
+    return Measured(steps=tuple(use), step_time_s=statistics.median(steps_t), pipeline_time_s=statistics.median(spans),
+                    busy_s_per_stage=tuple(statistics.median(b) for b in busy), bubble_fraction_per_stage=bubble_stage,
+                    bubble_fraction=statistics.fmean(rank_bubble.values()), peak_activation_bytes_per_rank=tuple(peak_act),
+                    peak_in_flight_per_stage=tuple(in_flight), step_time_iqr_s=(q[0], q[2]))
+
+
+# ----- compare -------------------------------------------------------------------------------------
+def compare(plan: Plan, inp: Any, sim: Any, meas: Measured, *, label: str = "", cost_source: str = "") -> Fidelity:
+    """Side by side; activation bytes per stage: simulated per-micro-batch bytes x simulated peak in flight,
+    measured the rank's peak saved-for-backward bytes (replica 0; with several stages on a rank, the
+    rank's peak is compared with the sum of its stages' simulated peaks)."""
+    stages = []
+    for st in plan.stages:
+        s, r = st.index, st.rank
+        mine = [x.index for x in plan.stages if x.rank == r]
+        sim_act_rank = sum(inp.stages[i].activation_bytes * sim.peak_in_flight_per_stage[i] for i in mine)
+        share = (inp.stages[s].activation_bytes * sim.peak_in_flight_per_stage[s] / sim_act_rank) if sim_act_rank > 0 else 1.0 / len(mine)
+        stages.append(StageFidelity(
+            stage=s, rank=r, sim_busy_s=sim.busy_s_per_stage[s], meas_busy_s=meas.busy_s_per_stage[s],
+            sim_bubble=sim.bubble_fraction_per_stage[s], meas_bubble=meas.bubble_fraction_per_stage[s],
+            sim_activation_bytes=inp.stages[s].activation_bytes * sim.peak_in_flight_per_stage[s],
+            meas_activation_bytes=meas.peak_activation_bytes_per_rank[r] * share,
+            sim_in_flight=int(sim.peak_in_flight_per_stage[s]), meas_in_flight=int(meas.peak_in_flight_per_stage[s])))
+    return Fidelity(label=label or describe_plan(plan), cost_source=cost_source, sim_step_s=sim.step_time_s, meas_step_s=meas.step_time_s,
+                    sim_pipeline_s=sim.pipeline_time_s, meas_pipeline_s=meas.pipeline_time_s, sim_bubble=sim.bubble_fraction,
+                    meas_bubble=meas.bubble_fraction, stages=tuple(stages), steps_measured=len(meas.steps),
+                    meas_step_iqr_s=meas.step_time_iqr_s)
+
+
+def describe_plan(plan: Plan) -> str:
+    return f"{plan.model} p{plan.pp}" + (f"d{plan.dp}" if plan.dp > 1 else "") + f" m{plan.num_microbatches} {plan.schedule}"
+
+
+def run_fidelity(run_dir: str | Path, plan: Plan, *, calibration: Any = None, warmup_steps: int = 1, label: str = "") -> Fidelity:
+    """Simulate ``plan`` and compare it with the finished run in ``run_dir``."""
+    meas = measure_run(run_dir, plan, warmup_steps=warmup_steps)
+    inp, sim, source = simulate_plan(plan, calibration=calibration)
+    return compare(plan, inp, sim, meas, label=label, cost_source=source)
+
+
+# ----- summaries -----------------------------------------------------------------------------------
+def mape(errors: Sequence[float]) -> float:
+    """Mean absolute (relative) error."""
+    return sum(abs(e) for e in errors) / len(errors) if errors else 0.0
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation (average ranks for ties): Pearson correlation of the ranks."""
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError("spearman needs two sequences of equal length >= 2")
+
+    def ranks(x: Sequence[float]) -> list[float]:
+        order = sorted(range(len(x)), key=lambda i: x[i])
+        out = [0.0] * len(x)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                out[order[k]] = (i + j) / 2.0
+            i = j + 1
+        return out
+
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = statistics.fmean(ra), statistics.fmean(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    va = math.sqrt(sum((x - ma) ** 2 for x in ra))
+    vb = math.sqrt(sum((y - mb) ** 2 for y in rb))
+    return cov / (va * vb) if va > 0 and vb > 0 else 0.0
+
+
+def fidelity_table_rows(f: Fidelity) -> list[tuple[str, ...]]:
+    """Per-stage rows (stage, rank, busy sim/meas/err, bubble sim/meas/diff, act sim/meas/err) for tables."""
+    rows = []
+    for s in f.stages:
+        rows.append((str(s.stage), str(s.rank), f"{s.sim_busy_s * 1e3:.2f}", f"{s.meas_busy_s * 1e3:.2f}", f"{s.busy_error * 100:+.1f}%",
+                     f"{s.sim_bubble * 100:.1f}", f"{s.meas_bubble * 100:.1f}", f"{s.bubble_error_pp:+.1f}",
+                     f"{s.sim_activation_bytes / 2**20:.2f}", f"{s.meas_activation_bytes / 2**20:.2f}", f"{s.activation_error * 100:+.1f}%"))
+    return rows
+
+
+def fidelity_lines(f: Fidelity) -> list[str]:
+    """Plain-text summary (for the terminal after ``pipetrain run``)."""
+    head = ("stage", "rank", "busy sim ms", "meas ms", "err", "bubble sim %", "meas %", "diff pp", "act sim MiB", "meas MiB", "err")
+    rows = [head] + fidelity_table_rows(f)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    out = [f"simulated vs measured ({f.cost_source}; median of {f.steps_measured} steps):",
+           f"  step      sim {f.sim_step_s * 1e3:.2f} ms  measured {f.meas_step_s * 1e3:.2f} ms  error {f.step_error * 100:+.1f}%",
+           f"  pipeline  sim {f.sim_pipeline_s * 1e3:.2f} ms  measured {f.meas_pipeline_s * 1e3:.2f} ms  error {f.pipeline_error * 100:+.1f}%",
+           f"  bubble    sim {f.sim_bubble * 100:.1f}%  measured {f.meas_bubble * 100:.1f}%"]
+    for r in rows:
+        out.append("  " + "  ".join(c.rjust(w) for c, w in zip(r, widths)))
+    return out

@@ -1,0 +1,105 @@
+"""`pipetrain calibrate`: a real (small) calibration run, its JSON, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipetrain.cli import main
+
+pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def cal_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cal") / "cal.json"
+    rc = main(["calibrate", "--topology", "local-cpu:2", "--model", "mlp-uneven", "--microbatch-sizes", "2,8",
+               "--repeats", "2", "--rounds", "2", "--no-probe", "-o", str(out)])
+    assert rc == 0
+    return out
+
+
+def test_calibration_file_has_profiles_fit_and_optimizer(cal_file: Path) -> None:
+    from pipetrain.executor.calibration import load_calibration
+
+    cal = load_calibration(cal_file)
+    assert cal.topology == "local-cpu:2" and cal.device_type == "local-cpu" and cal.threads == 1
+    assert [(p.model, p.micro_batch_size) for p in cal.profiles] == [("mlp-uneven", 2), ("mlp-uneven", 8)]
+    assert all(b.fwd_s > 0 and b.bwd_s > 0 for p in cal.profiles for b in p.blocks)
+    assert cal.profiles[0].repeats == 4  # 2 rounds x 2 repeats
+    assert cal.fit.num_samples == 2 * 2 * 9 and 0 <= cal.fit.error_after <= cal.fit.error_before + 1e-9
+    adamw = cal.optimizer("adamw")
+    assert adamw is not None and adamw.per_param_s > 0 and len(adamw.params) == 3
+    # the fit reproduces the measured optimizer times it was fitted to within a factor of 2
+    for n, t in zip(adamw.params, adamw.seconds):
+        assert 0.5 * t <= adamw.time_s(n) <= 2.0 * t
+    # --no-probe keeps the topology's loopback figures
+    assert cal.p2p.backend == "gloo" and cal.p2p.sizes_bytes == ()
+
+
+def test_calibration_drives_the_simulated_stage_times(cal_file: Path) -> None:
+    from pipetrain.executor.calibration import load_calibration
+    from pipetrain.executor.fidelity import simulate_plan
+    from pipetrain.executor.plans import simple_plan
+
+    cal = load_calibration(cal_file)
+    plan = simple_plan("mlp-uneven", pp=2, m=4, mbs=8, seq_len=1, schedule="1f1b")
+    _inp, sim, source = simulate_plan(plan, calibration=cal)
+    prof = cal.profiles[1]
+    for st in plan.stages:
+        want = 4 * sum(b.fwd_s + b.bwd_s for b in prof.blocks[st.block_start:st.block_end])
+        assert sim.busy_s_per_stage[st.index] == pytest.approx(want)
+    assert source == "calibration"
+
+
+def test_json_roundtrip_and_version_error(cal_file: Path, tmp_path: Path) -> None:
+    from pipetrain.errors import ConfigError
+    from pipetrain.executor.calibration import load_calibration
+
+    cal = load_calibration(cal_file)
+    again = tmp_path / "again.json"
+    cal.save(again)
+    assert load_calibration(again) == cal
+    data = json.loads(cal_file.read_text())
+    data["schema_version"] = 99
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="re-run `pipetrain calibrate`"):
+        load_calibration(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_calibration(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--topology", "nope:3"], "unknown topology preset"),
+    (["--topology", "local-cpu:2", "--microbatch-sizes", "0"], "--microbatch-sizes"),
+    (["--topology", "local-cpu:2", "--microbatch-sizes", "a,b"], "--microbatch-sizes"),
+    (["--topology", "local-cpu:2", "--model", "no-such-model", "--no-probe"], "no-such-model"),
+    (["--topology", "dgx-h100:1", "--no-probe"], "calibrate a local-cpu:N topology here"),
+])
+def test_bad_input_is_one_line_exit_2(argv: list[str], msg: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    if "dgx" in argv[1] and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["calibrate", *argv, "-o", str(tmp_path / "c.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and msg in err and "\n" not in err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_probe_measures_the_gloo_link(tmp_path: Path) -> None:
+    out = tmp_path / "c.json"
+    assert main(["calibrate", "--topology", "local-cpu:2", "--model", "mlp-uneven", "--microbatch-sizes", "2",
+                 "--repeats", "1", "--rounds", "1", "-o", str(out)]) == 0
+    from pipetrain.executor.calibration import calibrated_topology, load_calibration
+    from pipetrain.planner.topology import topology_preset
+
+    cal = load_calibration(out)
+    assert cal.p2p.backend == "gloo" and len(cal.p2p.sizes_bytes) == len(cal.p2p.one_way_s) >= 3
+    assert 0 < cal.p2p.latency_s < 0.1 and cal.p2p.bandwidth_bytes_per_s > 1e6
+    link = calibrated_topology(topology_preset("local-cpu:2"), cal).link_between(0, 1)
+    assert link.latency_s == cal.p2p.latency_s and link.bandwidth_bytes_per_s == cal.p2p.bandwidth_bytes_per_s
