@@ -25,7 +25,11 @@ from pipetrain.executor.telemetry import read_telemetry  # noqa: E402
 STEPS = 20
 DATA = "stdlib-text"
 M, MBS, SEQ = 4, 2, 16
-CONFIGS = [(2, 1, "1f1b"), (2, 1, "gpipe"), (4, 1, "1f1b"), (4, 1, "gpipe"), (2, 2, "1f1b"), (2, 2, "gpipe")]
+CONFIGS = [(2, 1, "1f1b"), (2, 1, "gpipe"), (4, 1, "1f1b"), (4, 1, "gpipe"), (2, 2, "1f1b"), (2, 2, "gpipe"),
+           (2, 1, "interleaved")]
+#: per configuration: optimizer (SGD with momentum on one DPxPP run, AdamW elsewhere), chunks
+OPTIMIZER = {(2, 2, "gpipe"): "sgd"}
+CHUNKS = {(2, 1, "interleaved"): 2}
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -44,14 +48,23 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, int, str],
         key = (pp, dp, sched)
         if key not in cache:
             d = base / f"p{pp}d{dp}{sched}"
-            plan = simple_plan("tiny-gpt", pp=pp, dp=dp, m=M, mbs=MBS, seq_len=SEQ, schedule=sched)
+            plan = simple_plan("tiny-gpt", pp=pp, dp=dp, m=M, mbs=MBS, seq_len=SEQ, schedule=sched,
+                               chunks=CHUNKS.get(key, 1), optimizer=OPTIMIZER.get(key, "adamw"))
             plan.save(d / "plan.json")
-            r = run_cli(d / "plan.json", d / "run", "--steps", str(STEPS), "--save-final", "--dataset", DATA)
+            r = run_cli(d / "plan.json", d / "run", "--steps", str(STEPS), "--save-final", "--dataset", DATA, *_opt_args(key))
             assert r.returncode == 0, r.stderr[-3000:]
             cache[key] = {"plan": plan, "dir": d / "run", "result": load_result(d / "run"), "stdout": r.stdout}
         return cache[key]
 
     return get  # type: ignore[return-value]
+
+
+def _opt_args(key: tuple[int, int, str]) -> list[str]:
+    return ["--lr", "0.1", "--momentum", "0.9"] if OPTIMIZER.get(key) == "sgd" else []
+
+
+def _ref_kwargs(key: tuple[int, int, str]) -> dict[str, float]:
+    return {"lr": 0.1, "momentum": 0.9} if OPTIMIZER.get(key) == "sgd" else {}
 
 
 def _final(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -66,12 +79,14 @@ def _final(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_matches_single_process(runs: Any, pp: int, dp: int, sched: str) -> None:
     run = runs(pp, dp, sched)
     res = run["result"]
-    ref = reference_run(run["plan"], steps=STEPS, dataset=DATA)
+    ref = reference_run(run["plan"], steps=STEPS, dataset=DATA, **_ref_kwargs((pp, dp, sched)))
     assert res.steps == tuple(range(STEPS))
     assert len(ref.losses) == STEPS
     for got, want in zip(res.losses, ref.losses):
         assert abs(got - want) <= 1e-5 * abs(want), (res.losses, ref.losses)
     assert ref.losses[-1] < ref.losses[0] - 0.5  # it trains (byte-level text)
+    for got, want in zip(res.grad_norms, ref.grad_norms):
+        assert abs(got - want) <= 1e-5 * want
     final = _final(run["dir"])
     assert final, "no final weights written"
     seen = set()
