@@ -27,7 +27,12 @@ from pipetrain.errors import RunError, ScheduleError
 from pipetrain.executor.comm import BufferPool, tag_of
 from pipetrain.executor.telemetry import Telemetry
 
-__all__ = ["StageRuntime", "PipelineRuntime", "SavedBytes"]
+__all__ = ["RUNNABLE_SCHEDULES", "StageRuntime", "PipelineRuntime", "SavedBytes"]
+
+#: Schedules this executor runs (the planner reads this literal with ``ast``). zb-h1 needs a
+#: backward split into input-grad and weight-grad passes, which is not implemented: B is a full
+#: backward here, so zb-h1 plans are simulation-only.
+RUNNABLE_SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
 
 @dataclass(eq=False)
@@ -214,7 +219,7 @@ class PipelineRuntime:
                 else:
                     i, buf = self._wait_recv(0, s, mb)
                     x = buf.detach().requires_grad_(buf.is_floating_point())
-                t0 = tel.now()
+                t0 = tel.mark()
                 self.saved.begin()
                 with hooks:
                     if self.autocast_dtype is not None:
@@ -230,7 +235,7 @@ class PipelineRuntime:
                 if st.recompute:  # checkpoint keeps the stage input alive until backward
                     self.saved.add_input(x)
                 self.saved.end((s, mb))
-                tel.add("F", s, mb, t0, tel.now())
+                tel.add_span("F", s, mb, t0, tel.mark())
                 ctx[(s, mb)] = (x, out, i)
                 in_flight[s] += 1
                 if in_flight[s] > self.in_flight_peak[s]:
@@ -250,12 +255,12 @@ class PipelineRuntime:
                     g = local.pop((1, s, mb))
                 else:
                     gi, g = self._wait_recv(1, s, mb)
-                t0 = tel.now()
+                t0 = tel.mark()
                 if st.is_last:
                     (out * self.loss_scale).backward()
                 else:
                     torch.autograd.backward(out, g)
-                tel.add("B", s, mb, t0, tel.now())
+                tel.add_span("B", s, mb, t0, tel.mark())
                 del out
                 if gi >= 0:
                     assert st.grad_pool is not None

@@ -11,7 +11,8 @@ Each line is a JSON object with a ``type``:
 Clocks: after a barrier every rank reads ``perf_counter_ns``; the values are all-gathered. On
 one host (one monotonic clock) every rank uses rank 0's reading as time zero, so times compare
 exactly; across hosts each uses its own barrier-exit reading (aligned to the barrier's skew).
-CUDA: compute events are timed with CUDA events; on CPU with ``perf_counter_ns``.
+Compute actions (F/B) are timed with CUDA events on GPU (mapped to host time through a reference
+event recorded at step start while the GPU is idle) and with ``perf_counter_ns`` on CPU.
 """
 
 from __future__ import annotations
@@ -68,6 +69,51 @@ class Telemetry:
     def now(self) -> int:
         return time.perf_counter_ns()
 
+    # ----- compute timing: CUDA events on GPU, perf_counter_ns on CPU -------------------
+    def use_cuda(self, device: Any) -> None:
+        self.cuda = getattr(device, "type", "cpu") == "cuda"
+        self._cuda_spans: list[tuple[str, int, int, Any, Any]] = []
+
+    def begin_step(self) -> None:
+        """On CUDA: a reference event recorded while the GPU is idle (the previous step synchronized)."""
+        if getattr(self, "cuda", False) and self.enabled:
+            import torch
+
+            torch.cuda.synchronize()
+            self._ref_ev = torch.cuda.Event(enable_timing=True)
+            self._ref_ev.record()
+            self._ref_ns = time.perf_counter_ns()
+
+    def mark(self) -> Any:
+        if getattr(self, "cuda", False) and self.enabled:
+            import torch
+
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter_ns()
+
+    def add_span(self, kind: str, stage: int, microbatch: int, a: Any, b: Any) -> None:
+        if not self.enabled:
+            return
+        if isinstance(a, int):
+            self.events.append((kind, stage, microbatch, a, b, 0))
+        else:
+            self._cuda_spans.append((kind, stage, microbatch, a, b))
+
+    def _resolve_cuda(self) -> None:
+        spans = getattr(self, "_cuda_spans", None)
+        if not spans:
+            return
+        import torch
+
+        torch.cuda.synchronize()
+        for kind, stage, mb, a, b in spans:
+            t0 = self._ref_ns + int(self._ref_ev.elapsed_time(a) * 1e6)
+            t1 = self._ref_ns + int(self._ref_ev.elapsed_time(b) * 1e6)
+            self.events.append((kind, stage, mb, t0, t1, 0))
+        spans.clear()
+
     def add(self, kind: str, stage: int, microbatch: int, t0_ns: int, t1_ns: int, nbytes: int = 0) -> None:
         if self.enabled:
             self.events.append((kind, stage, microbatch, t0_ns, t1_ns, nbytes))
@@ -76,6 +122,7 @@ class Telemetry:
         self._f.write(json.dumps(obj) + "\n")
 
     def flush_step(self, step: int, summary: dict[str, Any]) -> None:
+        self._resolve_cuda()
         b = self.base_ns
         r = self.rank
         w = self._f.write

@@ -37,6 +37,7 @@ class Trainer:
         self.cfg, self.plan, self.spec, self.device, self.rank, self.run_dir = cfg, plan, spec, device, rank, run_dir
         layout = self.layout = RankLayout(pp=plan.pp, dp=plan.dp, rank=rank)
         tel = self.telemetry = Telemetry(run_dir, rank, enabled=cfg.telemetry)
+        tel.use_cuda(device)
         tel.align(dist)
         schedule = make_schedule(plan.schedule, plan.pp, plan.num_microbatches, plan.chunks,
                                  buffers=[st.buffers for st in plan.stages])
@@ -136,6 +137,7 @@ class Trainer:
 
         from pipetrain.executor.telemetry import rss_bytes
         plan, tel, rt, device = self.plan, self.telemetry, self.rt, self.device
+        tel.begin_step()
         t_step = time.perf_counter()
         inputs, targets = self.batches(step)
         rt.saved.peak = 0
