@@ -182,7 +182,9 @@ def interleaved(p: int, m: int, v: int, *, buffers: Sequence[int] | None = None)
 
     Rank ``r``'s ``k``-th forward runs chunk ``(k mod pv) // p`` on micro-batch
     ``(k // pv)·p + k mod p``; backwards visit chunks in reverse. Warm-up is
-    ``2(p-1-r) + (v-1)p`` forwards (all of them when ``m == p``), as in Megatron-LM.
+    ``min(2(p-1-r) + (v-1)p, mv)`` forwards, then F/B pairs, and all ``mv`` when ``m == p``, as in
+    Megatron-LM. (torch.distributed.pipelining's ``ScheduleInterleaved1F1B`` is the same order
+    except at ``m == p``, where it keeps the formula; both give the same step time.)
     """
     _check_pm(p, m)
     if not isinstance(v, int) or v < 1:

@@ -5,7 +5,10 @@ stand-in object with that attribute is enough (no process group, no model). torc
 ``None`` idle slots and a trailing REDUCE_GRAD action; both are bookkeeping, not compute, and are
 dropped before comparing.
 
-GPipe: equal on every rank.
+GPipe: equal on every rank. Interleaved 1F1B against ``ScheduleInterleaved1F1B``: equal on every
+rank for m > p; for m == p ours follows Megatron-LM (every forward, then every backward) where
+torch keeps its warm-up formula on the later ranks. Intended: the brief names Megatron's
+schedule, and the step time is the same (the closed form holds for both).
 
 1F1B: equal on every rank but the last. One documented difference, which is torch's, not ours:
 ``Schedule1F1B._get_pipeline_order`` (torch 2.13) starts the last rank's steady phase with
@@ -21,7 +24,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipetrain.schedules import gpipe, one_f_one_b
+from pipetrain.schedules import gpipe, interleaved, one_f_one_b
 
 pipelining = pytest.importorskip("torch.distributed.pipelining.schedules")
 
@@ -52,6 +55,23 @@ def test_1f1b_matches_torch(p: int, m: int) -> None:
     shifted = [f"{p - 1}F{int(a.split('F')[1]) + 1}" if "F" in a else a for a in ours[-1]]
     assert shifted == theirs[-1]
     assert ours[-1][:2] == [f"{p - 1}F0", f"{p - 1}B0"]
+
+
+@pytest.mark.parametrize("p,m", CASES)
+@pytest.mark.parametrize("v", [2, 3])
+def test_interleaved_matches_torch(p: int, m: int, v: int) -> None:
+    # ScheduleInterleaved1F1B computes every rank's order from its first stage's shape attributes
+    stages = [SimpleNamespace(num_stages=p * v, group_size=p, group_rank=0, stage_index=c * p) for c in range(v)]
+    sched = pipelining.ScheduleInterleaved1F1B(stages, n_microbatches=m)
+    theirs = [[str(a) for a in sched.pipeline_order[r] if a is not None and a.is_compute_op] for r in range(p)]
+    ours = interleaved(p, m, v).to_strings(compute_only=True)
+    if m > p:
+        assert ours == theirs
+    else:  # m == p: Megatron-LM (ours) runs every forward before any backward; torch keeps its warm-up formula
+        assert ours[0] == theirs[0]  # rank 0's formula already covers all forwards
+        for r in range(p):
+            assert sorted(ours[r]) == sorted(theirs[r])
+            assert ours[r] == [a for a in ours[r] if "F" in a] + [a for a in ours[r] if "B" in a]
 
 
 def test_comparison_can_fail() -> None:
