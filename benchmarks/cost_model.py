@@ -37,6 +37,12 @@ def _shape(text: str) -> tuple[int, int]:
     return int(mbs), int(seq)
 
 
+def _change(before: float, after: float) -> str:
+    if after <= before:
+        return f"{before / max(after, 1e-12):.1f}x lower"
+    return f"{after / max(before, 1e-12):.1f}x HIGHER: the fit did not carry over"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny-gpt")
@@ -48,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--preset", default=None, help="topology whose first device type the analytic grade uses "
                     "(default local-cpu:N with N = cores // threads on cpu, dgx-h100:1 on cuda)")
-    ap.add_argument("--fit-shapes", default="8x128,2x64", help="micro-batch x seq-len shapes the calibration fits on")
+    ap.add_argument("--fit-shapes", default="8x128,2x64,16x32", help="micro-batch x seq-len shapes the calibration fits on")
     ap.add_argument("--holdout", default="4x96", help="a shape the calibration never sees")
     args = ap.parse_args(argv)
     cmd = (f"python benchmarks/cost_model.py --model {shlex.quote(args.model)} --micro-batch-size {args.micro_batch_size} "
@@ -95,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:<16}{kind:<12}{flops:>8.3f}{real * 1e3:>13.3f}{ratios[0]:>10.2f}{ratios[1]:>12.2f}{ratios[2]:>10.2f}")
     print(f"\ncalibration (scipy least_squares, {fit.num_samples} samples at shapes {args.fit_shapes}): "
           f"mean |pred-meas|/meas per block pass {fit.error_before:.3f} -> {fit.error_after:.3f} "
-          f"({fit.error_before / max(fit.error_after, 1e-12):.1f}x lower)")
-    print(f"held-out shape {args.holdout}: {held_before:.3f} -> {held_after:.3f} ({held_before / max(held_after, 1e-12):.1f}x lower)")
+          f"({_change(fit.error_before, fit.error_after)})")
+    print(f"held-out shape {args.holdout}: {held_before:.3f} -> {held_after:.3f} ({_change(held_before, held_after)})")
     effs = ", ".join(f"{k} {v:.3f}" for k, v in fit.efficiency_by_kind.items())
     print(f"fitted: compute efficiency {effs}, bwd scale {fit.bwd_efficiency_scale:.2f}, "
           f"memory efficiency {fit.memory_efficiency:.3f}, overhead fwd {fit.overhead_fwd_s * 1e6:.1f} us / bwd {fit.overhead_bwd_s * 1e6:.1f} us per block")

@@ -191,3 +191,15 @@ def test_hardware_names_stay_reachable_from_topology() -> None:
     assert topo.local_cpu_device_type is hardware.local_cpu_device_type
     with pytest.raises(AttributeError):
         topo.no_such_name  # noqa: B018
+
+
+def test_example_yaml_matches_its_preset() -> None:
+    y = resolve_topology(str(ROOT / "examples/topologies/dgx-h100x2.yaml"))
+    p = topology_preset("dgx-h100:2")
+    assert [d.id for d in y.devices] == [d.id for d in p.devices]
+    for a, b in zip(y.devices, p.devices):
+        assert a.type.peak_flops("bf16") == pytest.approx(b.type.peak_flops("bf16"))
+        assert (a.type.memory_bytes, a.type.memory_bandwidth_bytes_per_s) == (b.type.memory_bytes, b.type.memory_bandwidth_bytes_per_s)
+    for a, b in [(0, 1), (0, 8), (9, 3)]:
+        ly, lp = y.link_between(a, b), p.link_between(a, b)
+        assert (ly.kind, ly.bandwidth_bytes_per_s, ly.latency_s, ly.resource) == (lp.kind, lp.bandwidth_bytes_per_s, lp.latency_s, lp.resource)
