@@ -187,10 +187,11 @@ def simulate(inp: SimInput) -> SimResult:
                     start = env.now
                     yield timeout(dur)
                     res.release(req)
+                    end = env.now
                 else:
                     start = env.now
                     yield timeout(dur)
-                end = env.now
+                    end = start + dur  # what simpy's clock reads now (it schedules at now + delay)
                 push((s, r, kind, mb, start, end, 0))
                 if kind_slot == 1:
                     in_flight[s] -= 1
