@@ -47,3 +47,32 @@ def test_report_renders_in_headless_chromium(tmp_path) -> None:
     assert all(i["width"] > 100 for i in got.images)
     shot = screenshot(page, tmp_path / "report.png", height=800)
     assert shot.stat().st_size > 5000
+
+
+@pytest.mark.timeout(240)
+def test_plan_report_what_if(tmp_path, capsys) -> None:
+    """`pipetrain plan ... --report DIR`: the plan-only report, with a simulated trace and the landscape."""
+    import json
+
+    from pipetrain.cli import main
+    from pipetrain.reports.plan_report import PLAN_SECTIONS
+
+    out = tmp_path / "whatif"
+    rc = main(["plan", "--model", "tiny-gpt", "--topology", "local-cpu:2", "--global-batch", "8", "--seq-len", "32",
+               "--dtype", "fp32", "--pp", "2", "--report", str(out)])
+    assert rc == 0
+    assert f"report: {out / 'report.html'}" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert tuple(summary["sections"]) == PLAN_SECTIONS
+    land = summary["landscape"]
+    assert land["chosen"][1] == 2 and 1 in land["ps"] and 2 in land["ps"]  # every knob free: p=1 is in the landscape
+    ok = [(p, m) for i, p in enumerate(land["ps"]) for j, m in enumerate(land["ms"]) if land["status"][i][j] == "ok"]
+    assert len(ok) >= 3 and all(land["step_time_s"][land["ps"].index(p)][land["ms"].index(m)] > 0 for p, m in ok)
+    assert summary["simulated"]["step_time_s"] > 0 and summary["alternatives"]
+    trace = json.loads((out / "trace_simulated.json").read_text())
+    assert sum(1 for e in trace["traceEvents"] if e["ph"] == "X" and e["cat"] == "F") == 2 * summary["num_microbatches"]
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "https://" not in html
+    if find_chromium() is not None:
+        got = check_page(out / "report.html")
+        assert set(PLAN_SECTIONS) <= set(got.sections) and got.blank_images == () and len(got.images) == 4

@@ -57,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the plan JSON instead of the tables")
     parser.add_argument("--top-k", type=int, default=3, help="candidates confirmed in the simpy simulator (default 3)")
     parser.add_argument("--no-pin-cost", action="store_true", help="skip the unpinned search that prices the pins")
+    parser.add_argument("--report", metavar="DIR", default=None,
+                        help="also write a what-if report to DIR (report.html, PNGs, summary.json, Chrome trace)")
 
 
 def job_from_args(args: argparse.Namespace):  # -> Job
@@ -156,4 +158,9 @@ def run(args: argparse.Namespace) -> int:
         print_plan(outcome)
         if args.output:
             print(f"wrote {path}")
+    if getattr(args, "report", None):
+        from pipetrain.reports.plan_report import write_plan_report
+
+        rep = write_plan_report(outcome, args.report)
+        print(f"report: {rep.html}")
     return 0

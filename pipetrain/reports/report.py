@@ -111,7 +111,8 @@ def landscape_section(land: Any, sink: FigureSink, *, note: str = "") -> Section
                        paragraphs=(note or "The planner's search could not be run for this plan.",))
     fig = landscape_figure(land.ms, land.ps, land.step_time_s, chosen=land.chosen, labels=land.status)
     paras = [f"Predicted step time (fast evaluator, best over micro-batch size, dp and schedule) for every pipeline depth p "
-             f"and micro-batch count m; hatched cells have no feasible plan (their label says why); the star is this plan. "
+             f"and micro-batch count m; hatched cells have no step time (infeasible: no plan fits; pruned: skipped by the search's "
+             f"branch and bound, as its lower bound already exceeded the best, or not a point of the grid); the star is this plan. "
              f"{land.feasible_points} feasible (p, m) points. {land.source}"]
     if note:
         paras.append(note)
