@@ -17,6 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser)
     parser.add_argument("--validate", action="store_true",
                         help="then train the same steps on one device and compare (RUN_DIR/validation.json; implies --save-final)")
+    parser.add_argument("--calibration", default=None, metavar="FILE",
+                        help="calibration (pipetrain calibrate) for the simulated-vs-measured summary (default: this machine's block profile)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,6 +32,9 @@ def run(args: argparse.Namespace) -> int:
 
         cfg = dataclasses.replace(cfg, save_final=True)
     plan = Plan.load(cfg.plan_path)
+    from pipetrain.executor.fidelity import load_run_calibration, report_run_fidelity
+
+    calibration = load_run_calibration(getattr(args, "calibration", None))
     print(f"pipetrain run: {plan.model}, pp={plan.pp} dp={plan.dp} {plan.schedule} m={plan.num_microbatches} "
           f"mbs={plan.micro_batch_size}, {cfg.steps} steps -> {cfg.run_dir}", flush=True)
     from pipetrain.executor.monitor import LiveMonitor
@@ -51,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"step {s + 1:5d}  loss {loss:.5f}  {t * 1e3:8.1f} ms")
     print(f"median step {res.median_step_time_s * 1e3:.1f} ms; result: {cfg.run_dir}/result.json, "
           f"telemetry: {cfg.run_dir}/telemetry/rank*.jsonl")
+    report_run_fidelity(cfg.run_dir, plan, calibration)
     if getattr(args, "validate", False):
         from pipetrain.executor.validate import validate_run
 

@@ -27,7 +27,8 @@ from pipetrain.errors import RunError
 from pipetrain.plan import Plan
 
 __all__ = ["StageFidelity", "Fidelity", "Measured", "simulate_plan", "plan_topology", "cost_for_plan", "measure_run",
-           "compare", "run_fidelity", "mape", "spearman", "fidelity_lines", "fidelity_table_rows"]
+           "compare", "run_fidelity", "mape", "spearman", "fidelity_lines", "fidelity_table_rows",
+           "FIDELITY_FILE", "load_run_calibration", "report_run_fidelity", "describe_plan"]
 
 _COMPUTE = ("F", "B", "W")
 
@@ -324,3 +325,42 @@ def fidelity_lines(f: Fidelity) -> list[str]:
     for r in rows:
         out.append("  " + "  ".join(c.rjust(w) for c, w in zip(r, widths)))
     return out
+
+
+# ----- the `pipetrain run` hook ---------------------------------------------------------------------
+FIDELITY_FILE = "fidelity.json"
+
+
+def load_run_calibration(path: str | None) -> Any:
+    """The calibration named by ``pipetrain run --calibration`` (checked before the run starts), or None."""
+    if not path:
+        return None
+    from pipetrain.executor.calibration import load_calibration
+
+    return load_calibration(path)
+
+
+def report_run_fidelity(run_dir: str | Path, plan: Plan, calibration: Any = None, *, echo: Any = print) -> Fidelity | None:
+    """After ``pipetrain run``: simulate the plan, compare with the run, print per stage, write RUN_DIR/fidelity.json.
+
+    A run whose telemetry cannot be compared (``--no-telemetry``, a single step) prints why and
+    returns None: the run itself succeeded.
+    """
+    import json
+
+    from pipetrain.errors import PipetrainError
+
+    try:
+        steps = sum(1 for _ in (Path(run_dir) / "telemetry").glob("rank*.jsonl"))
+        if steps == 0:
+            raise RunError("no telemetry (run without --no-telemetry to compare with the simulator)")
+        f = run_fidelity(run_dir, plan, calibration=calibration, warmup_steps=1)
+    except PipetrainError as exc:
+        echo(f"simulated vs measured: not compared: {exc}")
+        return None
+    for line in fidelity_lines(f):
+        echo(line)
+    out = Path(run_dir) / FIDELITY_FILE
+    out.write_text(json.dumps(f.to_dict(), indent=1))
+    echo(f"wrote {out}")
+    return f
