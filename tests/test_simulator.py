@@ -87,6 +87,17 @@ def test_hand_computed_1f1b_timeline() -> None:
         ("F", 1.5, 2.5), ("B", 2.5, 4.5), ("F", 4.5, 5.5), ("B", 5.5, 7.5)]
 
 
+def test_hand_computed_zb_h1_timeline() -> None:
+    # p=2, m=2, F = B = W = 1 s: rank 1 runs F0 B0 F1 B1 W0 W1, rank 0 F0 F1 B0 W0 B1 W1
+    r = simulate(uniform(2, 2, "zb-h1", t_fwd_s=1.0, t_bwd_s=1.0, t_wgrad_s=1.0))
+    got = sorted((e.rank, e.start_s, e.kind, e.microbatch, e.end_s) for e in r.events if e.kind in "FBW")
+    assert got == [
+        (0, 0.0, "F", 0, 1.0), (0, 1.0, "F", 1, 2.0), (0, 3.0, "B", 0, 4.0), (0, 4.0, "W", 0, 5.0), (0, 5.0, "B", 1, 6.0), (0, 6.0, "W", 1, 7.0),
+        (1, 1.0, "F", 0, 2.0), (1, 2.0, "B", 0, 3.0), (1, 3.0, "F", 1, 4.0), (1, 4.0, "B", 1, 5.0), (1, 5.0, "W", 0, 6.0), (1, 6.0, "W", 1, 7.0),
+    ]
+    assert r.step_time_s == 7.0
+
+
 def test_link_contention_queues_transfers() -> None:
     # two 150 MB activations on one 100 MB/s link: the second waits for the first (FIFO)
     stage = StageSpec(t_fwd_s=1.0, t_bwd_s=1.0)
