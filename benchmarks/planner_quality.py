@@ -35,7 +35,10 @@ from pipetrain.planner.trace import trace_graph
 from pipetrain.schedules import make_schedule, peak_in_flight
 from pipetrain.simulator import simulate
 
-CASES = (("gpt2-xl", 8, 128, 1024), ("llama2-7b", 4, 64, 4096), ("llama2-7b", 8, 64, 4096))
+#: (model, pp, global batch, seq len, pinned micro-batch size or None). The last case pins a
+#: micro-batch size at which 1F1B's early stages run out of memory, so memory shapes the split.
+CASES = (("gpt2-xl", 8, 128, 1024, None), ("llama2-7b", 4, 64, 4096, None), ("llama2-7b", 8, 64, 4096, None),
+         ("llama2-7b", 4, 256, 4096, 4))
 TOPOLOGY = "dgx-h100:1"
 
 
@@ -86,7 +89,7 @@ def main() -> int:
     print(header)
     print("-" * len(header))
     ok = True
-    for model, pp, gbatch, seq in CASES:
+    for model, pp, gbatch, seq, mb in CASES:
         graphs: dict[int, object] = {}
 
         def graph_for(b: int, model: str = model, seq: int = seq):  # noqa: ANN202
@@ -95,7 +98,7 @@ def main() -> int:
             return graphs[b]
 
         job = Job(model=model, topology=TOPOLOGY, global_batch=gbatch, seq_len=seq, dtype="bf16", pp=pp, schedule="1f1b",
-                  max_memory_fraction=0.9)
+                  microbatch_size=mb, max_memory_fraction=0.9)
         t0 = time.perf_counter()
         res = search(job, graph_for=graph_for, topology=topo)
         t_plan = time.perf_counter() - t0

@@ -143,7 +143,8 @@ def test_no_returned_plan_exceeds_any_cap_in_simulation() -> None:
         gf = graphs(n, seed=trial, hidden=int(rng.choice([512, 1024, 2048])))
         job = Job(model="synthetic", topology="random", global_batch=int(rng.choice([8, 16, 32])), seq_len=512,
                   max_memory_fraction=float(rng.choice([1.0, 0.9, 0.5])),
-                  schedule=str(rng.choice(["gpipe", "1f1b", "interleaved"])) if trial % 3 else None)
+                  schedule=str(rng.choice(["gpipe", "1f1b", "interleaved", "zb-h1"])) if trial % 3 else None,
+                  simulation_only=True)
         try:
             res = search(job, graph_for=gf, topology=topo, top_k=2, explain=False)
         except InfeasibleError as exc:

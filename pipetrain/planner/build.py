@@ -33,7 +33,7 @@ from pipetrain.planner.topology import Device, DeviceType, Topology
 from pipetrain.schedules import Schedule
 from pipetrain.simulator import BoundarySpec, ComputeGroup, DataParallelSpec, Link, SimInput, StageSpec
 
-__all__ = ["StageTables", "Placement", "placement", "sim_input", "rank_caps", "rank_device_type"]
+__all__ = ["StageTables", "Placement", "placement", "sim_input", "rank_caps", "rank_device_type", "held_in_flight"]
 
 #: Gradients are all-reduced in fp32 whatever the training dtype: pipetrain's executor keeps fp32
 #: master weights under autocast and reduces one flat fp32 buffer per stage after the pipeline
@@ -52,6 +52,21 @@ def _node_times(cost: CostModel, graph: LayerGraph, dt: DeviceType) -> tuple[np.
         c = cost.stage_costs(graph, i, i + 1, dt)
         f[i], b[i], w[i] = c.t_fwd_s, c.t_bwd_s, c.t_wgrad_s
     return f, b, w
+
+
+def held_in_flight(schedule: Schedule) -> tuple[int, ...]:
+    """Per stage, the micro-batches whose activations the memory model must hold at peak.
+
+    ``peak_in_flight`` (F done, B not); with a split backward also the peak of B done, W not
+    (the simulator reports the sum of both peaks, so the planner plans for it).
+    """
+    from pipetrain import schedules
+
+    held = schedules.peak_in_flight(schedule)
+    fn = getattr(schedules, "peak_pending_wgrad", None)
+    if schedule.split_backward and fn is not None:
+        held = tuple(a + b for a, b in zip(held, fn(schedule)))
+    return tuple(held)
 
 
 class StageTables:
@@ -211,7 +226,10 @@ def sim_input(*, tables: StageTables, topology: Topology, place: Placement, sche
         act_per_mb = mem.activation_bytes / max(1, in_flight[s])
         static = mem.total_bytes - mem.activation_bytes
         params = mem.param_count
-        stages.append(StageSpec(
+        # split backward: a micro-batch's saved tensors stay from its B to its W ("stash"); the
+        # held count passed in is peak(F..B) + peak(B..W), which the simulator adds up the same way
+        stash = {"wgrad_stash_bytes": act_per_mb} if schedule.split_backward else {}
+        stages.append(StageSpec(**stash,
             t_fwd_s=c.t_fwd_s, t_bwd_s=(c.t_bwd_s - c.t_wgrad_s) if schedule.split_backward else c.t_bwd_s,
             t_wgrad_s=c.t_wgrad_s if schedule.split_backward else 0.0, t_recompute_s=c.t_recompute_s,
             recompute=recompute[s], activation_bytes=act_per_mb, static_bytes=static, buffers=buffers[s],

@@ -18,13 +18,13 @@ from typing import Callable
 
 from pipetrain.errors import PipetrainError
 from pipetrain.plan import Alternative, Plan, PredictedMetrics, StagePlan, TensorSpec
-from pipetrain.planner.build import StageTables, placement, sim_input
+from pipetrain.planner.build import StageTables, held_in_flight, placement, sim_input
 from pipetrain.planner.costs import CostModel
 from pipetrain.planner.graph import LayerGraph
 from pipetrain.planner.job import Job
 from pipetrain.planner.search import Evaluated, SearchResult, _tracer, runnable_schedules, search
 from pipetrain.planner.topology import Topology, resolve_topology
-from pipetrain.schedules import make_schedule, peak_in_flight
+from pipetrain.schedules import make_schedule
 from pipetrain.simulator import SimInput
 
 __all__ = ["PlanOutcome", "plan_job", "make_plan", "plan_sim_input", "stage_tensors"]
@@ -169,4 +169,4 @@ def plan_sim_input(plan: Plan, *, graph: LayerGraph | None = None, topology: Top
     tab = StageTables(graph, cost, optimizer=plan.optimizer)
     return sim_input(tables=tab, topology=topo, place=place, schedule=sched,
                      ranges=[(st.block_start, st.block_end) for st in plan.stages], buffers=buffers,
-                     recompute=[st.recompute for st in plan.stages], in_flight=peak_in_flight(sched))
+                     recompute=[st.recompute for st in plan.stages], in_flight=held_in_flight(sched))

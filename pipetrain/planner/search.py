@@ -39,7 +39,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from pipetrain.errors import InfeasibleError, PipetrainError, ScheduleError
-from pipetrain.planner.build import Placement, StageTables, placement, rank_caps, rank_device_type, sim_input
+from pipetrain.planner.build import (Placement, StageTables, held_in_flight, placement, rank_caps, rank_device_type,
+                                     sim_input)
 from pipetrain.planner.costs import CostModel
 from pipetrain.planner.graph import LayerGraph
 from pipetrain.planner.job import Job
@@ -113,6 +114,7 @@ class Evaluated:
     fast: SimResult
     sim: SimResult | None = None
     inp: SimInput | None = field(default=None, repr=False, compare=False)
+    state: object = field(default=None, repr=False, compare=False)  # the search's working data (matrices)
 
     @property
     def step_time_s(self) -> float:
@@ -250,9 +252,9 @@ class _Searcher:
                 prev = warm
                 out.append(min(warm + 1, m))
             return tuple(out)
-        if c.schedule == "interleaved" and m % p == 0:
+        if c.schedule == "interleaved" and m % p == 0 and _interleaved_rule() is not None:
             return _interleaved_in_flight(p, m, c.chunks)
-        return peak_in_flight(self.schedule(c, caps))
+        return held_in_flight(self.schedule(c, caps))
 
     def split(self, c: Candidate) -> _Split | None:
         """Phase A: memory pre-check, then the exact partition; None (reason recorded) if nothing fits."""
@@ -331,7 +333,8 @@ class _Searcher:
         # m units of its own work: a lower bound on any schedule's makespan (so does every rank).
         lb = max(max(sum(fwd[:k]) + m * t for k, t in enumerate(sp.stage_times_s)), m * max(per_rank))
         return _Split(candidate=c, place=place, split=sp, recompute=rec, buffers=buffers, in_flight=tuple(inflight),
-                      caps=caps, stage_caps=tuple(caps_stage), rank_caps=tuple(caps_rank), lower_bound_s=lb)
+                      caps=caps, stage_caps=tuple(caps_stage), rank_caps=tuple(caps_rank), lower_bound_s=lb,
+                      time_mats=tm, mem_mats=mm, rec_mats=rec_choice)
 
     def cuts(self, tab: StageTables) -> list[int]:
         key = id(tab)
@@ -339,48 +342,119 @@ class _Searcher:
             self._cuts[key] = [cut.position for cut in tab.graph.cuts]
         return self._cuts[key]
 
-    def screen(self, sp: _Split) -> Evaluated:
-        """Phase B: build the simulator input and run the fast evaluator."""
+    def screen(self, sp: _Split, split: PartitionResult | None = None) -> Evaluated:
+        """Phase B: build the simulator input of ``split`` (default: the exact one) and run the fast evaluator."""
         c = sp.candidate
+        split = split or sp.split
+        rec = tuple(bool(sp.rec_mats[k][a, b]) for k, (a, b) in enumerate(split.ranges))
         tab = self.tables_for(c.micro_batch_size)
         sched = self.schedule(c, sp.caps)
-        inp = sim_input(tables=tab, topology=self.topo, place=sp.place, schedule=sched, ranges=sp.split.ranges,
-                        buffers=sp.buffers, recompute=sp.recompute, in_flight=sp.in_flight)
-        return Evaluated(candidate=c, split=sp.split, recompute=sp.recompute, buffers=sp.buffers, in_flight=sp.in_flight,
-                         stage_caps_bytes=sp.stage_caps, rank_caps_bytes=sp.rank_caps, fast=fast_evaluate(inp), inp=inp)
+        inp = sim_input(tables=tab, topology=self.topo, place=sp.place, schedule=sched, ranges=split.ranges,
+                        buffers=sp.buffers, recompute=rec, in_flight=sp.in_flight)
+        return Evaluated(candidate=c, split=split, recompute=rec, buffers=sp.buffers, in_flight=sp.in_flight,
+                         stage_caps_bytes=sp.stage_caps, rank_caps_bytes=sp.rank_caps, fast=fast_evaluate(inp), inp=inp,
+                         state=sp)
+
+    def polish(self, ev: Evaluated, max_actions: float) -> Evaluated:
+        """Local search around the min-max split, judged by the fast evaluator (first improvement).
+
+        The bottleneck objective is a proxy: 1F1B's steady state also couples neighbouring
+        stages (a B waits for the next stage's B, an F for the previous stage's F), and the
+        gradient all-reduce and optimizer step grow with a stage's parameters. So a nearby split
+        -- one block moved from one stage to another, still within every cap -- can simulate
+        faster. Stops at a local optimum or after ``max_actions`` simulated actions.
+        """
+        sp: _Split = ev.state  # type: ignore[assignment]
+        if self.job.boundaries is not None or sp is None or sp.candidate.pp * sp.candidate.chunks < 2:
+            return ev
+        n, S = sp.split.num_blocks, len(sp.split.ranges)
+        allowed = set(self.cuts(self.tables_for(sp.candidate.micro_batch_size)))
+        per_eval = max(1, ev.fast.num_compute_actions)
+        budget = int(max_actions // per_eval)
+        best, tried = ev, set()
+        improved = True
+        while improved and budget > 0:
+            improved = False
+            bounds = list(best.split.boundaries)
+            nbound = len(bounds)
+            # moves: shift boundaries i..j by one block (i == j: one boundary; else one block hops from
+            # stage i to stage j+1 or back), shortest spans first
+            moves = [(i, i + span, d) for span in range(nbound) for i in range(nbound - span) for d in (-1, 1)]
+            for i, j, d in moves:
+                nb = bounds.copy()
+                for k in range(i, j + 1):
+                    nb[k] += d
+                edges = (0, *nb, n)
+                if (tuple(nb) in tried or any(nb[k] not in allowed for k in range(i, j + 1))
+                        or any(a >= b for a, b in zip(edges, edges[1:]))):
+                    continue
+                if any(sp.mem_mats[k][edges[k], edges[k + 1]] > sp.stage_caps[k] for k in range(S)):
+                    continue
+                tried.add(tuple(nb))
+                split = evaluate_partition(nb, num_blocks=n, stage_time=lambda k: sp.time_mats[k],
+                                           stage_memory=lambda k: sp.mem_mats[k], caps=sp.stage_caps)
+                cand = self.screen(sp, split)
+                budget -= 1
+                if cand.fast.step_time_s < best.fast.step_time_s * (1 - 1e-9):
+                    best, improved = cand, True
+                    break
+                if budget <= 0:
+                    break
+        return best
+
+
+def _interleaved_order_peaks(p: int, m: int, v: int, full_warmup_when_m_is_p: bool) -> tuple[int, ...]:
+    total = m * v
+    peak = [0] * (p * v)
+    for r in range(p):
+        warm = total if (full_warmup_when_m_is_p and m == p) else min(2 * (p - 1 - r) + (v - 1) * p, total)
+        cur = [0] * v
+        nf = nb = 0
+        for step in range(total + (total - warm)):
+            if step < warm or (step - warm) % 2 == 0:  # warm-up forwards, then F/B pairs
+                if nf >= total:
+                    continue
+                ch = (nf % (p * v)) // p
+                cur[ch] += 1
+                peak[ch * p + r] = max(peak[ch * p + r], cur[ch])
+                nf += 1
+            else:
+                cur[v - 1 - (nb % (p * v)) // p] -= 1
+                nb += 1
+    return tuple(peak)
+
+
+_RULE: list[bool | None] = []
+
+
+def _interleaved_rule() -> bool | None:
+    """Which warm-up rule :func:`pipetrain.schedules.interleaved` uses, checked once on small cases.
+
+    Megatron-LM warms up fully when ``m == p``; torch.distributed.pipelining does not. The
+    replay below supports both; None (no rule matches) makes the planner build real schedules.
+    """
+    if not _RULE:
+        cases = [(2, 2, 2), (3, 3, 2), (2, 4, 2), (4, 8, 3), (3, 6, 2)]
+        found = None
+        for rule in (True, False):
+            if all(_interleaved_order_peaks(p, m, v, rule) == peak_in_flight(make_schedule("interleaved", p, m, v))
+                   for p, m, v in cases):
+                found = rule
+                break
+        _RULE.append(found)
+    return _RULE[0]
 
 
 def _interleaved_in_flight(p: int, m: int, v: int) -> tuple[int, ...]:
     """Peak in flight per virtual stage of :func:`pipetrain.schedules.interleaved`, from its order alone.
 
     Replays the generator's per-rank order (warm-up forwards, then F/B pairs, then the rest of
-    the backwards) counting only, without building the action lists (tests check equality).
+    the backwards), counting only, without building the action lists (tests check equality).
     """
-    total = m * v
-    peak = [0] * (p * v)
-    for r in range(p):
-        warm = total if m == p else min(2 * (p - 1 - r) + (v - 1) * p, total)
-        cur = [0] * v
-        nf = nb = 0
-
-        def fwd() -> None:
-            nonlocal nf
-            ch = (nf % (p * v)) // p
-            cur[ch] += 1
-            peak[ch * p + r] = max(peak[ch * p + r], cur[ch])
-            nf += 1
-
-        def bwd() -> None:
-            nonlocal nb
-            cur[v - 1 - (nb % (p * v)) // p] -= 1
-            nb += 1
-
-        for _ in range(warm):
-            fwd()
-        for _ in range(total - warm):
-            fwd()
-            bwd()
-    return tuple(peak)
+    rule = _interleaved_rule()
+    if rule is None:
+        return peak_in_flight(make_schedule("interleaved", p, m, v))
+    return _interleaved_order_peaks(p, m, v, rule)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -395,15 +469,19 @@ class _Split:
     stage_caps: tuple[float, ...]
     rank_caps: tuple[float, ...]
     lower_bound_s: float
+    time_mats: list = field(default_factory=list, repr=False)
+    mem_mats: list = field(default_factory=list, repr=False)
+    rec_mats: list = field(default_factory=list, repr=False)
 
 
 def search(job: Job, *, graph_for: Callable[[int], LayerGraph] | None = None, topology: Topology | None = None,
            cost: CostModel | None = None, top_k: int = 3, max_microbatch_size: int = 32, max_sizes: int = 6,
-           explain: bool = True) -> SearchResult:
+           explain: bool = True, polish_actions: float = 2e6) -> SearchResult:
     """Search the best plan for ``job`` (see module docstring); raise InfeasibleError when nothing fits.
 
     ``graph_for(b)`` returns the layer graph at micro-batch size ``b`` (default: trace ``job.model``);
-    ``explain`` False skips working out the smallest fix when nothing fits (used for that work itself).
+    ``explain`` False skips working out the smallest fix when nothing fits (used for that work itself);
+    ``polish_actions`` bounds the local search around the top splits (simulated actions, all of them).
     """
     t0 = time.perf_counter()
     topo = topology or resolve_topology(job.topology)
@@ -439,7 +517,9 @@ def search(job: Job, *, graph_for: Callable[[int], LayerGraph] | None = None, to
             continue
         screened.append(s.screen(sp))
     screened.sort(key=lambda e: (e.fast.step_time_s, e.candidate))
-    confirmed = [replace(ev, sim=simulate(ev.inp)) for ev in screened[:max(1, top_k)]]  # type: ignore[arg-type]
+    top = screened[:max(1, top_k)]
+    top = [s.polish(ev, polish_actions / len(top)) for ev in top]
+    confirmed = [replace(ev, sim=simulate(ev.inp), state=None) for ev in top]  # type: ignore[arg-type]
     fitting = [e for e in confirmed if e.fits()]
     for e in confirmed:
         if not e.fits():
