@@ -145,3 +145,21 @@ def test_plain_mode_prints_lines_while_files_grow(tmp_path: Path) -> None:
     assert nums == sorted(set(nums))  # one line per new step, in order
     assert mon.last is not None and mon.last.step == steps
     assert "\x1b[" not in buf.getvalue()  # plain text, no terminal control codes
+
+
+def test_terminal_mode_renders_the_live_table(tmp_path: Path) -> None:
+    plan = _plan()
+    (tmp_path / "telemetry").mkdir()
+    for step in range(2):
+        for r, recs in _step_records(step, 100.0 * step).items():
+            with open(tmp_path / "telemetry" / f"rank{r}.jsonl", "a") as fh:
+                fh.write("".join(json.dumps(x) + "\n" for x in recs))
+    buf = io.StringIO()
+    console = Console(file=buf, width=200, force_terminal=True, color_system=None)
+    with LiveMonitor(tmp_path, plan, 5, console=console, interactive=True, interval_s=0.02):
+        time.sleep(0.1)
+    text = buf.getvalue()
+    assert "step 2/5" in text and "loss 2.5000" in text and "tokens/s" in text
+    for col in ("busy %", "bubble %", "p2p p50", "p2p p95", "memory", "predicted", "meas/pred"):
+        assert col in text
+    assert "1.50x" in text  # stage 0: 6 MiB measured / 4 MiB predicted
