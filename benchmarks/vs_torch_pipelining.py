@@ -168,8 +168,13 @@ def main() -> None:
                   f"{r['load_before']:.1f}/{r['load_after']:.1f}", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
-    ok = all(r["ratio_median"] <= 0.95 for r in out)
-    print(f"target ours/theirs <= 0.95: {'met' if ok else 'NOT met'} in {sum(r['ratio_median'] <= 0.95 for r in out)}/{len(out)} configurations")
+    met = sum(r["ratio_median"] <= 0.95 for r in out)
+    print(f"target median ours/theirs <= 0.95: met in {met} of {len(out)} configurations"
+          + ("" if met == len(out) else " (not met everywhere)"))
+    busy = [r for r in out if max(r["load_before"], r["load_after"]) > r["p"]]
+    if busy:
+        print(f"warning: load average exceeded the rank count during {len(busy)} configuration(s): the machine was shared, "
+              "ratios are noisy; rerun when it is quiet")
 
 
 if __name__ == "__main__":
