@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"held-out shape {args.holdout}: {held_before:.3f} -> {held_after:.3f} ({_change(held_before, held_after)})")
     effs = ", ".join(f"{k} {v:.3f}" for k, v in fit.efficiency_by_kind.items())
     print(f"fitted: compute efficiency {effs}, bwd scale {fit.bwd_efficiency_scale:.2f}, "
-          f"memory efficiency {fit.memory_efficiency:.3f}, overhead fwd {fit.overhead_fwd_s * 1e6:.1f} us / bwd {fit.overhead_bwd_s * 1e6:.1f} us per block")
+          f"memory efficiency {fit.memory_efficiency:.3f}, overhead per block fwd/bwd us: "
+          + ", ".join(f"{k} {fit.overhead_fwd_by_kind[k] * 1e6:.0f}/{fit.overhead_bwd_by_kind.get(k, 0.0) * 1e6:.0f}" for k in fit.overhead_fwd_by_kind))
     share = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
     print(f"machine: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; this run got {share:.0%} of a core "
           "(a shared machine: ratios within one run are comparable, absolute ms are not)")

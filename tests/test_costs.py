@@ -161,3 +161,15 @@ def test_resolve_cost_model(tmp_path: Path) -> None:
             resolve_cost_model(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         resolve_cost_model(f"calibrated:{tmp_path / 'nope.json'}")
+
+
+def test_per_kind_overheads() -> None:
+    g = chain(4)
+    p = AnalyticParams(overhead_fwd_s=1.0, overhead_fwd_by_kind={"block": 2.0}, overhead_bwd_by_kind={"head": 3.0})
+    base = AnalyticCostModel()
+    m = AnalyticCostModel(p)
+    assert m.stage_costs(g, 1, 2, DEV).t_fwd_s == pytest.approx(base.stage_costs(g, 1, 2, DEV).t_fwd_s + 2.0)
+    assert m.stage_costs(g, 0, 1, DEV).t_fwd_s == pytest.approx(base.stage_costs(g, 0, 1, DEV).t_fwd_s + 1.0)
+    assert m.stage_costs(g, 3, 4, DEV).t_bwd_s == pytest.approx(base.stage_costs(g, 3, 4, DEV).t_bwd_s + 3.0)
+    with pytest.raises(ConfigError, match="overheads"):
+        AnalyticParams(overhead_bwd_by_kind={"head": -1.0})

@@ -8,7 +8,8 @@ factors of :class:`~pipetrain.planner.costs.AnalyticParams`:
 * a compute efficiency per node kind ("transformer", "embedding", "head", ...), or one for
   all kinds with ``per_kind=False``;
 * a backward efficiency scale, a memory-bandwidth efficiency;
-* a fixed per-node overhead for forward and for backward (launches, Python dispatch).
+* a fixed per-node overhead for forward and for backward (launches, Python dispatch), per
+  node kind with ``per_kind`` (a transformer block dispatches far more ops than an embedding).
 
 The residuals are ``log(predicted / measured)`` of every distinctly measured block's forward
 and backward, so a block of 50 us weighs as much as one of 50 ms. The fit is stored as JSON
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -54,13 +55,16 @@ class CalibrationFit:
     error_after: float
     num_samples: int
     sources: tuple[str, ...] = ()
+    overhead_fwd_by_kind: dict[str, float] = field(default_factory=dict)
+    overhead_bwd_by_kind: dict[str, float] = field(default_factory=dict)
     schema_version: int = CALIBRATION_SCHEMA_VERSION
 
     @property
     def params(self) -> AnalyticParams:
         return AnalyticParams(efficiency_by_kind=dict(self.efficiency_by_kind), default_efficiency=self.default_efficiency,
                               bwd_efficiency_scale=self.bwd_efficiency_scale, memory_efficiency=self.memory_efficiency,
-                              overhead_fwd_s=self.overhead_fwd_s, overhead_bwd_s=self.overhead_bwd_s)
+                              overhead_fwd_s=self.overhead_fwd_s, overhead_bwd_s=self.overhead_bwd_s,
+                              overhead_fwd_by_kind=dict(self.overhead_fwd_by_kind), overhead_bwd_by_kind=dict(self.overhead_bwd_by_kind))
 
     def to_json(self) -> str:
         return json.dumps(to_dict(self), indent=1)
@@ -160,13 +164,21 @@ def fit_calibration(samples: Sequence[tuple[LayerGraph, BlockProfile]], device_t
     for g, p in samples:
         _check_pair(g, p)
     kinds = sorted({n.kind for g in graphs for n in g.nodes if n.fwd_flops > 0 or n.bwd_flops > 0}) if per_kind else []
-    nk = len(kinds)
+    all_kinds = sorted({n.kind for g in graphs for n in g.nodes}) if per_kind else []
+    nk, na = len(kinds), len(all_kinds)
+    # x = [log eff per kind (nk), log default eff, log bwd scale, log memory eff,
+    #      fwd overhead us (default, then per kind: na), bwd overhead us (default, then per kind)]
+    i_ov = nk + 3
 
     def params_of(x: Any) -> AnalyticParams:
         effs = np.exp(x[:nk]) if nk else []
+        ofw = x[i_ov:i_ov + 1 + na] * 1e-6
+        obw = x[i_ov + 1 + na:i_ov + 2 + 2 * na] * 1e-6
         return AnalyticParams(efficiency_by_kind=dict(zip(kinds, map(float, effs))), default_efficiency=float(math.exp(x[nk])),
                               bwd_efficiency_scale=float(math.exp(x[nk + 1])), memory_efficiency=float(math.exp(x[nk + 2])),
-                              overhead_fwd_s=float(x[nk + 3]), overhead_bwd_s=float(x[nk + 4]))
+                              overhead_fwd_s=float(ofw[0]), overhead_bwd_s=float(obw[0]),
+                              overhead_fwd_by_kind=dict(zip(all_kinds, map(float, ofw[1:]))),
+                              overhead_bwd_by_kind=dict(zip(all_kinds, map(float, obw[1:]))))
 
     def residuals(x: Any) -> Any:
         errs = relative_errors(samples, device_type, params_of(x), observations)
@@ -174,14 +186,16 @@ def fit_calibration(samples: Sequence[tuple[LayerGraph, BlockProfile]], device_t
 
     before = relative_errors(samples, device_type, observations=observations)
     # Efficiencies may exceed 1 (up to 8): a nominal peak (this machine's CPU) can be low.
+    # Overheads are in microseconds (0 .. 1 s), so finite-difference steps suit their scale.
     le, he = math.log(1e-5), math.log(8.0)
-    x0 = np.array([math.log(device_type.efficiency)] * (nk + 1) + [0.0, math.log(device_type.memory_efficiency), 1e-6, 1e-6])
-    lo = np.array([le] * (nk + 1) + [math.log(0.1), le, 0.0, 0.0])
-    hi = np.array([he] * (nk + 1) + [math.log(10.0), he, 1.0, 1.0])
+    nov = 2 * (1 + na)
+    x0 = np.array([math.log(device_type.efficiency)] * (nk + 1) + [0.0, math.log(device_type.memory_efficiency)] + [1.0] * nov)
+    lo = np.array([le] * (nk + 1) + [math.log(0.1), le] + [0.0] * nov)
+    hi = np.array([he] * (nk + 1) + [math.log(10.0), he] + [1e6] * nov)
     best = None
-    for start in (x0, np.clip(x0 + np.array([-2.0] * (nk + 1) + [0.0, -1.0, 0.0, 0.0]), lo, hi)):
-        res = least_squares(residuals, start, bounds=(lo, hi), x_scale=np.array([1.0] * (nk + 3) + [1e-4, 1e-4]),
-                            diff_step=1e-3, max_nfev=400)
+    for start in (x0, np.clip(x0 + np.array([-2.0] * (nk + 1) + [0.0, -1.0] + [50.0] * nov), lo, hi)):
+        res = least_squares(residuals, start, bounds=(lo, hi), x_scale=np.array([1.0] * (nk + 3) + [100.0] * nov),
+                            diff_step=1e-4, max_nfev=600)
         if best is None or res.cost < best.cost:
             best = res
     assert best is not None
@@ -191,6 +205,7 @@ def fit_calibration(samples: Sequence[tuple[LayerGraph, BlockProfile]], device_t
                           default_efficiency=float(p.default_efficiency or device_type.efficiency),
                           bwd_efficiency_scale=p.bwd_efficiency_scale, memory_efficiency=float(p.memory_efficiency or 0.8),
                           overhead_fwd_s=p.overhead_fwd_s, overhead_bwd_s=p.overhead_bwd_s,
+                          overhead_fwd_by_kind=dict(p.overhead_fwd_by_kind), overhead_bwd_by_kind=dict(p.overhead_bwd_by_kind),
                           error_before=mean_abs_relative_error(before), error_after=mean_abs_relative_error(after),
                           num_samples=len(after),
                           sources=tuple(prof.key for _, prof in samples) + tuple(f"{o.graph.model}[{o.start},{o.end})" for o in observations))

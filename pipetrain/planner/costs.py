@@ -156,7 +156,7 @@ class AnalyticParams:
     ``efficiency_by_kind`` maps a node kind ("block", "embedding", ...) to a compute efficiency
     that replaces ``device_type.efficiency`` (``default_efficiency`` for other kinds when set);
     ``bwd_efficiency_scale`` multiplies it for backward; ``overhead_*_s`` are fixed per-node
-    costs (kernel launches, Python dispatch).
+    costs (kernel launches, Python dispatch), replaced per node kind by ``overhead_*_by_kind``.
     """
 
     efficiency_by_kind: Mapping[str, float] = field(default_factory=dict)
@@ -165,12 +165,15 @@ class AnalyticParams:
     memory_efficiency: float | None = None
     overhead_fwd_s: float = 0.0
     overhead_bwd_s: float = 0.0
+    overhead_fwd_by_kind: Mapping[str, float] = field(default_factory=dict)
+    overhead_bwd_by_kind: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         effs = list(self.efficiency_by_kind.values()) + [x for x in (self.default_efficiency, self.memory_efficiency) if x is not None]
         if any(not e > 0 for e in effs) or not self.bwd_efficiency_scale > 0:
             raise ConfigError("analytic model efficiencies must be > 0")
-        if self.overhead_fwd_s < 0 or self.overhead_bwd_s < 0:
+        overheads = [self.overhead_fwd_s, self.overhead_bwd_s, *self.overhead_fwd_by_kind.values(), *self.overhead_bwd_by_kind.values()]
+        if any(not o >= 0 for o in overheads):
             raise ConfigError("analytic model overheads must be >= 0")
 
     def efficiency(self, kind: str, device_type: DeviceType) -> float:
@@ -200,8 +203,10 @@ def analytic_node_times(graph: LayerGraph, device_type: DeviceType, params: Anal
     fwd, bwd, wg = [], [], []
     for node, inb in zip(graph.nodes, inputs):
         eff = params.efficiency(node.kind, device_type)
-        tf = roofline_time_s(node.fwd_flops, node_fwd_bytes(node, inb), peak, eff, bw, meff) + params.overhead_fwd_s
-        tb = roofline_time_s(node.bwd_flops, node_bwd_bytes(node, inb), peak, eff * params.bwd_efficiency_scale, bw, meff) + params.overhead_bwd_s
+        of = params.overhead_fwd_by_kind.get(node.kind, params.overhead_fwd_s)
+        ob = params.overhead_bwd_by_kind.get(node.kind, params.overhead_bwd_s)
+        tf = roofline_time_s(node.fwd_flops, node_fwd_bytes(node, inb), peak, eff, bw, meff) + of
+        tb = roofline_time_s(node.bwd_flops, node_bwd_bytes(node, inb), peak, eff * params.bwd_efficiency_scale, bw, meff) + ob
         fwd.append(tf)
         bwd.append(tb)
         wg.append(tb * (node.wgrad_flops / node.bwd_flops) if node.bwd_flops > 0 else 0.0)
