@@ -103,3 +103,39 @@ def test_probe_measures_the_gloo_link(tmp_path: Path) -> None:
     assert 0 < cal.p2p.latency_s < 0.1 and cal.p2p.bandwidth_bytes_per_s > 1e6
     link = calibrated_topology(topology_preset("local-cpu:2"), cal).link_between(0, 1)
     assert link.latency_s == cal.p2p.latency_s and link.bandwidth_bytes_per_s == cal.p2p.bandwidth_bytes_per_s
+
+
+def test_simulate_plan_with_calibration_uses_measured_blocks(cal_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipetrain.executor.calibration import load_calibration
+    from pipetrain.executor.plans import simple_plan
+
+    from dataclasses import replace
+
+    plan = replace(simple_plan("mlp-uneven", pp=2, m=4, mbs=8, seq_len=1, schedule="gpipe"), topology="local-cpu:2")
+    path = plan.save(tmp_path / "plan.json")
+    assert main(["simulate", str(path), "--calibration", str(cal_file), "--json", "-"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    prof = load_calibration(cal_file).profiles[1]
+    for st in plan.stages:
+        want = 4 * sum(b.fwd_s + b.bwd_s for b in prof.blocks[st.block_start:st.block_end])
+        assert got["busy_s_per_stage"][st.index] == pytest.approx(want)
+    assert main(["simulate", str(path), "--json", "-"]) == 0  # analytic: other numbers
+    assert json.loads(capsys.readouterr().out)["busy_s_per_stage"][0] != pytest.approx(got["busy_s_per_stage"][0])
+    assert main(["simulate", "-p", "2", "-m", "2", "--t-fwd", "1", "--t-bwd", "1", "--calibration", str(cal_file)]) == 2
+    assert "needs a PLAN.json" in capsys.readouterr().err
+
+
+def test_plan_with_calibration(cal_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipetrain.plan import Plan
+
+    base = ["plan", "--model", "mlp-uneven", "--topology", "local-cpu:2", "--global-batch", "32", "--seq-len", "1",
+            "--dtype", "fp32", "--pp", "2", "--microbatch-size", "8", "--schedule", "1f1b", "--no-pin-cost"]
+    assert main(base + ["--calibration", str(cal_file), "-o", str(tmp_path / "cal.json")]) == 0
+    assert main(base + ["-o", str(tmp_path / "ana.json")]) == 0
+    cal_plan, ana_plan = Plan.load(tmp_path / "cal.json"), Plan.load(tmp_path / "ana.json")
+    assert cal_plan.predicted is not None and ana_plan.predicted is not None
+    # measured CPU blocks take milliseconds; the analytic roofline of a nominal CPU says otherwise
+    assert cal_plan.predicted.step_time_s != pytest.approx(ana_plan.predicted.step_time_s, rel=0.05)
+    capsys.readouterr()
+    assert main(base[:4] + ["dgx-h100:1"] + base[5:] + ["--calibration", str(cal_file)]) == 2
+    assert "is for device type 'local-cpu'" in capsys.readouterr().err

@@ -57,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the plan JSON instead of the tables")
     parser.add_argument("--top-k", type=int, default=3, help="candidates confirmed in the simpy simulator (default 3)")
     parser.add_argument("--no-pin-cost", action="store_true", help="skip the unpinned search that prices the pins")
+    parser.add_argument("--calibration", metavar="FILE", default=None,
+                        help="cost model and link measured by `pipetrain calibrate` (default: analytic)")
     parser.add_argument("--report", metavar="DIR", default=None,
                         help="also write a what-if report to DIR (report.html, PNGs, summary.json, Chrome trace)")
 
@@ -149,7 +151,12 @@ def run(args: argparse.Namespace) -> int:
     graph_for, job = graph_source(args, job)
     if args.top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
-    outcome = plan_job(job, graph_for=graph_for, top_k=args.top_k, price_pins=not args.no_pin_cost)
+    extra = {}
+    if getattr(args, "calibration", None):
+        from pipetrain.executor.calibration import calibrated_for
+
+        extra = dict(zip(("topology", "cost"), calibrated_for(job.topology, args.calibration)))
+    outcome = plan_job(job, graph_for=graph_for, top_k=args.top_k, price_pins=not args.no_pin_cost, **extra)
     if args.output:
         path = outcome.plan.save(args.output)
     if args.json:

@@ -43,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="PATH", default=None, help="write the full result as JSON to PATH ('-': stdout only)")
     parser.add_argument("--trace", metavar="PATH", default=None, help="write a Chrome trace (Perfetto) to PATH")
     parser.add_argument("--grid", action="store_true", help="also print the schedule as a step x rank grid")
+    parser.add_argument("--calibration", metavar="FILE", default=None,
+                        help="with a PLAN.json: cost model and link from `pipetrain calibrate` (default: analytic)")
 
 
 def _simulate_plan(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -54,12 +56,20 @@ def _simulate_plan(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from pipetrain.plan import Plan
     from pipetrain.planner.explain import plan_sim_input
 
+    if getattr(args, "calibration", None):
+        from pipetrain.executor.calibration import calibrated_for
+
+        plan = Plan.load(args.plan)
+        topo, cost = calibrated_for(plan.topology, args.calibration, world_size=plan.world_size)
+        return plan_sim_input(plan, topology=topo, cost=cost)
     return plan_sim_input(Plan.load(args.plan))
 
 
 def _from_flags(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from pipetrain.simulator import uniform
 
+    if getattr(args, "calibration", None):
+        raise ConfigError("--calibration needs a PLAN.json (the per-stage flags are times already)")
     missing = [f for f, v in (("--stages", args.stages), ("--microbatches", args.microbatches),
                               ("--t-fwd", args.t_fwd), ("--t-bwd", args.t_bwd)) if v is None]
     if missing:

@@ -39,7 +39,8 @@ from pipetrain.planner.topology import DeviceType, Topology
 from pipetrain.serde import from_dict, to_dict
 
 __all__ = ["CALIBRATION_FILE_VERSION", "P2PCost", "OptimizerCost", "Calibration", "MeasuredCostModel",
-           "run_calibration", "least_loaded", "describe", "measure_optimizer", "calibrated_cost", "calibrated_topology", "load_calibration"]
+           "run_calibration", "least_loaded", "describe", "measure_optimizer", "calibrated_cost", "calibrated_topology", "load_calibration",
+           "calibrated_for"]
 
 CALIBRATION_FILE_VERSION = 1
 
@@ -357,3 +358,20 @@ def describe(cal: Calibration) -> list[tuple[str, str]]:
     rows.append(("analytic fit", f"mean |error| {cal.fit.error_before * 100:.1f}% -> {cal.fit.error_after * 100:.1f}% "
                                  f"over {cal.fit.num_samples} block times"))
     return rows
+
+
+def calibrated_for(topology: str, path: str | Path, *, world_size: int = 1) -> tuple[Topology, MeasuredCostModel]:
+    """(topology with the measured link, cost model) for ``plan|simulate --calibration FILE``.
+
+    ``topology`` is a preset or YAML path (``local``/empty: ``local-cpu:world_size``); it must
+    contain the calibrated device type.
+    """
+    from pipetrain.planner.topology import resolve_topology
+
+    cal = load_calibration(path)
+    topo = resolve_topology(topology if topology not in ("", "local") else f"local-cpu:{world_size}")
+    if not any(d.type.name == cal.device_type for d in topo.devices):
+        types = sorted({d.type.name for d in topo.devices})
+        raise ConfigError(f"calibration {Path(path).name} is for device type {cal.device_type!r} but topology {topo.name} has "
+                          f"{', '.join(types)}: run `pipetrain calibrate --topology {topo.name}` on that hardware")
+    return calibrated_topology(topo, cal), MeasuredCostModel(cal)
