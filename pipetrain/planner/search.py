@@ -520,6 +520,7 @@ def search(job: Job, *, graph_for: Callable[[int], LayerGraph] | None = None, to
     top = screened[:max(1, top_k)]
     top = [s.polish(ev, polish_actions / len(top)) for ev in top]
     confirmed = [replace(ev, sim=simulate(ev.inp), state=None) for ev in top]  # type: ignore[arg-type]
+    screened = [replace(e, state=None, inp=None) for e in screened]  # drop the working matrices
     fitting = [e for e in confirmed if e.fits()]
     for e in confirmed:
         if not e.fits():
