@@ -121,3 +121,19 @@ def test_last_stage_carries_the_loss_activations() -> None:
     assert activation_bytes_per_microbatch(g, 3, 4) == 9000 + 8128
     assert activation_bytes_per_microbatch(g, 3, 4, include_loss=False) == 9000
     assert stage_memory(g, 2, 4, in_flight=2).activation_bytes == 2 * (3001 + 9000 + 8128)
+
+
+def test_autocast_weight_copies_are_opt_in_and_per_microbatch() -> None:
+    from pipetrain.planner.memory import autocast_cast_params
+
+    g = chain(4, dtype="bf16")  # embed (1000 params, tied to head), b0 100, b1 200, head 10
+    assert autocast_cast_params(g, 0, 1) == 0  # an embedding lookup is not cast
+    assert autocast_cast_params(g, 1, 3) == 300
+    assert autocast_cast_params(g, 3, 4) == 10 + 1000  # the head casts the tied embedding weight
+    assert autocast_cast_params(g, 0, 4) == 310 + 1000
+    plain = stage_memory(g, 1, 3, in_flight=3)
+    amp = stage_memory(g, 1, 3, in_flight=3, autocast_copies=True)
+    assert amp.activation_bytes - plain.activation_bytes == 3 * 2 * 300
+    rc = stage_memory(g, 1, 3, in_flight=3, recompute=True, autocast_copies=True)
+    assert rc.recompute_working_bytes == activation_bytes_per_microbatch(g, 1, 3) + 600
+    assert stage_memory(chain(4), 1, 3, in_flight=3, autocast_copies=True) == stage_memory(chain(4), 1, 3, in_flight=3)

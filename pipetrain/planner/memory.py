@@ -24,6 +24,12 @@ A stage holding layer-graph nodes ``[start, end)`` needs (all in bytes):
   1.6 GB, more than a transformer block). With
   recomputation only the stage input is kept per micro-batch, plus the working set of one
   micro-batch being recomputed (the full saved bytes, once).
+* **autocast weight copies** (opt-in, ``autocast_copies=True``): under bf16/fp16
+  ``torch.autocast`` (how the executor runs bf16), every matmul saves the half-precision cast
+  of its weight, and each micro-batch's autograd graph keeps its own: 2 bytes per parameter of
+  the stage's non-embedding nodes (and of tied weights they use) per in-flight micro-batch
+  (:func:`autocast_cast_params`; GPT-2's head holds a 77 MB bf16 copy of the 38.6M-parameter
+  tied embedding per micro-batch). The traced graph (a model cast to bf16) does not contain it.
 * **receive buffers**: ``buffers`` slots for the activation arriving from the previous stage
   (the bytes crossing the cut at ``start``) and one slot for the gradient arriving from the
   next stage (the bytes crossing the cut at ``end``). Counted apart from the saved
@@ -39,7 +45,7 @@ from pipetrain.planner.graph import LayerGraph
 
 __all__ = [
     "GiB", "ParamStateBytes", "StageMemory", "bytes_per_param", "activation_bytes_per_microbatch",
-    "block_activation_bytes", "loss_saved_bytes", "stage_input_bytes", "stage_output_bytes", "tied_extra_params", "stage_memory",
+    "block_activation_bytes", "loss_saved_bytes", "autocast_cast_params", "stage_input_bytes", "stage_output_bytes", "tied_extra_params", "stage_memory",
     "check_stage_memory",
 ]
 
@@ -166,12 +172,31 @@ def tied_extra_params(graph: LayerGraph, start: int, end: int) -> int:
                if not (start <= t.owner < end) and any(start <= u < end for u in t.users))
 
 
+def autocast_cast_params(graph: LayerGraph, start: int, end: int) -> int:
+    """Parameters whose half-precision cast autocast saves per micro-batch in ``[start, end)``.
+
+    Every parameter of a non-embedding node (an embedding lookup is not cast), plus tied
+    weights used by a non-embedding node of the range and not already counted at their owner.
+    Includes biases and norm weights (not saved in fact; small): an upper bound.
+    """
+    _check_range(graph, start, end)
+    nodes = graph.nodes
+    own = sum(n.param_count for n in nodes[start:end] if n.kind != "embedding")
+    for t in graph.tied:
+        counted = start <= t.owner < end and nodes[t.owner].kind != "embedding"
+        if not counted and any(start <= u < end and nodes[u].kind != "embedding" for u in t.users):
+            own += t.param_count
+    return own
+
+
 def stage_memory(graph: LayerGraph, start: int, end: int, *, in_flight: int, buffers: int = 1, recompute: bool = False,
-                 optimizer: str = "adamw", dtype: str | None = None, momentum: bool = False) -> StageMemory:
+                 optimizer: str = "adamw", dtype: str | None = None, momentum: bool = False,
+                 autocast_copies: bool = False) -> StageMemory:
     """Peak bytes of a stage with ``in_flight`` micro-batches' activations alive at once.
 
     ``in_flight`` comes from the schedule (1F1B: min(p - s, m); GPipe: m). ``dtype`` defaults to
     the graph's (the activation bytes are those of the traced dtype and micro-batch size).
+    ``autocast_copies`` adds autocast's per-micro-batch weight casts (bf16/fp16 only).
     """
     _check_range(graph, start, end)
     if in_flight < 1:
@@ -181,6 +206,8 @@ def stage_memory(graph: LayerGraph, start: int, end: int, *, in_flight: int, buf
     per = bytes_per_param(dtype or graph.dtype, optimizer, momentum=momentum)
     params = sum(n.param_count for n in graph.nodes[start:end])
     act = activation_bytes_per_microbatch(graph, start, end)
+    if autocast_copies and (dtype or graph.dtype) != "fp32":
+        act += 2 * autocast_cast_params(graph, start, end)
     inp = stage_input_bytes(graph, start)
     if recompute:
         activation, working = in_flight * inp, act
