@@ -16,7 +16,8 @@ from pipetrain.planner.graph import Edge, LayerGraph, Node, TiedParam
 from pipetrain.planner.job import Job
 from pipetrain.planner.memory import stage_memory
 from pipetrain.planner.partition import additive_matrix, partition
-from pipetrain.planner.search import Candidate, _interleaved_in_flight, _Searcher, search
+from pipetrain.planner.grid import interleaved_in_flight
+from pipetrain.planner.search import Candidate, _Searcher, search
 from pipetrain.planner.topology import load_topology, topology_preset
 from pipetrain.schedules import make_schedule, peak_in_flight
 from pipetrain.simulator import simulate
@@ -81,7 +82,7 @@ def test_in_flight_closed_forms_match_the_schedules() -> None:
             c = Candidate(pp=p, dp=1, micro_batch_size=1, num_microbatches=m, schedule="1f1b")
             assert s.in_flight(c, buf) == peak_in_flight(make_schedule("1f1b", p, m, buffers=buf)), (p, m, buf)
     for p, v, k in itertools.product((2, 3, 4), (2, 3), (1, 2, 3)):
-        assert _interleaved_in_flight(p, p * k, v) == peak_in_flight(make_schedule("interleaved", p, p * k, v))
+        assert interleaved_in_flight(p, p * k, v) == peak_in_flight(make_schedule("interleaved", p, p * k, v))
 
 
 _MIXED = """
@@ -225,7 +226,7 @@ def test_nothing_fits_names_the_smallest_change() -> None:
 
 
 def test_search_modules_import_without_torch() -> None:
-    code = ("import sys; import pipetrain.planner.search, pipetrain.planner.build, pipetrain.planner.explain, "
+    code = ("import sys; import pipetrain.planner.search, pipetrain.planner.build, pipetrain.planner.explain, pipetrain.planner.grid, "
             "pipetrain.planner.job, pipetrain.commands.plan, pipetrain.commands.sweep; assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
