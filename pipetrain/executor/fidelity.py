@@ -28,7 +28,7 @@ from pipetrain.plan import Plan
 
 __all__ = ["StageFidelity", "Fidelity", "Measured", "simulate_plan", "plan_topology", "cost_for_plan", "measure_run",
            "compare", "run_fidelity", "mape", "spearman", "fidelity_lines", "fidelity_table_rows",
-           "FIDELITY_FILE", "load_run_calibration", "report_run_fidelity", "describe_plan"]
+           "FIDELITY_FILE", "load_run_calibration", "report_run_fidelity", "describe_plan", "fidelity_report_section"]
 
 _COMPUTE = ("F", "B", "W")
 
@@ -364,3 +364,25 @@ def report_run_fidelity(run_dir: str | Path, plan: Plan, calibration: Any = None
     out.write_text(json.dumps(f.to_dict(), indent=1))
     echo(f"wrote {out}")
     return f
+
+
+def fidelity_report_section(run_dir: str | Path) -> dict[str, Any] | None:
+    """Title, paragraphs and table of RUN_DIR/fidelity.json for the run report (None when the run wrote none)."""
+    import json
+
+    p = Path(run_dir) / FIDELITY_FILE
+    if not p.is_file():
+        return None
+    d = json.loads(p.read_text())
+    head = ("stage", "rank", "busy sim", "busy meas", "error", "bubble sim", "bubble meas", "diff", "activations sim",
+            "activations meas", "error")
+    rows = tuple((str(s["stage"]), str(s["rank"]), f"{s['sim_busy_s'] * 1e3:.2f} ms", f"{s['meas_busy_s'] * 1e3:.2f} ms",
+                  f"{s['busy_error'] * 100:+.1f}%", f"{s['sim_bubble'] * 100:.1f}%", f"{s['meas_bubble'] * 100:.1f}%",
+                  f"{(s['sim_bubble'] - s['meas_bubble']) * 100:+.1f} pp", f"{s['sim_activation_bytes'] / 2**20:.2f} MiB",
+                  f"{s['meas_activation_bytes'] / 2**20:.2f} MiB", f"{s['activation_error'] * 100:+.1f}%") for s in d["stages"])
+    para = (f"Simulated with {d['cost_source']} against the median of {d['steps_measured']} measured steps after warm-up: "
+            f"step time {d['sim_step_s'] * 1e3:.2f} ms simulated vs {d['meas_step_s'] * 1e3:.2f} ms measured "
+            f"(error {d['step_error'] * 100:+.1f}%); pipeline span {d['sim_pipeline_s'] * 1e3:.2f} vs {d['meas_pipeline_s'] * 1e3:.2f} ms; "
+            f"bubble {d['sim_bubble'] * 100:.1f}% vs {d['meas_bubble'] * 100:.1f}%. Errors are (simulated - measured) / measured; "
+            "activations are the bytes autograd saves for backward at the stage's peak of micro-batches in flight.")
+    return {"title": "Simulator accuracy for this run", "paragraphs": (para,), "tables": ((head, rows),)}

@@ -224,6 +224,11 @@ def write_run_report(run_dir: str | Path, *, out_dir: str | Path | None = None,
                     f"({sim.tokens_per_s:,.0f} tokens/s): the simulator is {'optimistic' if sim.step_time_s < med else 'pessimistic'} "
                     f"by {max(ratio, 1 / ratio):.2f}x on this machine. The first step includes warm-up.",),
         figures=(sink("step_time", "step time per step: measured vs simulated", charts.step_time_figure(res.step_times_s, sim.step_time_s)),)))
+    from pipetrain.executor.fidelity import fidelity_report_section  # RUN_DIR/fidelity.json, written by `pipetrain run`
+
+    fid = fidelity_report_section(rd)
+    if fid is not None:
+        sections.append(Section(id="fidelity", **fid))
     predicted = [st.predicted_peak_memory_bytes or sim.peak_memory_bytes_per_stage[st.index] for st in plan.stages]
     measured_mem = [float(res.peak_tensor_bytes[st.rank]) if st.rank < len(res.peak_tensor_bytes) else 0.0 for st in plan.stages]
     caps = [st.memory_cap_bytes for st in plan.stages]
