@@ -134,6 +134,20 @@ def local_device_name(device: str = "cpu", threads: int | None = None) -> str:
 
 
 # ----- measuring (torch) -------------------------------------------------------------------
+_BUILT: dict[tuple[str, str, int], Any] = {}
+
+
+def _built(model_name: str, device: str, seed: int) -> Any:
+    """The model with real weights; the last one built is kept (gpt2 takes seconds to build)."""
+    key = (model_name, device, seed)
+    if key not in _BUILT:
+        _BUILT.clear()
+        from pipetrain.planner.zoo import get_model_spec
+
+        _BUILT[key] = get_model_spec(model_name).build(device, seed=seed)
+    return _BUILT[key]
+
+
 class _Setup:
     """A built model on a device, every block's input for one micro-batch, and the target."""
 
@@ -149,8 +163,10 @@ class _Setup:
         self.seq_len = self.spec.check_shape(micro_batch_size, seq_len)
         self.micro_batch_size = micro_batch_size
         self.device = torch.device(device)
-        self.model = self.spec.build(self.device, seed=seed)
+        self.model = _built(model_name, str(self.device), seed)
         self.model.train()
+        for prm in self.model.parameters():
+            prm.grad = None
         gen = torch.Generator().manual_seed(seed)
         x = self.spec.example_input(micro_batch_size, self.seq_len, self.device, generator=gen)
         self.target = self.spec.example_target(micro_batch_size, self.seq_len, self.device, generator=gen)
