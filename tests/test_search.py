@@ -246,3 +246,16 @@ def test_additive_lower_bound_never_exceeds_the_fast_evaluator() -> None:
         assert sp.lower_bound_s <= ev.fast.pipeline_time_s * (1 + 1e-9), c
         checked += 1
     assert checked >= 10
+
+
+def test_cut_bytes_match_the_graph_cuts_on_a_dag() -> None:
+    from pipetrain.planner.build import cut_bytes
+
+    g = synthetic_graph(8, 2, seed=9)
+    skip = LayerGraph(model="dag", granularity="block", micro_batch_size=2, seq_len=512, dtype="bf16", nodes=g.nodes,
+                      edges=g.edges + (Edge(src=1, dst=4), Edge(src=2, dst=6), Edge(src=1, dst=3)), input_shape=(2, 512))
+    for graph in (g, skip):
+        out, legal = cut_bytes(graph)
+        assert legal == tuple(c.position for c in graph.cuts)
+        for k in range(1, graph.num_nodes):
+            assert out[k] == graph.cut(k).bytes, k

@@ -33,7 +33,7 @@ from pipetrain.planner.topology import Device, DeviceType, Topology
 from pipetrain.schedules import Schedule
 from pipetrain.simulator import BoundarySpec, ComputeGroup, DataParallelSpec, Link, SimInput, StageSpec
 
-__all__ = ["StageTables", "Placement", "placement", "sim_input", "rank_caps", "rank_device_type", "held_in_flight"]
+__all__ = ["StageTables", "Placement", "placement", "sim_input", "rank_caps", "rank_device_type", "held_in_flight", "cut_bytes"]
 
 #: Gradients are all-reduced in fp32 whatever the training dtype: pipetrain's executor keeps fp32
 #: master weights under autocast and reduces one flat fp32 buffer per stage after the pipeline
@@ -52,6 +52,30 @@ def _node_times(cost: CostModel, graph: LayerGraph, dt: DeviceType) -> tuple[np.
         c = cost.stage_costs(graph, i, i + 1, dt)
         f[i], b[i], w[i] = c.t_fwd_s, c.t_bwd_s, c.t_wgrad_s
     return f, b, w
+
+
+def cut_bytes(graph: LayerGraph) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Bytes crossing every cut position 0..n (0 at the ends) and the legal cut positions.
+
+    The same as ``graph.cut(k).bytes`` for every k (a test checks it) in one pass over the
+    edges: source ``u`` crosses the cuts ``u+1 .. (its last consumer)``, once however many
+    consumers it has.
+    """
+    n = graph.num_nodes
+    last = {}
+    for e in graph.edges:
+        last[e.src] = max(last.get(e.src, e.src), e.dst)
+    diff = np.zeros(n + 2)
+    crossing = np.zeros(n + 2, dtype=int)
+    for u, v in last.items():
+        diff[u + 1] += graph.nodes[u].output_bytes
+        diff[v + 1] -= graph.nodes[u].output_bytes
+        crossing[u + 1] += 1
+        crossing[v + 1] -= 1
+    out = np.cumsum(diff)[: n + 1]
+    count = np.cumsum(crossing)[: n + 1]
+    out[0] = out[n] = 0.0
+    return out, tuple(k for k in range(1, n) if count[k] > 0)
 
 
 def held_in_flight(schedule: Schedule) -> tuple[int, ...]:
@@ -80,8 +104,9 @@ class StageTables:
         self.per_param = bytes_per_param(graph.dtype, optimizer)
         self.params = np.array([nd.param_count for nd in graph.nodes], dtype=float)
         self.saved = np.array([nd.saved_bytes for nd in graph.nodes], dtype=float)
-        self.input_bytes = np.array([stage_input_bytes(graph, i) for i in range(n)] + [0.0])
-        self.cut_bytes = np.array([0.0] + [float(graph.cut(i).bytes) for i in range(1, n)] + [0.0])
+        self.cut_bytes, self.legal_cuts = cut_bytes(graph)
+        self.input_bytes = self.cut_bytes.copy()
+        self.input_bytes[0] = float(stage_input_bytes(graph, 0))
         self.loss_bytes = float(loss_saved_bytes(graph))
         self._times: dict[tuple[str, bool], np.ndarray] = {}
         self._node_times: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}

@@ -228,7 +228,7 @@ class _Searcher:
     def cuts(self, tab: StageTables) -> list[int]:
         key = id(tab)
         if key not in self._cuts:
-            self._cuts[key] = [cut.position for cut in tab.graph.cuts]
+            self._cuts[key] = list(tab.legal_cuts)
         return self._cuts[key]
 
     def screen(self, sp: _Split, split: PartitionResult | None = None) -> Evaluated:
@@ -353,8 +353,18 @@ def search(job: Job, *, graph_for: Callable[[int], LayerGraph] | None = None, to
         screened.append(s.screen(sp))
     screened.sort(key=lambda e: (e.fast.step_time_s, e.candidate))
     top = screened[:max(1, top_k)]
-    top = [s.polish(ev, polish_actions / len(top)) for ev in top]
-    confirmed = [replace(ev, sim=simulate(ev.inp), state=None) for ev in top]  # type: ignore[arg-type]
+    top = sorted((s.polish(ev, polish_actions / len(top)) for ev in top), key=lambda e: (e.fast.step_time_s, e.candidate))
+    confirmed: list[Evaluated] = []
+    best_sim = math.inf
+    for ev in top:
+        # simpy only adds waits (contention, shared compute, back-pressure) to the longest path, so a
+        # point whose contention-free time already exceeds the confirmed best cannot win
+        if ev.fast.step_time_s > best_sim:
+            continue
+        done = replace(ev, sim=simulate(ev.inp), state=None)  # type: ignore[arg-type]
+        confirmed.append(done)
+        if done.fits():
+            best_sim = min(best_sim, done.sim.step_time_s)  # type: ignore[union-attr]
     screened = [replace(e, state=None, inp=None) for e in screened]  # drop the working matrices
     fitting = [e for e in confirmed if e.fits()]
     for e in confirmed:
