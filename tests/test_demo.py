@@ -18,8 +18,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 def test_demo_end_to_end(tmp_path: Path) -> None:
     run_dir = tmp_path / "demo"
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "pipetrain", "demo", "--run-dir", str(run_dir)], capture_output=True, text=True,
-                       timeout=200, cwd=tmp_path)
+    script = Path(sys.executable).parent / "pipetrain"  # the console script the README's command runs
+    cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "pipetrain"]
+    r = subprocess.run([*cmd, "demo", "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=200, cwd=tmp_path)
     elapsed = time.perf_counter() - t0
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert elapsed < 180, f"demo took {elapsed:.0f} s"

@@ -6,6 +6,8 @@ the run's plan, and writes ``report.html`` (images embedded, no network needed),
 figure, ``summary.json`` and Chrome traces of the simulated and measured timelines
 (``trace_simulated.json``, ``trace_measured.json``, for Perfetto). ``--check`` opens the page in
 headless Chromium, checks every image decodes and is not blank, and keeps a screenshot.
+A run that was not validated yet is validated first when it saved its final weights
+(``--save-final``); the landscape search is cached in ``RUN_DIR/landscape-<plan hash>.json``.
 A missing or corrupt run directory is one line and exit code 2.
 """
 
