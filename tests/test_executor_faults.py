@@ -27,8 +27,10 @@ def plan_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return p
 
 
-def _cmd(plan: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "pipetrain", "run", str(plan), "--run-dir", str(run_dir), *extra]
+def _cmd(plan: Path, run_dir: Path, *extra: str, cli: bool = True) -> list[str]:
+    """``pipetrain run``, or its bare launcher (same errors and exit codes, no after-run summaries)."""
+    entry = ["pipetrain", "run"] if cli else ["pipetrain.executor.launch"]
+    return [sys.executable, "-m", *entry, str(plan), "--run-dir", str(run_dir), *extra]
 
 
 def _alive(pid: int) -> bool:
@@ -84,7 +86,7 @@ def test_killed_rank_stops_every_rank_and_is_named(plan_path: Path, tmp_path: Pa
 def test_raising_rank_is_named_with_its_error(plan_path: Path, tmp_path: Path) -> None:
     env = dict(os.environ, PIPETRAIN_FAULT="1:2:3:raise")
     t0 = time.time()
-    r = subprocess.run(_cmd(plan_path, tmp_path / "run", "--steps", "50"), capture_output=True, text=True, timeout=120, env=env)
+    r = subprocess.run(_cmd(plan_path, tmp_path / "run", "--steps", "50", cli=False), capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 2
     assert time.time() - t0 < 60
     assert "error: rank 1 (pipeline rank 1, replica 0) failed: RuntimeError: injected fault at step 2, action 3" in r.stderr, r.stderr[-2000:]
@@ -107,7 +109,7 @@ def test_ctrl_c_stops_cleanly(plan_path: Path, tmp_path: Path) -> None:
 
 
 def test_kill_after_step_10_then_resume_is_identical(plan_path: Path, tmp_path: Path) -> None:
-    full = subprocess.run(_cmd(plan_path, tmp_path / "full", "--steps", "20"), capture_output=True, text=True, timeout=120)
+    full = subprocess.run(_cmd(plan_path, tmp_path / "full", "--steps", "20", cli=False), capture_output=True, text=True, timeout=120)
     assert full.returncode == 0, full.stderr[-2000:]
     run_dir = tmp_path / "killed"
     # rank 1 kills itself (SIGKILL) in the middle of step 11, after the step-10 checkpoint
@@ -118,7 +120,7 @@ def test_kill_after_step_10_then_resume_is_identical(plan_path: Path, tmp_path: 
     ckpt = run_dir / "checkpoints" / "step_00000010" / "rank1.pt"
     state = torch.load(ckpt, weights_only=True)
     assert state["step"] == 10 and "optimizer" in state and "rng" in state
-    resumed = subprocess.run(_cmd(plan_path, run_dir, "--steps", "20", "--checkpoint-every", "5", "--resume"),
+    resumed = subprocess.run(_cmd(plan_path, run_dir, "--steps", "20", "--checkpoint-every", "5", "--resume", cli=False),
                              capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = load_result(tmp_path / "full"), load_result(run_dir)

@@ -22,7 +22,7 @@ BF16_REL_TOL = 1e-2
 
 
 def _run(plan_path: Path, run_dir: Path, steps: int) -> None:
-    r = subprocess.run([sys.executable, "-m", "pipetrain", "run", str(plan_path), "--run-dir", str(run_dir), "--steps",
+    r = subprocess.run([sys.executable, "-m", "pipetrain.executor.launch", str(plan_path), "--run-dir", str(run_dir), "--steps",
                         str(steps), "--dataset", DATA], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
 

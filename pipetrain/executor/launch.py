@@ -23,7 +23,7 @@ from pipetrain.errors import RunError
 from pipetrain.executor.config import RunConfig, config_to_argv
 from pipetrain.plan import Plan
 
-__all__ = ["free_port", "launch", "describe_failure", "worker_env"]
+__all__ = ["free_port", "launch", "describe_failure", "worker_env", "main"]
 
 
 def free_port() -> int:
@@ -104,3 +104,34 @@ def launch(cfg: RunConfig, *, plan: Plan | None = None, monitor_interval_s: floa
     except ChildFailedError as exc:
         raise RunError(describe_failure(run_dir, dict(exc.failures), plan.pp)) from None
     return load_result(run_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipetrain.executor.launch plan.json [run options]``: launch and print the losses.
+
+    The bare launcher of ``pipetrain run`` (same options, same one-line errors and exit codes),
+    without its live view and after-run summaries.
+    """
+    import argparse
+
+    from pipetrain.errors import PipetrainError
+    from pipetrain.executor.config import add_run_arguments, config_from_args
+
+    parser = argparse.ArgumentParser(prog="python -m pipetrain.executor.launch", description=main.__doc__.splitlines()[0])
+    add_run_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        res = launch(config_from_args(args))
+    except PipetrainError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: workers stopped", file=sys.stderr)
+        return 130
+    for s, loss, t in zip(res.steps, res.losses, res.step_times_s):
+        print(f"step {s + 1:5d}  loss {loss:.5f}  {t * 1e3:8.1f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
