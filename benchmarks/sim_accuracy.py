@@ -10,7 +10,8 @@ per rank) and compares the medians over the measured steps. Prints one row per c
 MAPE, the worst configuration, the Spearman rank correlation of the configurations by step
 time, and the share of stages whose busy time and activation memory are within 10%; writes
 ``OUT/sim_accuracy.json`` and a scatter plot ``OUT/sim_accuracy.png``. The machine load
-(/proc/loadavg) before each run is printed: other processes on a shared machine distort timings.
+(the share of the cores other processes used during each run, from /proc/stat) is printed: other
+processes on a shared machine distort timings; ``--wait-idle S`` waits for a quiet moment before each run.
 
     .venv/bin/python benchmarks/sim_accuracy.py [--subset] [--steps 12] [--out runs/sim_accuracy]
 """
@@ -50,6 +51,35 @@ def loadavg() -> float:
         return float("nan")
 
 
+def cpu_busy_s() -> float:
+    """Seconds all cores of this machine spent not idle (/proc/stat: user+nice+system+irq+softirq+steal)."""
+    f = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this process and its reaped children (the run's workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def wait_idle(max_wait_s: float) -> float:
+    """Wait (at most ``max_wait_s``) until no other process has been runnable for 1 s; return the seconds waited."""
+    t0 = time.monotonic()
+    quiet_since = None
+    while time.monotonic() - t0 < max_wait_s:
+        running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+        if running <= 1:
+            quiet_since = quiet_since or time.monotonic()
+            if time.monotonic() - quiet_since >= 1.0:
+                break
+        else:
+            quiet_since = None
+        time.sleep(0.1)
+    return time.monotonic() - t0
+
+
 def run_one(cfg: tuple[str, int, int, int, str], out: Path, steps: int, warmup: int, cal: object) -> tuple[Fidelity, float]:
     from pipetrain.executor.config import RunConfig
     from pipetrain.executor.launch import launch
@@ -63,8 +93,11 @@ def run_one(cfg: tuple[str, int, int, int, str], out: Path, steps: int, warmup: 
     plan = simple_plan(model, pp=p, dp=d, m=m, mbs=mbs, seq_len=seq_len, schedule=sched)
     name = f"{model}-p{p}d{d}m{m}-{sched}"
     plan.save(out / name / "plan.json")
-    load = loadavg()
+    busy0, own0, t0 = cpu_busy_s(), own_cpu_s(), time.monotonic()
     launch(RunConfig(plan_path=str(out / name / "plan.json"), run_dir=str(out / name / "run"), steps=steps, threads=1, timeout_s=120))
+    wall = time.monotonic() - t0
+    # share of the machine's cores other processes used while this configuration ran
+    load = max(0.0, (cpu_busy_s() - busy0) - (own_cpu_s() - own0)) / (wall * (os.cpu_count() or 1))
     meas = measure_run(out / name / "run", plan, warmup_steps=warmup)
     inp, sim, source = simulate_plan(plan, calibration=cal)
     return compare(plan, inp, sim, meas, label=name, cost_source=source), load
@@ -78,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/sim_accuracy", help="output directory")
     ap.add_argument("--calibration", default=None, help="calibration JSON (default: calibrate now into OUT/calibration.json)")
     ap.add_argument("--seed", type=int, default=0, help="shuffles the order of the runs")
+    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
+                    help="before each run wait up to S seconds for no other runnable process (shared machines)")
     a = ap.parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = "1"
     from pipetrain.executor.calibration import load_calibration, run_calibration
@@ -101,16 +136,18 @@ def main(argv: list[str] | None = None) -> int:
     random.Random(a.seed).shuffle(configs)
     results: list[tuple[Fidelity, float]] = []
     hdr = f"{'config':34s} {'sim ms':>8s} {'meas ms':>8s} {'step err':>8s} {'IQR %':>6s} {'busy err':>8s} " \
-          f"{'bubble sim/meas %':>17s} {'act err':>7s} {'load':>5s}"
+          f"{'bubble sim/meas %':>17s} {'act err':>7s} {'other %':>7s}"
     print(hdr)
     for cfg in configs:
+        if a.wait_idle > 0:
+            wait_idle(a.wait_idle)
         f, load = run_one(cfg, out, a.steps, a.warmup, cal)
         results.append((f, load))
         iqr = (f.meas_step_iqr_s[1] - f.meas_step_iqr_s[0]) / f.meas_step_s * 100
         worst_busy = max((s.busy_error for s in f.stages), key=abs)
         worst_act = max((s.activation_error for s in f.stages), key=abs)
         print(f"{f.label:34s} {f.sim_step_s * 1e3:8.1f} {f.meas_step_s * 1e3:8.1f} {f.step_error * 100:+7.1f}% {iqr:6.1f} "
-              f"{worst_busy * 100:+7.1f}% {f.sim_bubble * 100:8.1f}/{f.meas_bubble * 100:<8.1f} {worst_act * 100:+6.1f}% {load:5.2f}",
+              f"{worst_busy * 100:+7.1f}% {f.sim_bubble * 100:8.1f}/{f.meas_bubble * 100:<8.1f} {worst_act * 100:+6.1f}% {load * 100:6.0f}%",
               flush=True)
     fids = [f for f, _ in results]
     errs = [f.step_error for f in fids]
@@ -124,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         "spearman_step_time": rho, "busy_mape": mape(busy), "busy_within_10pct": sum(abs(e) <= 0.10 for e in busy) / len(busy),
         "busy_max_abs_error": max(abs(e) for e in busy), "bubble_mean_abs_diff_pp": mape(bub),
         "activation_mape": mape(act), "activation_within_10pct": sum(abs(e) <= 0.10 for e in act) / len(act),
-        "activation_max_abs_error": max(abs(e) for e in act), "load_min": min(l for _, l in results),
-        "load_max": max(l for _, l in results), "elapsed_s": time.perf_counter() - t0, "steps": a.steps, "warmup": a.warmup,
+        "activation_max_abs_error": max(abs(e) for e in act), "other_cpu_share_min": min(l for _, l in results),
+        "other_cpu_share_max": max(l for _, l in results), "elapsed_s": time.perf_counter() - t0, "steps": a.steps, "warmup": a.warmup,
         "subset": a.subset, "command": cmd,
     }
     print()
@@ -136,9 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bubble: mean |sim - measured| {summary['bubble_mean_abs_diff_pp']:.1f} percentage points")
     print(f"activation memory in flight: MAPE {summary['activation_mape'] * 100:.1f}%, within 10%: "
           f"{summary['activation_within_10pct'] * 100:.0f}% of stages, worst {summary['activation_max_abs_error'] * 100:.1f}%")
-    print(f"load average during the grid: {summary['load_min']:.2f} .. {summary['load_max']:.2f} on {os.cpu_count()} cores; "
-          f"{summary['elapsed_s']:.0f} s")
-    (out / "sim_accuracy.json").write_text(json.dumps({"summary": summary, "configs": [dict(f.to_dict(), load=l) for f, l in results]}, indent=1))
+    print(f"other processes used {summary['other_cpu_share_min'] * 100:.0f}% .. {summary['other_cpu_share_max'] * 100:.0f}% of the {os.cpu_count()} cores "
+          f"during the runs (/proc/stat minus this benchmark's CPU); load average now {loadavg():.2f}; {summary['elapsed_s']:.0f} s")
+    (out / "sim_accuracy.json").write_text(json.dumps({"summary": summary, "configs": [dict(f.to_dict(), other_cpu_share=l) for f, l in results]}, indent=1))
     from pipetrain.reports.charts import scatter_figure
 
     fig = scatter_figure([f.sim_step_s for f in fids], [f.meas_step_s for f in fids], [f.label for f in fids],

@@ -208,3 +208,18 @@ def test_real_run_fidelity_plumbing(tmp_path: Path) -> None:
         assert s.meas_busy_s > 0 and s.sim_busy_s > 0
         assert s.sim_in_flight == s.meas_in_flight
         assert abs(s.activation_error) < 0.01, s  # saved-for-backward bytes: the memory model is exact here
+
+
+def test_clip_sync_makes_every_optimizer_step_wait_for_the_last_rank() -> None:
+    """The executor clips by the global gradient norm: one scalar all-reduced over all ranks before any update."""
+    from pipetrain.simulator import Link, fast_evaluate, simulate, uniform
+
+    base = uniform(2, 2, "gpipe", t_fwd_s=1e-3, t_bwd_s=2e-3, t_optimizer_s=5e-4)
+    synced = replace(base, clip_sync_link=Link(name="p2p", latency_s=1e-3, bandwidth_bytes_per_s=1e12))
+    for ev in (simulate, fast_evaluate):
+        assert ev(base).step_time_s == pytest.approx(9.5e-3)  # rank 0 ends last at 9 ms, then its update
+        r = ev(synced)
+        assert r.pipeline_time_s == pytest.approx(9e-3)
+        assert r.step_time_s == pytest.approx(9e-3 + 2 * 1e-3 + 5e-4, rel=1e-6)  # ring all-reduce of 8 bytes on 2 ranks
+    opt = [e for e in simulate(synced).events if e.kind == "OPT"]
+    assert len(opt) == 2 and all(e.start_s == pytest.approx(11e-3, rel=1e-6) for e in opt)

@@ -173,7 +173,8 @@ def simulate_plan(plan: Plan, *, calibration: Any = None, cost: Any = None, topo
     sched = make_schedule(plan.schedule, plan.pp, plan.num_microbatches, plan.chunks, buffers=buffers)
     inp = sim_input(tables=StageTables(graph, cost, optimizer=plan.optimizer), topology=topo, place=placement(topo, plan.pp, plan.dp),
                     schedule=sched, ranges=[(st.block_start, st.block_end) for st in plan.stages], buffers=buffers,
-                    recompute=[st.recompute for st in plan.stages], in_flight=peak_in_flight(sched), dp_overlap=False)
+                    recompute=[st.recompute for st in plan.stages], in_flight=peak_in_flight(sched), dp_overlap=False,
+                    clip_sync=True)
     return inp, simulate(inp), source
 
 

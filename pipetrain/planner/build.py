@@ -237,8 +237,11 @@ def _compute_groups(topology: Topology, place: Placement) -> tuple[ComputeGroup,
 
 def sim_input(*, tables: StageTables, topology: Topology, place: Placement, schedule: Schedule,
               ranges: Sequence[tuple[int, int]], buffers: Sequence[int], recompute: Sequence[bool],
-              in_flight: Sequence[int], dp_overlap: bool = False) -> SimInput:
-    """The simulator's input for one split; stage ``s`` runs on pipeline rank ``s % pp``."""
+              in_flight: Sequence[int], dp_overlap: bool = False, clip_sync: bool = False) -> SimInput:
+    """The simulator's input for one split; stage ``s`` runs on pipeline rank ``s % pp``.
+
+    ``clip_sync``: the optimizer steps wait for a global gradient-norm all-reduce (as the executor clips).
+    """
     g = tables.graph
     stages = []
     peak_flops = min(rank_device_type(topology, place, r).peak_flops(g.dtype) for r in range(place.pp))
@@ -276,4 +279,6 @@ def sim_input(*, tables: StageTables, topology: Topology, place: Placement, sche
                     compute_groups=_compute_groups(topology, place), data_parallel=dpl,
                     micro_batch_size=g.micro_batch_size, seq_len=g.seq_len,
                     model_flops_per_sample=(g.fwd_flops + g.bwd_flops) / g.micro_batch_size,
-                    peak_flops_per_device=peak_flops)
+                    peak_flops_per_device=peak_flops,
+                    clip_sync_link=_sim_link(topology, place.devices[0][0], place.devices[0][1] if place.pp > 1 else place.devices[1][0])
+                    if clip_sync and place.pp * place.dp > 1 else None)

@@ -193,6 +193,9 @@ class SimInput:
     seq_len: int = 1
     model_flops_per_sample: float = 0.0
     peak_flops_per_device: float = 0.0
+    #: global gradient-norm clipping: before any optimizer step every rank all-reduces one scalar over
+    #: all ranks on this link, so the optimizer steps wait for the slowest rank (None: no such barrier)
+    clip_sync_link: Link | None = None
 
     def __post_init__(self) -> None:
         n = self.schedule.num_stages

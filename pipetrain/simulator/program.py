@@ -120,11 +120,14 @@ def end_of_step(inp: SimInput, rank_end_s: list[float], grad_start_s: list[float
     start and end of stage ``s``'s last gradient-producing action. A rank's all-reduces run one
     after another on its data-parallel link (ring, :func:`ring_allreduce_time_s`): with overlap from
     the start of that action (and not ending before it ends), else after the rank's last compute.
-    Then the rank's optimizer steps run one after another. Returns the step time and the events.
+    Then the rank's optimizer steps run one after another; with ``inp.clip_sync_link`` (global
+    gradient-norm clipping) they start only after one scalar has been all-reduced over every rank,
+    once all ranks are done with the above. Returns the step time and the events.
     """
     sched, dp = inp.schedule, inp.data_parallel
     events: list[EventTuple] = []
     step = 0.0
+    ready: list[float] = []
     for r in range(sched.num_ranks):
         stages = sorted(sched.stages_of(r), key=lambda s: (grad_end_s[s], s))
         link_free = 0.0
@@ -141,6 +144,13 @@ def end_of_step(inp: SimInput, rank_end_s: list[float], grad_start_s: list[float
             link_free = end
             t = max(t, end)
             events.append((s, r, "ALLREDUCE", -1, start, end, int(spec.grad_bytes)))
+        ready.append(t)
+    if inp.clip_sync_link is not None:  # global-norm clipping: one scalar all-reduced over every rank first
+        t_sync = max(ready) + ring_allreduce_time_s(8.0, sched.num_ranks * dp.width, inp.clip_sync_link)
+        ready = [t_sync] * len(ready)
+    for r in range(sched.num_ranks):
+        stages = sorted(sched.stages_of(r), key=lambda s: (grad_end_s[s], s))
+        t = ready[r]
         for s in sorted(stages):
             t_opt = inp.stages[s].t_optimizer_s
             if t_opt > 0.0:
