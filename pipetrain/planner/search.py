@@ -359,7 +359,7 @@ def search(job: Job, *, graph_for: Callable[[int], LayerGraph] | None = None, to
     for ev in top:
         # simpy only adds waits (contention, shared compute, back-pressure) to the longest path, so a
         # point whose contention-free time already exceeds the confirmed best cannot win
-        if ev.fast.step_time_s > best_sim:
+        if ev.fast.step_time_s > best_sim * 1.001:  # (0.1%: the tie band of the final choice)
             continue
         done = replace(ev, sim=simulate(ev.inp), state=None)  # type: ignore[arg-type]
         confirmed.append(done)
@@ -374,7 +374,10 @@ def search(job: Job, *, graph_for: Callable[[int], LayerGraph] | None = None, to
                                  f"{format_bytes(e.rank_peaks_bytes()[worst])} > {format_bytes(e.rank_caps_bytes[worst])}"))
     if not fitting:
         raise _nothing_fits(job, s, explain)
-    fitting.sort(key=lambda e: (e.sim.step_time_s, e.candidate))  # type: ignore[union-attr]
+    fastest = min(e.sim.step_time_s for e in fitting)  # type: ignore[union-attr]
+    # within 0.1% of the fastest (a tie, given the model's accuracy) the plan needing less memory wins
+    fitting.sort(key=lambda e: (math.floor((e.sim.step_time_s / fastest - 1.0) * 1000), max(e.rank_peaks_bytes()),  # type: ignore[union-attr]
+                                e.sim.step_time_s, e.candidate))  # type: ignore[union-attr]
     return SearchResult(best=fitting[0], confirmed=tuple(fitting), screened=tuple(screened), infeasible=tuple(s.infeasible),
                         tables=s.tables, topology=topo, job=job, elapsed_s=time.perf_counter() - t0, pruned=pruned)
 
