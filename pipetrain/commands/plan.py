@@ -15,7 +15,7 @@ from typing import Any
 
 from pipetrain.errors import ConfigError
 
-__all__ = ["add_arguments", "run", "add_job_arguments", "job_from_args", "print_plan"]
+__all__ = ["add_arguments", "run", "add_job_arguments", "job_from_args", "graph_source", "print_plan"]
 
 #: flag dest -> job key
 _FLAG_KEYS = {"model": "model", "topology": "topology", "global_batch": "global_batch", "seq_len": "seq_len", "dtype": "dtype",
@@ -144,6 +144,16 @@ def print_plan(outcome, console=None) -> None:  # outcome: PlanOutcome
                   f"in {res.elapsed_s:.2f} s")
 
 
+def _progress(text: str):  # -> context manager
+    """A rich spinner on a terminal (planning takes seconds); nothing in logs and pipes."""
+    import contextlib
+
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    return console.status(text) if console.is_terminal else contextlib.nullcontext()
+
+
 def run(args: argparse.Namespace) -> int:
     from pipetrain.planner.explain import plan_job
 
@@ -156,7 +166,8 @@ def run(args: argparse.Namespace) -> int:
         from pipetrain.executor.calibration import calibrated_for
 
         extra = dict(zip(("topology", "cost"), calibrated_for(job.topology, args.calibration)))
-    outcome = plan_job(job, graph_for=graph_for, top_k=args.top_k, price_pins=not args.no_pin_cost, **extra)
+    with _progress(f"planning {job.model} on {job.topology}"):
+        outcome = plan_job(job, graph_for=graph_for, top_k=args.top_k, price_pins=not args.no_pin_cost, **extra)
     if args.output:
         path = outcome.plan.save(args.output)
     if args.json:

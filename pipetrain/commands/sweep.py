@@ -108,7 +108,10 @@ def run(args: argparse.Namespace) -> int:
     vary = parse_vary(args.vary)
     job = job_from_args(args)
     graph_for, job = graph_source(args, job)
-    rows = sweep(job, vary, graph_for=graph_for)
+    from pipetrain.commands.plan import _progress
+
+    with _progress(f"sweeping {' x '.join(k for k, _ in vary)} for {job.model}"):
+        rows = sweep(job, vary, graph_for=graph_for)
     if args.json:
         print(json.dumps({"job": job.model, "topology": job.topology, "vary": [k for k, _ in vary], "rows": rows}, indent=2))
         return 0
