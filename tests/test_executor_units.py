@@ -1,0 +1,115 @@
+"""Executor pieces in one process: plans, boundary checks, schedules it refuses, local hand-over,
+checkpoints and failure naming (a one-rank gloo group where a group is needed)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.distributed as dist  # noqa: E402
+
+from pipetrain.errors import PlanError, RunError, ScheduleError  # noqa: E402
+from pipetrain.executor.checkpoint import load_rank, mark_latest, save_rank  # noqa: E402
+from pipetrain.executor.config import RunConfig  # noqa: E402
+from pipetrain.executor.launch import describe_failure  # noqa: E402
+from pipetrain.executor.plans import even_boundaries, simple_plan  # noqa: E402
+from pipetrain.executor.reference import reference_run  # noqa: E402
+from pipetrain.executor.stage import build_meta, check_boundaries, load_spec  # noqa: E402
+from pipetrain.plan import TensorSpec  # noqa: E402
+
+
+def test_simple_plan_split_specs_and_buffers() -> None:
+    assert even_boundaries(6, 4) == (2, 4, 5)
+    plan = simple_plan("tiny-gpt", pp=4, m=8, mbs=2, seq_len=16)
+    assert [st.buffers for st in plan.stages] == [4, 3, 2, 1]  # 1F1B: min(p - s, m)
+    assert plan.stages[1].inputs == (TensorSpec(shape=(2, 16, 64), dtype="float32"),)
+    assert [st.buffers for st in simple_plan("tiny-gpt", pp=2, m=5, mbs=1, seq_len=8, schedule="gpipe").stages] == [5, 5]
+    with pytest.raises(PlanError, match="cannot split 6 blocks into 8 stages"):
+        simple_plan("tiny-gpt", pp=8, m=8, mbs=1, seq_len=8)
+
+
+def test_boundary_mismatch_names_both() -> None:
+    plan = simple_plan("tiny-gpt", pp=2, m=2, mbs=2, seq_len=16)
+    spec = load_spec("tiny-gpt")
+    check_boundaries(plan, spec, build_meta(spec))  # the plan's own shapes pass
+    bad_stage = dataclasses.replace(plan.stages[1], inputs=(TensorSpec(shape=(2, 16, 32), dtype="float32"),))
+    bad = dataclasses.replace(plan, stages=(plan.stages[0], bad_stage))
+    with pytest.raises(PlanError) as exc:
+        check_boundaries(bad, spec, build_meta(spec))
+    msg = str(exc.value)
+    assert "[2, 16, 32]" in msg and "[2, 16, 64]" in msg and "stage 1 inputs" in msg
+    bad_dtype = dataclasses.replace(plan.stages[0], outputs=(TensorSpec(shape=(2, 16, 64), dtype="bfloat16"),))
+    with pytest.raises(PlanError, match="bfloat16"):
+        check_boundaries(dataclasses.replace(plan, stages=(bad_dtype, plan.stages[1])), spec, build_meta(spec))
+
+
+def test_zero_bubble_is_refused_and_not_runnable() -> None:
+    from pipetrain.executor.runtime import RUNNABLE_SCHEDULES, PipelineRuntime
+    from pipetrain.schedules import make_schedule
+
+    assert "zb-h1" not in RUNNABLE_SCHEDULES
+    sched = make_schedule("zb-h1", 2, 4)
+    with pytest.raises(ScheduleError, match="simulation-only"):
+        PipelineRuntime(stages={}, order=sched.compute_order(0), num_stages=2, num_microbatches=4, loss_fn=None,  # type: ignore[arg-type]
+                        loss_scale=1.0, telemetry=None, timeout=datetime.timedelta(seconds=1))  # type: ignore[arg-type]
+
+
+@pytest.fixture()
+def one_rank_group(tmp_path: Path):  # type: ignore[no-untyped-def]
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=30))
+    yield
+    dist.destroy_process_group()
+
+
+def test_two_stages_on_one_rank_hand_over_in_memory(one_rank_group: None, tmp_path: Path) -> None:
+    """Interleaved with p=1: stage 0 and 1 share the rank; tied embedding/head share the submodule."""
+    from pipetrain.executor.trainer import Trainer
+
+    plan = simple_plan("tiny-gpt", pp=1, m=4, mbs=2, seq_len=16, schedule="interleaved", chunks=2)
+    cfg = RunConfig(plan_path="-", run_dir=str(tmp_path), steps=5)
+    spec = load_spec("tiny-gpt")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tr = Trainer(cfg, plan, spec, build_meta(spec), torch.device("cpu"), datetime.timedelta(seconds=30), 0, tmp_path)
+        losses = [tr.train_step(k) for k in range(5)]
+    finally:
+        torch.set_num_threads(before)
+    ref = reference_run(plan, steps=5)
+    assert tr.runtimes[0].next_local and tr.runtimes[1].prev_local
+    for got, want in zip(losses, ref.losses):
+        assert abs(got - want) <= 1e-5 * want
+
+
+def test_checkpoint_roundtrip_and_refusal(tmp_path: Path) -> None:
+    state = {"step": 3, "plan_hash": "abc", "model": {0: {"w": torch.ones(2)}}, "optimizer": {"state": {}, "param_groups": []},
+             "rng": torch.get_rng_state()}
+    save_rank(tmp_path, 3, 0, state)
+    assert load_rank(tmp_path, 0, "abc") is None  # no latest.json yet: the checkpoint is incomplete
+    mark_latest(tmp_path, 3, 1)
+    got = load_rank(tmp_path, 0, "abc")
+    assert got is not None and got["step"] == 3 and torch.equal(got["model"][0]["w"], torch.ones(2))
+    with pytest.raises(RunError, match="another plan"):
+        load_rank(tmp_path, 0, "xyz")
+    with pytest.raises(RunError, match="different world size"):
+        load_rank(tmp_path, 5, "abc")
+    assert not [p for p in (tmp_path / "checkpoints").rglob("*.tmp*")]
+
+
+def test_failure_naming_prefers_the_root_cause(tmp_path: Path) -> None:
+    fdir = tmp_path / "failures"
+    fdir.mkdir()
+    killed = SimpleNamespace(exitcode=-9, signal_name=lambda: "SIGKILL")
+    peer = SimpleNamespace(exitcode=3)
+    (fdir / "rank0.txt").write_text("peer RuntimeError: Connection reset by peer\n")
+    assert describe_failure(tmp_path, {0: peer, 3: killed}, pp=2) == "rank 3 (pipeline rank 1, replica 1) was killed by SIGKILL"
+    (fdir / "rank2.txt").write_text("root ValueError: bad thing\n")
+    os.utime(fdir / "rank2.txt", (1, 1))
+    assert describe_failure(tmp_path, {0: peer, 3: killed}, pp=2) == "rank 2 (pipeline rank 0, replica 1) failed: ValueError: bad thing"
