@@ -81,6 +81,8 @@ def test_measure_run_medians_busy_bubble_and_memory(tmp_path: Path) -> None:
     assert meas.bubble_fraction_per_stage == pytest.approx((1 - 6 / 9, 1 - 5.5 / 9))
     assert meas.peak_activation_bytes_per_rank == (1000.0, 300.0)
     assert meas.peak_in_flight_per_stage == (2, 1)
+    assert meas.step_time_iqr_s[0] == pytest.approx(9.5)  # lower quartile: the least disturbed steps
+    assert meas.quiet_busy_s_per_stage == pytest.approx((6.0, 5.5))
 
 
 def test_measure_run_without_telemetry_is_a_run_error(tmp_path: Path) -> None:

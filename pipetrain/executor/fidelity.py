@@ -46,6 +46,7 @@ class Measured:
     peak_activation_bytes_per_rank: tuple[float, ...]
     peak_in_flight_per_stage: tuple[int, ...]
     step_time_iqr_s: tuple[float, float] = (0.0, 0.0)
+    quiet_busy_s_per_stage: tuple[float, ...] = ()  # lower quartile over the steps (least disturbed by other load)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,6 +61,11 @@ class StageFidelity:
     meas_activation_bytes: float
     sim_in_flight: int
     meas_in_flight: int
+    meas_quiet_busy_s: float = 0.0
+
+    @property
+    def quiet_busy_error(self) -> float:
+        return _rel(self.sim_busy_s, self.meas_quiet_busy_s)
 
     @property
     def busy_error(self) -> float:
@@ -95,6 +101,11 @@ class Fidelity:
         return _rel(self.sim_step_s, self.meas_step_s)
 
     @property
+    def quiet_step_error(self) -> float:
+        """Against the lower quartile of the measured steps: on a shared machine, the least disturbed ones."""
+        return _rel(self.sim_step_s, self.meas_step_iqr_s[0])
+
+    @property
     def pipeline_error(self) -> float:
         return _rel(self.sim_pipeline_s, self.meas_pipeline_s)
 
@@ -110,12 +121,17 @@ class Fidelity:
         return {"label": self.label, "cost_source": self.cost_source, "sim_step_s": self.sim_step_s, "meas_step_s": self.meas_step_s,
                 "step_error": self.step_error, "sim_pipeline_s": self.sim_pipeline_s, "meas_pipeline_s": self.meas_pipeline_s,
                 "sim_bubble": self.sim_bubble, "meas_bubble": self.meas_bubble, "steps_measured": self.steps_measured,
-                "meas_step_iqr_s": list(self.meas_step_iqr_s),
+                "meas_step_iqr_s": list(self.meas_step_iqr_s), "quiet_step_error": self.quiet_step_error,
                 "stages": [{"stage": s.stage, "rank": s.rank, "sim_busy_s": s.sim_busy_s, "meas_busy_s": s.meas_busy_s,
                             "busy_error": s.busy_error, "sim_bubble": s.sim_bubble, "meas_bubble": s.meas_bubble,
                             "sim_activation_bytes": s.sim_activation_bytes, "meas_activation_bytes": s.meas_activation_bytes,
                             "activation_error": s.activation_error, "sim_in_flight": s.sim_in_flight,
-                            "meas_in_flight": s.meas_in_flight} for s in self.stages]}
+                            "meas_in_flight": s.meas_in_flight, "meas_quiet_busy_s": s.meas_quiet_busy_s,
+                            "quiet_busy_error": s.quiet_busy_error} for s in self.stages]}
+
+
+def _lower_quartile(xs: Sequence[float]) -> float:
+    return statistics.quantiles(xs, n=4)[0] if len(xs) >= 2 else xs[0]
 
 
 def _rel(sim: float, meas: float) -> float:
@@ -235,7 +251,8 @@ def measure_run(run_dir: str | Path, plan: Plan, *, warmup_steps: int = 1) -> Me
     return Measured(steps=tuple(use), step_time_s=statistics.median(steps_t), pipeline_time_s=statistics.median(spans),
                     busy_s_per_stage=tuple(statistics.median(b) for b in busy), bubble_fraction_per_stage=bubble_stage,
                     bubble_fraction=statistics.fmean(rank_bubble.values()), peak_activation_bytes_per_rank=tuple(peak_act),
-                    peak_in_flight_per_stage=tuple(in_flight), step_time_iqr_s=(q[0], q[2]))
+                    peak_in_flight_per_stage=tuple(in_flight), step_time_iqr_s=(q[0], q[2]),
+                    quiet_busy_s_per_stage=tuple(_lower_quartile(b) for b in busy))
 
 
 # ----- compare -------------------------------------------------------------------------------------
@@ -254,7 +271,8 @@ def compare(plan: Plan, inp: Any, sim: Any, meas: Measured, *, label: str = "", 
             sim_bubble=sim.bubble_fraction_per_stage[s], meas_bubble=meas.bubble_fraction_per_stage[s],
             sim_activation_bytes=inp.stages[s].activation_bytes * sim.peak_in_flight_per_stage[s],
             meas_activation_bytes=meas.peak_activation_bytes_per_rank[r] * share,
-            sim_in_flight=int(sim.peak_in_flight_per_stage[s]), meas_in_flight=int(meas.peak_in_flight_per_stage[s])))
+            sim_in_flight=int(sim.peak_in_flight_per_stage[s]), meas_in_flight=int(meas.peak_in_flight_per_stage[s]),
+            meas_quiet_busy_s=meas.quiet_busy_s_per_stage[s] if meas.quiet_busy_s_per_stage else meas.busy_s_per_stage[s]))
     return Fidelity(label=label or describe_plan(plan), cost_source=cost_source, sim_step_s=sim.step_time_s, meas_step_s=meas.step_time_s,
                     sim_pipeline_s=sim.pipeline_time_s, meas_pipeline_s=meas.pipeline_time_s, sim_bubble=sim.bubble_fraction,
                     meas_bubble=meas.bubble_fraction, stages=tuple(stages), steps_measured=len(meas.steps),
