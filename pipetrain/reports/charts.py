@@ -50,19 +50,29 @@ def convergence_figure(pipeline_loss: Sequence[float], reference_loss: Sequence[
 
 def memory_figure(predicted_bytes: Sequence[float], measured_bytes: Sequence[float] | None,
                   cap_bytes: Sequence[float] | None) -> Figure:
-    """Memory per stage: predicted vs measured bars, with the device cap as a marker."""
+    """Memory per stage: predicted vs measured bars, with the device cap as a marker.
+
+    Units follow the bars (MiB or GiB); when the cap dwarfs them (> 20x) the axis is logarithmic
+    so both the bars and the cap stay readable.
+    """
     fig = Figure(figsize=(7, 3.4), layout="constrained")
     ax = fig.add_subplot()
     n = len(predicted_bytes)
     x = np.arange(n)
+    top = max(list(predicted_bytes) + list(measured_bytes or []) + [1.0])
+    unit, name = (_GIB, "GiB") if top >= _GIB else (float(1 << 20), "MiB")
     w = 0.38 if measured_bytes is not None else 0.6
-    ax.bar(x - (w / 2 if measured_bytes is not None else 0), np.asarray(predicted_bytes) / _GIB, w, label="predicted")
+    ax.bar(x - (w / 2 if measured_bytes is not None else 0), np.asarray(predicted_bytes) / unit, w, label="predicted")
     if measured_bytes is not None:
-        ax.bar(x + w / 2, np.asarray(measured_bytes) / _GIB, w, label="measured")
+        ax.bar(x + w / 2, np.asarray(measured_bytes) / unit, w, label="measured")
     if cap_bytes is not None and any(c > 0 for c in cap_bytes):
-        ax.scatter(x, np.asarray(cap_bytes) / _GIB, marker="_", s=900, color="black", label="device cap", zorder=3)
+        ax.scatter(x, np.asarray(cap_bytes) / unit, marker="_", s=900, color="black", label="device cap", zorder=3)
+        if max(cap_bytes) > 20 * top:
+            ax.set_yscale("log")
+            low = min([v for v in list(predicted_bytes) + list(measured_bytes or []) if v > 0] or [top])
+            ax.set_ylim(bottom=low / unit / 10)
     ax.set_xticks(x, [f"stage {i}" for i in range(n)])
-    ax.set_ylabel("GiB")
+    ax.set_ylabel(name + (" (log)" if ax.get_yscale() == "log" else ""))
     ax.set_title("memory per stage")
     ax.legend(fontsize=8)
     return fig
@@ -113,6 +123,8 @@ def param_consistency_figure(max_abs: Sequence[float], rel: Sequence[float], tol
     ax.set_yscale("log")
     ax.set_xticks(x, [f"stage {i}" for i in x])
     ax.set_title("final parameters vs single device (floor 1e-16)")
+    if len(max_abs) and not np.any(np.asarray(max_abs)):
+        ax.text(0.5, 0.5, "identical to the single-device run (difference exactly 0)", ha="center", transform=ax.transAxes)
     ax.legend(fontsize=8)
     return fig
 
