@@ -108,3 +108,35 @@ def test_sweep_table_and_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert by[(8, "1f1b")]["bubble_fraction"] < by[(2, "1f1b")]["bubble_fraction"]  # more micro-batches, smaller bubble
     assert main(["sweep", *TINY, "--pp", "2", "--vary", "bandwidth=1e6,1e10"]) == 0
     assert "sweep of tiny-gpt" in capsys.readouterr().out
+
+
+def test_memory_caps_and_job_keys_parse() -> None:
+    from pipetrain.errors import ConfigError
+    from pipetrain.planner.job import job_from_mapping, parse_memory
+
+    assert parse_memory("70GiB") == (70 * 2**30, None)
+    assert parse_memory("80GB") == (80e9, None)
+    assert parse_memory("75e9") == (75e9, None)
+    assert parse_memory(1024) == (1024.0, None)
+    assert parse_memory("90%") == (None, 0.9)
+    for bad in ("0%", "120%", "-5GiB", "lots", True):
+        with pytest.raises(ConfigError):
+            parse_memory(bad)
+    job = job_from_mapping({"model": "m", "topology": "t", "global-batch": 8, "seq_len": 4, "buffers": "2,1",
+                            "recompute": [True, "no"], "boundaries": [3], "max_memory": "50%"})
+    assert job.buffers == (2, 1) and job.recompute == (True, False) and job.boundaries == (3,) and job.max_memory_fraction == 0.5
+    assert job.pinned == {"buffers": (2, 1), "recompute": (True, False), "boundaries": (3,)}
+    with pytest.raises(ConfigError, match="not global_batch"):
+        job_from_mapping({"model": "m", "topology": "t", "global_batch": 8, "seq_len": 4, "dp": 2, "microbatches": 3,
+                          "microbatch_size": 1})
+
+
+def test_sweep_device_type(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["sweep", "--model", "gpt2", "--topology", "dgx-h100:1", "--global-batch", "64", "--seq-len", "256", "--pp", "2",
+            "--vary", "device=h100-sxm,a100-80g", "--json"]
+    assert main(argv) == 0
+    rows = {r["device"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    # same plan space, a slower chip (312 vs 989 dense bf16 TFLOP/s): a longer step
+    assert rows["a100-80g"]["step_time_s"] > 1.5 * rows["h100-sxm"]["step_time_s"]
+    assert main(argv[:-3] + ["--vary", "device=tpu-v9"]) == 2
+    assert "device type 'tpu-v9' is unknown" in _one_line_error(capsys)

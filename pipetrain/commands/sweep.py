@@ -76,6 +76,9 @@ def sweep(job, vary: list[tuple[str, list[Any]]], *, graph_for=None, topology=No
     from pipetrain.planner.topology import resolve_topology
 
     base_topo = topology or resolve_topology(job.topology)
+    for knob, values in vary:  # a typo in a knob value is an error, not a row
+        for v in values if knob in ("device", "bandwidth") else ():
+            _topology(base_topo, knob, v)
     graph_for = graph_for or _tracer(job)
     rows = []
     for values in itertools.product(*[v for _, v in vary]):
