@@ -49,14 +49,43 @@ def test_boundary_mismatch_names_both() -> None:
         check_boundaries(dataclasses.replace(plan, stages=(bad_dtype, plan.stages[1])), spec, build_meta(spec))
 
 
-def test_zero_bubble_is_refused_and_not_runnable() -> None:
-    from pipetrain.executor.runtime import RUNNABLE_SCHEDULES, PipelineRuntime
+def test_split_backward_equals_full_backward() -> None:
+    """ZB's B (input grad) then W (weight grads) give bit-identical gradients to one full backward."""
+    from pipetrain.executor.splitbw import backward_input, backward_weight
+    from pipetrain.executor.stage import StageModule, materialize_blocks
+
+    spec = load_spec("tiny-gpt")
+
+    def stage() -> StageModule:
+        m = build_meta(spec)
+        materialize_blocks(m, range(len(m.blocks)), "cpu", 0)
+        return StageModule({i: m.blocks[i] for i in (2, 3, 4, 5)})
+
+    a, b = stage(), stage()
+    gen = torch.Generator().manual_seed(1)
+    x0 = torch.randn(2, 16, 64, generator=gen)
+    y = torch.randint(0, 256, (2, 16), generator=gen)
+    xa = x0.clone().requires_grad_()
+    (spec.loss(a(xa), y) * 0.25).backward()
+    xb = x0.clone().requires_grad_()
+    dx, state = backward_input(spec.loss(b(xb), y) * 0.25, None, xb)
+    assert torch.equal(dx, xa.grad)
+    assert all(p.grad is None for p in b.parameters())  # B computed no weight gradient
+    assert len(state.nodes) > 10
+    backward_weight(state)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert q.grad is not None and torch.equal(p.grad, q.grad), name
+
+
+def test_zero_bubble_runnable_but_not_with_recompute() -> None:
+    from pipetrain.executor.runtime import RUNNABLE_SCHEDULES, PipelineRuntime, StageRuntime
     from pipetrain.schedules import make_schedule
 
-    assert "zb-h1" not in RUNNABLE_SCHEDULES
+    assert "zb-h1" in RUNNABLE_SCHEDULES
     sched = make_schedule("zb-h1", 2, 4)
-    with pytest.raises(ScheduleError, match="simulation-only"):
-        PipelineRuntime(stages={}, order=sched.compute_order(0), num_stages=2, num_microbatches=4, loss_fn=None,  # type: ignore[arg-type]
+    st = SimpleNamespace(recompute=True)
+    with pytest.raises(ScheduleError, match="recomputation"):
+        PipelineRuntime(stages={0: st}, order=sched.compute_order(0), num_stages=2, num_microbatches=4, loss_fn=None,  # type: ignore[arg-type, dict-item]
                         loss_scale=1.0, telemetry=None, timeout=datetime.timedelta(seconds=1))  # type: ignore[arg-type]
 
 

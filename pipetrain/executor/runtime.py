@@ -25,14 +25,14 @@ from torch import nn
 
 from pipetrain.errors import RunError, ScheduleError
 from pipetrain.executor.comm import BufferPool, tag_of
+from pipetrain.executor.splitbw import backward_input, backward_weight
 from pipetrain.executor.telemetry import Telemetry
 
 __all__ = ["RUNNABLE_SCHEDULES", "StageRuntime", "PipelineRuntime", "SavedBytes"]
 
-#: Schedules this executor runs (the planner reads this literal with ``ast``). zb-h1 needs a
-#: backward split into input-grad and weight-grad passes, which is not implemented: B is a full
-#: backward here, so zb-h1 plans are simulation-only.
-RUNNABLE_SCHEDULES = ("gpipe", "1f1b", "interleaved")
+#: Schedules this executor runs (the planner reads this literal with ``ast``). zb-h1 runs with the
+#: backward split into input-grad (B) and weight-grad (W) passes (:mod:`pipetrain.executor.splitbw`).
+RUNNABLE_SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 
 
 @dataclass(eq=False)
@@ -110,10 +110,10 @@ class PipelineRuntime:
     fault: Callable[[int, int], None] | None = None
 
     def __post_init__(self) -> None:
-        for a in self.order:
-            if a.kind == "W":
-                raise ScheduleError("the executor runs B as a full backward and has no separate weight-grad (W) pass: "
-                                    "zero-bubble (zb-h1) schedules are simulation-only; use 1f1b or interleaved")
+        self.split = any(a.kind == "W" for a in self.order)
+        if self.split and any(st.recompute for st in self.stages.values()):
+            raise ScheduleError("zb-h1 splits the backward into input- and weight-gradient passes, which does not combine with "
+                                "activation recomputation: turn recompute off for zb-h1, or use 1f1b")
         self.in_flight_peak = {s: 0 for s in self.stages}
         # per-pool need order: which micro-batch each pool's next receive is for
         self._act_order = {s: [a.microbatch for a in self.order if a.stage == s and a.kind == "F"]
@@ -192,7 +192,7 @@ class PipelineRuntime:
         self._act_q = {s: deque(v) for s, v in self._act_order.items()}
         self._grad_q = {s: deque(v) for s, v in self._grad_order.items()}
         local: dict[tuple[int, int, int], torch.Tensor] = {}
-        ctx: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, int]] = {}
+        ctx: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, int, Any]] = {}
         in_flight = {s: 0 for s in self.stages}
         self.in_flight_peak = {s: 0 for s in self.stages}
         losses: list[torch.Tensor] = []
@@ -236,7 +236,7 @@ class PipelineRuntime:
                     self.saved.add_input(x)
                 self.saved.end((s, mb))
                 tel.add_span("F", s, mb, t0, tel.mark())
-                ctx[(s, mb)] = (x, out, i)
+                ctx[(s, mb)] = (x, out, i, None)
                 in_flight[s] += 1
                 if in_flight[s] > self.in_flight_peak[s]:
                     self.in_flight_peak[s] = in_flight[s]
@@ -247,7 +247,7 @@ class PipelineRuntime:
                 else:
                     self._send(out, st.next_rank, 0, s + 1, mb, s)
             elif a.kind == "B":
-                x, out, i = ctx.pop((s, mb))
+                x, out, i, _ = ctx.pop((s, mb))
                 gi = -1
                 if st.is_last:
                     g = None
@@ -256,17 +256,22 @@ class PipelineRuntime:
                 else:
                     gi, g = self._wait_recv(1, s, mb)
                 t0 = tel.mark()
+                split_state = None
                 if st.is_last:
-                    (out * self.loss_scale).backward()
+                    out = out * self.loss_scale
+                if self.split:
+                    gx, split_state = backward_input(out, g, x, no_alias=(g,) if g is not None else ())
                 else:
-                    torch.autograd.backward(out, g)
+                    if st.is_last:
+                        out.backward()
+                    else:
+                        torch.autograd.backward(out, g)
+                    gx = x.grad
                 tel.add_span("B", s, mb, t0, tel.mark())
-                del out
                 if gi >= 0:
                     assert st.grad_pool is not None
                     st.grad_pool.release(gi)
                 if not st.is_first:
-                    gx = x.grad
                     if gx is None:
                         raise RunError(f"stage {s}: its input got no gradient in backward (the stage does not use its input)")
                     x.grad = None
@@ -274,10 +279,24 @@ class PipelineRuntime:
                         local[(1, s - 1, mb)] = gx
                     else:
                         self._send(gx, st.prev_rank, 1, s - 1, mb, s)
+                if split_state is not None:
+                    ctx[(s, mb)] = (x, out, i, split_state)  # W still needs the graph and the input buffer
+                    in_flight[s] -= 1  # in flight = F done, B not (the schedule's count); memory is freed at W
+                else:
+                    del out
+                    if i >= 0:
+                        st.in_pool.release(i)
+                    self.saved.free((s, mb))
+                    in_flight[s] -= 1
+            elif a.kind == "W":
+                x, out, i, split_state = ctx.pop((s, mb))
+                t0 = tel.mark()
+                backward_weight(split_state)
+                tel.add_span("W", s, mb, t0, tel.mark())
+                del out, split_state
                 if i >= 0:
                     st.in_pool.release(i)
                 self.saved.free((s, mb))
-                in_flight[s] -= 1
             else:  # pragma: no cover - rejected in __post_init__
                 raise ScheduleError(f"unexpected action {a}")
             self._post()

@@ -61,6 +61,7 @@ class Trainer:
         first_spec = TensorSpec(shape=tuple(ex.shape), dtype=str(ex.dtype).replace("torch.", ""))
         runtimes: dict[int, StageRuntime] = {}
         last_index = plan.num_stages - 1
+        stash = _pending_wgrad(schedule)
         for st in my_stages:
             s = st.index
             in_spec = first_spec if s == 0 else st.inputs[0]
@@ -71,7 +72,8 @@ class Trainer:
                 index=s, module=modules[s], is_first=s == 0, is_last=s == last_index,
                 prev_rank=layout.global_rank(prev_r) if prev_r is not None else None,
                 next_rank=layout.global_rank(next_r) if next_r is not None else None,
-                in_pool=BufferPool(in_spec, st.buffers, device, what=f"stage {s} input"),
+                # zb-h1: the plan's buffers cover F..B; a micro-batch waiting for W keeps its input too
+                in_pool=BufferPool(in_spec, st.buffers + stash[s], device, what=f"stage {s} input"),
                 grad_pool=BufferPool(out_spec, st.buffers, device, what=f"stage {s} output grad") if out_spec else None,
                 recompute=st.recompute, prev_local=prev_r == layout.pp_rank, next_local=next_r == layout.pp_rank,
                 out_dtype=torch_dtype(out_spec.dtype) if out_spec else None)
@@ -204,3 +206,17 @@ def _stage_of(modules: dict[int, Any]) -> dict[int, int]:
         for p in modules[s].parameters():
             out.setdefault(id(p), s)
     return out
+
+
+def _pending_wgrad(schedule: Any) -> list[int]:
+    """Per stage, the most micro-batches between B and W (0 unless the backward is split)."""
+    cur = [0] * schedule.num_stages
+    peak = [0] * schedule.num_stages
+    for acts in schedule.actions:
+        for a in acts:
+            if a.kind == "B" and schedule.split_backward:
+                cur[a.stage] += 1
+                peak[a.stage] = max(peak[a.stage], cur[a.stage])
+            elif a.kind == "W":
+                cur[a.stage] -= 1
+    return peak
