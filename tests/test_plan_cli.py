@@ -10,6 +10,7 @@ import pytest
 from pipetrain.cli import main
 from pipetrain.errors import PlanError
 from pipetrain.plan import Plan
+from pipetrain.planner.grid import runnable_schedules
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--model", "tiny-gpt", "--topology", "local-cpu:2", "--global-batch", "16", "--seq-len", "64", "--dtype", "fp32"]
@@ -27,7 +28,8 @@ def test_plan_example_config_writes_a_plan(tmp_path: Path, capsys: pytest.Captur
     text = capsys.readouterr().out
     assert "stages" in text and "alternatives" in text and "predicted (simpy)" in text and "pins cost" in text
     plan = Plan.load(out)
-    assert plan.model == "tiny-gpt" and plan.pp == 2 and plan.global_batch == 16 and plan.schedule in ("gpipe", "1f1b", "interleaved")
+    assert plan.model == "tiny-gpt" and plan.pp == 2 and plan.global_batch == 16
+    assert plan.schedule in runnable_schedules() and not plan.simulation_only
     assert plan.predicted is not None and plan.predicted.step_time_s > 0
     assert all(st.predicted_peak_memory_bytes <= st.memory_cap_bytes for st in plan.stages)
     assert plan.stages[1].inputs and plan.stages[1].inputs[0].shape[-1] == 64  # tiny-gpt's hidden size crosses the cut
@@ -47,7 +49,6 @@ def test_every_knob_pinned_by_flags(capsys: pytest.CaptureFixture[str]) -> None:
     (["plan", "--model", "no-such-model", "--topology", "local-cpu:2", "--global-batch", "8", "--seq-len", "64"], "unknown model"),
     (["plan", "--model", "tiny-gpt", "--topology", "dgx-z9:2", "--global-batch", "8", "--seq-len", "64"], "unknown topology preset"),
     (["plan", *TINY, "--pp", "9"], "no plan fits"),
-    (["plan", *TINY, "--schedule", "zb-h1"], "simulation-only"),
     (["plan", *TINY, "--schedule", "warp"], "schedule 'warp' is unknown"),
     (["plan", "--model", "llama2-7b", "--topology", "local-cpu:2", "--global-batch", "8", "--seq-len", "4096",
       "--recompute", "false"], "no plan fits"),
@@ -66,7 +67,14 @@ def test_config_typo_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "unknown key 'global_bach' (did you mean 'global_batch'?)" in _one_line_error(capsys)
 
 
-def test_simulation_only_what_if(capsys: pytest.CaptureFixture[str]) -> None:
+def test_simulation_only_what_if(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipetrain.planner.explain as explain_mod
+    import pipetrain.planner.search as search_mod
+
+    for mod in (search_mod, explain_mod):  # an executor without zb-h1
+        monkeypatch.setattr(mod, "runnable_schedules", lambda: ("gpipe", "1f1b", "interleaved"))
+    assert main(["plan", *TINY, "--schedule", "zb-h1"]) == 2
+    assert "simulation-only" in _one_line_error(capsys)
     assert main(["plan", *TINY, "--pp", "2", "--schedule", "zb-h1", "--simulation-only", "--json", "--no-pin-cost"]) == 0
     plan = Plan.from_dict(json.loads(capsys.readouterr().out))
     assert plan.schedule == "zb-h1" and plan.simulation_only

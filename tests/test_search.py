@@ -81,6 +81,13 @@ def test_in_flight_closed_forms_match_the_schedules() -> None:
         for buf in (None, caps):
             c = Candidate(pp=p, dp=1, micro_batch_size=1, num_microbatches=m, schedule="1f1b")
             assert s.in_flight(c, buf) == peak_in_flight(make_schedule("1f1b", p, m, buffers=buf)), (p, m, buf)
+    from pipetrain.planner.build import held_in_flight
+    from pipetrain.planner.grid import zb_h1_held_bound
+
+    for p, m in itertools.product((1, 2, 3, 5, 8), (1, 2, 5, 16)):
+        for buf in (None, [int(x) for x in rng.integers(1, p + 2, p)]):
+            held = held_in_flight(make_schedule("zb-h1", p, m, buffers=buf))
+            assert all(h <= b for h, b in zip(held, zb_h1_held_bound(p, m, buf))), (p, m, buf)
     for p, v, k in itertools.product((2, 3, 4), (2, 3), (1, 2, 3)):
         assert interleaved_in_flight(p, p * k, v) == peak_in_flight(make_schedule("interleaved", p, p * k, v))
 
@@ -186,7 +193,20 @@ def test_pinned_knobs_are_respected_and_priced() -> None:
     assert b.boundaries == (5,) and [st.recompute for st in b.stages] == [True, False]
 
 
-def test_simulation_only_schedules_need_the_flag() -> None:
+def test_runnable_schedules_come_from_the_executor() -> None:
+    from pipetrain.executor.runtime import RUNNABLE_SCHEDULES
+    from pipetrain.planner.grid import runnable_schedules
+
+    assert runnable_schedules() == tuple(RUNNABLE_SCHEDULES)
+
+
+def test_simulation_only_schedules_need_the_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipetrain.planner.explain as explain_mod
+    import pipetrain.planner.search as search_mod
+
+    # an executor that cannot run zb-h1 (as before it split B and W)
+    for mod in (search_mod, explain_mod):
+        monkeypatch.setattr(mod, "runnable_schedules", lambda: ("gpipe", "1f1b", "interleaved"))
     topo = topology_preset("dgx-h100:1")
     gf = graphs(10, seed=2)
     res = search(Job(model="synthetic", topology="dgx-h100:1", global_batch=32, seq_len=512, pp=4), graph_for=gf, topology=topo)

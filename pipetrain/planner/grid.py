@@ -17,7 +17,7 @@ from pipetrain.planner.job import Job
 from pipetrain.schedules import make_schedule, peak_in_flight
 
 __all__ = ["RUNNABLE_SCHEDULES", "BUFFER_LEVELS", "CHUNKS", "Candidate", "runnable_schedules", "grid", "spread",
-           "interleaved_in_flight", "interleaved_rule", "in_flight_1f1b"]
+           "interleaved_in_flight", "interleaved_rule", "in_flight_1f1b", "zb_h1_held_bound"]
 
 #: What the executor runs, unless ``pipetrain.executor`` declares ``RUNNABLE_SCHEDULES`` itself.
 RUNNABLE_SCHEDULES = ("gpipe", "1f1b", "interleaved")
@@ -142,6 +142,19 @@ def in_flight_1f1b(p: int, m: int, caps: list[int] | None = None) -> tuple[int, 
         prev = warm
         out.append(min(warm + 1, m))
     return tuple(out)
+
+
+def zb_h1_held_bound(p: int, m: int, caps: list[int] | None = None) -> tuple[int, ...]:
+    """An upper bound on what ZB-H1 holds per stage: ``min(p-s, m, caps[s]) + min(s+2, m)``.
+
+    :func:`pipetrain.schedules.zb_h1` starts an F only while fewer than ``min(p-s, buffers)``
+    micro-batches wait for their B, and runs a W first once more than ``s`` wait for theirs
+    (one more may finish meanwhile). Building the schedule (list scheduling, then the
+    communication actions) costs far more than the partition, so the planner plans memory with
+    this bound and uses the schedule's exact counts for the points it simulates (a test checks
+    the bound against the generator).
+    """
+    return tuple(min(p - s, m, caps[s] if caps else 1 << 60) + min(s + 2, m) for s in range(p))
 
 
 def _interleaved_order_peaks(p: int, m: int, v: int, full_warmup_when_m_is_p: bool) -> tuple[int, ...]:

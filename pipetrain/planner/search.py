@@ -44,11 +44,11 @@ from pipetrain.planner.build import (Placement, StageTables, held_in_flight, pla
 from pipetrain.planner.costs import CostModel
 from pipetrain.planner.graph import LayerGraph
 from pipetrain.planner.grid import (BUFFER_LEVELS, RUNNABLE_SCHEDULES, Candidate, grid, in_flight_1f1b,
-                                    interleaved_in_flight, interleaved_rule, runnable_schedules)
+                                    interleaved_in_flight, interleaved_rule, runnable_schedules, zb_h1_held_bound)
 from pipetrain.planner.job import Job
 from pipetrain.planner.partition import PartitionInfeasibleError, PartitionResult, evaluate_partition, format_bytes, partition
 from pipetrain.planner.topology import Topology, resolve_topology
-from pipetrain.schedules import Schedule, make_schedule
+from pipetrain.schedules import Schedule, make_schedule, peak_in_flight
 from pipetrain.simulator import SimInput, SimResult, fast_evaluate, simulate
 
 __all__ = ["RUNNABLE_SCHEDULES", "Candidate", "Evaluated", "SearchResult", "search", "runnable_schedules"]
@@ -143,6 +143,8 @@ class _Searcher:
             return in_flight_1f1b(p, m, caps)
         if c.schedule == "interleaved" and m % p == 0 and interleaved_rule() is not None:
             return interleaved_in_flight(p, m, c.chunks)
+        if c.schedule == "zb-h1":  # an upper bound; screen() uses the schedule's own counts
+            return zb_h1_held_bound(p, m, caps)
         return held_in_flight(self.schedule(c, caps))
 
     def split(self, c: Candidate) -> _Split | None:
@@ -238,9 +240,14 @@ class _Searcher:
         rec = tuple(bool(sp.rec_mats[k][a, b]) for k, (a, b) in enumerate(split.ranges))
         tab = self.tables_for(c.micro_batch_size)
         sched = self.schedule(c, sp.caps)
+        held, buffers = sp.in_flight, sp.buffers
+        if sched.split_backward:  # planned with a bound: the exact counts of this schedule now
+            held = held_in_flight(sched)
+            if self.job.buffers is None:
+                buffers = tuple(max(1, k) for k in peak_in_flight(sched))
         inp = sim_input(tables=tab, topology=self.topo, place=sp.place, schedule=sched, ranges=split.ranges,
-                        buffers=sp.buffers, recompute=rec, in_flight=sp.in_flight)
-        return Evaluated(candidate=c, split=split, recompute=rec, buffers=sp.buffers, in_flight=sp.in_flight,
+                        buffers=buffers, recompute=rec, in_flight=held)
+        return Evaluated(candidate=c, split=split, recompute=rec, buffers=buffers, in_flight=held,
                          stage_caps_bytes=sp.stage_caps, rank_caps_bytes=sp.rank_caps, fast=fast_evaluate(inp), inp=inp,
                          state=sp)
 
