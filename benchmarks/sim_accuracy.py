@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/sim_accuracy", help="output directory")
     ap.add_argument("--calibration", default=None, help="calibration JSON (default: calibrate now into OUT/calibration.json)")
     ap.add_argument("--seed", type=int, default=0, help="shuffles the order of the runs")
+    ap.add_argument("--only", action="append", default=None, metavar="TEXT",
+                    help="run only configurations whose name contains TEXT (repeatable), e.g. tiny-gpt-p2d1m2")
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                     help="before each run wait up to S seconds for no other runnable process (shared machines)")
     a = ap.parse_args(argv)
@@ -129,12 +131,16 @@ def main(argv: list[str] | None = None) -> int:
         cal = load_calibration(a.calibration)
     else:
         n = max(p * d for _m, p, d, _mm, _s in grid(a.subset))
-        cal = run_calibration(f"local-cpu:{n}", models=tuple(SHAPES), micro_batch_sizes=sorted({s[0] for s in SHAPES.values()}),
+        cal = run_calibration(f"local-cpu:{n}", shapes=[(m, s[0]) for m, s in SHAPES.items()],
                               progress=lambda msg: print(f"  calibrate: {msg}", flush=True))
         cal.save(out / "calibration.json")
     print(f"calibration: p2p {cal.p2p.latency_s * 1e6:.0f} us + {cal.p2p.bandwidth_bytes_per_s / 1e9:.2f} GB/s; "
           f"analytic fit error {cal.fit.error_before * 100:.0f}% -> {cal.fit.error_after * 100:.0f}%")
     configs = grid(a.subset)
+    if a.only:
+        configs = [c for c in configs if any(t in f"{c[0]}-p{c[1]}d{c[2]}m{c[3]}-{c[4]}" for t in a.only)]
+        if len(configs) < 2:
+            ap.error("--only must leave at least two configurations (a rank correlation needs two)")
     random.Random(a.seed).shuffle(configs)
     results: list[tuple[Fidelity, float]] = []
     hdr = f"{'config':34s} {'sim ms':>8s} {'meas ms':>8s} {'step err':>8s} {'IQR %':>6s} {'busy err':>8s} " \
@@ -181,6 +187,18 @@ def main(argv: list[str] | None = None) -> int:
           f"step MAPE {summary['quiet_step_mape'] * 100:.1f}%, worst {summary['quiet_step_max_abs_error'] * 100:.1f}%, "
           f"Spearman {q_rho:.3f}; stage busy MAPE {summary['quiet_busy_mape'] * 100:.1f}%, within 10%: "
           f"{summary['quiet_busy_within_10pct'] * 100:.0f}%")
+    shares = [l for _, l in results]
+    if len(set(shares)) > 1:
+        import numpy as np
+
+        b1, b0 = np.polyfit(shares, errs, 1)
+        q1, q0 = np.polyfit(shares, q_errs, 1)
+        r = float(np.corrcoef(shares, errs)[0, 1])
+        summary.update(error_vs_other_share_slope=float(b1), error_at_no_other_load=float(b0), quiet_error_at_no_other_load=float(q0),
+                       error_other_share_correlation=r)
+        print(f"diagnostic (an extrapolation, not a measurement): step error vs the other processes' CPU share, linear fit over "
+              f"{len(fids)} configs (r = {r:+.2f}): {b1 * 100:+.0f}% per unit share; at no other load {b0 * 100:+.1f}% "
+              f"(median steps), {q0 * 100:+.1f}% (lower quartile)")
     print(f"bubble: mean |sim - measured| {summary['bubble_mean_abs_diff_pp']:.1f} percentage points")
     print(f"activation memory in flight: MAPE {summary['activation_mape'] * 100:.1f}%, within 10%: "
           f"{summary['activation_within_10pct'] * 100:.0f}% of stages, worst {summary['activation_max_abs_error'] * 100:.1f}%")
@@ -192,7 +210,18 @@ def main(argv: list[str] | None = None) -> int:
     fig = scatter_figure([f.sim_step_s for f in fids], [f.meas_step_s for f in fids], [f.label for f in fids],
                          title=f"step time: MAPE {summary['step_mape'] * 100:.1f}%, Spearman {rho:.2f}")
     fig.savefig(out / "sim_accuracy.png", dpi=120)
-    print(f"wrote {out / 'sim_accuracy.json'} and {out / 'sim_accuracy.png'}")
+    from matplotlib.figure import Figure
+
+    fig2 = Figure(figsize=(5.5, 4), layout="constrained")
+    ax = fig2.add_subplot()
+    ax.scatter([l * 100 for _, l in results], [e * 100 for e in errs], label="median step")
+    ax.scatter([l * 100 for _, l in results], [e * 100 for e in q_errs], marker="x", label="lower-quartile step")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xlabel("CPU share used by other processes during the run (%)")
+    ax.set_ylabel("step-time error, simulated vs measured (%)")
+    ax.legend()
+    fig2.savefig(out / "sim_accuracy_load.png", dpi=120)
+    print(f"wrote {out / 'sim_accuracy.json'}, {out / 'sim_accuracy.png'} and {out / 'sim_accuracy_load.png'}")
     print(f"reproduce: {cmd}")
     return 0
 

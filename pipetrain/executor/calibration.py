@@ -279,12 +279,14 @@ def least_loaded(profiles: Sequence[BlockProfile]) -> BlockProfile:
 def run_calibration(topology: str, *, models: Sequence[str] = ("tiny-gpt",), micro_batch_sizes: Sequence[int] = (1, 4),
                     seq_len: int | None = None, dtype: str = "fp32", threads: int = 1, warmup: int = 2, repeats: int = 7,
                     optimizers: Sequence[str] = ("adamw", "sgd"), probe: bool = True, rounds: int = 3,
+                    shapes: Sequence[tuple[str, int]] = (),
                     progress: Callable[[str], None] | None = None) -> Calibration:
     """Measure and fit (module docstring). ``probe`` False skips the p2p probe (keeps the topology's link).
 
     Each block is profiled in ``rounds`` independent rounds (each the median of ``repeats``) and
     the smallest median is kept (:func:`least_loaded`): on a machine shared with other processes a
     round that a burst of their load hit is slower, never faster, than the block really is.
+    ``shapes`` (model, micro-batch size) pairs replace ``models`` x ``micro_batch_sizes``.
     """
     from pipetrain.planner.calibrate import fit_calibration
     from pipetrain.planner.profile import local_device_name, profile_model
@@ -297,15 +299,16 @@ def run_calibration(topology: str, *, models: Sequence[str] = ("tiny-gpt",), mic
     dt = topo.devices[0].type
     if any(d.type.name != dt.name for d in topo.devices):
         raise ConfigError(f"topology {topo.name} mixes device types; calibrate one type at a time (a topology of that type only)")
-    if not models or not micro_batch_sizes:
+    pairs = list(shapes) or [(m, b) for m in models for b in micro_batch_sizes]
+    if not pairs:
         raise ConfigError("calibrate needs at least one model and one micro-batch size")
+    models = list(dict.fromkeys(m for m, _ in pairs))
     if threads < 1 or warmup < 0 or repeats < 1 or rounds < 1:
         raise ConfigError(f"calibrate needs threads, repeats and rounds >= 1 and warmup >= 0, got {threads}, {repeats}, {rounds}, {warmup}")
     from pipetrain.planner.zoo import get_model_spec
 
-    for model in models:  # every mistake before the first measurement
-        for mbs in micro_batch_sizes:
-            get_model_spec(model).check_shape(mbs, seq_len)
+    for model, mbs in pairs:  # every mistake before the first measurement
+        get_model_spec(model).check_shape(mbs, seq_len)
     if dt.kind == "gpu":
         import torch
 
@@ -315,13 +318,12 @@ def run_calibration(topology: str, *, models: Sequence[str] = ("tiny-gpt",), mic
     else:
         device, backend = "cpu", "gloo"
     samples: list[tuple[LayerGraph, BlockProfile]] = []
-    for model in models:
-        for mbs in micro_batch_sizes:
-            say(f"profiling {model} blocks at micro-batch {mbs} on {device} ({threads} thread(s))")
-            graph = trace_graph(model, micro_batch_size=mbs, seq_len=seq_len, dtype=dtype)
-            profs = [profile_model(model, micro_batch_size=mbs, seq_len=seq_len, dtype=dtype, device=device, threads=threads,
-                                   warmup=warmup, repeats=repeats) for _ in range(rounds)]
-            samples.append((graph, least_loaded(profs)))
+    for model, mbs in pairs:
+        say(f"profiling {model} blocks at micro-batch {mbs} on {device} ({threads} thread(s))")
+        graph = trace_graph(model, micro_batch_size=mbs, seq_len=seq_len, dtype=dtype)
+        profs = [profile_model(model, micro_batch_size=mbs, seq_len=seq_len, dtype=dtype, device=device, threads=threads,
+                               warmup=warmup, repeats=repeats) for _ in range(rounds)]
+        samples.append((graph, least_loaded(profs)))
     opts = []
     for name in optimizers:
         say(f"timing the {name} step on {models[0]}'s parameters")
