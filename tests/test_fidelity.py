@@ -142,6 +142,13 @@ def test_ranks_outnumbering_cores_share_them(graph) -> None:  # type: ignore[no-
     alone = simulate_plan(plan, calibration=cal, graph=graph, topology=calibrated_topology(_topology(4, 4), cal))
     (g,) = shared[0].compute_groups
     assert g.ranks == (0, 1, 2, 3) and g.capacity == 2
+    from pipetrain.executor.fidelity import Measured
+
+    n = plan.num_stages
+    meas = Measured(steps=(1,), step_time_s=1.0, pipeline_time_s=1.0, busy_s_per_stage=(0.1,) * n, bubble_fraction_per_stage=(0.5,) * n,
+                    bubble_fraction=0.5, peak_activation_bytes_per_rank=(1.0,) * n, peak_in_flight_per_stage=(8,) * n)
+    assert all(s.shared for s in compare(plan, shared[0], shared[1], meas).stages)
+    assert not any(s.shared for s in compare(plan, alone[0], alone[1], meas).stages)
     assert not alone[0].compute_groups
     work = sum(shared[1].busy_s_per_stage)
     assert shared[1].pipeline_time_s >= work / 2 - 1e-9  # two cores can do no better

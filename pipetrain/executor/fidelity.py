@@ -62,6 +62,10 @@ class StageFidelity:
     sim_in_flight: int
     meas_in_flight: int
     meas_quiet_busy_s: float = 0.0
+    #: the rank shares cores with other ranks (a compute group): the simulator then queues whole
+    #: actions for a core, while the OS time-slices them, so measured busy (wall time of the actions)
+    #: includes time spent waiting for a core that the simulated busy does not
+    shared: bool = False
 
     @property
     def quiet_busy_error(self) -> float:
@@ -127,7 +131,7 @@ class Fidelity:
                             "sim_activation_bytes": s.sim_activation_bytes, "meas_activation_bytes": s.meas_activation_bytes,
                             "activation_error": s.activation_error, "sim_in_flight": s.sim_in_flight,
                             "meas_in_flight": s.meas_in_flight, "meas_quiet_busy_s": s.meas_quiet_busy_s,
-                            "quiet_busy_error": s.quiet_busy_error} for s in self.stages]}
+                            "quiet_busy_error": s.quiet_busy_error, "shared": s.shared} for s in self.stages]}
 
 
 def _lower_quartile(xs: Sequence[float]) -> float:
@@ -272,7 +276,8 @@ def compare(plan: Plan, inp: Any, sim: Any, meas: Measured, *, label: str = "", 
             sim_activation_bytes=inp.stages[s].activation_bytes * sim.peak_in_flight_per_stage[s],
             meas_activation_bytes=meas.peak_activation_bytes_per_rank[r] * share,
             sim_in_flight=int(sim.peak_in_flight_per_stage[s]), meas_in_flight=int(meas.peak_in_flight_per_stage[s]),
-            meas_quiet_busy_s=meas.quiet_busy_s_per_stage[s] if meas.quiet_busy_s_per_stage else meas.busy_s_per_stage[s]))
+            meas_quiet_busy_s=meas.quiet_busy_s_per_stage[s] if meas.quiet_busy_s_per_stage else meas.busy_s_per_stage[s],
+            shared=any(r in g.ranks and g.capacity < len(g.ranks) for g in inp.compute_groups)))
     return Fidelity(label=label or describe_plan(plan), cost_source=cost_source, sim_step_s=sim.step_time_s, meas_step_s=meas.step_time_s,
                     sim_pipeline_s=sim.pipeline_time_s, meas_pipeline_s=meas.pipeline_time_s, sim_bubble=sim.bubble_fraction,
                     meas_bubble=meas.bubble_fraction, stages=tuple(stages), steps_measured=len(meas.steps),
