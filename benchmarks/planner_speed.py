@@ -93,6 +93,13 @@ def main() -> int:
     print(f"  wall {wall:.2f} s (of which tracing {len(graphs)} micro-batch sizes {trace_s:.2f} s), CPU {cpu:.2f} s")
     print(f"  ratio to the 10 s budget: wall incl. tracing {wall / 10:.2f}, planning alone {wall_plan / 10:.2f}, CPU {cpu / 10:.2f}")
     ok &= wall_plan <= 10.0 or cpu <= 10.0
+    c0 = time.process_time()
+    de = search(job, graph_for=llama, topology=topo, method="de")
+    cpu_de = time.process_time() - c0
+    print(f"  same job with scipy differential_evolution (integrality) screening instead of branch and bound: "
+          f"{len(de.screened)} points simulated vs {len(res.screened)}, CPU {cpu_de:.2f} s vs {cpu:.2f} s "
+          f"(ratio {cpu_de / cpu:.2f}), best {de.best.step_time_s:.3f} s vs {res.best.step_time_s:.3f} s "
+          f"({de.best.candidate.describe()})")
 
     # ---- GPT-3 175B shape on 128 DGX H100 nodes ------------------------------------------------
     topo = topology_preset("dgx-h100:128")

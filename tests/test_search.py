@@ -279,3 +279,13 @@ def test_cut_bytes_match_the_graph_cuts_on_a_dag() -> None:
         assert legal == tuple(c.position for c in graph.cuts)
         for k in range(1, graph.num_nodes):
             assert out[k] == graph.cut(k).bytes, k
+
+
+def test_branch_and_bound_is_never_worse_than_differential_evolution() -> None:
+    topo = topology_preset("dgx-h100:4")
+    gf = graphs(26, seed=3, hidden=4096)
+    job = Job(model="synthetic", topology="dgx-h100:4", global_batch=256, seq_len=512, max_memory_fraction=0.5)
+    bnb = search(job, graph_for=gf, topology=topo, method="bnb")
+    de = search(job, graph_for=gf, topology=topo, method="de")
+    assert min(e.fast.step_time_s for e in bnb.screened) <= min(e.fast.step_time_s for e in de.screened)
+    assert bnb.best.step_time_s <= de.best.step_time_s * (1 + 1e-9)

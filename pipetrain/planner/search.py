@@ -12,6 +12,8 @@ How (an integer-aware search, exact on its grid):
    2 or 4 -- at most a few hundred points even for 1024 GPUs. A continuous relaxation
    (e.g. ``scipy.optimize.differential_evolution`` with ``integrality``) would sample the
    same points with no optimality guarantee; enumeration with a bound is exact and cheaper.
+   ``method="de"`` runs that DE instead, for comparison (benchmarks/planner_speed.py, and a
+   test that branch and bound is never worse).
 2. **Inner problem** per point: the exact min-max partition under per-device memory caps
    (:func:`pipetrain.planner.partition.partition`). Recomputation is decided per stage inside
    it: a range runs without recompute when that fits, else with it (recompute only costs
@@ -227,6 +229,17 @@ class _Searcher:
                       caps=caps, stage_caps=tuple(caps_stage), rank_caps=tuple(caps_rank), lower_bound_s=lb,
                       time_mats=tm, mem_mats=mm, rec_mats=rec_choice)
 
+    def split_any(self, c: Candidate) -> _Split | None:
+        """:meth:`split`, and when the schedule's full buffer demand does not fit, fewer buffers."""
+        sp = self.split(c)
+        if sp is None and self.job.buffers is None and c.schedule in ("1f1b", "zb-h1"):
+            for level in BUFFER_LEVELS:  # fewer buffers: less memory, never faster
+                if level < min(c.pp, c.num_microbatches):
+                    sp = self.split(replace(c, buffer_level=level))
+                    if sp is not None:
+                        break
+        return sp
+
     def cuts(self, tab: StageTables) -> list[int]:
         key = id(tab)
         if key not in self._cuts:
@@ -318,12 +331,14 @@ class _Split:
 
 def search(job: Job, *, graph_for: Callable[[int], LayerGraph] | None = None, topology: Topology | None = None,
            cost: CostModel | None = None, top_k: int = 3, max_microbatch_size: int = 32, max_sizes: int = 6,
-           explain: bool = True, polish_actions: float = 2e6) -> SearchResult:
+           explain: bool = True, polish_actions: float = 2e6, method: str = "bnb") -> SearchResult:
     """Search the best plan for ``job`` (see module docstring); raise InfeasibleError when nothing fits.
 
     ``graph_for(b)`` returns the layer graph at micro-batch size ``b`` (default: trace ``job.model``);
     ``explain`` False skips working out the smallest fix when nothing fits (used for that work itself);
-    ``polish_actions`` bounds the local search around the top splits (simulated actions, all of them).
+    ``polish_actions`` bounds the local search around the top splits (simulated actions, all of them);
+    ``method`` "bnb" (default: exhaustive with the lower bound, exact on the grid) or "de" (scipy's
+    differential evolution over the grid's integer coordinates, for comparison; see :func:`_de_screen`).
     """
     t0 = time.perf_counter()
     topo = topology or resolve_topology(job.topology)
@@ -337,27 +352,25 @@ def search(job: Job, *, graph_for: Callable[[int], LayerGraph] | None = None, to
     n_blocks = s.tables_for(job.microbatch_size or 1).n
     points, bad = grid(job, topo.num_devices, n_blocks, allowed, max_microbatch_size, max_sizes)
     s.infeasible.extend(bad)
-    splits: list[_Split] = []
-    for c in points:  # phase A: exact partition of every grid point
-        sp = s.split(c)
-        if sp is None and job.buffers is None and c.schedule in ("1f1b", "zb-h1"):
-            for level in BUFFER_LEVELS:  # fewer buffers: less memory, never faster
-                if level < min(c.pp, c.num_microbatches):
-                    sp = s.split(replace(c, buffer_level=level))
-                    if sp is not None:
-                        break
-        if sp is not None:
-            splits.append(sp)
-    if not splits:
-        raise _nothing_fits(job, s, explain)
-    splits.sort(key=lambda x: (x.lower_bound_s, x.candidate))
-    screened: list[Evaluated] = []
-    pruned = 0
-    for sp in splits:  # phase B: branch and bound over the fast evaluator
-        if len(screened) >= top_k and sp.lower_bound_s > sorted(e.fast.step_time_s for e in screened)[top_k - 1]:
-            pruned += 1
-            continue
-        screened.append(s.screen(sp))
+    if method == "de":
+        screened, evaluated = _de_screen(s, points, seed=job.seed)
+        pruned = len(points) - evaluated
+        if not screened:
+            raise _nothing_fits(job, s, explain)
+    elif method == "bnb":
+        splits = [sp for sp in (s.split_any(c) for c in points) if sp is not None]  # phase A: every point's exact split
+        if not splits:
+            raise _nothing_fits(job, s, explain)
+        splits.sort(key=lambda x: (x.lower_bound_s, x.candidate))
+        screened = []
+        pruned = 0
+        for sp in splits:  # phase B: branch and bound over the fast evaluator
+            if len(screened) >= top_k and sp.lower_bound_s > sorted(e.fast.step_time_s for e in screened)[top_k - 1]:
+                pruned += 1
+                continue
+            screened.append(s.screen(sp))
+    else:
+        raise ValueError(f"method must be 'bnb' or 'de', got {method!r}")
     screened.sort(key=lambda e: (e.fast.step_time_s, e.candidate))
     top = screened[:max(1, top_k)]
     top = sorted((s.polish(ev, polish_actions / len(top)) for ev in top), key=lambda e: (e.fast.step_time_s, e.candidate))
@@ -387,6 +400,42 @@ def search(job: Job, *, graph_for: Callable[[int], LayerGraph] | None = None, to
                                 e.sim.step_time_s, e.candidate))  # type: ignore[union-attr]
     return SearchResult(best=fitting[0], confirmed=tuple(fitting), screened=tuple(screened), infeasible=tuple(s.infeasible),
                         tables=s.tables, topology=topo, job=job, elapsed_s=time.perf_counter() - t0, pruned=pruned)
+
+
+def _de_screen(s: _Searcher, points: list[Candidate], *, seed: int) -> tuple[list[Evaluated], int]:
+    """Screen the grid with ``scipy.optimize.differential_evolution`` (``integrality``) instead.
+
+    Coordinates: index of pp, of the micro-batch size and of the (schedule, chunks) option;
+    the objective is the fast evaluator's step time of the point's exact split (1e30 where the
+    point is off the grid or does not fit), memoised. Kept to compare with branch and bound:
+    on these grids DE samples most points and has no optimality guarantee (see planner_speed).
+    """
+    from scipy.optimize import differential_evolution
+
+    pps = sorted({c.pp for c in points})
+    sizes = sorted({c.micro_batch_size for c in points})
+    kinds = sorted({(c.schedule, c.chunks) for c in points})
+    index = {(c.pp, c.micro_batch_size, (c.schedule, c.chunks)): c for c in points}
+    cache: dict[Candidate, Evaluated | None] = {}
+
+    def objective(x: np.ndarray) -> float:
+        c = index.get((pps[int(round(x[0]))], sizes[int(round(x[1]))], kinds[int(round(x[2]))]))
+        if c is None:
+            return 1e30
+        if c not in cache:
+            sp = s.split_any(c)
+            cache[c] = s.screen(sp) if sp is not None else None
+        ev = cache[c]
+        return ev.fast.step_time_s if ev is not None else 1e30
+
+    bounds = [(0, len(pps) - 1), (0, len(sizes) - 1), (0, len(kinds) - 1)]
+    if all(hi > lo for lo, hi in bounds):
+        differential_evolution(objective, bounds, integrality=[True] * 3, seed=seed, popsize=4, maxiter=10, tol=0.0,
+                               polish=False, updating="immediate")
+    else:  # a degenerate axis: DE needs a range on every one; evaluate the (tiny) grid
+        for c in points:
+            objective(np.array([pps.index(c.pp), sizes.index(c.micro_batch_size), kinds.index((c.schedule, c.chunks))]))
+    return [e for e in cache.values() if e is not None], len(cache)
 
 
 def _tracer(job: Job) -> Callable[[int], LayerGraph]:
