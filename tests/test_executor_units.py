@@ -142,3 +142,17 @@ def test_failure_naming_prefers_the_root_cause(tmp_path: Path) -> None:
     (fdir / "rank2.txt").write_text("root ValueError: bad thing\n")
     os.utime(fdir / "rank2.txt", (1, 1))
     assert describe_failure(tmp_path, {0: peer, 3: killed}, pp=2) == "rank 2 (pipeline rank 0, replica 1) failed: ValueError: bad thing"
+
+
+def test_preflight_rejects_bad_runs_before_starting_processes(tmp_path: Path) -> None:
+    from pipetrain.errors import ConfigError
+    from pipetrain.executor.launch import preflight
+
+    plan = simple_plan("tiny-gpt", pp=2, m=2, mbs=2, seq_len=16)
+    preflight(RunConfig(plan_path="-", run_dir=str(tmp_path)), plan)  # a good run passes
+    with pytest.raises(ConfigError, match="--dataset 'imagenet' is unknown"):
+        preflight(RunConfig(plan_path="-", run_dir=str(tmp_path), dataset="imagenet"), plan)
+    with pytest.raises(RunError, match="no complete checkpoint"):
+        preflight(RunConfig(plan_path="-", run_dir=str(tmp_path), resume=True), plan)
+    with pytest.raises(RunError, match="fp16"):
+        preflight(RunConfig(plan_path="-", run_dir=str(tmp_path)), dataclasses.replace(plan, dtype="fp16"))

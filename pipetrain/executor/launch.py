@@ -23,7 +23,7 @@ from pipetrain.errors import RunError
 from pipetrain.executor.config import RunConfig, config_to_argv
 from pipetrain.plan import Plan
 
-__all__ = ["free_port", "launch", "describe_failure", "worker_env", "main"]
+__all__ = ["free_port", "preflight", "launch", "describe_failure", "worker_env", "main"]
 
 
 def free_port() -> int:
@@ -73,6 +73,27 @@ def describe_failure(run_dir: Path, failures: dict[int, Any], pp: int) -> str:
     return "the run failed without a rank reporting an error"
 
 
+def preflight(cfg: RunConfig, plan: Plan) -> None:
+    """Mistakes caught before any process starts (one line, exit 2 at the CLI)."""
+    from pipetrain.errors import ConfigError
+
+    from pipetrain.executor.data import DATASETS
+
+    if cfg.dataset not in DATASETS and not cfg.dataset.endswith(".npy"):
+        raise ConfigError(f"--dataset {cfg.dataset!r} is unknown: use {', '.join(DATASETS)} or a PATH.npy token file")
+    if cfg.dataset.endswith(".npy") and not Path(cfg.dataset).is_file():
+        raise ConfigError(f"token file {cfg.dataset!r} does not exist")
+    if plan.dtype == "fp16":
+        raise RunError("fp16 training needs loss scaling, which the executor does not do: re-plan with dtype bf16 or fp32")
+    if plan.simulation_only:
+        raise RunError("this plan is marked simulation-only (a what-if): re-plan without --simulation-only to run it")
+    if cfg.resume:
+        from pipetrain.executor.checkpoint import latest_step
+
+        if latest_step(cfg.run_dir) is None:
+            raise RunError(f"--resume: {cfg.run_dir} has no complete checkpoint; run without --resume, or with --checkpoint-every N")
+
+
 def launch(cfg: RunConfig, *, plan: Plan | None = None, monitor_interval_s: float = 0.1) -> Any:
     """Run ``cfg`` on ``pp*dp`` local workers; return the RunResult (raises RunError on failure)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -81,6 +102,7 @@ def launch(cfg: RunConfig, *, plan: Plan | None = None, monitor_interval_s: floa
     from pipetrain.executor.result import load_result
 
     plan = plan or Plan.load(cfg.plan_path)
+    preflight(cfg, plan)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     # what `pipetrain validate RUN_DIR` / `pipetrain report RUN_DIR` read back (same plan, same options)
