@@ -331,7 +331,7 @@ def fidelity_table_rows(f: Fidelity) -> list[tuple[str, ...]]:
     """Per-stage rows (stage, rank, busy sim/meas/err, bubble sim/meas/diff, act sim/meas/err) for tables."""
     rows = []
     for s in f.stages:
-        rows.append((str(s.stage), str(s.rank), f"{s.sim_busy_s * 1e3:.2f}", f"{s.meas_busy_s * 1e3:.2f}", f"{s.busy_error * 100:+.1f}%",
+        rows.append((str(s.stage), f"{s.rank}{'*' if s.shared else ''}", f"{s.sim_busy_s * 1e3:.2f}", f"{s.meas_busy_s * 1e3:.2f}", f"{s.busy_error * 100:+.1f}%",
                      f"{s.sim_bubble * 100:.1f}", f"{s.meas_bubble * 100:.1f}", f"{s.bubble_error_pp:+.1f}",
                      f"{s.sim_activation_bytes / 2**20:.2f}", f"{s.meas_activation_bytes / 2**20:.2f}", f"{s.activation_error * 100:+.1f}%"))
     return rows
@@ -348,6 +348,8 @@ def fidelity_lines(f: Fidelity) -> list[str]:
            f"  bubble    sim {f.sim_bubble * 100:.1f}%  measured {f.meas_bubble * 100:.1f}%"]
     for r in rows:
         out.append("  " + "  ".join(c.rjust(w) for c, w in zip(r, widths)))
+    if any(s.shared for s in f.stages):
+        out.append("  * the rank shares cores with other ranks: its measured busy time includes waiting for a core")
     return out
 
 
