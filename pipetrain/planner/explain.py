@@ -85,8 +85,9 @@ def _alternatives(res: SearchResult, unpinned: SearchResult | None, job: Job) ->
         out.append(Alternative(description=e.candidate.describe(), step_time_s=float(e.fast.step_time_s),
                                reason=f"screened out: fast evaluator {_pct(e.fast.step_time_s, best.fast.step_time_s)} slower"))
     if res.pruned:
-        out.append(Alternative(description=f"{res.pruned} more grid point(s)", step_time_s=None,
-                               reason="pruned: their lower bound on step time exceeded the screened best"))
+        why = ("pruned: their lower bound on step time exceeded the screened best" if res.method == "bnb"
+               else "not sampled by differential evolution")
+        out.append(Alternative(description=f"{res.pruned} more grid point(s)", step_time_s=None, reason=why))
     reasons = set()
     # memory verdicts first (they explain the choice of pp), one per (pp, dp); then the rest
     ranked = sorted(res.infeasible, key=lambda d: (0 if any(u in d[1] for u in ("KiB", "MiB", "GiB", "TiB")) else 1))

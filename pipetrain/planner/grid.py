@@ -90,7 +90,8 @@ def grid(job: Job, num_devices: int, num_blocks: int, allowed: tuple[str, ...], 
     pps = [job.pp] if job.pp else [p for p in range(1, min(num_blocks, num_devices) + 1) if job.dp or num_devices % p == 0]
     out = []
     for pp in pps:
-        dps = [job.dp] if job.dp else [max(1, num_devices // pp)]
+        # unpinned dp: every device busy, else the widest dp that divides the global batch
+        dps = [job.dp] if job.dp else [max([d for d in range(1, max(1, num_devices // pp) + 1) if job.global_batch % d == 0])]
         for dp in dps:
             if pp * dp > num_devices:
                 bad.append((f"pp={pp} dp={dp}", f"needs {pp * dp} devices, topology has {num_devices}"))

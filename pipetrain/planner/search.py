@@ -99,6 +99,7 @@ class SearchResult:
     job: Job | None = None
     elapsed_s: float = 0.0
     pruned: int = 0
+    method: str = "bnb"
 
     def graph(self, b: int | None = None) -> LayerGraph:
         return self.tables[b or self.best.candidate.micro_batch_size].graph
@@ -399,7 +400,8 @@ def search(job: Job, *, graph_for: Callable[[int], LayerGraph] | None = None, to
     fitting.sort(key=lambda e: (math.floor((e.sim.step_time_s / fastest - 1.0) * 1000), max(e.rank_peaks_bytes()),  # type: ignore[union-attr]
                                 e.sim.step_time_s, e.candidate))  # type: ignore[union-attr]
     return SearchResult(best=fitting[0], confirmed=tuple(fitting), screened=tuple(screened), infeasible=tuple(s.infeasible),
-                        tables=s.tables, topology=topo, job=job, elapsed_s=time.perf_counter() - t0, pruned=pruned)
+                        tables=s.tables, topology=topo, job=job, elapsed_s=time.perf_counter() - t0, pruned=pruned,
+                        method=method)
 
 
 def _de_screen(s: _Searcher, points: list[Candidate], *, seed: int) -> tuple[list[Evaluated], int]:
