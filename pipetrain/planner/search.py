@@ -2,7 +2,8 @@
 
 Decision variables: pipeline depth ``pp``, data-parallel width ``dp``, micro-batch size ``b``
 (and so the count ``m = global_batch / (dp * b)``), the schedule (GPipe, 1F1B, interleaved
-with ``v`` chunks, ZB-H1 when simulation-only), activation buffers per stage, recomputation
+with ``v`` chunks, ZB-H1; only those the executor runs unless simulation-only), activation
+buffers per stage, recomputation
 per stage, the stage boundaries and the placement.
 
 How (an integer-aware search, exact on its grid):
@@ -20,11 +21,16 @@ How (an integer-aware search, exact on its grid):
    time, so this is the per-range optimum). Buffers: the schedule's full demand; lower
    levels (4, 2, 1 micro-batches in flight) are tried only when the full one does not fit,
    since fewer buffers never make a step faster.
-3. **Bound, then screen** with the simulator's fast longest-path evaluator: a point whose
-   lower bound ``m * max_rank(sum of its stages' F+B)`` cannot beat the k-th best screened
-   step time is skipped (branch and bound).
-4. **Confirm** the top ``k`` in the simpy simulator (link contention, shared cores, buffer
-   back-pressure); the final plan is simpy's best whose simulated peak memory fits every cap.
+3. **Bound, then screen** with the simulator's fast longest-path evaluator, in order of a
+   lower bound on the step (stage ``k`` cannot start before micro-batch 0 went forward
+   through stages ``< k`` and then does ``m`` units of its own work; a rank does ``m`` times
+   its stages' work): a point whose bound exceeds the k-th best screened time is skipped.
+4. **Polish** the top ``k``: a local search moves one block between stages while the fast
+   evaluator says the step gets shorter (the bottleneck is a proxy; see :meth:`_Searcher.polish`).
+5. **Confirm** them in the simpy simulator (link contention, shared cores, buffer
+   back-pressure; skipped for a point whose contention-free time already exceeds the confirmed
+   best, since simpy only adds waits); the final plan is simpy's best whose simulated peak
+   memory fits every cap (within 0.1% of the fastest, the one needing less memory).
 
 Infeasible points are recorded with their reason; when nothing fits, the error names the
 smallest change that would make a plan fit. Torch-free at import (tracing a model by name
