@@ -3,8 +3,7 @@
 Decision variables: pipeline depth ``pp``, data-parallel width ``dp``, micro-batch size ``b``
 (and so the count ``m = global_batch / (dp * b)``), the schedule (GPipe, 1F1B, interleaved
 with ``v`` chunks, ZB-H1; only those the executor runs unless simulation-only), activation
-buffers per stage, recomputation
-per stage, the stage boundaries and the placement.
+buffers per stage, recomputation per stage, the stage boundaries and the placement.
 
 How (an integer-aware search, exact on its grid):
 
