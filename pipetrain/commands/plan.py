@@ -117,6 +117,10 @@ def print_plan(outcome, console=None) -> None:  # outcome: PlanOutcome
     console.print(f"[bold]{plan.model}[/] on [bold]{plan.topology}[/]: pp={plan.pp} x dp={plan.dp}, micro-batch {plan.micro_batch_size} "
                   f"x m={plan.num_microbatches} (global batch {plan.global_batch}), {sched}, {plan.dtype}, {plan.optimizer}"
                   + ("  [yellow](simulation only)[/]" if plan.simulation_only else ""))
+    job = res.job
+    if job is not None:
+        pins = ", ".join(f"{k}={','.join(str(x).lower() for x in v) if isinstance(v, tuple) else v}" for k, v in job.pinned.items())
+        console.print(f"pinned: {pins or 'nothing'}; chosen by the planner: everything else")
     t = Table(title="stages", show_lines=False)
     for col in ("stage", "rank", "device", "blocks", "first .. last", "F+B ms", "recompute", "buffers", "peak", "cap"):
         t.add_column(col, justify="right" if col not in ("device", "first .. last") else "left", no_wrap=True)
