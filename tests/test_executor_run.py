@@ -34,11 +34,12 @@ CHUNKS = {(2, 1, "interleaved"): 2}
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
-def run_cli(plan_path: Path, run_dir: Path, *extra: str, timeout: float = 120, cli: bool = False) -> subprocess.CompletedProcess[str]:
+def run_cli(plan_path: Path, run_dir: Path, *extra: str, timeout: float = 120, cli: bool = False,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """``pipetrain run`` when ``cli``, else its bare launcher (no live view / after-run summaries: faster)."""
     entry = ["pipetrain", "run"] if cli else ["pipetrain.executor.launch"]
     cmd = [sys.executable, "-m", *entry, str(plan_path), "--run-dir", str(run_dir), *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +167,20 @@ def test_cli_output_and_result_json(runs: Any) -> None:
     assert "loss" in run["stdout"] and "median step" in run["stdout"]
     data = json.loads((run["dir"] / "result.json").read_text())
     assert len(data["losses"]) == STEPS and data["pp"] == 2 and data["backend"] == "gloo"
+
+
+def test_per_boundary_groups_as_on_nccl(tmp_path: Path) -> None:
+    """The NCCL layout (two 2-rank groups per boundary, messages in micro-batch order), run on gloo."""
+    import os
+
+    plan = simple_plan("tiny-gpt", pp=2, m=M, mbs=MBS, seq_len=SEQ, schedule="interleaved", chunks=2)
+    plan.save(tmp_path / "plan.json")
+    env = dict(os.environ, PIPETRAIN_P2P_GROUPS="1")
+    r = run_cli(tmp_path / "plan.json", tmp_path / "run", "--steps", "8", "--dataset", DATA, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = load_result(tmp_path / "run")
+    ref = reference_run(plan, steps=8, dataset=DATA)
+    for got, want in zip(res.losses, ref.losses):
+        assert abs(got - want) <= 1e-5 * abs(want)
+    metas = [r for recs in read_telemetry(tmp_path / "run").values() for r in recs if r["type"] == "meta"]
+    assert [m["p2p_groups"] for m in metas] == [6, 6]  # 3 boundaries x 2 directions, both ranks in each

@@ -4,14 +4,18 @@ Global rank ``g = replica * pp + pipeline_rank``: replica ``d`` of the pipeline 
 ``d*pp .. d*pp+pp-1``. Every rank creates the same groups in the same order (``dist.new_group``
 is collective): one pipeline group per replica (for global-norm clipping and the loss), one
 data-parallel group per pipeline rank (gradient all-reduce of that rank's stages), and one
-group per (tied parameter, replica) whose owner and users sit on different ranks.
+group per (tied parameter, replica) whose owner and users sit on different ranks. With
+``p2p_groups`` (always on NCCL, which matches point-to-point messages by issue order and
+serializes a communicator's operations on one stream), two 2-rank groups per stage boundary
+(activations, gradients), so each carries one stream posted in micro-batch order on both ends;
+gloo matches by tag and uses the default group.
 """
 
 from __future__ import annotations
 
 import datetime
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -70,10 +74,12 @@ class Groups:
     pp_group: Any  # None when pp == 1
     dp_group: Any  # None when dp == 1
     ties: tuple[TieGroup, ...]
+    #: (boundary b between stages b and b+1, "act" | "grad") -> 2-rank group, for this replica
+    p2p: dict[tuple[int, str], Any] = field(default_factory=dict)
 
 
 def make_groups(plan: Plan, layout: RankLayout, ties: tuple[tuple[str, int, tuple[int, ...]], ...],
-                timeout: datetime.timedelta) -> Groups:
+                timeout: datetime.timedelta, *, p2p_groups: bool = False) -> Groups:
     """Create every group on every rank, in one fixed order; return the ones this rank is in."""
     block_rank = {}
     for st in plan.stages:
@@ -105,7 +111,18 @@ def make_groups(plan: Plan, layout: RankLayout, ties: tuple[tuple[str, int, tupl
                 here = tuple(b for b in (owner, *users) if block_rank[b] == layout.pp_rank)
                 tie_groups.append(TieGroup(name=name, owner_block=owner, blocks_here=here,
                                            owner_rank=d * plan.pp + block_rank[owner], group=g))
-    return Groups(pp_group=pp_group, dp_group=dp_group, ties=tuple(tie_groups))
+    p2p: dict[tuple[int, str], Any] = {}
+    for b in range(len(plan.stages) - 1 if p2p_groups else 0):
+        ra, rb = plan.stages[b].rank, plan.stages[b + 1].rank
+        if ra == rb:
+            continue
+        for d in range(plan.dp):
+            ranks = sorted({d * plan.pp + ra, d * plan.pp + rb})
+            for direction in ("act", "grad"):
+                g = dist.new_group(ranks, timeout=timeout)
+                if me in ranks:
+                    p2p[(b, direction)] = g
+    return Groups(pp_group=pp_group, dp_group=dp_group, ties=tuple(tie_groups), p2p=p2p)
 
 
 class BufferPool:

@@ -49,6 +49,12 @@ class StageRuntime:
     prev_local: bool = False
     next_local: bool = False
     out_dtype: torch.dtype | None = None  # boundary dtype of this stage's output (plan)
+    # one 2-rank group per boundary and direction: each carries one stream of messages, posted
+    # in micro-batch order on both ends (NCCL matches point-to-point messages by order, not tag)
+    recv_act_group: Any = None  # activations arriving from stage index-1
+    recv_grad_group: Any = None  # gradients arriving from stage index+1
+    send_act_group: Any = None
+    send_grad_group: Any = None
 
 
 class SavedBytes:
@@ -132,7 +138,8 @@ class PipelineRuntime:
                     break
                 mb = q.popleft()
                 buf = st.in_pool.buffers[i]
-                w = dist.irecv(buf, st.prev_rank, tag=tag_of(0, s, mb, self.num_stages, self.num_microbatches))
+                w = dist.irecv(buf, st.prev_rank, group=st.recv_act_group,
+                               tag=tag_of(0, s, mb, self.num_stages, self.num_microbatches))
                 self._recv[(0, s, mb)] = (w, i, now(), buf)
         for s, q in self._grad_q.items():
             st = self.stages[s]
@@ -144,7 +151,8 @@ class PipelineRuntime:
                     break
                 mb = q.popleft()
                 buf = pool.buffers[i]
-                w = dist.irecv(buf, st.next_rank, tag=tag_of(1, s, mb, self.num_stages, self.num_microbatches))
+                w = dist.irecv(buf, st.next_rank, group=st.recv_grad_group,
+                               tag=tag_of(1, s, mb, self.num_stages, self.num_microbatches))
                 self._recv[(1, s, mb)] = (w, i, now(), buf)
 
     def _wait_recv(self, kind: int, s: int, mb: int) -> tuple[int, torch.Tensor]:
@@ -167,7 +175,9 @@ class PipelineRuntime:
         t = t.detach()
         if not t.is_contiguous():
             t = t.contiguous()
-        w = dist.isend(t, dst, tag=tag_of(kind, to_stage, mb, self.num_stages, self.num_microbatches))
+        st = self.stages[from_stage]
+        group = st.send_act_group if kind == 0 else st.send_grad_group
+        w = dist.isend(t, dst, group=group, tag=tag_of(kind, to_stage, mb, self.num_stages, self.num_microbatches))
         self._sends.append((w, t, from_stage, mb, self.telemetry.now()))
 
     def _poll_sends(self, block: bool = False) -> None:

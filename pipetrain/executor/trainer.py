@@ -8,6 +8,7 @@ schedule's actions (:mod:`pipetrain.executor.runtime`), gradient sync and clippi
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,8 @@ class Trainer:
         my_blocks = [b for st in my_stages for b in range(st.block_start, st.block_end)]
         materialize_blocks(model, my_blocks, device, plan.seed)
         ties = ties_of(model)
-        groups = self.groups = make_groups(plan, layout, ties, timeout)
+        p2p_groups = dist.get_backend() == "nccl" or os.environ.get("PIPETRAIN_P2P_GROUPS", "") == "1"
+        groups = self.groups = make_groups(plan, layout, ties, timeout, p2p_groups=p2p_groups)
         tie_params: list[tuple[Any, Any, bool]] = []
         for tg in groups.ties:
             p = model.blocks[tg.blocks_here[0]].get_parameter(tg.name)
@@ -76,7 +78,9 @@ class Trainer:
                 in_pool=BufferPool(in_spec, st.buffers + stash[s], device, what=f"stage {s} input"),
                 grad_pool=BufferPool(out_spec, st.buffers, device, what=f"stage {s} output grad") if out_spec else None,
                 recompute=st.recompute, prev_local=prev_r == layout.pp_rank, next_local=next_r == layout.pp_rank,
-                out_dtype=torch_dtype(out_spec.dtype) if out_spec else None)
+                out_dtype=torch_dtype(out_spec.dtype) if out_spec else None,
+                recv_act_group=groups.p2p.get((s - 1, "act")), recv_grad_group=groups.p2p.get((s, "grad")),
+                send_act_group=groups.p2p.get((s, "act")), send_grad_group=groups.p2p.get((s - 1, "grad")))
         self.runtimes = runtimes
         params = self.params = unique_params(modules.values())
         ocfg = OptimConfig(name=plan.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
@@ -118,7 +122,7 @@ class Trainer:
         tel.record({"type": "meta", "rank": rank, "pp_rank": layout.pp_rank, "dp_rank": layout.dp_rank,
                     "stages": sorted(runtimes), "buffers": {st.index: st.buffers for st in my_stages},
                     "device": str(device), "backend": dist.get_backend(), "same_host_clock": getattr(tel, "same_host", True),
-                    "start_step": self.start_step, "world_size": plan.world_size})
+                    "start_step": self.start_step, "world_size": plan.world_size, "p2p_groups": len(groups.p2p)})
         self.static_bytes = sum(p.numel() * p.element_size() for p in params) * 2
         self.pool_bytes = sum(r.in_pool.nbytes + (r.grad_pool.nbytes if r.grad_pool else 0) for r in runtimes.values())
         self.grad_scale = _grad_scale_hook()
