@@ -10,7 +10,8 @@ per rank) and compares the medians over the measured steps. Prints one row per c
 MAPE, the worst configuration, the Spearman rank correlation of the configurations by step
 time, and the share of stages whose busy time and activation memory are within 10%; writes
 ``OUT/sim_accuracy.json`` and a scatter plot ``OUT/sim_accuracy.png``. The machine load
-(the share of the cores other processes used during each run, from /proc/stat) is printed: other
+(the share of the cores other processes used during each run's measured steps, from /proc/stat
+less the workers' own CPU) is printed: other
 processes on a shared machine distort timings; ``--wait-idle S`` waits for a quiet moment before each run.
 Because such load only ever adds time (and the calibration keeps the least loaded of its profiling
 rounds), the errors are also given against the lower quartile of the measured steps (``q1``).
@@ -66,6 +67,74 @@ def own_cpu_s() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
+class ForeignLoad:
+    """Samples, in a thread, the CPU other processes use while the measured steps of a run execute.
+
+    The window opens once every rank has logged step ``warmup - 1`` (start-up and warm-up left out)
+    and closes when the first worker exits; foreign CPU = machine busy time (/proc/stat) minus the
+    workers' own (/proc/PID/stat) minus this process's.
+    """
+
+    def __init__(self, run_dir: Path, world: int, warmup: int) -> None:
+        import threading
+
+        self.run_dir, self.world, self.warmup = run_dir, world, warmup
+        self.first: tuple[float, float, float] | None = None
+        self.last: tuple[float, float, float] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _workers_cpu(self) -> float | None:
+        total = 0.0
+        for r in range(self.world):
+            try:
+                pid = int((self.run_dir / "pids" / f"rank{r}").read_text())
+                f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, ValueError):
+                return None
+            total += (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+        return total
+
+    def _started(self) -> bool:
+        need = f'"step": {self.warmup - 1},' if self.warmup > 0 else '"type": "meta"'
+        try:
+            return all(need in (self.run_dir / "telemetry" / f"rank{r}.jsonl").read_text() for r in range(self.world))
+        except OSError:
+            return False
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if self.first is not None or self._started():
+                w = self._workers_cpu()
+                if w is None:
+                    if self.first is not None:
+                        return
+                else:
+                    t = os.times()
+                    sample = (time.monotonic(), cpu_busy_s() - w - (t.user + t.system), w)
+                    if self.first is None:
+                        self.first = sample
+                    self.last = sample
+            time.sleep(0.2)
+
+    def __enter__(self) -> "ForeignLoad":
+        for f in (self.run_dir / "pids").glob("rank*"):
+            f.unlink()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    @property
+    def share(self) -> float:
+        """Mean share of the machine's cores other processes used in the window (nan: window too short)."""
+        if self.first is None or self.last is None or self.last[0] - self.first[0] < 0.5:
+            return float("nan")
+        return max(0.0, self.last[1] - self.first[1]) / ((self.last[0] - self.first[0]) * (os.cpu_count() or 1))
+
+
 def wait_idle(max_wait_s: float) -> float:
     """Wait (at most ``max_wait_s``) until no other process has been runnable for 1 s; return the seconds waited."""
     t0 = time.monotonic()
@@ -96,10 +165,15 @@ def run_one(cfg: tuple[str, int, int, int, str], out: Path, steps: int, warmup: 
     name = f"{model}-p{p}d{d}m{m}-{sched}"
     plan.save(out / name / "plan.json")
     busy0, own0, t0 = cpu_busy_s(), own_cpu_s(), time.monotonic()
-    launch(RunConfig(plan_path=str(out / name / "plan.json"), run_dir=str(out / name / "run"), steps=steps, threads=1, timeout_s=120))
+    run_dir = out / name / "run"
+    (run_dir / "pids").mkdir(parents=True, exist_ok=True)
+    with ForeignLoad(run_dir, plan.world_size, warmup) as fl:
+        launch(RunConfig(plan_path=str(out / name / "plan.json"), run_dir=str(run_dir), steps=steps, threads=1, timeout_s=120))
     wall = time.monotonic() - t0
-    # share of the machine's cores other processes used while this configuration ran
-    load = max(0.0, (cpu_busy_s() - busy0) - (own_cpu_s() - own0)) / (wall * (os.cpu_count() or 1))
+    # share of the machine's cores other processes used during the measured steps (whole launch if too short)
+    load = fl.share
+    if load != load:
+        load = max(0.0, (cpu_busy_s() - busy0) - (own_cpu_s() - own0)) / (wall * (os.cpu_count() or 1))
     meas = measure_run(out / name / "run", plan, warmup_steps=warmup)
     inp, sim, source = simulate_plan(plan, calibration=cal)
     return compare(plan, inp, sim, meas, label=name, cost_source=source), load
