@@ -8,6 +8,7 @@ telemetry (buffers, events).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,8 @@ CONFIGS = [(2, 1, "1f1b"), (2, 1, "gpipe"), (4, 1, "1f1b"), (4, 1, "gpipe"), (2,
 #: per configuration: optimizer (SGD with momentum on one DPxPP run, AdamW elsewhere), chunks
 OPTIMIZER = {(2, 2, "gpipe"): "sgd"}
 CHUNKS = {(2, 1, "interleaved"): 2}
+#: run with NCCL's layout (two 2-rank groups per boundary, messages in micro-batch order) on gloo
+P2P_GROUPS = {(2, 1, "interleaved")}
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -54,8 +57,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, int, str],
             plan = simple_plan("tiny-gpt", pp=pp, dp=dp, m=M, mbs=MBS, seq_len=SEQ, schedule=sched,
                                chunks=CHUNKS.get(key, 1), optimizer=OPTIMIZER.get(key, "adamw"))
             plan.save(d / "plan.json")
+            env = dict(os.environ, PIPETRAIN_P2P_GROUPS="1") if key in P2P_GROUPS else None
             r = run_cli(d / "plan.json", d / "run", "--steps", str(STEPS), "--save-final", "--dataset", DATA, *_opt_args(key),
-                        cli=key == (2, 1, "1f1b"))
+                        cli=key == (2, 1, "1f1b"), env=env)
             assert r.returncode == 0, r.stderr[-3000:]
             cache[key] = {"plan": plan, "dir": d / "run", "result": load_result(d / "run"), "stdout": r.stdout}
         return cache[key]
@@ -169,18 +173,28 @@ def test_cli_output_and_result_json(runs: Any) -> None:
     assert len(data["losses"]) == STEPS and data["pp"] == 2 and data["backend"] == "gloo"
 
 
-def test_per_boundary_groups_as_on_nccl(tmp_path: Path) -> None:
-    """The NCCL layout (two 2-rank groups per boundary, messages in micro-batch order), run on gloo."""
-    import os
-
-    plan = simple_plan("tiny-gpt", pp=2, m=M, mbs=MBS, seq_len=SEQ, schedule="interleaved", chunks=2)
-    plan.save(tmp_path / "plan.json")
-    env = dict(os.environ, PIPETRAIN_P2P_GROUPS="1")
-    r = run_cli(tmp_path / "plan.json", tmp_path / "run", "--steps", "8", "--dataset", DATA, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = load_result(tmp_path / "run")
-    ref = reference_run(plan, steps=8, dataset=DATA)
-    for got, want in zip(res.losses, ref.losses):
-        assert abs(got - want) <= 1e-5 * abs(want)
-    metas = [r for recs in read_telemetry(tmp_path / "run").values() for r in recs if r["type"] == "meta"]
+def test_nccl_layout_of_p2p_groups_was_used(runs: Any) -> None:
+    run = runs(2, 1, "interleaved")
+    metas = [r for recs in read_telemetry(run["dir"]).values() for r in recs if r["type"] == "meta"]
     assert [m["p2p_groups"] for m in metas] == [6, 6]  # 3 boundaries x 2 directions, both ranks in each
+
+
+def test_kill_after_step_10_then_resume_is_identical(runs: Any, tmp_path: Path) -> None:
+    """Rank 1 SIGKILLs itself mid-step 11 (after the step-10 checkpoint); --resume reproduces the
+    uninterrupted run's steps 11..20 exactly."""
+    full = runs(2, 1, "1f1b")
+    run_dir = tmp_path / "killed"
+    env = dict(os.environ, PIPETRAIN_FAULT="1:10:3:kill")
+    plan_path = full["dir"].parent / "plan.json"
+    killed = run_cli(plan_path, run_dir, "--steps", str(STEPS), "--checkpoint-every", "5", "--dataset", DATA, cli=True, env=env)
+    assert killed.returncode == 2 and "rank 1 (pipeline rank 1, replica 0) was killed by SIGKILL" in killed.stderr
+    state = torch.load(run_dir / "checkpoints" / "step_00000010" / "rank1.pt", weights_only=True)
+    assert state["step"] == 10 and "optimizer" in state and "rng" in state
+    resumed = run_cli(plan_path, run_dir, "--steps", str(STEPS), "--checkpoint-every", "5", "--dataset", DATA, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = full["result"], load_result(run_dir)
+    assert b.steps == tuple(range(STEPS))
+    assert b.losses[10:] == a.losses[10:]  # bit-identical trajectory after the resume
+    assert b.losses[:10] == a.losses[:10]
+    metas = [r for r in read_telemetry(run_dir)[0] if r["type"] == "meta"]
+    assert [m["start_step"] for m in metas] == [0, 10]
