@@ -59,7 +59,7 @@ def worker(a: argparse.Namespace) -> None:
     from pipetrain.executor.stage import build_meta, load_spec, materialize_blocks, stage_modules
     from pipetrain.executor.trainer import Trainer
 
-    plan = simple_plan(MODEL, pp=p, m=m, mbs=GLOBAL_BATCH // m, seq_len=1, schedule="1f1b", optimizer="sgd")
+    plan = simple_plan(MODEL, pp=p, m=m, mbs=GLOBAL_BATCH // m, seq_len=1, schedule=a.schedule, optimizer="sgd")
     spec = load_spec(MODEL)
     run_dir = Path(a.run_dir)
     cfg = RunConfig(plan_path="(benchmark)", run_dir=str(run_dir), steps=10**6, lr=0.05, clip_norm=0.0, timeout_s=120)
@@ -115,7 +115,7 @@ def launch(p: int, m: int, a: argparse.Namespace) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="pipetrain-bench-") as d:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(p), "--master-addr", "127.0.0.1",
                "--master-port", str(free_port()), __file__, "--bench-worker", "--bench-m", str(m),
-               "--bench-pairs", str(a.pairs), "--bench-warmup", str(a.warmup), "--bench-dir", d]
+               "--bench-pairs", str(a.pairs), "--bench-warmup", str(a.warmup), "--bench-dir", d, "--schedule", a.schedule]
         env = dict(os.environ, OMP_NUM_THREADS="1")
         load0 = _loadavg()
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
@@ -143,6 +143,8 @@ def main() -> None:
     ap.add_argument("--bench-m", type=int, default=0, dest="wm", help=argparse.SUPPRESS)
     ap.add_argument("--bench-pairs", type=int, default=0, dest="wpairs", help=argparse.SUPPRESS)
     ap.add_argument("--bench-warmup", type=int, default=0, dest="wwarmup", help=argparse.SUPPRESS)
+    ap.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe", "zb-h1"],
+                    help="our schedule (theirs is always Schedule1F1B); zb-h1 splits backward into input- and weight-grad")
     ap.add_argument("--bench-dir", default="", dest="run_dir", help=argparse.SUPPRESS)
     ap.add_argument("--json", default="", help="also write the table as JSON here")
     a = ap.parse_args()
@@ -151,7 +153,8 @@ def main() -> None:
         worker(a)
         return
     print(f"command: python benchmarks/vs_torch_pipelining.py --p {' '.join(map(str, a.p))} --m {' '.join(map(str, a.m))} "
-          f"--pairs {a.pairs} --warmup {a.warmup}")
+          f"--pairs {a.pairs} --warmup {a.warmup} --schedule {a.schedule}")
+    print(f"ours: pipetrain executor running {a.schedule}; theirs: torch.distributed.pipelining.Schedule1F1B")
     print(f"model {MODEL}, global batch {GLOBAL_BATCH}, fp32, gloo, 1 thread per rank, A/B alternating per step")
     print(f"{'p':>2} {'m':>2} | {'ours ms':>8} {'theirs ms':>9} | {'median ours/theirs':>18} {'[min, max]':>14} | "
           f"{'loss rel diff':>13} | load before/after")
