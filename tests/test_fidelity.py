@@ -232,3 +232,55 @@ def test_clip_sync_makes_every_optimizer_step_wait_for_the_last_rank() -> None:
         assert r.step_time_s == pytest.approx(9e-3 + 2 * 1e-3 + 5e-4, rel=1e-6)  # ring all-reduce of 8 bytes on 2 ranks
     opt = [e for e in simulate(synced).events if e.kind == "OPT"]
     assert len(opt) == 2 and all(e.start_s == pytest.approx(11e-3, rel=1e-6) for e in opt)
+
+
+def test_time_sliced_cores_are_processor_sharing() -> None:
+    """k jobs on c cores each progress at c/k: two jobs of 1 s and 3 s on one core end at 2 s and 4 s."""
+    import simpy
+
+    from pipetrain.simulator.sharing import SharedCores
+
+    env = simpy.Environment()
+    cores = SharedCores(env, 1)
+    ends: dict[str, float] = {}
+
+    def job(name: str, start: float, dur: float):  # type: ignore[no-untyped-def]
+        yield env.timeout(start)
+        yield cores.run(dur)
+        ends[name] = env.now
+
+    env.process(job("a", 0.0, 1.0))
+    env.process(job("b", 0.0, 3.0))
+    env.process(job("c", 5.0, 0.5))  # alone: full speed
+    env.run()
+    assert ends == pytest.approx({"a": 2.0, "b": 4.0, "c": 5.5})
+    env2 = simpy.Environment()
+    two = SharedCores(env2, 2)
+    out: list[float] = []
+
+    def j2(d: float):  # type: ignore[no-untyped-def]
+        yield two.run(d)
+        out.append(env2.now)
+
+    for _ in range(4):
+        env2.process(j2(1.0))
+    env2.run()
+    assert out == pytest.approx([2.0] * 4)  # four 1 s actions on two cores
+
+
+def test_time_sliced_group_in_the_simulator(graph) -> None:  # type: ignore[no-untyped-def]
+    """4 equal ranks on 2 time-sliced cores: never faster than the work over 2 cores, and actions are stretched."""
+    from pipetrain.simulator import ComputeGroup, simulate
+
+    cal = _calibration(graph)
+    plan = _plan(4, 8, "gpipe")
+    inp = simulate_plan(plan, calibration=cal, graph=graph, topology=calibrated_topology(_topology(4, 2), cal))[0]
+    ts = replace(inp, compute_groups=(ComputeGroup(ranks=(0, 1, 2, 3), capacity=2, sharing="time-slice"),))
+    r = simulate(ts)
+    assert r.pipeline_time_s >= sum(r.busy_s_per_stage) / 2 - 1e-9
+    longest = max(e.duration_s for e in r.events if e.kind in "FB")
+    assert longest > max(max(s.t_fwd_s, s.t_bwd_s) for s in inp.stages) * 1.01  # stretched while >2 compute
+    from pipetrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="sharing"):
+        ComputeGroup(ranks=(0, 1), sharing="round-robin")

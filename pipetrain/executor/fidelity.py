@@ -195,6 +195,10 @@ def simulate_plan(plan: Plan, *, calibration: Any = None, cost: Any = None, topo
                     schedule=sched, ranges=[(st.block_start, st.block_end) for st in plan.stages], buffers=buffers,
                     recompute=[st.recompute for st in plan.stages], in_flight=peak_in_flight(sched), dp_overlap=False,
                     clip_sync=True)
+    if inp.compute_groups and all(d.type.kind == "cpu" for d in topo.devices):  # CPU ranks are OS processes: time-sliced
+        from dataclasses import replace
+
+        inp = replace(inp, compute_groups=tuple(replace(g, sharing="time-slice") for g in inp.compute_groups))
     return inp, simulate(inp), source
 
 

@@ -36,6 +36,7 @@ from pipetrain.errors import ScheduleError
 from pipetrain.simulator.model import SimInput
 from pipetrain.simulator.program import COMPUTE, RECV, SEND, EventTuple, end_of_step, skeleton, tables
 from pipetrain.simulator.result import SimResult, build_result, busy_s_per_stage
+from pipetrain.simulator.sharing import SharedCores
 
 __all__ = ["simulate"]
 
@@ -71,10 +72,10 @@ def simulate(inp: SimInput) -> SimResult:
     dur_of, link_of, wire_of, lat_of, bytes_of = tab.dur, tab.link, tab.wire, tab.latency, tab.nbytes
     env = simpy.Environment()
     n_st, n_rk = sched.num_stages, sched.num_ranks
-    resource: list[simpy.Resource | None] = [None] * n_rk
+    resource: list[simpy.Resource | SharedCores | None] = [None] * n_rk
     for g in inp.compute_groups:
         if g.capacity < len(g.ranks):
-            res = simpy.Resource(env, capacity=g.capacity)
+            res = SharedCores(env, g.capacity) if g.sharing == "time-slice" else simpy.Resource(env, capacity=g.capacity)
             for r in g.ranks:
                 resource[r] = res
     caps = [spec.buffers or _UNLIMITED for spec in inp.stages]
@@ -180,7 +181,11 @@ def simulate(inp: SimInput) -> SimResult:
                     if act_bytes[s]:
                         mem[s] += act_bytes[s]
                         timeline[s].append((env.now, mem[s]))
-                if res is not None:
+                if isinstance(res, SharedCores):  # time-sliced: starts now, ends once it got `dur` of core time
+                    start = env.now
+                    yield res.run(dur)
+                    end = env.now
+                elif res is not None:
                     waiting_on[r] = ("group", s, mb)
                     req = res.request()
                     yield req

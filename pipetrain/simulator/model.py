@@ -135,14 +135,22 @@ class BoundarySpec:
 
 @dataclass(frozen=True, kw_only=True)
 class ComputeGroup:
-    """Pipeline ranks that share cores or one GPU: at most ``capacity`` of them compute at once."""
+    """Pipeline ranks that share cores or one GPU: at most ``capacity`` of them compute at once.
+
+    ``sharing``: ``"queue"`` (an action waits, FIFO, until one of the ``capacity`` units is free,
+    then runs at full speed) or ``"time-slice"`` (every computing rank progresses at
+    ``capacity / k`` of full speed while ``k > capacity`` compute: an OS scheduler's processor
+    sharing, :mod:`pipetrain.simulator.sharing`).
+    """
 
     ranks: tuple[int, ...]
     capacity: int = 1
+    sharing: str = "queue"
 
     def __post_init__(self) -> None:
         _need(len(self.ranks) >= 1 and len(set(self.ranks)) == len(self.ranks), f"compute group ranks must be distinct, got {self.ranks}")
         _need(self.capacity >= 1, f"compute group capacity must be >= 1, got {self.capacity}")
+        _need(self.sharing in ("queue", "time-slice"), f"compute group sharing must be 'queue' or 'time-slice', got {self.sharing!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

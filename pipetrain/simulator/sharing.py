@@ -1,0 +1,67 @@
+"""Processor sharing for a compute group: what an OS scheduler does with more runnable ranks than cores.
+
+With ``k`` ranks computing on ``c`` cores, each progresses at ``min(1, c / k)`` of full speed
+(egalitarian processor sharing, the fluid model of round-robin time slicing: Kleinrock 1967,
+"Time-shared systems: a theoretical treatment", JACM 14(2)). An action of ``d`` seconds of
+compute therefore ends when it has received ``d`` seconds of core time, however many others
+came and went meanwhile. torch-free.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["SharedCores"]
+
+_EPS = 1e-15
+
+
+class SharedCores:
+    """``run(d)`` returns a simpy event that fires when ``d`` seconds of core time have been received."""
+
+    def __init__(self, env: Any, capacity: int) -> None:
+        self.env = env
+        self.capacity = capacity
+        self.jobs: dict[int, list[Any]] = {}  # id -> [remaining core seconds, event]
+        self.last = env.now
+        self.generation = 0
+        self._next_id = 0
+
+    def _rate(self) -> float:
+        return min(1.0, self.capacity / len(self.jobs)) if self.jobs else 1.0
+
+    def _advance(self) -> None:
+        now = self.env.now
+        if self.jobs and now > self.last:
+            done = (now - self.last) * self._rate()
+            for job in self.jobs.values():
+                job[0] -= done
+        self.last = now
+
+    def _schedule(self) -> None:
+        self.generation += 1
+        if not self.jobs:
+            return
+        first = min(job[0] for job in self.jobs.values())
+        gen = self.generation
+        wake = self.env.timeout(max(0.0, first) / self._rate())
+        wake.callbacks.append(lambda _ev: self._wake(gen))
+
+    def _wake(self, gen: int) -> None:
+        if gen != self.generation:  # an arrival or departure rescheduled since
+            return
+        self._advance()
+        for key in [k for k, job in self.jobs.items() if job[0] <= _EPS * max(1.0, self.env.now)]:
+            self.jobs.pop(key)[1].succeed()
+        self._schedule()
+
+    def run(self, seconds: float) -> Any:
+        self._advance()
+        ev = self.env.event()
+        if seconds <= 0:
+            ev.succeed()
+            return ev
+        self.jobs[self._next_id] = [seconds, ev]
+        self._next_id += 1
+        self._schedule()
+        return ev
