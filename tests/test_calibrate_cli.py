@@ -35,6 +35,12 @@ def test_calibration_file_has_profiles_fit_and_optimizer(cal_file: Path) -> None
     # the fit reproduces the measured optimizer times it was fitted to within a factor of 2
     for n, t in zip(adamw.params, adamw.seconds):
         assert 0.5 * t <= adamw.time_s(n) <= 2.0 * t
+    # the one-rank executor run: its step time over the profile's prediction, for each shape
+    assert [(o.model, o.micro_batch_size) for o in cal.runtime] == [("mlp-uneven", 2), ("mlp-uneven", 8)]
+    for o in cal.runtime:
+        assert 0.3 < o.factor < 5 and o.fixed_s >= 0 and o.measured_step_s[1] > o.measured_step_s[0]
+        m1, m2 = o.num_microbatches  # the step grows by the profiled micro-batches times the factor
+        assert o.measured_step_s[1] - o.measured_step_s[0] == pytest.approx((m2 - m1) * o.factor * o.profiled_microbatch_s)
     # --no-probe keeps the topology's loopback figures
     assert cal.p2p.backend == "gloo" and cal.p2p.sizes_bytes == ()
 
@@ -48,8 +54,9 @@ def test_calibration_drives_the_simulated_stage_times(cal_file: Path) -> None:
     plan = simple_plan("mlp-uneven", pp=2, m=4, mbs=8, seq_len=1, schedule="1f1b")
     _inp, sim, source = simulate_plan(plan, calibration=cal)
     prof = cal.profiles[1]
+    k = cal.runtime[1].factor
     for st in plan.stages:
-        want = 4 * sum(b.fwd_s + b.bwd_s for b in prof.blocks[st.block_start:st.block_end])
+        want = 4 * k * sum(b.fwd_s + b.bwd_s for b in prof.blocks[st.block_start:st.block_end])
         assert sim.busy_s_per_stage[st.index] == pytest.approx(want)
     assert source == "calibration"
 
@@ -94,7 +101,7 @@ def test_bad_input_is_one_line_exit_2(argv: list[str], msg: str, tmp_path: Path,
 def test_probe_measures_the_gloo_link(tmp_path: Path) -> None:
     out = tmp_path / "c.json"
     assert main(["calibrate", "--topology", "local-cpu:2", "--model", "mlp-uneven", "--microbatch-sizes", "2",
-                 "--repeats", "1", "--rounds", "1", "-o", str(out)]) == 0
+                 "--repeats", "1", "--rounds", "1", "--no-runtime", "-o", str(out)]) == 0
     from pipetrain.executor.calibration import calibrated_topology, load_calibration
     from pipetrain.planner.topology import topology_preset
 
@@ -115,9 +122,10 @@ def test_simulate_plan_with_calibration_uses_measured_blocks(cal_file: Path, tmp
     path = plan.save(tmp_path / "plan.json")
     assert main(["simulate", str(path), "--calibration", str(cal_file), "--json", "-"]) == 0
     got = json.loads(capsys.readouterr().out)
-    prof = load_calibration(cal_file).profiles[1]
+    cal = load_calibration(cal_file)
+    prof, k = cal.profiles[1], cal.runtime[1].factor
     for st in plan.stages:
-        want = 4 * sum(b.fwd_s + b.bwd_s for b in prof.blocks[st.block_start:st.block_end])
+        want = 4 * k * sum(b.fwd_s + b.bwd_s for b in prof.blocks[st.block_start:st.block_end])
         assert got["busy_s_per_stage"][st.index] == pytest.approx(want)
     assert main(["simulate", str(path), "--json", "-"]) == 0  # analytic: other numbers
     assert json.loads(capsys.readouterr().out)["busy_s_per_stage"][0] != pytest.approx(got["busy_s_per_stage"][0])

@@ -29,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=7, help="timed repetitions per block (median; default 7)")
     parser.add_argument("--rounds", type=int, default=3, help="profiling rounds per block; the least loaded is kept (default 3)")
     parser.add_argument("--no-probe", action="store_true", help="skip the p2p probe (keep the topology's link figures)")
+    parser.add_argument("--no-runtime", action="store_true", help="skip the one-rank executor run that measures its overhead")
     parser.add_argument("-o", "--output", default="calibration.json", help="where to write the calibration (default calibration.json)")
     parser.add_argument("--json", action="store_true", help="print the calibration JSON instead of the table")
 
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {msg} ...", file=sys.stderr, flush=True)
 
     cal = run_calibration(args.topology, models=models, micro_batch_sizes=sizes, seq_len=args.seq_len, dtype=args.dtype,
-                          threads=args.threads, repeats=args.repeats, rounds=args.rounds, probe=not args.no_probe, progress=say)
+                          threads=args.threads, repeats=args.repeats, rounds=args.rounds, probe=not args.no_probe, runtime=not args.no_runtime, progress=say)
     path = cal.save(args.output)
     if args.json:
         print(cal.to_json())

@@ -8,6 +8,8 @@ thread per rank, as the executor runs; or the GPU):
   (:func:`executor_hooks`), the least loaded of several rounds;
 * the point-to-point latency and bandwidth of the backend in use (gloo on loopback, NCCL on
   GPU) by ping-pong and a Hockney fit (:func:`pipetrain.executor.commprobe.probe_p2p`);
+* on CPU, the executor's own overhead over the profiled blocks: a one-rank executor run of each
+  model and shape (:mod:`pipetrain.executor.overhead`);
 * the optimizer step as the executor runs it (global-norm clipping, the update, zeroing the
   gradients) on the model's own parameters, fitted as ``fixed_s + per_param_s * params``
   (non-negative least squares);
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from pipetrain.errors import ConfigError
+from pipetrain.executor.overhead import RuntimeOverhead
 from pipetrain.planner.calibrate import CalibratedCostModel, CalibrationFit
 from pipetrain.planner.costs import NodeTimes, stage_from_node_times, StageCost
 from pipetrain.planner.graph import LayerGraph
@@ -93,6 +96,7 @@ class Calibration:
     optimizers: tuple[OptimizerCost, ...]
     fit: CalibrationFit
     profiles: tuple[BlockProfile, ...]
+    runtime: tuple[RuntimeOverhead, ...] = ()
     created_utc: str = ""
     elapsed_s: float = 0.0
     schema_version: int = CALIBRATION_FILE_VERSION
@@ -114,6 +118,14 @@ class Calibration:
                     graph.model, graph.micro_batch_size, graph.seq_len, graph.dtype, graph.num_nodes):
                 return p
         return None
+
+    def overhead_for(self, graph: LayerGraph) -> float:
+        """The executor's measured overhead factor for this model and shape (1.0 when not measured)."""
+        o = self.runtime_for(graph.model, graph.micro_batch_size, graph.seq_len)
+        return o.factor if o is not None else 1.0
+
+    def runtime_for(self, model: str, micro_batch_size: int, seq_len: int) -> RuntimeOverhead | None:
+        return next((o for o in self.runtime if (o.model, o.micro_batch_size, o.seq_len) == (model, micro_batch_size, seq_len)), None)
 
     def to_json(self) -> str:
         return json.dumps(to_dict(self), indent=1)
@@ -147,8 +159,9 @@ class MeasuredCostModel(CalibratedCostModel):
     """Cost model from a :class:`Calibration`.
 
     Block times: the stored profile of the graph's model and shape when there is one (sum of
-    measured block medians; W is each block's FLOP share of its backward), else the fitted
-    analytic model. Optimizer step: the measured ``fixed + per-param`` fit. Transfers: the
+    measured block medians, times the executor's measured overhead factor for that shape when
+    the calibration ran the executor; W is each block's FLOP share of its backward), else the
+    fitted analytic model. Optimizer step: the measured ``fixed + per-param`` fit. Transfers: the
     analytic formulas over the links, which :func:`calibrated_topology` sets to the measured ones.
     """
 
@@ -166,10 +179,11 @@ class MeasuredCostModel(CalibratedCostModel):
         if prof is None:
             return super().node_times(graph, device_type)
         f, b, w = [], [], []
+        k = self.calibration.overhead_for(graph)
         for node, t in zip(graph.nodes, prof.blocks):
-            f.append(t.fwd_s)
-            b.append(t.bwd_s)
-            w.append(min(t.bwd_s, t.bwd_s * node.wgrad_flops / node.bwd_flops) if node.bwd_flops > 0 else 0.0)
+            f.append(t.fwd_s * k)
+            b.append(t.bwd_s * k)
+            w.append(k * min(t.bwd_s, t.bwd_s * node.wgrad_flops / node.bwd_flops) if node.bwd_flops > 0 else 0.0)
         return NodeTimes(fwd_s=tuple(f), bwd_s=tuple(b), wgrad_s=tuple(w))
 
     def stage_costs(self, graph: LayerGraph, start: int, end: int, device_type: DeviceType, *, recompute: bool = False) -> StageCost:
@@ -294,7 +308,7 @@ def least_loaded(profiles: Sequence[BlockProfile]) -> BlockProfile:
 def run_calibration(topology: str, *, models: Sequence[str] = ("tiny-gpt",), micro_batch_sizes: Sequence[int] = (1, 4),
                     seq_len: int | None = None, dtype: str = "fp32", threads: int = 1, warmup: int = 2, repeats: int = 7,
                     optimizers: Sequence[str] = ("adamw", "sgd"), probe: bool = True, rounds: int = 3,
-                    shapes: Sequence[tuple[str, int]] = (),
+                    shapes: Sequence[tuple[str, int]] = (), runtime: bool = True,
                     progress: Callable[[str], None] | None = None) -> Calibration:
     """Measure and fit (module docstring). ``probe`` False skips the p2p probe (keeps the topology's link).
 
@@ -302,6 +316,8 @@ def run_calibration(topology: str, *, models: Sequence[str] = ("tiny-gpt",), mic
     the smallest median is kept (:func:`least_loaded`): on a machine shared with other processes a
     round that a burst of their load hit is slower, never faster, than the block really is.
     ``shapes`` (model, micro-batch size) pairs replace ``models`` x ``micro_batch_sizes``.
+    ``runtime`` runs the executor on one rank per shape to measure its overhead over the profile
+    (:mod:`pipetrain.executor.overhead`; CPU only here).
     """
     from pipetrain.planner.calibrate import fit_calibration
     from pipetrain.planner.profile import local_device_name, profile_model
@@ -354,11 +370,18 @@ def run_calibration(topology: str, *, models: Sequence[str] = ("tiny-gpt",), mic
     else:
         link = topo.nodes[0].link
         p2p = P2PCost(backend=backend, latency_s=link.latency_s, bandwidth_bytes_per_s=link.bandwidth_bytes_per_s)
+    overheads = []
+    if runtime and device == "cpu":
+        from pipetrain.executor.overhead import measure_runtime_overhead
+
+        for _g, prof in samples:
+            say(f"running the executor on one rank: {prof.model} micro-batch {prof.micro_batch_size}")
+            overheads.append(measure_runtime_overhead(prof, next((o for o in opts if o.optimizer == "adamw"), None), threads=threads))
     say("fitting the analytic cost model (scipy.optimize.least_squares)")
     fit = fit_calibration(samples, dt)
     return Calibration(topology=topo.name, device_type=dt.name, device=local_device_name(device, threads), device_kind=dt.kind,
                        threads=threads, cores=os.cpu_count() or 1, p2p=p2p, optimizers=tuple(opts), fit=fit,
-                       profiles=tuple(p for _, p in samples),
+                       profiles=tuple(p for _, p in samples), runtime=tuple(overheads),
                        created_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                        elapsed_s=time.perf_counter() - t_start)
 
@@ -373,6 +396,10 @@ def describe(cal: Calibration) -> list[tuple[str, str]]:
         f = sum(b.fwd_s for b in p.blocks)
         b = sum(b.bwd_s for b in p.blocks)
         rows.append((f"{p.model} mbs {p.micro_batch_size} seq {p.seq_len}", f"F {f * 1e3:.3f} ms, B {b * 1e3:.3f} ms ({len(p.blocks)} blocks)"))
+    for o in cal.runtime:
+        rows.append((f"executor overhead {o.model} mbs {o.micro_batch_size}",
+                     f"x{o.factor:.3f} per micro-batch + {o.fixed_s * 1e3:.2f} ms per step (one rank, m={o.num_microbatches[0]}, "
+                     f"{o.num_microbatches[1]}: {o.measured_step_s[0] * 1e3:.1f}, {o.measured_step_s[1] * 1e3:.1f} ms)"))
     rows.append(("analytic fit", f"mean |error| {cal.fit.error_before * 100:.1f}% -> {cal.fit.error_after * 100:.1f}% "
                                  f"over {cal.fit.num_samples} block times"))
     return rows

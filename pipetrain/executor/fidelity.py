@@ -195,10 +195,17 @@ def simulate_plan(plan: Plan, *, calibration: Any = None, cost: Any = None, topo
                     schedule=sched, ranges=[(st.block_start, st.block_end) for st in plan.stages], buffers=buffers,
                     recompute=[st.recompute for st in plan.stages], in_flight=peak_in_flight(sched), dp_overlap=False,
                     clip_sync=True)
-    if inp.compute_groups and all(d.type.kind == "cpu" for d in topo.devices):  # CPU ranks are OS processes: time-sliced
-        from dataclasses import replace
+    from dataclasses import replace
 
+    if inp.compute_groups and all(d.type.kind == "cpu" for d in topo.devices):  # CPU ranks are OS processes: time-sliced
         inp = replace(inp, compute_groups=tuple(replace(g, sharing="time-slice") for g in inp.compute_groups))
+    rt = calibration.runtime_for(plan.model, plan.micro_batch_size, plan.seq_len) if calibration is not None else None
+    if rt is not None and rt.fixed_s > 0:  # the executor's measured per-step work besides the update, on every rank
+        stages = list(inp.stages)
+        for r in range(plan.pp):
+            s = min(st.index for st in plan.stages if st.rank == r)
+            stages[s] = replace(stages[s], t_optimizer_s=stages[s].t_optimizer_s + rt.fixed_s)
+        inp = replace(inp, stages=tuple(stages))
     return inp, simulate(inp), source
 
 
