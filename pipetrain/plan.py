@@ -14,12 +14,12 @@ fingerprint of the layer graph it was made for, so it refuses to run another mod
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipetrain.errors import PlanError
-from pipetrain.serde import from_dict, to_dict
+from pipetrain.serde import from_dict, read_text_or_error, to_dict, write_text_atomic
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -214,16 +214,9 @@ class Plan:
         return cls.from_dict(data)
 
     def save(self, path: str | Path) -> Path:
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(p.suffix + ".tmp")
-        tmp.write_text(self.to_json() + "\n")
-        tmp.replace(p)
-        return p
+        return write_text_atomic(path, self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
-        p = Path(path)
-        if not p.is_file():
-            raise PlanError(f"plan file {str(p)!r} does not exist: create one with `pipetrain plan ... -o {p.name}`")
-        return cls.from_json(p.read_text())
+        return cls.from_json(read_text_or_error(path, what="plan", hint=f"create one with `pipetrain plan ... -o {Path(path).name}`",
+                                                error=PlanError))

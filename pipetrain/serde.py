@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from pathlib import Path
 from typing import Any, TypeVar
 
 from pipetrain.errors import ConfigError, PipetrainError
 
-__all__ = ["to_dict", "from_dict"]
+__all__ = ["to_dict", "from_dict", "write_text_atomic", "read_text_or_error"]
 
 T = TypeVar("T")
 
@@ -107,3 +108,21 @@ def from_dict(cls: type[T], data: Any, *, where: str = "", error: type[Pipetrain
         raise
     except (TypeError, ValueError) as exc:
         raise error(f"{label}: {exc}") from None
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` via a temporary file and a rename: readers never see half a file."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(p)
+    return p
+
+
+def read_text_or_error(path: str | Path, *, what: str, hint: str, error: type[PipetrainError] = ConfigError) -> str:
+    """The file's text, or ``error("<what> file 'P' does not exist: <hint>")``."""
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{what} file {str(p)!r} does not exist: {hint}")
+    return p.read_text(encoding="utf-8")

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import numpy as np
 
 from pipetrain.errors import RunError
 from pipetrain.executor.config import RunConfig
-from pipetrain.plan import Plan, TensorSpec
+from pipetrain.plan import Plan
 
 __all__ = ["main", "plan_hash"]
 
@@ -112,7 +111,7 @@ def main(cfg: RunConfig) -> int:
         except RuntimeError:
             pass
 
-    from pipetrain.executor.stage import build_meta, check_boundaries, load_spec, materialize_blocks, stage_modules, ties_of
+    from pipetrain.executor.stage import build_meta, check_boundaries, load_spec
     from pipetrain.planner.trace import model_fingerprint
 
     spec = load_spec(plan.model)

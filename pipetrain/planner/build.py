@@ -100,7 +100,7 @@ class StageTables:
         self.graph = graph
         self.cost = cost or AnalyticCostModel()
         self.optimizer = optimizer
-        self.n = n = graph.num_nodes
+        self.n = graph.num_nodes
         self.per_param = bytes_per_param(graph.dtype, optimizer)
         self.params = np.array([nd.param_count for nd in graph.nodes], dtype=float)
         self.saved = np.array([nd.saved_bytes for nd in graph.nodes], dtype=float)

@@ -31,7 +31,7 @@ from pipetrain.planner.costs import AnalyticCostModel, AnalyticParams, analytic_
 from pipetrain.planner.graph import LayerGraph
 from pipetrain.planner.profile import BlockProfile
 from pipetrain.planner.topology import DeviceType
-from pipetrain.serde import from_dict, to_dict
+from pipetrain.serde import from_dict, read_text_or_error, to_dict, write_text_atomic
 
 __all__ = ["CALIBRATION_SCHEMA_VERSION", "CalibrationFit", "StageObservation", "CalibratedCostModel", "fit_calibration", "relative_errors",
            "mean_abs_relative_error", "resolve_cost_model"]
@@ -82,17 +82,11 @@ class CalibrationFit:
         return fit
 
     def save(self, path: str | Path) -> Path:
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(self.to_json())
-        return p
+        return write_text_atomic(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> "CalibrationFit":
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"calibration file {str(p)!r} does not exist")
-        return cls.from_json(p.read_text())
+        return cls.from_json(read_text_or_error(path, what="calibration", hint="write one with `pipetrain calibrate`"))
 
 
 @dataclass(frozen=True, kw_only=True)

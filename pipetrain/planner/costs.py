@@ -41,6 +41,7 @@ from pipetrain.planner.memory import stage_input_bytes
 from pipetrain.planner.topology import DeviceType, Link
 
 __all__ = [
+    "NodeTimesCostModel",
     "StageCost", "CostModel", "AnalyticParams", "AnalyticCostModel", "NodeTimes",
     "roofline_time_s", "node_fwd_bytes", "node_bwd_bytes", "node_input_bytes", "analytic_node_times",
     "p2p_time_s", "ring_allreduce_time_s", "optimizer_step_time_s", "stage_from_node_times",
@@ -239,21 +240,15 @@ class _NodeTimeCache:
         return hit[1]
 
 
-class AnalyticCostModel:
-    """Roofline grade: every number from the graph's FLOPs and bytes and the device's datasheet."""
+class NodeTimesCostModel:
+    """Shared body of every grade: a grade supplies ``node_times``; stages sum node times, and
+    transfers, all-reduce and the optimizer step use the analytic formulas above unless a grade
+    overrides them."""
 
-    name = "analytic"
-
-    def __init__(self, params: AnalyticParams | None = None, *, params_by_device: Mapping[str, AnalyticParams] | None = None) -> None:
-        self.params = params or AnalyticParams()
-        self.params_by_device = dict(params_by_device or {})
-        self._cache = _NodeTimeCache()
-
-    def params_for(self, device_type: DeviceType) -> AnalyticParams:
-        return self.params_by_device.get(device_type.name, self.params)
+    name = "node-times"
 
     def node_times(self, graph: LayerGraph, device_type: DeviceType) -> NodeTimes:
-        return self._cache.get(graph, device_type, lambda g, d: analytic_node_times(g, d, self.params_for(d)))
+        raise NotImplementedError
 
     def stage_costs(self, graph: LayerGraph, start: int, end: int, device_type: DeviceType, *, recompute: bool = False) -> StageCost:
         return stage_from_node_times(self.node_times(graph, device_type), start, end, recompute=recompute)
@@ -271,3 +266,20 @@ class AnalyticCostModel:
         """(forward, backward) seconds per node, for reports and calibration."""
         t = self.node_times(graph, device_type)
         return list(zip(t.fwd_s, t.bwd_s))
+
+
+class AnalyticCostModel(NodeTimesCostModel):
+    """Roofline grade: every number from the graph's FLOPs and bytes and the device's datasheet."""
+
+    name = "analytic"
+
+    def __init__(self, params: AnalyticParams | None = None, *, params_by_device: Mapping[str, AnalyticParams] | None = None) -> None:
+        self.params = params or AnalyticParams()
+        self.params_by_device = dict(params_by_device or {})
+        self._cache = _NodeTimeCache()
+
+    def params_for(self, device_type: DeviceType) -> AnalyticParams:
+        return self.params_by_device.get(device_type.name, self.params)
+
+    def node_times(self, graph: LayerGraph, device_type: DeviceType) -> NodeTimes:
+        return self._cache.get(graph, device_type, lambda g, d: analytic_node_times(g, d, self.params_for(d)))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable
@@ -23,7 +23,7 @@ from typing import Any, Iterable
 import networkx as nx
 
 from pipetrain.errors import ConfigError
-from pipetrain.serde import from_dict, to_dict
+from pipetrain.serde import from_dict, read_text_or_error, to_dict, write_text_atomic
 
 __all__ = ["GRAPH_SCHEMA_VERSION", "Node", "Edge", "TiedParam", "CutTensor", "Cut", "LayerGraph", "structure_fingerprint"]
 
@@ -224,14 +224,9 @@ class LayerGraph:
             raise ConfigError(f"layer graph file is not valid JSON: {exc}") from None
 
     def save(self, path: str | Path) -> Path:
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(self.to_json())
-        return p
+        return write_text_atomic(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> "LayerGraph":
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"layer graph file {str(p)!r} does not exist: write one with `pipetrain graph MODEL --json {p.name}`")
-        return cls.from_json(p.read_text())
+        return cls.from_json(read_text_or_error(path, what="layer graph",
+                                                hint=f"write one with `pipetrain graph MODEL --json {Path(path).name}`"))

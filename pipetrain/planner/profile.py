@@ -26,10 +26,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pipetrain.errors import ConfigError
-from pipetrain.planner.costs import (NodeTimes, StageCost, optimizer_step_time_s, p2p_time_s, ring_allreduce_time_s,
-                                     stage_from_node_times)
+from pipetrain.planner.costs import NodeTimes, NodeTimesCostModel
 from pipetrain.planner.graph import LayerGraph
-from pipetrain.planner.topology import DeviceType, Link
+from pipetrain.planner.topology import DeviceType
 from pipetrain.serde import from_dict, to_dict
 
 __all__ = [
@@ -391,7 +390,7 @@ def measure_saved_bytes(model: str, *, micro_batch_size: int, seq_len: int | Non
 
 
 # ----- the cost model ----------------------------------------------------------------------
-class ProfiledCostModel:
+class ProfiledCostModel(NodeTimesCostModel):
     """Cost model answering from a :class:`BlockProfile` (one graph node per profiled block).
 
     Stage time is the sum of its blocks' medians; W is the FLOP share of B
@@ -424,15 +423,3 @@ class ProfiledCostModel:
         wgrad = tuple(min(t.bwd_s, t.bwd_s * node.wgrad_flops / node.bwd_flops) if node.bwd_flops > 0 else 0.0
                       for node, t in zip(graph.nodes, blocks))
         return NodeTimes(fwd_s=tuple(t.fwd_s for t in blocks), bwd_s=tuple(t.bwd_s for t in blocks), wgrad_s=wgrad)
-
-    def stage_costs(self, graph: LayerGraph, start: int, end: int, device_type: DeviceType, *, recompute: bool = False) -> StageCost:
-        return stage_from_node_times(self.node_times(graph, device_type), start, end, recompute=recompute)
-
-    def p2p_time_s(self, nbytes: float, link: Link) -> float:
-        return p2p_time_s(nbytes, link)
-
-    def allreduce_time_s(self, nbytes: float, n: int, link: Link) -> float:
-        return ring_allreduce_time_s(nbytes, n, link)
-
-    def optimizer_step_time_s(self, param_count: int, device_type: DeviceType, *, optimizer: str = "adamw", dtype: str = "fp32") -> float:
-        return optimizer_step_time_s(param_count, device_type, optimizer=optimizer, dtype=dtype)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from pipetrain.errors import PipetrainError, RunError
-from pipetrain.events import Event, write_chrome_trace
+from pipetrain.events import write_chrome_trace
 from pipetrain.reports.html import Section, figure_png, write_report
 
 __all__ = ["RUN_SECTIONS", "ReportOutput", "write_run_report", "check_report", "simulate_plan", "plan_section",
