@@ -289,3 +289,15 @@ def test_branch_and_bound_is_never_worse_than_differential_evolution() -> None:
     de = search(job, graph_for=gf, topology=topo, method="de")
     assert min(e.fast.step_time_s for e in bnb.screened) <= min(e.fast.step_time_s for e in de.screened)
     assert bnb.best.step_time_s <= de.best.step_time_s * (1 + 1e-9)
+
+
+def test_zb_h1_only_when_pinned() -> None:
+    """zb-h1 runs but is not chosen unasked (grid.AUTO_SCHEDULES: its split backward's Python overhead
+    is not in the cost model); pinned, it is planned, and unpinned the planner picks another schedule."""
+    from pipetrain.planner.job import job_from_mapping
+
+    base = {"model": "tiny-gpt", "topology": "local-cpu:2", "global_batch": 8, "seq_len": 32, "dtype": "fp32", "pp": 2, "dp": 1}
+    free = search(job_from_mapping(base, source="test"), top_k=3).best
+    assert free.candidate.schedule in ("gpipe", "1f1b", "interleaved")
+    pinned = search(job_from_mapping({**base, "schedule": "zb-h1"}, source="test"), top_k=3).best
+    assert pinned.candidate.schedule == "zb-h1"

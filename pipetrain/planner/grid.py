@@ -16,11 +16,17 @@ import numpy as np
 from pipetrain.planner.job import Job
 from pipetrain.schedules import make_schedule, peak_in_flight
 
-__all__ = ["RUNNABLE_SCHEDULES", "BUFFER_LEVELS", "CHUNKS", "Candidate", "runnable_schedules", "grid", "spread",
+__all__ = ["RUNNABLE_SCHEDULES", "AUTO_SCHEDULES", "auto_schedules", "BUFFER_LEVELS", "CHUNKS", "Candidate", "runnable_schedules", "grid", "spread",
            "interleaved_in_flight", "interleaved_rule", "in_flight_1f1b", "zb_h1_held_bound"]
 
 #: What the executor runs, unless ``pipetrain.executor`` declares ``RUNNABLE_SCHEDULES`` itself.
 RUNNABLE_SCHEDULES = ("gpipe", "1f1b", "interleaved")
+#: Schedules the planner picks without being asked. zb-h1 runs (pin it: ``--schedule zb-h1``), but the
+#: executor's split backward walks the autograd graph in Python for every micro-batch: on tiny-gpt
+#: (2 stages, m=8, this CPU) it measured 1.25-1.4x slower per step than 1F1B, while the cost model,
+#: which charges B+W as one backward, predicted it 8% faster. Until calibration measures that
+#: overhead, it is chosen only when pinned or for a simulation-only what-if.
+AUTO_SCHEDULES = ("gpipe", "1f1b", "interleaved")
 #: Buffer caps tried, in order, when a 1F1B/ZB-H1 point does not fit with the schedule's full demand.
 BUFFER_LEVELS = (4, 2, 1)
 #: Virtual stages per rank tried for the interleaved schedule.
@@ -50,6 +56,11 @@ def runnable_schedules() -> tuple[str, ...]:
                     continue
                 return tuple(str(v) for v in value)
     return RUNNABLE_SCHEDULES
+
+
+def auto_schedules(runnable: tuple[str, ...]) -> tuple[str, ...]:
+    """The runnable schedules the planner may choose on its own (see :data:`AUTO_SCHEDULES`)."""
+    return tuple(s for s in runnable if s in AUTO_SCHEDULES)
 
 
 @dataclass(frozen=True, kw_only=True, order=True)

@@ -51,7 +51,8 @@ from pipetrain.planner.build import (Placement, StageTables, held_in_flight, pla
 from pipetrain.planner.costs import CostModel
 from pipetrain.planner.graph import LayerGraph
 from pipetrain.planner.grid import (BUFFER_LEVELS, RUNNABLE_SCHEDULES, Candidate, grid, in_flight_1f1b,
-                                    interleaved_in_flight, interleaved_rule, runnable_schedules, zb_h1_held_bound)
+                                    interleaved_in_flight, interleaved_rule, runnable_schedules, zb_h1_held_bound,
+                                    auto_schedules)
 from pipetrain.planner.job import Job
 from pipetrain.planner.partition import PartitionInfeasibleError, PartitionResult, evaluate_partition, format_bytes, partition
 from pipetrain.planner.topology import Topology, resolve_topology
@@ -356,7 +357,7 @@ def search(job: Job, *, graph_for: Callable[[int], LayerGraph] | None = None, to
                               f"add --simulation-only (simulation_only: true) for a what-if, or pick one of those")
     s = _Searcher(job, topo, graph_for, cost, top_k)
     n_blocks = s.tables_for(job.microbatch_size or 1).n
-    points, bad = grid(job, topo.num_devices, n_blocks, allowed, max_microbatch_size, max_sizes)
+    points, bad = grid(job, topo.num_devices, n_blocks, auto_schedules(allowed), max_microbatch_size, max_sizes)
     s.infeasible.extend(bad)
     if method == "de":
         screened, evaluated = _de_screen(s, points, seed=job.seed)
