@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from pipetrain.errors import ConfigError
+from pipetrain.executor.commprobe import P2PCost
 from pipetrain.executor.overhead import RuntimeOverhead
 from pipetrain.planner.calibrate import CalibratedCostModel, CalibrationFit
 from pipetrain.planner.costs import NodeTimes, stage_from_node_times, StageCost
@@ -47,21 +48,6 @@ __all__ = ["CALIBRATION_FILE_VERSION", "P2PCost", "OptimizerCost", "Calibration"
            "calibrated_for"]
 
 CALIBRATION_FILE_VERSION = 1
-
-
-@dataclass(frozen=True, kw_only=True)
-class P2PCost:
-    """Measured one-way point-to-point time ``latency_s + bytes / bandwidth_bytes_per_s``."""
-
-    backend: str
-    latency_s: float
-    bandwidth_bytes_per_s: float
-    sizes_bytes: tuple[int, ...] = ()
-    one_way_s: tuple[float, ...] = ()
-
-    def __post_init__(self) -> None:
-        if not (self.latency_s >= 0 and self.bandwidth_bytes_per_s > 0):
-            raise ConfigError(f"calibration p2p: latency_s must be >= 0 and bandwidth > 0, got {self.latency_s}, {self.bandwidth_bytes_per_s}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -364,9 +350,7 @@ def run_calibration(topology: str, *, models: Sequence[str] = ("tiny-gpt",), mic
         from pipetrain.executor.commprobe import probe_p2p
 
         say(f"probing {backend} point-to-point latency and bandwidth")
-        lf = probe_p2p(backend=backend)
-        p2p = P2PCost(backend=backend, latency_s=lf.latency_s, bandwidth_bytes_per_s=lf.bandwidth_bytes_per_s,
-                      sizes_bytes=lf.sizes_bytes, one_way_s=lf.one_way_s)
+        p2p = probe_p2p(backend=backend)
     else:
         link = topo.nodes[0].link
         p2p = P2PCost(backend=backend, latency_s=link.latency_s, bandwidth_bytes_per_s=link.bandwidth_bytes_per_s)

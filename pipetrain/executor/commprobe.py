@@ -18,18 +18,25 @@ from pathlib import Path
 
 import numpy as np
 
-from pipetrain.errors import RunError
+from pipetrain.errors import ConfigError, RunError
 
-__all__ = ["LinkFit", "fit_hockney", "probe_p2p"]
+__all__ = ["P2PCost", "fit_hockney", "probe_p2p"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class LinkFit:
+class P2PCost:
+    """One-way point-to-point time ``latency_s + bytes / bandwidth_bytes_per_s``, with the
+    measurements it was fitted to (empty when taken from a topology's datasheet figures)."""
+
     backend: str
     latency_s: float
     bandwidth_bytes_per_s: float
-    sizes_bytes: tuple[int, ...]
-    one_way_s: tuple[float, ...]
+    sizes_bytes: tuple[int, ...] = ()
+    one_way_s: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not (self.latency_s >= 0 and self.bandwidth_bytes_per_s > 0):
+            raise ConfigError(f"p2p cost: latency_s must be >= 0 and bandwidth > 0, got {self.latency_s}, {self.bandwidth_bytes_per_s}")
 
     def time_s(self, nbytes: float) -> float:
         return self.latency_s + nbytes / self.bandwidth_bytes_per_s
@@ -91,7 +98,7 @@ def _worker(rank: int, port: int, backend: str, sizes: list[int], repeats: int, 
 
 
 def probe_p2p(*, backend: str = "gloo", sizes_bytes: tuple[int, ...] = (4, 4096, 65536, 1 << 20, 4 << 20),
-              repeats: int = 20, timeout_s: float = 120.0) -> LinkFit:
+              repeats: int = 20, timeout_s: float = 120.0) -> P2PCost:
     """Ping-pong between two local processes and fit the Hockney model."""
     import torch.multiprocessing as mp
 
@@ -108,4 +115,4 @@ def probe_p2p(*, backend: str = "gloo", sizes_bytes: tuple[int, ...] = (4, 4096,
                 raise RunError(f"p2p probe on {backend} did not finish within {timeout_s:.0f} s")
         times = tuple(float(v) for v in Path(out).read_text().split(","))
     lat, bw = fit_hockney(sizes_bytes, times)
-    return LinkFit(backend=backend, latency_s=lat, bandwidth_bytes_per_s=bw, sizes_bytes=tuple(sizes_bytes), one_way_s=times)
+    return P2PCost(backend=backend, latency_s=lat, bandwidth_bytes_per_s=bw, sizes_bytes=tuple(sizes_bytes), one_way_s=times)
