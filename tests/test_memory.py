@@ -123,7 +123,7 @@ def test_last_stage_carries_the_loss_activations() -> None:
     assert stage_memory(g, 2, 4, in_flight=2).activation_bytes == 2 * (3001 + 9000 + 8128)
 
 
-def test_autocast_weight_copies_are_opt_in_and_per_microbatch() -> None:
+def test_autocast_weight_copies_default_on_for_half_precision_and_per_microbatch() -> None:
     from pipetrain.planner.memory import autocast_cast_params
 
     g = chain(4, dtype="bf16")  # embed (1000 params, tied to head), b0 100, b1 200, head 10
@@ -131,9 +131,10 @@ def test_autocast_weight_copies_are_opt_in_and_per_microbatch() -> None:
     assert autocast_cast_params(g, 1, 3) == 300
     assert autocast_cast_params(g, 3, 4) == 10 + 1000  # the head casts the tied embedding weight
     assert autocast_cast_params(g, 0, 4) == 310 + 1000
-    plain = stage_memory(g, 1, 3, in_flight=3)
+    plain = stage_memory(g, 1, 3, in_flight=3, autocast_copies=False)
     amp = stage_memory(g, 1, 3, in_flight=3, autocast_copies=True)
     assert amp.activation_bytes - plain.activation_bytes == 3 * 2 * 300
+    assert stage_memory(g, 1, 3, in_flight=3) == amp  # bf16 runs under autocast: on by default
     rc = stage_memory(g, 1, 3, in_flight=3, recompute=True, autocast_copies=True)
     assert rc.recompute_working_bytes == activation_bytes_per_microbatch(g, 1, 3) + 600
     assert stage_memory(chain(4), 1, 3, in_flight=3, autocast_copies=True) == stage_memory(chain(4), 1, 3, in_flight=3)

@@ -26,7 +26,7 @@ import numpy as np
 from pipetrain.errors import InfeasibleError
 from pipetrain.planner.costs import AnalyticCostModel, CostModel, stage_from_node_times
 from pipetrain.planner.graph import LayerGraph
-from pipetrain.planner.memory import (bytes_per_param, loss_saved_bytes, stage_input_bytes, stage_memory,
+from pipetrain.planner.memory import (autocast_cast_params_per_node, bytes_per_param, loss_saved_bytes, stage_input_bytes, stage_memory,
                                       stage_output_bytes)
 from pipetrain.planner.partition import additive_matrix
 from pipetrain.planner.topology import Device, DeviceType, Topology
@@ -104,6 +104,8 @@ class StageTables:
         self.per_param = bytes_per_param(graph.dtype, optimizer)
         self.params = np.array([nd.param_count for nd in graph.nodes], dtype=float)
         self.saved = np.array([nd.saved_bytes for nd in graph.nodes], dtype=float)
+        if graph.dtype != "fp32":  # the executor runs half precision as autocast: + each matmul's weight cast
+            self.saved += 2.0 * np.array(autocast_cast_params_per_node(graph), dtype=float)
         self.cut_bytes, self.legal_cuts = cut_bytes(graph)
         self.input_bytes = self.cut_bytes.copy()
         self.input_bytes[0] = float(stage_input_bytes(graph, 0))

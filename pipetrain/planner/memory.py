@@ -24,7 +24,7 @@ A stage holding layer-graph nodes ``[start, end)`` needs (all in bytes):
   1.6 GB, more than a transformer block). With
   recomputation only the stage input is kept per micro-batch, plus the working set of one
   micro-batch being recomputed (the full saved bytes, once).
-* **autocast weight copies** (opt-in, ``autocast_copies=True``): under bf16/fp16
+* **autocast weight copies** (on for bf16/fp16 unless ``autocast_copies=False``): under bf16/fp16
   ``torch.autocast`` (how the executor runs bf16), every matmul saves the half-precision cast
   of its weight, and each micro-batch's autograd graph keeps its own: 2 bytes per parameter of
   the stage's non-embedding nodes (and of tied weights they use) per in-flight micro-batch
@@ -45,7 +45,7 @@ from pipetrain.planner.graph import LayerGraph
 
 __all__ = [
     "GiB", "ParamStateBytes", "StageMemory", "bytes_per_param", "activation_bytes_per_microbatch",
-    "block_activation_bytes", "loss_saved_bytes", "autocast_cast_params", "stage_input_bytes", "stage_output_bytes", "tied_extra_params", "stage_memory",
+    "block_activation_bytes", "loss_saved_bytes", "autocast_cast_params", "autocast_cast_params_per_node", "stage_input_bytes", "stage_output_bytes", "tied_extra_params", "stage_memory",
     "check_stage_memory",
 ]
 
@@ -172,31 +172,41 @@ def tied_extra_params(graph: LayerGraph, start: int, end: int) -> int:
                if not (start <= t.owner < end) and any(start <= u < end for u in t.users))
 
 
-def autocast_cast_params(graph: LayerGraph, start: int, end: int) -> int:
-    """Parameters whose half-precision cast autocast saves per micro-batch in ``[start, end)``.
+def autocast_cast_params_per_node(graph: LayerGraph) -> tuple[int, ...]:
+    """Per node, the parameters whose half-precision cast autocast saves per micro-batch.
 
-    Every parameter of a non-embedding node (an embedding lookup is not cast), plus tied
-    weights used by a non-embedding node of the range and not already counted at their owner.
-    Includes biases and norm weights (not saved in fact; small): an upper bound.
+    Every parameter of a non-embedding node (an embedding lookup is not cast), plus, at each
+    non-embedding user, a tied weight owned by an embedding node (GPT-2's head casts the tied
+    embedding). A weight tied between two non-embedding nodes counts at its owner only. Includes
+    biases and norm weights (not saved in fact; small): an upper bound. Additive over a range,
+    so the planner's range matrices and :func:`stage_memory` agree exactly.
     """
-    _check_range(graph, start, end)
     nodes = graph.nodes
-    own = sum(n.param_count for n in nodes[start:end] if n.kind != "embedding")
+    out = [n.param_count if n.kind != "embedding" else 0 for n in nodes]
     for t in graph.tied:
-        counted = start <= t.owner < end and nodes[t.owner].kind != "embedding"
-        if not counted and any(start <= u < end and nodes[u].kind != "embedding" for u in t.users):
-            own += t.param_count
-    return own
+        if nodes[t.owner].kind == "embedding":
+            for u in set(t.users):
+                if nodes[u].kind != "embedding":
+                    out[u] += t.param_count
+    return tuple(out)
+
+
+def autocast_cast_params(graph: LayerGraph, start: int, end: int) -> int:
+    """Parameters whose half-precision cast autocast saves per micro-batch in ``[start, end)``
+    (the sum of :func:`autocast_cast_params_per_node` over the range)."""
+    _check_range(graph, start, end)
+    return sum(autocast_cast_params_per_node(graph)[start:end])
 
 
 def stage_memory(graph: LayerGraph, start: int, end: int, *, in_flight: int, buffers: int = 1, recompute: bool = False,
                  optimizer: str = "adamw", dtype: str | None = None, momentum: bool = False,
-                 autocast_copies: bool = False) -> StageMemory:
+                 autocast_copies: bool | None = None) -> StageMemory:
     """Peak bytes of a stage with ``in_flight`` micro-batches' activations alive at once.
 
     ``in_flight`` comes from the schedule (1F1B: min(p - s, m); GPipe: m). ``dtype`` defaults to
     the graph's (the activation bytes are those of the traced dtype and micro-batch size).
-    ``autocast_copies`` adds autocast's per-micro-batch weight casts (bf16/fp16 only).
+    ``autocast_copies`` adds autocast's per-micro-batch weight casts; by default (None) it is on for
+    bf16/fp16, since the executor runs half precision as autocast over fp32 master weights.
     """
     _check_range(graph, start, end)
     if in_flight < 1:
@@ -206,6 +216,8 @@ def stage_memory(graph: LayerGraph, start: int, end: int, *, in_flight: int, buf
     per = bytes_per_param(dtype or graph.dtype, optimizer, momentum=momentum)
     params = sum(n.param_count for n in graph.nodes[start:end])
     act = activation_bytes_per_microbatch(graph, start, end)
+    if autocast_copies is None:
+        autocast_copies = True
     if autocast_copies and (dtype or graph.dtype) != "fp32":
         act += 2 * autocast_cast_params(graph, start, end)
     inp = stage_input_bytes(graph, start)
