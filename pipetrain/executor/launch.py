@@ -87,6 +87,9 @@ def preflight(cfg: RunConfig, plan: Plan) -> None:
         raise RunError("fp16 training needs loss scaling, which the executor does not do: re-plan with dtype bf16 or fp32")
     if plan.simulation_only:
         raise RunError("this plan is marked simulation-only (a what-if): re-plan without --simulation-only to run it")
+    from pipetrain.planner.trace import model_fingerprint
+
+    plan.check_graph(model_fingerprint(plan.model), plan.model)  # every worker checks again; this fails before they start
     if cfg.resume:
         from pipetrain.executor.checkpoint import latest_step
 
