@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipetrain.errors import PlanError
-from pipetrain.serde import from_dict, read_text_or_error, to_dict, write_text_atomic
+from pipetrain.serde import from_dict, parse_json, read_text_or_error, to_dict, write_text_atomic
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -207,11 +207,7 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"plan file is not valid JSON: {exc}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(parse_json(text, what="plan file", error=PlanError))
 
     def save(self, path: str | Path) -> Path:
         return write_text_atomic(path, self.to_json() + "\n")

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from pipetrain.errors import ConfigError, PipetrainError
 
-__all__ = ["to_dict", "from_dict", "write_text_atomic", "read_text_or_error"]
+__all__ = ["to_dict", "from_dict", "write_text_atomic", "read_text_or_error", "parse_json"]
 
 T = TypeVar("T")
 
@@ -126,3 +126,13 @@ def read_text_or_error(path: str | Path, *, what: str, hint: str, error: type[Pi
     if not p.is_file():
         raise error(f"{what} file {str(p)!r} does not exist: {hint}")
     return p.read_text(encoding="utf-8")
+
+
+def parse_json(text: str, *, what: str, error: type[PipetrainError] = ConfigError) -> Any:
+    """``json.loads`` whose failure is ``error("<what> is not valid JSON: ...")``, one line."""
+    import json
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{what} is not valid JSON: {exc}") from None

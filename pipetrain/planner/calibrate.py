@@ -31,7 +31,7 @@ from pipetrain.planner.costs import AnalyticCostModel, AnalyticParams, analytic_
 from pipetrain.planner.graph import LayerGraph
 from pipetrain.planner.profile import BlockProfile
 from pipetrain.planner.topology import DeviceType
-from pipetrain.serde import from_dict, read_text_or_error, to_dict, write_text_atomic
+from pipetrain.serde import from_dict, parse_json, read_text_or_error, to_dict, write_text_atomic
 
 __all__ = ["CALIBRATION_SCHEMA_VERSION", "CalibrationFit", "StageObservation", "CalibratedCostModel", "fit_calibration", "relative_errors",
            "mean_abs_relative_error", "resolve_cost_model"]
@@ -71,10 +71,7 @@ class CalibrationFit:
 
     @classmethod
     def from_json(cls, text: str) -> "CalibrationFit":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"calibration file is not valid JSON: {exc}") from None
+        data = parse_json(text, what="calibration file")
         fit = from_dict(cls, data, where="calibration")
         if fit.schema_version != CALIBRATION_SCHEMA_VERSION:
             raise ConfigError(f"calibration schema_version {fit.schema_version} is not supported; re-run the calibration")

@@ -23,7 +23,7 @@ from typing import Any, Iterable
 import networkx as nx
 
 from pipetrain.errors import ConfigError
-from pipetrain.serde import from_dict, read_text_or_error, to_dict, write_text_atomic
+from pipetrain.serde import from_dict, parse_json, read_text_or_error, to_dict, write_text_atomic
 
 __all__ = ["GRAPH_SCHEMA_VERSION", "Node", "Edge", "TiedParam", "CutTensor", "Cut", "LayerGraph", "structure_fingerprint"]
 
@@ -218,10 +218,7 @@ class LayerGraph:
 
     @classmethod
     def from_json(cls, text: str) -> "LayerGraph":
-        try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"layer graph file is not valid JSON: {exc}") from None
+        return cls.from_dict(parse_json(text, what="layer graph file"))
 
     def save(self, path: str | Path) -> Path:
         return write_text_atomic(path, self.to_json())

@@ -29,7 +29,7 @@ from pipetrain.errors import ConfigError
 from pipetrain.planner.costs import NodeTimes, NodeTimesCostModel
 from pipetrain.planner.graph import LayerGraph
 from pipetrain.planner.topology import DeviceType
-from pipetrain.serde import from_dict, to_dict
+from pipetrain.serde import from_dict, parse_json, to_dict
 
 __all__ = [
     "PROFILE_SCHEMA_VERSION", "BlockTiming", "BlockProfile", "ProfiledCostModel", "profile_model", "profile_and_measure", "profile_shapes",
@@ -83,10 +83,7 @@ class BlockProfile:
 
     @classmethod
     def from_json(cls, text: str) -> "BlockProfile":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"profile file is not valid JSON: {exc}") from None
+        data = parse_json(text, what="profile file")
         if isinstance(data, dict) and data.get("schema_version") != PROFILE_SCHEMA_VERSION:
             raise ConfigError(f"profile schema_version {data.get('schema_version')!r} is not supported; delete the cache file to re-profile")
         return from_dict(cls, data, where="profile")
