@@ -89,6 +89,14 @@ class StagePlan:
     def num_blocks(self) -> int:
         return self.block_end - self.block_start
 
+    @property
+    def on_gpu(self) -> bool:
+        """Whether the executor runs this stage on CUDA: a planner device id of a GPU
+        (``"node0/gpu3"``, from :class:`~pipetrain.planner.topology.Topology`) or a torch
+        device string (``"cuda"``, ``"cuda:1"``)."""
+        leaf = self.device.rsplit("/", 1)[-1]
+        return self.device.startswith("cuda") or (leaf.startswith("gpu") and leaf[3:].isdigit())
+
 
 @dataclass(frozen=True, kw_only=True)
 class PredictedMetrics:

@@ -153,3 +153,22 @@ def test_calibration_reduces_the_analytic_error(tmp_path: Path) -> None:
     err_cal = abs(cal.stage_costs(g, 1, 5, CPU).t_total_s - measured)
     assert err_cal < err_analytic
 
+
+
+def test_chain_profile_splits_one_forward_and_backward_by_block() -> None:
+    """The CUDA profiling path (one unsynchronized chain, events between blocks) on CPU: the
+    per-block times partition the chain's forward and backward."""
+    import time
+
+    from pipetrain.planner.profile import _Setup
+
+    s = _Setup("tiny-gpt", 4, 64, "fp32", "cpu", 0)
+    s.chain_once()
+    t0 = time.perf_counter()
+    times = s.chain_once()
+    wall = time.perf_counter() - t0
+    assert len(times) == s.n
+    assert all(f > 0 for f, _ in times)
+    assert all(b > 0 for _, b in times[1:])  # block 0 takes token ids: its backward is the embedding's alone
+    total = sum(f + b for f, b in times)
+    assert 0.6 * wall < total <= wall

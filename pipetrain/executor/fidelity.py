@@ -164,7 +164,7 @@ def cost_for_plan(plan: Plan, graph: Any, calibration: Any = None, *, threads: i
 
     def profile() -> Any:
         return load_or_profile(plan.model, micro_batch_size=plan.micro_batch_size, seq_len=plan.seq_len, dtype=plan.dtype,
-                               device="cuda" if plan.stages[0].device.startswith("cuda") else "cpu", threads=threads)
+                               device="cuda" if plan.stages[0].on_gpu else "cpu", threads=threads)
 
     if calibration is not None:
         if calibration.profile_for(graph) is None:

@@ -90,6 +90,15 @@ def preflight(cfg: RunConfig, plan: Plan) -> None:
     from pipetrain.planner.trace import model_fingerprint
 
     plan.check_graph(model_fingerprint(plan.model), plan.model)  # every worker checks again; this fails before they start
+    if plan.stages[0].on_gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RunError(f"the plan places its stages on GPUs ({plan.stages[0].device}, topology {plan.topology}) but this "
+                           "machine has no CUDA device: re-plan with --topology local-cpu:N to run here")
+        if torch.cuda.device_count() < plan.world_size:
+            print(f"warning: {plan.world_size} ranks on {torch.cuda.device_count()} GPU(s): ranks share a GPU, which NCCL may "
+                  "refuse ('Duplicate GPU detected')", file=sys.stderr)
     if cfg.resume:
         from pipetrain.executor.checkpoint import latest_step
 

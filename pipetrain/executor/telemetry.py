@@ -58,10 +58,13 @@ class Telemetry:
         dist.barrier(group=group)
         now = time.perf_counter_ns()
         host = zlib.crc32(socket.gethostname().encode())
-        mine = torch.tensor([now, host], dtype=torch.int64)
+        # NCCL collectives take CUDA tensors only; gloo takes CPU ones
+        dev = f"cuda:{torch.cuda.current_device()}" if dist.get_backend(group) == "nccl" else "cpu"
+        mine = torch.tensor([now, host], dtype=torch.int64, device=dev)
         world = dist.get_world_size(group)
-        allv = [torch.zeros(2, dtype=torch.int64) for _ in range(world)]
+        allv = [torch.zeros(2, dtype=torch.int64, device=dev) for _ in range(world)]
         dist.all_gather(allv, mine, group=group)
+        allv = [v.cpu() for v in allv]
         same_host = len({int(v[1]) for v in allv}) == 1
         self.base_ns = int(allv[0][0]) if same_host else now
         self.same_host = same_host

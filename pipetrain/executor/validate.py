@@ -195,8 +195,11 @@ def validate_run(run_dir: str | Path, *, progress: Callable[[str], None] | None 
     pipe_norms = _pipeline_stage_norms(art.run_dir, plan)
     say(f"training the single-device reference: {len(res.losses)} steps of {plan.model}")
     t0 = time.perf_counter()
+    import torch
+
+    device = "cuda" if plan.stages[0].on_gpu and torch.cuda.is_available() else "cpu"  # the device the pipeline ran on
     ref = reference_run(plan, steps=len(res.losses), dataset=cfg.dataset, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                        momentum=cfg.momentum, clip_norm=cfg.clip_norm, threads=cfg.threads)
+                        momentum=cfg.momentum, clip_norm=cfg.clip_norm, device=device, threads=cfg.threads)
     elapsed = time.perf_counter() - t0
     params = _param_diffs(stage_states, ref.state, plan.num_stages)
     tokens = plan.global_batch * plan.seq_len

@@ -97,7 +97,7 @@ def main(cfg: RunConfig) -> int:
     if world != plan.world_size:
         raise RunError(f"the plan needs pp*dp = {plan.pp}*{plan.dp} = {plan.world_size} processes but torchrun started {world}: "
                        f"use --nproc-per-node/--nnodes giving {plan.world_size} in total")
-    on_cuda = plan.stages[0].device.startswith("cuda")
+    on_cuda = plan.stages[0].on_gpu
     if on_cuda:
         if not torch.cuda.is_available():
             raise RunError("the plan places stages on CUDA but this machine has no GPU: re-plan with a CPU topology")

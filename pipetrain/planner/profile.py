@@ -5,7 +5,8 @@ runs one micro-batch through it to capture every block's input, then times each 
 forward and backward (``warmup`` runs, then the median of ``repeats``). The last block's
 timing includes the loss, as the last pipeline stage computes it. Blocks with the same
 ``trace_signature`` and input shape (GPT-2's twelve identical layers) share one measurement
-when ``share_identical``. Results are cached as JSON keyed by model, micro-batch size, sequence
+when ``share_identical``. On CUDA every block is timed inside one unsynchronized forward and
+backward of the whole model, by CUDA events, as the executor runs a stage (``_Setup.chain_once``). Results are cached as JSON keyed by model, micro-batch size, sequence
 length, dtype and device (:func:`load_or_profile`). :class:`ProfiledCostModel` answers the
 :class:`~pipetrain.planner.costs.CostModel` interface from a profile.
 
@@ -212,6 +213,57 @@ class _Setup:
         t2 = time.perf_counter()
         return t1 - t0, t2 - t1
 
+    def chain_once(self) -> list[tuple[float, float]]:
+        """One forward and backward of the whole model as the executor runs a stage on CUDA:
+        blocks back to back with no host sync between them, each block timed by CUDA events
+        (forward: after each block; backward: a hook on each block's input fires when that
+        block's backward is done). Syncing around every block instead adds the kernel-launch
+        latency and the autograd engine's start-up to every block: 15-25% on gpt2 on an H100.
+
+        The GPU is held by a spin kernel while the host queues the chain, so the events time
+        the GPU's work, which is what bounds a pipeline rank whose host runs ahead (gpt2 on an
+        H100: the host queues a micro-batch's forward and backward in about 30 ms, the GPU runs
+        them in about 43 ms). A model small enough for the host to be the bound is not modelled."""
+        torch = self.torch
+        n = self.n
+
+        cuda = self.device.type == "cuda"
+
+        def event() -> Any:  # on CPU (tests) host time stands in for an event
+            if not cuda:
+                return time.perf_counter()
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+
+        def secs(a: Any, b: Any) -> float:
+            return a.elapsed_time(b) * 1e-3 if cuda else b - a
+
+        bwd: list[Any] = [None] * n
+        x = self.leaf(0)
+        self.sync()
+        if cuda:  # hold the GPU while the host queues the whole chain: the events then time the GPU's work alone
+            torch.cuda._sleep(GPU_HOLD_CYCLES)
+        fwd = [event()]
+        with self.autocast():
+            for i, b in enumerate(self.model.blocks):
+                if i > 0 and x.requires_grad:
+                    x.register_hook(lambda g, i=i: bwd.__setitem__(i, event()))
+                x = b(x)
+                if i == n - 1:
+                    x = self.spec.loss(x, self.target)
+                fwd.append(event())
+        start = event()
+        x.backward()
+        bwd[0] = event()
+        self.sync()
+        ends = [bwd[i] if bwd[i] is not None else bwd[0] for i in range(n)]
+        out = []
+        for i in range(n):
+            after = start if i == n - 1 else ends[i + 1]
+            out.append((secs(fwd[i], fwd[i + 1]), max(0.0, secs(after, ends[i]))))
+        return out
+
     def time_ranges(self, ranges: Sequence[tuple[int, int]], warmup: int, repeats: int) -> list[tuple[float, float]]:
         """Median forward and backward seconds of each block range run as one stage (see _time_jobs)."""
         return _time_jobs([(self, a, b) for a, b in ranges], warmup, repeats)
@@ -299,6 +351,10 @@ def profile_shapes(model: str, shapes: Sequence[tuple[int, int | None]], *, stag
         for a, b in stages:
             if not 0 <= a < b <= setups[0].n:
                 raise ConfigError(f"stage range [{a}, {b}) is not within the model's {setups[0].n} blocks")
+        if setups[0].device.type == "cuda":  # blocks timed in one unsynchronized chain (see _Setup.chain_once)
+            out = [_assemble(s, model, dtype, device, threads, warmup, repeats, list(range(s.n)), {}, _time_chain(s, warmup, repeats))
+                   for s in setups]
+            return out, _time_jobs([(setups[0], a, b) for a, b in stages], warmup, repeats)
         plans = [_blocks_to_measure(s, share_identical) for s in setups]
         jobs = [(s, i, i + 1) for s, (measure, _) in zip(setups, plans) for i in measure]
         jobs += [(setups[0], a, b) for a, b in stages]
@@ -308,6 +364,19 @@ def profile_shapes(model: str, shapes: Sequence[tuple[int, int | None]], *, stag
             out.append(_assemble(s, model, dtype, device, threads, warmup, repeats, measure, shared, times[k:k + len(measure)]))
             k += len(measure)
         return out, times[k:]
+
+
+#: spin-kernel length that holds the GPU while the host queues a profiled chain (about 0.1 s at 2 GHz)
+GPU_HOLD_CYCLES = 200_000_000
+
+#: extra untimed chains on a GPU: it idles at a low clock (345 MHz seen on an H100) until loaded
+GPU_EXTRA_WARMUP = 3
+
+
+def _time_chain(s: _Setup, warmup: int, repeats: int) -> list[tuple[float, float]]:
+    """Median (fwd, bwd) seconds of every block from ``warmup + GPU_EXTRA_WARMUP + repeats`` chains."""
+    runs = [s.chain_once() for _ in range(warmup + GPU_EXTRA_WARMUP + repeats)][warmup + GPU_EXTRA_WARMUP:]
+    return [(statistics.median(r[i][0] for r in runs), statistics.median(r[i][1] for r in runs)) for i in range(s.n)]
 
 
 def profile_model(model: str, *, micro_batch_size: int, seq_len: int | None = None, dtype: str = "fp32",
