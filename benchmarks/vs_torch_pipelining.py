@@ -1,20 +1,25 @@
 """Our executor vs torch.distributed.pipelining's Schedule1F1B: same model, split, m, data and init.
 
-    python benchmarks/vs_torch_pipelining.py [--p 2 4] [--m 4 8] [--pairs 10] [--warmup 2]
+    python benchmarks/vs_torch_pipelining.py [--p 2 4] [--m 4 8] [--pairs 10] [--warmup 2] [--schedule 1f1b zb-h1]
 
-For each (p, m) one torchrun launch of p gloo ranks (1 thread each) builds BOTH pipelines from
-the same seed: ours (pipetrain's Trainer: persistent buffers, prefetched irecv, the schedule's
-compute order) and theirs (PipelineStage + Schedule1F1B, scale_grads=True), each with its own
-copy of the weights and its own SGD. Steps alternate A B A B ... on the same data (global batch
-64, m micro-batches); a step's time is the slowest rank's, measured from a common barrier.
-Reported: the median over pairs of (ours / theirs) after ``--warmup`` pairs (their first step
-infers shapes), the medians of each side, and the largest relative loss difference between the
-two trajectories. Our telemetry is on (in-memory events, one JSONL record per step), as in a
+For each (p, m) one torchrun launch of p gloo ranks (1 thread each) builds all pipelines from
+the same seed: ours, once per ``--schedule`` (pipetrain's Trainer: persistent buffers, prefetched
+irecv, the schedule's compute order; zb-h1 with the linear layers' weight gradients deferred to
+W, :mod:`pipetrain.executor.wgrad`) and theirs (PipelineStage + Schedule1F1B, scale_grads=True),
+each with its own copy of the weights and its own SGD. Every step runs each pipeline once on the
+same data (global batch 64, m micro-batches), in an order that rotates from step to step
+(A B C, B C A, C A B, ...); a step's time is the slowest rank's, measured from a common barrier.
+Reported per schedule of ours: the median over steps of (ours / theirs) after ``--warmup``
+steps (their first step infers shapes), the medians of each side, and the largest relative loss
+difference between the two trajectories. Our telemetry is on (in-memory events, one JSONL record per step), as in a
 normal run. The machine is shared: the load average before/after is printed; distrust a run
 whose load exceeded the rank count.
 
-Model: ``resmlp`` (8 pre-LN residual MLP blocks, d=256, hidden 1024, + linear head), fp32,
-contiguous equal split (head on the last stage), SGD lr 0.05, no clipping.
+Model: ``resmlp`` (8 pre-LN residual MLP blocks, d=256, hidden 1024, + linear head), fp32, SGD
+lr 0.05, no clipping. Split (``--split``): ``layers`` (default, the setup of
+shared/notes/torch-pipelining-peer.md): the 8 MLP blocks split equally, the head on the last
+stage; ``blocks``: the 9 blocks split as evenly as they go (5 | 4 at p=2: the first stage is the
+bottleneck and the schedule matters less).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 GLOBAL_BATCH = 64
 MODEL = "resmlp"
@@ -39,6 +45,13 @@ def _loadavg() -> float:
         return float(Path("/proc/loadavg").read_text().split()[0])
     except OSError:
         return float("nan")
+
+
+def split_boundaries(split: str, p: int) -> list[int] | None:
+    """Stage cuts of resmlp's 9 blocks (8 MLP blocks + head): see the module docstring."""
+    if split == "blocks":
+        return None
+    return [k * 8 // p for k in range(1, p)]
 
 
 def worker(a: argparse.Namespace) -> None:
@@ -59,11 +72,15 @@ def worker(a: argparse.Namespace) -> None:
     from pipetrain.executor.stage import build_meta, load_spec, materialize_blocks, stage_modules
     from pipetrain.executor.trainer import Trainer
 
-    plan = simple_plan(MODEL, pp=p, m=m, mbs=GLOBAL_BATCH // m, seq_len=1, schedule=a.schedule, optimizer="sgd")
     spec = load_spec(MODEL)
-    run_dir = Path(a.run_dir)
-    cfg = RunConfig(plan_path="(benchmark)", run_dir=str(run_dir), steps=10**6, lr=0.05, clip_norm=0.0, timeout_s=120)
-    ours = Trainer(cfg, plan, spec, build_meta(spec), torch.device("cpu"), timeout, rank, run_dir)
+    ours = {}
+    for name in a.schedule:
+        plan = simple_plan(MODEL, pp=p, m=m, mbs=GLOBAL_BATCH // m, seq_len=1, schedule=name, optimizer="sgd",
+                           boundaries=split_boundaries(a.split, p))
+        run_dir = Path(a.run_dir) / name
+        cfg = RunConfig(plan_path="(benchmark)", run_dir=str(run_dir), steps=10**6, lr=0.05, clip_norm=0.0, timeout_s=120)
+        ours[name] = Trainer(cfg, plan, spec, build_meta(spec), torch.device("cpu"), timeout, rank, run_dir)
+    first = ours[a.schedule[0]]
 
     st = plan.stages[rank]
     model = build_meta(spec)
@@ -74,7 +91,7 @@ def worker(a: argparse.Namespace) -> None:
     opt = make_optimizer(list(submod.parameters()), OptimConfig(name="sgd", lr=0.05, clip_norm=0.0))
 
     def theirs(step: int) -> float | None:
-        inputs, targets = ours.batches(step)
+        inputs, targets = first.batches(step)
         opt.zero_grad()
         losses: list[torch.Tensor] = []
         if rank == 0:
@@ -86,36 +103,39 @@ def worker(a: argparse.Namespace) -> None:
         opt.step()
         return float(torch.stack(losses).mean()) if losses else None
 
-    def timed(fn, step: int) -> tuple[float, float | None]:  # type: ignore[no-untyped-def]
+    def timed(fn, step: int) -> tuple[float, float | None, float, float]:  # type: ignore[no-untyped-def]
+        """(slowest rank's wall time, loss, CPU time of all ranks' processes, of their main threads)."""
         dist.barrier()
-        t0 = time.perf_counter()
+        c0, m0, t0 = time.process_time(), time.thread_time(), time.perf_counter()
         loss = fn(step)
-        dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+        t1, c1, m1 = time.perf_counter(), time.process_time(), time.thread_time()
+        dt = torch.tensor([t1 - t0], dtype=torch.float64)
+        cpu = torch.tensor([c1 - c0, m1 - m0], dtype=torch.float64)
         dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-        return float(dt), loss
+        dist.all_reduce(cpu)
+        return float(dt), loss, float(cpu[0]), float(cpu[1])
 
+    sides = [*((name, tr.train_step) for name, tr in ours.items()), ("theirs", theirs)]
     rows = []
     for k in range(a.warmup + a.pairs):
-        if k % 2 == 0:  # A B, then B A: neither side always runs right after the other
-            t_o, l_o = timed(ours.train_step, k)
-            t_t, l_t = timed(theirs, k)
-        else:
-            t_t, l_t = timed(theirs, k)
-            t_o, l_o = timed(ours.train_step, k)
-        rows.append({"step": k, "ours_s": t_o, "theirs_s": t_t, "ours_loss": l_o, "theirs_loss": l_t})
+        row: dict[str, Any] = {"step": k}
+        for j in range(len(sides)):  # the order rotates every step: no side always runs right after another
+            name, fn = sides[(k + j) % len(sides)]
+            row[f"{name}_s"], row[f"{name}_loss"], row[f"{name}_cpu_s"], row[f"{name}_main_s"] = timed(fn, k)
+        rows.append(row)
     if rank == p - 1:
-        (run_dir / "bench.json").write_text(json.dumps(rows))
+        (Path(a.run_dir) / "bench.json").write_text(json.dumps(rows))
     dist.barrier()
     dist.destroy_process_group()
 
 
-def launch(p: int, m: int, a: argparse.Namespace) -> dict[str, float]:
+def launch(p: int, m: int, a: argparse.Namespace) -> list[dict[str, Any]]:
     from pipetrain.executor.launch import free_port
 
     with tempfile.TemporaryDirectory(prefix="pipetrain-bench-") as d:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(p), "--master-addr", "127.0.0.1",
                "--master-port", str(free_port()), __file__, "--bench-worker", "--bench-m", str(m),
-               "--bench-pairs", str(a.pairs), "--bench-warmup", str(a.warmup), "--bench-dir", d, "--schedule", a.schedule]
+               "--bench-pairs", str(a.pairs), "--bench-warmup", str(a.warmup), "--bench-dir", d, "--schedule", *a.schedule, "--split", a.split]
         env = dict(os.environ, OMP_NUM_THREADS="1")
         load0 = _loadavg()
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
@@ -124,12 +144,17 @@ def launch(p: int, m: int, a: argparse.Namespace) -> dict[str, float]:
             raise SystemExit(f"p={p} m={m} failed:\n{r.stderr[-3000:]}")
         rows = json.loads((Path(d) / "bench.json").read_text())
     kept = rows[a.warmup:]
-    ratios = [x["ours_s"] / x["theirs_s"] for x in kept]
-    loss_rel = max(abs(x["ours_loss"] - x["theirs_loss"]) / abs(x["theirs_loss"]) for x in rows)
-    return {"p": p, "m": m, "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-            "ours_ms": statistics.median(x["ours_s"] for x in kept) * 1e3,
-            "theirs_ms": statistics.median(x["theirs_s"] for x in kept) * 1e3, "loss_rel_max": loss_rel,
-            "pairs": len(kept), "load_before": load0, "load_after": load1}
+    out = []
+    for name in a.schedule:
+        ratios = [x[f"{name}_s"] / x["theirs_s"] for x in kept]
+        loss_rel = max(abs(x[f"{name}_loss"] - x["theirs_loss"]) / abs(x["theirs_loss"]) for x in rows)
+        out.append({"p": p, "m": m, "schedule": name, "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
+                    "ratio_max": max(ratios), "ours_ms": statistics.median(x[f"{name}_s"] for x in kept) * 1e3,
+                    "theirs_ms": statistics.median(x["theirs_s"] for x in kept) * 1e3, "loss_rel_max": loss_rel,
+                    "cpu_ratio": statistics.median(x[f"{name}_cpu_s"] / x["theirs_cpu_s"] for x in kept),
+                    "main_ratio": statistics.median(x[f"{name}_main_s"] / x["theirs_main_s"] for x in kept),
+                    "pairs": len(kept), "load_before": load0, "load_after": load1})
+    return out
 
 
 def main() -> None:
@@ -143,8 +168,11 @@ def main() -> None:
     ap.add_argument("--bench-m", type=int, default=0, dest="wm", help=argparse.SUPPRESS)
     ap.add_argument("--bench-pairs", type=int, default=0, dest="wpairs", help=argparse.SUPPRESS)
     ap.add_argument("--bench-warmup", type=int, default=0, dest="wwarmup", help=argparse.SUPPRESS)
-    ap.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe", "zb-h1"],
-                    help="our schedule (theirs is always Schedule1F1B); zb-h1 splits backward into input- and weight-grad")
+    ap.add_argument("--schedule", nargs="+", default=["1f1b", "zb-h1"], choices=["1f1b", "gpipe", "zb-h1"],
+                    help="our schedules, each timed in the same rotation against theirs (always Schedule1F1B); "
+                         "zb-h1 splits backward into input- and weight-grad passes")
+    ap.add_argument("--split", default="layers", choices=["layers", "blocks"],
+                    help="layers: the 8 MLP blocks split equally, head on the last stage; blocks: the 9 blocks split evenly")
     ap.add_argument("--bench-dir", default="", dest="run_dir", help=argparse.SUPPRESS)
     ap.add_argument("--json", default="", help="also write the table as JSON here")
     a = ap.parse_args()
@@ -153,28 +181,32 @@ def main() -> None:
         worker(a)
         return
     print(f"command: python benchmarks/vs_torch_pipelining.py --p {' '.join(map(str, a.p))} --m {' '.join(map(str, a.m))} "
-          f"--pairs {a.pairs} --warmup {a.warmup} --schedule {a.schedule}")
-    print(f"ours: pipetrain executor running {a.schedule}; theirs: torch.distributed.pipelining.Schedule1F1B")
-    print(f"model {MODEL}, global batch {GLOBAL_BATCH}, fp32, gloo, 1 thread per rank, A/B alternating per step")
-    print(f"{'p':>2} {'m':>2} | {'ours ms':>8} {'theirs ms':>9} | {'median ours/theirs':>18} {'[min, max]':>14} | "
-          f"{'loss rel diff':>13} | load before/after")
+          f"--pairs {a.pairs} --warmup {a.warmup} --schedule {' '.join(a.schedule)} --split {a.split}")
+    print(f"ours: pipetrain executor running {', '.join(a.schedule)}; theirs: torch.distributed.pipelining.Schedule1F1B")
+    print(f"model {MODEL}, global batch {GLOBAL_BATCH}, fp32, gloo, 1 thread per rank, A/B alternating per step, "
+          f"split {a.split} (p=2: {split_boundaries(a.split, 2) or [5]})")
+    print(f"{'p':>2} {'m':>2} {'ours':>6} | {'ours ms':>8} {'theirs ms':>9} | {'median ours/theirs':>18} {'[min, max]':>14} | "
+          f"{'loss rel diff':>13} | CPU ratio all/main | load before/after")
     out = []
     for p in a.p:
         for m in a.m:
             if m < p:
                 print(f"{p:>2} {m:>2} | skipped: Schedule1F1B needs m >= p")
                 continue
-            r = launch(p, m, a)
-            out.append(r)
-            print(f"{p:>2} {m:>2} | {r['ours_ms']:8.1f} {r['theirs_ms']:9.1f} | {r['ratio_median']:18.3f} "
-                  f"[{r['ratio_min']:.2f}, {r['ratio_max']:.2f}] | {r['loss_rel_max']:13.2e} | "
-                  f"{r['load_before']:.1f}/{r['load_after']:.1f}", flush=True)
+            for r in launch(p, m, a):
+                out.append(r)
+                print(f"{p:>2} {m:>2} {r['schedule']:>6} | {r['ours_ms']:8.1f} {r['theirs_ms']:9.1f} | {r['ratio_median']:18.3f} "
+                      f"[{r['ratio_min']:.2f}, {r['ratio_max']:.2f}] | {r['loss_rel_max']:13.2e} | "
+                      f"{r['cpu_ratio']:8.3f}/{r['main_ratio']:.3f}  | "
+                      f"{r['load_before']:.1f}/{r['load_after']:.1f}", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
-    met = sum(r["ratio_median"] <= 0.95 for r in out)
-    print(f"target median ours/theirs <= 0.95: met in {met} of {len(out)} configurations"
-          + ("" if met == len(out) else " (not met everywhere)"))
-    busy = [r for r in out if max(r["load_before"], r["load_after"]) > r["p"]]
+    for name in a.schedule:
+        mine = [r for r in out if r["schedule"] == name]
+        met = sum(r["ratio_median"] <= 0.95 for r in mine)
+        print(f"target median ours/theirs <= 0.95 with ours running {name}: met in {met} of {len(mine)} configurations"
+              + ("" if met == len(mine) else " (not met everywhere)"))
+    busy = [r for r in out if max(r["load_before"], r["load_after"]) > r["p"] and r["schedule"] == a.schedule[0]]
     if busy:
         print(f"warning: load average exceeded the rank count during {len(busy)} configuration(s): the machine was shared, "
               "ratios are noisy; rerun when it is quiet")

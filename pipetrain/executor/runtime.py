@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -26,12 +27,15 @@ from torch import nn
 from pipetrain.errors import RunError, ScheduleError
 from pipetrain.executor.comm import BufferPool, tag_of
 from pipetrain.executor.splitbw import backward_input, backward_weight
+from pipetrain.executor.wgrad import SplitLinears, WeightGradQueue
 from pipetrain.executor.telemetry import Telemetry
 
 __all__ = ["RUNNABLE_SCHEDULES", "StageRuntime", "PipelineRuntime", "SavedBytes"]
 
 #: Schedules this executor runs (the planner reads this literal with ``ast``). zb-h1 runs with the
-#: backward split into input-grad (B) and weight-grad (W) passes (:mod:`pipetrain.executor.splitbw`).
+#: backward split into input-grad (B) and weight-grad (W) passes: the linear layers' weight gradients
+#: deferred (:mod:`pipetrain.executor.wgrad`), or for stages with convolutions the generic autograd
+#: graph split (:mod:`pipetrain.executor.splitbw`).
 RUNNABLE_SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 
 
@@ -120,6 +124,8 @@ class PipelineRuntime:
         if self.split and any(st.recompute for st in self.stages.values()):
             raise ScheduleError("zb-h1 splits the backward into input- and weight-gradient passes, which does not combine with "
                                 "activation recomputation: turn recompute off for zb-h1, or use 1f1b")
+        #: stages whose W is their linear layers' deferred weight gradients (see RUNNABLE_SCHEDULES)
+        self._linears = {s: SplitLinears(st.module) for s, st in self.stages.items() if self.split and _linear_split(st.module)}
         self.in_flight_peak = {s: 0 for s in self.stages}
         # per-pool need order: which micro-batch each pool's next receive is for
         self._act_order = {s: [a.microbatch for a in self.order if a.stage == s and a.kind == "F"]
@@ -231,7 +237,8 @@ class PipelineRuntime:
                     x = buf.detach().requires_grad_(buf.is_floating_point())
                 t0 = tel.mark()
                 self.saved.begin()
-                with hooks:
+                wq = WeightGradQueue() if s in self._linears else None
+                with hooks, (self._linears[s].capture(wq) if wq is not None else nullcontext()):
                     if self.autocast_dtype is not None:
                         with torch.autocast(self.device.type, dtype=self.autocast_dtype):
                             out = self._forward(st, x)
@@ -246,7 +253,7 @@ class PipelineRuntime:
                     self.saved.add_input(x)
                 self.saved.end((s, mb))
                 tel.add_span("F", s, mb, t0, tel.mark())
-                ctx[(s, mb)] = (x, out, i, None)
+                ctx[(s, mb)] = (x, out, i, wq)
                 in_flight[s] += 1
                 if in_flight[s] > self.in_flight_peak[s]:
                     self.in_flight_peak[s] = in_flight[s]
@@ -257,7 +264,7 @@ class PipelineRuntime:
                 else:
                     self._send(out, st.next_rank, 0, s + 1, mb, s)
             elif a.kind == "B":
-                x, out, i, _ = ctx.pop((s, mb))
+                x, out, i, wq = ctx.pop((s, mb))
                 gi = -1
                 if st.is_last:
                     g = None
@@ -269,7 +276,10 @@ class PipelineRuntime:
                 split_state = None
                 if st.is_last:
                     out = out * self.loss_scale
-                if self.split:
+                if wq is not None:
+                    gx = self._linears[s].backward_input(out, g, x, wq)
+                    split_state = wq
+                elif self.split:
                     gx, split_state = backward_input(out, g, x, no_alias=(g,) if g is not None else ())
                 else:
                     if st.is_last:
@@ -301,7 +311,10 @@ class PipelineRuntime:
             elif a.kind == "W":
                 x, out, i, split_state = ctx.pop((s, mb))
                 t0 = tel.mark()
-                backward_weight(split_state)
+                if isinstance(split_state, WeightGradQueue):
+                    split_state.run()
+                else:
+                    backward_weight(split_state)
                 tel.add_span("W", s, mb, t0, tel.mark())
                 del out, split_state
                 if i >= 0:
@@ -323,3 +336,10 @@ class PipelineRuntime:
 
             return checkpoint(st.module, x, use_reentrant=False)
         return st.module(x)
+
+
+def _linear_split(module: nn.Module) -> bool:
+    """Whether W of ``module`` can be its linear layers' weight gradients: it has linear layers and
+    no convolution (whose weight gradients the generic split defers too)."""
+    kinds = {type(m) for m in module.modules()}
+    return nn.Linear in kinds and not kinds & {nn.Conv1d, nn.Conv2d, nn.Conv3d}

@@ -16,17 +16,21 @@ import numpy as np
 from pipetrain.planner.job import Job
 from pipetrain.schedules import make_schedule, peak_in_flight
 
-__all__ = ["RUNNABLE_SCHEDULES", "AUTO_SCHEDULES", "auto_schedules", "BUFFER_LEVELS", "CHUNKS", "Candidate", "runnable_schedules", "grid", "spread",
+__all__ = ["RUNNABLE_SCHEDULES", "AUTO_SCHEDULES", "AUTO_SCHEDULES_CPU", "auto_schedules", "BUFFER_LEVELS", "CHUNKS", "Candidate", "runnable_schedules", "grid", "spread",
            "interleaved_in_flight", "interleaved_rule", "in_flight_1f1b", "zb_h1_held_bound"]
 
 #: What the executor runs, unless ``pipetrain.executor`` declares ``RUNNABLE_SCHEDULES`` itself.
 RUNNABLE_SCHEDULES = ("gpipe", "1f1b", "interleaved")
-#: Schedules the planner picks without being asked. zb-h1 runs (pin it: ``--schedule zb-h1``), but the
-#: executor's split backward walks the autograd graph in Python for every micro-batch: on tiny-gpt
-#: (2 stages, m=8, this CPU) it measured 1.25-1.4x slower per step than 1F1B, while the cost model,
-#: which charges B+W as one backward, predicted it 8% faster. Until calibration measures that
-#: overhead, it is chosen only when pinned or for a simulation-only what-if.
-AUTO_SCHEDULES = ("gpipe", "1f1b", "interleaved")
+#: Schedules the planner picks without being asked. zb-h1's B+W costs what one backward does since
+#: the linear layers' weight gradients are deferred (:mod:`pipetrain.executor.wgrad`; it beats
+#: torch's Schedule1F1B on resmlp by 3-11%), so on GPUs it is chosen whenever it simulates fastest.
+#: On CPU ranks it is chosen only when pinned: there small models are dominated by per-action
+#: dispatch overhead that the analytic grade does not charge, and its extra W actions cost more than
+#: its bubble saves (the demo, tiny-gpt micro-batch 1 x m=8 on 2 CPU ranks: zb-h1 28.5-36 ms per
+#: step, 1F1B 30-33, GPipe 23.5-25, while the analytic grade ranked zb-h1 first).
+AUTO_SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+#: The auto schedules on CPU device types (see above).
+AUTO_SCHEDULES_CPU = ("gpipe", "1f1b", "interleaved")
 #: Buffer caps tried, in order, when a 1F1B/ZB-H1 point does not fit with the schedule's full demand.
 BUFFER_LEVELS = (4, 2, 1)
 #: Virtual stages per rank tried for the interleaved schedule.
@@ -58,9 +62,11 @@ def runnable_schedules() -> tuple[str, ...]:
     return RUNNABLE_SCHEDULES
 
 
-def auto_schedules(runnable: tuple[str, ...]) -> tuple[str, ...]:
-    """The runnable schedules the planner may choose on its own (see :data:`AUTO_SCHEDULES`)."""
-    return tuple(s for s in runnable if s in AUTO_SCHEDULES)
+def auto_schedules(runnable: tuple[str, ...], device_kind: str = "gpu") -> tuple[str, ...]:
+    """The runnable schedules the planner may choose on its own on devices of ``device_kind``
+    ("gpu" | "cpu"; see :data:`AUTO_SCHEDULES`)."""
+    auto = AUTO_SCHEDULES_CPU if device_kind == "cpu" else AUTO_SCHEDULES
+    return tuple(s for s in runnable if s in auto)
 
 
 @dataclass(frozen=True, kw_only=True, order=True)
