@@ -41,7 +41,7 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     k.add_argument("--dp", type=int, help="data-parallel width")
     k.add_argument("--microbatches", type=int, help="micro-batches per step (m)")
     k.add_argument("--microbatch-size", type=int, help="samples per micro-batch")
-    k.add_argument("--schedule", help="gpipe | 1f1b | interleaved | zb-h1 (zb-h1 needs --simulation-only)")
+    k.add_argument("--schedule", help="gpipe | 1f1b | interleaved | zb-h1 (zero bubble: chosen unasked on GPUs only)")
     k.add_argument("--chunks", type=int, help="virtual stages per rank (interleaved)")
     k.add_argument("--buffers", help="activation buffers: one number, or one per stage ('2,2,1,1')")
     k.add_argument("--recompute", help="true | false, or one per stage ('1,1,0,0')")

@@ -4,8 +4,7 @@
 thread per rank, as the executor runs; or the GPU):
 
 * every block's forward and backward of each model at each micro-batch size
-  (:func:`pipetrain.planner.profile.profile_model`), under the executor's saved-tensor hooks
-  (:func:`executor_hooks`), the least loaded of several rounds;
+  (:func:`pipetrain.planner.profile.profile_model`), the least loaded of several rounds;
 * the point-to-point latency and bandwidth of the backend in use (gloo on loopback, NCCL on
   GPU) by ping-pong and a Hockney fit (:func:`pipetrain.executor.commprobe.probe_p2p`);
 * on CPU, the executor's own overhead over the profiled blocks: a one-rank executor run of each
@@ -31,7 +30,7 @@ import statistics
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from pipetrain.errors import ConfigError
 from pipetrain.executor.commprobe import P2PCost
@@ -44,7 +43,7 @@ from pipetrain.planner.topology import DeviceType, Topology
 from pipetrain.serde import from_dict, to_dict
 
 __all__ = ["CALIBRATION_FILE_VERSION", "P2PCost", "OptimizerCost", "Calibration", "MeasuredCostModel",
-           "run_calibration", "least_loaded", "executor_hooks", "describe", "measure_optimizer", "calibrated_cost", "calibrated_topology", "load_calibration",
+           "run_calibration", "least_loaded", "describe", "measure_optimizer", "calibrated_cost", "calibrated_topology", "load_calibration",
            "calibrated_for"]
 
 CALIBRATION_FILE_VERSION = 1
@@ -266,20 +265,6 @@ def measure_optimizer(model: str, optimizer: str, *, device: str = "cpu", thread
                          params=tuple(int(v) for v in sizes), seconds=tuple(float(v) for v in secs))
 
 
-def executor_hooks() -> Any:
-    """The saved-tensor hooks every executor forward runs under (activation accounting), as a context.
-
-    Blocks are profiled inside them so that the profile costs what the executor's F and B cost.
-    """
-    import torch
-
-    from pipetrain.executor.runtime import SavedBytes
-
-    saved = SavedBytes()
-    saved.begin()
-    return torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack)
-
-
 def least_loaded(profiles: Sequence[BlockProfile]) -> BlockProfile:
     """Per block, the round with the smallest forward and the smallest backward median."""
     if not profiles:
@@ -338,9 +323,9 @@ def run_calibration(topology: str, *, models: Sequence[str] = ("tiny-gpt",), mic
     for model, mbs in pairs:
         say(f"profiling {model} blocks at micro-batch {mbs} on {device} ({threads} thread(s))")
         graph = trace_graph(model, micro_batch_size=mbs, seq_len=seq_len, dtype=dtype)
-        with executor_hooks():
-            profs = [profile_model(model, micro_batch_size=mbs, seq_len=seq_len, dtype=dtype, device=device, threads=threads,
-                                   warmup=warmup, repeats=repeats) for _ in range(rounds)]
+        # no saved-tensor hooks: the executor counts activations with them in its first step only
+        profs = [profile_model(model, micro_batch_size=mbs, seq_len=seq_len, dtype=dtype, device=device, threads=threads,
+                               warmup=warmup, repeats=repeats) for _ in range(rounds)]
         samples.append((graph, least_loaded(profs)))
     opts = []
     for name in optimizers:
