@@ -41,6 +41,14 @@ def test_calibration_file_has_profiles_fit_and_optimizer(cal_file: Path) -> None
         assert 0.3 < o.factor < 5 and o.fixed_s >= 0 and o.measured_step_s[1] > o.measured_step_s[0]
         m1, m2 = o.num_microbatches  # the step grows by the profiled micro-batches times the factor
         assert o.measured_step_s[1] - o.measured_step_s[0] == pytest.approx((m2 - m1) * o.factor * o.profiled_microbatch_s)
+    # host CPU per message, from the executor on one and on two ranks: two ranks spend more outside their spans
+    assert [(mc.model, mc.micro_batch_size) for mc in cal.messages] == [("mlp-uneven", 2), ("mlp-uneven", 8)]
+    for mc in cal.messages:
+        assert mc.messages_per_rank == 16 and len(mc.outside_two_ranks_s) == 2
+        assert 0 < mc.host_s < 5e-3
+        assert mc.host_s == pytest.approx(max(0.0, (sum(mc.outside_two_ranks_s) / 2 - mc.outside_one_rank_s) / 16))
+    assert cal.message_host_s("mlp-uneven", 2, cal.profiles[0].seq_len) == cal.messages[0].host_s
+    assert cal.message_host_s("tiny-gpt", 4, 64) == pytest.approx(sum(mc.host_s for mc in cal.messages) / 2)  # not measured: the mean
     # --no-probe keeps the topology's loopback figures
     assert cal.p2p.backend == "gloo" and cal.p2p.sizes_bytes == ()
 

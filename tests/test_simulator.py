@@ -256,3 +256,20 @@ def test_schedule_without_comms_is_refused() -> None:
 def test_imports_without_torch() -> None:
     code = "import sys, pipetrain.simulator, pipetrain.commands.simulate; assert 'torch' not in sys.modules, 'torch'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_host_work_per_message_holds_the_rank() -> None:
+    """Each send and each landed receive holds its rank for t_message_host_s (CPU ranks: gloo's host work):
+    with p=2, m=1 the four messages sit on the critical path; none of it is busy time."""
+    from dataclasses import replace
+
+    base = uniform(2, 1, "1f1b", t_fwd_s=1.0, t_bwd_s=2.0)
+    r0 = simulate(base)
+    r = simulate(replace(base, t_message_host_s=0.1))
+    assert close(r0.step_time_s, 6.0) and close(r.step_time_s, 6.4)
+    assert r.busy_s_per_stage == r0.busy_s_per_stage
+    spans = {(e.kind, e.rank, e.microbatch): (e.start_s, e.end_s) for e in r.events if e.kind in ("F", "B")}
+    assert close(spans[("F", 1, 0)][0], 1.2) and close(spans[("B", 0, 0)][0], 4.4)
+    # sharing one core: the host work competes with the other rank's compute
+    shared = replace(base, t_message_host_s=0.1, compute_groups=(ComputeGroup(ranks=(0, 1), capacity=1),))
+    assert close(simulate(shared).step_time_s, 6.4)

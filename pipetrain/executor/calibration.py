@@ -5,6 +5,9 @@ thread per rank, as the executor runs; or the GPU):
 
 * every block's forward and backward of each model at each micro-batch size
   (:func:`pipetrain.planner.profile.profile_model`), the least loaded of several rounds;
+* on CPU, the host CPU time per point-to-point message: the executor on one rank and on two
+  (:func:`pipetrain.executor.overhead.measure_message_host_s`; the simulator holds a rank's core
+  that long per message sent or received);
 * the point-to-point latency and bandwidth of the backend in use (gloo on loopback, NCCL on
   GPU) by ping-pong and a Hockney fit (:func:`pipetrain.executor.commprobe.probe_p2p`);
 * on CPU, the executor's own overhead over the profiled blocks: a one-rank executor run of each
@@ -34,7 +37,7 @@ from typing import Callable, Sequence
 
 from pipetrain.errors import ConfigError
 from pipetrain.executor.commprobe import P2PCost
-from pipetrain.executor.overhead import RuntimeOverhead
+from pipetrain.executor.overhead import MessageHostCost, RuntimeOverhead
 from pipetrain.planner.calibrate import CalibratedCostModel, CalibrationFit
 from pipetrain.planner.costs import NodeTimes, stage_from_node_times, StageCost
 from pipetrain.planner.graph import LayerGraph
@@ -82,6 +85,8 @@ class Calibration:
     fit: CalibrationFit
     profiles: tuple[BlockProfile, ...]
     runtime: tuple[RuntimeOverhead, ...] = ()
+    #: host CPU per point-to-point message, per model and shape (CPU ranks; measured with two ranks)
+    messages: tuple[MessageHostCost, ...] = ()
     created_utc: str = ""
     elapsed_s: float = 0.0
     schema_version: int = CALIBRATION_FILE_VERSION
@@ -111,6 +116,14 @@ class Calibration:
 
     def runtime_for(self, model: str, micro_batch_size: int, seq_len: int) -> RuntimeOverhead | None:
         return next((o for o in self.runtime if (o.model, o.micro_batch_size, o.seq_len) == (model, micro_batch_size, seq_len)), None)
+
+    def message_host_s(self, model: str, micro_batch_size: int, seq_len: int) -> float:
+        """Host seconds per message for this model and shape: the measured entry, else the mean of the
+        model's entries, else of all (0 when none was measured)."""
+        exact = [m.host_s for m in self.messages if (m.model, m.micro_batch_size, m.seq_len) == (model, micro_batch_size, seq_len)]
+        same = [m.host_s for m in self.messages if m.model == model]
+        pick = exact or same or [m.host_s for m in self.messages]
+        return sum(pick) / len(pick) if pick else 0.0
 
     def to_json(self) -> str:
         return json.dumps(to_dict(self), indent=1)
@@ -339,18 +352,20 @@ def run_calibration(topology: str, *, models: Sequence[str] = ("tiny-gpt",), mic
     else:
         link = topo.nodes[0].link
         p2p = P2PCost(backend=backend, latency_s=link.latency_s, bandwidth_bytes_per_s=link.bandwidth_bytes_per_s)
-    overheads = []
+    overheads, messages = [], []
     if runtime and device == "cpu":
-        from pipetrain.executor.overhead import measure_runtime_overhead
+        from pipetrain.executor.overhead import measure_message_host_s, measure_runtime_overhead
 
         for _g, prof in samples:
             say(f"running the executor on one rank: {prof.model} micro-batch {prof.micro_batch_size}")
             overheads.append(measure_runtime_overhead(prof, next((o for o in opts if o.optimizer == "adamw"), None), threads=threads))
+            say(f"running the executor on one and two ranks for the host cost of a message: {prof.model} micro-batch {prof.micro_batch_size}")
+            messages.append(measure_message_host_s(prof, threads=threads))
     say("fitting the analytic cost model (scipy.optimize.least_squares)")
     fit = fit_calibration(samples, dt)
     return Calibration(topology=topo.name, device_type=dt.name, device=local_device_name(device, threads), device_kind=dt.kind,
                        threads=threads, cores=os.cpu_count() or 1, p2p=p2p, optimizers=tuple(opts), fit=fit,
-                       profiles=tuple(p for _, p in samples), runtime=tuple(overheads),
+                       profiles=tuple(p for _, p in samples), runtime=tuple(overheads), messages=tuple(messages),
                        created_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                        elapsed_s=time.perf_counter() - t_start)
 
@@ -369,6 +384,10 @@ def describe(cal: Calibration) -> list[tuple[str, str]]:
         rows.append((f"executor overhead {o.model} mbs {o.micro_batch_size}",
                      f"x{o.factor:.3f} per micro-batch + {o.fixed_s * 1e3:.2f} ms per step (one rank, m={o.num_microbatches[0]}, "
                      f"{o.num_microbatches[1]}: {o.measured_step_s[0] * 1e3:.1f}, {o.measured_step_s[1] * 1e3:.1f} ms)"))
+    for mc in cal.messages:
+        rows.append((f"host CPU per message {mc.model} mbs {mc.micro_batch_size}",
+                     f"{mc.host_s * 1e6:.0f} us (outside compute per step: one rank {mc.outside_one_rank_s * 1e3:.2f} ms, "
+                     f"two ranks {', '.join(f'{t * 1e3:.2f}' for t in mc.outside_two_ranks_s)} ms; {mc.messages_per_rank} messages)"))
     rows.append(("analytic fit", f"mean |error| {cal.fit.error_before * 100:.1f}% -> {cal.fit.error_after * 100:.1f}% "
                                  f"over {cal.fit.num_samples} block times"))
     return rows

@@ -23,7 +23,7 @@ from typing import Any
 
 from pipetrain.errors import ConfigError
 
-__all__ = ["RuntimeOverhead", "measure_runtime_overhead"]
+__all__ = ["RuntimeOverhead", "measure_runtime_overhead", "MessageHostCost", "measure_message_host_s"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,3 +75,67 @@ def measure_runtime_overhead(profile: Any, optimizer_cost: Any, *, num_microbatc
     fixed = max(0.0, times[0] - m1 * factor * per_mb - t_opt)
     return RuntimeOverhead(model=p.model, micro_batch_size=p.micro_batch_size, seq_len=p.seq_len, factor=factor, fixed_s=fixed,
                            measured_step_s=(times[0], times[1]), profiled_microbatch_s=per_mb, num_microbatches=(m1, m2), steps=steps)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MessageHostCost:
+    """Host CPU seconds per point-to-point message a rank sends or receives (see :func:`measure_message_host_s`)."""
+
+    model: str
+    micro_batch_size: int
+    seq_len: int
+    host_s: float
+    #: per rank and step: (CPU outside the compute spans with one rank, with two), seconds
+    outside_one_rank_s: float
+    outside_two_ranks_s: tuple[float, ...]
+    messages_per_rank: int
+
+
+def _outside_spans_s(run_dir: Path, warmup: int) -> list[float]:
+    """Per rank: median over the steps after ``warmup`` of the process's CPU time outside its compute spans."""
+    from pipetrain.executor.telemetry import read_telemetry
+
+    out = []
+    for _rank, recs in sorted(read_telemetry(run_dir).items()):
+        spans: dict[int, float] = {}
+        for e in recs:
+            if e["type"] == "event" and e["kind"] in ("F", "B", "W", "OPT"):
+                spans[e["step"]] = spans.get(e["step"], 0.0) + e["end_s"] - e["start_s"]
+        gaps = [r["cpu_process_s"] - spans.get(r["step"], 0.0) for r in recs
+                if r["type"] == "step" and r["step"] >= warmup and "cpu_process_s" in r]
+        if not gaps:
+            raise ConfigError(f"{run_dir}: no step records with CPU times after step {warmup}")
+        out.append(statistics.median(gaps))
+    return out
+
+
+def measure_message_host_s(profile: Any, *, num_microbatches: int = 8, steps: int = 10, warmup: int = 2, threads: int = 1,
+                           timeout_s: float = 120.0) -> MessageHostCost:
+    """Host CPU per message: the executor on one rank and on two (a 1F1B pipeline of the same model,
+    shape and ``m``), each rank's CPU time (all its threads) outside its F/B/OPT spans per step.
+
+    With two ranks each rank runs ``m`` F and ``m`` B, as the single rank does, and in addition
+    sends ``m`` messages and receives ``m``; so ``host_s = (outside(two) - outside(one)) / 2m``,
+    averaged over the two ranks. It is the posting, copying and completing of messages that gloo's
+    and the executor's host code do, which holds a CPU core (:attr:`SimInput.t_message_host_s`).
+    """
+    from pipetrain.executor.config import RunConfig
+    from pipetrain.executor.launch import launch
+    from pipetrain.executor.plans import simple_plan
+
+    if steps <= warmup:
+        raise ConfigError(f"message host cost needs more steps ({steps}) than warm-up steps ({warmup})")
+    p = profile
+    outside = []
+    for pp in (1, 2):
+        plan = simple_plan(p.model, pp=pp, m=num_microbatches, mbs=p.micro_batch_size, seq_len=p.seq_len, dtype=p.dtype)
+        with tempfile.TemporaryDirectory(prefix="pipetrain-msgcost-") as tmp:
+            plan_path = plan.save(Path(tmp) / "plan.json")
+            launch(RunConfig(plan_path=str(plan_path), run_dir=str(Path(tmp) / "run"), steps=steps, threads=threads,
+                             timeout_s=timeout_s))
+            outside.append(_outside_spans_s(Path(tmp) / "run", warmup))
+    one, two = outside[0][0], tuple(outside[1])
+    msgs = 2 * num_microbatches
+    host = max(0.0, statistics.mean(t - one for t in two) / msgs)
+    return MessageHostCost(model=p.model, micro_batch_size=p.micro_batch_size, seq_len=p.seq_len, host_s=host,
+                           outside_one_rank_s=one, outside_two_ranks_s=two, messages_per_rank=msgs)

@@ -145,6 +145,7 @@ class Trainer:
         plan, tel, rt, device = self.plan, self.telemetry, self.rt, self.device
         tel.begin_step()
         t_step = time.perf_counter()
+        cpu0, main0 = time.process_time(), time.thread_time()
         inputs, targets = self.batches(step)
         rt.saved.peak = 0
         losses = rt.run_step(step, inputs, targets)
@@ -166,6 +167,8 @@ class Trainer:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         step_s = time.perf_counter() - t_step
+        # CPU time of the step: this thread, and the whole process (with gloo's threads)
+        cpu_s, main_s = time.process_time() - cpu0, time.thread_time() - main0
         opt_bytes = sum(t.numel() * t.element_size() for st_ in self.opt.state.values() for t in st_.values() if torch.is_tensor(t))
         mem = {"tensor_bytes": self.static_bytes + opt_bytes + self.pool_bytes + rt.saved.peak,
                "activation_bytes_peak": rt.saved.peak, "param_bytes": self.static_bytes // 2, "optimizer_bytes": opt_bytes,
@@ -174,7 +177,7 @@ class Trainer:
             mem["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device))
         rts = self.runtimes.values()
         tel.flush_step(step, {
-            "loss": loss, "step_time_s": step_s, "grad_norm": norm, "stage_grad_norms": stage_norms,
+            "loss": loss, "step_time_s": step_s, "cpu_main_s": main_s, "cpu_process_s": cpu_s, "grad_norm": norm, "stage_grad_norms": stage_norms,
             "in_flight_peak": {str(k): v for k, v in rt.in_flight_peak.items()},
             "recv_buffer_allocations": sum(r.in_pool.allocations + (r.grad_pool.allocations if r.grad_pool else 0) for r in rts),
             "recv_buffer_storages": sum(len(r.in_pool.used_ptrs) + (len(r.grad_pool.used_ptrs) if r.grad_pool else 0) for r in rts),

@@ -8,6 +8,8 @@ does:
 * **SEND** never blocks the rank: the transfer queues FIFO on its link (one queue per link and
   direction), occupies it for ``bytes / bandwidth`` and lands ``latency`` later;
 * **RECV** blocks the rank until the matching transfer has landed;
+* **host work per message** (``SimInput.t_message_host_s``): after posting a SEND and after a
+  RECV lands, the rank's compute is held that long (CPU ranks: gloo's posting and copying);
 * **receive buffers (back-pressure)**, as the executor keeps them: stage ``s`` has ``buffers``
   input-activation buffers and as many output-gradient buffers; it posts its receives into them
   in the order its actions need them, as soon as one is free, and a buffer stays taken until the
@@ -162,6 +164,20 @@ def simulate(inp: SimInput) -> SimResult:
             pool_used[key] = 0
             env.process(prefetch(key, msgs, cap))
 
+    host_s = inp.t_message_host_s
+
+    def occupy(res: simpy.Resource | SharedCores | None, seconds: float):  # type: ignore[no-untyped-def]
+        """Hold the rank's compute for ``seconds`` of host work (not an action: no event, no busy time)."""
+        if isinstance(res, SharedCores):
+            yield res.run(seconds)
+        elif res is not None:
+            req = res.request()
+            yield req
+            yield timeout(seconds)
+            res.release(req)
+        else:
+            yield timeout(seconds)
+
     def rank_proc(r: int, ops: tuple[tuple, ...]):  # type: ignore[no-untyped-def]
         res = resource[r]
         for op in ops:
@@ -216,6 +232,8 @@ def simulate(inp: SimInput) -> SimResult:
                     grad_end[s] = end
             elif code == SEND:
                 _, s, mb, msg, slot = op
+                if host_s:
+                    yield from occupy(res, host_s)
                 if msg in posted:  # transfer(msg, r, s, mb, slot), inlined
                     now = env.now
                     name = link_of[slot]
@@ -245,6 +263,8 @@ def simulate(inp: SimInput) -> SimResult:
                 elif arrive > t0:
                     yield timeout(arrive - t0)
                 push((s, r, "RECV", mb, t0, env.now, bytes_of[slot]))
+                if host_s:
+                    yield from occupy(res, host_s)
         rank_end[r] = env.now
         waiting_on[r] = None
 

@@ -204,6 +204,10 @@ class SimInput:
     #: global gradient-norm clipping: before any optimizer step every rank all-reduces one scalar over
     #: all ranks on this link, so the optimizer steps wait for the slowest rank (None: no such barrier)
     clip_sync_link: Link | None = None
+    #: host CPU time a rank spends on each point-to-point message it sends or receives (posting it,
+    #: copying, completing it): it holds the rank's compute like an action does, but is not busy
+    #: time (calibrated on CPU ranks, where gloo's host work competes with compute; 0: free)
+    t_message_host_s: float = 0.0
 
     def __post_init__(self) -> None:
         n = self.schedule.num_stages
@@ -217,7 +221,8 @@ class SimInput:
             _need(not seen & set(g.ranks), f"rank(s) {sorted(seen & set(g.ranks))} are in two compute groups")
             seen |= set(g.ranks)
         _need(self.micro_batch_size >= 1 and self.seq_len >= 1, "micro_batch_size and seq_len must be >= 1")
-        _nonneg("SimInput", model_flops_per_sample=self.model_flops_per_sample, peak_flops_per_device=self.peak_flops_per_device)
+        _nonneg("SimInput", model_flops_per_sample=self.model_flops_per_sample, peak_flops_per_device=self.peak_flops_per_device,
+                t_message_host_s=self.t_message_host_s)
 
     @property
     def num_devices(self) -> int:
