@@ -67,6 +67,32 @@ def test_calibration_drives_the_simulated_stage_times(cal_file: Path) -> None:
         want = 4 * k * sum(b.fwd_s + b.bwd_s for b in prof.blocks[st.block_start:st.block_end])
         assert sim.busy_s_per_stage[st.index] == pytest.approx(want)
     assert source == "calibration"
+    # each message sent or received holds its rank for the measured host time: 8 per rank here, on the
+    # critical path of both ranks at least once each way, none of it busy time
+    assert _inp.t_message_host_s == cal.messages[1].host_s > 0
+    from dataclasses import replace
+
+    from pipetrain.simulator import simulate
+
+    free = simulate(replace(_inp, t_message_host_s=0.0))
+    assert free.busy_s_per_stage == sim.busy_s_per_stage
+    assert sim.step_time_s >= free.step_time_s + 4 * cal.messages[1].host_s - 1e-12
+
+
+def test_measured_overheads_let_the_planner_choose_zero_bubble_on_cpu(cal_file: Path) -> None:
+    """On CPU ranks zb-h1 is a candidate unasked only with a calibration that measured the executor
+    (grid.AUTO_SCHEDULES): with it, the unpinned search screens it; without, it never appears."""
+    from pipetrain.executor.calibration import calibrated_for
+    from pipetrain.planner.job import job_from_mapping
+    from pipetrain.planner.search import search
+
+    job = job_from_mapping({"model": "mlp-uneven", "topology": "local-cpu:2", "global_batch": 32, "seq_len": 1, "dtype": "fp32",
+                            "pp": 2, "dp": 1, "microbatch_size": 8}, source="test")
+    topo, cost = calibrated_for("local-cpu:2", cal_file)
+    measured = search(job, topology=topo, cost=cost, top_k=3)
+    assert any(e.candidate.schedule == "zb-h1" for e in measured.screened)
+    plain = search(job, top_k=3)
+    assert all(e.candidate.schedule != "zb-h1" for e in plain.screened)
 
 
 def test_json_roundtrip_and_version_error(cal_file: Path, tmp_path: Path) -> None:

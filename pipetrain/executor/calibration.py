@@ -172,6 +172,17 @@ class MeasuredCostModel(CalibratedCostModel):
     def _matches(self, device_type: DeviceType) -> bool:
         return device_type.name == self.calibration.device_type and device_type.kind == self.calibration.device_kind
 
+    @property
+    def models_executor_overhead(self) -> bool:
+        """Whether the executor's measured overheads (one rank; host CPU per message) are in the costs."""
+        return bool(self.calibration.runtime or self.calibration.messages)
+
+    def message_host_s(self, graph: LayerGraph, device_type: DeviceType) -> float:
+        """Host CPU seconds per point-to-point message on CPU ranks of the calibrated type (0 elsewhere)."""
+        if not self._matches(device_type) or device_type.kind != "cpu":
+            return 0.0
+        return self.calibration.message_host_s(graph.model, graph.micro_batch_size, graph.seq_len)
+
     def node_times(self, graph: LayerGraph, device_type: DeviceType) -> NodeTimes:
         prof = self.calibration.profile_for(graph) if self._matches(device_type) else None
         if prof is None:

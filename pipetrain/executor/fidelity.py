@@ -199,8 +199,6 @@ def simulate_plan(plan: Plan, *, calibration: Any = None, cost: Any = None, topo
 
     if inp.compute_groups and all(d.type.kind == "cpu" for d in topo.devices):  # CPU ranks are OS processes: time-sliced
         inp = replace(inp, compute_groups=tuple(replace(g, sharing="time-slice") for g in inp.compute_groups))
-    if calibration is not None and not plan.stages[0].on_gpu:  # gloo's host work per message holds a CPU core
-        inp = replace(inp, t_message_host_s=calibration.message_host_s(plan.model, plan.micro_batch_size, plan.seq_len))
     rt = calibration.runtime_for(plan.model, plan.micro_batch_size, plan.seq_len) if calibration is not None else None
     if rt is not None and rt.fixed_s > 0:  # the executor's measured per-step work besides the update, on every rank
         stages = list(inp.stages)

@@ -277,8 +277,10 @@ def sim_input(*, tables: StageTables, topology: Topology, place: Placement, sche
         dpl = DataParallelSpec(width=place.dp, link=worst, overlap=dp_overlap)
     else:
         dpl = DataParallelSpec(width=1)
+    host = getattr(tables.cost, "message_host_s", None)  # a measured cost model: gloo's host CPU per message
     return SimInput(schedule=schedule, stages=tuple(stages), boundaries=tuple(bounds),
                     compute_groups=_compute_groups(topology, place), data_parallel=dpl,
+                    t_message_host_s=host(g, rank_device_type(topology, place, 0)) if host is not None else 0.0,
                     micro_batch_size=g.micro_batch_size, seq_len=g.seq_len,
                     model_flops_per_sample=(g.fwd_flops + g.bwd_flops) / g.micro_batch_size,
                     peak_flops_per_device=peak_flops,

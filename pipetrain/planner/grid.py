@@ -24,10 +24,12 @@ RUNNABLE_SCHEDULES = ("gpipe", "1f1b", "interleaved")
 #: Schedules the planner picks without being asked. zb-h1's B+W costs what one backward does since
 #: the linear layers' weight gradients are deferred (:mod:`pipetrain.executor.wgrad`; it beats
 #: torch's Schedule1F1B on resmlp by 3-11%), so on GPUs it is chosen whenever it simulates fastest.
-#: On CPU ranks it is chosen only when pinned: there small models are dominated by per-action
-#: dispatch overhead that the analytic grade does not charge, and its extra W actions cost more than
-#: its bubble saves (the demo, tiny-gpt micro-batch 1 x m=8 on 2 CPU ranks: zb-h1 28.5-36 ms per
-#: step, 1F1B 30-33, GPipe 23.5-25, while the analytic grade ranked zb-h1 first).
+#: On CPU ranks it is chosen only when pinned or when the cost model measured the executor's
+#: overheads (``--calibration``): there small models are dominated by per-action dispatch and
+#: per-message host work that the analytic and profiled grades do not charge, and its extra W
+#: actions can cost more than its bubble saves (the demo, tiny-gpt micro-batch 1 x m=8 on 2 CPU
+#: ranks: zb-h1 28.5-36 ms per step, 1F1B 30-33, GPipe 23.5-25, while the analytic grade ranked
+#: zb-h1 first).
 AUTO_SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 #: The auto schedules on CPU device types (see above).
 AUTO_SCHEDULES_CPU = ("gpipe", "1f1b", "interleaved")
@@ -64,7 +66,7 @@ def runnable_schedules() -> tuple[str, ...]:
 
 def auto_schedules(runnable: tuple[str, ...], device_kind: str = "gpu") -> tuple[str, ...]:
     """The runnable schedules the planner may choose on its own on devices of ``device_kind``
-    ("gpu" | "cpu"; see :data:`AUTO_SCHEDULES`)."""
+    ("gpu" | "cpu": CPU ranks without measured executor overheads; see :data:`AUTO_SCHEDULES`)."""
     auto = AUTO_SCHEDULES_CPU if device_kind == "cpu" else AUTO_SCHEDULES
     return tuple(s for s in runnable if s in auto)
 

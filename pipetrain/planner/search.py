@@ -357,7 +357,8 @@ def search(job: Job, *, graph_for: Callable[[int], LayerGraph] | None = None, to
                               f"add --simulation-only (simulation_only: true) for a what-if, or pick one of those")
     s = _Searcher(job, topo, graph_for, cost, top_k)
     n_blocks = s.tables_for(job.microbatch_size or 1).n
-    kind = "cpu" if all(d.type.kind == "cpu" for d in topo.devices) else "gpu"
+    # CPU ranks whose costs lack the executor's measured overheads: see grid.AUTO_SCHEDULES
+    kind = "cpu" if all(d.type.kind == "cpu" for d in topo.devices) and not getattr(cost, "models_executor_overhead", False) else "gpu"
     points, bad = grid(job, topo.num_devices, n_blocks, auto_schedules(allowed, kind), max_microbatch_size, max_sizes)
     s.infeasible.extend(bad)
     if method == "de":
