@@ -10,7 +10,8 @@ each with its own copy of the weights and its own SGD. Every step runs each pipe
 same data (global batch 64, m micro-batches), in an order that rotates from step to step
 (A B C, B C A, C A B, ...); a step's time is the slowest rank's, measured from a common barrier.
 Reported per schedule of ours: the median over steps of (ours / theirs) after ``--warmup``
-steps (their first step infers shapes), the medians of each side, and the largest relative loss
+steps (their first step infers shapes) with its 95% bootstrap interval, the medians of each
+side, the ratios of CPU time per step (all threads / main thread), and the largest relative loss
 difference between the two trajectories. Our telemetry is on (in-memory events, one JSONL record per step), as in a
 normal run. The machine is shared: the load average before/after is printed; distrust a run
 whose load exceeded the rank count.
@@ -129,6 +130,16 @@ def worker(a: argparse.Namespace) -> None:
     dist.destroy_process_group()
 
 
+def bootstrap_median_ci(xs: list[float], *, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the median of ``xs`` (Efron & Tibshirani 1993, ch. 13)."""
+    import numpy as np
+
+    arr = np.asarray(xs, dtype=float)
+    rng = np.random.default_rng(seed)
+    meds = np.median(rng.choice(arr, size=(resamples, arr.size), replace=True), axis=1)
+    return float(np.percentile(meds, 2.5)), float(np.percentile(meds, 97.5))
+
+
 def launch(p: int, m: int, a: argparse.Namespace) -> list[dict[str, Any]]:
     from pipetrain.executor.launch import free_port
 
@@ -147,8 +158,10 @@ def launch(p: int, m: int, a: argparse.Namespace) -> list[dict[str, Any]]:
     out = []
     for name in a.schedule:
         ratios = [x[f"{name}_s"] / x["theirs_s"] for x in kept]
+        lo, hi = bootstrap_median_ci(ratios)
         loss_rel = max(abs(x[f"{name}_loss"] - x["theirs_loss"]) / abs(x["theirs_loss"]) for x in rows)
-        out.append({"p": p, "m": m, "schedule": name, "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
+        out.append({"p": p, "m": m, "schedule": name, "ratio_median": statistics.median(ratios), "ratio_ci95": [lo, hi],
+                    "ratio_min": min(ratios),
                     "ratio_max": max(ratios), "ours_ms": statistics.median(x[f"{name}_s"] for x in kept) * 1e3,
                     "theirs_ms": statistics.median(x["theirs_s"] for x in kept) * 1e3, "loss_rel_max": loss_rel,
                     "cpu_ratio": statistics.median(x[f"{name}_cpu_s"] / x["theirs_cpu_s"] for x in kept),
@@ -185,7 +198,7 @@ def main() -> None:
     print(f"ours: pipetrain executor running {', '.join(a.schedule)}; theirs: torch.distributed.pipelining.Schedule1F1B")
     print(f"model {MODEL}, global batch {GLOBAL_BATCH}, fp32, gloo, 1 thread per rank, A/B alternating per step, "
           f"split {a.split} (p=2: {split_boundaries(a.split, 2) or [5]})")
-    print(f"{'p':>2} {'m':>2} {'ours':>6} | {'ours ms':>8} {'theirs ms':>9} | {'median ours/theirs':>18} {'[min, max]':>14} | "
+    print(f"{'p':>2} {'m':>2} {'ours':>6} | {'ours ms':>8} {'theirs ms':>9} | {'median ours/theirs':>18} {'95% CI':>14} | "
           f"{'loss rel diff':>13} | CPU ratio all/main | load before/after")
     out = []
     for p in a.p:
@@ -196,7 +209,7 @@ def main() -> None:
             for r in launch(p, m, a):
                 out.append(r)
                 print(f"{p:>2} {m:>2} {r['schedule']:>6} | {r['ours_ms']:8.1f} {r['theirs_ms']:9.1f} | {r['ratio_median']:18.3f} "
-                      f"[{r['ratio_min']:.2f}, {r['ratio_max']:.2f}] | {r['loss_rel_max']:13.2e} | "
+                      f"[{r['ratio_ci95'][0]:.3f}, {r['ratio_ci95'][1]:.3f}] | {r['loss_rel_max']:13.2e} | "
                       f"{r['cpu_ratio']:8.3f}/{r['main_ratio']:.3f}  | "
                       f"{r['load_before']:.1f}/{r['load_after']:.1f}", flush=True)
     if a.json:
