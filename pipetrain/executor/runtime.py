@@ -104,6 +104,13 @@ class SavedBytes:
     def free(self, key: Any) -> None:
         self.current -= self.per_mb.pop(key, 0)
 
+    def hold(self, key: Any, nbytes: int) -> None:
+        """Replace ``key``'s count by ``nbytes`` (what a micro-batch keeps from its B to its W)."""
+        self.free(key)
+        self.per_mb[key] = nbytes
+        self.current += nbytes
+        self.peak = max(self.peak, self.current)
+
 
 @dataclass(eq=False)
 class PipelineRuntime:
@@ -294,6 +301,8 @@ class PipelineRuntime:
                 if wq is not None:
                     gx = self._linears[s].backward_input(out, g, x, wq)
                     split_state = wq
+                    # B freed the autograd graph: until W the micro-batch holds the queued inputs and gradients
+                    self.saved.hold((s, mb), wq.nbytes())
                 elif self.split:
                     gx, split_state = backward_input(out, g, x, no_alias=(g,) if g is not None else ())
                 else:

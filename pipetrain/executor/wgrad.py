@@ -32,6 +32,16 @@ class WeightGradQueue:
     def __init__(self) -> None:
         self.items: list[list[Any]] = []  # [weight, bias, x, output]; B replaces the output by its gradient
 
+    def nbytes(self) -> int:
+        """Bytes of the distinct storages the queue keeps alive (layer inputs and output gradients)."""
+        seen: dict[int, int] = {}
+        for _w, _b, x, g in self.items:
+            for t in (x, g):
+                if isinstance(t, torch.Tensor):
+                    st = t.untyped_storage()
+                    seen[st.data_ptr()] = st.nbytes()
+        return sum(seen.values())
+
     def run(self) -> None:
         """W: accumulate the queued weight (and bias) gradients, in the order B produced them.
 
