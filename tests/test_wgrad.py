@@ -113,3 +113,18 @@ def test_bf16_autocast_close_to_full_backward() -> None:
     for name in want:
         assert got[name].dtype == torch.float32
         torch.testing.assert_close(got[name], want[name], rtol=2e-2, atol=2e-3, msg=name)
+
+
+def test_queue_bytes_are_the_distinct_inputs_and_gradients_it_keeps() -> None:
+    module, shape = _stage("resmlp", [4], 1, 8, 1)
+    split = SplitLinears(module)
+    q = WeightGradQueue()
+    x = torch.randn(shape, requires_grad=True)
+    with split.capture(q):
+        out = module(x)
+    split.backward_input(out, torch.randn(out.shape), x, q)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for item in q.items for t in item[2:]}
+    assert len(q.items) == len(split.linears) == 9  # 4 blocks x 2 linear layers + the head
+    assert q.nbytes() == sum(storages.values()) > 0
+    q.run()
+    assert q.nbytes() == 0
