@@ -5,8 +5,9 @@ compute); edges are each rank's program order (weight: the node's duration) and 
 (weight: the link's wire time plus latency). A node ends at
 ``max(end of the previous node on its rank, end of the sender's node + wire + latency) + duration``:
 exactly what the simpy engine computes when nothing contends. It ignores what only the simpy
-engine models — shared compute groups, link contention (FIFO queues) and buffer back-pressure —
-and is meant for the planner's screening of many candidates.
+engine models — shared compute groups, link contention (FIFO queues), buffer back-pressure and
+the host work per message (``SimInput.t_message_host_s``) — and is meant for the planner's
+screening of many candidates; the planner confirms its best ones in the simpy engine.
 
 The DAG's shape depends only on the schedule, so it is compiled once per :class:`Schedule` object
 (cached) into flat lists in topological order; an evaluation is then one tight loop.
