@@ -35,12 +35,18 @@ def test_calibration_file_has_profiles_fit_and_optimizer(cal_file: Path) -> None
     # the fit reproduces the measured optimizer times it was fitted to within a factor of 2
     for n, t in zip(adamw.params, adamw.seconds):
         assert 0.5 * t <= adamw.time_s(n) <= 2.0 * t
-    # the one-rank executor run: its step time over the profile's prediction, for each shape
+    # the one-rank executor run, split by its telemetry into compute, end of step and the rest
     assert [(o.model, o.micro_batch_size) for o in cal.runtime] == [("mlp-uneven", 2), ("mlp-uneven", 8)]
     for o in cal.runtime:
         assert 0.3 < o.factor < 5 and o.fixed_s >= 0 and o.measured_step_s[1] > o.measured_step_s[0]
-        m1, m2 = o.num_microbatches  # the step grows by the profiled micro-batches times the factor
-        assert o.measured_step_s[1] - o.measured_step_s[0] == pytest.approx((m2 - m1) * o.factor * o.profiled_microbatch_s)
+        assert o.param_count == 1534026 and 0 < o.end_of_step_s < o.measured_step_s[0]
+        m1, _m2 = o.num_microbatches  # the parts add up to the measured step (medians of parts: roughly)
+        assert m1 * o.factor * o.profiled_microbatch_s + o.end_of_step_s + o.fixed_s == pytest.approx(o.measured_step_s[0], rel=0.3)
+    # the simulated end of step is the optimizer fit scaled to the executor's own
+    scale = cal.optimizer_scale("mlp-uneven")
+    assert scale == pytest.approx(sorted(o.end_of_step_s / adamw.time_s(o.param_count) for o in cal.runtime)[1] * 0.5
+                                  + sorted(o.end_of_step_s / adamw.time_s(o.param_count) for o in cal.runtime)[0] * 0.5)
+    assert cal.optimizer_scale("tiny-gpt") == 1.0  # not run
     # host CPU per message, from the executor on one and on two ranks: two ranks spend more outside their spans
     assert [(mc.model, mc.micro_batch_size) for mc in cal.messages] == [("mlp-uneven", 2), ("mlp-uneven", 8)]
     for mc in cal.messages:
@@ -49,8 +55,8 @@ def test_calibration_file_has_profiles_fit_and_optimizer(cal_file: Path) -> None
         assert mc.host_s == pytest.approx(max(0.0, (sum(mc.outside_two_ranks_s) / 2 - mc.outside_one_rank_s) / 16))
     assert cal.message_host_s("mlp-uneven", 2, cal.profiles[0].seq_len) == cal.messages[0].host_s
     assert cal.message_host_s("tiny-gpt", 4, 64) == pytest.approx(sum(mc.host_s for mc in cal.messages) / 2)  # not measured: the mean
-    # --no-probe keeps the topology's loopback figures
-    assert cal.p2p.backend == "gloo" and cal.p2p.sizes_bytes == ()
+    # --no-probe keeps the topology's loopback figures and measures no wake-up latency
+    assert cal.p2p.backend == "gloo" and cal.p2p.sizes_bytes == () and cal.wakeup is None
 
 
 def test_calibration_drives_the_simulated_stage_times(cal_file: Path) -> None:
@@ -181,3 +187,22 @@ def test_plan_with_calibration(cal_file: Path, tmp_path: Path, capsys: pytest.Ca
     capsys.readouterr()
     assert main(base[:4] + ["dgx-h100:1"] + base[5:] + ["--calibration", str(cal_file)]) == 2
     assert "is for device type 'local-cpu'" in capsys.readouterr().err
+
+
+def test_rescaled_calibration_scales_every_measured_time(cal_file: Path) -> None:
+    """Calibration.rescaled(k): the machine k times slower; compute and end of step double, links do not."""
+    from pipetrain.errors import ConfigError
+    from pipetrain.executor.calibration import load_calibration
+    from pipetrain.executor.fidelity import simulate_plan
+    from pipetrain.executor.plans import simple_plan
+
+    cal = load_calibration(cal_file)
+    plan = simple_plan("mlp-uneven", pp=2, m=4, mbs=8, seq_len=1, schedule="1f1b")
+    inp, sim, _ = simulate_plan(plan, calibration=cal)
+    inp2, sim2, _ = simulate_plan(plan, calibration=cal.rescaled(2.0))
+    assert sim2.busy_s_per_stage == pytest.approx([2 * b for b in sim.busy_s_per_stage])
+    assert [s.t_optimizer_s for s in inp2.stages] == pytest.approx([2 * s.t_optimizer_s for s in inp.stages])
+    assert inp2.t_message_host_s == pytest.approx(2 * inp.t_message_host_s) and inp2.boundaries == inp.boundaries
+    assert cal.rescaled(2.0).optimizer_scale("mlp-uneven") == pytest.approx(cal.optimizer_scale("mlp-uneven"))
+    with pytest.raises(ConfigError, match="rescale"):
+        cal.rescaled(0.0)

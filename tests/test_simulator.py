@@ -273,3 +273,46 @@ def test_host_work_per_message_holds_the_rank() -> None:
     # sharing one core: the host work competes with the other rank's compute
     shared = replace(base, t_message_host_s=0.1, compute_groups=(ComputeGroup(ranks=(0, 1), capacity=1),))
     assert close(simulate(shared).step_time_s, 6.4)
+
+
+def test_blocked_receive_waits_for_a_core_when_all_are_busy() -> None:
+    """ComputeGroup.wakeup_s: a receive that blocked resumes that much after its message lands if
+    every core of its time-sliced group computes at that moment; with a core free, at once."""
+    from dataclasses import replace
+
+    base = uniform(2, 2, "gpipe", t_fwd_s=1.0, t_bwd_s=2.0)
+    one_core = ComputeGroup(ranks=(0, 1), capacity=1, sharing="time-slice")
+
+    def recv_end(inp: SimInput, rank: int, mb: int) -> float:
+        return next(e.end_s for e in simulate(inp).events if e.kind == "RECV" and e.rank == rank and e.microbatch == mb)
+
+    # 0F0 ends at 1.0 and lands at once; rank 0 then computes 0F1, so rank 1's core is taken
+    assert close(recv_end(replace(base, compute_groups=(one_core,)), 1, 0), 1.0)
+    assert close(recv_end(replace(base, compute_groups=(replace(one_core, wakeup_s=0.25),)), 1, 0), 1.25)
+    # two cores: rank 1 has its own, no wait, and the step is what it was without a group
+    two = replace(base, compute_groups=(ComputeGroup(ranks=(0, 1), capacity=2, sharing="time-slice", wakeup_s=0.25),))
+    assert close(simulate(two).step_time_s, simulate(base).step_time_s)
+    # m=1: whenever a message lands the other rank is idle, so the wait never applies
+    solo = uniform(2, 1, "gpipe", t_fwd_s=1.0, t_bwd_s=2.0)
+    assert close(simulate(replace(solo, compute_groups=(replace(one_core, wakeup_s=0.25),))).step_time_s, simulate(solo).step_time_s)
+    with pytest.raises(ConfigError, match="wakeup_s"):
+        ComputeGroup(ranks=(0, 1), wakeup_s=-1.0)
+
+
+def test_optimizer_steps_share_the_cores_of_a_time_sliced_group() -> None:
+    """After the clip barrier every rank's optimizer step starts at once: on one shared core two 1 s
+    steps take 2 s each (fluid sharing), on two cores 1 s; a queue group keeps them whole."""
+    from dataclasses import replace
+
+    from pipetrain.simulator.sharing import shared_finish_times
+
+    assert shared_finish_times([0.0, 1.0], [2.0, 2.0], 1) == pytest.approx([3.0, 4.0])
+    assert shared_finish_times([0.0, 0.0, 3.0], [1.0, 0.0, 1.0], 1) == pytest.approx([1.0, 0.0, 4.0])
+    stage = StageSpec(t_fwd_s=1.0, t_bwd_s=1.0, t_optimizer_s=1.0)
+    base = SimInput(schedule=one_f_one_b(2, 2), stages=(stage, stage), clip_sync_link=Link(name="c"))
+    alone = simulate(base)
+    one = simulate(replace(base, compute_groups=(ComputeGroup(ranks=(0, 1), capacity=1, sharing="time-slice"),)))
+    assert close(alone.step_time_s, 6.0 + 1.0)
+    opt = sorted((e.start_s, e.end_s) for e in one.events if e.kind == "OPT")
+    end = max(e.end_s for e in one.events if e.kind in "FB")
+    assert opt == [pytest.approx((end, end + 2.0))] * 2 and close(one.step_time_s, end + 2.0)

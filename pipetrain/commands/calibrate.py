@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16 (default fp32)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank, as `pipetrain run --threads` (default 1)")
     parser.add_argument("--repeats", type=int, default=7, help="timed repetitions per block (median; default 7)")
-    parser.add_argument("--rounds", type=int, default=3, help="profiling rounds per block; the least loaded is kept (default 3)")
+    parser.add_argument("--rounds", type=int, default=5, help="profiling rounds per block; the median is kept (default 5)")
     parser.add_argument("--no-probe", action="store_true", help="skip the p2p probe (keep the topology's link figures)")
     parser.add_argument("--no-runtime", action="store_true", help="skip the one-rank executor run that measures its overhead")
     parser.add_argument("-o", "--output", default="calibration.json", help="where to write the calibration (default calibration.json)")

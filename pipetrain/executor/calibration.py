@@ -4,12 +4,14 @@
 thread per rank, as the executor runs; or the GPU):
 
 * every block's forward and backward of each model at each micro-batch size
-  (:func:`pipetrain.planner.profile.profile_model`), the least loaded of several rounds;
+  (:func:`pipetrain.planner.profile.profile_model`), the median of several rounds;
 * on CPU, the host CPU time per point-to-point message: the executor on one rank and on two
   (:func:`pipetrain.executor.overhead.measure_message_host_s`; the simulator holds a rank's core
   that long per message sent or received);
 * the point-to-point latency and bandwidth of the backend in use (gloo on loopback, NCCL on
-  GPU) by ping-pong and a Hockney fit (:func:`pipetrain.executor.commprobe.probe_p2p`);
+  GPU) by ping-pong and a Hockney fit (:func:`pipetrain.executor.commprobe.probe_p2p`); on CPU
+  also the wake-up latency of a blocked receiver while every core computes
+  (:func:`pipetrain.executor.commprobe.probe_wakeup`), which the topology's node then carries;
 * on CPU, the executor's own overhead over the profiled blocks: a one-rank executor run of each
   model and shape (:mod:`pipetrain.executor.overhead`);
 * the optimizer step as the executor runs it (global-norm clipping, the update, zeroing the
@@ -33,10 +35,10 @@ import statistics
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from pipetrain.errors import ConfigError
-from pipetrain.executor.commprobe import P2PCost
+from pipetrain.executor.commprobe import P2PCost, WakeupCost
 from pipetrain.executor.overhead import MessageHostCost, RuntimeOverhead
 from pipetrain.planner.calibrate import CalibratedCostModel, CalibrationFit
 from pipetrain.planner.costs import NodeTimes, stage_from_node_times, StageCost
@@ -46,7 +48,7 @@ from pipetrain.planner.topology import DeviceType, Topology
 from pipetrain.serde import from_dict, to_dict
 
 __all__ = ["CALIBRATION_FILE_VERSION", "P2PCost", "OptimizerCost", "Calibration", "MeasuredCostModel",
-           "run_calibration", "least_loaded", "describe", "measure_optimizer", "calibrated_cost", "calibrated_topology", "load_calibration",
+           "run_calibration", "typical_profile", "describe", "measure_optimizer", "calibrated_cost", "calibrated_topology", "load_calibration",
            "calibrated_for"]
 
 CALIBRATION_FILE_VERSION = 1
@@ -87,6 +89,8 @@ class Calibration:
     runtime: tuple[RuntimeOverhead, ...] = ()
     #: host CPU per point-to-point message, per model and shape (CPU ranks; measured with two ranks)
     messages: tuple[MessageHostCost, ...] = ()
+    #: CPU: a blocked receiver's wait for a core while all cores compute (None: not measured)
+    wakeup: WakeupCost | None = None
     created_utc: str = ""
     elapsed_s: float = 0.0
     schema_version: int = CALIBRATION_FILE_VERSION
@@ -113,6 +117,30 @@ class Calibration:
         """The executor's measured overhead factor for this model and shape (1.0 when not measured)."""
         o = self.runtime_for(graph.model, graph.micro_batch_size, graph.seq_len)
         return o.factor if o is not None else 1.0
+
+    def rescaled(self, factor: float) -> "Calibration":
+        """This calibration on a machine ``factor`` times slower: every measured CPU or device time
+        (block profiles, optimizer fit, the executor's per-step and end-of-step times, host work per
+        message) times ``factor``; links, wake-up latency and the analytic fit as they are.
+        ``benchmarks/sim_accuracy.py`` re-probes the speed before each run with it."""
+        if not factor > 0:
+            raise ConfigError(f"a calibration rescale factor must be > 0, got {factor}")
+        profiles = tuple(replace(p, blocks=tuple(replace(b, fwd_s=b.fwd_s * factor, bwd_s=b.bwd_s * factor) for b in p.blocks))
+                         for p in self.profiles)
+        opts = tuple(replace(o, fixed_s=o.fixed_s * factor, per_param_s=o.per_param_s * factor,
+                             seconds=tuple(t * factor for t in o.seconds)) for o in self.optimizers)
+        runtime = tuple(replace(o, fixed_s=o.fixed_s * factor, end_of_step_s=o.end_of_step_s * factor) for o in self.runtime)
+        messages = tuple(replace(m, host_s=m.host_s * factor) for m in self.messages)
+        return replace(self, profiles=profiles, optimizers=opts, runtime=runtime, messages=messages)
+
+    def optimizer_scale(self, model: str) -> float:
+        """The executor's end of step in its own run over the adamw fit's prediction for the same
+        parameters (median over the model's runtime entries; 1.0 when not measured). The fit times the
+        update in a loop; in a run it follows a backward pass (see :mod:`pipetrain.executor.overhead`)."""
+        adamw = self.optimizer("adamw")
+        ratios = [o.end_of_step_s / adamw.time_s(o.param_count) for o in self.runtime
+                  if adamw is not None and o.model == model and o.end_of_step_s > 0 and o.param_count > 0]
+        return statistics.median(ratios) if ratios else 1.0
 
     def runtime_for(self, model: str, micro_batch_size: int, seq_len: int) -> RuntimeOverhead | None:
         return next((o for o in self.runtime if (o.model, o.micro_batch_size, o.seq_len) == (model, micro_batch_size, seq_len)), None)
@@ -159,7 +187,8 @@ class MeasuredCostModel(CalibratedCostModel):
     Block times: the stored profile of the graph's model and shape when there is one (sum of
     measured block medians, times the executor's measured overhead factor for that shape when
     the calibration ran the executor; W is each block's FLOP share of its backward), else the
-    fitted analytic model. Optimizer step: the measured ``fixed + per-param`` fit. Transfers: the
+    fitted analytic model. Optimizer step: the measured ``fixed + per-param`` fit, scaled to the
+    executor's own end of step for the model (:meth:`Calibration.optimizer_scale`). Transfers: the
     analytic formulas over the links, which :func:`calibrated_topology` sets to the measured ones.
     """
 
@@ -200,11 +229,12 @@ class MeasuredCostModel(CalibratedCostModel):
             raise ConfigError(f"stage range [{start}, {end}) is not within the graph's {graph.num_nodes} nodes")
         return stage_from_node_times(self.node_times(graph, device_type), start, end, recompute=recompute)
 
-    def optimizer_step_time_s(self, param_count: int, device_type: DeviceType, *, optimizer: str = "adamw", dtype: str = "fp32") -> float:
+    def optimizer_step_time_s(self, param_count: int, device_type: DeviceType, *, optimizer: str = "adamw", dtype: str = "fp32",
+                              model: str = "") -> float:
         oc = self.calibration.optimizer(optimizer)
         if oc is None or not self._matches(device_type):
-            return super().optimizer_step_time_s(param_count, device_type, optimizer=optimizer, dtype=dtype)
-        return oc.time_s(param_count)
+            return super().optimizer_step_time_s(param_count, device_type, optimizer=optimizer, dtype=dtype, model=model)
+        return oc.time_s(param_count) * self.calibration.optimizer_scale(model)
 
 
 def calibrated_cost(calibration: Calibration) -> MeasuredCostModel:
@@ -212,71 +242,70 @@ def calibrated_cost(calibration: Calibration) -> MeasuredCostModel:
 
 
 def calibrated_topology(topology: Topology, calibration: Calibration) -> Topology:
-    """``topology`` with the measured p2p link inside every node whose devices are the calibrated type."""
+    """``topology`` with the measured p2p link inside every node whose devices are the calibrated
+    type, and on such nodes with shared cores the measured wake-up latency."""
     nodes = []
     for node in topology.nodes:
         if all(t == calibration.device_type for t in node.device_types):
             link = replace(node.link, latency_s=calibration.p2p.latency_s, bandwidth_bytes_per_s=calibration.p2p.bandwidth_bytes_per_s)
             node = replace(node, link=link)
+            if calibration.wakeup is not None and node.cores > 0:
+                node = replace(node, wakeup_s=calibration.wakeup.wakeup_s)
         nodes.append(node)
     return replace(topology, nodes=tuple(nodes))
 
 
 # ----- measuring --------------------------------------------------------------------------------
-def measure_optimizer(model: str, optimizer: str, *, device: str = "cpu", threads: int = 1, clip_norm: float = 1.0,
+def measure_optimizer(model: str | Sequence[str], optimizer: str, *, device: str = "cpu", threads: int = 1, clip_norm: float = 1.0,
                       repeats: int = 15, seed: int = 0) -> OptimizerCost:
-    """Time the executor's end-of-step update on growing prefixes of ``model``'s blocks and fit it.
+    """Time the executor's end-of-step update on growing prefixes of each model's blocks and fit
+    ``fixed + per_param * params`` over all of them (the calibrated models span the sizes used).
 
-    The work timed is what :class:`pipetrain.executor.optim.GradSync` and the worker do after
-    the last backward on one rank: the squared gradient norm (float64), the clip scale, the
-    optimizer's step (``foreach=False``, as the executor builds it) and zeroing the gradients.
+    The work timed is the executor's own end of step on one rank, the same calls:
+    :meth:`pipetrain.executor.optim.GradSync.sync` (the squared gradient norms, the clip scale),
+    the optimizer's step (as :func:`~pipetrain.executor.optim.make_optimizer` builds it) and
+    ``zero_grad(set_to_none=True)``. Each round gives the parameters fresh gradients first, as the
+    next step's first backward does (untimed).
     """
     import numpy as np
     import torch
     from scipy.optimize import lsq_linear
 
-    from pipetrain.executor.optim import OptimConfig, make_optimizer, unique_params
+    from pipetrain.executor.optim import GradSync, OptimConfig, make_optimizer, unique_params
     from pipetrain.planner.zoo import get_model_spec
 
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        net = get_model_spec(model).build(torch.device(device), seed=seed)
-        blocks = list(net.blocks)
         groups = []
-        for k in sorted({1, max(1, len(blocks) // 2), len(blocks)}):
-            params = unique_params(blocks[:k])
-            for p in params:
-                p.grad = torch.randn_like(p) * 1e-3
-            groups.append((params, make_optimizer(params, OptimConfig(name=optimizer))))
+        for name in [model] if isinstance(model, str) else list(model):
+            blocks = list(get_model_spec(name).build(torch.device(device), seed=seed).blocks)
+            for k in sorted({1, max(1, len(blocks) // 2), len(blocks)}):
+                params = unique_params(blocks[:k])
+                cfg = OptimConfig(name=optimizer, clip_norm=clip_norm)
+                sync = GradSync(params, dp_group=None, pp_group=None, ties=[], clip_norm=clip_norm, telemetry=None, stage=0)
+                groups.append((params, make_optimizer(params, cfg), sync))
         samples: list[list[float]] = [[] for _ in groups]
 
-        def once(params: list, opt: object) -> float:  # type: ignore[type-arg]
+        def once(params: list, opt: Any, sync: GradSync) -> float:
+            for p in params:  # what the next step's first backward hands over (untimed)
+                p.grad = torch.randn_like(p).mul_(1e-3)
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            sq = torch.zeros(1, dtype=torch.float64, device=params[0].device)
-            for p in params:
-                sq += p.grad.detach().double().pow(2).sum()
-            coef = min(1.0, clip_norm / (float(sq.sqrt()) + 1e-6)) if clip_norm > 0 else 1.0
-            if coef < 1.0:
-                for p in params:
-                    p.grad.mul_(coef)
-            opt.step()  # type: ignore[attr-defined]
-            opt.zero_grad(set_to_none=False)  # type: ignore[attr-defined]
+            sync.sync()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            for p in params:
-                p.grad.normal_(0.0, 1e-3)
-            return dt
+            return time.perf_counter() - t0
 
         for r in range(repeats + 3):  # rounds interleave the sizes: a burst of outside load hits all alike
-            for i, (params, opt) in enumerate(groups):
-                t = once(params, opt)
+            for i, (params, opt, sync) in enumerate(groups):
+                t = once(params, opt, sync)
                 if r >= 3:
                     samples[i].append(t)
-        sizes = [sum(p.numel() for p in params) for params, _ in groups]
+        sizes = [sum(p.numel() for p in params) for params, _, _ in groups]
         secs = [statistics.median(ts) for ts in samples]
     finally:
         torch.set_num_threads(old)
@@ -289,27 +318,31 @@ def measure_optimizer(model: str, optimizer: str, *, device: str = "cpu", thread
                          params=tuple(int(v) for v in sizes), seconds=tuple(float(v) for v in secs))
 
 
-def least_loaded(profiles: Sequence[BlockProfile]) -> BlockProfile:
-    """Per block, the round with the smallest forward and the smallest backward median."""
+def typical_profile(profiles: Sequence[BlockProfile]) -> BlockProfile:
+    """Per block, the median over the rounds of its forward and of its backward median."""
     if not profiles:
-        raise ConfigError("least_loaded needs at least one profile")
+        raise ConfigError("typical_profile needs at least one profile")
     first = profiles[0]
     blocks = []
     for i, b in enumerate(first.blocks):
-        blocks.append(replace(b, fwd_s=min(p.blocks[i].fwd_s for p in profiles), bwd_s=min(p.blocks[i].bwd_s for p in profiles)))
+        blocks.append(replace(b, fwd_s=statistics.median(p.blocks[i].fwd_s for p in profiles),
+                              bwd_s=statistics.median(p.blocks[i].bwd_s for p in profiles)))
     return replace(first, blocks=tuple(blocks), repeats=first.repeats * len(profiles))
 
 
 def run_calibration(topology: str, *, models: Sequence[str] = ("tiny-gpt",), micro_batch_sizes: Sequence[int] = (1, 4),
                     seq_len: int | None = None, dtype: str = "fp32", threads: int = 1, warmup: int = 2, repeats: int = 7,
-                    optimizers: Sequence[str] = ("adamw", "sgd"), probe: bool = True, rounds: int = 3,
+                    optimizers: Sequence[str] = ("adamw", "sgd"), probe: bool = True, rounds: int = 5,
                     shapes: Sequence[tuple[str, int]] = (), runtime: bool = True,
                     progress: Callable[[str], None] | None = None) -> Calibration:
     """Measure and fit (module docstring). ``probe`` False skips the p2p probe (keeps the topology's link).
 
     Each block is profiled in ``rounds`` independent rounds (each the median of ``repeats``) and
-    the smallest median is kept (:func:`least_loaded`): on a machine shared with other processes a
-    round that a burst of their load hit is slower, never faster, than the block really is.
+    the median over the rounds is kept (:func:`typical_profile`): this machine's speed wanders by
+    +-15% between windows of a few seconds even with nothing else running (a fixed workload's
+    0.25 s medians, sampled every 2.25 s for 90 s: 5.2 to 9.3 ms, lag-1 correlation 0.19), and the
+    runs it predicts see the typical speed, not the best moment (the smallest round, kept before,
+    made the simulation fast by about that much).
     ``shapes`` (model, micro-batch size) pairs replace ``models`` x ``micro_batch_sizes``.
     ``runtime`` runs the executor on one rank per shape to measure its overhead over the profile
     (:mod:`pipetrain.executor.overhead`; CPU only here).
@@ -350,11 +383,11 @@ def run_calibration(topology: str, *, models: Sequence[str] = ("tiny-gpt",), mic
         # no saved-tensor hooks: the executor counts activations with them in its first step only
         profs = [profile_model(model, micro_batch_size=mbs, seq_len=seq_len, dtype=dtype, device=device, threads=threads,
                                warmup=warmup, repeats=repeats) for _ in range(rounds)]
-        samples.append((graph, least_loaded(profs)))
+        samples.append((graph, typical_profile(profs)))
     opts = []
     for name in optimizers:
-        say(f"timing the {name} step on {models[0]}'s parameters")
-        opts.append(measure_optimizer(models[0], name, device=device, threads=threads))
+        say(f"timing the {name} step on {', '.join(models)}'s parameters")
+        opts.append(measure_optimizer(models, name, device=device, threads=threads))
     if probe:
         from pipetrain.executor.commprobe import probe_p2p
 
@@ -363,6 +396,12 @@ def run_calibration(topology: str, *, models: Sequence[str] = ("tiny-gpt",), mic
     else:
         link = topo.nodes[0].link
         p2p = P2PCost(backend=backend, latency_s=link.latency_s, bandwidth_bytes_per_s=link.bandwidth_bytes_per_s)
+    wakeup = None
+    if probe and device == "cpu":
+        from pipetrain.executor.commprobe import probe_wakeup
+
+        say(f"probing the wake-up latency of a blocked receiver with all {os.cpu_count() or 1} cores busy")
+        wakeup = probe_wakeup(cores=os.cpu_count() or 1)
     overheads, messages = [], []
     if runtime and device == "cpu":
         from pipetrain.executor.overhead import measure_message_host_s, measure_runtime_overhead
@@ -376,7 +415,7 @@ def run_calibration(topology: str, *, models: Sequence[str] = ("tiny-gpt",), mic
     fit = fit_calibration(samples, dt)
     return Calibration(topology=topo.name, device_type=dt.name, device=local_device_name(device, threads), device_kind=dt.kind,
                        threads=threads, cores=os.cpu_count() or 1, p2p=p2p, optimizers=tuple(opts), fit=fit,
-                       profiles=tuple(p for _, p in samples), runtime=tuple(overheads), messages=tuple(messages),
+                       profiles=tuple(p for _, p in samples), runtime=tuple(overheads), messages=tuple(messages), wakeup=wakeup,
                        created_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                        elapsed_s=time.perf_counter() - t_start)
 
@@ -399,6 +438,10 @@ def describe(cal: Calibration) -> list[tuple[str, str]]:
         rows.append((f"host CPU per message {mc.model} mbs {mc.micro_batch_size}",
                      f"{mc.host_s * 1e6:.0f} us (outside compute per step: one rank {mc.outside_one_rank_s * 1e3:.2f} ms, "
                      f"two ranks {', '.join(f'{t * 1e3:.2f}' for t in mc.outside_two_ranks_s)} ms; {mc.messages_per_rank} messages)"))
+    if cal.wakeup is not None:
+        w = cal.wakeup
+        rows.append(("wake-up on busy cores", f"{w.wakeup_s * 1e6:.0f} us ({w.nbytes} B ping-pong one way: {w.idle_one_way_s * 1e6:.0f} us "
+                                              f"idle, {w.busy_one_way_s * 1e6:.0f} us with {w.busy_processes} busy processes)"))
     rows.append(("analytic fit", f"mean |error| {cal.fit.error_before * 100:.1f}% -> {cal.fit.error_after * 100:.1f}% "
                                  f"over {cal.fit.num_samples} block times"))
     return rows

@@ -62,9 +62,9 @@ class StageFidelity:
     sim_in_flight: int
     meas_in_flight: int
     meas_quiet_busy_s: float = 0.0
-    #: the rank shares cores with other ranks (a compute group): the simulator then queues whole
-    #: actions for a core, while the OS time-slices them, so measured busy (wall time of the actions)
-    #: includes time spent waiting for a core that the simulated busy does not
+    #: the rank shares cores with other ranks (a compute group): its actions are time-sliced, in the
+    #: simulation as on the machine, so busy on both sides is the wall time of the actions, waiting
+    #: for a core included (see :func:`compare`)
     shared: bool = False
 
     @property
@@ -275,6 +275,13 @@ def compare(plan: Plan, inp: Any, sim: Any, meas: Measured, *, label: str = "", 
     """Side by side; activation bytes per stage: simulated per-micro-batch bytes x simulated peak in flight,
     measured the rank's peak saved-for-backward bytes (replica 0; with several stages on a rank, the
     rank's peak is compared with the sum of its stages' simulated peaks)."""
+    # busy = wall time of the stage's F/B/W, as the telemetry measures it: on time-sliced cores an
+    # action's span includes its waits for a core (the simulated spans stretch the same way)
+    spans = [0.0] * len(plan.stages)
+    for e in sim.raw_events:
+        if e[2] in ("F", "B", "W"):
+            spans[e[0]] += e[5] - e[4]
+    sim_busy = spans if sim.raw_events else list(sim.busy_s_per_stage)
     stages = []
     for st in plan.stages:
         s, r = st.index, st.rank
@@ -282,7 +289,7 @@ def compare(plan: Plan, inp: Any, sim: Any, meas: Measured, *, label: str = "", 
         sim_act_rank = sum(inp.stages[i].activation_bytes * sim.peak_in_flight_per_stage[i] for i in mine)
         share = (inp.stages[s].activation_bytes * sim.peak_in_flight_per_stage[s] / sim_act_rank) if sim_act_rank > 0 else 1.0 / len(mine)
         stages.append(StageFidelity(
-            stage=s, rank=r, sim_busy_s=sim.busy_s_per_stage[s], meas_busy_s=meas.busy_s_per_stage[s],
+            stage=s, rank=r, sim_busy_s=sim_busy[s], meas_busy_s=meas.busy_s_per_stage[s],
             sim_bubble=sim.bubble_fraction_per_stage[s], meas_bubble=meas.bubble_fraction_per_stage[s],
             sim_activation_bytes=inp.stages[s].activation_bytes * sim.peak_in_flight_per_stage[s],
             meas_activation_bytes=meas.peak_activation_bytes_per_rank[r] * share,
@@ -360,7 +367,7 @@ def fidelity_lines(f: Fidelity) -> list[str]:
     for r in rows:
         out.append("  " + "  ".join(c.rjust(w) for c, w in zip(r, widths)))
     if any(s.shared for s in f.stages):
-        out.append("  * the rank shares cores with other ranks: its measured busy time includes waiting for a core")
+        out.append("  * the rank shares cores with other ranks: busy (simulated and measured) includes its waits for a core")
     return out
 
 

@@ -4,13 +4,20 @@ A block profile times each block alone, in a tight loop. The executor runs the s
 more around them: saved-tensor accounting, autograd bookkeeping of a stage's input, fresh data
 every micro-batch, telemetry, the clip-norm and optimizer bookkeeping. :func:`measure_runtime_overhead`
 runs the real executor with one rank (``pp = dp = 1``: no transfers, no other rank) at two
-micro-batch counts ``m1 < m2`` and splits its median step time ``T(m)`` into a part that grows
-with the micro-batches and a fixed one: ``factor = (T(m2) - T(m1)) / ((m2 - m1) x sum(F + B))``
-(the executor's cost of a micro-batch over the profile's) and ``fixed_s = T(m1) - m1 x factor x
-sum(F + B) - optimizer step`` (per-step work besides the update: batches, norms, bookkeeping).
-The calibration stores both per model and shape; :class:`~pipetrain.executor.calibration.MeasuredCostModel`
-scales the profiled block times by ``factor`` and adds ``fixed_s`` to each rank's end-of-step
-work. Nothing in it is fitted to a pipeline: it is measured without one.
+micro-batch counts ``m1 < m2`` and splits each step of its telemetry into the compute spans, the
+end of step and the rest: ``factor`` = the spans' median share per micro-batch over the profile's
+``sum(F + B)``, plus the growth of the rest with ``m`` (the host work between a micro-batch's
+actions) over ``sum(F + B)``; ``end_of_step_s``: the median time from
+the end of a step's last backward to the end of its optimizer step, from the run's telemetry
+(gradient norms, clip, update, zeroing, in place: there the parameters, gradients and optimizer
+state come from memory after a backward pass, and the update of the uneven MLP's 1.0M parameters
+took 5.9 ms in a run where a loop over the same calls took about 3.5 ms) and ``fixed_s``, the rest at ``m1``
+less its per-micro-batch growth (per-step work besides: batches, bookkeeping). Medians over
+steps, not of whole step times, so one slow step moves nothing.
+The calibration stores them per model and shape; :class:`~pipetrain.executor.calibration.MeasuredCostModel`
+scales the profiled block times by ``factor``, the optimizer fit by ``end_of_step_s`` over the
+fit's own prediction for the model, and adds ``fixed_s`` to each rank's end-of-step work.
+Nothing in it is fitted to a pipeline: it is measured without one.
 """
 
 from __future__ import annotations
@@ -39,13 +46,18 @@ class RuntimeOverhead:
     profiled_microbatch_s: float
     num_microbatches: tuple[int, int]
     steps: int
+    #: in the run: median seconds from the last backward's end to the optimizer step's end (0: not measured)
+    end_of_step_s: float = 0.0
+    param_count: int = 0  # the model's parameters, all on the one rank
 
     def __post_init__(self) -> None:
+        if not (self.end_of_step_s >= 0 and self.param_count >= 0):
+            raise ConfigError(f"runtime overhead of {self.model}: end of step and parameter count must be >= 0")
         if not self.factor > 0:
             raise ConfigError(f"runtime overhead factor of {self.model} must be > 0, got {self.factor}")
 
 
-def measure_runtime_overhead(profile: Any, optimizer_cost: Any, *, num_microbatches: tuple[int, int] = (2, 8), steps: int = 10,
+def measure_runtime_overhead(profile: Any, optimizer_cost: Any, *, num_microbatches: tuple[int, int] = (2, 8), steps: int = 20,
                              warmup: int = 2, threads: int = 1, timeout_s: float = 120.0) -> RuntimeOverhead:
     """One-rank executor run of ``profile``'s model and shape (module docstring)."""
     from pipetrain.executor.config import RunConfig
@@ -62,21 +74,52 @@ def measure_runtime_overhead(profile: Any, optimizer_cost: Any, *, num_microbatc
     graph = trace_graph(p.model, micro_batch_size=p.micro_batch_size, seq_len=p.seq_len, dtype=p.dtype)
     params = sum(n.param_count for n in graph.nodes)
     per_mb = sum(b.fwd_s + b.bwd_s for b in p.blocks)
-    t_opt = optimizer_cost.time_s(params) if optimizer_cost else 0.0
-    times = []
+    runs = []
     for m in (m1, m2):
         plan = simple_plan(p.model, pp=1, m=m, mbs=p.micro_batch_size, seq_len=p.seq_len, dtype=p.dtype)
         with tempfile.TemporaryDirectory(prefix="pipetrain-overhead-") as tmp:
             plan_path = plan.save(Path(tmp) / "plan.json")
             res = launch(RunConfig(plan_path=str(plan_path), run_dir=str(Path(tmp) / "run"), steps=steps, threads=threads,
                                    timeout_s=timeout_s))
-        times.append(statistics.median(res.step_times_s[warmup:]))
-    factor = max((times[1] - times[0]) / ((m2 - m1) * per_mb), 1e-3)
-    fixed = max(0.0, times[0] - m1 * factor * per_mb - t_opt)
+            runs.append((m, _step_parts(Path(tmp) / "run", warmup), statistics.median(res.step_times_s[warmup:])))
+    # (step, busy, end of step) per step: the spans' share per micro-batch, pooled over both runs
+    span_factor = statistics.median(b / (m * per_mb) for m, parts, _ in runs for _, b, _ in parts)
+    end = statistics.median(e for _, parts, _ in runs for _, _, e in parts)
+    outside = [statistics.median(t - b - e for t, b, e in parts) for _, parts, _ in runs]
+    gap = max(0.0, (outside[1] - outside[0]) / (m2 - m1))  # between a micro-batch's actions: grows with m
+    factor = max(span_factor + gap / per_mb, 1e-3)
+    fixed = max(0.0, outside[0] - m1 * gap)
     return RuntimeOverhead(model=p.model, micro_batch_size=p.micro_batch_size, seq_len=p.seq_len, factor=factor, fixed_s=fixed,
-                           measured_step_s=(times[0], times[1]), profiled_microbatch_s=per_mb, num_microbatches=(m1, m2), steps=steps)
+                           measured_step_s=(runs[0][2], runs[1][2]), profiled_microbatch_s=per_mb, num_microbatches=(m1, m2),
+                           steps=steps, end_of_step_s=end, param_count=params)
 
 
+def _step_parts(run_dir: Path, warmup: int) -> list[tuple[float, float, float]]:
+    """Per step after ``warmup``: (step seconds, seconds in F/B/W spans, seconds from the end of the
+    last of them to the end of the OPT event)."""
+    from pipetrain.executor.telemetry import read_telemetry
+
+    out = []
+    for _rank, recs in read_telemetry(run_dir).items():
+        busy: dict[int, float] = {}
+        last: dict[int, float] = {}
+        opt: dict[int, float] = {}
+        step: dict[int, float] = {}
+        for e in recs:
+            if e.get("step", -1) < warmup:
+                continue
+            k = e["step"]
+            if e["type"] == "step":
+                step[k] = e["step_time_s"]
+            elif e["kind"] in ("F", "B", "W"):
+                busy[k] = busy.get(k, 0.0) + e["end_s"] - e["start_s"]
+                last[k] = max(last.get(k, 0.0), e["end_s"])
+            elif e["kind"] == "OPT":
+                opt[k] = e["end_s"]
+        out += [(step[k], busy[k], opt[k] - last[k]) for k in sorted(opt) if k in last and k in step]
+    if not out:
+        raise ConfigError(f"{run_dir}: no complete step records after step {warmup}")
+    return out
 @dataclass(frozen=True, kw_only=True)
 class MessageHostCost:
     """Host CPU seconds per point-to-point message a rank sends or receives (see :func:`measure_message_host_s`)."""

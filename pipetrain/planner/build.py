@@ -233,7 +233,7 @@ def _compute_groups(topology: Topology, place: Placement) -> tuple[ComputeGroup,
         used = min(on_node, place.pp * place.dp)
         capacity = max(1, int(spec.cores // per_rank * len(ranks) // max(used, 1)))
         if capacity < len(ranks):
-            groups.append(ComputeGroup(ranks=tuple(ranks), capacity=capacity))
+            groups.append(ComputeGroup(ranks=tuple(ranks), capacity=capacity, wakeup_s=spec.wakeup_s))
     return tuple(groups)
 
 
@@ -264,7 +264,7 @@ def sim_input(*, tables: StageTables, topology: Topology, place: Placement, sche
             t_wgrad_s=c.t_wgrad_s if schedule.split_backward else 0.0, t_recompute_s=c.t_recompute_s,
             recompute=recompute[s], activation_bytes=act_per_mb, static_bytes=static, buffers=buffers[s],
             grad_bytes=float(params * _ALLREDUCE_BYTES_PER_PARAM),
-            t_optimizer_s=tables.cost.optimizer_step_time_s(params, dt, optimizer=tables.optimizer, dtype=g.dtype)))
+            t_optimizer_s=tables.cost.optimizer_step_time_s(params, dt, optimizer=tables.optimizer, dtype=g.dtype, model=g.model)))
     bounds = []
     for s in range(len(ranges) - 1):
         ra, rb = schedule.stage_to_rank[s], schedule.stage_to_rank[s + 1]

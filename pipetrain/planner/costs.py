@@ -90,7 +90,8 @@ class CostModel(Protocol):
 
     def p2p_time_s(self, nbytes: float, link: Link) -> float: ...
 
-    def optimizer_step_time_s(self, param_count: int, device_type: DeviceType, *, optimizer: str = "adamw", dtype: str = "fp32") -> float: ...
+    def optimizer_step_time_s(self, param_count: int, device_type: DeviceType, *, optimizer: str = "adamw", dtype: str = "fp32",
+                              model: str = "") -> float: ...
 
 
 # ----- pure formulas ---------------------------------------------------------------------------
@@ -259,7 +260,8 @@ class NodeTimesCostModel:
     def allreduce_time_s(self, nbytes: float, n: int, link: Link) -> float:
         return ring_allreduce_time_s(nbytes, n, link)
 
-    def optimizer_step_time_s(self, param_count: int, device_type: DeviceType, *, optimizer: str = "adamw", dtype: str = "fp32") -> float:
+    def optimizer_step_time_s(self, param_count: int, device_type: DeviceType, *, optimizer: str = "adamw", dtype: str = "fp32",
+                              model: str = "") -> float:
         return optimizer_step_time_s(param_count, device_type, optimizer=optimizer, dtype=dtype)
 
     def block_times(self, graph: LayerGraph, device_type: DeviceType) -> Sequence[tuple[float, float]]:

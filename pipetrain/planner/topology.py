@@ -19,6 +19,8 @@ A topology is read from YAML (:func:`load_topology`) or built from a preset
         devices: {a100-80g: 8}       # or a list of type names, e.g. [a100-80g, h100-sxm]
         link: {kind: nvswitch, bandwidth_bytes_per_s: 300.0e+9, latency_s: 3.0e-6}
         cores: 0                     # CPU cores shared by all devices of the node (0: not shared)
+        wakeup_s: 0                  # with more ranks than cores: a blocked receiver's wait for a core
+                                     # (0: not modelled; `pipetrain calibrate` measures it)
     inter_node: {kind: infiniband, nic_bandwidth_bytes_per_s: 25.0e+9, nics_per_node: 8, latency_s: 5.0e-6}
 
 Numbers may be written as YAML numbers or as strings Python's ``float`` reads ("300e9": YAML
@@ -183,8 +185,12 @@ class NodeSpec:
     device_types: tuple[str, ...]
     link: Link
     cores: int = 0  # CPU cores shared by all devices of this node; 0 means devices don't share
+    #: seconds a rank blocked on a message waits for a core when all ``cores`` compute (0: not modelled)
+    wakeup_s: float = 0.0
 
     def __post_init__(self) -> None:
+        if not self.wakeup_s >= 0:
+            raise ConfigError(f"topology: node {self.name!r}: wakeup_s must be >= 0 seconds, got {self.wakeup_s}")
         if not self.device_types:
             raise ConfigError(f"topology: node {self.name!r}: devices must list at least one device")
         if self.link.kind not in INTRA_LINK_KINDS:
@@ -341,7 +347,7 @@ def _link_from(d: Any, where: str) -> Link:
 
 def _nodes_from(i: int, d: Any, types: Mapping[str, DeviceType], offset: int) -> list[NodeSpec]:
     where = f"nodes[{i}]"
-    d = _mapping(d, where, ("name", "count", "devices", "link", "cores"), ("devices", "link"))
+    d = _mapping(d, where, ("name", "count", "devices", "link", "cores", "wakeup_s"), ("devices", "link"))
     devs = d["devices"]
     names: list[str] = []
     if isinstance(devs, Mapping):
@@ -358,15 +364,16 @@ def _nodes_from(i: int, d: Any, types: Mapping[str, DeviceType], offset: int) ->
             raise ConfigError(f"topology: {where}.devices: unknown device type {t!r}; known types: {', '.join(sorted(types))}")
     link = _link_from(d["link"], f"{where}.link")
     cores = _int(d.get("cores", 0), f"{where}.cores")
+    wakeup = _num(d.get("wakeup_s", 0), f"{where}.wakeup_s")
     count = _int(d.get("count", 1), f"{where}.count", minimum=1, maximum=16384)
     if "name" not in d:
-        return [NodeSpec(name=f"node{offset + k}", device_types=tuple(names), link=link, cores=cores) for k in range(count)]
-    name = d["name"]
-    if not isinstance(name, str) or not name or "/" in name:
-        raise ConfigError(f"topology: {where}.name must be a non-empty string without '/', got {name!r}")
-    if count == 1:
-        return [NodeSpec(name=name, device_types=tuple(names), link=link, cores=cores)]
-    return [NodeSpec(name=f"{name}{k}", device_types=tuple(names), link=link, cores=cores) for k in range(count)]
+        node_names = [f"node{offset + k}" for k in range(count)]
+    else:
+        name = d["name"]
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ConfigError(f"topology: {where}.name must be a non-empty string without '/', got {name!r}")
+        node_names = [name] if count == 1 else [f"{name}{k}" for k in range(count)]
+    return [NodeSpec(name=n, device_types=tuple(names), link=link, cores=cores, wakeup_s=wakeup) for n in node_names]
 
 
 def _topology_from(data: Any, default_name: str) -> Topology:

@@ -7,7 +7,9 @@ does:
   :class:`~pipetrain.simulator.model.ComputeGroup` first request its ``simpy.Resource``;
 * **SEND** never blocks the rank: the transfer queues FIFO on its link (one queue per link and
   direction), occupies it for ``bytes / bandwidth`` and lands ``latency`` later;
-* **RECV** blocks the rank until the matching transfer has landed;
+* **RECV** blocks the rank until the matching transfer has landed; in a time-sliced compute
+  group whose cores are all computing when it lands, ``ComputeGroup.wakeup_s`` later (the
+  blocked process waits for a core);
 * **host work per message** (``SimInput.t_message_host_s``): after posting a SEND and after a
   RECV lands, the rank's compute is held that long (CPU ranks: gloo's posting and copying);
 * **receive buffers (back-pressure)**, as the executor keeps them: stage ``s`` has ``buffers``
@@ -75,11 +77,13 @@ def simulate(inp: SimInput) -> SimResult:
     env = simpy.Environment()
     n_st, n_rk = sched.num_stages, sched.num_ranks
     resource: list[simpy.Resource | SharedCores | None] = [None] * n_rk
+    wakeup = [0.0] * n_rk
     for g in inp.compute_groups:
         if g.capacity < len(g.ranks):
             res = SharedCores(env, g.capacity) if g.sharing == "time-slice" else simpy.Resource(env, capacity=g.capacity)
             for r in g.ranks:
                 resource[r] = res
+                wakeup[r] = g.wakeup_s if g.sharing == "time-slice" else 0.0
     caps = [spec.buffers or _UNLIMITED for spec in inp.stages]
     act_bytes = [spec.activation_bytes for spec in inp.stages]
     wg_bytes = [spec.wgrad_stash_bytes for spec in inp.stages]
@@ -262,6 +266,8 @@ def simulate(inp: SimInput) -> SimResult:
                     yield w
                 elif arrive > t0:
                     yield timeout(arrive - t0)
+                if wakeup[r] and env.now > t0 and isinstance(res, SharedCores) and len(res.jobs) >= res.capacity:  # blocked, all cores taken
+                    yield timeout(wakeup[r])
                 push((s, r, "RECV", mb, t0, env.now, bytes_of[slot]))
                 if host_s:
                     yield from occupy(res, host_s)

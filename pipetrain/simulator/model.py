@@ -140,17 +140,22 @@ class ComputeGroup:
     ``sharing``: ``"queue"`` (an action waits, FIFO, until one of the ``capacity`` units is free,
     then runs at full speed) or ``"time-slice"`` (every computing rank progresses at
     ``capacity / k`` of full speed while ``k > capacity`` compute: an OS scheduler's processor
-    sharing, :mod:`pipetrain.simulator.sharing`).
+    sharing, :mod:`pipetrain.simulator.sharing`), with ``wakeup_s`` for a blocked receiver.
     """
 
     ranks: tuple[int, ...]
     capacity: int = 1
     sharing: str = "queue"
+    #: time-slice only: a rank blocked on a receive whose message lands while all ``capacity``
+    #: units compute resumes this much later (the OS scheduler's wake-up latency: it waits for a
+    #: running process's time slice; :func:`pipetrain.executor.commprobe.probe_wakeup` measures it)
+    wakeup_s: float = 0.0
 
     def __post_init__(self) -> None:
         _need(len(self.ranks) >= 1 and len(set(self.ranks)) == len(self.ranks), f"compute group ranks must be distinct, got {self.ranks}")
         _need(self.capacity >= 1, f"compute group capacity must be >= 1, got {self.capacity}")
         _need(self.sharing in ("queue", "time-slice"), f"compute group sharing must be 'queue' or 'time-slice', got {self.sharing!r}")
+        _need(self.wakeup_s >= 0, f"compute group wakeup_s must be >= 0, got {self.wakeup_s}")
 
 
 @dataclass(frozen=True, kw_only=True)

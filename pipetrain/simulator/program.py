@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pipetrain.errors import ScheduleError
 from pipetrain.schedules import Schedule
 from pipetrain.simulator.model import SimInput, ring_allreduce_time_s
+from pipetrain.simulator.sharing import shared_finish_times
 
 __all__ = ["COMPUTE", "SEND", "RECV", "EventTuple", "Tables", "check_comms", "skeleton", "tables", "end_of_step"]
 
@@ -122,7 +123,9 @@ def end_of_step(inp: SimInput, rank_end_s: list[float], grad_start_s: list[float
     the start of that action (and not ending before it ends), else after the rank's last compute.
     Then the rank's optimizer steps run one after another; with ``inp.clip_sync_link`` (global
     gradient-norm clipping) they start only after one scalar has been all-reduced over every rank,
-    once all ranks are done with the above. Returns the step time and the events.
+    once all ranks are done with the above; ranks of a time-sliced compute group share its cores
+    for them (:func:`~pipetrain.simulator.sharing.shared_finish_times`). Returns the step time and
+    the events.
     """
     sched, dp = inp.schedule, inp.data_parallel
     events: list[EventTuple] = []
@@ -148,11 +151,19 @@ def end_of_step(inp: SimInput, rank_end_s: list[float], grad_start_s: list[float
     if inp.clip_sync_link is not None:  # global-norm clipping: one scalar all-reduced over every rank first
         t_sync = max(ready) + ring_allreduce_time_s(8.0, sched.num_ranks * dp.width, inp.clip_sync_link)
         ready = [t_sync] * len(ready)
+    # ranks of a time-sliced compute group share its cores for their optimizer steps too (after the
+    # clip barrier they all start at once): each rank's steps stretch by its share
+    work = [sum(inp.stages[s].t_optimizer_s for s in sched.stages_of(r)) for r in range(sched.num_ranks)]
+    done = [ready[r] + work[r] for r in range(sched.num_ranks)]
+    for g in inp.compute_groups:
+        if g.sharing == "time-slice" and g.capacity < len(g.ranks):
+            for r, end in zip(g.ranks, shared_finish_times([ready[r] for r in g.ranks], [work[r] for r in g.ranks], g.capacity)):
+                done[r] = end
     for r in range(sched.num_ranks):
-        stages = sorted(sched.stages_of(r), key=lambda s: (grad_end_s[s], s))
+        stretch = (done[r] - ready[r]) / work[r] if work[r] > 0 else 1.0
         t = ready[r]
-        for s in sorted(stages):
-            t_opt = inp.stages[s].t_optimizer_s
+        for s in sorted(sched.stages_of(r)):
+            t_opt = inp.stages[s].t_optimizer_s * stretch
             if t_opt > 0.0:
                 events.append((s, r, "OPT", -1, t, t + t_opt, 0))
                 t += t_opt

@@ -9,9 +9,10 @@ came and went meanwhile. torch-free.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-__all__ = ["SharedCores"]
+__all__ = ["SharedCores", "shared_finish_times"]
 
 _EPS = 1e-15
 
@@ -65,3 +66,34 @@ class SharedCores:
         self._next_id += 1
         self._schedule()
         return ev
+
+
+def shared_finish_times(starts: list[float], works: list[float], capacity: int) -> list[float]:
+    """When each job ends: job ``i`` needs ``works[i]`` seconds of core time from ``starts[i]``
+    on, and the jobs present share ``capacity`` cores as :class:`SharedCores` does (the fluid
+    model, computed directly: for the analytic end of a step, outside simpy)."""
+    n = len(starts)
+    left = [max(0.0, w) for w in works]
+    end = [starts[i] if left[i] <= 0 else math.inf for i in range(n)]
+    order = sorted((i for i in range(n) if left[i] > 0), key=lambda i: starts[i])
+    active: list[int] = []
+    t = starts[order[0]] if order else 0.0
+    k = 0
+    while k < len(order) or active:
+        while k < len(order) and starts[order[k]] <= t + _EPS:
+            active.append(order[k])
+            k += 1
+        if not active:
+            t = starts[order[k]]
+            continue
+        rate = min(1.0, capacity / len(active))
+        done_at = t + min(left[i] for i in active) / rate
+        nxt = starts[order[k]] if k < len(order) else math.inf
+        t_new = min(done_at, nxt)
+        for i in active:
+            left[i] -= (t_new - t) * rate
+        t = t_new
+        for i in [i for i in active if left[i] <= _EPS * max(1.0, t)]:
+            end[i] = t
+            active.remove(i)
+    return end
