@@ -264,14 +264,14 @@ def measure_optimizer(model: str | Sequence[str], optimizer: str, *, device: str
     The work timed is the executor's own end of step on one rank, the same calls:
     :meth:`pipetrain.executor.optim.GradSync.sync` (the squared gradient norms, the clip scale),
     the optimizer's step (as :func:`~pipetrain.executor.optim.make_optimizer` builds it) and
-    ``zero_grad(set_to_none=True)``. Each round gives the parameters fresh gradients first, as the
-    next step's first backward does (untimed).
+    zeroing the gradients (:func:`~pipetrain.executor.optim.grads_to_none`). Each round gives the
+    parameters fresh gradients first, as the next step's backward does (untimed).
     """
     import numpy as np
     import torch
     from scipy.optimize import lsq_linear
 
-    from pipetrain.executor.optim import GradSync, OptimConfig, make_optimizer, unique_params
+    from pipetrain.executor.optim import GradSync, OptimConfig, grads_to_none, make_optimizer, unique_params
     from pipetrain.planner.zoo import get_model_spec
 
     old = torch.get_num_threads()
@@ -287,15 +287,20 @@ def measure_optimizer(model: str | Sequence[str], optimizer: str, *, device: str
                 groups.append((params, make_optimizer(params, cfg), sync))
         samples: list[list[float]] = [[] for _ in groups]
 
+        to_none = grads_to_none(device)
+
         def once(params: list, opt: Any, sync: GradSync) -> float:
-            for p in params:  # what the next step's first backward hands over (untimed)
-                p.grad = torch.randn_like(p).mul_(1e-3)
+            for p in params:  # what the next step's backward leaves (untimed)
+                if p.grad is None:
+                    p.grad = torch.randn_like(p).mul_(1e-3)
+                else:
+                    p.grad.normal_(0.0, 1e-3)
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             sync.sync()
             opt.step()
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=to_none)
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             return time.perf_counter() - t0

@@ -8,7 +8,8 @@ Order at the end of a step (every rank, same order):
 3. global-norm clipping: squared norms summed over this rank's parameters (a tied copy counts
    only at its owner), all-reduced over the pipeline group; coefficient as
    ``torch.nn.utils.clip_grad_norm_``: ``min(1, max_norm / (norm + 1e-6))``;
-4. the optimizer step (AdamW or SGD), then gradients zeroed in place (no re-allocation).
+4. the optimizer step (AdamW or SGD), then gradients zeroed: in place on CPU, set to None on
+   CUDA (:func:`grads_to_none`).
 
 Losses are scaled by ``1/(m*dp)`` per micro-batch, so the summed gradient is the gradient of
 the mean loss over the global batch, as on one device.
@@ -25,7 +26,7 @@ from torch import nn
 
 from pipetrain.errors import ConfigError
 
-__all__ = ["OptimConfig", "make_optimizer", "GradSync", "clip_coefficient", "squared_norms", "DEFAULT_LR"]
+__all__ = ["OptimConfig", "make_optimizer", "GradSync", "clip_coefficient", "squared_norms", "grads_to_none", "DEFAULT_LR"]
 
 DEFAULT_LR = {"adamw": 1e-3, "sgd": 0.05}
 
@@ -47,6 +48,17 @@ class OptimConfig:
     @property
     def effective_lr(self) -> float:
         return self.lr or DEFAULT_LR[self.name]
+
+
+def grads_to_none(device: torch.device | str) -> bool:
+    """Whether the end of a step sets the gradients to None (CUDA) or zeroes them in place (CPU).
+
+    On CUDA the caching allocator keeps freed memory, and the next step's first backward writes
+    its gradient instead of adding to zeros. On CPU, freeing megabyte-sized gradients lets glibc
+    give the pages back to the OS and the next backward faults them in again: resmlp's 4-block
+    stage (2.1M parameters, 4 micro-batches of 16, one thread) took 1314 minor page faults per
+    step with ``set_to_none=True`` and 458 zeroing in place, and 0.95-1.0x the step time."""
+    return torch.device(device).type == "cuda"
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:

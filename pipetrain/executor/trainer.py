@@ -28,7 +28,7 @@ class Trainer:
         from pipetrain.executor.checkpoint import load_rank
         from pipetrain.executor.comm import BufferPool, RankLayout, make_groups, torch_dtype
         from pipetrain.executor.data import BatchSampler, make_source, warn_dropped
-        from pipetrain.executor.optim import GradSync, OptimConfig, make_optimizer, unique_params
+        from pipetrain.executor.optim import GradSync, OptimConfig, grads_to_none, make_optimizer, unique_params
         from pipetrain.executor.runtime import PipelineRuntime, StageRuntime
         from pipetrain.executor.stage import materialize_blocks, stage_modules, ties_of, vocab_size_of
         from pipetrain.executor.telemetry import Telemetry
@@ -86,6 +86,7 @@ class Trainer:
         ocfg = OptimConfig(name=plan.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
                            clip_norm=cfg.clip_norm)
         self.opt = make_optimizer(params, ocfg)
+        self.grads_to_none = grads_to_none(device)
         self.sync = GradSync(params, dp_group=groups.dp_group, pp_group=groups.pp_group, ties=tie_params,
                              clip_norm=cfg.clip_norm, telemetry=tel, stage=my_stages[0].index,
                              stage_of=_stage_of(modules))
@@ -155,7 +156,7 @@ class Trainer:
         stage_norms = self.sync.stage_norms
         t0 = tel.now()
         self.opt.step()
-        self.opt.zero_grad(set_to_none=True)  # the first micro-batch's backward then steals its gradient: no memset, no add
+        self.opt.zero_grad(set_to_none=self.grads_to_none)
         tel.add("OPT", self.my_stages[0].index, -1, t0, tel.now())
         loss = None
         if self.need_targets:
