@@ -32,10 +32,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: glibc malloc settings for the workers (unless already set): keep freed memory in the heap instead
+#: of returning it to the OS, and serve allocations up to 256 MiB from it. A training step frees and
+#: re-allocates the same activation and gradient sizes every step; with glibc's defaults each step
+#: faulted the pages back in: a resmlp stage (2.1M parameters, 4 micro-batches, one thread) took
+#: 429-458 minor page faults per step and 26.9 ms; with these, 0 faults and 25.1 ms.
+MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_MMAP_THRESHOLD_": str(256 << 20)}
+
+
 def worker_env(threads: int) -> None:
-    """Environment every worker inherits: one OpenMP thread per rank unless told otherwise."""
+    """Environment every worker inherits: one OpenMP thread per rank unless told otherwise, and
+    :data:`MALLOC_ENV` unless set."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    for k, v in MALLOC_ENV.items():
+        os.environ.setdefault(k, v)
 
 
 def describe_failure(run_dir: Path, failures: dict[int, Any], pp: int) -> str:
