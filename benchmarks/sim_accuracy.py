@@ -16,12 +16,7 @@ processes on a shared machine distort timings; ``--wait-idle S`` waits for a qui
 Because such load only ever adds time, the errors are also given against the lower quartile of
 the measured steps (``q1``). Even without it this machine's speed wanders by about +-15% between
 windows of a few seconds and by more over minutes; each run is therefore long (``--steps``,
-default 60), the calibration keeps the median of its profiling rounds, and a second error is
-given with the calibration rescaled (:meth:`~pipetrain.executor.calibration.Calibration.rescaled`)
-to the machine's speed re-probed just before each run (one profiling round of the model's
-blocks against the calibration's; column ``speed``): calibrate-then-run for each
-configuration, which separates the simulator's own error from the machine's drift since the
-calibration. Neither uses anything measured in the run it predicts.
+default 60) and the calibration keeps the median of its profiling rounds.
 
     .venv/bin/python benchmarks/sim_accuracy.py [--subset] [--steps 60] [--out runs/sim_accuracy]
 """
@@ -158,20 +153,8 @@ def wait_idle(max_wait_s: float) -> float:
     return time.monotonic() - t0
 
 
-def speed_ratio(cal: object, model: str, mbs: int, seq_len: int) -> float:
-    """This machine's speed now against the calibration's: a fresh profile of the model's blocks
-    (one round, a second or two) over the calibration's profile of the same shape, total F + B."""
-    from pipetrain.planner.profile import profile_model
-
-    ref = next(p for p in cal.profiles if (p.model, p.micro_batch_size, p.seq_len) == (model, mbs, seq_len))  # type: ignore[attr-defined]
-    now = profile_model(model, micro_batch_size=mbs, seq_len=seq_len, warmup=1, repeats=7, threads=1)
-    return sum(b.fwd_s + b.bwd_s for b in now.blocks) / sum(b.fwd_s + b.bwd_s for b in ref.blocks)
-
-
-def run_one(cfg: tuple[str, int, int, int, str], out: Path, steps: int, warmup: int,
-            cal: object) -> tuple[Fidelity, float, float, Fidelity, float]:
-    """(fidelity, other processes' CPU share, simulated step without the calibrated host cost per
-    message, fidelity with the calibration rescaled to the speed re-probed just before the run, that ratio)."""
+def run_one(cfg: tuple[str, int, int, int, str], out: Path, steps: int, warmup: int, cal: object) -> tuple[Fidelity, float, float]:
+    """(fidelity, other processes' CPU share, simulated step without the calibrated host cost per message)."""
     from pipetrain.executor.config import RunConfig
     from pipetrain.executor.launch import launch
     from pipetrain.executor.plans import simple_plan
@@ -181,7 +164,6 @@ def run_one(cfg: tuple[str, int, int, int, str], out: Path, steps: int, warmup: 
     from pipetrain.planner.zoo import get_model_spec
 
     seq_len = get_model_spec(model).check_shape(mbs, seq)
-    ratio = speed_ratio(cal, model, mbs, seq_len)
     plan = simple_plan(model, pp=p, dp=d, m=m, mbs=mbs, seq_len=seq_len, schedule=sched)
     name = f"{model}-p{p}d{d}m{m}-{sched}"
     plan.save(out / name / "plan.json")
@@ -200,9 +182,7 @@ def run_one(cfg: tuple[str, int, int, int, str], out: Path, steps: int, warmup: 
     from dataclasses import replace
 
     without = simulate_plan(plan, calibration=replace(cal, messages=()))[1].step_time_s  # ablation: no host cost per message
-    inp2, sim2, _ = simulate_plan(plan, calibration=cal.rescaled(ratio))  # type: ignore[attr-defined]
-    return (compare(plan, inp, sim, meas, label=name, cost_source=source), load, without,
-            compare(plan, inp2, sim2, meas, label=name, cost_source=source), ratio)
+    return compare(plan, inp, sim, meas, label=name, cost_source=source), load, without
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,23 +224,21 @@ def main(argv: list[str] | None = None) -> int:
     random.Random(a.seed).shuffle(configs)
     results: list[tuple[Fidelity, float]] = []
     no_host: list[float] = []  # step error of the same runs simulated without the host cost per message
-    reprobed: list[tuple[Fidelity, float]] = []  # the same runs, the calibration rescaled to the speed just before
     hdr = f"{'config':34s} {'sim ms':>8s} {'meas ms':>8s} {'step err':>8s} {'IQR %':>6s} {'busy err':>8s} " \
-          f"{'bubble sim/meas %':>17s} {'act err':>7s} {'other %':>7s} {'q1 err':>7s} {'speed':>5s} {'re-probed':>9s}"
+          f"{'bubble sim/meas %':>17s} {'act err':>7s} {'other %':>7s} {'q1 err':>7s}"
     print(hdr)
     for cfg in configs:
         if a.wait_idle > 0:
             wait_idle(a.wait_idle)
-        f, load, without, f2, ratio = run_one(cfg, out, a.steps, a.warmup, cal)
+        f, load, without = run_one(cfg, out, a.steps, a.warmup, cal)
         results.append((f, load))
-        reprobed.append((f2, ratio))
         no_host.append((without - f.meas_step_s) / f.meas_step_s)
         iqr = (f.meas_step_iqr_s[1] - f.meas_step_iqr_s[0]) / f.meas_step_s * 100
         worst_busy = max((s.busy_error for s in f.stages), key=abs)
         worst_act = max((s.activation_error for s in f.stages), key=abs)
         print(f"{f.label:34s} {f.sim_step_s * 1e3:8.1f} {f.meas_step_s * 1e3:8.1f} {f.step_error * 100:+7.1f}% {iqr:6.1f} "
-              f"{worst_busy * 100:+7.1f}% {f.sim_bubble * 100:8.1f}/{f.meas_bubble * 100:<8.1f} {worst_act * 100:+6.1f}% {load * 100:6.0f}% {f.quiet_step_error * 100:+6.1f}% "
-              f"{ratio:5.2f} {f2.step_error * 100:+8.1f}%", flush=True)
+              f"{worst_busy * 100:+7.1f}% {f.sim_bubble * 100:8.1f}/{f.meas_bubble * 100:<8.1f} {worst_act * 100:+6.1f}% {load * 100:6.0f}% {f.quiet_step_error * 100:+6.1f}%",
+              flush=True)
     fids = [f for f, _ in results]
     errs = [f.step_error for f in fids]
     busy = [s.busy_error for f in fids for s in f.stages]
@@ -273,13 +251,6 @@ def main(argv: list[str] | None = None) -> int:
     shared = [s.quiet_busy_error for f in fids for s in f.stages if s.shared]
     q_rho = spearman([f.sim_step_s for f in fids], [f.meas_step_iqr_s[0] for f in fids])
     worst = max(fids, key=lambda f: abs(f.step_error))
-    rfids = [f for f, _ in reprobed]
-    r_worst = max(rfids, key=lambda f: abs(f.step_error))
-    r_busy = [s.busy_error for f in rfids for s in f.stages]
-    reprobe = {"step_mape": mape([f.step_error for f in rfids]), "step_max_abs_error": abs(r_worst.step_error),
-               "worst_config": r_worst.label, "spearman_step_time": spearman([f.sim_step_s for f in rfids], [f.meas_step_s for f in rfids]),
-               "busy_mape": mape(r_busy), "busy_within_10pct": sum(abs(e) <= 0.10 for e in r_busy) / len(r_busy),
-               "speed_ratio_min": min(r for _, r in reprobed), "speed_ratio_max": max(r for _, r in reprobed)}
     summary = {
         "configs": len(fids), "step_mape": mape(errs), "step_max_abs_error": abs(worst.step_error), "worst_config": worst.label,
         "spearman_step_time": rho, "busy_mape": mape(busy), "busy_within_10pct": sum(abs(e) <= 0.10 for e in busy) / len(busy),
@@ -291,7 +262,6 @@ def main(argv: list[str] | None = None) -> int:
         "quiet_step_mape": mape(q_errs), "quiet_step_max_abs_error": max(abs(e) for e in q_errs), "quiet_spearman": q_rho,
         "quiet_busy_mape": mape(q_busy), "quiet_busy_mape_own_core": mape(own), "quiet_busy_mape_shared_cores": mape(shared),
         "quiet_busy_within_10pct_own_core": sum(abs(e) <= 0.10 for e in own) / max(1, len(own)), "quiet_busy_within_10pct": sum(abs(e) <= 0.10 for e in q_busy) / len(q_busy),
-        "speed_reprobed": reprobe,
     }
     print()
     print(f"step time: MAPE {summary['step_mape'] * 100:.1f}% (target <= 5%), worst {worst.label} {worst.step_error * 100:+.1f}% "
@@ -299,10 +269,6 @@ def main(argv: list[str] | None = None) -> int:
           f"CPU per message: MAPE {mape(no_host) * 100:.1f}%")
     print(f"stage busy: MAPE {summary['busy_mape'] * 100:.1f}%, within 10%: {summary['busy_within_10pct'] * 100:.0f}% of "
           f"{len(busy)} stages, worst {summary['busy_max_abs_error'] * 100:.1f}%")
-    print(f"with the calibration rescaled to this machine's speed re-probed just before each run (x{reprobe['speed_ratio_min']:.2f}"
-          f"..x{reprobe['speed_ratio_max']:.2f} of the calibration's): step MAPE {reprobe['step_mape'] * 100:.1f}%, worst "
-          f"{reprobe['worst_config']} {r_worst.step_error * 100:+.1f}%, Spearman {reprobe['spearman_step_time']:.3f}; stage busy MAPE "
-          f"{reprobe['busy_mape'] * 100:.1f}%, within 10%: {reprobe['busy_within_10pct'] * 100:.0f}%")
     print(f"against the lower quartile of the measured steps and stage busy times (least disturbed by other processes): "
           f"step MAPE {summary['quiet_step_mape'] * 100:.1f}%, worst {summary['quiet_step_max_abs_error'] * 100:.1f}%, "
           f"Spearman {q_rho:.3f}; stage busy MAPE {summary['quiet_busy_mape'] * 100:.1f}%, within 10%: "
@@ -327,9 +293,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{summary['activation_within_10pct'] * 100:.0f}% of stages, worst {summary['activation_max_abs_error'] * 100:.1f}%")
     print(f"other processes used {summary['other_cpu_share_min'] * 100:.0f}% .. {summary['other_cpu_share_max'] * 100:.0f}% of the {os.cpu_count()} cores "
           f"during the runs (/proc/stat minus this benchmark's CPU); load average now {loadavg():.2f}; {summary['elapsed_s']:.0f} s")
-    (out / "sim_accuracy.json").write_text(json.dumps({"summary": summary, "configs": [
-        dict(f.to_dict(), other_cpu_share=l, speed_ratio=r, reprobed_sim_step_s=f2.sim_step_s, reprobed_step_error=f2.step_error)
-        for (f, l), (f2, r) in zip(results, reprobed)]}, indent=1))
+    (out / "sim_accuracy.json").write_text(json.dumps({"summary": summary, "configs": [dict(f.to_dict(), other_cpu_share=l) for f, l in results]}, indent=1))
     from pipetrain.reports.charts import scatter_figure
 
     fig = scatter_figure([f.sim_step_s for f in fids], [f.meas_step_s for f in fids], [f.label for f in fids],

@@ -118,21 +118,6 @@ class Calibration:
         o = self.runtime_for(graph.model, graph.micro_batch_size, graph.seq_len)
         return o.factor if o is not None else 1.0
 
-    def rescaled(self, factor: float) -> "Calibration":
-        """This calibration on a machine ``factor`` times slower: every measured CPU or device time
-        (block profiles, optimizer fit, the executor's per-step and end-of-step times, host work per
-        message) times ``factor``; links, wake-up latency and the analytic fit as they are.
-        ``benchmarks/sim_accuracy.py`` re-probes the speed before each run with it."""
-        if not factor > 0:
-            raise ConfigError(f"a calibration rescale factor must be > 0, got {factor}")
-        profiles = tuple(replace(p, blocks=tuple(replace(b, fwd_s=b.fwd_s * factor, bwd_s=b.bwd_s * factor) for b in p.blocks))
-                         for p in self.profiles)
-        opts = tuple(replace(o, fixed_s=o.fixed_s * factor, per_param_s=o.per_param_s * factor,
-                             seconds=tuple(t * factor for t in o.seconds)) for o in self.optimizers)
-        runtime = tuple(replace(o, fixed_s=o.fixed_s * factor, end_of_step_s=o.end_of_step_s * factor) for o in self.runtime)
-        messages = tuple(replace(m, host_s=m.host_s * factor) for m in self.messages)
-        return replace(self, profiles=profiles, optimizers=opts, runtime=runtime, messages=messages)
-
     def optimizer_scale(self, model: str) -> float:
         """The executor's end of step in its own run over the adamw fit's prediction for the same
         parameters (median over the model's runtime entries; 1.0 when not measured). The fit times the
