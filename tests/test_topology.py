@@ -77,6 +77,20 @@ def test_local_cpu_preset_is_detected_and_records_shared_cores() -> None:
     assert one.cores == cores and one.peak_flops("fp32") == pytest.approx(dt.peak_flops("fp32") * cores)
 
 
+def test_wakeup_latency_reaches_the_compute_group() -> None:
+    """A node's wakeup_s (YAML, or a calibration) becomes its time-sliced compute group's, when ranks outnumber cores."""
+    from pipetrain.planner.build import _compute_groups, placement
+
+    path = ROOT / "examples/topologies/cpu-box.yaml"
+    t = resolve_topology(str(path))
+    assert t.nodes[0].wakeup_s == pytest.approx(2e-3) and t.nodes[0].cores == 2
+    (g,) = _compute_groups(t, placement(t, 4, 1))
+    assert g.ranks == (0, 1, 2, 3) and g.capacity == 2 and g.wakeup_s == pytest.approx(2e-3)
+    assert _compute_groups(t, placement(t, 2, 1)) == ()  # two ranks, two cores: no sharing, no wait
+    with pytest.raises(ConfigError, match=r"nodes\[0\]\.wakeup_s"):
+        load_topology(path.read_text().replace("wakeup_s: 2.0e-3", "wakeup_s: -1"))
+
+
 def test_resolve_takes_presets_and_example_files() -> None:
     assert resolve_topology("local-cpu:2").num_devices == 2
     files = sorted((ROOT / "examples" / "topologies").glob("*.yaml"))
