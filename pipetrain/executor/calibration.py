@@ -422,8 +422,9 @@ def describe(cal: Calibration) -> list[tuple[str, str]]:
         rows.append((f"{p.model} mbs {p.micro_batch_size} seq {p.seq_len}", f"F {f * 1e3:.3f} ms, B {b * 1e3:.3f} ms ({len(p.blocks)} blocks)"))
     for o in cal.runtime:
         rows.append((f"executor overhead {o.model} mbs {o.micro_batch_size}",
-                     f"x{o.factor:.3f} per micro-batch + {o.fixed_s * 1e3:.2f} ms per step (one rank, m={o.num_microbatches[0]}, "
-                     f"{o.num_microbatches[1]}: {o.measured_step_s[0] * 1e3:.1f}, {o.measured_step_s[1] * 1e3:.1f} ms)"))
+                     f"x{o.factor:.3f} per micro-batch + {o.fixed_s * 1e3:.2f} ms per step; end of step {o.end_of_step_s * 1e3:.2f} ms "
+                     f"(one rank, m={o.num_microbatches[0]}, {o.num_microbatches[1]}: {o.measured_step_s[0] * 1e3:.1f}, "
+                     f"{o.measured_step_s[1] * 1e3:.1f} ms)"))
     for mc in cal.messages:
         rows.append((f"host CPU per message {mc.model} mbs {mc.micro_batch_size}",
                      f"{mc.host_s * 1e6:.0f} us (outside compute per step: one rank {mc.outside_one_rank_s * 1e3:.2f} ms, "
