@@ -120,6 +120,8 @@ def _step_parts(run_dir: Path, warmup: int) -> list[tuple[float, float, float]]:
     if not out:
         raise ConfigError(f"{run_dir}: no complete step records after step {warmup}")
     return out
+
+
 @dataclass(frozen=True, kw_only=True)
 class MessageHostCost:
     """Host CPU seconds per point-to-point message a rank sends or receives (see :func:`measure_message_host_s`)."""
