@@ -97,3 +97,17 @@ def test_contention_only_delays(inp: SimInput) -> None:
     busy = sorted((e.start_s, e.end_s) for e in a.events if e.kind in ("F", "B", "W"))
     if inp.compute_groups and inp.compute_groups[0].capacity == 1:
         assert all(x[1] <= y[0] + 1e-12 for x, y in zip(busy, busy[1:]))  # one core: never two at once
+
+
+@settings(max_examples=200, deadline=None)
+@given(jobs=st.lists(st.tuples(st.floats(0, 5), st.floats(0, 3)), min_size=1, max_size=6), capacity=st.integers(1, 3))
+def test_shared_finish_times_bounds(jobs: list[tuple[float, float]], capacity: int) -> None:
+    """Fluid sharing never beats a job running alone, never idles a core with work waiting:
+    every job ends at or after start + work, and the last one no later than the latest start
+    plus all the work spread over the cores it can use."""
+    from pipetrain.simulator.sharing import shared_finish_times
+
+    starts, works = [s for s, _ in jobs], [w for _, w in jobs]
+    ends = shared_finish_times(starts, works, capacity)
+    assert all(e >= s + w - 1e-9 for e, s, w in zip(ends, starts, works))
+    assert max(ends) <= max(starts) + sum(works) / min(capacity, len(jobs)) + max(works) + 1e-9

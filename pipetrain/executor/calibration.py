@@ -398,7 +398,7 @@ def run_calibration(topology: str, *, models: Sequence[str] = ("tiny-gpt",), mic
 
         for _g, prof in samples:
             say(f"running the executor on one rank: {prof.model} micro-batch {prof.micro_batch_size}")
-            overheads.append(measure_runtime_overhead(prof, next((o for o in opts if o.optimizer == "adamw"), None), threads=threads))
+            overheads.append(measure_runtime_overhead(prof, threads=threads))
             say(f"running the executor on one and two ranks for the host cost of a message: {prof.model} micro-batch {prof.micro_batch_size}")
             messages.append(measure_message_host_s(prof, threads=threads))
     say("fitting the analytic cost model (scipy.optimize.least_squares)")

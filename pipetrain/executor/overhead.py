@@ -57,7 +57,7 @@ class RuntimeOverhead:
             raise ConfigError(f"runtime overhead factor of {self.model} must be > 0, got {self.factor}")
 
 
-def measure_runtime_overhead(profile: Any, optimizer_cost: Any, *, num_microbatches: tuple[int, int] = (2, 8), steps: int = 20,
+def measure_runtime_overhead(profile: Any, *, num_microbatches: tuple[int, int] = (2, 8), steps: int = 20,
                              warmup: int = 2, threads: int = 1, timeout_s: float = 120.0) -> RuntimeOverhead:
     """One-rank executor run of ``profile``'s model and shape (module docstring)."""
     from pipetrain.executor.config import RunConfig

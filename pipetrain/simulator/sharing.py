@@ -87,13 +87,19 @@ def shared_finish_times(starts: list[float], works: list[float], capacity: int) 
             t = starts[order[k]]
             continue
         rate = min(1.0, capacity / len(active))
-        done_at = t + min(left[i] for i in active) / rate
+        least = min(left[i] for i in active)
+        done_at = t + least / rate
         nxt = starts[order[k]] if k < len(order) else math.inf
-        t_new = min(done_at, nxt)
-        for i in active:
-            left[i] -= (t_new - t) * rate
-        t = t_new
-        for i in [i for i in active if left[i] <= _EPS * max(1.0, t)]:
-            end[i] = t
+        if nxt < done_at:  # an arrival first: everyone progresses until then
+            for i in active:
+                left[i] -= (nxt - t) * rate
+            t = nxt
+            continue
+        # the least-remaining jobs finish now (exactly: no rounding residue keeps them alive)
+        for i in [i for i in active if left[i] <= least * (1 + 1e-12)]:
+            end[i] = done_at
             active.remove(i)
+        for i in active:
+            left[i] -= least
+        t = done_at
     return end
