@@ -148,8 +148,13 @@ def test_probe_measures_the_gloo_link(tmp_path: Path) -> None:
     cal = load_calibration(out)
     assert cal.p2p.backend == "gloo" and len(cal.p2p.sizes_bytes) == len(cal.p2p.one_way_s) >= 3
     assert 0 < cal.p2p.latency_s < 0.1 and cal.p2p.bandwidth_bytes_per_s > 1e6
-    link = calibrated_topology(topology_preset("local-cpu:2"), cal).link_between(0, 1)
+    topo = calibrated_topology(topology_preset("local-cpu:2"), cal)
+    link = topo.link_between(0, 1)
     assert link.latency_s == cal.p2p.latency_s and link.bandwidth_bytes_per_s == cal.p2p.bandwidth_bytes_per_s
+    # the co-run speed of 1 and 2 ranks computing at once, carried by the node
+    (c,) = cal.corun
+    assert (c.model, c.micro_batch_size, len(c.speed)) == ("mlp-uneven", 2, 2) and c.speed[0] == 1.0 and 0 < c.speed[1] <= 1.5
+    assert topo.nodes[0].corun_speed == cal.corun_speed() == c.speed
 
 
 def test_simulate_plan_with_calibration_uses_measured_blocks(cal_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -188,3 +193,21 @@ def test_plan_with_calibration(cal_file: Path, tmp_path: Path, capsys: pytest.Ca
     assert main(base[:4] + ["dgx-h100:1"] + base[5:] + ["--calibration", str(cal_file)]) == 2
     assert "is for device type 'local-cpu'" in capsys.readouterr().err
 
+
+def test_rescaled_calibration_scales_every_measured_time(cal_file: Path) -> None:
+    """Calibration.rescaled(k): the machine k times slower; compute and end of step double, links do not."""
+    from pipetrain.errors import ConfigError
+    from pipetrain.executor.calibration import load_calibration
+    from pipetrain.executor.fidelity import simulate_plan
+    from pipetrain.executor.plans import simple_plan
+
+    cal = load_calibration(cal_file)
+    plan = simple_plan("mlp-uneven", pp=2, m=4, mbs=8, seq_len=1, schedule="1f1b")
+    inp, sim, _ = simulate_plan(plan, calibration=cal)
+    inp2, sim2, _ = simulate_plan(plan, calibration=cal.rescaled(2.0))
+    assert sim2.busy_s_per_stage == pytest.approx([2 * b for b in sim.busy_s_per_stage])
+    assert [s.t_optimizer_s for s in inp2.stages] == pytest.approx([2 * s.t_optimizer_s for s in inp.stages])
+    assert inp2.t_message_host_s == pytest.approx(2 * inp.t_message_host_s) and inp2.boundaries == inp.boundaries
+    assert cal.rescaled(2.0).optimizer_scale("mlp-uneven") == pytest.approx(cal.optimizer_scale("mlp-uneven"))
+    with pytest.raises(ConfigError, match="rescale"):
+        cal.rescaled(0.0)

@@ -35,3 +35,19 @@ def test_wakeup_probe_sees_busy_cores() -> None:
     assert w.busy_processes == (os.cpu_count() or 1) and w.nbytes == 16384
     assert 0 < w.idle_one_way_s < 0.05
     assert w.busy_one_way_s > w.idle_one_way_s and w.wakeup_s == pytest.approx(w.busy_one_way_s - w.idle_one_way_s)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_corun_probe_sees_the_cores_shared() -> None:
+    """Twice as many processes as cores, all computing: each gets at most about half a core (the
+    fair share; less where they also contend for caches), and one alone is the reference."""
+    import os
+
+    from pipetrain.executor.corun import probe_corun
+
+    cores = os.cpu_count() or 1
+    c = probe_corun("mlp-uneven", micro_batch_size=8, max_jobs=2 * cores, cores=cores, phase_s=0.4, rounds=1)
+    assert c.speed[0] == 1.0 and len(c.speed) == 2 * cores and c.cores == cores
+    assert 0.1 < c.speed[-1] < 0.7 and all(n > 0 for n in c.iterations)
+    assert 0 < c.alone_s < 1.0 and c.seq_len >= 1

@@ -316,3 +316,34 @@ def test_optimizer_steps_share_the_cores_of_a_time_sliced_group() -> None:
     opt = sorted((e.start_s, e.end_s) for e in one.events if e.kind == "OPT")
     end = max(e.end_s for e in one.events if e.kind in "FB")
     assert opt == [pytest.approx((end, end + 2.0))] * 2 and close(one.step_time_s, end + 2.0)
+
+
+def test_measured_corun_speed_slows_ranks_that_compute_together() -> None:
+    """ComputeGroup.speed: each of k computing ranks progresses at speed[k - 1] (time-slice only).
+    GPipe p=2 m=2, F 1 s, B 2 s, two cores, speed (1, 0.8): 0F1 and 1F0 overlap from 1 s and end at
+    1 + 1/0.8; the first backward of rank 1 runs alone; rank 1's second and rank 0's first overlap
+    (2 s of work each at 0.8); rank 0's last backward runs alone: 9.75 s against 9 s alone."""
+    from dataclasses import replace
+
+    from pipetrain.simulator.sharing import shared_finish_times
+
+    base = uniform(2, 2, "gpipe", t_fwd_s=1.0, t_bwd_s=2.0)
+    g = ComputeGroup(ranks=(0, 1), capacity=2, sharing="time-slice", speed=(1.0, 0.8))
+    assert g.contends and g.rate(1) == 1.0 and g.rate(2) == 0.8
+    assert close(simulate(base).step_time_s, 9.0)
+    r = simulate(replace(base, compute_groups=(g,)))
+    assert close(r.step_time_s, 1.0 + 1.25 + 1.0 + 2.0 + 2.5 + 2.0)
+    spans = {(e.kind, e.rank, e.microbatch): (e.start_s, e.end_s) for e in r.events if e.kind in ("F", "B")}
+    assert spans[("F", 0, 1)] == pytest.approx((1.0, 2.25)) and spans[("F", 1, 0)] == pytest.approx((1.0, 2.25))
+    # a queue group of two on two cores never holds anyone back: the table is for time-slicing
+    assert not replace(g, sharing="queue").contends
+    assert close(simulate(replace(base, compute_groups=(replace(g, sharing="queue"),))).step_time_s, 9.0)
+    # the same fluid model, computed directly, for the optimizer steps
+    assert shared_finish_times([0.0, 0.0], [1.0, 1.0], g.rate) == pytest.approx([1.25, 1.25])
+    assert shared_finish_times([0.0, 0.5], [1.0, 1.0], lambda k: (1.0, 0.5)[k - 1]) == pytest.approx([1.5, 2.0])
+    # past the table the group's throughput stays at the last entry's; without one, the fair share
+    six = ComputeGroup(ranks=tuple(range(6)), capacity=2, sharing="time-slice", speed=(1.0, 0.9, 0.7, 0.45))
+    assert six.rate(6) == pytest.approx(0.45 * 4 / 6) and six.rate(3) == 0.7
+    assert ComputeGroup(ranks=(0, 1, 2), capacity=2).rate(3) == pytest.approx(2 / 3)
+    with pytest.raises(ConfigError, match="speed entries"):
+        ComputeGroup(ranks=(0, 1), speed=(1.0, 0.0))

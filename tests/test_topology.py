@@ -91,6 +91,32 @@ def test_wakeup_latency_reaches_the_compute_group() -> None:
         load_topology(path.read_text().replace("wakeup_s: 2.0e-3", "wakeup_s: -1"))
 
 
+def test_corun_speed_reaches_the_compute_group() -> None:
+    """A node's measured corun_speed (YAML, or a calibration) makes a time-sliced group even when
+    every rank has a core, and a data-parallel run reads it at the node's count of computing ranks."""
+    from dataclasses import replace
+
+    from pipetrain.planner.build import _compute_groups, placement
+
+    path = ROOT / "examples/topologies/cpu-box.yaml"
+    text = path.read_text().replace("wakeup_s: 2.0e-3", "wakeup_s: 2.0e-3\n    corun_speed: [1.0, 0.9, 0.7, 0.45]")
+    t = load_topology(text)
+    assert t.nodes[0].corun_speed == (1.0, 0.9, 0.7, 0.45)
+    (g,) = _compute_groups(t, placement(t, 2, 1))  # two ranks on two cores: slowed, not queued
+    assert g.capacity == 2 and g.speed == (1.0, 0.9)
+    (g4,) = _compute_groups(t, placement(t, 4, 1))
+    assert g4.capacity == 2 and g4.speed == (1.0, 0.9, 0.7, 0.45)
+    (gd,) = _compute_groups(t, placement(t, 2, 2))  # the other replica computes alongside: 2k of the node
+    assert gd.capacity == 1 and gd.speed == (0.9, 0.45)
+    flat = replace(t, nodes=(replace(t.nodes[0], corun_speed=(1.0, 1.0)),))
+    assert _compute_groups(flat, placement(flat, 2, 1)) == ()  # nothing slows: no group
+    for bad, msg in (("[1.0, 0]", r"nodes\[0\]\.corun_speed\[1\]"), ("0.9", "must be a list"), ("[1.0, 2.0]", r"\(0, 1.5\]")):
+        with pytest.raises(ConfigError, match=msg):
+            load_topology(text.replace("[1.0, 0.9, 0.7, 0.45]", bad))
+    with pytest.raises(ConfigError, match="needs cores > 0"):
+        load_topology(text.replace("cores: 2", "cores: 0"))
+
+
 def test_resolve_takes_presets_and_example_files() -> None:
     assert resolve_topology("local-cpu:2").num_devices == 2
     files = sorted((ROOT / "examples" / "topologies").glob("*.yaml"))

@@ -12,6 +12,9 @@ thread per rank, as the executor runs; or the GPU):
   GPU) by ping-pong and a Hockney fit (:func:`pipetrain.executor.commprobe.probe_p2p`); on CPU
   also the wake-up latency of a blocked receiver while every core computes
   (:func:`pipetrain.executor.commprobe.probe_wakeup`), which the topology's node then carries;
+* on CPU, how fast a rank computes while ``k`` others of the node compute too (``k`` up to the
+  topology's ranks per node; :func:`pipetrain.executor.corun.probe_corun`), which the node
+  carries as ``corun_speed``;
 * on CPU, the executor's own overhead over the profiled blocks: a one-rank executor run of each
   model and shape (:mod:`pipetrain.executor.overhead`);
 * the optimizer step as the executor runs it (global-norm clipping, the update, zeroing the
@@ -39,6 +42,7 @@ from typing import Any, Callable, Sequence
 
 from pipetrain.errors import ConfigError
 from pipetrain.executor.commprobe import P2PCost, WakeupCost
+from pipetrain.executor.corun import CoRunSpeed, mean_corun
 from pipetrain.executor.overhead import MessageHostCost, RuntimeOverhead
 from pipetrain.planner.calibrate import CalibratedCostModel, CalibrationFit
 from pipetrain.planner.costs import NodeTimes, stage_from_node_times, StageCost
@@ -91,6 +95,8 @@ class Calibration:
     messages: tuple[MessageHostCost, ...] = ()
     #: CPU: a blocked receiver's wait for a core while all cores compute (None: not measured)
     wakeup: WakeupCost | None = None
+    #: CPU: per model and shape, each rank's speed while k ranks compute at once (empty: not measured)
+    corun: tuple[CoRunSpeed, ...] = ()
     created_utc: str = ""
     elapsed_s: float = 0.0
     schema_version: int = CALIBRATION_FILE_VERSION
@@ -126,6 +132,27 @@ class Calibration:
         ratios = [o.end_of_step_s / adamw.time_s(o.param_count) for o in self.runtime
                   if adamw is not None and o.model == model and o.end_of_step_s > 0 and o.param_count > 0]
         return statistics.median(ratios) if ratios else 1.0
+
+    def corun_speed(self) -> tuple[float, ...]:
+        """The node's co-run speed table: per ``k``, the mean over the measured models and shapes
+        (they agree within the machine's noise here: 0.43-0.45 at k = 4 for tiny-gpt and the MLP)."""
+        return mean_corun(self.corun).speed if self.corun else ()
+
+    def rescaled(self, factor: float) -> "Calibration":
+        """This calibration on a machine ``factor`` times slower: every measured CPU or device time
+        (block profiles, optimizer fit, the executor's per-step and end-of-step times, host work per
+        message, the co-run probe's time alone) times ``factor``; links, wake-up latency, co-run
+        speeds (ratios) and the analytic fit as they are."""
+        if not factor > 0:
+            raise ConfigError(f"a calibration rescale factor must be > 0, got {factor}")
+        profiles = tuple(replace(p, blocks=tuple(replace(b, fwd_s=b.fwd_s * factor, bwd_s=b.bwd_s * factor) for b in p.blocks))
+                         for p in self.profiles)
+        opts = tuple(replace(o, fixed_s=o.fixed_s * factor, per_param_s=o.per_param_s * factor,
+                             seconds=tuple(t * factor for t in o.seconds)) for o in self.optimizers)
+        runtime = tuple(replace(o, fixed_s=o.fixed_s * factor, end_of_step_s=o.end_of_step_s * factor) for o in self.runtime)
+        messages = tuple(replace(m, host_s=m.host_s * factor) for m in self.messages)
+        corun = tuple(replace(c, alone_s=c.alone_s * factor) for c in self.corun)
+        return replace(self, profiles=profiles, optimizers=opts, runtime=runtime, messages=messages, corun=corun)
 
     def runtime_for(self, model: str, micro_batch_size: int, seq_len: int) -> RuntimeOverhead | None:
         return next((o for o in self.runtime if (o.model, o.micro_batch_size, o.seq_len) == (model, micro_batch_size, seq_len)), None)
@@ -228,7 +255,7 @@ def calibrated_cost(calibration: Calibration) -> MeasuredCostModel:
 
 def calibrated_topology(topology: Topology, calibration: Calibration) -> Topology:
     """``topology`` with the measured p2p link inside every node whose devices are the calibrated
-    type, and on such nodes with shared cores the measured wake-up latency."""
+    type, and on such nodes with shared cores the measured wake-up latency and co-run speed."""
     nodes = []
     for node in topology.nodes:
         if all(t == calibration.device_type for t in node.device_types):
@@ -236,6 +263,8 @@ def calibrated_topology(topology: Topology, calibration: Calibration) -> Topolog
             node = replace(node, link=link)
             if calibration.wakeup is not None and node.cores > 0:
                 node = replace(node, wakeup_s=calibration.wakeup.wakeup_s)
+            if calibration.corun and node.cores > 0:
+                node = replace(node, corun_speed=calibration.corun_speed())
         nodes.append(node)
     return replace(topology, nodes=tuple(nodes))
 
@@ -392,6 +421,15 @@ def run_calibration(topology: str, *, models: Sequence[str] = ("tiny-gpt",), mic
 
         say(f"probing the wake-up latency of a blocked receiver with all {os.cpu_count() or 1} cores busy")
         wakeup = probe_wakeup(cores=os.cpu_count() or 1)
+    corun = []
+    if probe and device == "cpu":
+        from pipetrain.executor.corun import probe_corun
+
+        jobs = max(sum(1 for d in topo.devices if d.node == n) for n in range(len(topo.nodes)))
+        for _g, prof in samples:
+            say(f"measuring the speed of 1..{jobs} ranks computing {prof.model} micro-batch {prof.micro_batch_size} at once")
+            corun.append(probe_corun(prof.model, micro_batch_size=prof.micro_batch_size, seq_len=prof.seq_len, max_jobs=jobs,
+                                     cores=os.cpu_count() or 1, threads=threads))
     overheads, messages = [], []
     if runtime and device == "cpu":
         from pipetrain.executor.overhead import measure_message_host_s, measure_runtime_overhead
@@ -406,6 +444,7 @@ def run_calibration(topology: str, *, models: Sequence[str] = ("tiny-gpt",), mic
     return Calibration(topology=topo.name, device_type=dt.name, device=local_device_name(device, threads), device_kind=dt.kind,
                        threads=threads, cores=os.cpu_count() or 1, p2p=p2p, optimizers=tuple(opts), fit=fit,
                        profiles=tuple(p for _, p in samples), runtime=tuple(overheads), messages=tuple(messages), wakeup=wakeup,
+                       corun=tuple(corun),
                        created_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                        elapsed_s=time.perf_counter() - t_start)
 
@@ -433,6 +472,10 @@ def describe(cal: Calibration) -> list[tuple[str, str]]:
         w = cal.wakeup
         rows.append(("wake-up on busy cores", f"{w.wakeup_s * 1e6:.0f} us ({w.nbytes} B ping-pong one way: {w.idle_one_way_s * 1e6:.0f} us "
                                               f"idle, {w.busy_one_way_s * 1e6:.0f} us with {w.busy_processes} busy processes)"))
+    for c in cal.corun:
+        rows.append((f"co-run speed {c.model} mbs {c.micro_batch_size}",
+                     f"{', '.join(f'{v:.2f}' for v in c.speed)} with 1..{len(c.speed)} ranks computing on {c.cores} cores "
+                     f"(alone {c.alone_s * 1e3:.1f} ms per micro-batch)"))
     rows.append(("analytic fit", f"mean |error| {cal.fit.error_before * 100:.1f}% -> {cal.fit.error_after * 100:.1f}% "
                                  f"over {cal.fit.num_samples} block times"))
     return rows

@@ -210,8 +210,9 @@ def simulate_plan(plan: Plan, *, calibration: Any = None, cost: Any = None, topo
 
 
 # ----- measure -------------------------------------------------------------------------------------
-def measure_run(run_dir: str | Path, plan: Plan, *, warmup_steps: int = 1) -> Measured:
-    """Medians over the steps after ``warmup_steps`` (all steps if there are no more) of RUN_DIR's telemetry."""
+def _read_steps(run_dir: str | Path, world: int, warmup_steps: int, first_key: int
+                ) -> tuple[dict[int, dict[int, dict[str, Any]]], dict[int, list[dict[str, Any]]], list[int], list[int]]:
+    """One run's step records and compute events keyed ``first_key + step``: (steps, events, complete, used)."""
     from pipetrain.executor.telemetry import read_telemetry
 
     recs = read_telemetry(run_dir)
@@ -222,14 +223,34 @@ def measure_run(run_dir: str | Path, plan: Plan, *, warmup_steps: int = 1) -> Me
     for rank, rs in recs.items():
         for r in rs:
             if r.get("type") == "step":
-                step_recs.setdefault(int(r["step"]), {})[rank] = r
+                step_recs.setdefault(first_key + int(r["step"]), {})[rank] = r
             elif r.get("type") == "event" and r["kind"] in _COMPUTE:
-                events.setdefault(int(r["step"]), []).append(r)
-    world = plan.world_size
+                events.setdefault(first_key + int(r["step"]), []).append(r)
     complete = sorted(k for k, v in step_recs.items() if len(v) == world and k in events)
     if not complete:
         raise RunError(f"{run_dir}: no step has telemetry from all {world} ranks")
-    use = complete[warmup_steps:] if len(complete) > warmup_steps else complete
+    return step_recs, events, complete, complete[warmup_steps:] if len(complete) > warmup_steps else complete
+
+
+def measure_run(run_dir: str | Path | Sequence[str | Path], plan: Plan, *, warmup_steps: int = 1) -> Measured:
+    """Medians over the steps after ``warmup_steps`` (all steps if there are no more) of RUN_DIR's
+    telemetry; several run directories of the same plan (runs spread over time, so that a drift of
+    the machine's speed hits every configuration alike) pool their steps, each leaving out its own
+    warm-up. ``steps`` then numbers them ``1_000_000 * run + step``."""
+    dirs = [run_dir] if isinstance(run_dir, (str, Path)) else list(run_dir)
+    if not dirs:
+        raise RunError("measure_run needs at least one run directory")
+    world = plan.world_size
+    step_recs: dict[int, dict[int, dict[str, Any]]] = {}
+    events: dict[int, list[dict[str, Any]]] = {}
+    complete: list[int] = []
+    use: list[int] = []
+    for i, d in enumerate(dirs):
+        sr, ev, comp, used = _read_steps(d, world, warmup_steps, 1_000_000 * i)
+        step_recs.update(sr)
+        events.update(ev)
+        complete += comp
+        use += used
     n_st, pp = plan.num_stages, plan.pp
     steps_t, spans, busy, bub = [], [], [[] for _ in range(n_st)], [[] for _ in range(n_st)]
     for k in use:

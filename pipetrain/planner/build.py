@@ -218,8 +218,19 @@ def _sim_link(topology: Topology, a: int, b: int) -> Link:
     return Link(name=lk.resource or f"{a}->{b}", latency_s=lk.latency_s, bandwidth_bytes_per_s=lk.bandwidth_bytes_per_s)
 
 
+def _group_speed(node_speed: tuple[float, ...], ranks: int, used: int) -> tuple[float, ...]:
+    """The node's co-run speed table seen from a group of ``ranks`` pipeline ranks when ``used`` of
+    the node's ranks run (data-parallel replicas compute in step: ``k`` of the group computing
+    means about ``k * used / ranks`` of the node)."""
+    if not node_speed:
+        return ()
+    g = ComputeGroup(ranks=tuple(range(len(node_speed))), speed=node_speed, sharing="time-slice")
+    return tuple(g.rate(max(1, round(k * used / ranks))) for k in range(1, ranks + 1))
+
+
 def _compute_groups(topology: Topology, place: Placement) -> tuple[ComputeGroup, ...]:
-    """Pipeline ranks on one CPU node share its cores (only where the node says they share)."""
+    """Pipeline ranks on one CPU node share its cores (only where the node says they share), and
+    its caches and memory bandwidth where the node carries a measured ``corun_speed``."""
     groups = []
     by_node: dict[int, list[int]] = {}
     for r in range(place.pp):
@@ -232,8 +243,9 @@ def _compute_groups(topology: Topology, place: Placement) -> tuple[ComputeGroup,
         on_node = sum(1 for dev in topology.devices if dev.node == node)
         used = min(on_node, place.pp * place.dp)
         capacity = max(1, int(spec.cores // per_rank * len(ranks) // max(used, 1)))
-        if capacity < len(ranks):
-            groups.append(ComputeGroup(ranks=tuple(ranks), capacity=capacity, wakeup_s=spec.wakeup_s))
+        speed = _group_speed(spec.corun_speed, len(ranks), used)
+        if capacity < len(ranks) or any(v < 1.0 for v in speed):
+            groups.append(ComputeGroup(ranks=tuple(ranks), capacity=capacity, wakeup_s=spec.wakeup_s, speed=speed))
     return tuple(groups)
 
 

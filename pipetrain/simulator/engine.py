@@ -79,8 +79,8 @@ def simulate(inp: SimInput) -> SimResult:
     resource: list[simpy.Resource | SharedCores | None] = [None] * n_rk
     wakeup = [0.0] * n_rk
     for g in inp.compute_groups:
-        if g.capacity < len(g.ranks):
-            res = SharedCores(env, g.capacity) if g.sharing == "time-slice" else simpy.Resource(env, capacity=g.capacity)
+        if g.contends:
+            res = SharedCores(env, g.capacity, g.rate) if g.sharing == "time-slice" else simpy.Resource(env, capacity=g.capacity)
             for r in g.ranks:
                 resource[r] = res
                 wakeup[r] = g.wakeup_s if g.sharing == "time-slice" else 0.0

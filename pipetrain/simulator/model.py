@@ -150,12 +150,34 @@ class ComputeGroup:
     #: units compute resumes this much later (the OS scheduler's wake-up latency: it waits for a
     #: running process's time slice; :func:`pipetrain.executor.commprobe.probe_wakeup` measures it)
     wakeup_s: float = 0.0
+    #: time-slice only: ``speed[k - 1]`` is the share of full speed each computing rank progresses at
+    #: while ``k`` of the group compute (measured: :func:`pipetrain.executor.corun.probe_corun`;
+    #: shared caches and memory bandwidth slow ranks even at ``k <= capacity``). Past its end the
+    #: group's throughput stays at the last entry's. Empty: ``min(1, capacity / k)``.
+    speed: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         _need(len(self.ranks) >= 1 and len(set(self.ranks)) == len(self.ranks), f"compute group ranks must be distinct, got {self.ranks}")
         _need(self.capacity >= 1, f"compute group capacity must be >= 1, got {self.capacity}")
         _need(self.sharing in ("queue", "time-slice"), f"compute group sharing must be 'queue' or 'time-slice', got {self.sharing!r}")
         _need(self.wakeup_s >= 0, f"compute group wakeup_s must be >= 0, got {self.wakeup_s}")
+        _need(all(0 < v <= 1.5 for v in self.speed), f"compute group speed entries must be in (0, 1.5], got {self.speed}")
+
+    def rate(self, k: int) -> float:
+        """Share of full speed each of ``k`` computing ranks progresses at (time-slice sharing)."""
+        if k <= 0:
+            return 1.0
+        if not self.speed:
+            return min(1.0, self.capacity / k)
+        n = len(self.speed)
+        return self.speed[k - 1] if k <= n else self.speed[-1] * n / k
+
+    @property
+    def contends(self) -> bool:
+        """Whether the group ever slows or holds back a rank (else the engine lets its ranks compute alone)."""
+        if self.capacity < len(self.ranks):
+            return True
+        return self.sharing == "time-slice" and any(self.rate(k) < 1.0 for k in range(1, len(self.ranks) + 1))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -156,8 +156,8 @@ def end_of_step(inp: SimInput, rank_end_s: list[float], grad_start_s: list[float
     work = [sum(inp.stages[s].t_optimizer_s for s in sched.stages_of(r)) for r in range(sched.num_ranks)]
     done = [ready[r] + work[r] for r in range(sched.num_ranks)]
     for g in inp.compute_groups:
-        if g.sharing == "time-slice" and g.capacity < len(g.ranks):
-            for r, end in zip(g.ranks, shared_finish_times([ready[r] for r in g.ranks], [work[r] for r in g.ranks], g.capacity)):
+        if g.sharing == "time-slice" and g.contends:
+            for r, end in zip(g.ranks, shared_finish_times([ready[r] for r in g.ranks], [work[r] for r in g.ranks], g.rate)):
                 done[r] = end
     for r in range(sched.num_ranks):
         stretch = (done[r] - ready[r]) / work[r] if work[r] > 0 else 1.0

@@ -2,34 +2,46 @@
 
 With ``k`` ranks computing on ``c`` cores, each progresses at ``min(1, c / k)`` of full speed
 (egalitarian processor sharing, the fluid model of round-robin time slicing: Kleinrock 1967,
-"Time-shared systems: a theoretical treatment", JACM 14(2)). An action of ``d`` seconds of
-compute therefore ends when it has received ``d`` seconds of core time, however many others
-came and went meanwhile. torch-free.
+"Time-shared systems: a theoretical treatment", JACM 14(2)), or at a measured ``rate(k)`` (the
+same model with a state-dependent service rate: co-running ranks also share caches and memory
+bandwidth). An action of ``d`` seconds of compute therefore ends when it has received ``d``
+seconds of full-speed work, however many others came and went meanwhile. torch-free.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 __all__ = ["SharedCores", "shared_finish_times"]
 
 _EPS = 1e-15
 
+Rate = Callable[[int], float]
+
+
+def _rate_fn(capacity: int | Rate) -> Rate:
+    """``rate(k)``: a callable as given, or for ``capacity`` cores the fair share ``min(1, capacity / k)``."""
+    if callable(capacity):
+        return capacity
+    return lambda k: min(1.0, capacity / k) if k > 0 else 1.0
+
 
 class SharedCores:
-    """``run(d)`` returns a simpy event that fires when ``d`` seconds of core time have been received."""
+    """``run(d)`` returns a simpy event that fires when ``d`` seconds of full-speed work have been done;
+    ``rate(k)`` is each job's speed while ``k`` run (default: the fair share of ``capacity`` cores)."""
 
-    def __init__(self, env: Any, capacity: int) -> None:
+    def __init__(self, env: Any, capacity: int, rate: Rate | None = None) -> None:
         self.env = env
         self.capacity = capacity
+        self.rate = rate or _rate_fn(capacity)
         self.jobs: dict[int, list[Any]] = {}  # id -> [remaining core seconds, event]
         self.last = env.now
         self.generation = 0
         self._next_id = 0
 
     def _rate(self) -> float:
-        return min(1.0, self.capacity / len(self.jobs)) if self.jobs else 1.0
+        return self.rate(len(self.jobs))
 
     def _advance(self) -> None:
         now = self.env.now
@@ -68,10 +80,12 @@ class SharedCores:
         return ev
 
 
-def shared_finish_times(starts: list[float], works: list[float], capacity: int) -> list[float]:
-    """When each job ends: job ``i`` needs ``works[i]`` seconds of core time from ``starts[i]``
-    on, and the jobs present share ``capacity`` cores as :class:`SharedCores` does (the fluid
-    model, computed directly: for the analytic end of a step, outside simpy)."""
+def shared_finish_times(starts: list[float], works: list[float], capacity: int | Rate) -> list[float]:
+    """When each job ends: job ``i`` needs ``works[i]`` seconds of full-speed work from ``starts[i]``
+    on, and the jobs present share ``capacity`` cores (or progress at ``capacity(k)`` each) as
+    :class:`SharedCores` does (the fluid model, computed directly: for the analytic end of a step,
+    outside simpy)."""
+    rate_of = _rate_fn(capacity)
     n = len(starts)
     left = [max(0.0, w) for w in works]
     end = [starts[i] if left[i] <= 0 else math.inf for i in range(n)]
@@ -86,7 +100,7 @@ def shared_finish_times(starts: list[float], works: list[float], capacity: int) 
         if not active:
             t = starts[order[k]]
             continue
-        rate = min(1.0, capacity / len(active))
+        rate = rate_of(len(active))
         least = min(left[i] for i in active)
         done_at = t + least / rate
         nxt = starts[order[k]] if k < len(order) else math.inf

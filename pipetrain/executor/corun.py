@@ -1,0 +1,185 @@
+"""Measure how fast a rank computes while others compute on the same CPU node.
+
+The block profile times a model alone on an idle machine. In a pipeline on a CPU node every
+rank is a process, and while ``k`` of them compute at once each gets less than a whole core's
+worth of work done: beyond ``k > cores`` the OS time-slices them (the fluid share
+``cores / k``), and at any ``k`` they contend for the shared caches, memory bandwidth and, on
+a virtual machine, the host's scheduling of its virtual CPUs. On this 2-core machine two
+processes running the same matmul loop each ran at 0.88-1.04 of their speed alone, and four
+at 0.42-0.48 (not 0.5), over three minutes.
+
+:func:`probe_corun` measures that directly: ``max_jobs`` spawned processes each build the
+model and run its forward and backward (one micro-batch, all blocks, one thread) back to back;
+in each phase the first ``k`` of them run together for ``phase_s`` seconds, and the median
+iteration time of the ``k`` against the median alone is the per-job speed ``speed[k - 1]``.
+Phases cycle ``k = 1 .. max_jobs`` for ``rounds`` rounds, so a drift of the machine's speed
+hits every ``k`` alike. The simulator's time-sliced compute groups progress each computing rank
+at ``speed[k - 1]`` of full speed (:class:`pipetrain.simulator.ComputeGroup`); the topology's
+node carries the table (``corun_speed``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from pipetrain.errors import ConfigError, RunError
+
+__all__ = ["CoRunSpeed", "CoRunProbe", "probe_corun", "mean_corun"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CoRunSpeed:
+    """Per-job speed, relative to alone, of ``k = 1 .. len(speed)`` processes computing at once on
+    ``cores`` cores (``speed[0]`` is 1 by definition); ``alone_s`` is the median iteration alone."""
+
+    model: str
+    micro_batch_size: int
+    seq_len: int
+    cores: int
+    speed: tuple[float, ...]
+    alone_s: float
+    iterations: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.speed or not all(0 < s <= 1.5 for s in self.speed):
+            raise ConfigError(f"co-run speed table must be non-empty with values in (0, 1.5], got {self.speed}")
+        if self.cores < 1 or not self.alone_s > 0:
+            raise ConfigError(f"co-run speed: cores must be >= 1 and alone_s > 0, got {self.cores}, {self.alone_s}")
+
+
+def _job(model: str, micro_batch_size: int, seq_len: int | None, threads: int, conn: Any) -> None:
+    """A probe process: build the model, then per command ``(until,)`` run forward+backward back to
+    back until monotonic time ``until`` and send the iteration times (``None`` ends it)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from pipetrain.planner.profile import _Setup
+
+    s = _Setup(model, micro_batch_size, seq_len, "fp32", "cpu", 0)
+    grads: dict[tuple[int, int], Any] = {}
+    for _ in range(2):  # warm-up: allocator and autograd caches
+        s._once(0, s.n, grads)
+    conn.send("ready")
+    while True:
+        cmd = conn.recv()
+        if cmd is None:
+            return
+        start, until = cmd
+        while time.monotonic() < start:
+            time.sleep(min(1e-3, max(0.0, start - time.monotonic())))
+        times = []
+        while True:
+            f, b = s._once(0, s.n, grads)
+            if time.monotonic() > until:
+                break
+            times.append(f + b)
+        conn.send(times)
+
+
+def _answer(conn: Any, deadline: float, what: str) -> Any:
+    """The next message from a probe process, or a RunError if it died or the time is up."""
+    try:
+        if conn.poll(max(0.0, deadline - time.monotonic())):
+            return conn.recv()
+    except (EOFError, OSError):
+        raise RunError(f"co-run probe: a probe process died before it could {what} (see its error above)") from None
+    raise RunError(f"co-run probe: a probe process did not {what} before the time limit")
+
+
+class CoRunProbe:
+    """``max_jobs`` probe processes of one model and shape, kept alive between measurements
+    (a benchmark re-probes before each of its runs without paying for process start-up).
+    Use as a context manager; :meth:`measure` runs the phases (module docstring)."""
+
+    def __init__(self, model: str, *, micro_batch_size: int, seq_len: int | None = None, max_jobs: int, cores: int,
+                 threads: int = 1, timeout_s: float = 180.0) -> None:
+        from pipetrain.planner.zoo import get_model_spec
+
+        if max_jobs < 1 or cores < 1:
+            raise ConfigError(f"co-run probe needs max_jobs and cores >= 1, got {max_jobs}, {cores}")
+        self.model, self.micro_batch_size, self.max_jobs, self.cores = model, micro_batch_size, max_jobs, cores
+        self.seq_len = get_model_spec(model).check_shape(micro_batch_size, seq_len)
+        self.threads, self.timeout_s = threads, timeout_s
+        self._pipes: list[Any] = []
+        self._procs: list[Any] = []
+
+    def __enter__(self) -> "CoRunProbe":
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            for _ in range(self.max_jobs):
+                here, there = ctx.Pipe()
+                p = ctx.Process(target=_job, args=(self.model, self.micro_batch_size, self.seq_len, self.threads, there), daemon=True)
+                p.start()
+                self._pipes.append(here)
+                self._procs.append(p)
+            for here in self._pipes:
+                _answer(here, deadline, "start")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def measure(self, *, phase_s: float = 1.0, rounds: int = 3) -> CoRunSpeed:
+        """Cycle ``k = 1 .. max_jobs`` processes computing at once, ``rounds`` times."""
+        if rounds < 1 or not phase_s > 0:
+            raise ConfigError(f"co-run probe needs rounds >= 1 and phase_s > 0, got {rounds}, {phase_s}")
+        if not self._pipes:
+            raise RunError("co-run probe: measure() outside its `with` block (no probe processes)")
+        deadline = time.monotonic() + self.timeout_s + rounds * self.max_jobs * phase_s
+        samples: list[list[float]] = [[] for _ in range(self.max_jobs)]
+        for _ in range(rounds):
+            for k in range(1, self.max_jobs + 1):
+                start = time.monotonic() + 0.05
+                for here in self._pipes[:k]:
+                    here.send((start, start + phase_s))
+                for here in self._pipes[:k]:
+                    ts = _answer(here, deadline, f"run {phase_s} s with {k} jobs")
+                    samples[k - 1] += ts[1:]  # the first iteration may start before the others are running
+        for i, ts in enumerate(samples):
+            if not ts:
+                raise RunError(f"co-run probe: no iteration of {self.model} finished with {i + 1} jobs in {phase_s} s; raise phase_s")
+        med = [statistics.median(ts) for ts in samples]
+        return CoRunSpeed(model=self.model, micro_batch_size=self.micro_batch_size, seq_len=self.seq_len, cores=self.cores,
+                          speed=tuple(min(1.5, med[0] / m) for m in med), alone_s=med[0],
+                          iterations=tuple(len(ts) for ts in samples))
+
+    def close(self) -> None:
+        for here in self._pipes:
+            try:
+                here.send(None)
+            except (OSError, BrokenPipeError):
+                pass
+        for p in self._procs:
+            p.join(timeout=5.0)
+            if p.is_alive():
+                p.kill()
+        self._pipes, self._procs = [], []
+
+
+def probe_corun(model: str, *, micro_batch_size: int, seq_len: int | None = None, max_jobs: int, cores: int,
+                threads: int = 1, phase_s: float = 1.0, rounds: int = 3, timeout_s: float = 180.0) -> CoRunSpeed:
+    """Per-job speed with ``k = 1 .. max_jobs`` processes computing ``model`` at once (module docstring)."""
+    with CoRunProbe(model, micro_batch_size=micro_batch_size, seq_len=seq_len, max_jobs=max_jobs, cores=cores,
+                    threads=threads, timeout_s=timeout_s) as probe:
+        return probe.measure(phase_s=phase_s, rounds=rounds)
+
+
+def mean_corun(measurements: Sequence[CoRunSpeed]) -> CoRunSpeed:
+    """Per ``k``, the mean speed of several measurements of one model and shape (and their mean alone time)."""
+    if not measurements:
+        raise ConfigError("mean_corun needs at least one measurement")
+    n = min(len(c.speed) for c in measurements)
+    first = measurements[0]
+    return CoRunSpeed(model=first.model, micro_batch_size=first.micro_batch_size, seq_len=first.seq_len, cores=first.cores,
+                      speed=tuple(statistics.fmean(c.speed[k] for c in measurements) for k in range(n)),
+                      alone_s=statistics.fmean(c.alone_s for c in measurements),
+                      iterations=tuple(sum(c.iterations[k] for c in measurements if len(c.iterations) > k) for k in range(n)))
