@@ -3,22 +3,32 @@
 For each configuration of a grid (tiny-gpt and the uneven MLP; p in {2, 4}; m in {2, 4, 8, 16};
 GPipe and 1F1B; one data-parallel d=2 configuration) it fixes the plan (blocks split evenly,
 so the MLP's stages are unbalanced), simulates it with the calibration of this machine
-(``pipetrain calibrate``: profiled blocks, gloo p2p, optimizer step; the local-cpu topology's
-cores give the compute groups when ranks outnumber cores), runs it for real (gloo, one thread
-per rank) and compares the medians over the measured steps. Prints one row per configuration
-(errors are (simulated - measured) / measured; bubble in percentage points), the step-time
-MAPE, the worst configuration, the Spearman rank correlation of the configurations by step
-time, and the share of stages whose busy time and activation memory are within 10%; writes
-``OUT/sim_accuracy.json`` and a scatter plot ``OUT/sim_accuracy.png``. The machine load
-(the share of the cores other processes used during each run's measured steps, from /proc/stat
-less the workers' own CPU) is printed: other
-processes on a shared machine distort timings; ``--wait-idle S`` waits for a quiet moment before each run.
-Because such load only ever adds time, the errors are also given against the lower quartile of
-the measured steps (``q1``). Even without it this machine's speed wanders by about +-15% between
-windows of a few seconds and by more over minutes; each run is therefore long (``--steps``,
-default 60) and the calibration keeps the median of its profiling rounds.
+(``pipetrain calibrate``: profiled blocks, gloo p2p, optimizer step, co-run speed; the local-cpu
+topology's cores give the compute groups), runs it for real (gloo, one thread per rank) and
+compares the medians over the measured steps. Prints one row per configuration (errors are
+(simulated - measured) / measured; bubble in percentage points), the step-time MAPE, the worst
+configuration, the Spearman rank correlation of the configurations by step time, and the share
+of stages whose busy time and activation memory are within 10%; writes ``OUT/sim_accuracy.json``
+and a scatter plot ``OUT/sim_accuracy.png``.
 
-    .venv/bin/python benchmarks/sim_accuracy.py [--subset] [--steps 60] [--out runs/sim_accuracy]
+This machine's speed drifts: a fixed workload's medians wander by +-15% between windows of a few
+seconds, and the speed of two processes computing at once (the co-run probe's k = 2) by 0.75-1.0
+of their speed alone over minutes. So the grid runs in ``--rounds`` rounds (default 3), each in
+its own shuffled order, and every configuration's steps are pooled over its rounds: a drift hits
+every configuration alike instead of the few that ran during it. Before each run the co-run
+probe (:class:`pipetrain.executor.corun.CoRunProbe`, processes kept alive) measures the speed of
+1..4 processes computing the run's model at once, a second's worth; the simulation uses the
+calibration with these probes' mean over the whole benchmark (co-run speeds, and the time alone
+against the calibration's own probe as a speed factor), so the calibration describes the machine
+the runs saw. The calibration alone (no probes during the benchmark) is reported too. Nothing
+measured inside a run feeds its own prediction.
+
+The machine load (the share of the cores other processes used during each run's measured steps,
+from /proc/stat less the workers' own CPU) is printed; ``--wait-idle S`` waits for a quiet moment
+before each run. Because such load only ever adds time, the errors are also given against the
+lower quartile of the measured steps (``q1``).
+
+    .venv/bin/python benchmarks/sim_accuracy.py [--subset] [--rounds 3] [--steps 24] [--out runs/sim_accuracy]
 """
 
 from __future__ import annotations
@@ -153,42 +163,75 @@ def wait_idle(max_wait_s: float) -> float:
     return time.monotonic() - t0
 
 
-def run_one(cfg: tuple[str, int, int, int, str], out: Path, steps: int, warmup: int, cal: object) -> tuple[Fidelity, float, float]:
-    """(fidelity, other processes' CPU share, simulated step without the calibrated host cost per message)."""
-    from pipetrain.executor.config import RunConfig
-    from pipetrain.executor.launch import launch
+def config_plan(cfg: tuple[str, int, int, int, str], out: Path) -> tuple[str, object]:
+    """(name, plan) of a configuration; the plan is saved as OUT/NAME/plan.json."""
     from pipetrain.executor.plans import simple_plan
+    from pipetrain.planner.zoo import get_model_spec
 
     model, p, d, m, sched = cfg
     mbs, seq = SHAPES[model]
-    from pipetrain.planner.zoo import get_model_spec
-
     seq_len = get_model_spec(model).check_shape(mbs, seq)
     plan = simple_plan(model, pp=p, dp=d, m=m, mbs=mbs, seq_len=seq_len, schedule=sched)
     name = f"{model}-p{p}d{d}m{m}-{sched}"
     plan.save(out / name / "plan.json")
+    return name, plan
+
+
+def run_chunk(name: str, plan: object, out: Path, steps: int, warmup: int, rnd: int) -> tuple[Path, float]:
+    """Run the configuration once (round ``rnd``) into OUT/NAME/run{rnd}; (run directory, other processes' CPU share)."""
+    from pipetrain.executor.config import RunConfig
+    from pipetrain.executor.launch import launch
+
+    world = plan.world_size  # type: ignore[attr-defined]
     busy0, own0, t0 = cpu_busy_s(), own_cpu_s(), time.monotonic()
-    run_dir = out / name / "run"
+    run_dir = out / name / f"run{rnd}"
     (run_dir / "pids").mkdir(parents=True, exist_ok=True)
-    with ForeignLoad(run_dir, plan.world_size, warmup) as fl:
+    with ForeignLoad(run_dir, world, warmup) as fl:
         launch(RunConfig(plan_path=str(out / name / "plan.json"), run_dir=str(run_dir), steps=steps, threads=1, timeout_s=120))
     wall = time.monotonic() - t0
     # share of the machine's cores other processes used during the measured steps (whole launch if too short)
     load = fl.share
     if load != load:
         load = max(0.0, (cpu_busy_s() - busy0) - (own_cpu_s() - own0)) / (wall * (os.cpu_count() or 1))
-    meas = measure_run(out / name / "run", plan, warmup_steps=warmup)
-    inp, sim, source = simulate_plan(plan, calibration=cal)
+    return run_dir, load
+
+
+def evaluate(name: str, plan: object, dirs: list[Path], warmup: int, cal: object) -> tuple[Fidelity, float]:
+    """(fidelity of the pooled runs against ``cal``'s simulation, simulated step without the host cost per message)."""
     from dataclasses import replace
 
-    without = simulate_plan(plan, calibration=replace(cal, messages=()))[1].step_time_s  # ablation: no host cost per message
-    return compare(plan, inp, sim, meas, label=name, cost_source=source), load, without
+    meas = measure_run(dirs, plan, warmup_steps=warmup)  # type: ignore[arg-type]
+    inp, sim, source = simulate_plan(plan, calibration=cal)  # type: ignore[arg-type]
+    without = simulate_plan(plan, calibration=replace(cal, messages=()))[1].step_time_s  # type: ignore[arg-type]  # ablation
+    return compare(plan, inp, sim, meas, label=name, cost_source=source), without  # type: ignore[arg-type]
+
+
+def window_calibration(cal: object, probes: dict[str, list[object]]) -> tuple[object, dict[str, float]]:
+    """The calibration as the benchmark's own co-run probes saw the machine, per model: their mean
+    co-run speeds, and every measured time scaled by their mean time alone over the calibration's
+    probe of the same model (the speed factor; 1 where either is missing)."""
+    from dataclasses import replace
+
+    from pipetrain.executor.corun import mean_corun
+
+    means = {m: mean_corun(ps) for m, ps in probes.items() if ps}  # type: ignore[arg-type]
+    factors = {}
+    for model, mc in means.items():
+        ref = next((c for c in cal.corun if c.model == model), None)  # type: ignore[attr-defined]
+        factors[model] = mc.alone_s / ref.alone_s if ref is not None else 1.0
+    per_model = {}
+    for model, mc in means.items():
+        per_model[model] = replace(cal.rescaled(factors[model]), corun=(mc,))  # type: ignore[attr-defined]
+    return per_model, factors
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--subset", action="store_true", help="a representative subset (m in {2, 8}; no p=4 m=2)")
-    ap.add_argument("--steps", type=int, default=60, help="steps per run (default 60)")
+    ap.add_argument("--steps", type=int, default=24, help="steps per run (default 24; each configuration runs once per round)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds over the grid, each in its own order (default 3)")
+    ap.add_argument("--probe-s", type=float, default=0.25,
+                    help="seconds per k of the co-run probe before each run (default 0.25; 0: no probes, the calibration alone)")
     ap.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians (default 2)")
     ap.add_argument("--out", default="runs/sim_accuracy", help="output directory")
     ap.add_argument("--calibration", default=None, help="calibration JSON (default: calibrate now into OUT/calibration.json)")
@@ -221,24 +264,61 @@ def main(argv: list[str] | None = None) -> int:
         configs = [c for c in configs if any(t in f"{c[0]}-p{c[1]}d{c[2]}m{c[3]}-{c[4]}" for t in a.only)]
         if len(configs) < 2:
             ap.error("--only must leave at least two configurations (a rank correlation needs two)")
-    random.Random(a.seed).shuffle(configs)
+    if a.rounds < 1 or a.steps <= a.warmup:
+        ap.error("--rounds must be >= 1 and --steps larger than --warmup")
+    plans = {cfg: config_plan(cfg, out) for cfg in configs}
+    dirs: dict[tuple, list[Path]] = {cfg: [] for cfg in configs}
+    loads: dict[tuple, list[float]] = {cfg: [] for cfg in configs}
+    probes: dict[str, list[object]] = {m: [] for m in SHAPES}
+    from contextlib import ExitStack
+
+    from pipetrain.executor.corun import CoRunProbe
+
+    with ExitStack() as stack:
+        pools = {}
+        if a.probe_s > 0:
+            jobs = max(p * d for _m, p, d, _mm, _s in configs)
+            for model, (mbs, seq) in SHAPES.items():
+                pools[model] = stack.enter_context(CoRunProbe(model, micro_batch_size=mbs, seq_len=seq, max_jobs=jobs,
+                                                              cores=os.cpu_count() or 1))
+        for rnd in range(a.rounds):
+            order = list(configs)
+            random.Random(a.seed * 1000 + rnd).shuffle(order)
+            for cfg in order:
+                if a.wait_idle > 0:
+                    wait_idle(a.wait_idle)
+                if cfg[0] in pools:
+                    probes[cfg[0]].append(pools[cfg[0]].measure(phase_s=a.probe_s, rounds=1))
+                run_dir, load = run_chunk(*plans[cfg], out, a.steps, a.warmup, rnd)
+                dirs[cfg].append(run_dir)
+                loads[cfg].append(load)
+            print(f"  round {rnd + 1}/{a.rounds} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    win, factors = window_calibration(cal, probes)
+    for model in SHAPES:
+        if model in win:
+            c = win[model].corun[0]  # type: ignore[attr-defined]
+            print(f"co-run probes of {model} during the benchmark ({len(probes[model])}): speed {', '.join(f'{v:.3f}' for v in c.speed)} "
+                  f"with 1..{len(c.speed)} computing; alone x{factors[model]:.3f} of the calibration's probe")
     results: list[tuple[Fidelity, float]] = []
+    cal_only: list[Fidelity] = []  # the same runs simulated with the calibration alone
     no_host: list[float] = []  # step error of the same runs simulated without the host cost per message
     hdr = f"{'config':34s} {'sim ms':>8s} {'meas ms':>8s} {'step err':>8s} {'IQR %':>6s} {'busy err':>8s} " \
-          f"{'bubble sim/meas %':>17s} {'act err':>7s} {'other %':>7s} {'q1 err':>7s}"
+          f"{'bubble sim/meas %':>17s} {'act err':>7s} {'other %':>7s} {'q1 err':>7s} {'cal only':>8s}"
     print(hdr)
-    for cfg in configs:
-        if a.wait_idle > 0:
-            wait_idle(a.wait_idle)
-        f, load, without = run_one(cfg, out, a.steps, a.warmup, cal)
+    for cfg in sorted(configs):
+        name, plan = plans[cfg]
+        f, without = evaluate(name, plan, dirs[cfg], a.warmup, win.get(cfg[0], cal))
+        f0, _ = evaluate(name, plan, dirs[cfg], a.warmup, cal)
+        load = sum(loads[cfg]) / len(loads[cfg])
         results.append((f, load))
+        cal_only.append(f0)
         no_host.append((without - f.meas_step_s) / f.meas_step_s)
         iqr = (f.meas_step_iqr_s[1] - f.meas_step_iqr_s[0]) / f.meas_step_s * 100
         worst_busy = max((s.busy_error for s in f.stages), key=abs)
         worst_act = max((s.activation_error for s in f.stages), key=abs)
         print(f"{f.label:34s} {f.sim_step_s * 1e3:8.1f} {f.meas_step_s * 1e3:8.1f} {f.step_error * 100:+7.1f}% {iqr:6.1f} "
-              f"{worst_busy * 100:+7.1f}% {f.sim_bubble * 100:8.1f}/{f.meas_bubble * 100:<8.1f} {worst_act * 100:+6.1f}% {load * 100:6.0f}% {f.quiet_step_error * 100:+6.1f}%",
-              flush=True)
+              f"{worst_busy * 100:+7.1f}% {f.sim_bubble * 100:8.1f}/{f.meas_bubble * 100:<8.1f} {worst_act * 100:+6.1f}% {load * 100:6.0f}% {f.quiet_step_error * 100:+6.1f}% "
+              f"{f0.step_error * 100:+7.1f}%", flush=True)
     fids = [f for f, _ in results]
     errs = [f.step_error for f in fids]
     busy = [s.busy_error for f in fids for s in f.stages]
@@ -262,13 +342,26 @@ def main(argv: list[str] | None = None) -> int:
         "quiet_step_mape": mape(q_errs), "quiet_step_max_abs_error": max(abs(e) for e in q_errs), "quiet_spearman": q_rho,
         "quiet_busy_mape": mape(q_busy), "quiet_busy_mape_own_core": mape(own), "quiet_busy_mape_shared_cores": mape(shared),
         "quiet_busy_within_10pct_own_core": sum(abs(e) <= 0.10 for e in own) / max(1, len(own)), "quiet_busy_within_10pct": sum(abs(e) <= 0.10 for e in q_busy) / len(q_busy),
+        "rounds": a.rounds, "probe_s": a.probe_s,
+        "corun_probes": {m: {"count": len(probes[m]), "speed": list(win[m].corun[0].speed), "alone_factor": factors[m]}  # type: ignore[attr-defined]
+                         for m in win},
     }
+    c_errs = [f.step_error for f in cal_only]
+    c_worst = max(cal_only, key=lambda f: abs(f.step_error))
+    c_busy = [s.busy_error for f in cal_only for s in f.stages]
+    summary["calibration_only"] = {"step_mape": mape(c_errs), "step_max_abs_error": abs(c_worst.step_error), "worst_config": c_worst.label,
+                                   "spearman_step_time": spearman([f.sim_step_s for f in cal_only], [f.meas_step_s for f in cal_only]),
+                                   "busy_mape": mape(c_busy), "busy_within_10pct": sum(abs(e) <= 0.10 for e in c_busy) / len(c_busy)}
     print()
     print(f"step time: MAPE {summary['step_mape'] * 100:.1f}% (target <= 5%), worst {worst.label} {worst.step_error * 100:+.1f}% "
           f"(target <= 10%), Spearman {rho:.3f} (target >= 0.9); the same runs simulated without the calibrated host "
           f"CPU per message: MAPE {mape(no_host) * 100:.1f}%")
     print(f"stage busy: MAPE {summary['busy_mape'] * 100:.1f}%, within 10%: {summary['busy_within_10pct'] * 100:.0f}% of "
           f"{len(busy)} stages, worst {summary['busy_max_abs_error'] * 100:.1f}%")
+    co = summary["calibration_only"]
+    print(f"the calibration alone (no co-run probes during the benchmark): step MAPE {co['step_mape'] * 100:.1f}%, worst {co['worst_config']} "
+          f"{c_worst.step_error * 100:+.1f}%, Spearman {co['spearman_step_time']:.3f}; stage busy MAPE {co['busy_mape'] * 100:.1f}%, "
+          f"within 10%: {co['busy_within_10pct'] * 100:.0f}%")
     print(f"against the lower quartile of the measured steps and stage busy times (least disturbed by other processes): "
           f"step MAPE {summary['quiet_step_mape'] * 100:.1f}%, worst {summary['quiet_step_max_abs_error'] * 100:.1f}%, "
           f"Spearman {q_rho:.3f}; stage busy MAPE {summary['quiet_busy_mape'] * 100:.1f}%, within 10%: "
@@ -293,7 +386,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{summary['activation_within_10pct'] * 100:.0f}% of stages, worst {summary['activation_max_abs_error'] * 100:.1f}%")
     print(f"other processes used {summary['other_cpu_share_min'] * 100:.0f}% .. {summary['other_cpu_share_max'] * 100:.0f}% of the {os.cpu_count()} cores "
           f"during the runs (/proc/stat minus this benchmark's CPU); load average now {loadavg():.2f}; {summary['elapsed_s']:.0f} s")
-    (out / "sim_accuracy.json").write_text(json.dumps({"summary": summary, "configs": [dict(f.to_dict(), other_cpu_share=l) for f, l in results]}, indent=1))
+    (out / "sim_accuracy.json").write_text(json.dumps({"summary": summary, "configs": [
+        dict(f.to_dict(), other_cpu_share=l, runs=[str(d) for d in dirs[cfg]], cal_only_sim_step_s=f0.sim_step_s, cal_only_step_error=f0.step_error)
+        for (f, l), f0, cfg in zip(results, cal_only, sorted(configs))]}, indent=1))
     from pipetrain.reports.charts import scatter_figure
 
     fig = scatter_figure([f.sim_step_s for f in fids], [f.meas_step_s for f in fids], [f.label for f in fids],
