@@ -172,6 +172,10 @@ def test_simulate_plan_with_calibration_uses_measured_blocks(cal_file: Path, tmp
     for st in plan.stages:
         want = 4 * k * sum(b.fwd_s + b.bwd_s for b in prof.blocks[st.block_start:st.block_end])
         assert got["busy_s_per_stage"][st.index] == pytest.approx(want)
+    # simulated as the executor runs it: the same step `pipetrain run` compares its measurement with
+    from pipetrain.executor.fidelity import simulate_plan
+
+    assert got["step_time_s"] == pytest.approx(simulate_plan(plan, calibration=cal)[1].step_time_s)
     assert main(["simulate", str(path), "--json", "-"]) == 0  # analytic: other numbers
     assert json.loads(capsys.readouterr().out)["busy_s_per_stage"][0] != pytest.approx(got["busy_s_per_stage"][0])
     assert main(["simulate", "-p", "2", "-m", "2", "--t-fwd", "1", "--t-bwd", "1", "--calibration", str(cal_file)]) == 2

@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", metavar="PATH", default=None, help="write a Chrome trace (Perfetto) to PATH")
     parser.add_argument("--grid", action="store_true", help="also print the schedule as a step x rank grid")
     parser.add_argument("--calibration", metavar="FILE", default=None,
-                        help="with a PLAN.json: cost model and link from `pipetrain calibrate` (default: analytic)")
+                        help="with a PLAN.json: cost model, link and CPU co-run speeds from `pipetrain calibrate`, simulated as the executor runs the plan (default: analytic)")
 
 
 def _simulate_plan(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -57,11 +57,13 @@ def _simulate_plan(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from pipetrain.planner.explain import plan_sim_input
 
     if getattr(args, "calibration", None):
-        from pipetrain.executor.calibration import calibrated_for
+        from pipetrain.executor.calibration import calibrated_for, load_calibration
+        from pipetrain.executor.fidelity import executor_sim_input
 
         plan = Plan.load(args.plan)
         topo, cost = calibrated_for(plan.topology, args.calibration, world_size=plan.world_size)
-        return plan_sim_input(plan, topology=topo, cost=cost)
+        # as the executor runs it, the same input `pipetrain run` compares its measurement with
+        return executor_sim_input(plan, calibration=load_calibration(args.calibration), cost=cost, topology=topo)[0]
     return plan_sim_input(Plan.load(args.plan))
 
 

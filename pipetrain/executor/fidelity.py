@@ -26,7 +26,7 @@ from typing import Any, Sequence
 from pipetrain.errors import RunError
 from pipetrain.plan import Plan
 
-__all__ = ["StageFidelity", "Fidelity", "Measured", "simulate_plan", "plan_topology", "cost_for_plan", "measure_run",
+__all__ = ["StageFidelity", "Fidelity", "Measured", "simulate_plan", "executor_sim_input", "plan_topology", "cost_for_plan", "measure_run",
            "compare", "run_fidelity", "mape", "spearman", "fidelity_lines", "fidelity_table_rows",
            "FIDELITY_FILE", "load_run_calibration", "report_run_fidelity", "describe_plan", "fidelity_report_section"]
 
@@ -177,10 +177,20 @@ def cost_for_plan(plan: Plan, graph: Any, calibration: Any = None, *, threads: i
 def simulate_plan(plan: Plan, *, calibration: Any = None, cost: Any = None, topology: Any = None,
                   graph: Any = None) -> tuple[Any, Any, str]:
     """(SimInput, SimResult, cost source) of one step of ``plan`` as the executor runs it."""
+    from pipetrain.simulator import simulate
+
+    inp, source = executor_sim_input(plan, calibration=calibration, cost=cost, topology=topology, graph=graph)
+    return inp, simulate(inp), source
+
+
+def executor_sim_input(plan: Plan, *, calibration: Any = None, cost: Any = None, topology: Any = None,
+                       graph: Any = None) -> tuple[Any, str]:
+    """(SimInput, cost source) of one step of ``plan`` as the executor runs it: receive buffers
+    held as its schedule peaks, the global-norm clip barrier, CPU ranks time-sliced on their
+    node's cores (at the calibrated co-run speeds), the executor's measured per-step work."""
     from pipetrain.planner.build import StageTables, placement, sim_input
     from pipetrain.planner.trace import trace_graph
     from pipetrain.schedules import make_schedule, peak_in_flight
-    from pipetrain.simulator import simulate
 
     if graph is None:
         graph = trace_graph(plan.model, micro_batch_size=plan.micro_batch_size, seq_len=plan.seq_len, dtype=plan.dtype)
@@ -206,7 +216,7 @@ def simulate_plan(plan: Plan, *, calibration: Any = None, cost: Any = None, topo
             s = min(st.index for st in plan.stages if st.rank == r)
             stages[s] = replace(stages[s], t_optimizer_s=stages[s].t_optimizer_s + rt.fixed_s)
         inp = replace(inp, stages=tuple(stages))
-    return inp, simulate(inp), source
+    return inp, source
 
 
 # ----- measure -------------------------------------------------------------------------------------
