@@ -85,6 +85,25 @@ def test_measure_run_medians_busy_bubble_and_memory(tmp_path: Path) -> None:
     assert meas.quiet_busy_s_per_stage == pytest.approx((6.0, 5.5))
 
 
+def test_measure_run_pools_several_runs_each_without_its_warmup(tmp_path: Path) -> None:
+    """Runs of the same plan spread over time pool their steps (each run's own warm-up left out):
+    two runs of 3 steps at 1 s and 2 s per unit give 4 measured steps, median 1.5 units."""
+    dirs = []
+    for i, s in enumerate((1.0, 2.0)):
+        steps, times = {}, {}
+        for k, f in ((0, 5.0), (1, 1.0), (2, 1.0)):  # step 0 is warm-up
+            u, o = s * f, 10.0 * k
+            steps[k] = {0: [("F", 0, o, o + u), ("B", 0, o + 2 * u, o + 3 * u)], 1: [("F", 0, o + u, o + 2 * u)]}
+            times[k] = {0: 3.0 * u, 1: 2.0 * u}
+        _write_telemetry(tmp_path / f"run{i}", steps, times, {0: 100 * (i + 1), 1: 50})
+        dirs.append(tmp_path / f"run{i}")
+    meas = measure_run(dirs, _plan2(), warmup_steps=1)
+    assert meas.steps == (1, 2, 1_000_001, 1_000_002)
+    assert meas.step_time_s == pytest.approx(3.0 * 1.5) and meas.busy_s_per_stage == pytest.approx((2.0 * 1.5, 1.5))
+    assert meas.peak_activation_bytes_per_rank == (200.0, 50.0)  # the peak over all runs
+    assert measure_run(dirs[:1], _plan2(), warmup_steps=1).step_time_s == pytest.approx(3.0)
+
+
 def test_measure_run_without_telemetry_is_a_run_error(tmp_path: Path) -> None:
     from pipetrain.errors import RunError
 
