@@ -15,8 +15,12 @@ This machine's speed drifts: a fixed workload's medians wander by +-15% between 
 seconds, and the speed of two processes computing at once (the co-run probe's k = 2) by 0.75-1.0
 of their speed alone over minutes. So the grid runs in ``--rounds`` rounds (default 3), each in
 its own shuffled order, and every configuration's steps are pooled over its rounds: a drift hits
-every configuration alike instead of the few that ran during it. Nothing measured inside a run
-feeds its own prediction. (Tried and dropped: re-probing the co-run speed before every run and
+every configuration alike instead of the few that ran during it. Likewise the calibration: each
+round starts with one, and the simulation uses their medians
+(:func:`pipetrain.executor.calibration.combine_calibrations`); two calibrations half an hour
+apart put the in-run cost of a tiny-gpt micro-batch at 10.9 and 9.6 ms and the host CPU per
+message at 308 and 181 us, while the pooled measurements of the same configurations moved by a
+median of 5%. Nothing measured inside a run feeds its own prediction. (Tried and dropped: re-probing the co-run speed before every run and
 simulating with the probes' mean over the benchmark; on the same runs it gave a step MAPE of
 15.1% against 13.9% with the calibration's own probe.)
 
@@ -210,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="rounds over the grid, each in its own order (default 3)")
     ap.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians (default 2)")
     ap.add_argument("--out", default="runs/sim_accuracy", help="output directory")
-    ap.add_argument("--calibration", default=None, help="calibration JSON (default: calibrate now into OUT/calibration.json)")
+    ap.add_argument("--calibration", default=None, help="calibration JSON (default: calibrate at the start of every round, into OUT/calibrationR.json, "
+                         "and use their median, OUT/calibration.json)")
     ap.add_argument("--seed", type=int, default=0, help="shuffles the order of the runs")
     ap.add_argument("--only", action="append", default=None, metavar="TEXT",
                     help="run only configurations whose name contains TEXT (repeatable), e.g. tiny-gpt-p2d1m2")
@@ -218,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="before each run wait up to S seconds for no other runnable process (shared machines)")
     a = ap.parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = "1"
-    from pipetrain.executor.calibration import load_calibration, run_calibration
+    from pipetrain.executor.calibration import combine_calibrations, load_calibration, run_calibration
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -226,13 +231,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"reproduce: {cmd}")
     print(f"machine: {os.cpu_count()} cores; load average at start {loadavg():.2f}")
     t0 = time.perf_counter()
-    if a.calibration:
-        cal = load_calibration(a.calibration)
-    else:
+
+    def calibrate(rnd: int) -> object:
         n = max(p * d for _m, p, d, _mm, _s in grid(a.subset))
-        cal = run_calibration(f"local-cpu:{n}", shapes=[(m, s[0]) for m, s in SHAPES.items()],
-                              progress=lambda msg: print(f"  calibrate: {msg}", flush=True))
-        cal.save(out / "calibration.json")
+        c = run_calibration(f"local-cpu:{n}", shapes=[(m, s[0]) for m, s in SHAPES.items()],
+                            progress=lambda msg: print(f"  calibrate: {msg}", flush=True))
+        c.save(out / f"calibration{rnd}.json")
+        return c
+
+    cals = [load_calibration(a.calibration) if a.calibration else calibrate(0)]
+    cal = cals[0]
     print(f"calibration: p2p {cal.p2p.latency_s * 1e6:.0f} us + {cal.p2p.bandwidth_bytes_per_s / 1e9:.2f} GB/s; "
           f"analytic fit error {cal.fit.error_before * 100:.0f}% -> {cal.fit.error_after * 100:.0f}%")
     configs = grid(a.subset)
@@ -246,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     dirs: dict[tuple, list[Path]] = {cfg: [] for cfg in configs}
     loads: dict[tuple, list[float]] = {cfg: [] for cfg in configs}
     for rnd in range(a.rounds):
+        if rnd > 0 and not a.calibration:
+            cals.append(calibrate(rnd))
         order = list(configs)
         random.Random(a.seed * 1000 + rnd).shuffle(order)
         for cfg in order:
@@ -255,6 +265,15 @@ def main(argv: list[str] | None = None) -> int:
             dirs[cfg].append(run_dir)
             loads[cfg].append(load)
         print(f"  round {rnd + 1}/{a.rounds} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    cal = combine_calibrations(cals)
+    cal.save(out / "calibration.json")
+
+    def per_mb_ms(c: object, o: object) -> str:  # the in-run cost of a micro-batch, one rank
+        r = c.runtime_for(o.model, o.micro_batch_size, o.seq_len)  # type: ignore[attr-defined]
+        return f"{r.factor * r.profiled_microbatch_s * 1e3:.1f}" if r is not None else "-"
+
+    print(f"calibration: the median of {len(cals)}; in-run cost of a micro-batch in each: "
+          + "; ".join(f"{o.model} {', '.join(per_mb_ms(c, o) for c in cals)} ms" for o in cal.runtime))
     if cal.corun:
         print(f"co-run speed (calibrated): {', '.join(f'{v:.3f}' for v in cal.corun_speed())} with 1..{len(cal.corun_speed())} ranks computing")
     results: list[tuple[Fidelity, float]] = []

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from pipetrain.errors import ConfigError, PipetrainError
 
-__all__ = ["to_dict", "from_dict", "write_text_atomic", "read_text_or_error", "parse_json"]
+__all__ = ["to_dict", "from_dict", "write_text_atomic", "read_text_or_error", "parse_json", "median_merge"]
 
 T = TypeVar("T")
 
@@ -136,3 +136,36 @@ def parse_json(text: str, *, what: str, error: type[PipetrainError] = ConfigErro
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise error(f"{what} is not valid JSON: {exc}") from None
+
+
+def median_merge(items: list[Any], where: str = "value", *, last: tuple[str, ...] = ()) -> Any:
+    """Several measurements of the same thing merged field by field: floats (and ints that differ)
+    become their median, equal values stay, tuples/lists/dicts of the same shape merge element by
+    element, dataclasses of one type field by field (the fields named in ``last`` take the last
+    item's value). Strings or shapes that differ raise a ConfigError naming the dotted path: the
+    measurements were not of the same thing."""
+    import statistics
+
+    first = items[0]
+    if all(v == first for v in items):
+        return first
+    if dataclasses.is_dataclass(first) and not isinstance(first, type):
+        if any(type(v) is not type(first) for v in items):
+            raise ConfigError(f"cannot merge {where}: different kinds of record")
+        vals = {f.name: (getattr(items[-1], f.name) if f.name in last else
+                         median_merge([getattr(v, f.name) for v in items], f"{where}.{f.name}", last=last))
+                for f in dataclasses.fields(first)}
+        return dataclasses.replace(first, **vals)
+    if isinstance(first, (tuple, list)):
+        if any(not isinstance(v, (tuple, list)) or len(v) != len(first) for v in items):
+            raise ConfigError(f"cannot merge {where}: lengths differ ({[len(v) for v in items]})")
+        out = [median_merge([v[i] for v in items], f"{where}[{i}]", last=last) for i in range(len(first))]
+        return type(first)(out)
+    if isinstance(first, dict):
+        if any(not isinstance(v, dict) or v.keys() != first.keys() for v in items):
+            raise ConfigError(f"cannot merge {where}: keys differ")
+        return {k: median_merge([v[k] for v in items], f"{where}.{k}", last=last) for k in first}
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
+        med = statistics.median(items)
+        return int(med) if all(isinstance(v, int) for v in items) else float(med)
+    raise ConfigError(f"cannot merge {where}: values differ ({', '.join(repr(v) for v in items[:3])})")

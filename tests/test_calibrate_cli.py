@@ -125,6 +125,7 @@ def test_json_roundtrip_and_version_error(cal_file: Path, tmp_path: Path) -> Non
     (["--topology", "local-cpu:2", "--microbatch-sizes", "a,b"], "--microbatch-sizes"),
     (["--topology", "local-cpu:2", "--model", "no-such-model", "--no-probe"], "no-such-model"),
     (["--topology", "dgx-h100:1", "--no-probe"], "calibrate a local-cpu:N topology here"),
+    (["--topology", "local-cpu:2", "--repeat", "0"], "--repeat must be >= 1"),
 ])
 def test_bad_input_is_one_line_exit_2(argv: list[str], msg: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import torch
@@ -215,3 +216,24 @@ def test_rescaled_calibration_scales_every_measured_time(cal_file: Path) -> None
     assert cal.rescaled(2.0).optimizer_scale("mlp-uneven") == pytest.approx(cal.optimizer_scale("mlp-uneven"))
     with pytest.raises(ConfigError, match="rescale"):
         cal.rescaled(0.0)
+
+
+def test_combined_calibration_is_the_median_of_each_measured_number(cal_file: Path) -> None:
+    """Three snapshots of the machine at 1x, 2x and 3x the time: the combination is the 2x one,
+    number by number (what is not a measured time, the link, stays); calibrations of other
+    models or shapes are refused."""
+    from dataclasses import replace
+
+    from pipetrain.errors import ConfigError
+    from pipetrain.executor.calibration import combine_calibrations, load_calibration
+
+    cal = load_calibration(cal_file)
+    got = combine_calibrations([cal.rescaled(3.0), cal, cal.rescaled(2.0)])
+    want = cal.rescaled(2.0)
+    assert got.profiles == want.profiles and got.runtime == want.runtime and got.messages == want.messages
+    assert got.optimizers[0].per_param_s == pytest.approx(want.optimizers[0].per_param_s) and got.p2p == cal.p2p
+    assert got.elapsed_s == pytest.approx(3 * cal.elapsed_s)
+    with pytest.raises(ConfigError, match=r"calibration\.profiles\[0\]\.model"):
+        combine_calibrations([cal, replace(cal, profiles=(replace(cal.profiles[0], model="tiny-gpt"), cal.profiles[1]))])
+    with pytest.raises(ConfigError, match="lengths differ"):
+        combine_calibrations([cal, replace(cal, profiles=cal.profiles[:1])])

@@ -57,3 +57,28 @@ def test_plan_refuses_another_graph() -> None:
     p.check_graph("f" * 64)
     with pytest.raises(PlanError, match="re-run `pipetrain plan`"):
         p.check_graph("0" * 64, model="gpt2")
+
+
+def test_median_merge_takes_medians_field_by_field() -> None:
+    from dataclasses import dataclass, field
+
+    from pipetrain.errors import ConfigError
+    from pipetrain.serde import median_merge
+
+    @dataclass(frozen=True)
+    class M:
+        name: str
+        t_s: float
+        n: int
+        xs: tuple[float, ...]
+        by: dict[str, float] = field(default_factory=dict)
+        when: str = ""
+
+    items = [M(name="a", t_s=3.0, n=1, xs=(1.0, 9.0), by={"k": 5.0}, when="t0"),
+             M(name="a", t_s=1.0, n=4, xs=(2.0, 8.0), by={"k": 1.0}, when="t1"),
+             M(name="a", t_s=2.0, n=2, xs=(3.0, 7.0), by={"k": 3.0}, when="t2")]
+    got = median_merge(items, "m", last=("when",))
+    assert got == M(name="a", t_s=2.0, n=2, xs=(2.0, 8.0), by={"k": 3.0}, when="t2")
+    assert median_merge(items[:2], "m", last=("when",)).n == 2  # ints: the median, rounded down
+    with pytest.raises(ConfigError, match=r"m\.name: values differ"):
+        median_merge([items[0], M(name="b", t_s=1.0, n=1, xs=(1.0, 9.0))], "m")

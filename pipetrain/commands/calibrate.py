@@ -6,7 +6,8 @@ the device the topology's ranks use (this CPU, one thread per rank as the execut
 GPU on a GPU topology), measures the point-to-point latency and bandwidth of the backend in use
 (gloo on loopback; NCCL on GPU) and the optimizer step, fits the analytic cost model with
 ``scipy.optimize`` and writes the calibration JSON that ``pipetrain plan`` and ``pipetrain
-simulate`` take with ``--calibration FILE``.
+simulate`` take with ``--calibration FILE``. ``--repeat N`` calibrates N times in a row and keeps
+every number's median (a machine whose speed drifts gives a different snapshot each time).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank, as `pipetrain run --threads` (default 1)")
     parser.add_argument("--repeats", type=int, default=7, help="timed repetitions per block (median; default 7)")
     parser.add_argument("--rounds", type=int, default=5, help="profiling rounds per block; the median is kept (default 5)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="whole calibrations in a row; every measured number is their median (default 1)")
     parser.add_argument("--no-probe", action="store_true", help="skip the p2p probe (keep the topology's link figures)")
     parser.add_argument("--no-runtime", action="store_true", help="skip the one-rank executor run that measures its overhead")
     parser.add_argument("-o", "--output", default="calibration.json", help="where to write the calibration (default calibration.json)")
@@ -47,7 +50,7 @@ def parse_int_list(text: str, flag: str) -> tuple[int, ...]:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from pipetrain.executor.calibration import describe, run_calibration
+    from pipetrain.executor.calibration import combine_calibrations, describe, run_calibration
 
     models = tuple(args.model or ["tiny-gpt"])
     sizes = parse_int_list(args.microbatch_sizes, "--microbatch-sizes")
@@ -59,8 +62,16 @@ def run(args: argparse.Namespace) -> int:
         if not quiet:
             print(f"  {msg} ...", file=sys.stderr, flush=True)
 
-    cal = run_calibration(args.topology, models=models, micro_batch_sizes=sizes, seq_len=args.seq_len, dtype=args.dtype,
-                          threads=args.threads, repeats=args.repeats, rounds=args.rounds, probe=not args.no_probe, runtime=not args.no_runtime, progress=say)
+    if args.repeat < 1:
+        raise ConfigError(f"--repeat must be >= 1, got {args.repeat}")
+    cals = []
+    for i in range(args.repeat):
+        if args.repeat > 1:
+            say(f"calibration {i + 1} of {args.repeat}")
+        cals.append(run_calibration(args.topology, models=models, micro_batch_sizes=sizes, seq_len=args.seq_len, dtype=args.dtype,
+                                    threads=args.threads, repeats=args.repeats, rounds=args.rounds, probe=not args.no_probe,
+                                    runtime=not args.no_runtime, progress=say))
+    cal = combine_calibrations(cals)
     path = cal.save(args.output)
     if args.json:
         print(cal.to_json())
