@@ -217,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calibration", default=None, help="calibration JSON (default: calibrate at the start of every round, into OUT/calibrationR.json, "
                          "and use their median, OUT/calibration.json)")
     ap.add_argument("--seed", type=int, default=0, help="shuffles the order of the runs")
+    ap.add_argument("--reuse", action="store_true",
+                    help="run nothing: simulate again and compare with the runs and calibrations already in OUT "
+                         "(after a change to the simulator; OUT/calibration*.json, OUT/NAME/run*)")
     ap.add_argument("--only", action="append", default=None, metavar="TEXT",
                     help="run only configurations whose name contains TEXT (repeatable), e.g. tiny-gpt-p2d1m2")
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
@@ -239,7 +242,10 @@ def main(argv: list[str] | None = None) -> int:
         c.save(out / f"calibration{rnd}.json")
         return c
 
-    cals = [load_calibration(a.calibration) if a.calibration else calibrate(0)]
+    if a.reuse:
+        cals = [load_calibration(f) for f in sorted(out.glob("calibration[0-9]*.json"))] or [load_calibration(out / "calibration.json")]
+    else:
+        cals = [load_calibration(a.calibration) if a.calibration else calibrate(0)]
     cal = cals[0]
     print(f"calibration: p2p {cal.p2p.latency_s * 1e6:.0f} us + {cal.p2p.bandwidth_bytes_per_s / 1e9:.2f} GB/s; "
           f"analytic fit error {cal.fit.error_before * 100:.0f}% -> {cal.fit.error_after * 100:.0f}%")
@@ -253,7 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     plans = {cfg: config_plan(cfg, out) for cfg in configs}
     dirs: dict[tuple, list[Path]] = {cfg: [] for cfg in configs}
     loads: dict[tuple, list[float]] = {cfg: [] for cfg in configs}
-    for rnd in range(a.rounds):
+    for cfg in configs if a.reuse else ():
+        dirs[cfg] = sorted(p.parent for p in (out / plans[cfg][0]).glob("run*/telemetry"))
+        loads[cfg] = [float("nan")]
+        if not dirs[cfg]:
+            ap.error(f"--reuse: {out / plans[cfg][0]} has no runs; run the benchmark into {out} first")
+    for rnd in range(0 if a.reuse else a.rounds):
         if rnd > 0 and not a.calibration:
             cals.append(calibrate(rnd))
         order = list(configs)

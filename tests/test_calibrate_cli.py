@@ -156,6 +156,10 @@ def test_probe_measures_the_gloo_link(tmp_path: Path) -> None:
     (c,) = cal.corun
     assert (c.model, c.micro_batch_size, len(c.speed)) == ("mlp-uneven", 2, 2) and c.speed[0] == 1.0 and 0 < c.speed[1] <= 1.5
     assert topo.nodes[0].corun_speed == cal.corun_speed() == c.speed
+    # what a wait costs the next action, carried by the node too
+    (rc,) = cal.resume
+    assert rc.model == "mlp-uneven" and rc.pairs == 60 and rc.gap_s == pytest.approx(3e-3) and 0 < rc.hot_s < 1.0
+    assert rc.slowdown == pytest.approx(rc.cold_s / rc.hot_s, rel=0.5) and topo.nodes[0].resume_slowdown == cal.resume_slowdown()
 
 
 def test_simulate_plan_with_calibration_uses_measured_blocks(cal_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -347,3 +347,23 @@ def test_measured_corun_speed_slows_ranks_that_compute_together() -> None:
     assert ComputeGroup(ranks=(0, 1, 2), capacity=2).rate(3) == pytest.approx(2 / 3)
     with pytest.raises(ConfigError, match="speed entries"):
         ComputeGroup(ranks=(0, 1), speed=(1.0, 0.0))
+
+
+def test_an_action_after_a_wait_runs_slower() -> None:
+    """ComputeGroup.resume_slowdown: the first action after a wait of at least resume_after_s takes
+    that many times as long. GPipe p=2 m=2, F 1 s, B 2 s, x1.5: rank 1 waited 1 s for 0F0, so its F0
+    takes 1.5 s; rank 0 waited for the first gradient until 5.5 s, so that B takes 3 s: 10.5 s."""
+    from dataclasses import replace
+
+    base = uniform(2, 2, "gpipe", t_fwd_s=1.0, t_bwd_s=2.0)
+    g = ComputeGroup(ranks=(0, 1), capacity=2, sharing="time-slice", resume_slowdown=1.5, resume_after_s=0.5)
+    assert g.contends
+    r = simulate(replace(base, compute_groups=(g,)))
+    spans = sorted((e.rank, e.start_s, e.end_s) for e in r.events if e.kind in ("F", "B"))
+    assert [s for s in spans if s[0] == 1][0] == pytest.approx((1, 1.0, 2.5))
+    assert [s for s in spans if s[0] == 0][2] == pytest.approx((0, 5.5, 8.5))
+    assert close(r.step_time_s, 10.5)
+    # waits shorter than resume_after_s leave the caches warm: only rank 0's long wait counts
+    assert close(simulate(replace(base, compute_groups=(replace(g, resume_after_s=2.0),))).step_time_s, 10.0)
+    with pytest.raises(ConfigError, match="resume_slowdown"):
+        ComputeGroup(ranks=(0, 1), resume_slowdown=0.5)

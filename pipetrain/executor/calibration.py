@@ -14,7 +14,8 @@ thread per rank, as the executor runs; or the GPU):
   (:func:`pipetrain.executor.commprobe.probe_wakeup`), which the topology's node then carries;
 * on CPU, how fast a rank computes while ``k`` others of the node compute too (``k`` up to the
   topology's ranks per node; :func:`pipetrain.executor.corun.probe_corun`), which the node
-  carries as ``corun_speed``;
+  carries as ``corun_speed``, and what a wait costs the next action (cold caches;
+  :func:`pipetrain.executor.corun.probe_resume`; the node's ``resume_slowdown``);
 * on CPU, the executor's own overhead over the profiled blocks: a one-rank executor run of each
   model and shape (:mod:`pipetrain.executor.overhead`);
 * the optimizer step as the executor runs it (global-norm clipping, the update, zeroing the
@@ -42,7 +43,7 @@ from typing import Any, Callable, Sequence
 
 from pipetrain.errors import ConfigError
 from pipetrain.executor.commprobe import P2PCost, WakeupCost
-from pipetrain.executor.corun import CoRunSpeed, mean_corun
+from pipetrain.executor.corun import CoRunSpeed, ResumeCost, mean_corun
 from pipetrain.executor.overhead import MessageHostCost, RuntimeOverhead
 from pipetrain.planner.calibrate import CalibratedCostModel, CalibrationFit
 from pipetrain.planner.costs import NodeTimes, stage_from_node_times, StageCost
@@ -97,6 +98,8 @@ class Calibration:
     wakeup: WakeupCost | None = None
     #: CPU: per model and shape, each rank's speed while k ranks compute at once (empty: not measured)
     corun: tuple[CoRunSpeed, ...] = ()
+    #: CPU: per model and shape, the next action's slowdown after a wait (empty: not measured)
+    resume: tuple[ResumeCost, ...] = ()
     created_utc: str = ""
     elapsed_s: float = 0.0
     schema_version: int = CALIBRATION_FILE_VERSION
@@ -138,6 +141,10 @@ class Calibration:
         (they agree within the machine's noise here: 0.43-0.45 at k = 4 for tiny-gpt and the MLP)."""
         return mean_corun(self.corun).speed if self.corun else ()
 
+    def resume_slowdown(self) -> float:
+        """The node's slowdown of an action after a wait: the median over the measured models (1.0: not measured)."""
+        return min(3.0, max(1.0, statistics.median(r.slowdown for r in self.resume))) if self.resume else 1.0
+
     def rescaled(self, factor: float) -> "Calibration":
         """This calibration on a machine ``factor`` times slower: every measured CPU or device time
         (block profiles, optimizer fit, the executor's per-step and end-of-step times, host work per
@@ -152,7 +159,8 @@ class Calibration:
         runtime = tuple(replace(o, fixed_s=o.fixed_s * factor, end_of_step_s=o.end_of_step_s * factor) for o in self.runtime)
         messages = tuple(replace(m, host_s=m.host_s * factor) for m in self.messages)
         corun = tuple(replace(c, alone_s=c.alone_s * factor) for c in self.corun)
-        return replace(self, profiles=profiles, optimizers=opts, runtime=runtime, messages=messages, corun=corun)
+        resume = tuple(replace(r, hot_s=r.hot_s * factor, cold_s=r.cold_s * factor) for r in self.resume)
+        return replace(self, profiles=profiles, optimizers=opts, runtime=runtime, messages=messages, corun=corun, resume=resume)
 
     def runtime_for(self, model: str, micro_batch_size: int, seq_len: int) -> RuntimeOverhead | None:
         return next((o for o in self.runtime if (o.model, o.micro_batch_size, o.seq_len) == (model, micro_batch_size, seq_len)), None)
@@ -277,6 +285,8 @@ def calibrated_topology(topology: Topology, calibration: Calibration) -> Topolog
                 node = replace(node, wakeup_s=calibration.wakeup.wakeup_s)
             if calibration.corun and node.cores > 0:
                 node = replace(node, corun_speed=calibration.corun_speed())
+            if calibration.resume and node.cores > 0:
+                node = replace(node, resume_slowdown=calibration.resume_slowdown())
         nodes.append(node)
     return replace(topology, nodes=tuple(nodes))
 
@@ -433,15 +443,17 @@ def run_calibration(topology: str, *, models: Sequence[str] = ("tiny-gpt",), mic
 
         say(f"probing the wake-up latency of a blocked receiver with all {os.cpu_count() or 1} cores busy")
         wakeup = probe_wakeup(cores=os.cpu_count() or 1)
-    corun = []
+    corun, resume = [], []
     if probe and device == "cpu":
-        from pipetrain.executor.corun import probe_corun
+        from pipetrain.executor.corun import probe_corun, probe_resume
 
         jobs = max(sum(1 for d in topo.devices if d.node == n) for n in range(len(topo.nodes)))
         for _g, prof in samples:
             say(f"measuring the speed of 1..{jobs} ranks computing {prof.model} micro-batch {prof.micro_batch_size} at once")
             corun.append(probe_corun(prof.model, micro_batch_size=prof.micro_batch_size, seq_len=prof.seq_len, max_jobs=jobs,
                                      cores=os.cpu_count() or 1, threads=threads))
+            say(f"timing {prof.model} micro-batch {prof.micro_batch_size} right after another action and after a wait")
+            resume.append(probe_resume(prof.model, micro_batch_size=prof.micro_batch_size, seq_len=prof.seq_len, threads=threads))
     overheads, messages = [], []
     if runtime and device == "cpu":
         from pipetrain.executor.overhead import measure_message_host_s, measure_runtime_overhead
@@ -456,7 +468,7 @@ def run_calibration(topology: str, *, models: Sequence[str] = ("tiny-gpt",), mic
     return Calibration(topology=topo.name, device_type=dt.name, device=local_device_name(device, threads), device_kind=dt.kind,
                        threads=threads, cores=os.cpu_count() or 1, p2p=p2p, optimizers=tuple(opts), fit=fit,
                        profiles=tuple(p for _, p in samples), runtime=tuple(overheads), messages=tuple(messages), wakeup=wakeup,
-                       corun=tuple(corun),
+                       corun=tuple(corun), resume=tuple(resume),
                        created_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                        elapsed_s=time.perf_counter() - t_start)
 
@@ -488,6 +500,10 @@ def describe(cal: Calibration) -> list[tuple[str, str]]:
         rows.append((f"co-run speed {c.model} mbs {c.micro_batch_size}",
                      f"{', '.join(f'{v:.2f}' for v in c.speed)} with 1..{len(c.speed)} ranks computing on {c.cores} cores "
                      f"(alone {c.alone_s * 1e3:.1f} ms per micro-batch)"))
+    for r in cal.resume:
+        rows.append((f"after a wait {r.model} mbs {r.micro_batch_size}",
+                     f"x{r.slowdown:.3f} ({r.hot_s * 1e3:.2f} ms right after another, {r.cold_s * 1e3:.2f} ms after {r.gap_s * 1e3:.0f} ms idle; "
+                     f"half the blocks, {r.pairs} pairs)"))
     rows.append(("analytic fit", f"mean |error| {cal.fit.error_before * 100:.1f}% -> {cal.fit.error_after * 100:.1f}% "
                                  f"over {cal.fit.num_samples} block times"))
     return rows

@@ -9,7 +9,8 @@ does:
   direction), occupies it for ``bytes / bandwidth`` and lands ``latency`` later;
 * **RECV** blocks the rank until the matching transfer has landed; in a time-sliced compute
   group whose cores are all computing when it lands, ``ComputeGroup.wakeup_s`` later (the
-  blocked process waits for a core);
+  blocked process waits for a core); a rank that waited at least ``ComputeGroup.resume_after_s``
+  (for a message or a buffer) runs its next action ``resume_slowdown`` times as long (cold caches);
 * **host work per message** (``SimInput.t_message_host_s``): after posting a SEND and after a
   RECV lands, the rank's compute is held that long (CPU ranks: gloo's posting and copying);
 * **receive buffers (back-pressure)**, as the executor keeps them: stage ``s`` has ``buffers``
@@ -78,12 +79,16 @@ def simulate(inp: SimInput) -> SimResult:
     n_st, n_rk = sched.num_stages, sched.num_ranks
     resource: list[simpy.Resource | SharedCores | None] = [None] * n_rk
     wakeup = [0.0] * n_rk
+    slow = [1.0] * n_rk  # an action after a wait of at least cold_after[r] takes slow[r] times as long
+    cold_after = [0.0] * n_rk
+    cold = [False] * n_rk
     for g in inp.compute_groups:
         if g.contends:
             res = SharedCores(env, g.capacity, g.rate) if g.sharing == "time-slice" else simpy.Resource(env, capacity=g.capacity)
             for r in g.ranks:
                 resource[r] = res
-                wakeup[r] = g.wakeup_s if g.sharing == "time-slice" else 0.0
+                if g.sharing == "time-slice":
+                    wakeup[r], slow[r], cold_after[r] = g.wakeup_s, g.resume_slowdown, g.resume_after_s
     caps = [spec.buffers or _UNLIMITED for spec in inp.stages]
     act_bytes = [spec.activation_bytes for spec in inp.stages]
     wg_bytes = [spec.wgrad_stash_bytes for spec in inp.stages]
@@ -190,17 +195,23 @@ def simulate(inp: SimInput) -> SimResult:
                 _, s, kind, mb, slot, acquires, kind_slot, final = op
                 dur = dur_of[slot]
                 if acquires:
+                    t0 = env.now
                     while in_flight[s] >= caps[s]:
                         waiting_on[r] = ("buffer", s, mb)
                         w = env.event()
                         buf_wait[s].append(w)
                         yield w
+                    if env.now - t0 >= cold_after[r] and env.now > t0:
+                        cold[r] = True
                     in_flight[s] += 1
                     if in_flight[s] > peak[s]:
                         peak[s] = in_flight[s]
                     if act_bytes[s]:
                         mem[s] += act_bytes[s]
                         timeline[s].append((env.now, mem[s]))
+                if cold[r]:  # resumed after a wait: its caches went cold
+                    dur *= slow[r]
+                    cold[r] = False
                 if isinstance(res, SharedCores):  # time-sliced: starts now, ends once it got `dur` of core time
                     start = env.now
                     yield res.run(dur)
@@ -268,6 +279,8 @@ def simulate(inp: SimInput) -> SimResult:
                     yield timeout(arrive - t0)
                 if wakeup[r] and env.now > t0 and isinstance(res, SharedCores) and len(res.jobs) >= res.capacity:  # blocked, all cores taken
                     yield timeout(wakeup[r])
+                if slow[r] > 1.0 and env.now > t0 and env.now - t0 >= cold_after[r]:
+                    cold[r] = True
                 push((s, r, "RECV", mb, t0, env.now, bytes_of[slot]))
                 if host_s:
                     yield from occupy(res, host_s)
