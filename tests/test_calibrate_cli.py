@@ -151,7 +151,14 @@ def test_probe_measures_the_gloo_link(tmp_path: Path) -> None:
     assert 0 < cal.p2p.latency_s < 0.1 and cal.p2p.bandwidth_bytes_per_s > 1e6
     topo = calibrated_topology(topology_preset("local-cpu:2"), cal)
     link = topo.link_between(0, 1)
-    assert link.latency_s == cal.p2p.latency_s and link.bandwidth_bytes_per_s == cal.p2p.bandwidth_bytes_per_s
+    assert link.bandwidth_bytes_per_s == cal.p2p.bandwidth_bytes_per_s
+    # the latency a blocked receiver sees: the wake-up probe's idle one-way time less the wire time
+    w = cal.wakeup
+    assert w is not None and link.latency_s == pytest.approx(max(cal.p2p.latency_s, w.idle_one_way_s - w.nbytes / cal.p2p.bandwidth_bytes_per_s))
+    assert link.latency_s >= cal.p2p.latency_s
+    from dataclasses import replace
+
+    assert calibrated_topology(topology_preset("local-cpu:2"), replace(cal, wakeup=None)).link_between(0, 1).latency_s == cal.p2p.latency_s
     # the co-run speed of 1 and 2 ranks computing at once, carried by the node
     (c,) = cal.corun
     assert (c.model, c.micro_batch_size, len(c.speed)) == ("mlp-uneven", 2, 2) and c.speed[0] == 1.0 and 0 < c.speed[1] <= 1.5
