@@ -57,8 +57,8 @@ class CoRunSpeed:
 
 
 def _job(model: str, micro_batch_size: int, seq_len: int | None, threads: int, conn: Any) -> None:
-    """A probe process: build the model, then per command ``(until,)`` run forward+backward back to
-    back until monotonic time ``until`` and send the iteration times (``None`` ends it)."""
+    """A probe process: build the model, then per command ``(start, until)`` run forward+backward back
+    to back from monotonic time ``start`` until ``until`` and send the iteration times (``None`` ends it)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -96,9 +96,9 @@ def _answer(conn: Any, deadline: float, what: str) -> Any:
 
 
 class CoRunProbe:
-    """``max_jobs`` probe processes of one model and shape, kept alive between measurements
-    (a benchmark re-probes before each of its runs without paying for process start-up).
-    Use as a context manager; :meth:`measure` runs the phases (module docstring)."""
+    """``max_jobs`` probe processes of one model and shape, alive for the ``with`` block;
+    :meth:`measure` runs the phases (module docstring) and may be called again without
+    starting the processes anew."""
 
     def __init__(self, model: str, *, micro_batch_size: int, seq_len: int | None = None, max_jobs: int, cores: int,
                  threads: int = 1, timeout_s: float = 180.0) -> None:
