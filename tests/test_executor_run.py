@@ -162,6 +162,11 @@ def test_telemetry_events_and_clock(runs: Any) -> None:
     f1 = {e["microbatch"]: e for e in tel[1] if e["type"] == "event" and e["kind"] == "F" and e["step"] == 5}
     for e in f0:
         assert f1[e["microbatch"]]["start_s"] >= e["end_s"] - 1e-4
+    # on CPU every compute span carries its thread's CPU time: positive, and no more than the span
+    # (plus one clock read) since one thread runs it
+    for e in f0 + b1:
+        assert 0 < e["cpu_s"] <= e["end_s"] - e["start_s"] + 1e-4
+    assert all("cpu_s" not in e for e in sends + recvs)
     steps = [r for r in tel[1] if r["type"] == "step"]
     assert steps[0]["memory"]["rss_bytes"] > 10 << 20 and steps[0]["memory"]["tensor_bytes"] > 0
 

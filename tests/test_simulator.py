@@ -349,21 +349,46 @@ def test_measured_corun_speed_slows_ranks_that_compute_together() -> None:
         ComputeGroup(ranks=(0, 1), speed=(1.0, 0.0))
 
 
-def test_an_action_after_a_wait_runs_slower() -> None:
-    """ComputeGroup.resume_slowdown: the first action after a wait of at least resume_after_s takes
-    that many times as long. GPipe p=2 m=2, F 1 s, B 2 s, x1.5: rank 1 waited 1 s for 0F0, so its F0
-    takes 1.5 s; rank 0 waited for the first gradient until 5.5 s, so that B takes 3 s: 10.5 s."""
+def test_an_action_after_a_wait_needs_more_compute() -> None:
+    """ComputeGroup.resume_s: the first action after a wait of at least resume_after_s needs that
+    many seconds more. GPipe p=2 m=2, F 1 s, B 2 s, +0.5 s: rank 1 waited 1 s for 0F0, so its F0
+    runs 1.0-2.5; rank 0 waited for the first gradient until 5.5 s, so that B runs 5.5-8.0, and
+    its B1 (gradient landed at 7.5, no wait) 8.0-10.0."""
     from dataclasses import replace
 
     base = uniform(2, 2, "gpipe", t_fwd_s=1.0, t_bwd_s=2.0)
-    g = ComputeGroup(ranks=(0, 1), capacity=2, sharing="time-slice", resume_slowdown=1.5, resume_after_s=0.5)
-    assert g.contends
+    assert close(simulate(base).step_time_s, 9.0)
+    g = ComputeGroup(ranks=(0, 1), capacity=2, sharing="time-slice", resume_s=0.5, resume_after_s=0.5)
+    assert g.contends and g.resume_cost_s(1.0) == 0.5 and g.resume_cost_s(0.2) == 0.0
     r = simulate(replace(base, compute_groups=(g,)))
     spans = sorted((e.rank, e.start_s, e.end_s) for e in r.events if e.kind in ("F", "B"))
     assert [s for s in spans if s[0] == 1][0] == pytest.approx((1, 1.0, 2.5))
-    assert [s for s in spans if s[0] == 0][2] == pytest.approx((0, 5.5, 8.5))
-    assert close(r.step_time_s, 10.5)
+    assert [x for s in spans if s[0] == 0 for x in s[1:]][4:] == pytest.approx([5.5, 8.0, 8.0, 10.0])
+    assert close(r.step_time_s, 10.0)
     # waits shorter than resume_after_s leave the caches warm: only rank 0's long wait counts
-    assert close(simulate(replace(base, compute_groups=(replace(g, resume_after_s=2.0),))).step_time_s, 10.0)
-    with pytest.raises(ConfigError, match="resume_slowdown"):
-        ComputeGroup(ranks=(0, 1), resume_slowdown=0.5)
+    assert close(simulate(replace(base, compute_groups=(replace(g, resume_after_s=2.0),))).step_time_s, 9.5)
+    for bad in (dict(resume_s=-0.1), dict(switch_s=1.5)):
+        with pytest.raises(ConfigError, match="resume_s and switch_s"):
+            ComputeGroup(ranks=(0, 1), **bad)
+
+
+def test_an_action_after_another_rank_ran_on_its_core() -> None:
+    """ComputeGroup.switch_s applies after any wait, and only where ranks outnumber the cores.
+    GPipe p=2 m=2 on one core, F 1 s, B 2 s, +0.25 s: rank 1's F0 (after a 1 s wait) shares the
+    core with rank 0's F1 from 1.0 (each at half speed): F1 ends at 3.0, F0 at 3.25; rank 1 then
+    runs F1 3.25-4.25 and B0 4.25-6.25 alone; rank 0's B0 (after a wait) shares with rank 1's B1
+    from 6.25: B1 ends at 10.25, B0 at 10.5; rank 0's B1 10.5-12.5. Without it: 12.0."""
+    from dataclasses import replace
+
+    base = uniform(2, 2, "gpipe", t_fwd_s=1.0, t_bwd_s=2.0)
+    one = ComputeGroup(ranks=(0, 1), capacity=1, sharing="time-slice")
+    assert close(simulate(replace(base, compute_groups=(one,))).step_time_s, 12.0)
+    r = simulate(replace(base, compute_groups=(replace(one, switch_s=0.25),)))
+    spans = sorted((e.rank, e.start_s, e.end_s) for e in r.events if e.kind in ("F", "B"))
+    assert [x for s in spans for x in s] == pytest.approx([0, 0.0, 1.0, 0, 1.0, 3.0, 0, 6.25, 10.5, 0, 10.5, 12.5,
+                                                          1, 1.0, 3.25, 1, 3.25, 4.25, 1, 4.25, 6.25, 1, 6.25, 10.25])
+    assert close(r.step_time_s, 12.5)
+    # two cores for two ranks: no other rank ran on a waiting rank's core, so no switch cost
+    two = ComputeGroup(ranks=(0, 1), capacity=2, sharing="time-slice", switch_s=0.25, resume_s=0.1, resume_after_s=5.0)
+    assert two.contends and two.resume_cost_s(3.0) == 0.0
+    assert close(simulate(replace(base, compute_groups=(two,))).step_time_s, 9.0)

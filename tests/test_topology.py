@@ -110,11 +110,11 @@ def test_corun_speed_reaches_the_compute_group() -> None:
     assert gd.capacity == 1 and gd.speed == (0.9, 0.45)
     flat = replace(t, nodes=(replace(t.nodes[0], corun_speed=(1.0, 1.0)),))
     assert _compute_groups(flat, placement(flat, 2, 1)) == ()  # nothing slows: no group
-    cold = load_topology(text.replace("[1.0, 0.9, 0.7, 0.45]", "[1.0, 1.0]\n    resume_slowdown: 1.08"))
+    cold = load_topology(text.replace("[1.0, 0.9, 0.7, 0.45]", "[1.0, 1.0]\n    resume_s: 3.0e-4\n    switch_s: 5.0e-4"))
     (gc,) = _compute_groups(cold, placement(cold, 2, 1))  # slower after waits: a group again
-    assert gc.resume_slowdown == pytest.approx(1.08) and gc.speed == (1.0, 1.0)
-    with pytest.raises(ConfigError, match="resume_slowdown must be in"):
-        load_topology(text.replace("[1.0, 0.9, 0.7, 0.45]", "[1.0, 1.0]\n    resume_slowdown: 0.5"))
+    assert (gc.resume_s, gc.switch_s, gc.speed) == (pytest.approx(3e-4), pytest.approx(5e-4), (1.0, 1.0))
+    with pytest.raises(ConfigError, match="resume_s and switch_s must be in"):
+        load_topology(text.replace("[1.0, 0.9, 0.7, 0.45]", "[1.0, 1.0]\n    switch_s: 2"))
     for bad, msg in (("[1.0, 0]", r"nodes\[0\]\.corun_speed\[1\]"), ("0.9", "must be a list"), ("[1.0, 2.0]", r"\(0, 1.5\]")):
         with pytest.raises(ConfigError, match=msg):
             load_topology(text.replace("[1.0, 0.9, 0.7, 0.45]", bad))

@@ -16,7 +16,8 @@ thread per rank, as the executor runs; or the GPU):
 * on CPU, how fast a rank computes while ``k`` others of the node compute too (``k`` up to the
   topology's ranks per node; :func:`pipetrain.executor.corun.probe_corun`), which the node
   carries as ``corun_speed``, and what a wait costs the next action (cold caches;
-  :func:`pipetrain.executor.corun.probe_resume`; the node's ``resume_slowdown``);
+  :func:`pipetrain.executor.corun.probe_resume`; the node's ``resume_s``) and what another process
+  running on its core meanwhile costs it (the node's ``switch_s``);
 * on CPU, the executor's own overhead over the profiled blocks: a one-rank executor run of each
   model and shape (:mod:`pipetrain.executor.overhead`);
 * the optimizer step as the executor runs it (global-norm clipping, the update, zeroing the
@@ -155,9 +156,14 @@ class Calibration:
             return self.p2p.latency_s
         return max(self.p2p.latency_s, w.idle_one_way_s - w.nbytes / self.p2p.bandwidth_bytes_per_s)
 
-    def resume_slowdown(self) -> float:
-        """The node's slowdown of an action after a wait: the median over the measured models (1.0: not measured)."""
-        return min(3.0, max(1.0, statistics.median(r.slowdown for r in self.resume))) if self.resume else 1.0
+    def resume_s(self) -> float:
+        """The node's extra seconds of an action after a wait: the median over the measured models (0: not measured)."""
+        return min(0.5, statistics.median(r.resume_s for r in self.resume)) if self.resume else 0.0
+
+    def switch_s(self) -> float:
+        """The node's extra seconds of an action after another process ran on its core: the median
+        over the measured models (0: not measured)."""
+        return min(0.5, statistics.median(r.switch_s for r in self.resume)) if self.resume else 0.0
 
     def rescaled(self, factor: float) -> "Calibration":
         """This calibration on a machine ``factor`` times slower: every measured CPU or device time
@@ -173,7 +179,8 @@ class Calibration:
         runtime = tuple(replace(o, fixed_s=o.fixed_s * factor, end_of_step_s=o.end_of_step_s * factor) for o in self.runtime)
         messages = tuple(replace(m, host_s=m.host_s * factor) for m in self.messages)
         corun = tuple(replace(c, alone_s=c.alone_s * factor) for c in self.corun)
-        resume = tuple(replace(r, hot_s=r.hot_s * factor, cold_s=r.cold_s * factor) for r in self.resume)
+        resume = tuple(replace(r, hot_s=r.hot_s * factor, cold_s=r.cold_s * factor, after_other_s=r.after_other_s * factor)
+                       for r in self.resume)
         return replace(self, profiles=profiles, optimizers=opts, runtime=runtime, messages=messages, corun=corun, resume=resume)
 
     def runtime_for(self, model: str, micro_batch_size: int, seq_len: int) -> RuntimeOverhead | None:
@@ -303,7 +310,7 @@ def calibrated_topology(topology: Topology, calibration: Calibration) -> Topolog
             if calibration.corun and node.cores > 0:
                 node = replace(node, corun_speed=calibration.corun_speed())
             if calibration.resume and node.cores > 0:
-                node = replace(node, resume_slowdown=calibration.resume_slowdown())
+                node = replace(node, resume_s=calibration.resume_s(), switch_s=calibration.switch_s())
         nodes.append(node)
     return replace(topology, nodes=tuple(nodes))
 
@@ -520,8 +527,10 @@ def describe(cal: Calibration) -> list[tuple[str, str]]:
                      f"(alone {c.alone_s * 1e3:.1f} ms per micro-batch)"))
     for r in cal.resume:
         rows.append((f"after a wait {r.model} mbs {r.micro_batch_size}",
-                     f"x{r.slowdown:.3f} ({r.hot_s * 1e3:.2f} ms right after another, {r.cold_s * 1e3:.2f} ms after {r.gap_s * 1e3:.0f} ms idle; "
-                     f"half the blocks, {r.pairs} pairs)"))
+                     f"+{r.resume_s * 1e3:.2f} ms after a wait, +{r.switch_s * 1e3:.2f} ms after another process on its core "
+                     f"({r.hot_s * 1e3:.2f} ms right after another, {r.cold_s * 1e3:.2f} ms after {r.gap_s * 1e3:.0f} ms idle, "
+                     + (f"{r.after_other_s * 1e3:.2f} ms after the other process; " if r.after_other_s > 0 else "")
+                     + f"half the blocks, {r.pairs} pairs)"))
     rows.append(("analytic fit", f"mean |error| {cal.fit.error_before * 100:.1f}% -> {cal.fit.error_after * 100:.1f}% "
                                  f"over {cal.fit.num_samples} block times"))
     return rows

@@ -21,7 +21,13 @@ node carries the table (``corun_speed``).
 a message leaves its core idle, the core's caches go cold (on this virtual machine the host runs
 other work there), and the action it then runs is slower than the same action back to back. It
 alternates, in one process, a forward and backward right after another with one after sleeping
-``gap_s``; the median ratio is the node's ``resume_slowdown`` (1.01-1.11 here with 2-10 ms).
+``gap_s`` and one right after another process ran the same blocks on the same core (both pinned
+to it). The differences of the medians are the node's ``resume_s`` and ``switch_s``: fixed costs,
+not factors. Here, pinned pairs of tiny-gpt blocks: after the other process, +0.37 ms for the
+embedding (0.15 ms hot), +0.54 ms for one transformer block (2.3 ms), +0.34 ms for the whole model
+(10 ms); after 3 ms of sleep, +0.18, +0.24 and +0.19 ms. In a 4-rank 1F1B pipeline on 2 cores each
+action's thread CPU time was 0.2-0.4 ms above its profile, in GPipe (whose actions mostly follow
+one another without a wait) 0-0.1 ms.
 """
 
 from __future__ import annotations
@@ -56,18 +62,25 @@ class CoRunSpeed:
             raise ConfigError(f"co-run speed: cores must be >= 1 and alone_s > 0, got {self.cores}, {self.alone_s}")
 
 
-def _job(model: str, micro_batch_size: int, seq_len: int | None, threads: int, conn: Any) -> None:
+def _job(model: str, micro_batch_size: int, seq_len: int | None, threads: int, conn: Any, blocks: int = 0,
+         core: int | None = None) -> None:
     """A probe process: build the model, then per command ``(start, until)`` run forward+backward back
-    to back from monotonic time ``start`` until ``until`` and send the iteration times (``None`` ends it)."""
+    to back from monotonic time ``start`` until ``until`` and send the iteration times (``None`` ends it);
+    ``until`` already past runs one. ``blocks`` > 0: only the first that many blocks; ``core``: pinned to it."""
+    import os
+
     import torch
 
+    if core is not None:
+        os.sched_setaffinity(0, {core})
     torch.set_num_threads(threads)
     from pipetrain.planner.profile import _Setup
 
     s = _Setup(model, micro_batch_size, seq_len, "fp32", "cpu", 0)
+    end = blocks or s.n
     grads: dict[tuple[int, int], Any] = {}
     for _ in range(2):  # warm-up: allocator and autograd caches
-        s._once(0, s.n, grads)
+        s._once(0, end, grads)
     conn.send("ready")
     while True:
         cmd = conn.recv()
@@ -78,7 +91,7 @@ def _job(model: str, micro_batch_size: int, seq_len: int | None, threads: int, c
             time.sleep(min(1e-3, max(0.0, start - time.monotonic())))
         times = []
         while True:
-            f, b = s._once(0, s.n, grads)
+            f, b = s._once(0, end, grads)
             if time.monotonic() > until:
                 break
             times.append(f + b)
@@ -193,8 +206,10 @@ def mean_corun(measurements: Sequence[CoRunSpeed]) -> CoRunSpeed:
 
 @dataclass(frozen=True, kw_only=True)
 class ResumeCost:
-    """Median forward+backward of the first half of a model's blocks right after another (``hot_s``)
-    and after ``gap_s`` of sleep (``cold_s``); ``slowdown`` is the median of the paired ratios."""
+    """Median forward+backward of the first half of a model's blocks right after another (``hot_s``),
+    after ``gap_s`` of sleep (``cold_s``) and right after another process ran the same on the same
+    core (``after_other_s``; 0: not measured, e.g. where processes cannot be pinned to a core).
+    ``slowdown`` is the median of the paired ratios cold / hot."""
 
     model: str
     micro_batch_size: int
@@ -204,15 +219,45 @@ class ResumeCost:
     cold_s: float
     slowdown: float
     pairs: int
+    after_other_s: float = 0.0
 
     def __post_init__(self) -> None:
-        if not (self.gap_s > 0 and self.hot_s > 0 and self.cold_s > 0 and self.slowdown > 0 and self.pairs >= 1):
+        if not (self.gap_s > 0 and self.hot_s > 0 and self.cold_s > 0 and self.slowdown > 0 and self.pairs >= 1
+                and self.after_other_s >= 0):
             raise ConfigError(f"resume cost of {self.model}: times, slowdown and pairs must be > 0")
+
+    @property
+    def resume_s(self) -> float:
+        """Extra seconds of the action after a wait (the node's ``resume_s``)."""
+        return max(0.0, self.cold_s - self.hot_s)
+
+    @property
+    def switch_s(self) -> float:
+        """Extra seconds of the action after another process ran on its core (the node's ``switch_s``;
+        ``resume_s`` where not measured)."""
+        return max(0.0, self.after_other_s - self.hot_s) if self.after_other_s > 0 else self.resume_s
+
+
+def _pinnable() -> int | None:
+    """A core this process may run on, if processes can be pinned here (Linux), else None."""
+    import os
+
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    try:
+        return min(os.sched_getaffinity(0))
+    except (OSError, ValueError):
+        return None
 
 
 def probe_resume(model: str, *, micro_batch_size: int, seq_len: int | None = None, gap_s: float = 3e-3, pairs: int = 60,
-                 threads: int = 1) -> ResumeCost:
-    """Paired hot / after-a-wait timings of the first half of ``model``'s blocks (module docstring)."""
+                 threads: int = 1, timeout_s: float = 120.0) -> ResumeCost:
+    """Paired hot / after-a-wait / after-another-process timings of the first half of ``model``'s
+    blocks (module docstring). For the last, this process and a spawned one that runs the same
+    blocks are pinned to one core and take turns; this process's affinity is restored after."""
+    import multiprocessing
+    import os
+
     import torch
 
     from pipetrain.planner.profile import _Setup
@@ -221,19 +266,46 @@ def probe_resume(model: str, *, micro_batch_size: int, seq_len: int | None = Non
         raise ConfigError(f"resume probe needs pairs >= 1 and gap_s > 0, got {pairs}, {gap_s}")
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
+    core = _pinnable()
+    affinity = os.sched_getaffinity(0) if core is not None else None
+    here = proc = None
     try:
         s = _Setup(model, micro_batch_size, seq_len, "fp32", "cpu", 0)
         end = max(1, s.n // 2)
+        deadline = time.monotonic() + timeout_s
+        if core is not None:
+            here, there = multiprocessing.get_context("spawn").Pipe()
+            proc = multiprocessing.get_context("spawn").Process(
+                target=_job, args=(model, micro_batch_size, s.seq_len, threads, there, end, core), daemon=True)
+            proc.start()
+            _answer(here, deadline, "start")
+            os.sched_setaffinity(0, {core})
         grads: dict[tuple[int, int], Any] = {}
         for _ in range(3):
             s._once(0, end, grads)
-        hot, cold = [], []
+        hot, cold, other = [], [], []
         for _ in range(pairs):
             s._once(0, end, grads)  # the one before: caches warm
             hot.append(sum(s._once(0, end, grads)))
             time.sleep(gap_s)
             cold.append(sum(s._once(0, end, grads)))
+            if here is not None:
+                here.send((0.0, 0.0))  # the other process runs the same blocks once on this core
+                _answer(here, deadline, "run the blocks")
+                other.append(sum(s._once(0, end, grads)))
     finally:
         torch.set_num_threads(old)
+        if affinity is not None:
+            os.sched_setaffinity(0, affinity)
+        if here is not None:
+            try:
+                here.send(None)
+            except (OSError, BrokenPipeError):
+                pass
+        if proc is not None:
+            proc.join(timeout=5.0)
+            if proc.is_alive():
+                proc.kill()
     return ResumeCost(model=model, micro_batch_size=micro_batch_size, seq_len=s.seq_len, gap_s=gap_s, hot_s=statistics.median(hot),
-                      cold_s=statistics.median(cold), slowdown=statistics.median(c / h for c, h in zip(cold, hot)), pairs=pairs)
+                      cold_s=statistics.median(cold), slowdown=statistics.median(c / h for c, h in zip(cold, hot)), pairs=pairs,
+                      after_other_s=statistics.median(other) if other else 0.0)

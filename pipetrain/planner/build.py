@@ -231,7 +231,7 @@ def _group_speed(node_speed: tuple[float, ...], ranks: int, used: int) -> tuple[
 def _compute_groups(topology: Topology, place: Placement) -> tuple[ComputeGroup, ...]:
     """Pipeline ranks on one CPU node share its cores (only where the node says they share), and
     its caches and memory bandwidth where the node carries a measured ``corun_speed`` (and a
-    ``resume_slowdown`` after waits)."""
+    ``resume_s`` / ``switch_s`` after waits)."""
     groups = []
     by_node: dict[int, list[int]] = {}
     for r in range(place.pp):
@@ -245,9 +245,9 @@ def _compute_groups(topology: Topology, place: Placement) -> tuple[ComputeGroup,
         used = min(on_node, place.pp * place.dp)
         capacity = max(1, int(spec.cores // per_rank * len(ranks) // max(used, 1)))
         speed = _group_speed(spec.corun_speed, len(ranks), used)
-        if capacity < len(ranks) or any(v < 1.0 for v in speed) or spec.resume_slowdown > 1.0:
+        if capacity < len(ranks) or any(v < 1.0 for v in speed) or spec.resume_s > 0 or spec.switch_s > 0:
             groups.append(ComputeGroup(ranks=tuple(ranks), capacity=capacity, wakeup_s=spec.wakeup_s, speed=speed,
-                                       resume_slowdown=spec.resume_slowdown))
+                                       resume_s=spec.resume_s, switch_s=spec.switch_s))
     return tuple(groups)
 
 

@@ -24,8 +24,10 @@ A topology is read from YAML (:func:`load_topology`) or built from a preset
         corun_speed: [1.0, 0.9, 0.68, 0.45]  # optional: each rank's speed while k = 1, 2, .. ranks of
                                      # the node compute at once (default: min(1, cores / k); measured
                                      # by `pipetrain calibrate`)
-        resume_slowdown: 1.0         # an action after a wait of 1 ms or more takes this many times as
-                                     # long (cold caches; 1: not modelled; `pipetrain calibrate` measures it)
+        resume_s: 0                  # an action after a wait of 1 ms or more needs this much more compute
+                                     # (cold caches; 0: not modelled; `pipetrain calibrate` measures it)
+        switch_s: 0                  # with more ranks than cores: the same after any wait (its core ran
+                                     # another rank meanwhile; `pipetrain calibrate` measures it)
     inter_node: {kind: infiniband, nic_bandwidth_bytes_per_s: 25.0e+9, nics_per_node: 8, latency_s: 5.0e-6}
 
 Numbers may be written as YAML numbers or as strings Python's ``float`` reads ("300e9": YAML
@@ -195,8 +197,11 @@ class NodeSpec:
     #: each rank's share of full speed while ``k`` ranks of the node compute at once, ``k = 1, 2, ..``
     #: (``cores`` > 0 only; empty: the fair share ``min(1, cores / k)``)
     corun_speed: tuple[float, ...] = ()
-    #: an action after a wait of 1 ms or more takes this many times as long (``cores`` > 0 only; 1: not modelled)
-    resume_slowdown: float = 1.0
+    #: seconds more an action needs after its rank waited 1 ms or more (``cores`` > 0 only; 0: not modelled)
+    resume_s: float = 0.0
+    #: with more ranks than cores: seconds more an action needs after its rank waited at all (another
+    #: rank ran on its core meanwhile; ``cores`` > 0 only; 0: not modelled)
+    switch_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.wakeup_s >= 0:
@@ -204,10 +209,11 @@ class NodeSpec:
         if not all(0 < v <= 1.5 for v in self.corun_speed):
             raise ConfigError(f"topology: node {self.name!r}: corun_speed entries must be in (0, 1.5] (each rank's share of "
                               f"full speed), got {list(self.corun_speed)}")
-        if not 1.0 <= self.resume_slowdown <= 3.0:
-            raise ConfigError(f"topology: node {self.name!r}: resume_slowdown must be in [1, 3], got {self.resume_slowdown}")
-        if (self.corun_speed or self.resume_slowdown > 1.0) and self.cores <= 0:
-            raise ConfigError(f"topology: node {self.name!r}: corun_speed and resume_slowdown need cores > 0 (the cores its ranks share)")
+        if not (0 <= self.resume_s < 1.0 and 0 <= self.switch_s < 1.0):
+            raise ConfigError(f"topology: node {self.name!r}: resume_s and switch_s must be in [0, 1) seconds, got {self.resume_s}, "
+                              f"{self.switch_s}")
+        if (self.corun_speed or self.resume_s > 0 or self.switch_s > 0) and self.cores <= 0:
+            raise ConfigError(f"topology: node {self.name!r}: corun_speed, resume_s and switch_s need cores > 0 (the cores its ranks share)")
         if not self.device_types:
             raise ConfigError(f"topology: node {self.name!r}: devices must list at least one device")
         if self.link.kind not in INTRA_LINK_KINDS:
@@ -364,7 +370,8 @@ def _link_from(d: Any, where: str) -> Link:
 
 def _nodes_from(i: int, d: Any, types: Mapping[str, DeviceType], offset: int) -> list[NodeSpec]:
     where = f"nodes[{i}]"
-    d = _mapping(d, where, ("name", "count", "devices", "link", "cores", "wakeup_s", "corun_speed", "resume_slowdown"), ("devices", "link"))
+    d = _mapping(d, where, ("name", "count", "devices", "link", "cores", "wakeup_s", "corun_speed", "resume_s", "switch_s"),
+                 ("devices", "link"))
     devs = d["devices"]
     names: list[str] = []
     if isinstance(devs, Mapping):
@@ -386,7 +393,8 @@ def _nodes_from(i: int, d: Any, types: Mapping[str, DeviceType], offset: int) ->
     if not isinstance(speed, list):
         raise ConfigError(f"topology: {where}.corun_speed must be a list of numbers (speed with 1, 2, .. ranks computing), got {speed!r}")
     corun = tuple(_num(v, f"{where}.corun_speed[{k}]", positive=True) for k, v in enumerate(speed))
-    resume = _num(d.get("resume_slowdown", 1.0), f"{where}.resume_slowdown", positive=True)
+    resume = _num(d.get("resume_s", 0), f"{where}.resume_s")
+    switch = _num(d.get("switch_s", 0), f"{where}.switch_s")
     count = _int(d.get("count", 1), f"{where}.count", minimum=1, maximum=16384)
     if "name" not in d:
         node_names = [f"node{offset + k}" for k in range(count)]
@@ -396,7 +404,7 @@ def _nodes_from(i: int, d: Any, types: Mapping[str, DeviceType], offset: int) ->
             raise ConfigError(f"topology: {where}.name must be a non-empty string without '/', got {name!r}")
         node_names = [name] if count == 1 else [f"{name}{k}" for k in range(count)]
     return [NodeSpec(name=n, device_types=tuple(names), link=link, cores=cores, wakeup_s=wakeup,
-                     corun_speed=corun, resume_slowdown=resume) for n in node_names]
+                     corun_speed=corun, resume_s=resume, switch_s=switch) for n in node_names]
 
 
 def _topology_from(data: Any, default_name: str) -> Topology:

@@ -9,8 +9,8 @@ does:
   direction), occupies it for ``bytes / bandwidth`` and lands ``latency`` later;
 * **RECV** blocks the rank until the matching transfer has landed; in a time-sliced compute
   group whose cores are all computing when it lands, ``ComputeGroup.wakeup_s`` later (the
-  blocked process waits for a core); a rank that waited at least ``ComputeGroup.resume_after_s``
-  (for a message or a buffer) runs its next action ``resume_slowdown`` times as long (cold caches);
+  blocked process waits for a core); a rank that waited (for a message or a buffer) needs
+  :meth:`ComputeGroup.resume_cost_s` more compute for its next action (cold caches);
 * **host work per message** (``SimInput.t_message_host_s``): after posting a SEND and after a
   RECV lands, the rank's compute is held that long (CPU ranks: gloo's posting and copying);
 * **receive buffers (back-pressure)**, as the executor keeps them: stage ``s`` has ``buffers``
@@ -38,7 +38,7 @@ import simpy
 from simpy.events import NORMAL
 
 from pipetrain.errors import ScheduleError
-from pipetrain.simulator.model import SimInput
+from pipetrain.simulator.model import ComputeGroup, SimInput
 from pipetrain.simulator.program import COMPUTE, RECV, SEND, EventTuple, end_of_step, skeleton, tables
 from pipetrain.simulator.result import SimResult, build_result, busy_s_per_stage
 from pipetrain.simulator.sharing import SharedCores
@@ -79,16 +79,17 @@ def simulate(inp: SimInput) -> SimResult:
     n_st, n_rk = sched.num_stages, sched.num_ranks
     resource: list[simpy.Resource | SharedCores | None] = [None] * n_rk
     wakeup = [0.0] * n_rk
-    slow = [1.0] * n_rk  # an action after a wait of at least cold_after[r] takes slow[r] times as long
-    cold_after = [0.0] * n_rk
-    cold = [False] * n_rk
+    group_of: list[ComputeGroup | None] = [None] * n_rk  # time-sliced ranks: the extra compute after a wait
+    extra = [0.0] * n_rk  # seconds the rank's next action takes longer (it waited: cold caches)
     for g in inp.compute_groups:
         if g.contends:
             res = SharedCores(env, g.capacity, g.rate) if g.sharing == "time-slice" else simpy.Resource(env, capacity=g.capacity)
             for r in g.ranks:
                 resource[r] = res
                 if g.sharing == "time-slice":
-                    wakeup[r], slow[r], cold_after[r] = g.wakeup_s, g.resume_slowdown, g.resume_after_s
+                    wakeup[r] = g.wakeup_s
+                    if g.resume_s > 0 or g.switch_s > 0:
+                        group_of[r] = g
     caps = [spec.buffers or _UNLIMITED for spec in inp.stages]
     act_bytes = [spec.activation_bytes for spec in inp.stages]
     wg_bytes = [spec.wgrad_stash_bytes for spec in inp.stages]
@@ -201,17 +202,17 @@ def simulate(inp: SimInput) -> SimResult:
                         w = env.event()
                         buf_wait[s].append(w)
                         yield w
-                    if env.now - t0 >= cold_after[r] and env.now > t0:
-                        cold[r] = True
+                    if group_of[r] is not None and env.now > t0:
+                        extra[r] = max(extra[r], group_of[r].resume_cost_s(env.now - t0))
                     in_flight[s] += 1
                     if in_flight[s] > peak[s]:
                         peak[s] = in_flight[s]
                     if act_bytes[s]:
                         mem[s] += act_bytes[s]
                         timeline[s].append((env.now, mem[s]))
-                if cold[r]:  # resumed after a wait: its caches went cold
-                    dur *= slow[r]
-                    cold[r] = False
+                if extra[r]:  # resumed after a wait: its caches went cold
+                    dur += extra[r]
+                    extra[r] = 0.0
                 if isinstance(res, SharedCores):  # time-sliced: starts now, ends once it got `dur` of core time
                     start = env.now
                     yield res.run(dur)
@@ -279,8 +280,8 @@ def simulate(inp: SimInput) -> SimResult:
                     yield timeout(arrive - t0)
                 if wakeup[r] and env.now > t0 and isinstance(res, SharedCores) and len(res.jobs) >= res.capacity:  # blocked, all cores taken
                     yield timeout(wakeup[r])
-                if slow[r] > 1.0 and env.now > t0 and env.now - t0 >= cold_after[r]:
-                    cold[r] = True
+                if group_of[r] is not None and env.now > t0:
+                    extra[r] = max(extra[r], group_of[r].resume_cost_s(env.now - t0))
                 push((s, r, "RECV", mb, t0, env.now, bytes_of[slot]))
                 if host_s:
                     yield from occupy(res, host_s)

@@ -156,10 +156,16 @@ class ComputeGroup:
     #: group's throughput stays at the last entry's. Empty: ``min(1, capacity / k)``.
     speed: tuple[float, ...] = ()
     #: time-slice only: an action that starts after its rank waited at least ``resume_after_s`` (for
-    #: a message or a buffer) takes ``resume_slowdown`` times as long: while a CPU rank is idle its
-    #: caches go cold (measured: :func:`pipetrain.executor.corun.probe_resume`). 1.0: not modelled.
-    resume_slowdown: float = 1.0
+    #: a message or a buffer) needs ``resume_s`` more seconds of compute: while a CPU rank is idle
+    #: its core's caches go cold (measured: :func:`pipetrain.executor.corun.probe_resume`). A fixed
+    #: cost, not a factor: a small stage's action pays as much as a large one's. 0: not modelled.
+    resume_s: float = 0.0
     resume_after_s: float = 1e-3
+    #: time-slice only, with more ranks than ``capacity``: an action that starts after its rank waited
+    #: at all needs ``switch_s`` more seconds of compute (its core ran another rank meanwhile, whose
+    #: work evicted this one's from the caches; :func:`pipetrain.executor.corun.probe_resume`).
+    #: The larger of the two applies.
+    switch_s: float = 0.0
 
     def __post_init__(self) -> None:
         _need(len(self.ranks) >= 1 and len(set(self.ranks)) == len(self.ranks), f"compute group ranks must be distinct, got {self.ranks}")
@@ -167,8 +173,9 @@ class ComputeGroup:
         _need(self.sharing in ("queue", "time-slice"), f"compute group sharing must be 'queue' or 'time-slice', got {self.sharing!r}")
         _need(self.wakeup_s >= 0, f"compute group wakeup_s must be >= 0, got {self.wakeup_s}")
         _need(all(0 < v <= 1.5 for v in self.speed), f"compute group speed entries must be in (0, 1.5], got {self.speed}")
-        _need(1.0 <= self.resume_slowdown <= 3.0 and self.resume_after_s >= 0,
-              f"compute group resume_slowdown must be in [1, 3] and resume_after_s >= 0, got {self.resume_slowdown}, {self.resume_after_s}")
+        _need(0 <= self.resume_s < 1.0 and 0 <= self.switch_s < 1.0 and self.resume_after_s >= 0,
+              f"compute group resume_s and switch_s must be in [0, 1) s and resume_after_s >= 0, got {self.resume_s}, {self.switch_s}, "
+              f"{self.resume_after_s}")
 
     def rate(self, k: int) -> float:
         """Share of full speed each of ``k`` computing ranks progresses at (time-slice sharing)."""
@@ -184,7 +191,14 @@ class ComputeGroup:
         """Whether the group ever slows or holds back a rank (else the engine lets its ranks compute alone)."""
         if self.capacity < len(self.ranks):
             return True
-        return self.sharing == "time-slice" and (self.resume_slowdown > 1.0 or any(self.rate(k) < 1.0 for k in range(1, len(self.ranks) + 1)))
+        return self.sharing == "time-slice" and (self.resume_s > 0 or any(self.rate(k) < 1.0 for k in range(1, len(self.ranks) + 1)))
+
+    def resume_cost_s(self, waited_s: float) -> float:
+        """Extra compute seconds of a rank's next action after it waited ``waited_s`` (time-slice sharing)."""
+        if self.sharing != "time-slice" or waited_s <= 0:
+            return 0.0
+        cold = self.resume_s if waited_s >= self.resume_after_s else 0.0
+        return max(cold, self.switch_s if len(self.ranks) > self.capacity else 0.0)
 
 
 @dataclass(frozen=True, kw_only=True)
