@@ -24,6 +24,12 @@ median of 5%. Nothing measured inside a run feeds its own prediction. (Tried and
 simulating with the probes' mean over the benchmark; on the same runs it gave a step MAPE of
 15.1% against 13.9% with the calibration's own probe.)
 
+With two rounds or more it also compares one round at a time: the simulation against each round's
+median step, and beside it the configuration's other rounds pooled against the same round (the
+measurement predicting itself). The second is the floor under any prediction's error on this
+machine: on three benchmarks of 33 configurations it was 9.3%, 11.1% and 10.6% (worst 31-37%),
+the simulation's 7.6%, 9.8% and 11.5%.
+
 The machine load (the share of the cores other processes used during each run's measured steps,
 from /proc/stat less the workers' own CPU) is printed; ``--wait-idle S`` waits for a quiet moment
 before each run. Because such load only ever adds time, the errors are also given against the
@@ -207,6 +213,20 @@ def evaluate(name: str, plan: object, dirs: list[Path], warmup: int, cal: object
     return compare(plan, inp, sim, meas, label=name, cost_source=source), without  # type: ignore[arg-type]
 
 
+def against_rounds(plan: object, dirs: list[Path], warmup: int, sim_step_s: float) -> tuple[list[float], list[float]]:
+    """Against each round's own median step: (the simulation's errors, the other rounds' pooled
+    median's errors). The second is the measurement predicting itself, with the same target and
+    steps: how far this machine puts a configuration's step time between rounds minutes apart,
+    the floor under the first. (Empty with one round.)"""
+    sim, self_ = [], []
+    for i, d in enumerate(dirs if len(dirs) > 1 else ()):
+        this = measure_run([d], plan, warmup_steps=warmup).step_time_s  # type: ignore[arg-type]
+        rest = measure_run([x for j, x in enumerate(dirs) if j != i], plan, warmup_steps=warmup).step_time_s  # type: ignore[arg-type]
+        sim.append((sim_step_s - this) / this)
+        self_.append((rest - this) / this)
+    return sim, self_
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--subset", action="store_true", help="a representative subset (m in {2, 8}; no p=4 m=2)")
@@ -289,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"co-run speed (calibrated): {', '.join(f'{v:.3f}' for v in cal.corun_speed())} with 1..{len(cal.corun_speed())} ranks computing")
     results: list[tuple[Fidelity, float]] = []
     no_host: list[float] = []  # step error of the same runs simulated without the host cost per message
+    round_sim: list[float] = []  # per round: the simulation against that round's median step
+    round_self: list[float] = []  # per round: the other rounds' pooled median against it
     hdr = f"{'config':34s} {'sim ms':>8s} {'meas ms':>8s} {'step err':>8s} {'IQR %':>6s} {'busy err':>8s} " \
           f"{'bubble sim/meas %':>17s} {'act err':>7s} {'other %':>7s} {'q1 err':>7s}"
     print(hdr)
@@ -298,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
         load = sum(loads[cfg]) / len(loads[cfg])
         results.append((f, load))
         no_host.append((without - f.meas_step_s) / f.meas_step_s)
+        rs, rm = against_rounds(plan, dirs[cfg], a.warmup, f.sim_step_s)
+        round_sim += rs
+        round_self += rm
         iqr = (f.meas_step_iqr_s[1] - f.meas_step_iqr_s[0]) / f.meas_step_s * 100
         worst_busy = max((s.busy_error for s in f.stages), key=abs)
         worst_act = max((s.activation_error for s in f.stages), key=abs)
@@ -328,10 +353,18 @@ def main(argv: list[str] | None = None) -> int:
         "quiet_busy_within_10pct_own_core": sum(abs(e) <= 0.10 for e in own) / max(1, len(own)), "quiet_busy_within_10pct": sum(abs(e) <= 0.10 for e in q_busy) / len(q_busy),
         "rounds": a.rounds, "corun_speed": list(cal.corun_speed()),
     }
+    if round_self:
+        summary.update(round_sim_step_mape=mape(round_sim), round_sim_step_max_abs_error=max(map(abs, round_sim)),
+                       round_self_step_mape=mape(round_self), round_self_step_max_abs_error=max(map(abs, round_self)))
     print()
     print(f"step time: MAPE {summary['step_mape'] * 100:.1f}% (target <= 5%), worst {worst.label} {worst.step_error * 100:+.1f}% "
           f"(target <= 10%), Spearman {rho:.3f} (target >= 0.9); the same runs simulated without the calibrated host "
           f"CPU per message: MAPE {mape(no_host) * 100:.1f}%")
+    if round_self:
+        print(f"one round at a time ({a.steps} steps each): the simulation's step MAPE {mape(round_sim) * 100:.1f}%, worst "
+              f"{summary['round_sim_step_max_abs_error'] * 100:.1f}%; the configuration's other rounds pooled, predicting it: "
+              f"MAPE {mape(round_self) * 100:.1f}%, worst {summary['round_self_step_max_abs_error'] * 100:.1f}% "
+              "(how well this machine reproduces its own measurement)")
     print(f"stage busy: MAPE {summary['busy_mape'] * 100:.1f}%, within 10%: {summary['busy_within_10pct'] * 100:.0f}% of "
           f"{len(busy)} stages, worst {summary['busy_max_abs_error'] * 100:.1f}%")
     print(f"against the lower quartile of the measured steps and stage busy times (least disturbed by other processes): "
