@@ -31,6 +31,8 @@ class Event:
     end_s: float
     bytes: int = 0
     step: int = 0
+    #: measured CPU compute spans: the CPU time of the thread that ran it (None: not measured)
+    cpu_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in EVENT_KINDS:
@@ -46,12 +48,14 @@ class Event:
         return {
             "stage": self.stage, "rank": self.rank, "kind": self.kind, "microbatch": self.microbatch,
             "start_s": self.start_s, "end_s": self.end_s, "bytes": self.bytes, "step": self.step,
+            **({"cpu_s": self.cpu_s} if self.cpu_s is not None else {}),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Event":
         return cls(**{k: d[k] for k in ("stage", "rank", "kind", "microbatch", "start_s", "end_s")},
-                   bytes=int(d.get("bytes", 0)), step=int(d.get("step", 0)))
+                   bytes=int(d.get("bytes", 0)), step=int(d.get("step", 0)),
+                   cpu_s=float(d["cpu_s"]) if d.get("cpu_s") is not None else None)
 
 
 _COLORS = {"F": "thread_state_running", "B": "thread_state_iowait", "W": "thread_state_unknown",
@@ -69,7 +73,8 @@ def to_chrome_trace(events: Iterable[Event], *, process_name: str = "pipetrain")
         out.append({
             "name": name, "cat": e.kind, "ph": "X", "pid": 0, "tid": e.rank,
             "ts": e.start_s * 1e6, "dur": max(e.duration_s * 1e6, 0.0), "cname": _COLORS[e.kind],
-            "args": {"stage": e.stage, "microbatch": e.microbatch, "bytes": e.bytes, "step": e.step},
+            "args": {"stage": e.stage, "microbatch": e.microbatch, "bytes": e.bytes, "step": e.step,
+                     **({"cpu_ms": e.cpu_s * 1e3} if e.cpu_s is not None else {})},
         })
     return {"traceEvents": out, "displayTimeUnit": "ms"}
 

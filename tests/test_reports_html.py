@@ -27,6 +27,12 @@ def test_chrome_trace_has_one_complete_event_per_event_in_microseconds() -> None
     assert len(xs) == 12
     f = next(e for e in xs if e["name"] == "1F2")
     assert f["ts"] == pytest.approx(3000.0) and f["dur"] == pytest.approx(1000.0) and f["tid"] == 1
+    assert "cpu_ms" not in f["args"]
+    # a measured CPU span carries its thread CPU time into the trace (and through to_dict / from_dict)
+    e = Event.from_dict(dict(_events()[0].to_dict(), cpu_s=0.0007))
+    assert e.cpu_s == 0.0007 and e.to_dict()["cpu_s"] == 0.0007 and "cpu_s" not in _events()[0].to_dict()
+    (x,) = [t for t in to_chrome_trace([e])["traceEvents"] if t["ph"] == "X"]
+    assert x["args"]["cpu_ms"] == pytest.approx(0.7)
 
 
 @needs_chromium
