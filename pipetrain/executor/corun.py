@@ -224,7 +224,7 @@ class ResumeCost:
     def __post_init__(self) -> None:
         if not (self.gap_s > 0 and self.hot_s > 0 and self.cold_s > 0 and self.slowdown > 0 and self.pairs >= 1
                 and self.after_other_s >= 0):
-            raise ConfigError(f"resume cost of {self.model}: times, slowdown and pairs must be > 0")
+            raise ConfigError(f"resume cost of {self.model}: times, slowdown and pairs must be > 0 (after_other_s >= 0)")
 
     @property
     def resume_s(self) -> float:
@@ -274,8 +274,9 @@ def probe_resume(model: str, *, micro_batch_size: int, seq_len: int | None = Non
         end = max(1, s.n // 2)
         deadline = time.monotonic() + timeout_s
         if core is not None:
-            here, there = multiprocessing.get_context("spawn").Pipe()
-            proc = multiprocessing.get_context("spawn").Process(
+            ctx = multiprocessing.get_context("spawn")
+            here, there = ctx.Pipe()
+            proc = ctx.Process(
                 target=_job, args=(model, micro_batch_size, s.seq_len, threads, there, end, core), daemon=True)
             proc.start()
             _answer(here, deadline, "start")
