@@ -25,11 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipetrain.planner.calibrate import CalibratedCostModel, fit_calibration, mean_abs_relative_error, relative_errors  # noqa: E402
-from pipetrain.planner.costs import AnalyticCostModel  # noqa: E402
-from pipetrain.planner.profile import ProfiledCostModel, profile_shapes  # noqa: E402
-from pipetrain.planner.topology import resolve_topology  # noqa: E402
+from pipetrain.calibration.fit import CalibratedCostModel, fit_calibration, mean_abs_relative_error, relative_errors  # noqa: E402
+from pipetrain.calibration.profile import ProfiledCostModel, profile_shapes  # noqa: E402
+from pipetrain.costs import AnalyticCostModel  # noqa: E402
 from pipetrain.planner.trace import trace_graph  # noqa: E402
+from pipetrain.topology import resolve_topology  # noqa: E402
 
 
 def _shape(text: str) -> tuple[int, int]:

@@ -26,14 +26,15 @@ import time
 
 import numpy as np
 
-from pipetrain.planner.build import StageTables, placement, rank_caps, rank_device_type, sim_input
+from pipetrain.planner.build import StageTables, rank_caps
 from pipetrain.planner.job import Job
 from pipetrain.planner.partition import additive_matrix, format_bytes, partition
 from pipetrain.planner.search import search
-from pipetrain.planner.topology import topology_preset
 from pipetrain.planner.trace import trace_graph
+from pipetrain.program.lower import placement, rank_device_type, sim_input
 from pipetrain.schedules import make_schedule, peak_in_flight
 from pipetrain.simulator import simulate
+from pipetrain.topology import topology_preset
 
 #: (model, pp, global batch, seq len, pinned micro-batch size or None). The last case pins a
 #: micro-batch size at which 1F1B's early stages run out of memory, so memory shapes the split.
@@ -92,7 +93,7 @@ def main() -> int:
     for model, pp, gbatch, seq, mb in CASES:
         graphs: dict[int, object] = {}
 
-        def graph_for(b: int, model: str = model, seq: int = seq):  # noqa: ANN202
+        def graph_for(b: int, model: str = model, seq: int = seq, graphs: dict[int, object] = graphs):  # noqa: ANN202
             if b not in graphs:
                 graphs[b] = trace_graph(model, micro_batch_size=b, seq_len=seq, dtype="bf16")
             return graphs[b]

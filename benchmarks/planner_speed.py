@@ -26,11 +26,11 @@ from __future__ import annotations
 import sys
 import time
 
+from pipetrain.graph import Edge, LayerGraph, Node, TiedParam
 from pipetrain.planner.explain import make_plan
-from pipetrain.planner.graph import Edge, LayerGraph, Node, TiedParam
 from pipetrain.planner.job import Job
 from pipetrain.planner.search import search
-from pipetrain.planner.topology import topology_preset
+from pipetrain.topology import topology_preset
 
 __all__ = ["gpt3_175b_graph"]
 
@@ -87,7 +87,7 @@ def main() -> int:
     trace_graph("tiny-gpt", micro_batch_size=1, seq_len=8)  # import torch and warm up outside the timings
     wall, cpu, (res, plan) = _time_plan(job, topo, llama)
     wall_plan = wall - trace_s
-    print(f"\nllama2-70b on dgx-h100:8 (64 GPUs), global batch 1024 x 4096 tokens")
+    print("\nllama2-70b on dgx-h100:8 (64 GPUs), global batch 1024 x 4096 tokens")
     print(f"  plan: {res.best.candidate.describe()}, simulated step {plan.predicted.step_time_s:.3f} s, "
           f"MFU {plan.predicted.mfu * 100:.1f}%, {len(res.screened)} screened, {res.pruned} pruned, {len(res.infeasible)} infeasible")
     print(f"  wall {wall:.2f} s (of which tracing {len(graphs)} micro-batch sizes {trace_s:.2f} s), CPU {cpu:.2f} s")

@@ -11,24 +11,22 @@ configuration, the Spearman rank correlation of the configurations by step time,
 of stages whose busy time and activation memory are within 10%; writes ``OUT/sim_accuracy.json``
 and a scatter plot ``OUT/sim_accuracy.png``.
 
-This machine's speed drifts: a fixed workload's medians wander by +-15% between windows of a few
-seconds, and the speed of two processes computing at once (the co-run probe's k = 2) by 0.75-1.0
-of their speed alone over minutes. So the grid runs in ``--rounds`` rounds (default 3), each in
+A shared machine's speed drifts: a fixed workload's medians wander between windows of a few
+seconds, and the speed of two processes computing at once (the co-run probe's k = 2) against
+their speed alone wanders over minutes. So the grid runs in ``--rounds`` rounds (default 3), each in
 its own shuffled order, and every configuration's steps are pooled over its rounds: a drift hits
 every configuration alike instead of the few that ran during it. Likewise the calibration: each
 round starts with one, and the simulation uses their medians
-(:func:`pipetrain.executor.calibration.combine_calibrations`); two calibrations half an hour
-apart put the in-run cost of a tiny-gpt micro-batch at 10.9 and 9.6 ms and the host CPU per
-message at 308 and 181 us, while the pooled measurements of the same configurations moved by a
-median of 5%. Nothing measured inside a run feeds its own prediction. (Tried and dropped: re-probing the co-run speed before every run and
-simulating with the probes' mean over the benchmark; on the same runs it gave a step MAPE of
-15.1% against 13.9% with the calibration's own probe.)
+(:func:`pipetrain.calibration.measured.combine_calibrations`): one calibration's numbers moved
+more between calibrations half an hour apart than the pooled measurements of the same
+configurations did. Nothing measured inside a run feeds its own prediction. (Tried and dropped:
+re-probing the co-run speed before every run and simulating with the probes' mean over the
+benchmark; on the same runs it predicted worse than the calibration's own probe.)
 
 With two rounds or more it also compares one round at a time: the simulation against each round's
 median step, and beside it the configuration's other rounds pooled against the same round (the
-measurement predicting itself). The second is the floor under any prediction's error on this
-machine: on three benchmarks of 33 configurations it was 9.3%, 11.1% and 10.6% (worst 31-37%),
-the simulation's 7.6%, 9.8% and 11.5%.
+measurement predicting itself). The second is the floor under any prediction's error on the
+machine. Figures from past runs: benchmarks/RESULTS.md.
 
 The machine load (the share of the cores other processes used during each run's measured steps,
 from /proc/stat less the workers' own CPU) is printed; ``--wait-idle S`` waits for a quiet moment
@@ -50,7 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipetrain.executor.fidelity import Fidelity, compare, mape, measure_run, simulate_plan, spearman  # noqa: E402
+from pipetrain.validation.fidelity import Fidelity, compare, mape, measure_run, simulate_plan, spearman  # noqa: E402
 
 #: model -> (micro-batch size, seq len)
 SHAPES = {"tiny-gpt": (2, 128), "mlp-uneven": (64, None)}
@@ -136,7 +134,7 @@ class ForeignLoad:
                     self.last = sample
             time.sleep(0.2)
 
-    def __enter__(self) -> "ForeignLoad":
+    def __enter__(self) -> ForeignLoad:
         for f in (self.run_dir / "pids").glob("rank*"):
             f.unlink()
         self._thread.start()
@@ -246,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="before each run wait up to S seconds for no other runnable process (shared machines)")
     a = ap.parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = "1"
-    from pipetrain.executor.calibration import combine_calibrations, load_calibration, run_calibration
+    from pipetrain.calibration.measured import combine_calibrations, load_calibration, run_calibration
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -327,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         worst_busy = max((s.busy_error for s in f.stages), key=abs)
         worst_act = max((s.activation_error for s in f.stages), key=abs)
         print(f"{f.label:34s} {f.sim_step_s * 1e3:8.1f} {f.meas_step_s * 1e3:8.1f} {f.step_error * 100:+7.1f}% {iqr:6.1f} "
-              f"{worst_busy * 100:+7.1f}% {f.sim_bubble * 100:8.1f}/{f.meas_bubble * 100:<8.1f} {worst_act * 100:+6.1f}% {load * 100:6.0f}% {f.quiet_step_error * 100:+6.1f}%", flush=True)
+              f"{worst_busy * 100:+7.1f}% {f.sim_bubble * 100:8.1f}/{f.meas_bubble * 100:<8.1f} {worst_act * 100:+6.1f}% {load * 100:6.0f}% "
+              f"{f.quiet_step_error * 100:+6.1f}%", flush=True)
     fids = [f for f, _ in results]
     errs = [f.step_error for f in fids]
     busy = [s.busy_error for f in fids for s in f.stages]
@@ -345,12 +344,13 @@ def main(argv: list[str] | None = None) -> int:
         "spearman_step_time": rho, "busy_mape": mape(busy), "busy_within_10pct": sum(abs(e) <= 0.10 for e in busy) / len(busy),
         "busy_max_abs_error": max(abs(e) for e in busy), "bubble_mean_abs_diff_pp": mape(bub),
         "activation_mape": mape(act), "activation_within_10pct": sum(abs(e) <= 0.10 for e in act) / len(act),
-        "activation_max_abs_error": max(abs(e) for e in act), "other_cpu_share_min": min(l for _, l in results),
-        "other_cpu_share_max": max(l for _, l in results), "elapsed_s": time.perf_counter() - t0, "steps": a.steps, "warmup": a.warmup,
+        "activation_max_abs_error": max(abs(e) for e in act), "other_cpu_share_min": min(ld for _, ld in results),
+        "other_cpu_share_max": max(ld for _, ld in results), "elapsed_s": time.perf_counter() - t0, "steps": a.steps, "warmup": a.warmup,
         "subset": a.subset, "command": cmd, "step_mape_without_message_host_cost": mape(no_host),
         "quiet_step_mape": mape(q_errs), "quiet_step_max_abs_error": max(abs(e) for e in q_errs), "quiet_spearman": q_rho,
         "quiet_busy_mape": mape(q_busy), "quiet_busy_mape_own_core": mape(own), "quiet_busy_mape_shared_cores": mape(shared),
-        "quiet_busy_within_10pct_own_core": sum(abs(e) <= 0.10 for e in own) / max(1, len(own)), "quiet_busy_within_10pct": sum(abs(e) <= 0.10 for e in q_busy) / len(q_busy),
+        "quiet_busy_within_10pct_own_core": sum(abs(e) <= 0.10 for e in own) / max(1, len(own)),
+        "quiet_busy_within_10pct": sum(abs(e) <= 0.10 for e in q_busy) / len(q_busy),
         "rounds": a.rounds, "corun_speed": list(cal.corun_speed()),
     }
     if round_self:
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  stages on their own core: busy MAPE {mape(own) * 100:.1f}% ({len(own)} stages, within 10%: "
           f"{summary['quiet_busy_within_10pct_own_core'] * 100:.0f}%); stages sharing cores: {mape(shared) * 100:.1f}% ({len(shared)}; "
           "busy there, simulated and measured, includes waits for a core)")
-    shares = [l for _, l in results]
+    shares = [ld for _, ld in results]
     if max(shares) - min(shares) >= 0.1:  # a fit needs a spread of outside load
         import numpy as np
 
@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"other processes used {summary['other_cpu_share_min'] * 100:.0f}% .. {summary['other_cpu_share_max'] * 100:.0f}% of the {os.cpu_count()} cores "
           f"during the runs (/proc/stat minus this benchmark's CPU); load average now {loadavg():.2f}; {summary['elapsed_s']:.0f} s")
     (out / "sim_accuracy.json").write_text(json.dumps({"summary": summary, "configs": [
-        dict(f.to_dict(), other_cpu_share=l, runs=[str(d) for d in dirs[cfg]]) for (f, l), cfg in zip(results, sorted(configs))]}, indent=1))
+        dict(f.to_dict(), other_cpu_share=ld, runs=[str(d) for d in dirs[cfg]]) for (f, ld), cfg in zip(results, sorted(configs))]}, indent=1))
     from pipetrain.reports.charts import scatter_figure
 
     fig = scatter_figure([f.sim_step_s for f in fids], [f.meas_step_s for f in fids], [f.label for f in fids],
@@ -402,8 +402,8 @@ def main(argv: list[str] | None = None) -> int:
 
     fig2 = Figure(figsize=(5.5, 4), layout="constrained")
     ax = fig2.add_subplot()
-    ax.scatter([l * 100 for _, l in results], [e * 100 for e in errs], label="median step")
-    ax.scatter([l * 100 for _, l in results], [e * 100 for e in q_errs], marker="x", label="lower-quartile step")
+    ax.scatter([ld * 100 for _, ld in results], [e * 100 for e in errs], label="median step")
+    ax.scatter([ld * 100 for _, ld in results], [e * 100 for e in q_errs], marker="x", label="lower-quartile step")
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xlabel("CPU share used by other processes during the run (%)")
     ax.set_ylabel("step-time error, simulated vs measured (%)")

@@ -18,8 +18,8 @@ normal run. The machine is shared: the load average before/after is printed; dis
 whose load exceeded the rank count.
 
 Model: ``resmlp`` (8 pre-LN residual MLP blocks, d=256, hidden 1024, + linear head), fp32, SGD
-lr 0.05, no clipping. Split (``--split``): ``layers`` (default, the setup of
-shared/notes/torch-pipelining-peer.md): the 8 MLP blocks split equally, the head on the last
+lr 0.05, no clipping. Split (``--split``): ``layers`` (default, the setup of the
+comparison recorded in benchmarks/RESULTS.md): the 8 MLP blocks split equally, the head on the last
 stage; ``blocks``: the 9 blocks split as evenly as they go (5 | 4 at p=2: the first stage is the
 bottleneck and the schedule matters less).
 """
@@ -69,7 +69,7 @@ def worker(a: argparse.Namespace) -> None:
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
     from pipetrain.executor.config import RunConfig
-    from pipetrain.executor.optim import make_optimizer, OptimConfig
+    from pipetrain.executor.optim import OptimConfig, make_optimizer
     from pipetrain.executor.plans import simple_plan
     from pipetrain.executor.stage import build_meta, load_spec, materialize_blocks, stage_modules
     from pipetrain.executor.trainer import Trainer

@@ -8,9 +8,10 @@ of events as Chrome-trace JSON that Perfetto and ``chrome://tracing`` open.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Any
+from typing import Any
 
 from pipetrain.errors import ConfigError
 
@@ -52,7 +53,7 @@ class Event:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Event":
+    def from_dict(cls, d: dict[str, Any]) -> Event:
         return cls(**{k: d[k] for k in ("stage", "rank", "kind", "microbatch", "start_s", "end_s")},
                    bytes=int(d.get("bytes", 0)), step=int(d.get("step", 0)),
                    cpu_s=float(d["cpu_s"]) if d.get("cpu_s") is not None else None)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipetrain.errors import PlanError
+from pipetrain.schedules import SCHEDULE_NAMES
 from pipetrain.serde import from_dict, parse_json, read_text_or_error, to_dict, write_text_atomic
 
 __all__ = [
@@ -35,7 +36,7 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 #: Schedule names, as accepted by :mod:`pipetrain.schedules` and the CLI.
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+SCHEDULES = SCHEDULE_NAMES  # one list: pipetrain.schedules
 #: Training precisions: fp32, or bf16/fp16 autocast with fp32 master weights.
 DTYPES = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "sgd")
@@ -92,7 +93,7 @@ class StagePlan:
     @property
     def on_gpu(self) -> bool:
         """Whether the executor runs this stage on CUDA: a planner device id of a GPU
-        (``"node0/gpu3"``, from :class:`~pipetrain.planner.topology.Topology`) or a torch
+        (``"node0/gpu3"``, from :class:`~pipetrain.topology.Topology`) or a torch
         device string (``"cuda"``, ``"cuda:1"``)."""
         leaf = self.device.rsplit("/", 1)[-1]
         return self.device.startswith("cuda") or (leaf.startswith("gpu") and leaf[3:].isdigit())
@@ -147,7 +148,8 @@ class Plan:
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
-        _need(self.schema_version == SCHEMA_VERSION, f"plan schema_version {self.schema_version} is not supported (this pipetrain reads {SCHEMA_VERSION}): re-run `pipetrain plan`")
+        _need(self.schema_version == SCHEMA_VERSION,
+              f"plan schema_version {self.schema_version} is not supported (this pipetrain reads {SCHEMA_VERSION}): re-run `pipetrain plan`")
         _need(self.pp >= 1, f"pp must be >= 1, got {self.pp}")
         _need(self.dp >= 1, f"dp must be >= 1, got {self.dp}")
         _need(self.micro_batch_size >= 1, f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
@@ -162,7 +164,8 @@ class Plan:
         expected_start = 0
         for i, st in enumerate(self.stages):
             _need(st.index == i, f"stages[{i}].index is {st.index}; stages must be listed in order")
-            _need(st.block_start == expected_start, f"stage {i} starts at block {st.block_start} but the previous stage ends at {expected_start}: stages must be contiguous from block 0")
+            _need(st.block_start == expected_start,
+                  f"stage {i} starts at block {st.block_start} but the previous stage ends at {expected_start}: stages must be contiguous from block 0")
             _need(st.rank < self.pp, f"stage {i}: rank {st.rank} >= pp {self.pp}")
             expected_start = st.block_end
 
@@ -205,22 +208,23 @@ class Plan:
         return to_dict(self)
 
     @classmethod
-    def from_dict(cls, data: Any) -> "Plan":
+    def from_dict(cls, data: Any) -> Plan:
         if isinstance(data, dict) and data.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
-            raise PlanError(f"plan schema_version {data.get('schema_version')!r} is not supported (this pipetrain reads {SCHEMA_VERSION}): re-run `pipetrain plan`")
+            raise PlanError(f"plan schema_version {data.get('schema_version')!r} is not supported "
+                            f"(this pipetrain reads {SCHEMA_VERSION}): re-run `pipetrain plan`")
         return from_dict(cls, data, error=PlanError)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
 
     @classmethod
-    def from_json(cls, text: str) -> "Plan":
+    def from_json(cls, text: str) -> Plan:
         return cls.from_dict(parse_json(text, what="plan file", error=PlanError))
 
     def save(self, path: str | Path) -> Path:
         return write_text_atomic(path, self.to_json() + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "Plan":
+    def load(cls, path: str | Path) -> Plan:
         return cls.from_json(read_text_or_error(path, what="plan", hint=f"create one with `pipetrain plan ... -o {Path(path).name}`",
                                                 error=PlanError))

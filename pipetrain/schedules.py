@@ -23,8 +23,8 @@ Generators: :func:`gpipe`, :func:`one_f_one_b`, :func:`interleaved`, :func:`zb_h
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from pipetrain.errors import ScheduleError
 
@@ -37,7 +37,7 @@ __all__ = [
 COMPUTE_KINDS = ("F", "B", "W")
 COMM_KINDS = ("SEND_F", "RECV_F", "SEND_B", "RECV_B")
 ACTION_KINDS = COMPUTE_KINDS + COMM_KINDS
-#: Names accepted by :func:`make_schedule` (same as ``pipetrain.plan.SCHEDULES``).
+#: Names accepted by :func:`make_schedule` (``pipetrain.plan.SCHEDULES`` is this tuple).
 SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 
 _ACTION_RE = re.compile(r"^\s*(\d+)(SEND_F|RECV_F|SEND_B|RECV_B|F|B|W)(\d+)\s*$")
@@ -65,7 +65,7 @@ class Action:
         return self.kind in COMPUTE_KINDS
 
     @classmethod
-    def parse(cls, text: str) -> "Action":
+    def parse(cls, text: str) -> Action:
         m = _ACTION_RE.match(text)
         if m is None:
             raise ScheduleError(f"cannot parse action {text!r}; expected e.g. '2F0', '1B3', '0SEND_F1'")

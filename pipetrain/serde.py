@@ -11,13 +11,16 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pipetrain.errors import ConfigError, PipetrainError
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 __all__ = ["to_dict", "from_dict", "write_text_atomic", "read_text_or_error", "parse_json", "median_merge"]
 
-T = TypeVar("T")
+T = TypeVar("T", bound="DataclassInstance")
 
 
 def to_dict(obj: Any) -> Any:
@@ -48,7 +51,7 @@ def _convert(tp: Any, value: Any, where: str, err: type[PipetrainError]) -> Any:
             except PipetrainError as exc:
                 last = exc
         raise last or err(f"{where}: unexpected value {value!r}")
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where=where, error=err)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):

@@ -22,7 +22,7 @@ def cal_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_calibration_file_has_profiles_fit_and_optimizer(cal_file: Path) -> None:
-    from pipetrain.executor.calibration import load_calibration
+    from pipetrain.calibration.measured import load_calibration
 
     cal = load_calibration(cal_file)
     assert cal.topology == "local-cpu:2" and cal.device_type == "local-cpu" and cal.threads == 1
@@ -60,9 +60,9 @@ def test_calibration_file_has_profiles_fit_and_optimizer(cal_file: Path) -> None
 
 
 def test_calibration_drives_the_simulated_stage_times(cal_file: Path) -> None:
-    from pipetrain.executor.calibration import load_calibration
-    from pipetrain.executor.fidelity import simulate_plan
+    from pipetrain.calibration.measured import load_calibration
     from pipetrain.executor.plans import simple_plan
+    from pipetrain.validation.fidelity import simulate_plan
 
     cal = load_calibration(cal_file)
     plan = simple_plan("mlp-uneven", pp=2, m=4, mbs=8, seq_len=1, schedule="1f1b")
@@ -88,7 +88,7 @@ def test_calibration_drives_the_simulated_stage_times(cal_file: Path) -> None:
 def test_measured_overheads_let_the_planner_choose_zero_bubble_on_cpu(cal_file: Path) -> None:
     """On CPU ranks zb-h1 is a candidate unasked only with a calibration that measured the executor
     (grid.AUTO_SCHEDULES): with it, the unpinned search screens it; without, it never appears."""
-    from pipetrain.executor.calibration import calibrated_for
+    from pipetrain.calibration.measured import calibrated_for
     from pipetrain.planner.job import job_from_mapping
     from pipetrain.planner.search import search
 
@@ -102,8 +102,8 @@ def test_measured_overheads_let_the_planner_choose_zero_bubble_on_cpu(cal_file: 
 
 
 def test_json_roundtrip_and_version_error(cal_file: Path, tmp_path: Path) -> None:
+    from pipetrain.calibration.measured import load_calibration
     from pipetrain.errors import ConfigError
-    from pipetrain.executor.calibration import load_calibration
 
     cal = load_calibration(cal_file)
     again = tmp_path / "again.json"
@@ -117,6 +117,24 @@ def test_json_roundtrip_and_version_error(cal_file: Path, tmp_path: Path) -> Non
         load_calibration(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         load_calibration(tmp_path / "missing.json")
+
+
+def test_older_calibration_file_is_a_one_line_error(cal_file: Path, tmp_path: Path) -> None:
+    """A file from before ``ResumeCost.slowdown`` was dropped (version 1) names both versions and the fix."""
+    from pipetrain.calibration.measured import CALIBRATION_FILE_VERSION, load_calibration
+    from pipetrain.errors import ConfigError
+
+    assert CALIBRATION_FILE_VERSION == 2
+    data = json.loads(cal_file.read_text())
+    data["schema_version"] = 1
+    for r in data.get("resume", []):
+        r["slowdown"] = 1.5
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(data))
+    with pytest.raises(ConfigError) as e:
+        load_calibration(old)
+    msg = str(e.value)
+    assert "\n" not in msg and "version 1" in msg and "reads version 2" in msg and "re-run `pipetrain calibrate`" in msg
 
 
 @pytest.mark.parametrize("argv, msg", [
@@ -143,8 +161,8 @@ def test_probe_measures_the_gloo_link(tmp_path: Path) -> None:
     out = tmp_path / "c.json"
     assert main(["calibrate", "--topology", "local-cpu:2", "--model", "mlp-uneven", "--microbatch-sizes", "2",
                  "--repeats", "1", "--rounds", "1", "--no-runtime", "-o", str(out)]) == 0
-    from pipetrain.executor.calibration import calibrated_topology, load_calibration
-    from pipetrain.planner.topology import topology_preset
+    from pipetrain.calibration.measured import calibrated_topology, load_calibration
+    from pipetrain.topology import topology_preset
 
     cal = load_calibration(out)
     assert cal.p2p.backend == "gloo" and len(cal.p2p.sizes_bytes) == len(cal.p2p.one_way_s) >= 3
@@ -166,17 +184,17 @@ def test_probe_measures_the_gloo_link(tmp_path: Path) -> None:
     # what a wait costs the next action, carried by the node too
     (rc,) = cal.resume
     assert rc.model == "mlp-uneven" and rc.pairs == 60 and rc.gap_s == pytest.approx(3e-3) and 0 < rc.hot_s < 1.0
-    assert rc.slowdown == pytest.approx(rc.cold_s / rc.hot_s, rel=0.5) and rc.resume_s == max(0.0, rc.cold_s - rc.hot_s)
+    assert rc.resume_s == max(0.0, rc.cold_s - rc.hot_s)
     # after another process ran the same blocks on its core (Linux: both pinned to one core)
     assert rc.after_other_s > 0 and rc.switch_s == max(0.0, rc.after_other_s - rc.hot_s)
     assert (topo.nodes[0].resume_s, topo.nodes[0].switch_s) == (cal.resume_s(), cal.switch_s()) == (rc.resume_s, rc.switch_s)
 
 
 def test_simulate_plan_with_calibration_uses_measured_blocks(cal_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from pipetrain.executor.calibration import load_calibration
-    from pipetrain.executor.plans import simple_plan
-
     from dataclasses import replace
+
+    from pipetrain.calibration.measured import load_calibration
+    from pipetrain.executor.plans import simple_plan
 
     plan = replace(simple_plan("mlp-uneven", pp=2, m=4, mbs=8, seq_len=1, schedule="gpipe"), topology="local-cpu:2")
     path = plan.save(tmp_path / "plan.json")
@@ -188,7 +206,7 @@ def test_simulate_plan_with_calibration_uses_measured_blocks(cal_file: Path, tmp
         want = 4 * k * sum(b.fwd_s + b.bwd_s for b in prof.blocks[st.block_start:st.block_end])
         assert got["busy_s_per_stage"][st.index] == pytest.approx(want)
     # simulated as the executor runs it: the same step `pipetrain run` compares its measurement with
-    from pipetrain.executor.fidelity import simulate_plan
+    from pipetrain.validation.fidelity import simulate_plan
 
     assert got["step_time_s"] == pytest.approx(simulate_plan(plan, calibration=cal)[1].step_time_s)
     assert main(["simulate", str(path), "--json", "-"]) == 0  # analytic: other numbers
@@ -215,10 +233,10 @@ def test_plan_with_calibration(cal_file: Path, tmp_path: Path, capsys: pytest.Ca
 
 def test_rescaled_calibration_scales_every_measured_time(cal_file: Path) -> None:
     """Calibration.rescaled(k): the machine k times slower; compute and end of step double, links do not."""
+    from pipetrain.calibration.measured import load_calibration
     from pipetrain.errors import ConfigError
-    from pipetrain.executor.calibration import load_calibration
-    from pipetrain.executor.fidelity import simulate_plan
     from pipetrain.executor.plans import simple_plan
+    from pipetrain.validation.fidelity import simulate_plan
 
     cal = load_calibration(cal_file)
     plan = simple_plan("mlp-uneven", pp=2, m=4, mbs=8, seq_len=1, schedule="1f1b")
@@ -238,8 +256,8 @@ def test_combined_calibration_is_the_median_of_each_measured_number(cal_file: Pa
     models or shapes are refused."""
     from dataclasses import replace
 
+    from pipetrain.calibration.measured import combine_calibrations, load_calibration
     from pipetrain.errors import ConfigError
-    from pipetrain.executor.calibration import combine_calibrations, load_calibration
 
     cal = load_calibration(cal_file)
     got = combine_calibrations([cal.rescaled(3.0), cal, cal.rescaled(2.0)])

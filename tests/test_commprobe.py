@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipetrain.executor.commprobe import fit_hockney, probe_p2p
+from pipetrain.calibration.commprobe import fit_hockney, probe_p2p
 
 
 def test_hockney_fit_recovers_known_line() -> None:
@@ -29,7 +29,7 @@ def test_wakeup_probe_sees_busy_cores() -> None:
     of the same ping-pong grows (by a scheduler time slice's order: 0.3-3 ms seen here)."""
     import os
 
-    from pipetrain.executor.commprobe import probe_wakeup
+    from pipetrain.calibration.commprobe import probe_wakeup
 
     w = probe_wakeup(cores=os.cpu_count() or 1, repeats=40, rounds=1)
     assert w.busy_processes == (os.cpu_count() or 1) and w.nbytes == 16384
@@ -44,7 +44,7 @@ def test_corun_probe_sees_the_cores_shared() -> None:
     fair share; less where they also contend for caches), and one alone is the reference."""
     import os
 
-    from pipetrain.executor.corun import probe_corun
+    from pipetrain.calibration.corun import probe_corun
 
     cores = os.cpu_count() or 1
     c = probe_corun("mlp-uneven", micro_batch_size=8, max_jobs=2 * cores, cores=cores, phase_s=0.4, rounds=1)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from pipetrain.errors import ConfigError
-from pipetrain.executor.compare import StageParamDiff, compare_runs, tolerances_for
+from pipetrain.validation.compare import StageParamDiff, compare_runs, tolerances_for
 
 TOL = tolerances_for("fp32")
 

@@ -8,12 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from pipetrain.errors import ConfigError
-from pipetrain.planner.costs import (
-    AnalyticCostModel, AnalyticParams, CostModel, StageCost, node_input_bytes, optimizer_step_time_s, p2p_time_s,
-    ring_allreduce_time_s, roofline_time_s,
+from pipetrain.costs import (
+    AnalyticCostModel,
+    AnalyticParams,
+    CostModel,
+    StageCost,
+    node_input_bytes,
+    optimizer_step_time_s,
+    p2p_time_s,
+    ring_allreduce_time_s,
+    roofline_time_s,
 )
-from pipetrain.planner.topology import DeviceType, Link, topology_preset
+from pipetrain.errors import ConfigError
+from pipetrain.topology import DeviceType, Link, topology_preset
 from test_memory import chain  # tests/ is on sys.path (rootdir conftest, no __init__)
 
 DEV = DeviceType(name="toy", kind="gpu", peak_flops_fp32=1e9, peak_flops_bf16=4e9, peak_flops_fp16=4e9,
@@ -101,9 +108,9 @@ def test_interface_and_validation() -> None:
 
 
 def test_calibration_recovers_known_factors_on_synthetic_profiles(tmp_path: Path) -> None:
-    from pipetrain.planner.calibrate import CalibratedCostModel, CalibrationFit, fit_calibration
-    from pipetrain.planner.costs import analytic_node_times
-    from pipetrain.planner.profile import BlockProfile, BlockTiming
+    from pipetrain.calibration.fit import CalibratedCostModel, CalibrationFit, fit_calibration
+    from pipetrain.calibration.profile import BlockProfile, BlockTiming
+    from pipetrain.costs import analytic_node_times
 
     g = chain(6)
     dev = DeviceType(name="toy", kind="cpu", peak_flops_fp32=1e9, peak_flops_bf16=1e9, peak_flops_fp16=1e9,
@@ -126,8 +133,8 @@ def test_calibration_recovers_known_factors_on_synthetic_profiles(tmp_path: Path
 
 
 def test_calibration_from_observed_stages_alone() -> None:
-    from pipetrain.planner.calibrate import StageObservation, fit_calibration
-    from pipetrain.planner.costs import analytic_node_times
+    from pipetrain.calibration.fit import StageObservation, fit_calibration
+    from pipetrain.costs import analytic_node_times
 
     g = chain(8)
     dev = DeviceType(name="toy", kind="gpu", peak_flops_fp32=1e9, peak_flops_bf16=1e9, peak_flops_fp16=1e9,
@@ -146,7 +153,7 @@ def test_calibration_from_observed_stages_alone() -> None:
 
 
 def test_resolve_cost_model(tmp_path: Path) -> None:
-    from pipetrain.planner.calibrate import CalibratedCostModel, CalibrationFit, resolve_cost_model
+    from pipetrain.calibration.fit import CalibratedCostModel, CalibrationFit, resolve_cost_model
 
     assert isinstance(resolve_cost_model("analytic"), AnalyticCostModel)
     fit = CalibrationFit(device_type="toy", dtype="fp32", efficiency_by_kind={"block": 0.9}, default_efficiency=0.5,

@@ -39,3 +39,8 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     page = html.read_text()
     assert f"{med * 1e3:.3g} ms" in page and "PASSED" in page
     assert summary["pp"] == 2 and summary["model"] == "tiny-gpt" and summary["steps"] == 50
+    # the report shows what the demo's phases wrote: the run's simulation, the fidelity table, the planner's landscape
+    sim = json.loads((run_dir / "simulation.json").read_text())
+    assert summary["simulated"]["step_time_s"] == sim["result"]["step_time_s"] and "fidelity" in summary["sections"]
+    land = json.loads((run_dir / "landscape.json").read_text())
+    assert summary["landscape"] == land and land["chosen"] == [summary["num_microbatches"], 2] and 1 in land["ps"]

@@ -11,9 +11,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from pipetrain.executor.plans import simple_plan  # noqa: E402
-from pipetrain.executor.reference import reference_run  # noqa: E402
 from pipetrain.executor.result import load_result  # noqa: E402
 from pipetrain.executor.telemetry import read_telemetry  # noqa: E402
+from pipetrain.validation.reference import reference_run  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 DATA = "stdlib-text"

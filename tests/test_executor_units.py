@@ -19,9 +19,9 @@ from pipetrain.executor.checkpoint import load_rank, mark_latest, save_rank  # n
 from pipetrain.executor.config import RunConfig  # noqa: E402
 from pipetrain.executor.launch import describe_failure  # noqa: E402
 from pipetrain.executor.plans import even_boundaries, simple_plan  # noqa: E402
-from pipetrain.executor.reference import reference_run  # noqa: E402
 from pipetrain.executor.stage import build_meta, check_boundaries, load_spec  # noqa: E402
 from pipetrain.plan import TensorSpec  # noqa: E402
+from pipetrain.validation.reference import reference_run  # noqa: E402
 
 
 def test_simple_plan_split_specs_and_buffers() -> None:
@@ -78,14 +78,15 @@ def test_split_backward_equals_full_backward() -> None:
 
 
 def test_zero_bubble_runnable_but_not_with_recompute() -> None:
-    from pipetrain.executor.runtime import RUNNABLE_SCHEDULES, PipelineRuntime, StageRuntime
+    from pipetrain.executor.runtime import PipelineRuntime
+    from pipetrain.program import RUNNABLE_SCHEDULES, lower_schedule
     from pipetrain.schedules import make_schedule
 
     assert "zb-h1" in RUNNABLE_SCHEDULES
     sched = make_schedule("zb-h1", 2, 4)
     st = SimpleNamespace(recompute=True)
     with pytest.raises(ScheduleError, match="recomputation"):
-        PipelineRuntime(stages={0: st}, order=sched.compute_order(0), num_stages=2, num_microbatches=4, loss_fn=None,  # type: ignore[arg-type, dict-item]
+        PipelineRuntime(stages={0: st}, ops=lower_schedule(sched, [4, 4]).ops[0], num_stages=2, num_microbatches=4, loss_fn=None,  # type: ignore[arg-type, dict-item]
                         loss_scale=1.0, telemetry=None, timeout=datetime.timedelta(seconds=1))  # type: ignore[arg-type]
 
 

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from pipetrain.executor.calibration import Calibration, MeasuredCostModel, OptimizerCost, P2PCost, calibrated_topology
-from pipetrain.executor.fidelity import compare, mape, measure_run, simulate_plan, spearman
+from pipetrain.calibration.fit import CalibrationFit
+from pipetrain.calibration.measured import Calibration, MeasuredCostModel, OptimizerCost, P2PCost, calibrated_topology
+from pipetrain.calibration.profile import BlockProfile, BlockTiming
 from pipetrain.plan import Plan, StagePlan
-from pipetrain.planner.calibrate import CalibrationFit
-from pipetrain.planner.profile import BlockProfile, BlockTiming
-from pipetrain.planner.topology import topology_preset
 from pipetrain.planner.trace import trace_graph
+from pipetrain.topology import topology_preset
+from pipetrain.validation.fidelity import compare, mape, measure_run, simulate_plan, spearman
 
 
 # ----- summaries -------------------------------------------------------------------------------------
@@ -161,7 +161,7 @@ def test_ranks_outnumbering_cores_share_them(graph) -> None:  # type: ignore[no-
     alone = simulate_plan(plan, calibration=cal, graph=graph, topology=calibrated_topology(_topology(4, 4), cal))
     (g,) = shared[0].compute_groups
     assert g.ranks == (0, 1, 2, 3) and g.capacity == 2
-    from pipetrain.executor.fidelity import Measured
+    from pipetrain.validation.fidelity import Measured
 
     n = plan.num_stages
     meas = Measured(steps=(1,), step_time_s=1.0, pipeline_time_s=1.0, busy_s_per_stage=(0.1,) * n, bubble_fraction_per_stage=(0.5,) * n,
@@ -183,7 +183,7 @@ def test_compare_errors_are_signed_relative(graph, tmp_path: Path) -> None:  # t
     plan = _plan2()
     plan = replace(plan, graph_fingerprint=graph.fingerprint)
     inp, sim, _ = simulate_plan(plan, calibration=cal, graph=graph, topology=calibrated_topology(_topology(2, 2), cal))
-    from pipetrain.executor.fidelity import Measured
+    from pipetrain.validation.fidelity import Measured
 
     meas = Measured(steps=(1,), step_time_s=sim.step_time_s * 1.25, pipeline_time_s=sim.pipeline_time_s,
                     busy_s_per_stage=(sim.busy_s_per_stage[0] / 0.8, sim.busy_s_per_stage[1]),
@@ -220,9 +220,9 @@ def test_real_run_fidelity_plumbing(tmp_path: Path) -> None:
     """One tiny real run: activation bytes match exactly, times are real and within a loose bound."""
     pytest.importorskip("torch")
     from pipetrain.executor.config import RunConfig
-    from pipetrain.executor.fidelity import run_fidelity
     from pipetrain.executor.launch import launch
     from pipetrain.executor.plans import simple_plan
+    from pipetrain.validation.fidelity import run_fidelity
 
     os.environ["PIPETRAIN_PROFILE_CACHE"] = str(tmp_path / "profiles")
     plan = simple_plan("tiny-gpt", pp=2, m=4, mbs=2, seq_len=32, schedule="1f1b")

@@ -16,10 +16,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from pipetrain.executor.plans import simple_plan  # noqa: E402
-from pipetrain.executor.reference import reference_run  # noqa: E402
 from pipetrain.executor.result import load_result  # noqa: E402
 from pipetrain.executor.telemetry import read_telemetry  # noqa: E402
 from pipetrain.plan import StagePlan  # noqa: E402
+from pipetrain.validation.reference import reference_run  # noqa: E402
 
 DATA = "stdlib-text"
 #: fp32 on CUDA: same kernels in the same order in both runs; TF32 is off by default for matmuls

@@ -10,7 +10,7 @@ import pytest
 
 from pipetrain.cli import main
 from pipetrain.commands.graph import human_bytes, human_count, human_flops
-from pipetrain.planner.graph import LayerGraph
+from pipetrain.graph import LayerGraph
 from pipetrain.planner.trace import model_fingerprint
 
 

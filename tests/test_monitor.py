@@ -14,7 +14,7 @@ from rich.console import Console
 from pipetrain.events import Event
 from pipetrain.executor.monitor import Aggregator, LiveMonitor, TelemetryTail, format_plain
 from pipetrain.plan import Plan, StagePlan
-from pipetrain.reports.analysis import match_transfers, percentile, stage_breakdown
+from pipetrain.timeline import match_transfers, percentile, stage_breakdown
 
 MS = 1e-3
 

@@ -11,7 +11,8 @@ from pipetrain.plan import SCHEMA_VERSION, Alternative, Plan, PredictedMetrics, 
 def _plan(**kw) -> Plan:
     stages = (
         StagePlan(index=0, block_start=0, block_end=3, rank=0, device="cpu:0", buffers=2, outputs=(TensorSpec(shape=(2, 16, 64), dtype="float32"),)),
-        StagePlan(index=1, block_start=3, block_end=5, rank=1, device="cpu:1", buffers=1, recompute=True, inputs=(TensorSpec(shape=(2, 16, 64), dtype="float32"),)),
+        StagePlan(index=1, block_start=3, block_end=5, rank=1, device="cpu:1", buffers=1, recompute=True,
+                  inputs=(TensorSpec(shape=(2, 16, 64), dtype="float32"),)),
     )
     base = dict(model="tiny-gpt", graph_fingerprint="f" * 64, topology="local-cpu:2", pp=2, dp=2, micro_batch_size=2,
                 num_microbatches=4, seq_len=16, schedule="1f1b", stages=stages,

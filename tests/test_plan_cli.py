@@ -10,7 +10,7 @@ import pytest
 from pipetrain.cli import main
 from pipetrain.errors import PlanError
 from pipetrain.plan import Plan
-from pipetrain.planner.grid import runnable_schedules
+from pipetrain.program.catalog import RUNNABLE_SCHEDULES
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--model", "tiny-gpt", "--topology", "local-cpu:2", "--global-batch", "16", "--seq-len", "64", "--dtype", "fp32"]
@@ -29,7 +29,7 @@ def test_plan_example_config_writes_a_plan(tmp_path: Path, capsys: pytest.Captur
     assert "stages" in text and "alternatives" in text and "predicted (simpy)" in text and "pins cost" in text
     plan = Plan.load(out)
     assert plan.model == "tiny-gpt" and plan.pp == 2 and plan.global_batch == 16
-    assert plan.schedule in runnable_schedules() and not plan.simulation_only
+    assert plan.schedule in RUNNABLE_SCHEDULES and not plan.simulation_only
     assert plan.predicted is not None and plan.predicted.step_time_s > 0
     assert all(st.predicted_peak_memory_bytes <= st.memory_cap_bytes for st in plan.stages)
     assert plan.stages[1].inputs and plan.stages[1].inputs[0].shape[-1] == 64  # tiny-gpt's hidden size crosses the cut
@@ -72,7 +72,7 @@ def test_simulation_only_what_if(capsys: pytest.CaptureFixture[str], monkeypatch
     import pipetrain.planner.search as search_mod
 
     for mod in (search_mod, explain_mod):  # an executor without zb-h1
-        monkeypatch.setattr(mod, "runnable_schedules", lambda: ("gpipe", "1f1b", "interleaved"))
+        monkeypatch.setattr(mod, "RUNNABLE_SCHEDULES", ("gpipe", "1f1b", "interleaved"))
     assert main(["plan", *TINY, "--schedule", "zb-h1"]) == 2
     assert "simulation-only" in _one_line_error(capsys)
     assert main(["plan", *TINY, "--pp", "2", "--schedule", "zb-h1", "--simulation-only", "--json", "--no-pin-cost"]) == 0

@@ -14,17 +14,23 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from pipetrain.errors import ConfigError  # noqa: E402
-from pipetrain.planner.calibrate import CalibratedCostModel, fit_calibration, relative_errors  # noqa: E402
-from pipetrain.planner.costs import AnalyticCostModel, CostModel  # noqa: E402
-from pipetrain.planner.memory import activation_bytes_per_microbatch, block_activation_bytes, loss_saved_bytes  # noqa: E402
-from pipetrain.planner.profile import (  # noqa: E402
-    BlockProfile, ProfiledCostModel, load_or_profile, measure_saved_bytes, measure_stage, profile_and_measure, profile_model,
+from pipetrain.calibration.fit import CalibratedCostModel, fit_calibration, relative_errors  # noqa: E402
+from pipetrain.calibration.profile import (  # noqa: E402
+    BlockProfile,
+    ProfiledCostModel,
+    load_or_profile,
+    measure_saved_bytes,
+    measure_stage,
+    profile_and_measure,
+    profile_model,
     profile_shapes,
 )
-from pipetrain.planner.hardware import local_cpu_device_type  # noqa: E402
-from pipetrain.planner.topology import topology_preset  # noqa: E402
+from pipetrain.costs import AnalyticCostModel, CostModel  # noqa: E402
+from pipetrain.errors import ConfigError  # noqa: E402
+from pipetrain.hardware import local_cpu_device_type  # noqa: E402
+from pipetrain.memory import activation_bytes_per_microbatch, block_activation_bytes, loss_saved_bytes  # noqa: E402
 from pipetrain.planner.trace import trace_graph  # noqa: E402
+from pipetrain.topology import topology_preset  # noqa: E402
 
 TINY = dict(micro_batch_size=8, seq_len=128)
 # profiles run with 1 torch thread: the matching device type is a CPU rank of 1 core
@@ -47,7 +53,7 @@ def test_activation_bytes_match_autograd_saved_tensors(model: str, mbs: int, seq
 def test_autocast_bf16_saved_bytes_match_graph_plus_weight_copies() -> None:
     """bf16 runs under torch.autocast: each block also saves the bf16 casts of its weights.
     The memory model's autocast term closes that gap on gpt2 (blocks within 5%)."""
-    from pipetrain.planner.memory import autocast_cast_params
+    from pipetrain.memory import autocast_cast_params
 
     graph = trace_graph("gpt2", micro_batch_size=1, seq_len=128, dtype="bf16")
     measured = measure_saved_bytes("gpt2", micro_batch_size=1, seq_len=128, dtype="bf16")
@@ -160,7 +166,7 @@ def test_chain_profile_splits_one_forward_and_backward_by_block() -> None:
     per-block times partition the chain's forward and backward."""
     import time
 
-    from pipetrain.planner.profile import _Setup
+    from pipetrain.calibration.profile import _Setup
 
     s = _Setup("tiny-gpt", 4, 64, "fp32", "cpu", 0)
     s.chain_once()

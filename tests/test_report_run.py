@@ -1,4 +1,5 @@
-"""`pipetrain report` on a real (short) gloo run: sections, real numbers, Chromium rendering, bad input."""
+"""`pipetrain plan -o` -> `pipetrain run` -> `pipetrain report` on a real (short) gloo run: sections, real numbers,
+the files the run and the planner left (the report runs nothing), Chromium rendering, bad input."""
 
 from __future__ import annotations
 
@@ -28,7 +29,11 @@ def _cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def reported(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("report")
-    simple_plan("tiny-gpt", pp=2, m=4, mbs=2, seq_len=16, schedule="1f1b").save(d / "plan.json")
+    # the planner pins every knob: a plan like simple_plan's, plus the landscape it leaves beside the plan file
+    r = _cli("plan", "--model", "tiny-gpt", "--topology", "local-cpu:2", "--global-batch", "8", "--seq-len", "16", "--dtype", "fp32",
+             "--pp", "2", "--dp", "1", "--microbatches", "4", "--microbatch-size", "2", "--schedule", "1f1b", "-o", str(d / "plan.json"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert (d / "plan.landscape.json").is_file()
     run_dir = d / "run"
     r = _cli("run", str(d / "plan.json"), "--run-dir", str(run_dir), "--steps", str(STEPS), "--dataset", "stdlib-text", "--validate")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -52,7 +57,14 @@ def test_report_files_and_measured_numbers(reported: Path) -> None:
     assert all(b["compute_s"] > 0 for b in summary["measured"]["breakdown"])
     assert all(b["compute_s"] > 0 for b in summary["simulated"]["breakdown"])
     assert summary["simulated"]["step_time_s"] > 0 and summary["validation"]["passed"] is True
-    assert summary["landscape"] is not None and summary["landscape"]["chosen"] == [4, 2]
+    # the simulation is the one `pipetrain run` wrote, not simulated again by the report
+    written = json.loads((reported / "simulation.json").read_text())
+    assert summary["simulated"]["step_time_s"] == written["result"]["step_time_s"]
+    assert summary["simulated"]["cost_source"] == written["cost_source"] == json.loads((reported / "fidelity.json").read_text())["cost_source"]
+    assert "fidelity" in summary["sections"]
+    # the landscape is the one `pipetrain plan -o` left beside the plan file (every knob free: p=1 is in it)
+    assert summary["landscape"] is not None and summary["landscape"]["chosen"] == [4, 2] and 1 in summary["landscape"]["ps"]
+    assert summary["landscape"] == json.loads((reported.parent / "plan.landscape.json").read_text())
     for png in summary["pngs"]:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {"timelines.png", "breakdown.png", "step_time.png", "memory.png", "convergence.png", "parameters.png",
@@ -63,6 +75,26 @@ def test_report_files_and_measured_numbers(reported: Path) -> None:
         assert {"F", "B"} <= kinds
     measured = json.loads((out / "trace_measured.json").read_text())["traceEvents"]
     assert len([e for e in measured if e["ph"] == "X" and e["cat"] == "F"]) == STEPS * 4 * 2  # steps x m x stages
+
+
+def test_report_never_validates_simulates_or_searches(reported: Path, tmp_path: Path) -> None:
+    """A copy of the run without validation.json, simulation.json and a landscape: the report says so and writes none of them."""
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(reported, run, ignore=shutil.ignore_patterns("report", "final", "checkpoints"))
+    for name in ("validation.json", "simulation.json", "fidelity.json"):
+        (run / name).unlink()
+    cfg = json.loads((run / "run_config.json").read_text())
+    (run / "run_config.json").write_text(json.dumps({**cfg, "plan_path": str(tmp_path / "elsewhere.json")}))  # no landscape there
+    r = _cli("report", str(run), timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert not any((run / n).exists() for n in ("validation.json", "simulation.json", "fidelity.json", "landscape.json"))
+    summary = json.loads((run / "report" / "summary.json").read_text())
+    assert summary["simulated"] is None and summary["validation"] is None and summary["landscape"] is None
+    html = (run / "report" / "report.html").read_text()
+    assert f"Not validated: run `pipetrain validate {run}`" in html and "Not simulated: simulation.json is missing" in html
+    assert "No planner landscape for this plan" in html
 
 
 @pytest.mark.skipif(find_chromium() is None and not os.environ.get("CI"), reason="Debian chromium not installed (CI installs it)")

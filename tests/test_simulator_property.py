@@ -9,7 +9,13 @@ from hypothesis import strategies as st
 
 from pipetrain.schedules import make_schedule
 from pipetrain.simulator import (
-    BoundarySpec, DataParallelSpec, Link, SimInput, StageSpec, fast_evaluate, simulate,
+    BoundarySpec,
+    DataParallelSpec,
+    Link,
+    SimInput,
+    StageSpec,
+    fast_evaluate,
+    simulate,
 )
 
 times = st.floats(min_value=1e-4, max_value=5e-3, allow_nan=False)

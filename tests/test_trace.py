@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipetrain.errors import ConfigError, ModelError
-from pipetrain.planner.graph import LayerGraph
+from pipetrain.graph import LayerGraph
 from pipetrain.planner.trace import model_fingerprint, trace_graph
 from pipetrain.planner.zoo.gpt import GPT_PRESETS
 from pipetrain.planner.zoo.llama import LLAMA_PRESETS

@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from pipetrain.errors import ModelError
-from pipetrain.planner.zoo import (ModelSpec, PipelineModel, get_model_spec, init_block_, list_presets, materialize,
-                                   tied_parameters)
+from pipetrain.planner.zoo import ModelSpec, PipelineModel, get_model_spec, init_block_, list_presets, materialize, tied_parameters
 from pipetrain.planner.zoo.common import causal_attention
 
 # Public counts: GPT-2 (Radford et al. 2019; Hugging Face GPT2LMHeadModel, tied head counted once),

@@ -2,11 +2,12 @@
 
 ``pipetrain demo [--run-dir runs/demo] [--steps 50] [--check]``:
 1. plans ``tiny-gpt`` on ``local-cpu:2`` with 2 pipeline stages (fp32, global batch 8, seq-len 32),
-   and searches the planner's landscape over (m, p);
+   and keeps the planner's landscape over (m, p) in ``RUN_DIR/landscape.json``;
 2. simulates the plan;
-3. runs it as a real 2-process gloo pipeline on the stdlib-text corpus, with the live view;
-4. validates it against the same training on one device;
-5. writes the report (``RUN_DIR/report/report.html``) and prints its path.
+3. runs it as a real 2-process gloo pipeline on the stdlib-text corpus, with the live view, then
+   simulates it as executed and compares, as ``pipetrain run`` does (``simulation.json``, ``fidelity.json``);
+4. validates it against the same training on one device (``validation.json``);
+5. writes the report (``RUN_DIR/report/report.html``) from those files and prints its path.
 ``--check`` also renders the report in headless Chromium and keeps a screenshot.
 """
 
@@ -63,13 +64,14 @@ def run(args: argparse.Namespace) -> int:
     from pipetrain.executor.config import RunConfig
     from pipetrain.executor.launch import launch
     from pipetrain.executor.monitor import LiveMonitor
-    from pipetrain.executor.validate import validate_run
     from pipetrain.planner.explain import make_plan, plan_sim_input
     from pipetrain.planner.job import job_from_mapping
     from pipetrain.planner.search import _tracer, search
-    from pipetrain.reports.landscape import landscape_from_search
-    from pipetrain.reports.report import check_report, landscape_path, write_run_report
+    from pipetrain.reports.landscape import LANDSCAPE_FILE, landscape_from_search, write_landscape
+    from pipetrain.reports.report import check_report, write_run_report
     from pipetrain.simulator import simulate
+    from pipetrain.validation.fidelity import report_run_fidelity
+    from pipetrain.validation.validate import validate_run
 
     if args.steps < 2:
         raise ConfigError(f"--steps must be >= 2 for a demo, got {args.steps}")
@@ -85,9 +87,9 @@ def run(args: argparse.Namespace) -> int:
         unpinned = search(job.unpinned(), graph_for=graph_for, top_k=64, explain=False)  # prices the pins; the landscape
         plan = make_plan(res, unpinned=unpinned)
         plan_path = plan.save(run_dir / "plan.json")
-        land = landscape_from_search(unpinned, chosen=(plan.num_microbatches, plan.pp),
-                                     source=f"planner search over {job.topology}, global batch {job.global_batch}, every knob free")
-        landscape_path(run_dir, plan).write_text(__import__("json").dumps(land.to_dict()))
+        # the report reads the landscape from here: it never searches
+        write_landscape(run_dir / LANDSCAPE_FILE, landscape_from_search(
+            unpinned, plan=plan, source=f"Planner search over {job.topology}, global batch {job.global_batch}, every knob free."))
     p = plan.predicted
     pr.say(f"plan: pp={plan.pp} dp={plan.dp} {plan.schedule} m={plan.num_microbatches} x mb={plan.micro_batch_size}, "
            f"stages {[f'{st.block_start}-{st.block_end - 1}' for st in plan.stages]}, buffers {[st.buffers for st in plan.stages]}; "
@@ -105,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         res = launch(cfg, plan=plan)
     pr.say(f"measured median step {res.median_step_time_s * 1e3:.3g} ms "
            f"({plan.global_batch * plan.seq_len / res.median_step_time_s:,.0f} tokens/s), loss {res.losses[0]:.3f} -> {res.losses[-1]:.3f}")
+    report_run_fidelity(run_dir, plan, echo=pr.say)  # as `pipetrain run`: simulation.json and fidelity.json for the report
 
     with pr.phase("validating against a single device (same data, seed, steps)"):
         val = validate_run(run_dir)

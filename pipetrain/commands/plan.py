@@ -4,7 +4,11 @@
 ``pipetrain plan --model llama2-70b --topology dgx-h100:8 --global-batch 1024 --seq-len 4096``.
 Every knob (``--pp --dp --microbatches --microbatch-size --schedule --chunks --buffers
 --recompute --boundaries``) can be pinned by a flag or in the YAML; flags win over the file.
-Prints the stage table, the predicted metrics and the top alternatives; ``-o`` writes the plan.
+Prints the stage table, the predicted metrics and the top alternatives; ``-o plan.json`` writes
+the plan and, beside it, ``plan.landscape.json``: the search's step time over (m, p), which
+``pipetrain report`` shows for runs of that plan (reports never search). ``--report DIR`` writes
+the search's simulation of the plan (``simulation.json``) and the landscape (``landscape.json``)
+into DIR and the what-if report from them.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from typing import Any
 
 from pipetrain.errors import ConfigError
 
-__all__ = ["add_arguments", "run", "add_job_arguments", "job_from_args", "graph_source", "print_plan"]
+__all__ = ["add_arguments", "run", "add_job_arguments", "job_from_args", "graph_source", "print_plan", "planner_landscape",
+           "write_planner_files"]
 
 #: flag dest -> job key
 _FLAG_KEYS = {"model": "model", "topology": "topology", "global_batch": "global_batch", "seq_len": "seq_len", "dtype": "dtype",
@@ -82,7 +87,7 @@ def graph_source(args: argparse.Namespace, job):  # -> (graph_for | None, job)
         return None, job
     from dataclasses import replace
 
-    from pipetrain.planner.graph import LayerGraph
+    from pipetrain.graph import LayerGraph
 
     g = LayerGraph.load(args.graph)
     if job.microbatch_size not in (None, g.micro_batch_size):
@@ -158,6 +163,38 @@ def _progress(text: str):  # -> context manager
     return console.status(text) if console.is_terminal else contextlib.nullcontext()
 
 
+def planner_landscape(outcome):  # (PlanOutcome) -> Landscape
+    """The landscape of the search already done: the unpinned one when the pins were priced (every knob free)."""
+    from pipetrain.reports.landscape import landscape_from_search
+
+    job = outcome.result.job
+    where = f" over {job.topology}, global batch {job.global_batch}" if job is not None else ""
+    if outcome.unpinned is not None:
+        return landscape_from_search(outcome.unpinned, plan=outcome.plan, source=f"Planner search{where} with every knob free.")
+    return landscape_from_search(outcome.result, plan=outcome.plan, source=f"Planner search{where} under your pinned knobs.")
+
+
+def write_planner_files(outcome, out_dir, *, cost_source: str) -> None:  # (PlanOutcome, path, ...) -> None
+    """What the what-if report reads: the simpy simulation of the chosen plan that the search ran
+    (``simulation.json``) and the landscape (``landscape.json``)."""
+    from pathlib import Path
+
+    from pipetrain.reports.landscape import LANDSCAPE_FILE, write_landscape
+    from pipetrain.simulator.result import SIMULATION_FILE, SimulationRecord, save_simulation
+
+    plan, res = outcome.plan, outcome.result
+    sim = res.best.sim
+    if sim is None:  # the search confirms its best in simpy; should it not have, simulate the plan as the planner prices it
+        from pipetrain.planner.explain import plan_sim_input
+        from pipetrain.simulator import simulate
+
+        sim = simulate(plan_sim_input(plan, graph=res.graph(), topology=res.topology))
+    out = Path(out_dir)
+    save_simulation(out / SIMULATION_FILE, SimulationRecord(result=sim, topology=plan.topology, cost_source=cost_source,
+                                                            origin="pipetrain plan: the planner's simpy confirmation of this plan"))
+    write_landscape(out / LANDSCAPE_FILE, planner_landscape(outcome))
+
+
 def run(args: argparse.Namespace) -> int:
     from pipetrain.planner.explain import plan_job
 
@@ -165,24 +202,30 @@ def run(args: argparse.Namespace) -> int:
     graph_for, job = graph_source(args, job)
     if args.top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
-    extra = {}
+    extra: dict[str, Any] = {}
     if getattr(args, "calibration", None):
-        from pipetrain.executor.calibration import calibrated_for
+        from pipetrain.calibration.measured import calibrated_for
 
         extra = dict(zip(("topology", "cost"), calibrated_for(job.topology, args.calibration)))
     with _progress(f"planning {job.model} on {job.topology}"):
         outcome = plan_job(job, graph_for=graph_for, top_k=args.top_k, price_pins=not args.no_pin_cost, **extra)
     if args.output:
+        from pipetrain.reports.landscape import sidecar_path, write_landscape
+
         path = outcome.plan.save(args.output)
+        # `pipetrain report` of a run of this plan shows the landscape from here: reports never search
+        land_path = write_landscape(sidecar_path(path), planner_landscape(outcome))
     if args.json:
         print(json.dumps(outcome.plan.to_dict(), indent=2))
     else:
         print_plan(outcome)
         if args.output:
-            print(f"wrote {path}")
+            print(f"wrote {path} (and the planner's landscape, {land_path.name})")
     if getattr(args, "report", None):
         from pipetrain.reports.plan_report import write_plan_report
 
-        rep = write_plan_report(outcome, args.report)
+        write_planner_files(outcome, args.report, cost_source=f"calibration {args.calibration}" if getattr(args, "calibration", None)
+                            else "the planner's analytic cost model")
+        rep = write_plan_report(outcome.plan, args.report)
         print(f"report: {rep.html}")
     return 0

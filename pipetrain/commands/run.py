@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
         cfg = dataclasses.replace(cfg, save_final=True)
     plan = Plan.load(cfg.plan_path)
-    from pipetrain.executor.fidelity import load_run_calibration, report_run_fidelity
+    from pipetrain.validation.fidelity import load_run_calibration, report_run_fidelity
 
     calibration = load_run_calibration(getattr(args, "calibration", None))
     print(f"pipetrain run: {plan.model}, pp={plan.pp} dp={plan.dp} {plan.schedule} m={plan.num_microbatches} "
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
           f"telemetry: {cfg.run_dir}/telemetry/rank*.jsonl")
     report_run_fidelity(cfg.run_dir, plan, calibration)
     if getattr(args, "validate", False):
-        from pipetrain.executor.validate import validate_run
+        from pipetrain.validation.validate import validate_run
 
         report = validate_run(cfg.run_dir, progress=lambda msg: print(msg, flush=True))
         print(report.summary)

@@ -18,8 +18,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from pipetrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pipetrain.program.spec import SimInput
+    from pipetrain.simulator import SimResult
 
 __all__ = ["add_arguments", "run"]
 
@@ -44,10 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", metavar="PATH", default=None, help="write a Chrome trace (Perfetto) to PATH")
     parser.add_argument("--grid", action="store_true", help="also print the schedule as a step x rank grid")
     parser.add_argument("--calibration", metavar="FILE", default=None,
-                        help="with a PLAN.json: cost model, link and CPU co-run speeds from `pipetrain calibrate`, simulated as the executor runs the plan (default: analytic)")
+                        help="with a PLAN.json: cost model, link and CPU co-run speeds from `pipetrain calibrate`, "
+                             "simulated as the executor runs the plan (default: analytic)")
 
 
-def _simulate_plan(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _simulate_plan(args: argparse.Namespace) -> SimInput:
     """A plan file: the planner rebuilds its SimInput (traces the model on the meta device)."""
     given = [f for f, v in (("--stages", args.stages), ("--microbatches", args.microbatches), ("--t-fwd", args.t_fwd),
                             ("--t-bwd", args.t_bwd), ("--buffers", args.buffers)) if v is not None]
@@ -57,8 +63,8 @@ def _simulate_plan(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from pipetrain.planner.explain import plan_sim_input
 
     if getattr(args, "calibration", None):
-        from pipetrain.executor.calibration import calibrated_for, load_calibration
-        from pipetrain.executor.fidelity import executor_sim_input
+        from pipetrain.calibration.measured import calibrated_for, load_calibration
+        from pipetrain.validation.fidelity import executor_sim_input
 
         plan = Plan.load(args.plan)
         topo, cost = calibrated_for(plan.topology, args.calibration, world_size=plan.world_size)
@@ -67,7 +73,7 @@ def _simulate_plan(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return plan_sim_input(Plan.load(args.plan))
 
 
-def _from_flags(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _from_flags(args: argparse.Namespace) -> SimInput:
     from pipetrain.simulator import uniform
 
     if getattr(args, "calibration", None):
@@ -120,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print(result, inp) -> None:  # type: ignore[no-untyped-def]
+def _print(result: SimResult, inp: SimInput) -> None:
     from rich.console import Console
     from rich.table import Table
 

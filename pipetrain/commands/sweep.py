@@ -53,7 +53,7 @@ def parse_vary(items: list[str]) -> list[tuple[str, list[Any]]]:
 
 
 def _topology(topo, knob: str, value: Any):  # -> Topology
-    from pipetrain.planner.topology import BUILTIN_DEVICE_TYPES
+    from pipetrain.hardware import BUILTIN_DEVICE_TYPES
 
     if knob == "bandwidth":
         if value <= 0:
@@ -73,7 +73,7 @@ def _topology(topo, knob: str, value: Any):  # -> Topology
 def sweep(job, vary: list[tuple[str, list[Any]]], *, graph_for=None, topology=None) -> list[dict[str, Any]]:
     """Plan every point of the grid; one row per point (``error`` set where nothing fits)."""
     from pipetrain.planner.search import _tracer, search
-    from pipetrain.planner.topology import resolve_topology
+    from pipetrain.topology import resolve_topology
 
     base_topo = topology or resolve_topology(job.topology)
     for knob, values in vary:  # a typo in a knob value is an error, not a row
@@ -81,8 +81,8 @@ def sweep(job, vary: list[tuple[str, list[Any]]], *, graph_for=None, topology=No
             _topology(base_topo, knob, v)
     graph_for = graph_for or _tracer(job)
     rows = []
-    for values in itertools.product(*[v for _, v in vary]):
-        point = dict(zip([k for k, _ in vary], values))
+    for combo in itertools.product(*[v for _, v in vary]):
+        point = dict(zip([k for k, _ in vary], combo))
         row: dict[str, Any] = dict(point)
         try:
             j, topo = job, base_topo
@@ -97,6 +97,7 @@ def sweep(job, vary: list[tuple[str, list[Any]]], *, graph_for=None, topology=No
                     topo = _topology(topo, knob, value)
             res = search(j, graph_for=graph_for, topology=topo, top_k=1, explain=False)
             b, sim = res.best, res.best.sim
+            assert sim is not None  # the best point is always simulator-confirmed
             row.update(plan=b.candidate.describe(), step_time_s=sim.step_time_s, samples_per_s=sim.samples_per_s,
                        mfu=sim.mfu, bubble_fraction=sim.bubble_fraction, peak_memory_bytes=max(b.rank_peaks_bytes()),
                        error=None)

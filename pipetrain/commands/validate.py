@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipetrain.executor.validate import validate_run
+    from pipetrain.validation.validate import validate_run
 
     report = validate_run(args.run_dir, progress=lambda msg: print(msg, flush=True))
     print(report.summary)

@@ -5,10 +5,16 @@
   --nnodes K ... -m pipetrain.executor plan.json``).
 - ``worker`` / ``trainer``: one rank: stages built on meta, only its own blocks materialized,
   persistent buffers, groups, optimizer, checkpoints.
-- ``runtime``: the interpreter of the schedule's compute order (isend/irecv with prefetch);
-  ``splitbw``: the B/W split of zero-bubble schedules; ``optim``: DP and tied-weight all-reduce,
-  global-norm clipping; ``data``: deterministic, sharded sample order; ``telemetry`` / ``result``:
-  per-rank JSONL events and RUN_DIR/result.json; ``reference``: the single-process reference run.
+- ``runtime``: the interpreter of the lowered program (:func:`pipetrain.program.lower`): receive
+  posts, waits, compute and sends, literally in the program's order;
+  ``splitbw`` / ``wgrad``: the B/W split of zero-bubble schedules; ``comm``: groups, rank layout and
+  persistent receive buffers; ``optim``: DP and tied-weight all-reduce, global-norm clipping;
+  ``data``: deterministic, sharded sample order; ``telemetry`` / ``result``: per-rank JSONL events
+  and RUN_DIR/result.json; ``checkpoint``: atomic per-step checkpoints; ``monitor``: the live view;
+  ``stage``: stage modules on the meta device; ``plans``: a runnable plan without the planner.
+
+Nothing here probes the machine (:mod:`pipetrain.calibration`) or validates a run
+(:mod:`pipetrain.validation`).
 """
 
 from __future__ import annotations

@@ -10,14 +10,21 @@ The data position needs no saving: the sample order is a pure function of (seed,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 from pipetrain.errors import RunError
+from pipetrain.plan import Plan
 
-__all__ = ["checkpoint_dir", "save_rank", "mark_latest", "latest_step", "load_rank"]
+__all__ = ["checkpoint_dir", "plan_hash", "save_rank", "mark_latest", "latest_step", "load_rank"]
+
+
+def plan_hash(plan: Plan) -> str:
+    """The key a checkpoint is saved under: a resume loads only checkpoints of the same plan."""
+    return hashlib.sha256(plan.to_json().encode()).hexdigest()[:16]
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from pipetrain.plan import Plan, TensorSpec
 
-__all__ = ["RankLayout", "Groups", "TieGroup", "make_groups", "BufferPool", "torch_dtype", "tag_of"]
+__all__ = ["RankLayout", "Groups", "TieGroup", "make_groups", "agree_max", "BufferPool", "torch_dtype", "tag_of"]
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -63,7 +63,6 @@ class TieGroup:
     """A tied parameter whose owner and users are on different pipeline ranks of this replica."""
 
     name: str
-    owner_block: int
     blocks_here: tuple[int, ...]
     owner_rank: int  # global rank that owns (initializes) it
     group: Any
@@ -109,7 +108,7 @@ def make_groups(plan: Plan, layout: RankLayout, ties: tuple[tuple[str, int, tupl
             g = dist.new_group(ranks, timeout=timeout)
             if me in ranks:
                 here = tuple(b for b in (owner, *users) if block_rank[b] == layout.pp_rank)
-                tie_groups.append(TieGroup(name=name, owner_block=owner, blocks_here=here,
+                tie_groups.append(TieGroup(name=name, blocks_here=here,
                                            owner_rank=d * plan.pp + block_rank[owner], group=g))
     p2p: dict[tuple[int, str], Any] = {}
     for b in range(len(plan.stages) - 1 if p2p_groups else 0):
@@ -123,6 +122,13 @@ def make_groups(plan: Plan, layout: RankLayout, ties: tuple[tuple[str, int, tupl
                 if me in ranks:
                     p2p[(b, direction)] = g
     return Groups(pp_group=pp_group, dp_group=dp_group, ties=tuple(tie_groups), p2p=p2p)
+
+
+def agree_max(t: torch.Tensor, device: Any) -> int:
+    """The maximum over all ranks of the one-element integer tensor ``t`` (an all-reduce on ``device``)."""
+    x = t.to(device)
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return int(x.cpu()[0])
 
 
 class BufferPool:

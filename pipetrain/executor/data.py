@@ -34,6 +34,7 @@ __all__ = [
     "stdlib_text_tokens",
     "make_source",
     "warn_dropped",
+    "batch_tensor",
 ]
 
 DATASETS = ("synthetic", "stdlib-text")
@@ -182,3 +183,10 @@ def warn_dropped(sampler: BatchSampler, name: str) -> None:
         warnings.warn(
             f"dataset {name}: {sampler.dropped_per_epoch} of {sampler.num_samples} samples per epoch do not fill a "
             f"global batch of {sampler.global_batch} and are dropped", stacklevel=2)
+
+
+def batch_tensor(arr: Any, ids: np.ndarray, device: Any) -> Any:
+    """The samples ``ids`` of ``arr`` as one tensor on ``device`` (int64 for integer data, else float32)."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(arr[np.asarray(ids)]).astype(np.int64 if arr.dtype.kind in "iu" else np.float32)).to(device)

@@ -35,8 +35,7 @@ def free_port() -> int:
 #: glibc malloc settings for the workers (unless already set): keep freed memory in the heap instead
 #: of returning it to the OS, and serve allocations up to 256 MiB from it. A training step frees and
 #: re-allocates the same activation and gradient sizes every step; with glibc's defaults each step
-#: faulted the pages back in: a resmlp stage (2.1M parameters, 4 micro-batches, one thread) took
-#: 429-458 minor page faults per step and 26.9 ms; with these, 0 faults and 25.1 ms.
+#: faulted the pages back in, and with these none are (figures: benchmarks/RESULTS.md).
 MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_MMAP_THRESHOLD_": str(256 << 20)}
 
 
@@ -87,7 +86,6 @@ def describe_failure(run_dir: Path, failures: dict[int, Any], pp: int) -> str:
 def preflight(cfg: RunConfig, plan: Plan) -> None:
     """Mistakes caught before any process starts (one line, exit 2 at the CLI)."""
     from pipetrain.errors import ConfigError
-
     from pipetrain.executor.data import DATASETS
 
     if cfg.dataset not in DATASETS and not cfg.dataset.endswith(".npy"):
@@ -162,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipetrain.errors import PipetrainError
     from pipetrain.executor.config import add_run_arguments, config_from_args
 
-    parser = argparse.ArgumentParser(prog="python -m pipetrain.executor.launch", description=main.__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipetrain.executor.launch", description=(main.__doc__ or "").splitlines()[0])
     add_run_arguments(parser)
     args = parser.parse_args(argv)
     try:

@@ -7,7 +7,7 @@ its events and one ``step`` record at the end of every step) and shows:
 * the step, the loss (last stage) and tokens/s (global batch x seq-len over the step's time,
   the slowest rank's);
 * per stage: busy % and bubble % of the latest complete step, p2p latency p50/p95 over the
-  last :data:`WINDOW` steps (definitions in :mod:`pipetrain.reports.analysis`);
+  last :data:`WINDOW` steps (definitions in :mod:`pipetrain.timeline`);
 * memory per stage: the rank's measured tensor bytes (peak so far) against the plan's prediction.
 
 On a terminal this is a ``rich.live.Live`` table; when stdout is not a terminal (CI, logs) it
@@ -19,9 +19,10 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from pipetrain.events import Event
 from pipetrain.plan import Plan
@@ -131,7 +132,7 @@ class Aggregator:
         return sorted(s for s, ranks in self.steps.items() if len(ranks) >= self.world)
 
     def snapshot(self) -> Snapshot | None:
-        from pipetrain.reports.analysis import match_transfers, percentile, stage_breakdown
+        from pipetrain.timeline import match_transfers, percentile, stage_breakdown
 
         done = self.complete_steps()
         if not done:
@@ -253,7 +254,7 @@ class LiveMonitor:
             except Exception:  # noqa: BLE001 - the view must never take the run down
                 continue
 
-    def __enter__(self) -> "LiveMonitor":
+    def __enter__(self) -> LiveMonitor:
         if self.interactive:
             from rich.live import Live
             from rich.text import Text

@@ -17,8 +17,9 @@ the mean loss over the global batch, as on one device.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -26,7 +27,7 @@ from torch import nn
 
 from pipetrain.errors import ConfigError
 
-__all__ = ["OptimConfig", "make_optimizer", "GradSync", "clip_coefficient", "squared_norms", "grads_to_none", "DEFAULT_LR"]
+__all__ = ["OptimConfig", "make_optimizer", "GradSync", "clip_coefficient", "squared_norms", "grads_to_none", "grad_of", "DEFAULT_LR"]
 
 DEFAULT_LR = {"adamw": 1e-3, "sgd": 0.05}
 
@@ -55,18 +56,17 @@ def grads_to_none(device: torch.device | str) -> bool:
 
     On CUDA the caching allocator keeps freed memory, and the next step's first backward writes
     its gradient instead of adding to zeros. On CPU, freeing megabyte-sized gradients lets glibc
-    give the pages back to the OS and the next backward faults them in again: resmlp's 4-block
-    stage (2.1M parameters, 4 micro-batches of 16, one thread) took 1314 minor page faults per
-    step with ``set_to_none=True`` and 458 zeroing in place, and 0.95-1.0x the step time."""
+    give the pages back to the OS and the next backward faults them in again; zeroing in place
+    keeps them, at no cost in step time (figures: benchmarks/RESULTS.md)."""
     return torch.device(device).type == "cuda"
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
     """AdamW or SGD. On CUDA the multi-tensor (foreach) kernels: one launch per group of tensors
-    instead of about ten per tensor (gpt2's AdamW step on an H100: 20.6 ms per-tensor, 7.5 ms
-    foreach, with the norm). On CPU the per-tensor loop, as before: one thread, foreach was no faster on
-    resmlp's large tensors (19-21 ms against 11.5-21 ms) and 1.5x faster on tiny-gpt's small ones
-    (1.1 against 1.6 ms). The single-device reference makes its optimizer here too, so both sides
+    instead of about ten per tensor, which is what bounds the step of short GPU kernels. On CPU the
+    per-tensor loop, as before: with one thread foreach saves only per-tensor dispatch, which helped
+    on small tensors and not on large ones, where the arithmetic dominates (figures:
+    benchmarks/RESULTS.md). The single-device reference makes its optimizer here too, so both sides
     run the same arithmetic."""
     foreach = bool(params) and params[0].device.type == "cuda"
     if cfg.name == "adamw":
@@ -88,6 +88,13 @@ def squared_norms(tensors: list[torch.Tensor]) -> list[float]:
     foreach = getattr(torch, "_foreach_norm", None)
     norms = foreach(tensors) if foreach is not None else [torch.linalg.vector_norm(t) for t in tensors]
     return [float(v) ** 2 for v in torch.stack([n.reshape(()) for n in norms]).double().cpu().tolist()]
+
+
+def grad_of(p: torch.Tensor) -> torch.Tensor:
+    """``p.grad``, which the caller knows is set (after a backward, or :meth:`GradSync.sync` filled it)."""
+    g = p.grad
+    assert g is not None, "parameter has no gradient"
+    return g
 
 
 def unique_params(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
@@ -136,20 +143,22 @@ class GradSync:
             off = 0
             for p in self.params:
                 k = p.numel()
-                self.flat[off:off + k].copy_(p.grad.reshape(-1))
+                self.flat[off:off + k].copy_(grad_of(p).reshape(-1))
                 off += k
             dist.all_reduce(self.flat, group=self.dp_group)
             off = 0
             for p in self.params:
                 k = p.numel()
-                p.grad.copy_(self.flat[off:off + k].view_as(p.grad))
+                g = grad_of(p)
+                g.copy_(self.flat[off:off + k].view_as(g))
                 off += k
             tel.add("ALLREDUCE", self.stage, -1, t0, tel.now(), self.flat.numel() * 4)
         for p, group, _ in self.ties:
             t0 = tel.now()
-            dist.all_reduce(p.grad, group=group)
-            tel.add("ALLREDUCE", self.stage, -1, t0, tel.now(), p.grad.numel() * p.grad.element_size())
-        sqs = squared_norms([p.grad.detach() for p in self.norm_params])
+            g = grad_of(p)
+            dist.all_reduce(g, group=group)
+            tel.add("ALLREDUCE", self.stage, -1, t0, tel.now(), g.numel() * g.element_size())
+        sqs = squared_norms([grad_of(p).detach() for p in self.norm_params])
         per_stage: dict[int, float] = {}
         for p, v in zip(self.norm_params, sqs):
             k = self.stage_of.get(id(p), self.stage)
@@ -163,6 +172,6 @@ class GradSync:
         coef = clip_coefficient(norm, self.clip_norm)
         if coef < 1.0:
             for p in self.params:
-                p.grad.mul_(coef)
+                grad_of(p).mul_(coef)
         self.last_norm = norm
         return norm

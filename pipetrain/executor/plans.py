@@ -8,7 +8,7 @@ same type.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from pipetrain.errors import PlanError
 from pipetrain.plan import Plan, StagePlan
@@ -32,10 +32,9 @@ def simple_plan(model: str, *, pp: int, dp: int = 1, m: int, mbs: int, seq_len: 
                 boundaries: Sequence[int] | None = None, chunks: int = 1, dtype: str = "fp32",
                 optimizer: str = "adamw", seed: int = 0, recompute: Sequence[int] = (),
                 buffers: Sequence[int] | None = None, device: str = "cpu") -> Plan:
+    from pipetrain.executor.stage import boundary_specs, build_meta, load_spec
     from pipetrain.planner.trace import model_fingerprint
     from pipetrain.schedules import make_schedule, peak_in_flight
-
-    from pipetrain.executor.stage import boundary_specs, build_meta, load_spec
 
     spec = load_spec(model)
     meta = build_meta(spec)

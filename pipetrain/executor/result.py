@@ -60,7 +60,7 @@ class RunResult:
         return to_dict(self)
 
     @classmethod
-    def from_dict(cls, d: Any) -> "RunResult":
+    def from_dict(cls, d: Any) -> RunResult:
         return from_dict(cls, d, error=RunError)
 
 

@@ -1,24 +1,25 @@
-"""The schedule interpreter: run one training step of one pipeline rank.
+"""The program interpreter: run one training step of one pipeline rank.
 
-The rank executes its compute actions exactly in the order of
-``Schedule.compute_order(pp_rank)`` (the object the simulator consumed). Communication is
-derived from it: after ``F`` of a stage that is not last, its output goes to the next stage
-with a non-blocking ``isend``; after ``B`` of a stage that is not first, its input gradient
-goes back. Receives are prefetched: each stage posts ``irecv`` into its persistent buffer pool
-(exactly ``StagePlan.buffers`` input-activation buffers and as many gradient buffers) as soon as
-a buffer is free, in the order the compute actions need them, and waits (with a timeout) only
-right before the compute that reads it. An input buffer stays owned by its micro-batch until
-that micro-batch's backward has run, so the pool size bounds the activations in flight.
-Adjacent stages on one rank (interleaved with p=1) hand tensors over in memory.
+The rank executes its lowered operations (:func:`pipetrain.program.lower`, the object the
+simulator consumed) literally, in order: ``post:sRECV_Xk`` issues an ``irecv`` into a slot of the
+stage's persistent buffer pool; ``sRECV_Xk`` waits (with a timeout) for that receive; ``F``, ``B``
+and ``W`` compute; ``sSEND_Xk`` issues a non-blocking ``isend`` of the tensor the preceding compute
+produced. Where the receives are posted (prefetch as the pools allow) is the program's decision,
+not this module's. An input slot stays owned by its micro-batch until its backward has run (its W,
+when the backward is split), so the pool size bounds the activations in flight. Adjacent stages on
+one rank (interleaved with p=1) hand tensors over in memory (no SEND/RECV between them).
+
+The first step records the communication as issued (``comm_log``, the strings of
+:meth:`pipetrain.program.Program.comm_order`), which telemetry writes with that step.
 """
 
 from __future__ import annotations
 
 import datetime
-from collections import deque
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,16 +28,11 @@ from torch import nn
 from pipetrain.errors import RunError, ScheduleError
 from pipetrain.executor.comm import BufferPool, tag_of
 from pipetrain.executor.splitbw import backward_input, backward_weight
-from pipetrain.executor.wgrad import SplitLinears, WeightGradQueue
 from pipetrain.executor.telemetry import Telemetry
+from pipetrain.executor.wgrad import SplitLinears, WeightGradQueue
+from pipetrain.program import POST, Op
 
-__all__ = ["RUNNABLE_SCHEDULES", "StageRuntime", "PipelineRuntime", "SavedBytes"]
-
-#: Schedules this executor runs (the planner reads this literal with ``ast``). zb-h1 runs with the
-#: backward split into input-grad (B) and weight-grad (W) passes: the linear layers' weight gradients
-#: deferred (:mod:`pipetrain.executor.wgrad`), or for stages with convolutions the generic autograd
-#: graph split (:mod:`pipetrain.executor.splitbw`).
-RUNNABLE_SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+__all__ = ["StageRuntime", "PipelineRuntime", "SavedBytes"]
 
 
 @dataclass(eq=False)
@@ -114,10 +110,10 @@ class SavedBytes:
 
 @dataclass(eq=False)
 class PipelineRuntime:
-    """Runs the compute order of one pipeline rank for one step; see module docstring."""
+    """Runs the lowered operations of one pipeline rank for one step; see module docstring."""
 
     stages: dict[int, StageRuntime]
-    order: tuple[Any, ...]  # compute actions of this rank
+    ops: tuple[Op, ...]  # this rank's program
     num_stages: int
     num_microbatches: int
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -130,61 +126,46 @@ class PipelineRuntime:
     fault: Callable[[int, int], None] | None = None
 
     def __post_init__(self) -> None:
+        self.order = tuple(op.action for op in self.ops if op.verb != POST and op.action.is_compute)
         self.split = any(a.kind == "W" for a in self.order)
         if self.split and any(st.recompute for st in self.stages.values()):
             raise ScheduleError("zb-h1 splits the backward into input- and weight-gradient passes, which does not combine with "
                                 "activation recomputation: turn recompute off for zb-h1, or use 1f1b")
-        #: stages whose W is their linear layers' deferred weight gradients (see RUNNABLE_SCHEDULES)
+        #: stages whose W is their linear layers' deferred weight gradients (:mod:`pipetrain.executor.wgrad`);
+        #: stages with convolutions split the autograd graph instead (:mod:`pipetrain.executor.splitbw`)
         self._linears = {s: SplitLinears(st.module) for s, st in self.stages.items() if self.split and _linear_split(st.module)}
         self.in_flight_peak = {s: 0 for s in self.stages}
         # activation accounting: saved-tensor hooks count a stage's saved bytes per micro-batch in
         # the first steps; shapes are static, so later steps reuse the count and run without the
-        # hooks (a Python call per saved tensor: 1.5-4% of a resmlp stage's CPU time)
+        # hooks (they cost a Python call per saved tensor; figures: benchmarks/RESULTS.md)
         self._saved_bytes: dict[int, int] = {}
         self._measure_saved_until = -1  # set by the first run_step: its step number
-        # per-pool need order: which micro-batch each pool's next receive is for
-        self._act_order = {s: [a.microbatch for a in self.order if a.stage == s and a.kind == "F"]
-                           for s, st in self.stages.items() if not st.is_first and not st.prev_local}
-        self._grad_order = {s: [a.microbatch for a in self.order if a.stage == s and a.kind == "B"]
-                            for s, st in self.stages.items() if not st.is_last and not st.next_local}
+        self.comm_log: list[str] = []
+        # per step (run_step resets them): posted receives (kind, stage, mb) -> (work, slot, t0, buffer); sends in flight
+        self._recv: dict[tuple[int, int, int], tuple[Any, int, int, torch.Tensor]] = {}
+        self._sends: list[tuple[Any, torch.Tensor, int, int, int]] = []
 
     # ----------------------------------------------------------------- receives
-    def _post(self) -> None:
-        now = self.telemetry.now
-        for s, q in self._act_q.items():
-            st = self.stages[s]
-            while q:
-                i = st.in_pool.acquire()
-                if i is None:
-                    break
-                mb = q.popleft()
-                buf = st.in_pool.buffers[i]
-                w = dist.irecv(buf, st.prev_rank, group=st.recv_act_group,
-                               tag=tag_of(0, s, mb, self.num_stages, self.num_microbatches))
-                self._recv[(0, s, mb)] = (w, i, now(), buf)
-        for s, q in self._grad_q.items():
-            st = self.stages[s]
-            pool = st.grad_pool
-            assert pool is not None
-            while q:
-                i = pool.acquire()
-                if i is None:
-                    break
-                mb = q.popleft()
-                buf = pool.buffers[i]
-                w = dist.irecv(buf, st.next_rank, group=st.recv_grad_group,
-                               tag=tag_of(1, s, mb, self.num_stages, self.num_microbatches))
-                self._recv[(1, s, mb)] = (w, i, now(), buf)
+    def _post(self, a: Any) -> None:
+        """Issue the receive of RECV action ``a`` into a free slot of its stage's pool."""
+        st = self.stages[a.stage]
+        kind = 0 if a.kind == "RECV_F" else 1
+        pool = st.in_pool if kind == 0 else st.grad_pool
+        i = pool.acquire() if pool is not None else None
+        if pool is None or i is None:
+            raise RunError(f"stage {a.stage} needs a free {'activation' if kind == 0 else 'gradient'} buffer for micro-batch "
+                           f"{a.microbatch} but all {len(pool) if pool else 0} are in flight: the plan's buffers for stage "
+                           f"{a.stage} are fewer than the schedule keeps in flight; re-plan with more buffers")
+        buf = pool.buffers[i]
+        src, group = (st.prev_rank, st.recv_act_group) if kind == 0 else (st.next_rank, st.recv_grad_group)
+        w = dist.irecv(buf, src, group=group, tag=tag_of(kind, a.stage, a.microbatch, self.num_stages, self.num_microbatches))
+        self._recv[(kind, a.stage, a.microbatch)] = (w, i, self.telemetry.now(), buf)
 
     def _wait_recv(self, kind: int, s: int, mb: int) -> tuple[int, torch.Tensor]:
         key = (kind, s, mb)
         if key not in self._recv:
-            self._post()
-            if key not in self._recv:
-                pool = self.stages[s].in_pool if kind == 0 else self.stages[s].grad_pool
-                raise RunError(f"stage {s} needs a free {'activation' if kind == 0 else 'gradient'} buffer for micro-batch {mb} "
-                               f"but all {len(pool) if pool else 0} are in flight: the plan's buffers for stage {s} are fewer "
-                               "than the schedule keeps in flight; re-plan with more buffers")
+            raise RunError(f"stage {s} waits for the {'activation' if kind == 0 else 'gradient'} of micro-batch {mb}, "
+                           "which was never posted: the lowered program is inconsistent")
         w, i, t0, buf = self._recv.pop(key)
         if not w.wait(self.timeout):
             raise RunError(f"timed out after {self.timeout.total_seconds():.0f}s receiving {'activation' if kind == 0 else 'gradient'} "
@@ -218,24 +199,43 @@ class PipelineRuntime:
     def run_step(self, step: int, inputs: list[torch.Tensor] | None, targets: list[torch.Tensor] | None) -> list[torch.Tensor]:
         """Run this rank's actions for one step; return the last stage's per-micro-batch losses (unscaled)."""
         tel = self.telemetry
-        self._recv: dict[tuple[int, int, int], tuple[Any, int, int, torch.Tensor]] = {}
-        self._sends: list[tuple[Any, torch.Tensor, int, int, int]] = []
-        self._act_q = {s: deque(v) for s, v in self._act_order.items()}
-        self._grad_q = {s: deque(v) for s, v in self._grad_order.items()}
+        self._recv = {}
+        self._sends = []
+        got: dict[tuple[int, int, int], tuple[int, torch.Tensor]] = {}  # waited receives: (kind, stage, mb) -> slot, buffer
+        to_send: dict[tuple[int, int, int], torch.Tensor] = {}  # computed, not yet sent: (kind, stage, mb) -> tensor
+        log = self.comm_log if self._measure_saved_until < 0 else None
         local: dict[tuple[int, int, int], torch.Tensor] = {}
         ctx: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, int, Any]] = {}
         in_flight = {s: 0 for s in self.stages}
         self.in_flight_peak = {s: 0 for s in self.stages}
         losses: list[torch.Tensor] = []
-        self._post()
         hooks = torch.autograd.graph.saved_tensors_hooks(self.saved.pack, self.saved.unpack)
         if self._measure_saved_until < 0:
             self._measure_saved_until = step
-        for n_action, a in enumerate(self.order):
-            if self.fault is not None:
-                self.fault(step, n_action)
+        n_action = -1
+        for op in self.ops:
+            a = op.action
             st = self.stages[a.stage]
             s, mb = a.stage, a.microbatch
+            if op.verb == POST:
+                self._post(a)
+                if log is not None:
+                    log.append(str(op))
+                continue
+            if not a.is_compute:
+                if a.kind in ("RECV_F", "RECV_B"):
+                    kind = 0 if a.kind == "RECV_F" else 1
+                    got[(kind, s, mb)] = self._wait_recv(kind, s, mb)
+                elif a.kind == "SEND_F":
+                    self._send(to_send.pop((0, s, mb)), _peer(st.next_rank, a), 0, s + 1, mb, s)
+                else:
+                    self._send(to_send.pop((1, s, mb)), _peer(st.prev_rank, a), 1, s - 1, mb, s)
+                if log is not None:
+                    log.append(str(a))
+                continue
+            n_action += 1
+            if self.fault is not None:
+                self.fault(step, n_action)
             if a.kind == "F":
                 if st.is_first:
                     i = st.in_pool.acquire()
@@ -250,7 +250,7 @@ class PipelineRuntime:
                     i = -1
                     x = local.pop((0, s, mb)).detach().requires_grad_(True)
                 else:
-                    i, buf = self._wait_recv(0, s, mb)
+                    i, buf = got.pop((0, s, mb))
                     x = buf.detach().requires_grad_(buf.is_floating_point())
                 t0 = tel.mark()
                 self.saved.begin()
@@ -284,7 +284,7 @@ class PipelineRuntime:
                 elif st.next_local:
                     local[(0, s + 1, mb)] = out
                 else:
-                    self._send(out, st.next_rank, 0, s + 1, mb, s)
+                    to_send[(0, s, mb)] = out
             elif a.kind == "B":
                 x, out, i, wq = ctx.pop((s, mb))
                 gi = -1
@@ -293,7 +293,7 @@ class PipelineRuntime:
                 elif st.next_local:
                     g = local.pop((1, s, mb))
                 else:
-                    gi, g = self._wait_recv(1, s, mb)
+                    gi, g = got.pop((1, s, mb))
                 t0 = tel.mark()
                 split_state = None
                 if st.is_last:
@@ -322,7 +322,7 @@ class PipelineRuntime:
                     if st.prev_local:
                         local[(1, s - 1, mb)] = gx
                     else:
-                        self._send(gx, st.prev_rank, 1, s - 1, mb, s)
+                        to_send[(1, s, mb)] = gx
                 if split_state is not None:
                     ctx[(s, mb)] = (x, out, i, split_state)  # W still needs the graph and the input buffer
                     in_flight[s] -= 1  # in flight = F done, B not (the schedule's count); memory is freed at W
@@ -346,12 +346,12 @@ class PipelineRuntime:
                 self.saved.free((s, mb))
             else:  # pragma: no cover - rejected in __post_init__
                 raise ScheduleError(f"unexpected action {a}")
-            self._post()
             if self._sends:
                 self._poll_sends()
         self._poll_sends(block=True)
-        if self._recv:
-            raise RunError(f"step {step}: receives left unconsumed: {sorted(self._recv)}")
+        if self._recv or got or to_send:
+            raise RunError(f"step {step}: communication left over: posted {sorted(self._recv)}, received {sorted(got)}, "
+                           f"unsent {sorted(to_send)}: the lowered program is inconsistent")
         return losses
 
     def _forward(self, st: StageRuntime, x: torch.Tensor) -> torch.Tensor:
@@ -360,6 +360,13 @@ class PipelineRuntime:
 
             return checkpoint(st.module, x, use_reentrant=False)
         return st.module(x)
+
+
+def _peer(rank: int | None, a: Any) -> int:
+    """The global rank action ``a`` sends to (None: its neighbour stage is on this rank, a malformed program)."""
+    if rank is None:
+        raise ScheduleError(f"{a}: the receiving stage is on this rank; a send crosses ranks")
+    return rank
 
 
 def _linear_split(module: nn.Module) -> bool:

@@ -8,13 +8,17 @@ start-up (see :mod:`pipetrain.executor.comm`); tied blocks on one rank share the
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from pipetrain.errors import ModelError, PlanError
 from pipetrain.plan import Plan, StagePlan, TensorSpec
+
+if TYPE_CHECKING:
+    from pipetrain.planner.zoo import ModelSpec, PipelineModel
 
 __all__ = ["StageModule", "load_spec", "build_meta", "materialize_blocks", "retie", "boundary_specs",
            "check_boundaries", "stage_modules", "vocab_size_of", "dtype_name"]
@@ -41,26 +45,26 @@ class StageModule(nn.Module):
         return x
 
 
-def load_spec(name: str) -> Any:
+def load_spec(name: str) -> ModelSpec:
     from pipetrain.planner.zoo import get_model_spec
 
     return get_model_spec(name)
 
 
-def build_meta(spec: Any) -> nn.Module:
+def build_meta(spec: ModelSpec) -> PipelineModel:
     model = spec.build("meta")
     if not hasattr(model, "blocks"):
         raise ModelError(f"model {spec.name!r} has no `blocks`: the executor slices a PipelineModel into stages")
     return model
 
 
-def ties_of(model: nn.Module) -> tuple[tuple[str, int, tuple[int, ...]], ...]:
+def ties_of(model: PipelineModel) -> tuple[tuple[str, int, tuple[int, ...]], ...]:
     from pipetrain.planner.zoo import tied_parameters
 
     return tuple((str(n), int(o), tuple(int(u) for u in us)) for n, o, us in tied_parameters(model))
 
 
-def retie(model: nn.Module, ties: Iterable[tuple[str, int, tuple[int, ...]]], blocks: Iterable[int]) -> None:
+def retie(model: PipelineModel, ties: Iterable[tuple[str, int, tuple[int, ...]]], blocks: Iterable[int]) -> None:
     """Make users of a tied parameter share the owner's submodule when both are materialized here."""
     have = set(blocks)
     for name, owner, users in ties:
@@ -80,7 +84,7 @@ def retie(model: nn.Module, ties: Iterable[tuple[str, int, tuple[int, ...]]], bl
                 setattr(dst_block, leaf, getattr(src, leaf))
 
 
-def materialize_blocks(model: nn.Module, blocks: Iterable[int], device: torch.device | str, seed: int) -> None:
+def materialize_blocks(model: PipelineModel, blocks: Iterable[int], device: torch.device | str, seed: int) -> None:
     from pipetrain.planner.zoo import materialize
 
     idx = sorted(set(blocks))
@@ -88,7 +92,7 @@ def materialize_blocks(model: nn.Module, blocks: Iterable[int], device: torch.de
     retie(model, ties_of(model), idx)
 
 
-def stage_modules(model: nn.Module, stages: Iterable[StagePlan]) -> dict[int, StageModule]:
+def stage_modules(model: PipelineModel, stages: Iterable[StagePlan]) -> dict[int, StageModule]:
     return {st.index: StageModule({b: model.blocks[b] for b in range(st.block_start, st.block_end)}) for st in stages}
 
 
@@ -102,7 +106,7 @@ def vocab_size_of(spec: Any, model: nn.Module) -> int:
     return 0
 
 
-def boundary_specs(spec: Any, model: nn.Module, micro_batch_size: int, seq_len: int,
+def boundary_specs(spec: ModelSpec, model: PipelineModel, micro_batch_size: int, seq_len: int,
                    boundaries: Iterable[int], dtype: str = "fp32") -> list[TensorSpec]:
     """Shape/dtype of the tensor entering each block in ``boundaries``, by running blocks on meta.
 
@@ -123,7 +127,7 @@ def boundary_specs(spec: Any, model: nn.Module, micro_batch_size: int, seq_len: 
     return [out[b] for b in sorted(want)]
 
 
-def check_boundaries(plan: Plan, spec: Any, model: nn.Module) -> None:
+def check_boundaries(plan: Plan, spec: ModelSpec, model: PipelineModel) -> None:
     """The plan's boundary shapes/dtypes must be what the model produces; the error names both."""
     cuts = list(plan.boundaries)
     if not cuts:

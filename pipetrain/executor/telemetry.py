@@ -15,9 +15,9 @@ Compute actions (F/B) are timed with CUDA events on GPU (mapped to host time thr
 event recorded at step start while the GPU is idle) and with ``perf_counter_ns`` on CPU, where
 each F/B/W event also carries ``cpu_s``, the CPU time of the thread that ran it: where ranks
 share cores, the span less its CPU is time spent waiting for a core, and the CPU against the
-profile is what the action really cost (4 ranks on 2 cores, tiny-gpt m=8, medians per stage and
-kind: 1F1B 0.17-0.41 ms above the profile per action, GPipe, whose actions mostly follow one
-another without a wait, 0-0.25 ms with a median of 0.09 ms).
+profile is what the action really cost (this is how the fixed cost of a wait that
+:mod:`pipetrain.calibration.corun` measures was checked in real pipelines; figures:
+benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ import time
 import zlib
 from pathlib import Path
 from typing import Any
+
+# the readers are plain JSON parsing and live in the torch-free base; re-exported for callers of this module
+from pipetrain.timeline import read_rank_file, read_telemetry
 
 __all__ = ["Telemetry", "rss_bytes", "read_telemetry", "read_rank_file"]
 
@@ -149,43 +152,3 @@ class Telemetry:
             self._f.close()
         except OSError:  # pragma: no cover
             pass
-
-
-def read_telemetry(run_dir: str | Path) -> dict[int, list[dict[str, Any]]]:
-    """All records of every rank: ``{rank: [record, ...]}`` (a torn last line is skipped)."""
-    out: dict[int, list[dict[str, Any]]] = {}
-    for p in sorted((Path(run_dir) / "telemetry").glob("rank*.jsonl")):
-        rank = int(p.stem[4:])
-        recs = []
-        for line in p.read_text().splitlines():
-            try:
-                recs.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        out[rank] = recs
-    return out
-
-
-def read_rank_file(run_dir: str | Path, rank: int) -> dict[str, Any]:
-    """One rank's telemetry, compacted: meta, step records, and per (stage, kind) event totals."""
-    p = Path(run_dir) / "telemetry" / f"rank{rank}.jsonl"
-    meta: dict[str, Any] = {}
-    steps: dict[int, dict[str, Any]] = {}
-    summary: dict[str, list[float]] = {}
-    for line in p.read_text().splitlines() if p.is_file() else []:
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        t = rec.get("type")
-        if t == "meta":
-            meta = rec
-        elif t == "step":
-            steps[int(rec["step"])] = rec  # a resumed run overwrites the steps it re-ran
-        elif t == "event":
-            key = f"{rec['stage']}:{rec['kind']}"
-            acc = summary.setdefault(key, [0, 0.0, 0])
-            acc[0] += 1
-            acc[1] += rec["end_s"] - rec["start_s"]
-            acc[2] += rec.get("bytes", 0)
-    return {"meta": meta, "steps": [steps[k] for k in sorted(steps)], "events": summary}

@@ -25,23 +25,22 @@ class Trainer:
         import torch
         import torch.distributed as dist
 
-        from pipetrain.executor.checkpoint import load_rank
-        from pipetrain.executor.comm import BufferPool, RankLayout, make_groups, torch_dtype
+        from pipetrain.executor.checkpoint import load_rank, plan_hash
+        from pipetrain.executor.comm import BufferPool, RankLayout, agree_max, make_groups, torch_dtype
         from pipetrain.executor.data import BatchSampler, make_source, warn_dropped
+        from pipetrain.executor.hooks import fault_hook, grad_scale_hook
         from pipetrain.executor.optim import GradSync, OptimConfig, grads_to_none, make_optimizer, unique_params
         from pipetrain.executor.runtime import PipelineRuntime, StageRuntime
         from pipetrain.executor.stage import materialize_blocks, stage_modules, ties_of, vocab_size_of
         from pipetrain.executor.telemetry import Telemetry
-        from pipetrain.executor.worker import _agree_max, _fault_hook, _grad_scale_hook, plan_hash
-        from pipetrain.schedules import make_schedule
+        from pipetrain.program import lower
 
         self.cfg, self.plan, self.spec, self.device, self.rank, self.run_dir = cfg, plan, spec, device, rank, run_dir
         layout = self.layout = RankLayout(pp=plan.pp, dp=plan.dp, rank=rank)
         tel = self.telemetry = Telemetry(run_dir, rank, enabled=cfg.telemetry)
         tel.use_cuda(device)
         tel.align(dist)
-        schedule = make_schedule(plan.schedule, plan.pp, plan.num_microbatches, plan.chunks,
-                                 buffers=[st.buffers for st in plan.stages])
+        program = self.program = lower(plan)
         my_stages = self.my_stages = plan.stages_of_rank(layout.pp_rank)
         my_blocks = [b for st in my_stages for b in range(st.block_start, st.block_end)]
         materialize_blocks(model, my_blocks, device, plan.seed)
@@ -63,7 +62,6 @@ class Trainer:
         first_spec = TensorSpec(shape=tuple(ex.shape), dtype=str(ex.dtype).replace("torch.", ""))
         runtimes: dict[int, StageRuntime] = {}
         last_index = plan.num_stages - 1
-        stash = _pending_wgrad(schedule)
         for st in my_stages:
             s = st.index
             in_spec = first_spec if s == 0 else st.inputs[0]
@@ -74,9 +72,8 @@ class Trainer:
                 index=s, module=modules[s], is_first=s == 0, is_last=s == last_index,
                 prev_rank=layout.global_rank(prev_r) if prev_r is not None else None,
                 next_rank=layout.global_rank(next_r) if next_r is not None else None,
-                # zb-h1: the plan's buffers cover F..B; a micro-batch waiting for W keeps its input too
-                in_pool=BufferPool(in_spec, st.buffers + stash[s], device, what=f"stage {s} input"),
-                grad_pool=BufferPool(out_spec, st.buffers, device, what=f"stage {s} output grad") if out_spec else None,
+                in_pool=BufferPool(in_spec, program.act_slots[s], device, what=f"stage {s} input"),
+                grad_pool=BufferPool(out_spec, program.grad_slots[s], device, what=f"stage {s} output grad") if out_spec else None,
                 recompute=st.recompute, prev_local=prev_r == layout.pp_rank, next_local=next_r == layout.pp_rank,
                 out_dtype=torch_dtype(out_spec.dtype) if out_spec else None,
                 recv_act_group=groups.p2p.get((s - 1, "act")), recv_grad_group=groups.p2p.get((s, "grad")),
@@ -91,10 +88,10 @@ class Trainer:
                              clip_norm=cfg.clip_norm, telemetry=tel, stage=my_stages[0].index,
                              stage_of=_stage_of(modules))
         autocast = torch.bfloat16 if plan.dtype == "bf16" else None
-        self.rt = PipelineRuntime(stages=runtimes, order=schedule.compute_order(layout.pp_rank), num_stages=plan.num_stages,
+        self.rt = PipelineRuntime(stages=runtimes, ops=program.rank_ops(layout.pp_rank), num_stages=plan.num_stages,
                                   num_microbatches=plan.num_microbatches, loss_fn=spec.loss,
                                   loss_scale=1.0 / (plan.num_microbatches * plan.dp), telemetry=tel, timeout=timeout,
-                                  autocast_dtype=autocast, device=device, fault=_fault_hook(rank))
+                                  autocast_dtype=autocast, device=device, fault=fault_hook(rank))
         self.rt.saved.exclude = {p.untyped_storage().data_ptr() for p in params}  # weights autograd saves are not activations
 
         self.need_inputs = 0 in runtimes
@@ -104,7 +101,7 @@ class Trainer:
             self.source = make_source(cfg.dataset, task=spec.task, seq_len=plan.seq_len, vocab_size=vocab_size_of(spec, model),
                                       seed=plan.seed, input_shape=tuple(getattr(spec, "input_size", ()) or ()),
                                       num_classes=int(getattr(spec, "vocab_size", 0) or 0))
-        n_samples = _agree_max(torch.tensor([self.source.num_samples if self.source else 0], dtype=torch.int64), device)
+        n_samples = agree_max(torch.tensor([self.source.num_samples if self.source else 0], dtype=torch.int64), device)
         self.sampler = BatchSampler(num_samples=int(n_samples), micro_batch_size=plan.micro_batch_size,
                                     num_microbatches=plan.num_microbatches, dp=plan.dp, seed=plan.seed)
         if rank == 0 and self.source is not None:
@@ -126,15 +123,18 @@ class Trainer:
                     "start_step": self.start_step, "world_size": plan.world_size, "p2p_groups": len(groups.p2p)})
         self.static_bytes = sum(p.numel() * p.element_size() for p in params) * 2
         self.pool_bytes = sum(r.in_pool.nbytes + (r.grad_pool.nbytes if r.grad_pool else 0) for r in runtimes.values())
-        self.grad_scale = _grad_scale_hook()
+        self.grad_scale = grad_scale_hook()
+        self._comm_logged = False
 
     def batches(self, step: int) -> tuple[Any, Any]:
-        from pipetrain.executor.worker import _batch
+        from pipetrain.executor.data import batch_tensor
 
-        idx = self.sampler.indices(step)[self.layout.dp_rank]
         src = self.source
-        inputs = [_batch(src.inputs, ids, self.device) for ids in idx] if self.need_inputs else None
-        targets = [_batch(src.targets, ids, self.device) for ids in idx] if self.need_targets else None
+        if src is None:  # neither the first nor the last stage is on this rank
+            return None, None
+        idx = self.sampler.indices(step)[self.layout.dp_rank]
+        inputs = [batch_tensor(src.inputs, ids, self.device) for ids in idx] if self.need_inputs else None
+        targets = [batch_tensor(src.targets, ids, self.device) for ids in idx] if self.need_targets else None
         return inputs, targets
 
     def train_step(self, step: int) -> float | None:
@@ -182,7 +182,8 @@ class Trainer:
             "in_flight_peak": {str(k): v for k, v in rt.in_flight_peak.items()},
             "recv_buffer_allocations": sum(r.in_pool.allocations + (r.grad_pool.allocations if r.grad_pool else 0) for r in rts),
             "recv_buffer_storages": sum(len(r.in_pool.used_ptrs) + (len(r.grad_pool.used_ptrs) if r.grad_pool else 0) for r in rts),
-            "memory": mem})
+            "memory": mem, **({"comm_order": rt.comm_log} if rt.comm_log and not self._comm_logged else {})})
+        self._comm_logged = True
         self.last_step_s = step_s
         return loss
 
@@ -214,17 +215,3 @@ def _stage_of(modules: dict[int, Any]) -> dict[int, int]:
         for p in modules[s].parameters():
             out.setdefault(id(p), s)
     return out
-
-
-def _pending_wgrad(schedule: Any) -> list[int]:
-    """Per stage, the most micro-batches between B and W (0 unless the backward is split)."""
-    cur = [0] * schedule.num_stages
-    peak = [0] * schedule.num_stages
-    for acts in schedule.actions:
-        for a in acts:
-            if a.kind == "B" and schedule.split_backward:
-                cur[a.stage] += 1
-                peak[a.stage] = max(peak[a.stage], cur[a.stage])
-            elif a.kind == "W":
-                cur[a.stage] -= 1
-    return peak

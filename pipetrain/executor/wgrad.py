@@ -9,15 +9,17 @@ LayerNorm affine, embeddings) and keeps each linear layer's input ``x`` and outp
 
 B is one ``torch.autograd.grad`` call that asks for the stage input, the non-linear parameters
 and the linear layers' outputs: the engine skips the weight and bias branches it was not asked
-for. W is one GEMM per linear layer. On resmlp (4 blocks, micro-batch 8 and 16, one CPU thread)
-B+W took 0.98-1.05x one full backward; the generic :mod:`pipetrain.executor.splitbw`, which walks
-the autograd graph in Python and runs one ``autograd.grad`` per split node, took 1.35-1.4x.
+for. W is one GEMM per linear layer, so B+W does the work of one full backward and costs about
+what it does; the generic :mod:`pipetrain.executor.splitbw`, which walks the autograd graph in
+Python and runs one ``autograd.grad`` per split node, costs clearly more (figures:
+benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn

@@ -8,78 +8,16 @@ the plan places stages on CUDA, gloo on CPU. Every wait has a timeout (``--timeo
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
-import signal
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from pipetrain.errors import RunError
 from pipetrain.executor.config import RunConfig
 from pipetrain.plan import Plan
 
-__all__ = ["main", "plan_hash"]
-
-
-def plan_hash(plan: Plan) -> str:
-    return hashlib.sha256(plan.to_json().encode()).hexdigest()[:16]
-
-
-def _fault_hook(rank: int) -> Any:
-    """Test hook: ``PIPETRAIN_FAULT=rank:step:action:raise|kill`` fails that rank mid-step."""
-    spec = os.environ.get("PIPETRAIN_FAULT", "")
-    if not spec:
-        return None
-    r, st, act, mode = spec.split(":")
-    if int(r) != rank:
-        return None
-
-    def hook(step: int, n_action: int) -> None:
-        if step == int(st) and n_action == int(act):
-            if mode == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            raise RuntimeError(f"injected fault at step {step}, action {n_action}")
-
-    return hook
-
-
-def _grad_scale_hook() -> Any:
-    """Validation test hook: ``PIPETRAIN_INJECT_GRAD_SCALE=stage:factor`` multiplies that stage's
-    gradients by ``factor`` after every backward (a deliberately broken pipeline)."""
-    spec = os.environ.get("PIPETRAIN_INJECT_GRAD_SCALE", "")
-    if not spec:
-        return None
-    stage_text, _, factor_text = spec.partition(":")
-    stage, factor = int(stage_text), float(factor_text)
-
-    def hook(step: int, modules: dict[int, Any]) -> None:
-        if stage in modules:
-            for p in modules[stage].parameters():
-                if p.grad is not None:
-                    p.grad.mul_(factor)
-
-    return hook
-
-
-def _stage_grad_norms(modules: dict[int, Any], ties: list[tuple[Any, Any, bool]], norm: float, clip_norm: float) -> dict[str, float]:
-    """Per-stage gradient L2 norm before clipping (a tied copy counts only at its owner), as the reference computes it."""
-    from pipetrain.executor.optim import clip_coefficient
-
-    coef = clip_coefficient(norm, clip_norm)
-    skip = {id(p) for p, _, owner in ties if not owner}
-    out: dict[str, float] = {}
-    for s in sorted(modules):
-        sq = 0.0
-        for p in modules[s].parameters():
-            if id(p) in skip or p.grad is None:
-                continue
-            skip.add(id(p))
-            sq += float(p.grad.detach().double().pow(2).sum())
-        out[str(s)] = sq ** 0.5 / coef
-    return out
+__all__ = ["main"]
 
 
 def main(cfg: RunConfig) -> int:
@@ -147,20 +85,6 @@ def _train(cfg: RunConfig, plan: Plan, spec: Any, model: Any, device: Any, timeo
     tr.telemetry.close()
     _write_result(plan, cfg, run_dir, rank)
     return 0
-
-
-def _agree_max(t: Any, device: Any) -> Any:
-    import torch.distributed as dist
-
-    x = t.to(device)
-    dist.all_reduce(x, op=dist.ReduceOp.MAX)
-    return int(x.cpu()[0])
-
-
-def _batch(arr: Any, ids: np.ndarray, device: Any) -> Any:
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(arr[np.asarray(ids)]).astype(np.int64 if arr.dtype.kind in "iu" else np.float32)).to(device)
 
 
 def _write_result(plan: Plan, cfg: RunConfig, run_dir: Path, rank: int) -> None:

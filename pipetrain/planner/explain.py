@@ -5,27 +5,25 @@
   cap, predicted metrics (simpy), the alternatives and why they lost, and -- when knobs were
   pinned -- what the pins cost against the unpinned optimum.
 * :func:`plan_sim_input`: a Plan (e.g. loaded from ``plan.json``) back to the simulator's
-  input, refusing a graph other than the one the plan was made for. ``pipetrain simulate
-  PLAN.json`` calls this.
+  input through the one lowering (:func:`pipetrain.program.lower`), refusing a graph other than
+  the one the plan was made for. ``pipetrain simulate PLAN.json`` calls this.
 
 Torch-free at import.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
+from pipetrain.costs import CostModel
 from pipetrain.errors import PipetrainError
+from pipetrain.graph import LayerGraph
 from pipetrain.plan import Alternative, Plan, PredictedMetrics, StagePlan, TensorSpec
-from pipetrain.planner.build import StageTables, held_in_flight, placement, sim_input
-from pipetrain.planner.costs import CostModel
-from pipetrain.planner.graph import LayerGraph
 from pipetrain.planner.job import Job
-from pipetrain.planner.search import Evaluated, SearchResult, _tracer, runnable_schedules, search
-from pipetrain.planner.topology import Topology, resolve_topology
-from pipetrain.schedules import make_schedule
-from pipetrain.simulator import SimInput
+from pipetrain.planner.search import Evaluated, SearchResult, _tracer, search
+from pipetrain.program import RUNNABLE_SCHEDULES, SimInput, lower, placement
+from pipetrain.topology import Topology, resolve_topology
 
 __all__ = ["PlanOutcome", "plan_job", "make_plan", "plan_sim_input", "stage_tensors"]
 
@@ -51,6 +49,8 @@ class PlanOutcome:
 
 def stage_tensors(graph: LayerGraph, start: int, end: int) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     """Shapes and dtypes entering and leaving blocks ``[start, end)`` (the graph's cut tensors)."""
+    ins: tuple[TensorSpec, ...]
+    outs: tuple[TensorSpec, ...]
     if start == 0:
         ins = (TensorSpec(shape=tuple(graph.input_shape), dtype=graph.input_dtype),) if graph.input_shape else ()
     else:
@@ -92,10 +92,10 @@ def _alternatives(res: SearchResult, unpinned: SearchResult | None, job: Job) ->
     # memory verdicts first (they explain the choice of pp), one per (pp, dp); then the rest
     ranked = sorted(res.infeasible, key=lambda d: (0 if any(u in d[1] for u in ("KiB", "MiB", "GiB", "TiB")) else 1))
     for desc, why in ranked:
-        key = desc.split(" mb=")[0]
-        if key in reasons:
+        config = desc.split(" mb=")[0]
+        if config in reasons:
             continue
-        reasons.add(key)
+        reasons.add(config)
         out.append(Alternative(description=desc, step_time_s=None, reason=f"infeasible: {why}"))
     out = out[:_MAX_ALTERNATIVES]
     if unpinned is not None:
@@ -131,7 +131,7 @@ def make_plan(res: SearchResult, *, unpinned: SearchResult | None = None) -> Pla
                 pp=c.pp, dp=c.dp, micro_batch_size=c.micro_batch_size, num_microbatches=c.num_microbatches,
                 seq_len=graph.seq_len, schedule=c.schedule, stages=tuple(stages), chunks=c.chunks, dtype=job.dtype,
                 optimizer=job.optimizer, seed=job.seed, predicted=predicted, alternatives=_alternatives(res, unpinned, job),
-                simulation_only=job.simulation_only or c.schedule not in runnable_schedules())
+                simulation_only=job.simulation_only or c.schedule not in RUNNABLE_SCHEDULES)
 
 
 def plan_job(job: Job, *, graph_for: Callable[[int], LayerGraph] | None = None, topology: Topology | None = None,
@@ -152,22 +152,12 @@ def plan_job(job: Job, *, graph_for: Callable[[int], LayerGraph] | None = None, 
 
 def plan_sim_input(plan: Plan, *, graph: LayerGraph | None = None, topology: Topology | None = None,
                    cost: CostModel | None = None) -> SimInput:
-    """The simulator's input for a saved plan (traces ``plan.model`` when no graph is given)."""
+    """The simulator's input for a saved plan as the planner priced it (traces ``plan.model`` when no
+    graph is given): :func:`pipetrain.program.lower` with ``as_executed=False``."""
     if graph is None:
         from pipetrain.planner.trace import trace_graph
 
         graph = trace_graph(plan.model, micro_batch_size=plan.micro_batch_size, seq_len=plan.seq_len, dtype=plan.dtype)
-    plan.check_graph(graph.fingerprint, graph.model)
-    if graph.micro_batch_size != plan.micro_batch_size or graph.seq_len != plan.seq_len:
-        raise PipetrainError(f"graph was traced at micro-batch {graph.micro_batch_size} x seq {graph.seq_len}, the plan "
-                             f"uses {plan.micro_batch_size} x {plan.seq_len}: trace it with those")
-    if plan.num_blocks != graph.num_nodes:
-        raise PipetrainError(f"plan covers {plan.num_blocks} blocks but the graph has {graph.num_nodes}")
-    topo = topology or resolve_topology(plan.topology)
-    place = placement(topo, plan.pp, plan.dp)
-    buffers = [st.buffers for st in plan.stages]
-    sched = make_schedule(plan.schedule, plan.pp, plan.num_microbatches, plan.chunks, buffers=buffers)
-    tab = StageTables(graph, cost, optimizer=plan.optimizer)
-    return sim_input(tables=tab, topology=topo, place=place, schedule=sched,
-                     ranges=[(st.block_start, st.block_end) for st in plan.stages], buffers=buffers,
-                     recompute=[st.recompute for st in plan.stages], in_flight=held_in_flight(sched))
+    prog = lower(plan, topology or resolve_topology(plan.topology), cost, graph=graph)
+    assert prog.sim_input is not None
+    return prog.sim_input

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from pipetrain.errors import ConfigError
 from pipetrain.plan import DTYPES, OPTIMIZERS, SCHEDULES
@@ -131,9 +132,10 @@ class Job:
         """The knobs the user fixed."""
         return {k: getattr(self, k) for k in KNOBS if getattr(self, k) is not None}
 
-    def unpinned(self) -> "Job":
+    def unpinned(self) -> Job:
         """The same job with every knob free (to price what the pins cost)."""
-        return replace(self, **{k: None for k in KNOBS})
+        free: dict[str, Any] = dict.fromkeys(KNOBS)
+        return replace(self, **free)
 
     def schedule_allowed(self, name: str, runnable: tuple[str, ...]) -> bool:
         if self.schedule is not None:
@@ -150,7 +152,7 @@ def _as_tuple(value: Any, key: str, conv: type) -> tuple | None:
     if value is None:
         return None
     items = value if isinstance(value, (list, tuple)) else (str(value).split(",") if isinstance(value, str) else [value])
-    out = []
+    out: list[bool | int] = []
     for it in items:
         if conv is bool:
             if isinstance(it, bool):

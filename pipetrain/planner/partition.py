@@ -29,8 +29,8 @@ Torch-free; numpy only.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -202,9 +202,9 @@ def _least_overflow(n: int, p: int, mats: list, caps: Sequence[float]) -> tuple[
     edges = (0, *bounds, n)
     worst, worst_r = 0, -1.0
     for s in range(p):
-        r = float(ratios[s][edges[s], edges[s + 1]])
-        if r > worst_r:
-            worst, worst_r = s, r
+        ratio = float(ratios[s][edges[s], edges[s + 1]])
+        if ratio > worst_r:
+            worst, worst_r = s, ratio
     _, m, _ = mats[worst]
     return bounds, worst, float(m[edges[worst], edges[worst + 1]]), float(caps[worst])
 

@@ -40,26 +40,34 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Any
 
 import numpy as np
 
+from pipetrain.costs import CostModel
 from pipetrain.errors import InfeasibleError, PipetrainError, ScheduleError
-from pipetrain.planner.build import (Placement, StageTables, held_in_flight, placement, rank_caps, rank_device_type,
-                                     sim_input)
-from pipetrain.planner.costs import CostModel
-from pipetrain.planner.graph import LayerGraph
-from pipetrain.planner.grid import (BUFFER_LEVELS, RUNNABLE_SCHEDULES, Candidate, grid, in_flight_1f1b,
-                                    interleaved_in_flight, interleaved_rule, runnable_schedules, zb_h1_held_bound,
-                                    auto_schedules)
+from pipetrain.graph import LayerGraph
+from pipetrain.planner.build import StageTables, rank_caps
+from pipetrain.planner.grid import BUFFER_LEVELS, Candidate, grid
 from pipetrain.planner.job import Job
 from pipetrain.planner.partition import PartitionInfeasibleError, PartitionResult, evaluate_partition, format_bytes, partition
-from pipetrain.planner.topology import Topology, resolve_topology
+from pipetrain.program.catalog import (
+    RUNNABLE_SCHEDULES,
+    auto_schedules,
+    held_in_flight,
+    in_flight_1f1b,
+    interleaved_in_flight,
+    interleaved_rule,
+    zb_h1_held_bound,
+)
+from pipetrain.program.lower import Placement, placement, rank_device_type, sim_input
 from pipetrain.schedules import Schedule, make_schedule, peak_in_flight
 from pipetrain.simulator import SimInput, SimResult, fast_evaluate, simulate
+from pipetrain.topology import Topology, resolve_topology
 
-__all__ = ["RUNNABLE_SCHEDULES", "Candidate", "Evaluated", "SearchResult", "search", "runnable_schedules"]
+__all__ = ["Candidate", "Evaluated", "SearchResult", "search"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,7 +84,7 @@ class Evaluated:
     fast: SimResult
     sim: SimResult | None = None
     inp: SimInput | None = field(default=None, repr=False, compare=False)
-    state: object = field(default=None, repr=False, compare=False)  # the search's working data (matrices)
+    state: _Split | None = field(default=None, repr=False, compare=False)  # the search's working data (matrices)
 
     @property
     def step_time_s(self) -> float:
@@ -195,14 +203,20 @@ class _Searcher:
             t0, t1 = tab.time_matrix(dts[st], recompute=False), tab.time_matrix(dts[st], recompute=True)
             m0 = tab.memory_matrix(in_flight=max(1, inflight[st]), buffers=buffers[st], recompute=False)
             if pinned_rec is not None and not pinned_rec[st]:
-                tm.append(t0), mm.append(m0), rec_choice.append(np.zeros(m0.shape, dtype=bool))
+                tm.append(t0)
+                mm.append(m0)
+                rec_choice.append(np.zeros(m0.shape, dtype=bool))
                 continue
             m1 = tab.memory_matrix(in_flight=max(1, inflight[st]), buffers=buffers[st], recompute=True)
             if pinned_rec is not None:
-                tm.append(t1), mm.append(m1), rec_choice.append(np.ones(m0.shape, dtype=bool))
+                tm.append(t1)
+                mm.append(m1)
+                rec_choice.append(np.ones(m0.shape, dtype=bool))
             else:
                 use1 = m0 > caps_stage[st]
-                tm.append(np.where(use1, t1, t0)), mm.append(np.where(use1, m1, m0)), rec_choice.append(use1)
+                tm.append(np.where(use1, t1, t0))
+                mm.append(np.where(use1, m1, m0))
+                rec_choice.append(use1)
         try:
             if job.boundaries is not None:
                 if len(job.boundaries) != S - 1:
@@ -280,7 +294,7 @@ class _Searcher:
         -- one block moved from one stage to another, still within every cap -- can simulate
         faster. Stops at a local optimum or after ``max_actions`` simulated actions.
         """
-        sp: _Split = ev.state  # type: ignore[assignment]
+        sp = ev.state
         if self.job.boundaries is not None or sp is None or sp.candidate.pp * sp.candidate.chunks < 2:
             return ev
         n, S = sp.split.num_blocks, len(sp.split.ranges)
@@ -351,7 +365,7 @@ def search(job: Job, *, graph_for: Callable[[int], LayerGraph] | None = None, to
     topo = topology or resolve_topology(job.topology)
     if graph_for is None:
         graph_for = _tracer(job)
-    allowed = runnable_schedules()
+    allowed = RUNNABLE_SCHEDULES
     if job.schedule and job.schedule not in allowed and not job.simulation_only:
         raise InfeasibleError(f"schedule {job.schedule!r} is simulation-only (the executor runs {', '.join(allowed)}): "
                               f"add --simulation-only (simulation_only: true) for a what-if, or pick one of those")
@@ -390,10 +404,12 @@ def search(job: Job, *, graph_for: Callable[[int], LayerGraph] | None = None, to
         # point whose contention-free time already exceeds the confirmed best cannot win
         if ev.fast.step_time_s > best_sim * 1.001:  # (0.1%: the tie band of the final choice)
             continue
-        done = replace(ev, sim=simulate(ev.inp), state=None)  # type: ignore[arg-type]
+        assert ev.inp is not None  # screened points keep their input until here
+        sim = simulate(ev.inp)
+        done = replace(ev, sim=sim, state=None)
         confirmed.append(done)
         if done.fits():
-            best_sim = min(best_sim, done.sim.step_time_s)  # type: ignore[union-attr]
+            best_sim = min(best_sim, sim.step_time_s)
     screened = [replace(e, state=None, inp=None) for e in screened]  # drop the working matrices
     fitting = [e for e in confirmed if e.fits()]
     for e in confirmed:
@@ -403,10 +419,9 @@ def search(job: Job, *, graph_for: Callable[[int], LayerGraph] | None = None, to
                                  f"{format_bytes(e.rank_peaks_bytes()[worst])} > {format_bytes(e.rank_caps_bytes[worst])}"))
     if not fitting:
         raise _nothing_fits(job, s, explain)
-    fastest = min(e.sim.step_time_s for e in fitting)  # type: ignore[union-attr]
+    fastest = min(e.step_time_s for e in fitting)  # confirmed: the simulated time
     # within 0.1% of the fastest (a tie, given the model's accuracy) the plan needing less memory wins
-    fitting.sort(key=lambda e: (math.floor((e.sim.step_time_s / fastest - 1.0) * 1000), max(e.rank_peaks_bytes()),  # type: ignore[union-attr]
-                                e.sim.step_time_s, e.candidate))  # type: ignore[union-attr]
+    fitting.sort(key=lambda e: (math.floor((e.step_time_s / fastest - 1.0) * 1000), max(e.rank_peaks_bytes()), e.step_time_s, e.candidate))
     return SearchResult(best=fitting[0], confirmed=tuple(fitting), screened=tuple(screened), infeasible=tuple(s.infeasible),
                         tables=s.tables, topology=topo, job=job, elapsed_s=time.perf_counter() - t0, pruned=pruned,
                         method=method)
@@ -468,7 +483,8 @@ def _nothing_fits(job: Job, s: _Searcher, explain: bool) -> InfeasibleError:
         if knob == "boundaries":
             continue
         try:
-            trial = search(replace(job, **{knob: None}), graph_for=s.graph_for, topology=s.topo, cost=s.cost, top_k=1,
+            free: dict[str, Any] = {knob: None}
+            trial = search(replace(job, **free), graph_for=s.graph_for, topology=s.topo, cost=s.cost, top_k=1,
                            explain=False)
         except PipetrainError:
             continue

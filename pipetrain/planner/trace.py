@@ -1,4 +1,4 @@
-"""Trace a model on the meta device into a :class:`~pipetrain.planner.graph.LayerGraph`.
+"""Trace a model on the meta device into a :class:`~pipetrain.graph.LayerGraph`.
 
 Per block (or, at op granularity, per torch.fx node) on meta tensors:
 
@@ -25,9 +25,11 @@ once and reused, which keeps llama2-70b (80 equal layers) fast.
 
 from __future__ import annotations
 
+import functools
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,7 +37,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipetrain.errors import ConfigError, ModelError, PipetrainError
-from pipetrain.planner.graph import Edge, LayerGraph, Node, TiedParam, structure_fingerprint
+from pipetrain.graph import Edge, LayerGraph, Node, TiedParam, structure_fingerprint
 from pipetrain.planner.zoo import ModelSpec, PipelineModel, get_model_spec, tied_parameters
 
 __all__ = ["trace_graph", "model_fingerprint", "flop_formulas", "DTYPES", "resolve_spec"]
@@ -123,7 +125,7 @@ def _measure(fn: Callable[[], Any], inputs: list[torch.Tensor], params: list[nn.
     wrt = [t for t in inputs if t.requires_grad]
     if outs and (wrt or grad_params):
         with FlopCounterMode(display=False, custom_mapping=flop_formulas()) as fc:
-            torch.autograd.grad(outs, wrt + grad_params, [torch.ones_like(t) for t in outs], allow_unused=True)
+            torch.autograd.grad(outs, [*wrt, *grad_params], [torch.ones_like(t) for t in outs], allow_unused=True)
         bwd = fc.get_total_flops()
         if wrt and grad_params:
             for p in grad_params:
@@ -198,7 +200,7 @@ def _trace_blocks(spec: ModelSpec, model: PipelineModel, x: torch.Tensor) -> tup
             out = torch.empty(shape, dtype=out_dtype, device="meta")
         else:
             try:
-                cost, out = _measure(lambda b=block, t=inp: b(t), [inp], list(block.parameters()))
+                cost, out = _measure(functools.partial(block, inp), [inp], list(block.parameters()))
             except PipetrainError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a block that cannot run on meta tensors
@@ -244,7 +246,9 @@ def _callable(gm: torch.fx.GraphModule, node: torch.fx.Node, args: tuple[Any, ..
     if node.op == "call_method":
         return lambda: getattr(args[0], str(node.target))(*args[1:], **kwargs)
     fn = node.target
-    return lambda: fn(*args, **kwargs)  # type: ignore[operator]
+    if not callable(fn):
+        raise ModelError(f"fx node {node.name}: target {fn!r} is not callable")
+    return lambda: fn(*args, **kwargs)
 
 
 def _trace_ops(name: str, model: PipelineModel, x: torch.Tensor) -> tuple[list[Node], list[Edge], tuple[TiedParam, ...]]:
@@ -278,7 +282,7 @@ def _trace_ops(name: str, model: PipelineModel, x: torch.Tensor) -> tuple[list[N
                 return env[v] if isinstance(v, torch.fx.Node) else v
             if v.op == "get_attr":  # parameters stay the model's own Parameter objects
                 if isinstance(env[v], nn.Parameter):
-                    params.append(env[v])
+                    params.append(env[v])  # noqa: B023 (tree_map calls it in this iteration)
                 return env[v]
             return _leafify(env[v])
 

@@ -7,7 +7,7 @@ so ``reports`` imports no runtime and the charts are testable on their own.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -101,11 +101,13 @@ def breakdown_figure(rows: Mapping[str, Sequence[Sequence[float]]], *, parts: Se
     return fig
 
 
-def step_time_figure(measured_s: Sequence[float], simulated_s: float) -> Figure:
+def step_time_figure(measured_s: Sequence[float], simulated_s: float | None) -> Figure:
+    """Measured step time per step, with the simulated step as a line (None: the run has no simulation)."""
     fig = Figure(figsize=(7, 3.2), layout="constrained")
     ax = fig.add_subplot()
     ax.plot(np.arange(1, len(measured_s) + 1), np.asarray(measured_s) * 1e3, marker=".", label="measured")
-    ax.axhline(simulated_s * 1e3, color="#C44E52", ls="--", label=f"simulated {simulated_s * 1e3:.1f} ms")
+    if simulated_s is not None:
+        ax.axhline(simulated_s * 1e3, color="#C44E52", ls="--", label=f"simulated {simulated_s * 1e3:.1f} ms")
     ax.set_xlabel("step")
     ax.set_ylabel("step time (ms)")
     ax.set_title("step time")

@@ -7,7 +7,7 @@ on a shared time axis, one row per stage, F/B/W coloured and micro-batches label
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure

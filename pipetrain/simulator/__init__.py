@@ -8,11 +8,18 @@ Both return a :class:`SimResult`. Imports no torch.
 
 from __future__ import annotations
 
+from pipetrain.program.spec import (
+    BoundarySpec,
+    ComputeGroup,
+    DataParallelSpec,
+    Link,
+    SimInput,
+    StageSpec,
+    ring_allreduce_time_s,
+    uniform,
+)
 from pipetrain.simulator.engine import simulate
 from pipetrain.simulator.fast import compile_schedule, fast_evaluate, fast_step_time
-from pipetrain.simulator.model import (
-    BoundarySpec, ComputeGroup, DataParallelSpec, Link, SimInput, StageSpec, ring_allreduce_time_s, uniform,
-)
 from pipetrain.simulator.result import SimResult
 
 __all__ = [

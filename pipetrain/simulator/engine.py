@@ -4,7 +4,7 @@ One simpy process per pipeline rank executes the rank's action list literally, a
 does:
 
 * **compute** (F, B, W) holds the rank for its duration; ranks in a shared
-  :class:`~pipetrain.simulator.model.ComputeGroup` first request its ``simpy.Resource``;
+  :class:`~pipetrain.program.spec.ComputeGroup` first request its ``simpy.Resource``;
 * **SEND** never blocks the rank: the transfer queues FIFO on its link (one queue per link and
   direction), occupies it for ``bytes / bandwidth`` and lands ``latency`` later;
 * **RECV** blocks the rank until the matching transfer has landed; in a time-sliced compute
@@ -13,17 +13,16 @@ does:
   :meth:`ComputeGroup.resume_cost_s` more compute for its next action (cold caches);
 * **host work per message** (``SimInput.t_message_host_s``): after posting a SEND and after a
   RECV lands, the rank's compute is held that long (CPU ranks: gloo's posting and copying);
-* **receive buffers (back-pressure)**, as the executor keeps them: stage ``s`` has ``buffers``
-  input-activation buffers and as many output-gradient buffers; it posts its receives into them
-  in the order its actions need them, as soon as one is free, and a buffer stays taken until the
-  B of its micro-batch has run. A transfer starts only once its receive is posted, so a stage with
-  few buffers delays its upstream's sends (exposing their latency); with fewer buffers than the
-  schedule keeps in flight it stalls for ever (reported). A stage without remote input (stage 0)
-  is checked at each F: no more than ``buffers`` micro-batches in flight.
+* **receive buffers (back-pressure)**, as the executor keeps them: each rank posts its receives
+  where the lowered program does (:func:`pipetrain.program.lower_ops`: into the stage's buffer
+  pool, in the order its actions need them, as soon as a slot is free). A transfer starts only
+  once its receive is posted, so a stage with few buffers delays its upstream's sends (exposing
+  their latency). A stage without remote input (stage 0) is checked at each F: no more than
+  ``buffers`` micro-batches in flight.
 * **memory** per stage at every change: activations F -> B; with a split backward, the W stash
   B -> W; plus the static bytes.
 
-Then :func:`~pipetrain.simulator.program.end_of_step` adds the data-parallel all-reduce and the
+Then :func:`~pipetrain.simulator.ops.end_of_step` adds the data-parallel all-reduce and the
 optimizer step. A run that cannot finish (a schedule asking for more buffers than the stage has,
 or a deadlocking hand-made schedule) raises :class:`~pipetrain.errors.ScheduleError` naming the
 stuck ranks. Speed: events are plain tuples, links and messages are plain dicts, and only waits
@@ -33,13 +32,14 @@ that really wait create simpy events.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Generator
 
 import simpy
 from simpy.events import NORMAL
 
 from pipetrain.errors import ScheduleError
-from pipetrain.simulator.model import ComputeGroup, SimInput
-from pipetrain.simulator.program import COMPUTE, RECV, SEND, EventTuple, end_of_step, skeleton, tables
+from pipetrain.program.spec import ComputeGroup, SimInput
+from pipetrain.simulator.ops import COMPUTE, POST, SEND, EventTuple, end_of_step, posted_skeleton, tables
 from pipetrain.simulator.result import SimResult, build_result, busy_s_per_stage
 from pipetrain.simulator.sharing import SharedCores
 
@@ -72,7 +72,7 @@ def _why(what: tuple[str, int, int] | None, caps: list[int]) -> str:
 def simulate(inp: SimInput) -> SimResult:
     """Simulate one training step of ``inp`` with simpy; see the module docstring."""
     sched = inp.schedule
-    ops_per_rank = skeleton(sched)
+    ops_per_rank = posted_skeleton(sched, tuple(spec.buffers for spec in inp.stages))
     tab = tables(inp)
     dur_of, link_of, wire_of, lat_of, bytes_of = tab.dur, tab.link, tab.wire, tab.latency, tab.nbytes
     env = simpy.Environment()
@@ -110,21 +110,11 @@ def simulate(inp: SimInput) -> SimResult:
     push = events.append
     timeout = env.timeout
 
-    # receive pools: stage s keeps `buffers` input-activation buffers and as many output-gradient
-    # buffers; it posts receives into them in the order its actions need them, as soon as one is
-    # free, and a buffer stays taken until the B of its micro-batch has run.
-    m = sched.num_microbatches
-    order: dict[tuple[int, int], list[int]] = {}
-    for ops in ops_per_rank:
-        for op in ops:
-            if op[0] == RECV:
-                order.setdefault((op[1], op[4] & 1), []).append(op[3])
+    # receive buffers: a transfer starts only once its receive is posted, and the receives are
+    # posted where the lowered program posts them (the executor's prefetch rule, defined once in
+    # pipetrain.program.lower): POST ops in each rank's list
     posted: set[int] = set()
-    held: set[int] = set()
     pending: dict[int, tuple[int, int, int, int]] = {}
-    pool_used: dict[tuple[int, int], int] = {}
-    pool_wait: dict[tuple[int, int], simpy.Event] = {}
-    limited = [False] * n_st
 
     def transfer(msg: int, r: int, s: int, mb: int, slot: int) -> None:
         now = env.now
@@ -142,41 +132,9 @@ def simulate(inp: SimInput) -> SimResult:
         else:
             _land(env, w, arrive - now, arrive)
 
-    def prefetch(key: tuple[int, int], msgs: list[int], cap: int):  # type: ignore[no-untyped-def]
-        for msg in msgs:
-            while pool_used[key] >= cap:
-                w = env.event()
-                pool_wait[key] = w
-                yield w
-            pool_used[key] += 1
-            held.add(msg)
-            posted.add(msg)
-            waiting_send = pending.pop(msg, None)
-            if waiting_send is not None:
-                transfer(msg, *waiting_send)
-
-    def release(s: int, mb: int) -> None:
-        for d, msg in ((0, (2 * (s - 1)) * m + mb), (1, (2 * (s + 1) + 1) * m + mb)):
-            if msg in held:
-                held.discard(msg)
-                key = (s, d)
-                pool_used[key] -= 1
-                w = pool_wait.pop(key, None)
-                if w is not None:
-                    w.succeed()
-
-    for key, msgs in order.items():
-        cap = caps[key[0]]
-        if cap >= len(msgs):
-            posted.update(msgs)  # enough buffers: every receive is posted from the start
-        else:
-            limited[key[0]] = True
-            pool_used[key] = 0
-            env.process(prefetch(key, msgs, cap))
-
     host_s = inp.t_message_host_s
 
-    def occupy(res: simpy.Resource | SharedCores | None, seconds: float):  # type: ignore[no-untyped-def]
+    def occupy(res: simpy.Resource | SharedCores | None, seconds: float) -> Generator[simpy.Event, object, None]:
         """Hold the rank's compute for ``seconds`` of host work (not an action: no event, no busy time)."""
         if isinstance(res, SharedCores):
             yield res.run(seconds)
@@ -188,7 +146,7 @@ def simulate(inp: SimInput) -> SimResult:
         else:
             yield timeout(seconds)
 
-    def rank_proc(r: int, ops: tuple[tuple, ...]):  # type: ignore[no-untyped-def]
+    def rank_proc(r: int, ops: tuple[tuple, ...]) -> Generator[simpy.Event, object, None]:
         res = resource[r]
         for op in ops:
             code = op[0]
@@ -202,8 +160,9 @@ def simulate(inp: SimInput) -> SimResult:
                         w = env.event()
                         buf_wait[s].append(w)
                         yield w
-                    if group_of[r] is not None and env.now > t0:
-                        extra[r] = max(extra[r], group_of[r].resume_cost_s(env.now - t0))
+                    grp = group_of[r]
+                    if grp is not None and env.now > t0:
+                        extra[r] = max(extra[r], grp.resume_cost_s(env.now - t0))
                     in_flight[s] += 1
                     if in_flight[s] > peak[s]:
                         peak[s] = in_flight[s]
@@ -238,14 +197,18 @@ def simulate(inp: SimInput) -> SimResult:
                         timeline[s].append((end, mem[s]))
                     if buf_wait[s]:
                         buf_wait[s].popleft().succeed()
-                    if limited[s]:
-                        release(s, mb)
                 elif kind_slot == 2 and wg_bytes[s]:
                     mem[s] -= wg_bytes[s]
                     timeline[s].append((end, mem[s]))
                 if final:
                     grad_start[s] = start
                     grad_end[s] = end
+            elif code == POST:
+                msg = op[3]
+                posted.add(msg)
+                waiting_send = pending.pop(msg, None)
+                if waiting_send is not None:
+                    transfer(msg, *waiting_send)
             elif code == SEND:
                 _, s, mb, msg, slot = op
                 if host_s:
@@ -260,11 +223,11 @@ def simulate(inp: SimInput) -> SimResult:
                     link_free[name] = done
                     arrive = done + lat_of[slot]
                     push((s, r, "SEND", mb, begin, arrive, bytes_of[slot]))
-                    w = recv_wait.pop(msg, None)
-                    if w is None:
+                    waiter = recv_wait.pop(msg, None)
+                    if waiter is None:
                         landed[msg] = arrive
                     else:
-                        _land(env, w, arrive - now, arrive)
+                        _land(env, waiter, arrive - now, arrive)
                 else:  # the receiver has no free buffer yet: the transfer starts when it posts one
                     pending[msg] = (r, s, mb, slot)
             else:
@@ -280,8 +243,9 @@ def simulate(inp: SimInput) -> SimResult:
                     yield timeout(arrive - t0)
                 if wakeup[r] and env.now > t0 and isinstance(res, SharedCores) and len(res.jobs) >= res.capacity:  # blocked, all cores taken
                     yield timeout(wakeup[r])
-                if group_of[r] is not None and env.now > t0:
-                    extra[r] = max(extra[r], group_of[r].resume_cost_s(env.now - t0))
+                grp = group_of[r]
+                if grp is not None and env.now > t0:
+                    extra[r] = max(extra[r], grp.resume_cost_s(env.now - t0))
                 push((s, r, "RECV", mb, t0, env.now, bytes_of[slot]))
                 if host_s:
                     yield from occupy(res, host_s)

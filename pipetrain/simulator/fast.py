@@ -19,9 +19,9 @@ import weakref
 from dataclasses import dataclass
 
 from pipetrain.errors import ScheduleError
+from pipetrain.program.spec import SimInput
 from pipetrain.schedules import Schedule, peak_in_flight, peak_pending_wgrad
-from pipetrain.simulator.model import SimInput
-from pipetrain.simulator.program import EventTuple, Tables, check_comms, end_of_step, tables
+from pipetrain.simulator.ops import EventTuple, Tables, check_comms, drop_when_collected, end_of_step, tables
 from pipetrain.simulator.result import SimResult, build_result, busy_s_per_stage
 
 __all__ = ["FastProgram", "compile_schedule", "fast_evaluate", "fast_step_time"]
@@ -56,7 +56,7 @@ def compile_schedule(sched: Schedule) -> FastProgram:
         return hit[1]
     prog = _compile(sched)
     key = id(sched)
-    _CACHE[key] = (weakref.ref(sched, lambda _r, k=key: _CACHE.pop(k, None)), prog)
+    _CACHE[key] = (weakref.ref(sched, drop_when_collected(_CACHE, key)), prog)
     return prog
 
 
@@ -81,8 +81,8 @@ def _compile(sched: Schedule) -> FastProgram:
                 if pending >= 0:
                     nodes.append((a.stage, "", a.microbatch, pending))
                 fwd = kind == "RECV_F"
-                src = a.stage - 1 if fwd else a.stage + 1
-                pending = (2 * src + (0 if fwd else 1)) * m + a.microbatch
+                from_stage = a.stage - 1 if fwd else a.stage + 1
+                pending = (2 * from_stage + (0 if fwd else 1)) * m + a.microbatch
             else:
                 if pending >= 0:
                     nodes.append((a.stage, "", a.microbatch, pending))
@@ -161,9 +161,9 @@ def _run(inp: SimInput, prog: FastProgram) -> tuple[list[float], Tables]:
     push = val.append
     it = zip(prog.prev, prog.src, wire, lat, dur)
     next(it)  # the sentinel
-    for p, s, w, l, d in it:
+    for p, s, w, lt, d in it:
         t = val[p]
-        a = val[s] + w + l
+        a = val[s] + w + lt
         push((t if t >= a else a) + d)
     return val, tab
 

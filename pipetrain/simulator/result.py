@@ -2,21 +2,31 @@
 
 Events are kept as plain tuples while simulating (fast) and turned into
 :class:`pipetrain.events.Event` objects the first time :attr:`SimResult.events` is read.
+
+:meth:`SimResult.to_dict` / :meth:`SimResult.from_dict` round-trip a result through JSON;
+:class:`SimulationRecord` is the file a run or the planner leaves for the reports
+(``simulation.json``: the result plus where it was simulated and with which cost model), so a
+report shows a simulation without simulating again.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from pipetrain.errors import ConfigError, PipetrainError
 from pipetrain.events import Event, write_chrome_trace
-from pipetrain.simulator.model import SimInput
-from pipetrain.simulator.program import EventTuple
+from pipetrain.program.spec import SimInput
+from pipetrain.simulator.ops import EventTuple
 
-__all__ = ["SimResult", "build_result", "busy_s_per_stage"]
+__all__ = ["SimResult", "build_result", "busy_s_per_stage", "SIMULATION_FILE", "SimulationRecord", "save_simulation", "load_simulation"]
+
+#: the file name a run directory (``pipetrain run``) or a what-if report directory keeps its simulation under
+SIMULATION_FILE = "simulation.json"
+_FORMAT = "pipetrain.simulation/1"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,6 +88,26 @@ class SimResult:
             d["events"] = [e.to_dict() for e in self.events]
         return d
 
+    @classmethod
+    def from_dict(cls, d: Any, *, error: type[PipetrainError] = ConfigError) -> SimResult:
+        """The inverse of :meth:`to_dict` (with ``events=True``; without them ``raw_events`` stays empty)."""
+        try:
+            kw: dict[str, Any] = {}
+            for name, f in cls.__dataclass_fields__.items():
+                if name in ("raw_events", "memory_timeline_per_stage"):
+                    continue  # rebuilt below from their JSON shapes
+                if name not in d and (f.default is not MISSING or f.default_factory is not MISSING):
+                    continue  # an older file without a defaulted field: keep the default
+                v = d[name]
+                kw[name] = tuple(v) if isinstance(v, list) else v
+            kw["memory_timeline_per_stage"] = tuple(tuple((float(t), float(b)) for t, b in tl)
+                                                    for tl in d.get("memory_timeline_per_stage", ()))
+            kw["raw_events"] = tuple((int(e["stage"]), int(e["rank"]), str(e["kind"]), int(e["microbatch"]), float(e["start_s"]),
+                                      float(e["end_s"]), int(e.get("bytes", 0))) for e in d.get("events", ()))
+            return cls(**kw)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise error(f"simulation result is malformed ({type(exc).__name__}: {exc})") from None
+
     def to_json(self, path: str | Path | None = None, **kw: bool) -> str:
         text = json.dumps(self.to_dict(**kw), indent=1)
         if path is not None:
@@ -128,3 +158,45 @@ def build_result(inp: SimInput, *, evaluator: str, step_time_s: float, pipeline_
         busy_s_per_rank=tuple(busy_rank), busy_s_per_stage=tuple(busy_s_per_stage),
         peak_in_flight_per_stage=tuple(peak_in_flight), peak_memory_bytes_per_stage=peak_mem,
         memory_timeline_per_stage=timeline, num_compute_actions=num_compute, raw_events=raw_events)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimulationRecord:
+    """A simulation kept for the reports: the result, the topology it ran on and the cost model's source."""
+
+    result: SimResult
+    topology: str
+    cost_source: str
+    #: who simulated it and why (e.g. "pipetrain run: the plan as the executor runs it")
+    origin: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": _FORMAT, "topology": self.topology, "cost_source": self.cost_source, "origin": self.origin,
+                "result": self.result.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: Any, *, error: type[PipetrainError] = ConfigError) -> SimulationRecord:
+        if not isinstance(d, dict) or d.get("format") != _FORMAT or not isinstance(d.get("result"), dict):
+            raise error(f"not a {_FORMAT} record")
+        return cls(result=SimResult.from_dict(d["result"], error=error), topology=str(d.get("topology", "")),
+                   cost_source=str(d.get("cost_source", "")), origin=str(d.get("origin", "")))
+
+
+def save_simulation(path: str | Path, record: SimulationRecord) -> Path:
+    """Write ``record`` as JSON (atomically: a report never reads half a file)."""
+    from pipetrain.serde import write_text_atomic
+
+    return write_text_atomic(path, json.dumps(record.to_dict()) + "\n")
+
+
+def load_simulation(path: str | Path, *, error: type[PipetrainError] = ConfigError) -> SimulationRecord | None:
+    """The record at ``path``; None when there is no such file, ``error`` (saying how to fix it) when it is corrupt."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+        return SimulationRecord.from_dict(d, error=error)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, PipetrainError) as exc:
+        raise error(f"{p} is corrupt ({exc}): delete it and re-run the command that wrote it (`pipetrain run` for a run "
+                    f"directory, `pipetrain plan --report` for a what-if report)") from None

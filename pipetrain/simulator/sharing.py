@@ -11,7 +11,8 @@ seconds of full-speed work, however many others came and went meanwhile. torch-f
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["SharedCores", "shared_finish_times"]
 

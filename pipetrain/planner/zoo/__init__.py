@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -44,7 +44,7 @@ def _known() -> str:
     return f"known presets: {', '.join(_PRESETS)}; or name your own as package.module:factory"
 
 
-def _spec_from_model(name: str, model: PipelineModel, factory: Callable[[], object]) -> ModelSpec:
+def _spec_from_model(name: str, model: PipelineModel, factory: Callable[[], PipelineModel]) -> ModelSpec:
     """Wrap a user factory that returns a bare PipelineModel: token-id input, LM task.
 
     Optional model attributes override the defaults: ``task``, ``vocab_size``,
@@ -59,7 +59,7 @@ def _spec_from_model(name: str, model: PipelineModel, factory: Callable[[], obje
         vocab = embeds[0].num_embeddings
     seq = int(getattr(model, "default_seq_len", 128))
     return ModelSpec(name=name, task=getattr(model, "task", "lm"), default_seq_len=seq, vocab_size=int(vocab),
-                     max_seq_len=int(getattr(model, "max_seq_len", seq)), factory=factory,  # type: ignore[arg-type]
+                     max_seq_len=int(getattr(model, "max_seq_len", seq)), factory=factory,
                      input_kind=getattr(model, "input_kind", "tokens"), input_size=tuple(getattr(model, "input_size", ())),
                      description=f"user model {name}")
 

@@ -4,7 +4,7 @@ Both take float features [B, d] (no sequence dimension) and end in a linear head
 ``NUM_CLASSES`` classes trained with cross-entropy (task "classification").
 
 - ``resmlp``: 8 pre-LN residual MLP blocks, d=256, hidden 4d=1024, then a linear head:
-  the model of the torch.distributed.pipelining comparison (shared/notes/torch-pipelining-peer.md).
+  the model of the torch.distributed.pipelining comparison (``benchmarks/vs_torch_pipelining.py``).
 - ``mlp-uneven``: pre-LN residual MLP blocks at d=128 whose hidden widths differ by up to
   32x (``UNEVEN_HIDDEN``), so per-block compute is uneven and a balanced split is not an
   equal split: for checking the simulator and the planner's partitioning.

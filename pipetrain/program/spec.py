@@ -31,8 +31,8 @@ more micro-batches in flight than ``buffers`` cannot run: build it with
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from pipetrain.errors import ConfigError
 from pipetrain.schedules import Schedule, make_schedule
@@ -148,22 +148,22 @@ class ComputeGroup:
     sharing: str = "queue"
     #: time-slice only: a rank blocked on a receive whose message lands while all ``capacity``
     #: units compute resumes this much later (the OS scheduler's wake-up latency: it waits for a
-    #: running process's time slice; :func:`pipetrain.executor.commprobe.probe_wakeup` measures it)
+    #: running process's time slice; :func:`pipetrain.calibration.commprobe.probe_wakeup` measures it)
     wakeup_s: float = 0.0
     #: time-slice only: ``speed[k - 1]`` is the share of full speed each computing rank progresses at
-    #: while ``k`` of the group compute (measured: :func:`pipetrain.executor.corun.probe_corun`;
+    #: while ``k`` of the group compute (measured: :func:`pipetrain.calibration.corun.probe_corun`;
     #: shared caches and memory bandwidth slow ranks even at ``k <= capacity``). Past its end the
     #: group's throughput stays at the last entry's. Empty: ``min(1, capacity / k)``.
     speed: tuple[float, ...] = ()
     #: time-slice only: an action that starts after its rank waited at least ``resume_after_s`` (for
     #: a message or a buffer) needs ``resume_s`` more seconds of compute: while a CPU rank is idle
-    #: its core's caches go cold (measured: :func:`pipetrain.executor.corun.probe_resume`). A fixed
+    #: its core's caches go cold (measured: :func:`pipetrain.calibration.corun.probe_resume`). A fixed
     #: cost, not a factor: a small stage's action pays as much as a large one's. 0: not modelled.
     resume_s: float = 0.0
     resume_after_s: float = 1e-3
     #: time-slice only, with more ranks than ``capacity``: an action that starts after its rank waited
     #: at all needs ``switch_s`` more seconds of compute (its core ran another rank meanwhile, whose
-    #: work evicted this one's from the caches; :func:`pipetrain.executor.corun.probe_resume`).
+    #: work evicted this one's from the caches; :func:`pipetrain.calibration.corun.probe_resume`).
     #: The larger of the two applies.
     switch_s: float = 0.0
 

@@ -16,17 +16,25 @@ monitor and the report, so both say the same thing:
   complete): waiting on the wire. The rest of the idle time is **bubble**: waiting for a
   neighbour to compute. So compute + communication + bubble add up to the span on a rank that
   hosts one stage.
+
+The telemetry readers (:func:`read_telemetry`, :func:`read_rank_file`) live here too: they are
+plain JSONL parsing of ``RUN_DIR/telemetry/rank*.jsonl`` (written by
+:mod:`pipetrain.executor.telemetry`), so reports and validation read a run without importing the
+runtime.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 from pipetrain.events import Event
 
 __all__ = ["COMPUTE_KINDS", "StageBreakdown", "Transfer", "events_from_records", "events_of_step",
-           "match_transfers", "stage_breakdown", "percentile", "pick_step"]
+           "match_transfers", "stage_breakdown", "percentile", "pick_step", "read_telemetry", "read_rank_file"]
 
 COMPUTE_KINDS = ("F", "B", "W")
 
@@ -194,3 +202,44 @@ def _overlap(xs: list[tuple[float, float]], ys: list[tuple[float, float]]) -> fl
         else:
             j += 1
     return tot
+
+
+# ----- reading RUN_DIR/telemetry ----------------------------------------------------------------
+def read_telemetry(run_dir: str | Path) -> dict[int, list[dict[str, Any]]]:
+    """All records of every rank: ``{rank: [record, ...]}`` (a torn last line is skipped)."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    for p in sorted((Path(run_dir) / "telemetry").glob("rank*.jsonl")):
+        rank = int(p.stem[4:])
+        recs = []
+        for line in p.read_text().splitlines():
+            try:
+                recs.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        out[rank] = recs
+    return out
+
+
+def read_rank_file(run_dir: str | Path, rank: int) -> dict[str, Any]:
+    """One rank's telemetry, compacted: meta, step records, and per (stage, kind) event totals."""
+    p = Path(run_dir) / "telemetry" / f"rank{rank}.jsonl"
+    meta: dict[str, Any] = {}
+    steps: dict[int, dict[str, Any]] = {}
+    summary: dict[str, list[float]] = {}
+    for line in p.read_text().splitlines() if p.is_file() else []:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        t = rec.get("type")
+        if t == "meta":
+            meta = rec
+        elif t == "step":
+            steps[int(rec["step"])] = rec  # a resumed run overwrites the steps it re-ran
+        elif t == "event":
+            key = f"{rec['stage']}:{rec['kind']}"
+            acc = summary.setdefault(key, [0, 0.0, 0])
+            acc[0] += 1
+            acc[1] += rec["end_s"] - rec["start_s"]
+            acc[2] += rec.get("bytes", 0)
+    return {"meta": meta, "steps": [steps[k] for k in sorted(steps)], "events": summary}

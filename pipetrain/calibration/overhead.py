@@ -10,11 +10,12 @@ end of step and the rest: ``factor`` = the spans' median share per micro-batch o
 actions) over ``sum(F + B)``; ``end_of_step_s``: the median time from
 the end of a step's last backward to the end of its optimizer step, from the run's telemetry
 (gradient norms, clip, update, zeroing, in place: there the parameters, gradients and optimizer
-state come from memory after a backward pass, and the update of the uneven MLP's 1.0M parameters
-took 5.9 ms in a run where a loop over the same calls took about 3.5 ms) and ``fixed_s``, the rest at ``m1``
+state come from memory after a backward pass, not from the caches a loop over the same calls keeps
+warm, so the update in a run is slower than such a loop; figures: benchmarks/RESULTS.md) and
+``fixed_s``, the rest at ``m1``
 less its per-micro-batch growth (per-step work besides: batches, bookkeeping). Medians over
 steps, not of whole step times, so one slow step moves nothing.
-The calibration stores them per model and shape; :class:`~pipetrain.executor.calibration.MeasuredCostModel`
+The calibration stores them per model and shape; :class:`~pipetrain.calibration.measured.MeasuredCostModel`
 scales the profiled block times by ``factor``, the optimizer fit by ``end_of_step_s`` over the
 fit's own prediction for the model, and adds ``fixed_s`` to each rank's end-of-step work.
 Nothing in it is fitted to a pipeline: it is measured without one.

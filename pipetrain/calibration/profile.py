@@ -6,9 +6,9 @@ forward and backward (``warmup`` runs, then the median of ``repeats``). The last
 timing includes the loss, as the last pipeline stage computes it. Blocks with the same
 ``trace_signature`` and input shape (GPT-2's twelve identical layers) share one measurement
 when ``share_identical``. On CUDA every block is timed inside one unsynchronized forward and
-backward of the whole model, by CUDA events, as the executor runs a stage (``_Setup.chain_once``). Results are cached as JSON keyed by model, micro-batch size, sequence
-length, dtype and device (:func:`load_or_profile`). :class:`ProfiledCostModel` answers the
-:class:`~pipetrain.planner.costs.CostModel` interface from a profile.
+backward of the whole model, by CUDA events, as the executor runs a stage (``_Setup.chain_once``).
+Results are cached as JSON keyed by model, micro-batch size, sequence length, dtype and device (:func:`load_or_profile`). :class:`ProfiledCostModel` answers the
+:class:`~pipetrain.costs.CostModel` interface from a profile.
 
 This module imports torch only inside the functions that measure; the profile types and
 :class:`ProfiledCostModel` work without it.
@@ -21,16 +21,17 @@ import os
 import re
 import statistics
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+from pipetrain.costs import NodeTimes, NodeTimesCostModel
 from pipetrain.errors import ConfigError
-from pipetrain.planner.costs import NodeTimes, NodeTimesCostModel
-from pipetrain.planner.graph import LayerGraph
-from pipetrain.planner.topology import DeviceType
+from pipetrain.graph import LayerGraph
 from pipetrain.serde import from_dict, parse_json, to_dict
+from pipetrain.topology import DeviceType
 
 __all__ = [
     "PROFILE_SCHEMA_VERSION", "BlockTiming", "BlockProfile", "ProfiledCostModel", "profile_model", "profile_and_measure", "profile_shapes",
@@ -83,7 +84,7 @@ class BlockProfile:
         return json.dumps(to_dict(self), indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> "BlockProfile":
+    def from_json(cls, text: str) -> BlockProfile:
         data = parse_json(text, what="profile file")
         if isinstance(data, dict) and data.get("schema_version") != PROFILE_SCHEMA_VERSION:
             raise ConfigError(f"profile schema_version {data.get('schema_version')!r} is not supported; delete the cache file to re-profile")
@@ -98,7 +99,7 @@ class BlockProfile:
         return p
 
     @classmethod
-    def load(cls, path: str | Path) -> "BlockProfile":
+    def load(cls, path: str | Path) -> BlockProfile:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"profile file {str(p)!r} does not exist")
@@ -218,12 +219,13 @@ class _Setup:
         blocks back to back with no host sync between them, each block timed by CUDA events
         (forward: after each block; backward: a hook on each block's input fires when that
         block's backward is done). Syncing around every block instead adds the kernel-launch
-        latency and the autograd engine's start-up to every block: 15-25% on gpt2 on an H100.
+        latency and the autograd engine's start-up to every block, a large share of a short GPU
+        block's time (figures: benchmarks/RESULTS.md).
 
         The GPU is held by a spin kernel while the host queues the chain, so the events time
-        the GPU's work, which is what bounds a pipeline rank whose host runs ahead (gpt2 on an
-        H100: the host queues a micro-batch's forward and backward in about 30 ms, the GPU runs
-        them in about 43 ms). A model small enough for the host to be the bound is not modelled."""
+        the GPU's work, which is what bounds a pipeline rank whose host runs ahead (as it did for
+        gpt2 on an H100; figures: benchmarks/RESULTS.md). A model small enough for the host to be
+        the bound is not modelled."""
         torch = self.torch
         n = self.n
 
@@ -444,7 +446,7 @@ def measure_saved_bytes(model: str, *, micro_batch_size: int, seq_len: int | Non
         def pack(t: Any) -> Any:
             st = t.untyped_storage()
             if st.data_ptr() not in param_ptrs:
-                storages[st.data_ptr()] = max(storages.get(st.data_ptr(), 0), st.nbytes())
+                storages[st.data_ptr()] = max(storages.get(st.data_ptr(), 0), st.nbytes())  # noqa: B023 (the hook runs in this iteration)
             return t
 
         x = s.leaf(i)
@@ -462,7 +464,7 @@ class ProfiledCostModel(NodeTimesCostModel):
     Stage time is the sum of its blocks' medians; W is the FLOP share of B
     (``wgrad_flops / bwd_flops`` of each node); recompute reruns the forward. Transfers and the
     optimizer step are not profiled: they use the analytic formulas of
-    :mod:`pipetrain.planner.costs`.
+    :mod:`pipetrain.costs`.
     """
 
     name = "profiled"

@@ -3,7 +3,7 @@
 :func:`simulate_plan` builds the simulator's input for a Plan exactly as the executor runs it
 (the plan's stages, buffers and schedule; the data-parallel all-reduce after the last backward,
 not overlapped; the compute groups of the topology's shared cores) with a cost model from a
-calibration (:mod:`pipetrain.executor.calibration`) or, without one, from this machine's cached
+calibration (:mod:`pipetrain.calibration.measured`) or, without one, from this machine's cached
 block profile. :func:`measure_run` reads ``RUN_DIR/telemetry`` and takes, over the steps after
 the warm-up, the median of: step time (slowest rank), pipeline span (first F to last B of the
 step), each stage's busy time (sum of its F/B/W) and its bubble (idle share of the span), plus the
@@ -19,16 +19,17 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from pipetrain.errors import RunError
 from pipetrain.plan import Plan
 
 __all__ = ["StageFidelity", "Fidelity", "Measured", "simulate_plan", "executor_sim_input", "plan_topology", "cost_for_plan", "measure_run",
            "compare", "run_fidelity", "mape", "spearman", "fidelity_lines", "fidelity_table_rows",
-           "FIDELITY_FILE", "load_run_calibration", "report_run_fidelity", "describe_plan", "fidelity_report_section"]
+           "FIDELITY_FILE", "load_run_calibration", "report_run_fidelity", "describe_plan"]
 
 _COMPUTE = ("F", "B", "W")
 
@@ -145,8 +146,8 @@ def _rel(sim: float, meas: float) -> float:
 # ----- simulate -----------------------------------------------------------------------------------
 def plan_topology(plan: Plan, calibration: Any = None) -> Any:
     """The plan's topology (``local``: ``local-cpu:pp*dp``), with the calibrated link when given."""
-    from pipetrain.executor.calibration import calibrated_topology
-    from pipetrain.planner.topology import resolve_topology
+    from pipetrain.calibration.measured import calibrated_topology
+    from pipetrain.topology import resolve_topology
 
     name = plan.topology
     if name in ("", "local") or not name:
@@ -159,8 +160,8 @@ def cost_for_plan(plan: Plan, graph: Any, calibration: Any = None, *, threads: i
     """(cost model, what it is): the calibration's (profiling the plan's shape now if it lacks it), else the cached profile."""
     from dataclasses import replace
 
-    from pipetrain.executor.calibration import MeasuredCostModel
-    from pipetrain.planner.profile import ProfiledCostModel, load_or_profile
+    from pipetrain.calibration.measured import MeasuredCostModel
+    from pipetrain.calibration.profile import ProfiledCostModel, load_or_profile
 
     def profile() -> Any:
         return load_or_profile(plan.model, micro_batch_size=plan.micro_batch_size, seq_len=plan.seq_len, dtype=plan.dtype,
@@ -185,12 +186,10 @@ def simulate_plan(plan: Plan, *, calibration: Any = None, cost: Any = None, topo
 
 def executor_sim_input(plan: Plan, *, calibration: Any = None, cost: Any = None, topology: Any = None,
                        graph: Any = None) -> tuple[Any, str]:
-    """(SimInput, cost source) of one step of ``plan`` as the executor runs it: receive buffers
-    held as its schedule peaks, the global-norm clip barrier, CPU ranks time-sliced on their
-    node's cores (at the calibrated co-run speeds), the executor's measured per-step work."""
-    from pipetrain.planner.build import StageTables, placement, sim_input
+    """(SimInput, cost source) of one step of ``plan`` as the executor runs it: the one lowering
+    (:func:`pipetrain.program.lower`) with ``as_executed=True``."""
     from pipetrain.planner.trace import trace_graph
-    from pipetrain.schedules import make_schedule, peak_in_flight
+    from pipetrain.program import lower
 
     if graph is None:
         graph = trace_graph(plan.model, micro_batch_size=plan.micro_batch_size, seq_len=plan.seq_len, dtype=plan.dtype)
@@ -199,24 +198,9 @@ def executor_sim_input(plan: Plan, *, calibration: Any = None, cost: Any = None,
     source = "given cost model"
     if cost is None:
         cost, source = cost_for_plan(plan, graph, calibration)
-    buffers = [st.buffers for st in plan.stages]
-    sched = make_schedule(plan.schedule, plan.pp, plan.num_microbatches, plan.chunks, buffers=buffers)
-    inp = sim_input(tables=StageTables(graph, cost, optimizer=plan.optimizer), topology=topo, place=placement(topo, plan.pp, plan.dp),
-                    schedule=sched, ranges=[(st.block_start, st.block_end) for st in plan.stages], buffers=buffers,
-                    recompute=[st.recompute for st in plan.stages], in_flight=peak_in_flight(sched), dp_overlap=False,
-                    clip_sync=True)
-    from dataclasses import replace
-
-    if inp.compute_groups and all(d.type.kind == "cpu" for d in topo.devices):  # CPU ranks are OS processes: time-sliced
-        inp = replace(inp, compute_groups=tuple(replace(g, sharing="time-slice") for g in inp.compute_groups))
-    rt = calibration.runtime_for(plan.model, plan.micro_batch_size, plan.seq_len) if calibration is not None else None
-    if rt is not None and rt.fixed_s > 0:  # the executor's measured per-step work besides the update, on every rank
-        stages = list(inp.stages)
-        for r in range(plan.pp):
-            s = min(st.index for st in plan.stages if st.rank == r)
-            stages[s] = replace(stages[s], t_optimizer_s=stages[s].t_optimizer_s + rt.fixed_s)
-        inp = replace(inp, stages=tuple(stages))
-    return inp, source
+    prog = lower(plan, topo, cost, graph=graph, as_executed=True)
+    assert prog.sim_input is not None
+    return prog.sim_input, source
 
 
 # ----- measure -------------------------------------------------------------------------------------
@@ -262,11 +246,14 @@ def measure_run(run_dir: str | Path | Sequence[str | Path], plan: Plan, *, warmu
         complete += comp
         use += used
     n_st, pp = plan.num_stages, plan.pp
-    steps_t, spans, busy, bub = [], [], [[] for _ in range(n_st)], [[] for _ in range(n_st)]
+    steps_t: list[float] = []
+    spans: list[float] = []
+    busy: list[list[float]] = [[] for _ in range(n_st)]
+    bub: list[list[float]] = [[] for _ in range(n_st)]
     for k in use:
         steps_t.append(max(float(r["step_time_s"]) for r in step_recs[k].values()))
-        per_rep_span = []
-        per_stage = [[] for _ in range(n_st)]
+        per_rep_span: list[float] = []
+        per_stage: list[list[float]] = [[] for _ in range(n_st)]
         per_rank_busy: dict[int, float] = {}
         for rep in range(plan.dp):
             evs = [e for e in events[k] if rep * pp <= e["rank"] < (rep + 1) * pp]
@@ -378,9 +365,10 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 
 def fidelity_table_rows(f: Fidelity) -> list[tuple[str, ...]]:
     """Per-stage rows (stage, rank, busy sim/meas/err, bubble sim/meas/diff, act sim/meas/err) for tables."""
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for s in f.stages:
-        rows.append((str(s.stage), f"{s.rank}{'*' if s.shared else ''}", f"{s.sim_busy_s * 1e3:.2f}", f"{s.meas_busy_s * 1e3:.2f}", f"{s.busy_error * 100:+.1f}%",
+        rows.append((str(s.stage), f"{s.rank}{'*' if s.shared else ''}", f"{s.sim_busy_s * 1e3:.2f}", f"{s.meas_busy_s * 1e3:.2f}",
+                     f"{s.busy_error * 100:+.1f}%",
                      f"{s.sim_bubble * 100:.1f}", f"{s.meas_bubble * 100:.1f}", f"{s.bubble_error_pp:+.1f}",
                      f"{s.sim_activation_bytes / 2**20:.2f}", f"{s.meas_activation_bytes / 2**20:.2f}", f"{s.activation_error * 100:+.1f}%"))
     return rows
@@ -410,54 +398,51 @@ def load_run_calibration(path: str | None) -> Any:
     """The calibration named by ``pipetrain run --calibration`` (checked before the run starts), or None."""
     if not path:
         return None
-    from pipetrain.executor.calibration import load_calibration
+    from pipetrain.calibration.measured import load_calibration
 
     return load_calibration(path)
 
 
 def report_run_fidelity(run_dir: str | Path, plan: Plan, calibration: Any = None, *, echo: Any = print) -> Fidelity | None:
-    """After ``pipetrain run``: simulate the plan, compare with the run, print per stage, write RUN_DIR/fidelity.json.
+    """After ``pipetrain run``: simulate the plan as executed, write it to RUN_DIR/simulation.json (what
+    ``pipetrain report`` shows: the report never simulates), compare with the run, print per stage and
+    write RUN_DIR/fidelity.json.
 
     A run whose telemetry cannot be compared (``--no-telemetry``, a single step) prints why and
-    returns None: the run itself succeeded.
+    returns None: the run itself succeeded. Files an earlier run left in RUN_DIR are removed first,
+    so both files always describe this run.
     """
     import json
 
     from pipetrain.errors import PipetrainError
+    from pipetrain.simulator.result import SIMULATION_FILE
 
+    rd = Path(run_dir)
+    for name in (SIMULATION_FILE, FIDELITY_FILE):
+        (rd / name).unlink(missing_ok=True)
     try:
-        steps = sum(1 for _ in (Path(run_dir) / "telemetry").glob("rank*.jsonl"))
-        if steps == 0:
+        if not any((rd / "telemetry").glob("rank*.jsonl")):
             raise RunError("no telemetry (run without --no-telemetry to compare with the simulator)")
-        f = run_fidelity(run_dir, plan, calibration=calibration, warmup_steps=1)
+        inp, sim, source = simulate_plan(plan, calibration=calibration)
+        _save_run_simulation(rd, plan, sim, source, calibrated=calibration is not None)
+        meas = measure_run(rd, plan, warmup_steps=1)
+        f = compare(plan, inp, sim, meas, cost_source=source)
     except PipetrainError as exc:
         echo(f"simulated vs measured: not compared: {exc}")
         return None
     for line in fidelity_lines(f):
         echo(line)
-    out = Path(run_dir) / FIDELITY_FILE
+    out = rd / FIDELITY_FILE
     out.write_text(json.dumps(f.to_dict(), indent=1))
-    echo(f"wrote {out}")
+    echo(f"wrote {out} and {rd / SIMULATION_FILE}")
     return f
 
 
-def fidelity_report_section(run_dir: str | Path) -> dict[str, Any] | None:
-    """Title, paragraphs and table of RUN_DIR/fidelity.json for the run report (None when the run wrote none)."""
-    import json
+def _save_run_simulation(run_dir: Path, plan: Plan, sim: Any, cost_source: str, *, calibrated: bool) -> Path:
+    """RUN_DIR/simulation.json: the simulated step (summary and every event) for the report."""
+    from pipetrain.simulator.result import SIMULATION_FILE, SimulationRecord, save_simulation
 
-    p = Path(run_dir) / FIDELITY_FILE
-    if not p.is_file():
-        return None
-    d = json.loads(p.read_text())
-    head = ("stage", "rank", "busy sim", "busy meas", "error", "bubble sim", "bubble meas", "diff", "activations sim",
-            "activations meas", "error")
-    rows = tuple((str(s["stage"]), str(s["rank"]), f"{s['sim_busy_s'] * 1e3:.2f} ms", f"{s['meas_busy_s'] * 1e3:.2f} ms",
-                  f"{s['busy_error'] * 100:+.1f}%", f"{s['sim_bubble'] * 100:.1f}%", f"{s['meas_bubble'] * 100:.1f}%",
-                  f"{(s['sim_bubble'] - s['meas_bubble']) * 100:+.1f} pp", f"{s['sim_activation_bytes'] / 2**20:.2f} MiB",
-                  f"{s['meas_activation_bytes'] / 2**20:.2f} MiB", f"{s['activation_error'] * 100:+.1f}%") for s in d["stages"])
-    para = (f"Simulated with {d['cost_source']} against the median of {d['steps_measured']} measured steps after warm-up: "
-            f"step time {d['sim_step_s'] * 1e3:.2f} ms simulated vs {d['meas_step_s'] * 1e3:.2f} ms measured "
-            f"(error {d['step_error'] * 100:+.1f}%); pipeline span {d['sim_pipeline_s'] * 1e3:.2f} vs {d['meas_pipeline_s'] * 1e3:.2f} ms; "
-            f"bubble {d['sim_bubble'] * 100:.1f}% vs {d['meas_bubble'] * 100:.1f}%. Errors are (simulated - measured) / measured; "
-            "activations are the bytes autograd saves for backward at the stage's peak of micro-batches in flight.")
-    return {"title": "Simulator accuracy for this run", "paragraphs": (para,), "tables": ((head, rows),)}
+    topo = plan.topology if plan.topology not in ("", "local") else f"local-cpu:{plan.world_size}"  # as plan_topology resolves it
+    return save_simulation(run_dir / SIMULATION_FILE, SimulationRecord(
+        result=sim, topology=topo + (" (calibrated link)" if calibrated else ""), cost_source=cost_source,
+        origin="pipetrain run: the plan as the executor runs it"))

@@ -41,11 +41,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipetrain.errors import ConfigError, InfeasibleError
-from pipetrain.planner.graph import LayerGraph
+from pipetrain.graph import LayerGraph
 
 __all__ = [
     "GiB", "ParamStateBytes", "StageMemory", "bytes_per_param", "activation_bytes_per_microbatch",
-    "block_activation_bytes", "loss_saved_bytes", "autocast_cast_params", "autocast_cast_params_per_node", "stage_input_bytes", "stage_output_bytes", "tied_extra_params", "stage_memory",
+    "block_activation_bytes", "loss_saved_bytes", "autocast_cast_params", "autocast_cast_params_per_node", "stage_input_bytes",
+    "stage_output_bytes", "tied_extra_params", "stage_memory",
     "check_stage_memory",
 ]
 

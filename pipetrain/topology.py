@@ -4,7 +4,7 @@ A topology is read from YAML (:func:`load_topology`) or built from a preset
 (:func:`topology_preset`); :func:`resolve_topology` takes either. The YAML schema::
 
     name: my-cluster                 # optional
-    device_types:                    # optional; built-in a100-80g, h100-sxm, h200-sxm (pipetrain.planner.hardware)
+    device_types:                    # optional; built-in a100-80g, h100-sxm, h200-sxm (pipetrain.hardware)
       my-gpu:
         kind: gpu                    # gpu | cpu
         peak_flops: {fp32: 19.5e+12, bf16: 312.0e+12, fp16: 312.0e+12}
@@ -39,10 +39,11 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -217,7 +218,8 @@ class NodeSpec:
         if not self.device_types:
             raise ConfigError(f"topology: node {self.name!r}: devices must list at least one device")
         if self.link.kind not in INTRA_LINK_KINDS:
-            raise ConfigError(f"topology: node {self.name!r}: link.kind {self.link.kind!r} is not an intra-node kind; choose one of {', '.join(INTRA_LINK_KINDS)}")
+            raise ConfigError(f"topology: node {self.name!r}: link.kind {self.link.kind!r} is not an intra-node kind; "
+                              f"choose one of {', '.join(INTRA_LINK_KINDS)}")
         if self.cores < 0:
             raise ConfigError(f"topology: node {self.name!r}: cores must be >= 0, got {self.cores}")
 
@@ -307,7 +309,7 @@ class Topology:
         return self.nodes[self.device(device).node].cores
 
     def describe(self) -> str:
-        kinds = {}
+        kinds: dict[str, int] = {}
         for d in self.devices:
             kinds[d.type.name] = kinds.get(d.type.name, 0) + 1
         parts = ", ".join(f"{n}x {k}" for k, n in kinds.items())
@@ -316,23 +318,10 @@ class Topology:
 
 def topology_preset(name: str) -> Topology:
     """A preset by name, e.g. ``"local-cpu:4"``, ``"dgx-h100:8"``, ``"mixed-a100-h100"`` (see
-    :mod:`pipetrain.planner.hardware` for the datasheet constants)."""
-    from pipetrain.planner.hardware import preset
+    :mod:`pipetrain.hardware` for the datasheet constants)."""
+    from pipetrain.hardware import preset
 
     return preset(name)
-
-
-_MOVED = ("BUILTIN_DEVICE_TYPES", "LOCAL_CPU_FLOPS_PER_CORE", "LOCAL_CPU_MEMORY_BANDWIDTH_BYTES_PER_S", "PRESETS",
-          "local_cpu_device_type", "NVLINK3", "NVLINK4", "HDR_IB", "NDR_IB", "LOOPBACK")
-
-
-def __getattr__(name: str) -> Any:
-    """The datasheet constants and preset builders live in :mod:`pipetrain.planner.hardware`."""
-    if name in _MOVED:
-        from pipetrain.planner import hardware
-
-        return getattr(hardware, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----- YAML ------------------------------------------------------------------------------------
@@ -409,7 +398,7 @@ def _nodes_from(i: int, d: Any, types: Mapping[str, DeviceType], offset: int) ->
 
 def _topology_from(data: Any, default_name: str) -> Topology:
     d = _mapping(data, "top level", ("name", "device_types", "nodes", "inter_node"), ("nodes",))
-    from pipetrain.planner.hardware import BUILTIN_DEVICE_TYPES
+    from pipetrain.hardware import BUILTIN_DEVICE_TYPES
 
     types = dict(BUILTIN_DEVICE_TYPES)
     user_types = d.get("device_types") or {}
@@ -429,7 +418,8 @@ def _topology_from(data: Any, default_name: str) -> Topology:
                       ("kind", "nic_bandwidth_bytes_per_s", "latency_s"))
         if nd["kind"] not in INTER_LINK_KINDS:
             raise ConfigError(f"topology: inter_node.kind {nd['kind']!r} is unknown; choose one of {', '.join(INTER_LINK_KINDS)}")
-        net = InterNodeLink(kind=nd["kind"], nic_bandwidth_bytes_per_s=_num(nd["nic_bandwidth_bytes_per_s"], "inter_node.nic_bandwidth_bytes_per_s", positive=True),
+        net = InterNodeLink(kind=nd["kind"],
+                            nic_bandwidth_bytes_per_s=_num(nd["nic_bandwidth_bytes_per_s"], "inter_node.nic_bandwidth_bytes_per_s", positive=True),
                             nics_per_node=_int(nd.get("nics_per_node", 1), "inter_node.nics_per_node", minimum=1),
                             latency_s=_num(nd["latency_s"], "inter_node.latency_s"))
     used = {t for n in nodes for t in n.device_types}
@@ -446,7 +436,7 @@ def load_topology(path_or_text: str | Path) -> Topology:
     p = Path(path_or_text) if isinstance(path_or_text, Path) or ("\n" not in str(path_or_text) and str(path_or_text).endswith((".yaml", ".yml"))) else None
     if p is not None:
         if not p.is_file():
-            from pipetrain.planner.hardware import PRESETS
+            from pipetrain.hardware import PRESETS
 
             raise ConfigError(f"topology file {str(p)!r} does not exist; give a YAML path or a preset ({', '.join(PRESETS)})")
         text = p.read_text()

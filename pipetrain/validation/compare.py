@@ -9,8 +9,8 @@ diverged, so an injected bug in one stage's gradient is pinned to that stage.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from pipetrain.errors import ConfigError
 
@@ -19,8 +19,8 @@ __all__ = ["Tolerances", "tolerances_for", "StageParamDiff", "Divergence", "Comp
 
 @dataclass(frozen=True, kw_only=True)
 class Tolerances:
-    """Stated tolerances. fp32 differs only by summation order (observed <= 1.2e-7, see
-    shared/notes/torch-pipelining-peer.md), so 1e-4 leaves room for 50+ AdamW steps; bf16 autocast
+    """Stated tolerances. fp32 differs only by summation order (the pipeline and a single
+    process sum micro-batch gradients in different orders), so 1e-4 leaves room for 50+ AdamW steps; bf16 autocast
     rounds every matmul to 8 bits of mantissa, so it gets 5e-2 on loss and grad norms."""
 
     loss_rtol: float
@@ -91,10 +91,12 @@ def compare_runs(*, pipeline_loss: Sequence[float], reference_loss: Sequence[flo
             bad = [s for s, (a, b) in enumerate(zip(gp, gr)) if not math.isfinite(a) or _rel(a, b) > tolerances.grad_norm_rtol]
             if bad:  # several stages off at once (e.g. through a tied weight): name the one off the most
                 s = max(bad, key=lambda k: (not math.isfinite(gp[k]), _rel(gp[k], gr[k]) if math.isfinite(gp[k]) else 0.0))
-                first = Divergence(step=i + 1, stage=s, what=f"stage {s} gradient norm {gp[s]:.6g} vs {gr[s]:.6g} single-device (rel {_rel(gp[s], gr[s]):.2e} > {tolerances.grad_norm_rtol:g})")
+                first = Divergence(step=i + 1, stage=s, what=f"stage {s} gradient norm {gp[s]:.6g} vs {gr[s]:.6g} single-device "
+                                                             f"(rel {_rel(gp[s], gr[s]):.2e} > {tolerances.grad_norm_rtol:g})")
                 break
         if not math.isfinite(pipeline_loss[i]) or rel_d[i] > tolerances.loss_rtol:
-            first = Divergence(step=i + 1, stage=None, what=f"loss {pipeline_loss[i]:.6g} vs {reference_loss[i]:.6g} single-device (rel {rel_d[i]:.2e} > {tolerances.loss_rtol:g})")
+            first = Divergence(step=i + 1, stage=None,
+                               what=f"loss {pipeline_loss[i]:.6g} vs {reference_loss[i]:.6g} single-device (rel {rel_d[i]:.2e} > {tolerances.loss_rtol:g})")
             break
     msgs: list[str] = []
     if first is not None:

@@ -4,28 +4,28 @@
 thread per rank, as the executor runs; or the GPU):
 
 * every block's forward and backward of each model at each micro-batch size
-  (:func:`pipetrain.planner.profile.profile_model`), the median of several rounds;
+  (:func:`pipetrain.calibration.profile.profile_model`), the median of several rounds;
 * on CPU, the host CPU time per point-to-point message: the executor on one rank and on two
-  (:func:`pipetrain.executor.overhead.measure_message_host_s`; the simulator holds a rank's core
+  (:func:`pipetrain.calibration.overhead.measure_message_host_s`; the simulator holds a rank's core
   that long per message sent or received);
 * the point-to-point latency and bandwidth of the backend in use (gloo on loopback, NCCL on
-  GPU) by ping-pong and a Hockney fit (:func:`pipetrain.executor.commprobe.probe_p2p`); on CPU
+  GPU) by ping-pong and a Hockney fit (:func:`pipetrain.calibration.commprobe.probe_p2p`); on CPU
   also the wake-up latency of a blocked receiver while every core computes
-  (:func:`pipetrain.executor.commprobe.probe_wakeup`), which the topology's node then carries,
+  (:func:`pipetrain.calibration.commprobe.probe_wakeup`), which the topology's node then carries,
   and with the cores idle, which sets the link's latency (:meth:`Calibration.pipeline_latency_s`);
 * on CPU, how fast a rank computes while ``k`` others of the node compute too (``k`` up to the
-  topology's ranks per node; :func:`pipetrain.executor.corun.probe_corun`), which the node
+  topology's ranks per node; :func:`pipetrain.calibration.corun.probe_corun`), which the node
   carries as ``corun_speed``, and what a wait costs the next action (cold caches;
-  :func:`pipetrain.executor.corun.probe_resume`; the node's ``resume_s``) and what another process
+  :func:`pipetrain.calibration.corun.probe_resume`; the node's ``resume_s``) and what another process
   running on its core meanwhile costs it (the node's ``switch_s``);
 * on CPU, the executor's own overhead over the profiled blocks: a one-rank executor run of each
-  model and shape (:mod:`pipetrain.executor.overhead`);
+  model and shape (:mod:`pipetrain.calibration.overhead`);
 * the optimizer step as the executor runs it (global-norm clipping, the update, zeroing the
   gradients) on the model's own parameters, fitted as ``fixed_s + per_param_s * params``
   (non-negative least squares);
 
 then fits the analytic roofline's factors to the block profiles with ``scipy.optimize``
-(:func:`pipetrain.planner.calibrate.fit_calibration`). :class:`Calibration` is the stored
+(:func:`pipetrain.calibration.fit.fit_calibration`). :class:`Calibration` is the stored
 result; :func:`calibrated_cost` turns it into a cost model (the profiled block times where a
 profile of that model and shape exists, the fitted analytic model elsewhere, the measured
 optimizer cost) and :func:`calibrated_topology` puts the measured link into the topology.
@@ -39,26 +39,28 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
+from pipetrain.calibration.commprobe import P2PCost, WakeupCost
+from pipetrain.calibration.corun import CoRunSpeed, ResumeCost, mean_corun
+from pipetrain.calibration.fit import CalibratedCostModel, CalibrationFit
+from pipetrain.calibration.overhead import MessageHostCost, RuntimeOverhead
+from pipetrain.calibration.profile import BlockProfile
+from pipetrain.costs import NodeTimes, StageCost, stage_from_node_times
 from pipetrain.errors import ConfigError
-from pipetrain.executor.commprobe import P2PCost, WakeupCost
-from pipetrain.executor.corun import CoRunSpeed, ResumeCost, mean_corun
-from pipetrain.executor.overhead import MessageHostCost, RuntimeOverhead
-from pipetrain.planner.calibrate import CalibratedCostModel, CalibrationFit
-from pipetrain.planner.costs import NodeTimes, stage_from_node_times, StageCost
-from pipetrain.planner.graph import LayerGraph
-from pipetrain.planner.profile import BlockProfile
-from pipetrain.planner.topology import DeviceType, Topology
+from pipetrain.graph import LayerGraph
 from pipetrain.serde import from_dict, median_merge, to_dict
+from pipetrain.topology import DeviceType, Topology
 
 __all__ = ["CALIBRATION_FILE_VERSION", "P2PCost", "OptimizerCost", "Calibration", "MeasuredCostModel",
-           "run_calibration", "combine_calibrations", "typical_profile", "describe", "measure_optimizer", "calibrated_cost", "calibrated_topology", "load_calibration",
-           "calibrated_for"]
+           "run_calibration", "combine_calibrations", "typical_profile", "describe", "measure_optimizer", "calibrated_cost",
+           "calibrated_topology", "load_calibration", "calibrated_for"]
 
-CALIBRATION_FILE_VERSION = 1
+#: 2: ``resume`` entries no longer carry ``slowdown``
+CALIBRATION_FILE_VERSION = 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,7 +134,7 @@ class Calibration:
     def optimizer_scale(self, model: str) -> float:
         """The executor's end of step in its own run over the adamw fit's prediction for the same
         parameters (median over the model's runtime entries; 1.0 when not measured). The fit times the
-        update in a loop; in a run it follows a backward pass (see :mod:`pipetrain.executor.overhead`)."""
+        update in a loop; in a run it follows a backward pass (see :mod:`pipetrain.calibration.overhead`)."""
         adamw = self.optimizer("adamw")
         ratios = [o.end_of_step_s / adamw.time_s(o.param_count) for o in self.runtime
                   if adamw is not None and o.model == model and o.end_of_step_s > 0 and o.param_count > 0]
@@ -140,16 +142,18 @@ class Calibration:
 
     def corun_speed(self) -> tuple[float, ...]:
         """The node's co-run speed table: per ``k``, the mean over the measured models and shapes
-        (they agree within the machine's noise here: 0.43-0.45 at k = 4 for tiny-gpt and the MLP)."""
+        (the models' tables agree within the machine's noise, so one table serves the node;
+        figures: benchmarks/RESULTS.md)."""
         return mean_corun(self.corun).speed if self.corun else ()
 
     def pipeline_latency_s(self) -> float:
         """The one-way latency of a message to a rank that has been blocked on it while its sender
         computed: on CPU the wake-up probe's one-way time with the cores idle and 2 ms of compute
-        between round trips, less the wire time (the receiver's core went idle, and on this
-        virtual machine its wake-up costs far more than a back-to-back ping-pong shows: 0.52-0.61 ms
-        against 63-69 us). Pipeline ranks receive that way; on the same measured runs the step MAPE
-        went from 20.6% to 14.6% and from 22.4% to 14.2%. Without a wake-up probe (GPU, --no-probe):
+        between round trips, less the wire time (the receiver's core went idle, and on a virtual
+        machine its wake-up can cost far more than a back-to-back ping-pong shows). Pipeline ranks
+        receive that way, and simulating with this latency instead of the ping-pong's predicted the
+        same measured runs' step times markedly better (figures: benchmarks/RESULTS.md). Without a
+        wake-up probe (GPU, --no-probe):
         the ping-pong fit's latency."""
         w = self.wakeup
         if w is None:
@@ -165,7 +169,7 @@ class Calibration:
         over the measured models (0: not measured)."""
         return min(0.5, statistics.median(r.switch_s for r in self.resume)) if self.resume else 0.0
 
-    def rescaled(self, factor: float) -> "Calibration":
+    def rescaled(self, factor: float) -> Calibration:
         """This calibration on a machine ``factor`` times slower: every measured CPU or device time
         (block profiles, optimizer fit, the executor's per-step and end-of-step times, host work per
         message, the co-run probe's time alone) times ``factor``; links, wake-up latency, co-run
@@ -209,9 +213,10 @@ class Calibration:
 def combine_calibrations(cals: Sequence[Calibration]) -> Calibration:
     """Several calibrations of the same topology, models and shapes (taken minutes apart) as one:
     every measured number is the median over them (:func:`pipetrain.serde.median_merge`), the
-    time taken their sum. Each run is a snapshot of a machine whose speed drifts (this one's
-    in-run cost of a tiny-gpt micro-batch ranged 9.6-11.6 ms over six calibrations, its host CPU
-    per message 170-425 us); the median of a few spread over time predicts better than any one."""
+    time taken their sum. Each run is a snapshot of a machine whose speed drifts (on a shared
+    machine the in-run cost of a micro-batch and the host CPU per message move between calibrations
+    minutes apart; figures: benchmarks/RESULTS.md); the median of a few spread over time predicts
+    better than any one."""
     if not cals:
         raise ConfigError("combine_calibrations needs at least one calibration")
     merged = median_merge(list(cals), "calibration", last=("created_utc",))
@@ -228,7 +233,7 @@ def load_calibration(path: str | Path) -> Calibration:
     except json.JSONDecodeError as exc:
         raise ConfigError(f"calibration file {p} is not valid JSON ({exc}): re-run `pipetrain calibrate`") from None
     if isinstance(data, dict) and data.get("schema_version") != CALIBRATION_FILE_VERSION:
-        raise ConfigError(f"calibration file {p} has version {data.get('schema_version')!r}, this pipetrain reads "
+        raise ConfigError(f"calibration file {p} has version {data.get('schema_version')!r}, this pipetrain reads version "
                           f"{CALIBRATION_FILE_VERSION}: re-run `pipetrain calibrate`")
     return from_dict(Calibration, data, where=f"calibration {p.name}")
 
@@ -264,6 +269,11 @@ class MeasuredCostModel(CalibratedCostModel):
         if not self._matches(device_type) or device_type.kind != "cpu":
             return 0.0
         return self.calibration.message_host_s(graph.model, graph.micro_batch_size, graph.seq_len)
+
+    def step_overhead_s(self, model: str, micro_batch_size: int, seq_len: int) -> float:
+        """The executor's measured per-step work besides the optimizer update, per rank (0: not measured)."""
+        rt = self.calibration.runtime_for(model, micro_batch_size, seq_len)
+        return rt.fixed_s if rt is not None and rt.fixed_s > 0 else 0.0
 
     def node_times(self, graph: LayerGraph, device_type: DeviceType) -> NodeTimes:
         prof = self.calibration.profile_for(graph) if self._matches(device_type) else None
@@ -375,10 +385,10 @@ def measure_optimizer(model: str | Sequence[str], optimizer: str, *, device: str
     finally:
         torch.set_num_threads(old)
     x = np.asarray(sizes, dtype=float)
-    t = np.asarray(secs)
-    w = 1.0 / t  # relative error: the small stage matters as much as the big one
+    y = np.asarray(secs)
+    w = 1.0 / y  # relative error: the small stage matters as much as the big one
     a = np.stack([np.ones_like(x), x], axis=1) * w[:, None]
-    res = lsq_linear(a, t * w, bounds=([0.0, 0.0], [np.inf, np.inf]))
+    res = lsq_linear(a, y * w, bounds=([0.0, 0.0], [np.inf, np.inf]))
     return OptimizerCost(optimizer=optimizer, fixed_s=float(res.x[0]), per_param_s=float(res.x[1]),
                          params=tuple(int(v) for v in sizes), seconds=tuple(float(v) for v in secs))
 
@@ -403,19 +413,19 @@ def run_calibration(topology: str, *, models: Sequence[str] = ("tiny-gpt",), mic
     """Measure and fit (module docstring). ``probe`` False skips the p2p probe (keeps the topology's link).
 
     Each block is profiled in ``rounds`` independent rounds (each the median of ``repeats``) and
-    the median over the rounds is kept (:func:`typical_profile`): this machine's speed wanders by
-    +-15% between windows of a few seconds even with nothing else running (a fixed workload's
-    0.25 s medians, sampled every 2.25 s for 90 s: 5.2 to 9.3 ms, lag-1 correlation 0.19), and the
-    runs it predicts see the typical speed, not the best moment (the smallest round, kept before,
-    made the simulation fast by about that much).
+    the median over the rounds is kept (:func:`typical_profile`): a machine's speed can wander
+    between windows of a few seconds even with nothing else running, with little correlation from
+    one window to the next (figures: benchmarks/RESULTS.md), and the runs it predicts see the
+    typical speed, not the best moment (the smallest round, kept before, made the simulation fast
+    by about that wander).
     ``shapes`` (model, micro-batch size) pairs replace ``models`` x ``micro_batch_sizes``.
     ``runtime`` runs the executor on one rank per shape to measure its overhead over the profile
-    (:mod:`pipetrain.executor.overhead`; CPU only here).
+    (:mod:`pipetrain.calibration.overhead`; CPU only here).
     """
-    from pipetrain.planner.calibrate import fit_calibration
-    from pipetrain.planner.profile import local_device_name, profile_model
-    from pipetrain.planner.topology import resolve_topology
+    from pipetrain.calibration.fit import fit_calibration
+    from pipetrain.calibration.profile import local_device_name, profile_model
     from pipetrain.planner.trace import trace_graph
+    from pipetrain.topology import resolve_topology
 
     say = progress or (lambda _msg: None)
     t_start = time.perf_counter()
@@ -454,7 +464,7 @@ def run_calibration(topology: str, *, models: Sequence[str] = ("tiny-gpt",), mic
         say(f"timing the {name} step on {', '.join(models)}'s parameters")
         opts.append(measure_optimizer(models, name, device=device, threads=threads))
     if probe:
-        from pipetrain.executor.commprobe import probe_p2p
+        from pipetrain.calibration.commprobe import probe_p2p
 
         say(f"probing {backend} point-to-point latency and bandwidth")
         p2p = probe_p2p(backend=backend)
@@ -463,13 +473,13 @@ def run_calibration(topology: str, *, models: Sequence[str] = ("tiny-gpt",), mic
         p2p = P2PCost(backend=backend, latency_s=link.latency_s, bandwidth_bytes_per_s=link.bandwidth_bytes_per_s)
     wakeup = None
     if probe and device == "cpu":
-        from pipetrain.executor.commprobe import probe_wakeup
+        from pipetrain.calibration.commprobe import probe_wakeup
 
         say(f"probing the wake-up latency of a blocked receiver with all {os.cpu_count() or 1} cores busy")
         wakeup = probe_wakeup(cores=os.cpu_count() or 1)
     corun, resume = [], []
     if probe and device == "cpu":
-        from pipetrain.executor.corun import probe_corun, probe_resume
+        from pipetrain.calibration.corun import probe_corun, probe_resume
 
         jobs = max(sum(1 for d in topo.devices if d.node == n) for n in range(len(topo.nodes)))
         for _g, prof in samples:
@@ -480,7 +490,7 @@ def run_calibration(topology: str, *, models: Sequence[str] = ("tiny-gpt",), mic
             resume.append(probe_resume(prof.model, micro_batch_size=prof.micro_batch_size, seq_len=prof.seq_len, threads=threads))
     overheads, messages = [], []
     if runtime and device == "cpu":
-        from pipetrain.executor.overhead import measure_message_host_s, measure_runtime_overhead
+        from pipetrain.calibration.overhead import measure_message_host_s, measure_runtime_overhead
 
         for _g, prof in samples:
             say(f"running the executor on one rank: {prof.model} micro-batch {prof.micro_batch_size}")
@@ -508,11 +518,11 @@ def describe(cal: Calibration) -> list[tuple[str, str]]:
         f = sum(b.fwd_s for b in p.blocks)
         b = sum(b.bwd_s for b in p.blocks)
         rows.append((f"{p.model} mbs {p.micro_batch_size} seq {p.seq_len}", f"F {f * 1e3:.3f} ms, B {b * 1e3:.3f} ms ({len(p.blocks)} blocks)"))
-    for o in cal.runtime:
-        rows.append((f"executor overhead {o.model} mbs {o.micro_batch_size}",
-                     f"x{o.factor:.3f} per micro-batch + {o.fixed_s * 1e3:.2f} ms per step; end of step {o.end_of_step_s * 1e3:.2f} ms "
-                     f"(one rank, m={o.num_microbatches[0]}, {o.num_microbatches[1]}: {o.measured_step_s[0] * 1e3:.1f}, "
-                     f"{o.measured_step_s[1] * 1e3:.1f} ms)"))
+    for ro in cal.runtime:
+        rows.append((f"executor overhead {ro.model} mbs {ro.micro_batch_size}",
+                     f"x{ro.factor:.3f} per micro-batch + {ro.fixed_s * 1e3:.2f} ms per step; end of step {ro.end_of_step_s * 1e3:.2f} ms "
+                     f"(one rank, m={ro.num_microbatches[0]}, {ro.num_microbatches[1]}: {ro.measured_step_s[0] * 1e3:.1f}, "
+                     f"{ro.measured_step_s[1] * 1e3:.1f} ms)"))
     for mc in cal.messages:
         rows.append((f"host CPU per message {mc.model} mbs {mc.micro_batch_size}",
                      f"{mc.host_s * 1e6:.0f} us (outside compute per step: one rank {mc.outside_one_rank_s * 1e3:.2f} ms, "
@@ -542,7 +552,7 @@ def calibrated_for(topology: str, path: str | Path, *, world_size: int = 1) -> t
     ``topology`` is a preset or YAML path (``local``/empty: ``local-cpu:world_size``); it must
     contain the calibrated device type.
     """
-    from pipetrain.planner.topology import resolve_topology
+    from pipetrain.topology import resolve_topology
 
     cal = load_calibration(path)
     topo = resolve_topology(topology if topology not in ("", "local") else f"local-cpu:{world_size}")

@@ -1,6 +1,6 @@
 """Hardware presets: datasheet constants of GPUs, links and networks, and this machine's CPU.
 
-:func:`preset` builds the topologies that :func:`pipetrain.planner.topology.topology_preset`
+:func:`preset` builds the topologies that :func:`pipetrain.topology.topology_preset`
 names: ``local-cpu:N`` (detected from this machine), ``dgx-a100-80g:NODES``,
 ``dgx-h100:NODES``, ``h200:NODES`` and the heterogeneous ``mixed-a100-h100``. torch-free.
 """
@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from pipetrain.errors import ConfigError
-from pipetrain.planner.topology import GiB, DeviceType, InterNodeLink, Link, NodeSpec, Topology
+from pipetrain.topology import DeviceType, GiB, InterNodeLink, Link, NodeSpec, Topology
 
 __all__ = [
     "BUILTIN_DEVICE_TYPES", "NVLINK3", "NVLINK4", "HDR_IB", "NDR_IB", "LOOPBACK", "LOCAL_CPU_FLOPS_PER_CORE",
@@ -22,7 +22,7 @@ __all__ = [
 # Datasheet constants. Peak FLOP/s are dense (no 2:4 sparsity). Bandwidths are per direction.
 # Default efficiency 0.5 of peak FLOP/s: Narayanan et al. 2021 (Megatron-LM, SC'21) sustain
 # 44-52% of A100 peak on GPT models; memory_efficiency 0.8 of datasheet HBM bandwidth is what
-# STREAM-like kernels reach. Both are refined by calibration (pipetrain.planner.calibrate).
+# STREAM-like kernels reach. Both are refined by calibration (pipetrain.calibration.fit).
 # HBM capacities: datasheets say "80GB"/"141GB"; HBM stacks are binary, so bytes = N * GiB
 # (nvidia-smi shows slightly less usable, e.g. 81559 MiB on H100; the planner keeps headroom).
 # ---------------------------------------------------------------------------------------------
@@ -127,7 +127,8 @@ def preset(name: str) -> Topology:
     """A preset by name, e.g. ``"local-cpu:4"``, ``"dgx-h100:8"``, ``"mixed-a100-h100"``."""
     base, _, count_text = str(name).partition(":")
     if base not in PRESETS:
-        raise ConfigError(f"unknown topology preset {name!r}; presets: {', '.join(f'{k}:N' if k != 'mixed-a100-h100' else k for k in PRESETS)}, or a YAML file path")
+        presets = ", ".join(f"{k}:N" if k != "mixed-a100-h100" else k for k in PRESETS)
+        raise ConfigError(f"unknown topology preset {name!r}; presets: {presets}, or a YAML file path")
     builder, default, meaning = PRESETS[base]
     if base == "mixed-a100-h100":
         if count_text:

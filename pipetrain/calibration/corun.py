@@ -4,9 +4,9 @@ The block profile times a model alone on an idle machine. In a pipeline on a CPU
 rank is a process, and while ``k`` of them compute at once each gets less than a whole core's
 worth of work done: beyond ``k > cores`` the OS time-slices them (the fluid share
 ``cores / k``), and at any ``k`` they contend for the shared caches, memory bandwidth and, on
-a virtual machine, the host's scheduling of its virtual CPUs. On this 2-core machine two
-processes running the same matmul loop each ran at 0.88-1.04 of their speed alone, and four
-at 0.42-0.48 (not 0.5), over three minutes.
+a virtual machine, the host's scheduling of its virtual CPUs. So a rank's speed is neither 1
+below ``cores`` nor the fair share ``cores / k`` above it, and it drifts: it has to be measured,
+repeatedly (figures: benchmarks/RESULTS.md).
 
 :func:`probe_corun` measures that directly: ``max_jobs`` spawned processes each build the
 model and run its forward and backward (one micro-batch, all blocks, one thread) back to back;
@@ -18,24 +18,25 @@ at ``speed[k - 1]`` of full speed (:class:`pipetrain.simulator.ComputeGroup`); t
 node carries the table (``corun_speed``).
 
 :func:`probe_resume` measures what a wait costs the next action: a pipeline rank that blocks on
-a message leaves its core idle, the core's caches go cold (on this virtual machine the host runs
+a message leaves its core idle, the core's caches go cold (on a virtual machine the host may run
 other work there), and the action it then runs is slower than the same action back to back. It
 alternates, in one process, a forward and backward right after another with one after sleeping
 ``gap_s`` and one right after another process ran the same blocks on the same core (both pinned
 to it). The differences of the medians are the node's ``resume_s`` and ``switch_s``: fixed costs,
-not factors. Here, pinned pairs of tiny-gpt blocks: after the other process, +0.37 ms for the
-embedding (0.15 ms hot), +0.54 ms for one transformer block (2.3 ms), +0.34 ms for the whole model
-(10 ms); after 3 ms of sleep, +0.18, +0.24 and +0.19 ms. In a 4-rank 1F1B pipeline on 2 cores each
-action's thread CPU time was 0.17-0.41 ms above its profile (median 0.25 ms), in GPipe (whose
-actions mostly follow one another without a wait) 0-0.25 ms (median 0.09 ms).
+not factors: the extra time measured this way is about the same for an embedding, one
+transformer block and a whole model, whose own times differ many times over, and the
+thread CPU time of a pipeline's actions sits above their profile by about that much where they
+follow a wait (1F1B) and by less where they mostly follow one another (GPipe)
+(figures: benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from pipetrain.errors import ConfigError, RunError
 
@@ -74,7 +75,7 @@ def _job(model: str, micro_batch_size: int, seq_len: int | None, threads: int, c
     if core is not None:
         os.sched_setaffinity(0, {core})
     torch.set_num_threads(threads)
-    from pipetrain.planner.profile import _Setup
+    from pipetrain.calibration.profile import _Setup
 
     s = _Setup(model, micro_batch_size, seq_len, "fp32", "cpu", 0)
     end = blocks or s.n
@@ -125,7 +126,7 @@ class CoRunProbe:
         self._pipes: list[Any] = []
         self._procs: list[Any] = []
 
-    def __enter__(self) -> "CoRunProbe":
+    def __enter__(self) -> CoRunProbe:
         import multiprocessing
 
         ctx = multiprocessing.get_context("spawn")
@@ -208,8 +209,7 @@ def mean_corun(measurements: Sequence[CoRunSpeed]) -> CoRunSpeed:
 class ResumeCost:
     """Median forward+backward of the first half of a model's blocks right after another (``hot_s``),
     after ``gap_s`` of sleep (``cold_s``) and right after another process ran the same on the same
-    core (``after_other_s``; 0: not measured, e.g. where processes cannot be pinned to a core).
-    ``slowdown`` is the median of the paired ratios cold / hot."""
+    core (``after_other_s``; 0: not measured, e.g. where processes cannot be pinned to a core)."""
 
     model: str
     micro_batch_size: int
@@ -217,14 +217,12 @@ class ResumeCost:
     gap_s: float
     hot_s: float
     cold_s: float
-    slowdown: float
     pairs: int
     after_other_s: float = 0.0
 
     def __post_init__(self) -> None:
-        if not (self.gap_s > 0 and self.hot_s > 0 and self.cold_s > 0 and self.slowdown > 0 and self.pairs >= 1
-                and self.after_other_s >= 0):
-            raise ConfigError(f"resume cost of {self.model}: times, slowdown and pairs must be > 0 (after_other_s >= 0)")
+        if not (self.gap_s > 0 and self.hot_s > 0 and self.cold_s > 0 and self.pairs >= 1 and self.after_other_s >= 0):
+            raise ConfigError(f"resume cost of {self.model}: times and pairs must be > 0 (after_other_s >= 0)")
 
     @property
     def resume_s(self) -> float:
@@ -260,7 +258,7 @@ def probe_resume(model: str, *, micro_batch_size: int, seq_len: int | None = Non
 
     import torch
 
-    from pipetrain.planner.profile import _Setup
+    from pipetrain.calibration.profile import _Setup
 
     if pairs < 1 or not gap_s > 0:
         raise ConfigError(f"resume probe needs pairs >= 1 and gap_s > 0, got {pairs}, {gap_s}")
@@ -308,5 +306,5 @@ def probe_resume(model: str, *, micro_batch_size: int, seq_len: int | None = Non
             if proc.is_alive():
                 proc.kill()
     return ResumeCost(model=model, micro_batch_size=micro_batch_size, seq_len=s.seq_len, gap_s=gap_s, hot_s=statistics.median(hot),
-                      cold_s=statistics.median(cold), slowdown=statistics.median(c / h for c, h in zip(cold, hot)), pairs=pairs,
+                      cold_s=statistics.median(cold), pairs=pairs,
                       after_other_s=statistics.median(other) if other else 0.0)

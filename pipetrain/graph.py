@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import networkx as nx
 
@@ -201,7 +202,7 @@ class LayerGraph:
         return d
 
     @classmethod
-    def from_dict(cls, data: Any) -> "LayerGraph":
+    def from_dict(cls, data: Any) -> LayerGraph:
         if not isinstance(data, dict):
             raise ConfigError("layer graph JSON must be a mapping")
         data = dict(data)
@@ -217,13 +218,13 @@ class LayerGraph:
         return json.dumps(self.to_dict(), indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> "LayerGraph":
+    def from_json(cls, text: str) -> LayerGraph:
         return cls.from_dict(parse_json(text, what="layer graph file"))
 
     def save(self, path: str | Path) -> Path:
         return write_text_atomic(path, self.to_json())
 
     @classmethod
-    def load(cls, path: str | Path) -> "LayerGraph":
+    def load(cls, path: str | Path) -> LayerGraph:
         return cls.from_json(read_text_or_error(path, what="layer graph",
                                                 hint=f"write one with `pipetrain graph MODEL --json {Path(path).name}`"))

@@ -3,8 +3,8 @@
 :func:`validate_run` reads ``RUN_DIR`` (``plan.json``, ``run_config.json``, ``result.json``, the
 per-stage gradient norms in ``telemetry/rank*.jsonl`` and the final per-stage weights in
 ``final/rank*.pt`` or the last checkpoint), trains the same model on one device with the same
-data, seed, micro-batching and steps (:func:`~pipetrain.executor.reference.reference_run`), and
-compares them with :func:`~pipetrain.executor.compare.compare_runs` against the plan's dtype
+data, seed, micro-batching and steps (:func:`~pipetrain.validation.reference.reference_run`), and
+compares them with :func:`~pipetrain.validation.compare.compare_runs` against the plan's dtype
 tolerances. The verdict, every per-step number and the honest throughput ratio go to
 ``RUN_DIR/validation.json``; a failure names the first step and the stage that diverged.
 """
@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pipetrain.errors import RunError
 from pipetrain.plan import Plan
@@ -149,7 +150,7 @@ def _final_stage_states(art: RunArtifacts) -> dict[int, list[dict[str, Any]]]:
 
 
 def _param_diffs(stage_states: dict[int, list[dict[str, Any]]], ref_state: dict[str, Any], num_stages: int) -> list[Any]:
-    from pipetrain.executor.compare import StageParamDiff
+    from pipetrain.validation.compare import StageParamDiff
 
     diffs = []
     for s in range(num_stages):
@@ -185,8 +186,8 @@ def validate_run(run_dir: str | Path, *, progress: Callable[[str], None] | None 
     """Train the single-device reference for the run in ``run_dir`` and compare (module docstring)."""
     import time
 
-    from pipetrain.executor.compare import compare_runs, tolerances_for
-    from pipetrain.executor.reference import reference_run
+    from pipetrain.validation.compare import compare_runs, tolerances_for
+    from pipetrain.validation.reference import reference_run
 
     say = progress or (lambda _msg: None)
     art = load_run(run_dir)

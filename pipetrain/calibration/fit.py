@@ -3,7 +3,7 @@
 :func:`fit_calibration` takes (layer graph, block profile) pairs measured on one device type,
 and/or :class:`StageObservation` s (a stage's measured F and B times from a real pipeline run),
 and fits, with ``scipy.optimize.least_squares`` (bounded trust-region reflective), the
-factors of :class:`~pipetrain.planner.costs.AnalyticParams`:
+factors of :class:`~pipetrain.costs.AnalyticParams`:
 
 * a compute efficiency per node kind ("transformer", "embedding", "head", ...), or one for
   all kinds with ``per_kind=False``;
@@ -14,7 +14,7 @@ factors of :class:`~pipetrain.planner.costs.AnalyticParams`:
 The residuals are ``log(predicted / measured)`` of every distinctly measured block's forward
 and backward, so a block of 50 us weighs as much as one of 50 ms. The fit is stored as JSON
 (:class:`CalibrationFit`) with the mean absolute relative error before and after, and
-:class:`CalibratedCostModel` answers the :class:`~pipetrain.planner.costs.CostModel`
+:class:`CalibratedCostModel` answers the :class:`~pipetrain.costs.CostModel`
 interface with it (the analytic defaults for device types it has no fit for). torch-free.
 """
 
@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+from pipetrain.calibration.profile import BlockProfile
+from pipetrain.costs import AnalyticCostModel, AnalyticParams, analytic_node_times
 from pipetrain.errors import ConfigError
-from pipetrain.planner.costs import AnalyticCostModel, AnalyticParams, analytic_node_times
-from pipetrain.planner.graph import LayerGraph
-from pipetrain.planner.profile import BlockProfile
-from pipetrain.planner.topology import DeviceType
+from pipetrain.graph import LayerGraph
 from pipetrain.serde import from_dict, parse_json, read_text_or_error, to_dict, write_text_atomic
+from pipetrain.topology import DeviceType
 
 __all__ = ["CALIBRATION_SCHEMA_VERSION", "CalibrationFit", "StageObservation", "CalibratedCostModel", "fit_calibration", "relative_errors",
            "mean_abs_relative_error", "resolve_cost_model"]
@@ -70,19 +71,19 @@ class CalibrationFit:
         return json.dumps(to_dict(self), indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> "CalibrationFit":
+    def from_json(cls, text: str) -> CalibrationFit:
         data = parse_json(text, what="calibration file")
         fit = from_dict(cls, data, where="calibration")
         if fit.schema_version != CALIBRATION_SCHEMA_VERSION:
             raise ConfigError(f"calibration schema_version {fit.schema_version} is not supported; re-run the calibration")
-        fit.params  # validates the factors
+        _ = fit.params  # validates the factors
         return fit
 
     def save(self, path: str | Path) -> Path:
         return write_text_atomic(path, self.to_json())
 
     @classmethod
-    def load(cls, path: str | Path) -> "CalibrationFit":
+    def load(cls, path: str | Path) -> CalibrationFit:
         return cls.from_json(read_text_or_error(path, what="calibration", hint="write one with `pipetrain calibrate`"))
 
 
@@ -112,9 +113,11 @@ def _check_pair(graph: LayerGraph, prof: BlockProfile) -> None:
 
 
 def relative_errors(samples: Sequence[tuple[LayerGraph, BlockProfile]], device_type: DeviceType,
-                    params: AnalyticParams = AnalyticParams(), observations: Sequence[StageObservation] = ()) -> list[float]:
+                    params: AnalyticParams | None = None, observations: Sequence[StageObservation] = ()) -> list[float]:
     """(pred - measured) / measured for every distinctly measured block's forward and backward,
-    then for every observed stage's forward and backward."""
+    then for every observed stage's forward and backward (``params`` default: the device type's own)."""
+    if params is None:
+        params = AnalyticParams()
     out: list[float] = []
     for graph, prof in samples:
         _check_pair(graph, prof)
@@ -127,11 +130,11 @@ def relative_errors(samples: Sequence[tuple[LayerGraph, BlockProfile]], device_t
                     out.append((pred - meas) / meas)
     times: dict[int, Any] = {}
     for ob in observations:
-        t = times.get(id(ob.graph))
-        if t is None:
-            t = times[id(ob.graph)] = analytic_node_times(ob.graph, device_type, params)
-        out.append((sum(t.fwd_s[ob.start:ob.end]) - ob.fwd_s) / ob.fwd_s)
-        out.append((sum(t.bwd_s[ob.start:ob.end]) - ob.bwd_s) / ob.bwd_s)
+        nt = times.get(id(ob.graph))
+        if nt is None:
+            nt = times[id(ob.graph)] = analytic_node_times(ob.graph, device_type, params)
+        out.append((sum(nt.fwd_s[ob.start:ob.end]) - ob.fwd_s) / ob.fwd_s)
+        out.append((sum(nt.bwd_s[ob.start:ob.end]) - ob.bwd_s) / ob.bwd_s)
     return out
 
 
@@ -190,13 +193,13 @@ def fit_calibration(samples: Sequence[tuple[LayerGraph, BlockProfile]], device_t
         if best is None or res.cost < best.cost:
             best = res
     assert best is not None
-    p = params_of(best.x)
-    after = relative_errors(samples, device_type, p, observations)
-    return CalibrationFit(device_type=device_type.name, dtype=dtypes.pop(), efficiency_by_kind=dict(p.efficiency_by_kind),
-                          default_efficiency=float(p.default_efficiency or device_type.efficiency),
-                          bwd_efficiency_scale=p.bwd_efficiency_scale, memory_efficiency=float(p.memory_efficiency or 0.8),
-                          overhead_fwd_s=p.overhead_fwd_s, overhead_bwd_s=p.overhead_bwd_s,
-                          overhead_fwd_by_kind=dict(p.overhead_fwd_by_kind), overhead_bwd_by_kind=dict(p.overhead_bwd_by_kind),
+    fitted = params_of(best.x)
+    after = relative_errors(samples, device_type, fitted, observations)
+    return CalibrationFit(device_type=device_type.name, dtype=dtypes.pop(), efficiency_by_kind=dict(fitted.efficiency_by_kind),
+                          default_efficiency=float(fitted.default_efficiency or device_type.efficiency),
+                          bwd_efficiency_scale=fitted.bwd_efficiency_scale, memory_efficiency=float(fitted.memory_efficiency or 0.8),
+                          overhead_fwd_s=fitted.overhead_fwd_s, overhead_bwd_s=fitted.overhead_bwd_s,
+                          overhead_fwd_by_kind=dict(fitted.overhead_fwd_by_kind), overhead_bwd_by_kind=dict(fitted.overhead_bwd_by_kind),
                           error_before=mean_abs_relative_error(before), error_after=mean_abs_relative_error(after),
                           num_samples=len(after),
                           sources=tuple(prof.key for _, prof in samples) + tuple(f"{o.graph.model}[{o.start},{o.end})" for o in observations))
@@ -216,7 +219,7 @@ class CalibratedCostModel(AnalyticCostModel):
         self.fits = tuple(fits)
 
     @classmethod
-    def load(cls, *paths: str | Path) -> "CalibratedCostModel":
+    def load(cls, *paths: str | Path) -> CalibratedCostModel:
         return cls([CalibrationFit.load(p) for p in paths])
 
 
@@ -233,7 +236,7 @@ def resolve_cost_model(spec: str = "analytic", *, graph: LayerGraph | None = Non
     if kind == "profiled" and not arg:
         if graph is None:
             raise ConfigError("cost model 'profiled' needs the layer graph (model and micro-batch shape) to profile")
-        from pipetrain.planner.profile import ProfiledCostModel, load_or_profile
+        from pipetrain.calibration.profile import ProfiledCostModel, load_or_profile
 
         return ProfiledCostModel(load_or_profile(graph.model, micro_batch_size=graph.micro_batch_size, seq_len=graph.seq_len,
                                                  dtype=graph.dtype, device=device, threads=threads, cache_dir=cache_dir))

@@ -47,10 +47,9 @@ def _run(plan: Plan, *, steps: int, dataset: str, lr: float, weight_decay: float
     import torch
 
     from pipetrain.executor.comm import torch_dtype
-    from pipetrain.executor.data import BatchSampler, make_source
-    from pipetrain.executor.optim import OptimConfig, clip_coefficient, make_optimizer, squared_norms, unique_params
+    from pipetrain.executor.data import BatchSampler, batch_tensor, make_source
+    from pipetrain.executor.optim import OptimConfig, clip_coefficient, grad_of, make_optimizer, squared_norms, unique_params
     from pipetrain.executor.stage import build_meta, load_spec, materialize_blocks, stage_modules, vocab_size_of
-    from pipetrain.executor.worker import _batch
 
     spec = load_spec(plan.model)
     model = build_meta(spec)
@@ -86,9 +85,9 @@ def _run(plan: Plan, *, steps: int, dataset: str, lr: float, weight_decay: float
                 p.grad = None
             lsum = torch.zeros((), dtype=torch.float32)
             for ids in idx[d]:
-                x = _batch(source.inputs, ids, dev)
-                y = _batch(source.targets, ids, dev)
-                for s, st in enumerate(plan.stages):
+                x = batch_tensor(source.inputs, ids, dev)
+                y = batch_tensor(source.targets, ids, dev)
+                for s in range(len(plan.stages)):
                     if autocast is not None:
                         with torch.autocast(dev.type, dtype=autocast):
                             x = stages[s](x)
@@ -114,7 +113,7 @@ def _run(plan: Plan, *, steps: int, dataset: str, lr: float, weight_decay: float
                 c.grad = g.clone()
         not_owned = {id(c) for copies in tie_copies for c in copies[1:]}
         owned = [p for p in params if id(p) not in not_owned]
-        sqs = dict(zip((id(p) for p in owned), squared_norms([p.grad.detach() for p in owned])))
+        sqs = dict(zip((id(p) for p in owned), squared_norms([grad_of(p).detach() for p in owned])))
         norm = float(torch.tensor([sum(sqs.values())], dtype=torch.float64).sqrt())
         seen = set(not_owned)
         per_stage = []
@@ -129,7 +128,7 @@ def _run(plan: Plan, *, steps: int, dataset: str, lr: float, weight_decay: float
         coef = clip_coefficient(norm, clip_norm)
         if coef < 1.0:
             for p in params:
-                p.grad.mul_(coef)
+                grad_of(p).mul_(coef)
         opt.step()
         tot = replica_loss[0]
         for d in range(1, dp):

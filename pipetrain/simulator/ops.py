@@ -14,26 +14,42 @@ Skeleton op tuples:
   action (B, or W when the backward is split).
 * ``(SEND, stage, microbatch, message, link_slot)`` and ``(RECV, stage, microbatch, message, link_slot)``,
   ``link_slot = 2·boundary + (0 forward, 1 backward)``; ``message`` pairs a SEND with its RECV.
+* ``(POST, stage, microbatch, message, link_slot)``: the receive of ``message`` is posted (a buffer
+  of the stage's pool taken), where the lowered program (:func:`pipetrain.program.lower_ops`)
+  posts it; a transfer starts only once its receive is posted. :func:`posted_skeleton` adds them.
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from pipetrain.errors import ScheduleError
+from pipetrain.program import POST as _POST_VERB
+from pipetrain.program import lower_ops
+from pipetrain.program.spec import SimInput, ring_allreduce_time_s
 from pipetrain.schedules import Schedule
-from pipetrain.simulator.model import SimInput, ring_allreduce_time_s
 from pipetrain.simulator.sharing import shared_finish_times
 
-__all__ = ["COMPUTE", "SEND", "RECV", "EventTuple", "Tables", "check_comms", "skeleton", "tables", "end_of_step"]
+__all__ = ["COMPUTE", "SEND", "RECV", "POST", "EventTuple", "Tables", "check_comms", "skeleton", "posted_skeleton", "tables",
+           "end_of_step", "drop_when_collected"]
 
-COMPUTE, SEND, RECV = 0, 1, 2
+COMPUTE, SEND, RECV, POST = 0, 1, 2, 3
 #: (stage, rank, kind, microbatch, start_s, end_s, bytes)
 EventTuple = tuple[int, int, str, int, float, float, int]
 _KIND_SLOT = {"F": 0, "B": 1, "W": 2}
 
 _CACHE: dict[int, tuple[weakref.ref, tuple[tuple[tuple, ...], ...]]] = {}
+
+
+def drop_when_collected(cache: dict[Any, Any], key: Any) -> Callable[[weakref.ref], None]:
+    """A weakref callback removing ``cache[key]`` once its schedule is garbage-collected (caches keyed by ``id``)."""
+    def drop(_ref: weakref.ref) -> None:
+        cache.pop(key, None)
+
+    return drop
 
 
 def check_comms(sched: Schedule) -> None:
@@ -78,8 +94,52 @@ def skeleton(sched: Schedule) -> tuple[tuple[tuple, ...], ...]:
         out.append(tuple(ops))
     result = tuple(out)
     key = id(sched)
-    _CACHE[key] = (weakref.ref(sched, lambda _r, k=key: _CACHE.pop(k, None)), result)
+    _CACHE[key] = (weakref.ref(sched, drop_when_collected(_CACHE, key)), result)
     return result
+
+
+_POSTED: dict[tuple[int, tuple[int, ...]], tuple[weakref.ref, tuple[tuple[tuple, ...], ...]]] = {}
+
+
+def posted_skeleton(sched: Schedule, buffers: tuple[int | None, ...]) -> tuple[tuple[tuple, ...], ...]:
+    """:func:`skeleton` with the receive posts of the lowered program inserted (``buffers[s]`` None:
+    the stage has a buffer for every receive, all posted at the start); cached per schedule and buffers."""
+    unlimited = 1 << 30
+    slots = tuple(unlimited if b is None else int(b) for b in buffers)
+    key = (id(sched), slots)
+    hit = _POSTED.get(key)
+    if hit is not None and hit[0]() is sched:
+        return hit[1]
+    from pipetrain.program.catalog import pool_sizes
+
+    act, grad = pool_sizes(sched, list(slots))
+    base = skeleton(sched)
+    out = []
+    for r, prog in enumerate(lower_ops(sched, act, grad)):
+        ops: list[tuple] = []
+        i = 0
+        for op in prog:
+            if op.verb == _POST_VERB:
+                recv = base[r][_index_of(sched, r, op.action)]
+                ops.append((POST, *recv[1:]))
+            else:
+                ops.append(base[r][i])
+                i += 1
+        out.append(tuple(ops))
+    result = tuple(out)
+    _POSTED[key] = (weakref.ref(sched, drop_when_collected(_POSTED, key)), result)
+    return result
+
+
+def _index_of(sched: Schedule, rank: int, action: object) -> int:
+    idx = _ACTION_INDEX.get(id(sched))
+    if idx is None or idx[0]() is not sched:
+        idx = (weakref.ref(sched), [{a: i for i, a in enumerate(acts)} for acts in sched.actions])
+        _ACTION_INDEX[id(sched)] = idx
+    return idx[1][rank][action]
+
+
+_ACTION_INDEX: dict[int, tuple[weakref.ref, list[dict]]] = {}
 
 
 @dataclass(frozen=True)
@@ -91,26 +151,24 @@ class Tables:
     wire: list[float]
     latency: list[float]
     nbytes: list[int]
-    senders: dict[str, set[int]]  # link name -> pipeline ranks that send on it
 
 
 def tables(inp: SimInput) -> Tables:
-    sched, split = inp.schedule, inp.schedule.split_backward
+    split = inp.schedule.split_backward
     dur = [spec.duration_s(k, split) for spec in inp.stages for k in ("F", "B", "W")]
     link: list[str] = []
     wire: list[float] = []
     lat: list[float] = []
     nbytes: list[int] = []
-    senders: dict[str, set[int]] = {}
-    for s, b in enumerate(inp.boundaries):
-        for lk, n, src in ((b.link, b.fwd_bytes, s), (b.bwd_link, b.bwd_bytes, s + 1)):
+    for b in inp.boundaries:
+        bwd = b.bwd_link
+        assert bwd is not None  # BoundarySpec.__post_init__ sets it
+        for lk, n in ((b.link, b.fwd_bytes), (bwd, b.bwd_bytes)):
             link.append(lk.name)
             wire.append(lk.wire_time_s(n))
             lat.append(lk.latency_s)
             nbytes.append(int(n))
-            if sched.stage_to_rank[s] != sched.stage_to_rank[s + 1]:
-                senders.setdefault(lk.name, set()).add(sched.stage_to_rank[src])
-    return Tables(dur=dur, link=link, wire=wire, latency=lat, nbytes=nbytes, senders=senders)
+    return Tables(dur=dur, link=link, wire=wire, latency=lat, nbytes=nbytes)
 
 
 def end_of_step(inp: SimInput, rank_end_s: list[float], grad_start_s: list[float],

@@ -4,8 +4,8 @@ of transfers, on one device type. torch-free.
 One interface (:class:`CostModel`), three grades:
 
 * :class:`AnalyticCostModel` (here): a roofline per layer-graph node;
-* :class:`~pipetrain.planner.profile.ProfiledCostModel`: per-block times measured with torch;
-* :class:`~pipetrain.planner.calibrate.CalibratedCostModel`: the analytic model with its
+* :class:`~pipetrain.calibration.profile.ProfiledCostModel`: per-block times measured with torch;
+* :class:`~pipetrain.calibration.fit.CalibratedCostModel`: the analytic model with its
   efficiency factors and per-node overheads fitted to profiles (``scipy.optimize``).
 
 Conventions of :class:`StageCost`: ``t_bwd_s`` is the whole backward pass (input gradient and
@@ -32,13 +32,14 @@ Formulas (pure functions below, each citing its source):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from pipetrain.errors import ConfigError
-from pipetrain.planner.graph import LayerGraph, Node
-from pipetrain.planner.memory import stage_input_bytes
-from pipetrain.planner.topology import DeviceType, Link
+from pipetrain.graph import LayerGraph, Node
+from pipetrain.memory import stage_input_bytes
+from pipetrain.topology import DeviceType, Link
 
 __all__ = [
     "NodeTimesCostModel",
@@ -230,7 +231,7 @@ class _NodeTimeCache:
     def __init__(self) -> None:
         self._cache: dict[tuple[int, DeviceType], tuple[LayerGraph, NodeTimes]] = {}
 
-    def get(self, graph: LayerGraph, device_type: DeviceType, compute) -> NodeTimes:  # type: ignore[no-untyped-def]
+    def get(self, graph: LayerGraph, device_type: DeviceType, compute: Callable[[LayerGraph, DeviceType], NodeTimes]) -> NodeTimes:
         key = (id(graph), device_type)
         hit = self._cache.get(key)
         if hit is None or hit[0] is not graph:

@@ -1,0 +1,51 @@
+"""Test hooks of the executor, switched on by environment variables (off, None, when unset).
+
+* ``PIPETRAIN_FAULT=rank:step:action:raise|kill``: :func:`fault_hook` fails that rank mid-step.
+* ``PIPETRAIN_INJECT_GRAD_SCALE=stage:factor``: :func:`grad_scale_hook` scales that stage's
+  gradients after every backward (a deliberately broken pipeline, for validation tests).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["fault_hook", "grad_scale_hook"]
+
+
+def fault_hook(rank: int) -> Callable[[int, int], None] | None:
+    """Test hook: ``PIPETRAIN_FAULT=rank:step:action:raise|kill`` fails that rank mid-step."""
+    spec = os.environ.get("PIPETRAIN_FAULT", "")
+    if not spec:
+        return None
+    r, st, act, mode = spec.split(":")
+    if int(r) != rank:
+        return None
+
+    def hook(step: int, n_action: int) -> None:
+        if step == int(st) and n_action == int(act):
+            if mode == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError(f"injected fault at step {step}, action {n_action}")
+
+    return hook
+
+
+def grad_scale_hook() -> Callable[[int, dict[int, Any]], None] | None:
+    """Validation test hook: ``PIPETRAIN_INJECT_GRAD_SCALE=stage:factor`` multiplies that stage's
+    gradients by ``factor`` after every backward (a deliberately broken pipeline)."""
+    spec = os.environ.get("PIPETRAIN_INJECT_GRAD_SCALE", "")
+    if not spec:
+        return None
+    stage_text, _, factor_text = spec.partition(":")
+    stage, factor = int(stage_text), float(factor_text)
+
+    def hook(step: int, modules: dict[int, Any]) -> None:
+        if stage in modules:
+            for p in modules[stage].parameters():
+                if p.grad is not None:
+                    p.grad.mul_(factor)
+
+    return hook

@@ -1,0 +1,51 @@
+"""pipetrain.program: the one torch-free lowering of a plan into what is simulated and run.
+
+- :func:`lower` (:mod:`.lower`): Plan + topology + cost model -> :class:`Program`: the schedule
+  with its SEND/RECV actions, each rank's operations with its receive posts (prefetch) and waits,
+  and the simulator's input. :func:`lower_schedule` lowers a bare schedule.
+- :mod:`.spec`: what the simulator is told (:class:`SimInput`, :class:`StageSpec`, :class:`Link`, ...).
+- :mod:`.catalog`: the runnable and auto-chosen schedules, in-flight counts and receive pools.
+"""
+
+from __future__ import annotations
+
+from pipetrain.program.catalog import (
+    AUTO_SCHEDULES,
+    AUTO_SCHEDULES_CPU,
+    RUNNABLE_SCHEDULES,
+    auto_schedules,
+    held_in_flight,
+    pool_sizes,
+)
+from pipetrain.program.lower import (
+    POST,
+    RUN,
+    Op,
+    Placement,
+    Program,
+    StageCosts,
+    compute_groups,
+    lower,
+    lower_ops,
+    lower_schedule,
+    placement,
+    rank_device_type,
+    sim_input,
+)
+from pipetrain.program.spec import (
+    BoundarySpec,
+    ComputeGroup,
+    DataParallelSpec,
+    Link,
+    SimInput,
+    StageSpec,
+    ring_allreduce_time_s,
+    uniform,
+)
+
+__all__ = [
+    "AUTO_SCHEDULES", "AUTO_SCHEDULES_CPU", "POST", "RUN", "RUNNABLE_SCHEDULES", "BoundarySpec", "ComputeGroup",
+    "DataParallelSpec", "Link", "Op", "Placement", "Program", "SimInput", "StageCosts", "StageSpec", "auto_schedules",
+    "compute_groups", "held_in_flight", "lower", "lower_ops", "lower_schedule", "placement", "pool_sizes",
+    "rank_device_type", "ring_allreduce_time_s", "sim_input", "uniform",
+]

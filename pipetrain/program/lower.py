@@ -1,0 +1,350 @@
+"""The one lowering of a plan: schedule, communication, receive posts and the simulator's input.
+
+:func:`lower` turns a :class:`~pipetrain.plan.Plan` (with its layer graph, a topology and a cost
+model) into a :class:`Program`. The planner, ``pipetrain simulate``, the run's fidelity check and
+the executor all take what they run from it, so what is simulated is what is run:
+
+* the schedule, with the SEND/RECV actions of :func:`pipetrain.schedules.with_comms`;
+* per pipeline rank, the operations in the order the executor issues them (:func:`lower_ops`):
+  each compute action, each SEND right after the compute that produced its tensor, each RECV's
+  *wait* right before the compute that reads it, and each RECV's *post*, as early as the
+  stage's receive-buffer pool allows (prefetch);
+* the simulator's input (:func:`sim_input`): per-stage costs from the cost model, boundaries on
+  the topology's links, compute groups for ranks that share cores, data parallelism.
+
+Receive prefetching (the rule the executor follows, defined here once): stage ``s`` owns a pool
+of input-activation slots and one of output-gradient slots (:func:`pipetrain.program.catalog.pool_sizes`).
+Receives are posted into a pool in the order the stage's compute actions need them, whenever a
+slot is free: at the start of the step, and after each compute action (the only points where a
+slot is given back). An activation slot is given back when its micro-batch no longer needs its
+input (after B, or after W when the backward is split); a gradient slot right after the B that
+read it. Within one posting point, activation receives go first, stage by stage, then gradient
+receives.
+
+``as_executed`` picks which of two views of the same plan the simulator input takes:
+
+* ``False`` (planning): memory held as the memory model plans it (with a split backward, the
+  peak F..B plus the peak B..W), data-parallel all-reduce as the plan's cost model prices it;
+* ``True`` (as pipetrain's executor runs it): receive buffers held as the schedule peaks, the
+  global-norm clip barrier before the optimizer steps, all-reduce after the last backward (not
+  overlapped), CPU ranks time-sliced on their node's cores, and the executor's measured per-step
+  work when the cost model carries it (a calibration).
+
+Torch-free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from pipetrain.costs import AnalyticCostModel, CostModel, NodeTimes, StageCost, stage_from_node_times
+from pipetrain.errors import InfeasibleError, PlanError, ScheduleError
+from pipetrain.graph import LayerGraph
+from pipetrain.memory import stage_memory, stage_output_bytes
+from pipetrain.plan import Plan
+from pipetrain.program.catalog import held_in_flight, pool_sizes
+from pipetrain.program.spec import BoundarySpec, ComputeGroup, DataParallelSpec, Link, SimInput, StageSpec
+from pipetrain.schedules import Action, Schedule, make_schedule, peak_in_flight
+from pipetrain.topology import Device, DeviceType, Topology
+
+__all__ = ["POST", "RUN", "Op", "Program", "StageCosts", "Placement", "placement", "rank_device_type", "compute_groups",
+           "sim_input", "lower_ops", "lower", "lower_schedule"]
+
+#: Gradients are all-reduced in fp32 whatever the training dtype: pipetrain's executor keeps fp32
+#: master weights under autocast and reduces one flat fp32 buffer per stage after the pipeline
+#: flush (hence no overlap by default), as Megatron-LM does with its default
+#: ``accumulate_allreduce_grads_in_fp32`` for bf16 (Narayanan et al. 2021).
+_ALLREDUCE_BYTES_PER_PARAM = 4
+
+POST, RUN = "post", "run"
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One operation of a rank's program: ``run`` an action of the schedule (compute, SEND, or a
+    RECV's wait), or ``post`` a RECV (its buffer is taken and the receive is issued)."""
+
+    verb: str
+    action: Action
+
+    def __str__(self) -> str:
+        return f"post:{self.action}" if self.verb == POST else str(self.action)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Program:
+    """A lowered plan: the schedule, each rank's operations, and (with a cost model) the simulator input."""
+
+    schedule: Schedule
+    ops: tuple[tuple[Op, ...], ...]
+    act_slots: tuple[int, ...]
+    grad_slots: tuple[int, ...]
+    sim_input: SimInput | None = None
+
+    def rank_ops(self, rank: int) -> tuple[Op, ...]:
+        return self.ops[rank]
+
+    def comm_order(self, rank: int) -> tuple[str, ...]:
+        """The rank's communication as the executor issues it: ``post:sRECV_Xk``, ``sRECV_Xk`` (its
+        wait) and ``sSEND_Xk`` (its post), in order. Telemetry records the same strings."""
+        return tuple(str(op) for op in self.ops[rank] if op.verb == POST or not op.action.is_compute)
+
+    def to_strings(self) -> list[list[str]]:
+        return [[str(op) for op in ops] for ops in self.ops]
+
+
+def lower_ops(schedule: Schedule, act_slots: Sequence[int], grad_slots: Sequence[int]) -> tuple[tuple[Op, ...], ...]:
+    """Each rank's operations with its receive posts placed by the prefetch rule (module docstring).
+
+    Raises :class:`ScheduleError` when a RECV would be waited on before a slot was free to post it
+    (a pool smaller than what the schedule keeps in flight).
+    """
+    return tuple(_lower_rank(schedule, r, acts, act_slots, grad_slots) for r, acts in enumerate(schedule.actions))
+
+
+def _lower_rank(schedule: Schedule, r: int, acts: Sequence[Action], act_slots: Sequence[int], grad_slots: Sequence[int]) -> tuple[Op, ...]:
+    """Rank ``r``'s operations (:func:`lower_ops`)."""
+    release_kind = "W" if schedule.split_backward else "B"
+    recv_f = {s: [a for a in acts if a.kind == "RECV_F" and a.stage == s] for s in schedule.stages_of(r)}
+    recv_b = {s: [a for a in acts if a.kind == "RECV_B" and a.stage == s] for s in schedule.stages_of(r)}
+    queues = [(recv_f, act_slots, 0), (recv_b, grad_slots, 1)]
+    free = {(s, d): int(slots[s]) for _, slots, d in queues for s in schedule.stages_of(r)}
+    nxt = {(s, d): 0 for (s, d) in free}
+    holding: set[tuple[int, int, int]] = set()
+    posted: set[Action] = set()
+    ops: list[Op] = []
+
+    def post_all() -> None:
+        for by_stage, _, d in queues:
+            for s, recvs in by_stage.items():
+                while nxt[(s, d)] < len(recvs) and free[(s, d)] > 0:
+                    a = recvs[nxt[(s, d)]]
+                    nxt[(s, d)] += 1
+                    free[(s, d)] -= 1
+                    holding.add((s, d, a.microbatch))
+                    posted.add(a)
+                    ops.append(Op(POST, a))
+
+    post_all()
+    for a in acts:
+        if a.kind in ("RECV_F", "RECV_B") and a not in posted:
+            raise ScheduleError(f"rank {r}: {a} is needed before a receive buffer of stage {a.stage} is free: the stage keeps "
+                                f"more micro-batches in flight than its buffers; raise the plan's buffers for stage {a.stage}")
+        ops.append(Op(RUN, a))
+        if not a.is_compute:
+            continue
+        s, k = a.stage, a.microbatch
+        if a.kind == "B" and (s, 1, k) in holding:
+            holding.discard((s, 1, k))
+            free[(s, 1)] += 1
+        if a.kind == release_kind and (s, 0, k) in holding:
+            holding.discard((s, 0, k))
+            free[(s, 0)] += 1
+        post_all()
+    return tuple(ops)
+
+
+def lower_schedule(schedule: Schedule, buffers: Sequence[int]) -> Program:
+    """The program of a bare schedule (no costs): its operations under the executor's buffer pools."""
+    act, grad = pool_sizes(schedule, list(buffers))
+    return Program(schedule=schedule, ops=lower_ops(schedule, act, grad), act_slots=act, grad_slots=grad)
+
+
+# ----- costs per stage ---------------------------------------------------------------------------
+class StageCosts:
+    """A graph's per-node times under a cost model, cached per device type, summed per stage."""
+
+    def __init__(self, graph: LayerGraph, cost: CostModel | None = None, *, optimizer: str = "adamw") -> None:
+        self.graph = graph
+        self.cost: Any = cost or AnalyticCostModel()
+        self.optimizer = optimizer
+        self._node_times: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def node_times(self, dt: DeviceType) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per node: forward, backward and weight-gradient seconds of one micro-batch on ``dt``."""
+        if dt.name not in self._node_times:
+            self._node_times[dt.name] = _node_times(self.cost, self.graph, dt)
+        return self._node_times[dt.name]
+
+    def stage_cost(self, dt: DeviceType, start: int, end: int, *, recompute: bool) -> StageCost:
+        f, b, w = self.node_times(dt)
+        return stage_from_node_times(NodeTimes(fwd_s=tuple(f), bwd_s=tuple(b), wgrad_s=tuple(w)), start, end, recompute=recompute)
+
+
+def _node_times(cost: Any, graph: LayerGraph, dt: DeviceType) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if hasattr(cost, "node_times"):
+        t = cost.node_times(graph, dt)
+        return np.asarray(t.fwd_s, float), np.asarray(t.bwd_s, float), np.asarray(t.wgrad_s, float)
+    n = graph.num_nodes
+    f, b, w = np.zeros(n), np.zeros(n), np.zeros(n)
+    for i in range(n):
+        c = cost.stage_costs(graph, i, i + 1, dt)
+        f[i], b[i], w[i] = c.t_fwd_s, c.t_bwd_s, c.t_wgrad_s
+    return f, b, w
+
+
+# ----- placement ---------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class Placement:
+    """Pipeline rank ``r`` of replica ``k`` runs on ``devices[k][r]`` (indices into topology.devices)."""
+
+    pp: int
+    dp: int
+    devices: tuple[tuple[int, ...], ...]
+
+    def rank_devices(self, topology: Topology, rank: int) -> list[Device]:
+        return [topology.devices[self.devices[k][rank]] for k in range(self.dp)]
+
+
+def placement(topology: Topology, pp: int, dp: int) -> Placement:
+    """Replica-major, stage-contiguous placement: adjacent stages of a pipeline share a node."""
+    need = pp * dp
+    if need > topology.num_devices:
+        raise InfeasibleError(f"pp={pp} x dp={dp} needs {need} devices but topology {topology.name} has {topology.num_devices}")
+    return Placement(pp=pp, dp=dp, devices=tuple(tuple(k * pp + r for r in range(pp)) for k in range(dp)))
+
+
+def rank_device_type(topology: Topology, place: Placement, rank: int) -> DeviceType:
+    """The slowest device type among the replicas of pipeline rank ``rank`` (it sets the pace)."""
+    types = [d.type for d in place.rank_devices(topology, rank)]
+    return min(types, key=lambda t: (t.achievable_flops("bf16"), t.name))
+
+
+def _sim_link(topology: Topology, a: int, b: int) -> Link:
+    lk = topology.link_between(a, b)
+    return Link(name=lk.resource or f"{a}->{b}", latency_s=lk.latency_s, bandwidth_bytes_per_s=lk.bandwidth_bytes_per_s)
+
+
+def _group_speed(node_speed: tuple[float, ...], ranks: int, used: int) -> tuple[float, ...]:
+    """The node's co-run speed table seen from a group of ``ranks`` pipeline ranks when ``used`` of
+    the node's ranks run (data-parallel replicas compute in step: ``k`` of the group computing
+    means about ``k * used / ranks`` of the node)."""
+    if not node_speed:
+        return ()
+    g = ComputeGroup(ranks=tuple(range(len(node_speed))), speed=node_speed, sharing="time-slice")
+    return tuple(g.rate(max(1, round(k * used / ranks))) for k in range(1, ranks + 1))
+
+
+def compute_groups(topology: Topology, place: Placement) -> tuple[ComputeGroup, ...]:
+    """Pipeline ranks on one CPU node share its cores (only where the node says they share), and
+    its caches and memory bandwidth where the node carries a measured ``corun_speed`` (and a
+    ``resume_s`` / ``switch_s`` after waits)."""
+    groups = []
+    by_node: dict[int, list[int]] = {}
+    for r in range(place.pp):
+        by_node.setdefault(topology.devices[place.devices[0][r]].node, []).append(r)
+    for node, ranks in by_node.items():
+        spec = topology.nodes[node]
+        if spec.cores <= 0 or len(ranks) < 2:
+            continue
+        per_rank = max(1, topology.devices[place.devices[0][ranks[0]]].type.cores)
+        on_node = sum(1 for dev in topology.devices if dev.node == node)
+        used = min(on_node, place.pp * place.dp)
+        capacity = max(1, int(spec.cores // per_rank * len(ranks) // max(used, 1)))
+        speed = _group_speed(spec.corun_speed, len(ranks), used)
+        if capacity < len(ranks) or any(v < 1.0 for v in speed) or spec.resume_s > 0 or spec.switch_s > 0:
+            groups.append(ComputeGroup(ranks=tuple(ranks), capacity=capacity, wakeup_s=spec.wakeup_s, speed=speed,
+                                       resume_s=spec.resume_s, switch_s=spec.switch_s))
+    return tuple(groups)
+
+
+# ----- the simulator's input ---------------------------------------------------------------------
+def sim_input(*, tables: StageCosts, topology: Topology, place: Placement, schedule: Schedule,
+              ranges: Sequence[tuple[int, int]], buffers: Sequence[int], recompute: Sequence[bool],
+              in_flight: Sequence[int], dp_overlap: bool = False, clip_sync: bool = False) -> SimInput:
+    """The simulator's input for one split; stage ``s`` runs on pipeline rank ``schedule.stage_to_rank[s]``.
+
+    ``in_flight[s]``: the micro-batches whose activations stage ``s`` holds at its peak (the memory
+    model's count); ``clip_sync``: the optimizer steps wait for a global gradient-norm all-reduce
+    (as the executor clips).
+    """
+    g = tables.graph
+    stages = []
+    peak_flops = min(rank_device_type(topology, place, r).peak_flops(g.dtype) for r in range(place.pp))
+    for s, (a, b) in enumerate(ranges):
+        r = schedule.stage_to_rank[s]
+        dt = rank_device_type(topology, place, r)
+        c = tables.stage_cost(dt, a, b, recompute=recompute[s])
+        mem = stage_memory(g, a, b, in_flight=max(1, in_flight[s]), buffers=buffers[s], recompute=recompute[s],
+                           optimizer=tables.optimizer)
+        act_per_mb = mem.activation_bytes / max(1, in_flight[s])
+        static = mem.total_bytes - mem.activation_bytes
+        params = mem.param_count
+        # split backward: a micro-batch's saved tensors stay from its B to its W ("stash"); the
+        # held count passed in is peak(F..B) + peak(B..W), which the simulator adds up the same way
+        stash = {"wgrad_stash_bytes": act_per_mb} if schedule.split_backward else {}
+        stages.append(StageSpec(**stash,
+            t_fwd_s=c.t_fwd_s, t_bwd_s=(c.t_bwd_s - c.t_wgrad_s) if schedule.split_backward else c.t_bwd_s,
+            t_wgrad_s=c.t_wgrad_s if schedule.split_backward else 0.0, t_recompute_s=c.t_recompute_s,
+            recompute=recompute[s], activation_bytes=act_per_mb, static_bytes=static, buffers=buffers[s],
+            grad_bytes=float(params * _ALLREDUCE_BYTES_PER_PARAM),
+            t_optimizer_s=tables.cost.optimizer_step_time_s(params, dt, optimizer=tables.optimizer, dtype=g.dtype, model=g.model)))
+    bounds = []
+    for s in range(len(ranges) - 1):
+        ra, rb = schedule.stage_to_rank[s], schedule.stage_to_rank[s + 1]
+        nbytes = float(stage_output_bytes(g, ranges[s][1]))
+        link = _sim_link(topology, place.devices[0][ra], place.devices[0][rb]) if ra != rb else Link(name=f"local{ra}")
+        bounds.append(BoundarySpec(fwd_bytes=nbytes, bwd_bytes=nbytes, link=link))
+    if place.dp > 1:
+        worst = min((_sim_link(topology, place.devices[0][r], place.devices[1][r]) for r in range(place.pp)),
+                    key=lambda lk: lk.bandwidth_bytes_per_s)
+        dpl = DataParallelSpec(width=place.dp, link=worst, overlap=dp_overlap)
+    else:
+        dpl = DataParallelSpec(width=1)
+    host = getattr(tables.cost, "message_host_s", None)  # a measured cost model: the host CPU per message
+    return SimInput(schedule=schedule, stages=tuple(stages), boundaries=tuple(bounds),
+                    compute_groups=compute_groups(topology, place), data_parallel=dpl,
+                    t_message_host_s=host(g, rank_device_type(topology, place, 0)) if host is not None else 0.0,
+                    micro_batch_size=g.micro_batch_size, seq_len=g.seq_len,
+                    model_flops_per_sample=(g.fwd_flops + g.bwd_flops) / g.micro_batch_size,
+                    peak_flops_per_device=peak_flops,
+                    clip_sync_link=_sim_link(topology, place.devices[0][0], place.devices[0][1] if place.pp > 1 else place.devices[1][0])
+                    if clip_sync and place.pp * place.dp > 1 else None)
+
+
+# ----- a plan, lowered ---------------------------------------------------------------------------
+def _check_graph(plan: Plan, graph: LayerGraph) -> None:
+    plan.check_graph(graph.fingerprint, graph.model)
+    if graph.micro_batch_size != plan.micro_batch_size or graph.seq_len != plan.seq_len:
+        raise PlanError(f"graph was traced at micro-batch {graph.micro_batch_size} x seq {graph.seq_len}, the plan "
+                        f"uses {plan.micro_batch_size} x {plan.seq_len}: trace it with those")
+    if plan.num_blocks != graph.num_nodes:
+        raise PlanError(f"plan covers {plan.num_blocks} blocks but the graph has {graph.num_nodes}")
+
+
+def lower(plan: Plan, topology: Topology | None = None, cost: CostModel | None = None, *, graph: LayerGraph | None = None,
+          as_executed: bool = False) -> Program:
+    """The plan's :class:`Program` (module docstring). Without ``graph`` and ``topology`` only the
+    schedule and the operations are lowered (``sim_input`` None); with them, also the simulator's
+    input, refusing a graph other than the one the plan was made for."""
+    buffers = [st.buffers for st in plan.stages]
+    sched = make_schedule(plan.schedule, plan.pp, plan.num_microbatches, plan.chunks, buffers=buffers)
+    prog = lower_schedule(sched, buffers)
+    if graph is None or topology is None:
+        return prog
+    _check_graph(plan, graph)
+    ranges = [(st.block_start, st.block_end) for st in plan.stages]
+    recompute = [st.recompute for st in plan.stages]
+    place = placement(topology, plan.pp, plan.dp)
+    tables = StageCosts(graph, cost, optimizer=plan.optimizer)
+    if not as_executed:
+        inp = sim_input(tables=tables, topology=topology, place=place, schedule=sched, ranges=ranges, buffers=buffers,
+                        recompute=recompute, in_flight=held_in_flight(sched))
+        return replace(prog, sim_input=inp)
+    inp = sim_input(tables=tables, topology=topology, place=place, schedule=sched, ranges=ranges, buffers=buffers,
+                    recompute=recompute, in_flight=peak_in_flight(sched), dp_overlap=False, clip_sync=True)
+    if inp.compute_groups and all(d.type.kind == "cpu" for d in topology.devices):  # CPU ranks are OS processes: time-sliced
+        inp = replace(inp, compute_groups=tuple(replace(g, sharing="time-slice") for g in inp.compute_groups))
+    fixed = getattr(tables.cost, "step_overhead_s", None)
+    extra = fixed(plan.model, plan.micro_batch_size, plan.seq_len) if fixed is not None else 0.0
+    if extra > 0:  # the executor's measured per-step work besides the update, on every rank
+        stages = list(inp.stages)
+        for r in range(plan.pp):
+            s = min(st.index for st in plan.stages if st.rank == r)
+            stages[s] = replace(stages[s], t_optimizer_s=stages[s].t_optimizer_s + extra)
+        inp = replace(inp, stages=tuple(stages))
+    return replace(prog, sim_input=inp)
