@@ -48,7 +48,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipetrain.validation.fidelity import Fidelity, compare, mape, measure_run, simulate_plan, spearman  # noqa: E402
+from pipetrain.validation.fidelity import Fidelity, compare, mape, simulate_plan, spearman  # noqa: E402
+from pipetrain.validation.measure import measure_run  # noqa: E402
 
 #: model -> (micro-batch size, seq len)
 SHAPES = {"tiny-gpt": (2, 128), "mlp-uneven": (64, None)}
@@ -244,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="before each run wait up to S seconds for no other runnable process (shared machines)")
     a = ap.parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = "1"
-    from pipetrain.calibration.measured import combine_calibrations, load_calibration, run_calibration
+    from pipetrain.calibration.measured import combine_calibrations, load_calibration
+    from pipetrain.calibration.run import run_calibration
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

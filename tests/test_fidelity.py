@@ -17,7 +17,8 @@ from pipetrain.calibration.profile import BlockProfile, BlockTiming
 from pipetrain.plan import Plan, StagePlan
 from pipetrain.planner.trace import trace_graph
 from pipetrain.topology import topology_preset
-from pipetrain.validation.fidelity import compare, mape, measure_run, simulate_plan, spearman
+from pipetrain.validation.fidelity import compare, mape, simulate_plan, spearman
+from pipetrain.validation.measure import measure_run
 
 
 # ----- summaries -------------------------------------------------------------------------------------
@@ -161,7 +162,7 @@ def test_ranks_outnumbering_cores_share_them(graph) -> None:  # type: ignore[no-
     alone = simulate_plan(plan, calibration=cal, graph=graph, topology=calibrated_topology(_topology(4, 4), cal))
     (g,) = shared[0].compute_groups
     assert g.ranks == (0, 1, 2, 3) and g.capacity == 2
-    from pipetrain.validation.fidelity import Measured
+    from pipetrain.validation.measure import Measured
 
     n = plan.num_stages
     meas = Measured(steps=(1,), step_time_s=1.0, pipeline_time_s=1.0, busy_s_per_stage=(0.1,) * n, bubble_fraction_per_stage=(0.5,) * n,
@@ -183,7 +184,7 @@ def test_compare_errors_are_signed_relative(graph, tmp_path: Path) -> None:  # t
     plan = _plan2()
     plan = replace(plan, graph_fingerprint=graph.fingerprint)
     inp, sim, _ = simulate_plan(plan, calibration=cal, graph=graph, topology=calibrated_topology(_topology(2, 2), cal))
-    from pipetrain.validation.fidelity import Measured
+    from pipetrain.validation.measure import Measured
 
     meas = Measured(steps=(1,), step_time_s=sim.step_time_s * 1.25, pipeline_time_s=sim.pipeline_time_s,
                     busy_s_per_stage=(sim.busy_s_per_stage[0] / 0.8, sim.busy_s_per_stage[1]),

@@ -11,8 +11,9 @@ Nothing here runs a plan: the probes time blocks, messages and optimizer steps i
 - :mod:`.commprobe`: point-to-point latency and bandwidth, a blocked receiver's wake-up latency;
 - :mod:`.corun`: compute speed while k ranks share a node's cores, the cost of resuming after a wait;
 - :mod:`.overhead`: the executor's own per-action and per-message overheads on one rank;
-- :mod:`.measured`: the calibration run and file (:class:`~.measured.Calibration`, versioned JSON)
-  and :class:`~.measured.MeasuredCostModel`, the cost model it defines.
+- :mod:`.run`: the calibration run (``pipetrain calibrate``): all of the above, then the fit;
+- :mod:`.measured`: the calibration file (:class:`~.measured.Calibration`, versioned JSON) and
+  :class:`~.measured.MeasuredCostModel`, the cost model it defines.
 """
 
 from __future__ import annotations

@@ -50,7 +50,8 @@ def parse_int_list(text: str, flag: str) -> tuple[int, ...]:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from pipetrain.calibration.measured import combine_calibrations, describe, run_calibration
+    from pipetrain.calibration.measured import combine_calibrations
+    from pipetrain.calibration.run import describe, run_calibration
 
     models = tuple(args.model or ["tiny-gpt"])
     sizes = parse_int_list(args.microbatch_sizes, "--microbatch-sizes")
