@@ -454,9 +454,14 @@ def load_topology(path_or_text: str | Path) -> Topology:
     return _topology_from(data, default_name)
 
 
-def resolve_topology(spec: str | Path) -> Topology:
-    """A preset name (``"dgx-h100:2"``) or a YAML file path."""
+def resolve_topology(spec: str | Path, *, world_size: int | None = None) -> Topology:
+    """A preset name (``"dgx-h100:2"``) or a YAML file path; ``"local"`` (or empty), which plans
+    built without the planner carry, is this machine's CPU with ``world_size`` ranks."""
     s = str(spec)
+    if s in ("", "local"):
+        if world_size is None:
+            raise ConfigError("topology 'local' needs the number of ranks: give a preset such as local-cpu:2")
+        s = f"local-cpu:{world_size}"
     if isinstance(spec, Path) or s.endswith((".yaml", ".yml")) or os.sep in s:
         return load_topology(Path(s))
     return topology_preset(s)

@@ -310,7 +310,7 @@ def calibrated_for(topology: str, path: str | Path, *, world_size: int = 1) -> t
     from pipetrain.topology import resolve_topology
 
     cal = load_calibration(path)
-    topo = resolve_topology(topology if topology not in ("", "local") else f"local-cpu:{world_size}")
+    topo = resolve_topology(topology, world_size=world_size)
     if not any(d.type.name == cal.device_type for d in topo.devices):
         types = sorted({d.type.name for d in topo.devices})
         raise ConfigError(f"calibration {Path(path).name} is for device type {cal.device_type!r} but topology {topo.name} has "

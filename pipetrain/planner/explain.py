@@ -158,6 +158,6 @@ def plan_sim_input(plan: Plan, *, graph: LayerGraph | None = None, topology: Top
         from pipetrain.planner.trace import trace_graph
 
         graph = trace_graph(plan.model, micro_batch_size=plan.micro_batch_size, seq_len=plan.seq_len, dtype=plan.dtype)
-    prog = lower(plan, topology or resolve_topology(plan.topology), cost, graph=graph)
+    prog = lower(plan, topology or resolve_topology(plan.topology, world_size=plan.world_size), cost, graph=graph)
     assert prog.sim_input is not None
     return prog.sim_input
