@@ -9,6 +9,7 @@ schedule's actions (:mod:`pipetrain.executor.runtime`), gradient sync and clippi
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -110,8 +111,11 @@ class Trainer:
         self.phash = plan_hash(plan)
         self.start_step = 0
         if cfg.resume:
-            state = load_rank(run_dir, rank, self.phash)
-            if state is not None:
+            got = load_rank(run_dir, rank, self.phash, plan.world_size)
+            if got is not None:
+                state, found = got
+                if rank == 0 and found.skipped:
+                    print(f"resume: {found.describe_skipped()}; resuming from step {found.step}", file=sys.stderr, flush=True)
                 for s, sd in state["model"].items():
                     modules[int(s)].load_state_dict(sd)
                 self.opt.load_state_dict(state["optimizer"])
@@ -193,12 +197,13 @@ class Trainer:
 
         from pipetrain.executor.checkpoint import mark_latest, save_rank
 
-        save_rank(self.run_dir, step, self.rank, {
+        digest = save_rank(self.run_dir, step, self.rank, {
             "step": step, "plan_hash": self.phash, "model": {s: m.state_dict() for s, m in self.modules.items()},
             "optimizer": self.opt.state_dict(), "rng": torch.get_rng_state()})
-        dist.barrier()
+        digests: list[Any] = [None] * self.plan.world_size
+        dist.all_gather_object(digests, (self.rank, digest))  # also the barrier: every rank has written
         if self.rank == 0:
-            mark_latest(self.run_dir, step, self.plan.world_size)
+            mark_latest(self.run_dir, step, self.plan.world_size, dict(digests))
 
     def save_final(self) -> None:
         import torch
