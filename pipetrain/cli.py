@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("validate", "compare a finished run with single-device training: loss, grad norms, parameters, speed"),
     "report": ("report", "write a run's self-contained HTML report (plan, timelines, memory, convergence) + PNGs + JSON"),
     "demo": ("demo", "plan, simulate, run, validate and report tiny-gpt on this CPU"),
+    "ui": ("ui", "open the interactive what-if page of a plan, job config or run (local web page)"),
 }
 
 

@@ -11,11 +11,16 @@ monitor and the report, so both say the same thing:
   the receive complete (one host's aligned clock), matched by (stage, micro-batch, direction);
   activations go s -> s+1 first, gradients s+1 -> s later. It is an upper bound on wire time:
   it includes any wait for the receiver to ask;
-* **communication** of a stage: the part of its rank's idle time (inside the span, not computing)
-  during which a transfer to this stage was in flight (its send posted, its receive not yet
-  complete): waiting on the wire. The rest of the idle time is **bubble**: waiting for a
-  neighbour to compute. So compute + communication + bubble add up to the span on a rank that
-  hosts one stage.
+* **wire time** of a transfer: when both ends are engaged and the bytes are moving, from the later
+  of send start and receive post to the earlier of send end and receive completion. A RECV's span
+  runs from its post to its completion, so most of it is the receiver waiting for the sender to
+  compute; and a send that finished before the receiver posted (its buffer was busy) left its
+  bytes waiting, not the receiver. Neither is the wire. A simulated SEND spans its transfer
+  exactly; a measured one ends when the sender observed it done, so the receive's end bounds it;
+* a stage's idle time (inside the span, its rank not computing) splits into **collective** (its
+  rank in an ALLREDUCE), **transfer** (a transfer to this stage on the wire, see above) and
+  **bubble** (the rest: waiting for a peer to compute). ``comm_s`` is transfer + collective. So
+  compute + transfer + collective + bubble add up to the span on a rank that hosts one stage.
 
 The telemetry readers (:func:`read_telemetry`, :func:`read_rank_file`) live here too: they are
 plain JSONL parsing of ``RUN_DIR/telemetry/rank*.jsonl`` (written by
@@ -48,6 +53,13 @@ class Transfer:
     latency_s: float
     bytes: int
     end_s: float = 0.0  # receive completed
+    #: when the bytes were on the wire (module docstring); wire_end_s <= wire_start_s: no wire time seen
+    wire_start_s: float = 0.0
+    wire_end_s: float = 0.0
+
+    @property
+    def wire_s(self) -> float:
+        return max(0.0, self.wire_end_s - self.wire_start_s)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,11 +67,16 @@ class StageBreakdown:
     stage: int
     rank: int
     compute_s: float
-    comm_s: float
-    bubble_s: float
+    transfer_s: float  # idle while a transfer to this stage was on the wire
+    collective_s: float  # idle while its rank was in an ALLREDUCE
+    bubble_s: float  # idle waiting for a peer to compute
     span_s: float
     busy_fraction: float
-    bubble_fraction: float
+    bubble_fraction: float  # the rank's whole idle share of the span (the simulator's bubble)
+
+    @property
+    def comm_s(self) -> float:
+        return self.transfer_s + self.collective_s
 
 
 def events_from_records(records: Iterable[Mapping[str, Any]]) -> list[Event]:
@@ -129,17 +146,18 @@ def match_transfers(events: Iterable[Event], num_stages: int) -> list[Transfer]:
                 continue
             out.append(Transfer(src_stage=s, dst_stage=dst, step=step, microbatch=mb,
                                 latency_s=max(0.0, re.end_s - se.start_s), bytes=max(se.bytes, re.bytes),
-                                end_s=re.end_s))
+                                end_s=re.end_s, wire_start_s=max(se.start_s, re.start_s),
+                                wire_end_s=min(se.end_s, re.end_s)))
     out.sort(key=lambda t: (t.step, t.dst_stage, t.microbatch, t.src_stage))
     return out
 
 
 def stage_breakdown(events: Sequence[Event], num_stages: int, stage_to_rank: Sequence[int]) -> list[StageBreakdown]:
-    """Compute / communication / bubble per stage for ONE step's events (see module docstring)."""
+    """Compute / transfer / collective / bubble per stage for ONE step's events (see module docstring)."""
     comp = [e for e in events if e.kind in COMPUTE_KINDS]
     if not comp:
-        return [StageBreakdown(stage=s, rank=stage_to_rank[s], compute_s=0.0, comm_s=0.0, bubble_s=0.0, span_s=0.0,
-                               busy_fraction=0.0, bubble_fraction=0.0) for s in range(num_stages)]
+        return [StageBreakdown(stage=s, rank=stage_to_rank[s], compute_s=0.0, transfer_s=0.0, collective_s=0.0, bubble_s=0.0,
+                               span_s=0.0, busy_fraction=0.0, bubble_fraction=0.0) for s in range(num_stages)]
     t0 = min(e.start_s for e in comp)
     span = max(e.end_s for e in comp) - t0
     span = span if span > 0 else 1e-12
@@ -154,17 +172,43 @@ def stage_breakdown(events: Sequence[Event], num_stages: int, stage_to_rank: Seq
     comp_by_rank: dict[int, list[tuple[float, float]]] = {}
     for e in comp:
         comp_by_rank.setdefault(e.rank, []).append((e.start_s, e.end_s))
-    flight: dict[int, list[tuple[float, float]]] = {}
+    coll_by_rank: dict[int, list[tuple[float, float]]] = {}
+    for e in events:
+        if e.kind == "ALLREDUCE":
+            coll_by_rank.setdefault(e.rank, []).append((e.start_s, e.end_s))
+    wire: dict[int, list[tuple[float, float]]] = {}
     for t in match_transfers(events, num_stages):
-        flight.setdefault(t.dst_stage, []).append((t.end_s - t.latency_s, t.end_s))
+        if t.wire_s > 0:
+            wire.setdefault(t.dst_stage, []).append((t.wire_start_s, t.wire_end_s))
     out = []
     for s in range(num_stages):
         r = stage_to_rank[s]
         idle = max(0.0, span - busy_rank[r])
         idle_iv = _complement(_union(comp_by_rank.get(r, [])), t0, t_end)
-        comm = min(idle, _overlap(idle_iv, _union(flight.get(s, []))))
-        out.append(StageBreakdown(stage=s, rank=r, compute_s=busy_stage[s], comm_s=comm, bubble_s=idle - comm, span_s=span,
-                                  busy_fraction=busy_stage[s] / span, bubble_fraction=idle / span))
+        coll_iv = _union(coll_by_rank.get(r, []))
+        coll = min(idle, _overlap(idle_iv, coll_iv))
+        # the wire counts only while the rank is neither computing nor in a collective: each instant is one thing
+        free_iv = _subtract(idle_iv, coll_iv)
+        xfer = min(idle - coll, _overlap(free_iv, _union(wire.get(s, []))))
+        out.append(StageBreakdown(stage=s, rank=r, compute_s=busy_stage[s], transfer_s=xfer, collective_s=coll,
+                                  bubble_s=max(0.0, idle - coll - xfer), span_s=span, busy_fraction=busy_stage[s] / span,
+                                  bubble_fraction=idle / span))
+    return out
+
+
+def _subtract(xs: list[tuple[float, float]], ys: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """``xs`` minus ``ys``, both sorted disjoint interval lists."""
+    out: list[tuple[float, float]] = []
+    for a, b in xs:
+        cur = a
+        for c, d in ys:
+            if d <= cur or c >= b:
+                continue
+            if c > cur:
+                out.append((cur, c))
+            cur = max(cur, d)
+        if cur < b:
+            out.append((cur, b))
     return out
 
 

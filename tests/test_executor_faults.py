@@ -105,3 +105,50 @@ def test_ctrl_c_stops_cleanly(plan_path: Path, tmp_path: Path) -> None:
     assert "interrupted" in out + err
     assert "Traceback" not in err
     assert not any(_alive(p) for p in pids.values())
+
+
+def test_stalled_rank_blames_the_frozen_one() -> None:
+    from pipetrain.executor.heartbeat import stalled_rank
+
+    now = 1000.0
+    beats = {0: {"rank": 0, "step": 2, "action": "0RECV_B1", "progress_at": 990.0, "beat_at": 999.8},  # waiting, alive
+             1: {"rank": 1, "step": 2, "action": "1F3", "progress_at": 992.0, "beat_at": 992.1}}  # frozen
+    assert stalled_rank(beats, now, 20.0) is None
+    s = stalled_rank(beats, now, 5.0)
+    assert s is not None and (s.rank, s.step, s.action) == (1, 2, "1F3") and s.idle_s == pytest.approx(8.0)
+    assert s.describe() == "rank 1 stopped making progress at step 2, action 1F3: no progress for 8 s"
+    # the waiting peer crosses the limit first (10 s idle), the frozen rank is still to blame (4 s idle, no beat for 4 s)
+    beats[1].update(progress_at=996.0, beat_at=996.0)
+    s = stalled_rank(beats, now, 6.0)
+    assert s is not None and s.rank == 1 and s.idle_s == pytest.approx(4.0)
+    beats[1]["beat_at"] = 999.9  # both alive (a deadlock): the one that stopped first
+    s = stalled_rank(beats, now, 5.0)
+    assert s is not None and s.rank == 0
+    assert stalled_rank(beats, now, 6.0, world_size=3) is None  # a rank has not even started
+    waiting_for_start = {**beats, 2: {"rank": 2, "step": -1, "action": "start", "progress_at": 990.0, "beat_at": 995.0}}
+    assert stalled_rank(waiting_for_start, now, 6.0, startup_timeout_s=60.0) is None  # its peers wait for it
+    starting = {0: {"rank": 0, "step": -1, "action": "start", "progress_at": 980.0, "beat_at": 999.9}}
+    assert stalled_rank(starting, now, 5.0, startup_timeout_s=30.0) is None  # start-up gets the longer allowance
+    s = stalled_rank(starting, now, 5.0, startup_timeout_s=15.0)
+    assert s is not None and s.describe() == "rank 0 stopped making progress at start-up (start): no progress for 20 s"
+
+
+def test_hung_rank_is_named_and_the_run_ends(plan_path: Path, tmp_path: Path) -> None:
+    """Rank 1 SIGSTOPs itself before its 4th compute action of step 2; with --progress-timeout 4 the
+    run ends with exit 2 naming it, long before the 120 s distributed timeout, and no worker is left."""
+    from pipetrain.plan import Plan
+    from pipetrain.program import POST, lower
+
+    ops = [op for op in lower(Plan.load(plan_path)).rank_ops(1) if op.verb != POST and op.action.is_compute]
+    env = dict(os.environ, PIPETRAIN_FAULT="1:2:3:stop")
+    run_dir = tmp_path / "run"
+    t0 = time.time()
+    r = subprocess.run(_cmd(plan_path, run_dir, "--steps", "50", "--progress-timeout", "4", "--timeout", "120", cli=False),
+                       capture_output=True, text=True, timeout=150, env=env)
+    elapsed = time.time() - t0
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"error: rank 1 stopped making progress at step 2, action {ops[3].action}: no progress for" in r.stderr, r.stderr[-2000:]
+    assert "(pipeline rank 1, replica 0)" in r.stderr
+    assert elapsed < 60, elapsed
+    pids = _pids(run_dir)
+    assert sorted(pids) == [0, 1] and not any(_alive(p) for p in pids.values())

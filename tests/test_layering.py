@@ -8,6 +8,9 @@ Layers, bottom up (a package may import its own layer and those listed for it):
   executor: base + program + simulator + planner;
 * calibration, validation: anything except reports and cli/commands;
 * reports: base + program + simulator, and never torch;
+* ui (``pipetrain ui``'s page and server): base + program + simulator + planner (its torch-free
+  modules: never ``planner.trace`` or ``planner.zoo``) + reports (the run directory's readers), and
+  never torch; the command module traces the model and hands the ui the layer graph;
 * cli (``cli.py``, ``commands/``, ``__main__``): anything; nothing else imports it.
 """
 
@@ -36,20 +39,23 @@ ALLOWED: dict[str, frozenset[str]] = {
     "calibration": _BELOW_CALIBRATION,
     "validation": _BELOW_CALIBRATION,
     "reports": frozenset({"base", "program", "simulator", "reports"}),
-    "cli": _BELOW_CALIBRATION | {"reports", "cli"},
+    "ui": frozenset({"base", "program", "simulator", "planner", "reports", "ui"}),
+    "cli": _BELOW_CALIBRATION | {"reports", "ui", "cli"},
 }
 #: Layers that must not import torch (at module level or inside functions).
-TORCH_FREE_LAYERS = frozenset({"reports"})
+TORCH_FREE_LAYERS = frozenset({"reports", "ui"})
+#: Modules a layer may not import although their layer is allowed: the planner's tracing and zoo need torch.
+FORBIDDEN_MODULES: dict[str, tuple[str, ...]] = {"ui": ("pipetrain.planner.trace", "pipetrain.planner.zoo")}
 
 #: Every module that imports without torch (one subprocess imports them all).
 TORCH_FREE_MODULES = (
     "pipetrain", "pipetrain.plan", "pipetrain.schedules", "pipetrain.events", "pipetrain.timeline", "pipetrain.errors",
     "pipetrain.serde", "pipetrain.graph", "pipetrain.topology", "pipetrain.hardware", "pipetrain.costs", "pipetrain.memory",
     "pipetrain.program", "pipetrain.simulator", "pipetrain.planner.search", "pipetrain.planner.explain", "pipetrain.planner.grid",
-    "pipetrain.planner.partition", "pipetrain.planner.job", "pipetrain.planner.build", "pipetrain.reports",
+    "pipetrain.planner.partition", "pipetrain.planner.job", "pipetrain.planner.build", "pipetrain.reports", "pipetrain.ui",
     # torch only inside the functions that measure or trace
     "pipetrain.calibration.profile", "pipetrain.calibration.fit",
-    "pipetrain.commands.plan", "pipetrain.commands.sweep", "pipetrain.commands.simulate",
+    "pipetrain.commands.plan", "pipetrain.commands.sweep", "pipetrain.commands.simulate", "pipetrain.commands.ui",
 )
 
 
@@ -109,6 +115,9 @@ def violations(source: str, path: str, name: str, *, is_package: bool = False,
     for line, target in sorted(set(imports_of(source, name, is_package=is_package, is_module=is_module))):
         if layer in TORCH_FREE_LAYERS and (target == "torch" or target.startswith("torch.")):
             out.append(f"{path}:{line} -> {target} ({layer} must not import torch)")
+        for banned in FORBIDDEN_MODULES.get(layer, ()):
+            if target == banned or target.startswith(banned + "."):
+                out.append(f"{path}:{line} -> {target} ({layer} must not import {banned}: it needs torch)")
         t_layer = layer_of(target)
         if t_layer is not None and t_layer not in ALLOWED[layer]:
             out.append(f"{path}:{line} -> {target} ({layer} may import only {', '.join(sorted(ALLOWED[layer]))})")
@@ -194,6 +203,12 @@ def test_checker_catches_planted_violations() -> None:
     assert violations("from . import ops\nfrom pipetrain.program import lower\nimport numpy\n", "pipetrain/simulator/x.py",
                       "pipetrain.simulator.x") == []
     assert violations("from pipetrain.planner import search\n", "pipetrain/cli.py", "pipetrain.cli") == []
+    assert violations("def h():\n    from pipetrain.planner.trace import trace_graph\n", "pipetrain/ui/x.py", "pipetrain.ui.x") == [
+        "pipetrain/ui/x.py:2 -> pipetrain.planner.trace (ui must not import pipetrain.planner.trace: it needs torch)"]
+    assert violations("from pipetrain.executor import plans\n", "pipetrain/ui/x.py", "pipetrain.ui.x")[0].startswith(
+        "pipetrain/ui/x.py:1 -> pipetrain.executor.plans (ui may import only")
+    assert violations("from pipetrain.planner.explain import stage_tensors\nfrom pipetrain.reports import rundir\n",
+                      "pipetrain/ui/x.py", "pipetrain.ui.x") == []
     assert source_reads("import ast\nt = ast.parse(open(f).read())\n", "m.py") == ["m.py:2: ast.parse"]
     assert source_reads("from pathlib import Path\ns = (Path(__file__).parent / 'engine.py').read_text()\n", "m.py") == [
         "m.py:2: __file__ with 'engine.py'"]

@@ -75,13 +75,19 @@ def test_plan_report_what_if(tmp_path, capsys) -> None:
     ok = [(p, m) for i, p in enumerate(land["ps"]) for j, m in enumerate(land["ms"]) if land["status"][i][j] == "ok"]
     assert len(ok) >= 3 and all(land["step_time_s"][land["ps"].index(p)][land["ms"].index(m)] > 0 for p, m in ok)
     assert summary["simulated"]["step_time_s"] > 0 and summary["alternatives"]
+    # memory.json: one GPU per pipeline rank, whose components add up to the plan's predicted peak of its stage
+    gpus = summary["memory_per_gpu"]
+    assert [g["rank"] for g in gpus] == [0, 1] and [g["stages"] for g in gpus] == [[0], [1]]
+    for g, peak in zip(gpus, summary["predicted_memory_bytes_per_stage"]):
+        parts = sum(g[k] for k in ("weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes", "buffers_bytes"))
+        assert parts == pytest.approx(peak, rel=1e-3) and g["weights_bytes"] > 0 and g["optimizer_bytes"] == 2 * g["weights_bytes"]
     trace = json.loads((out / "trace_simulated.json").read_text())
     assert sum(1 for e in trace["traceEvents"] if e["ph"] == "X" and e["cat"] == "F") == 2 * summary["num_microbatches"]
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "https://" not in html
     if find_chromium() is not None:
         got = check_page(out / "report.html")
-        assert set(PLAN_SECTIONS) <= set(got.sections) and got.blank_images == () and len(got.images) == 4
+        assert set(PLAN_SECTIONS) <= set(got.sections) and got.blank_images == () and len(got.images) == 5
 
 
 # ----- the run report reads files only; names are escaped --------------------------------------------

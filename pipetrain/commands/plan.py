@@ -7,8 +7,8 @@ Every knob (``--pp --dp --microbatches --microbatch-size --schedule --chunks --b
 Prints the stage table, the predicted metrics and the top alternatives; ``-o plan.json`` writes
 the plan and, beside it, ``plan.landscape.json``: the search's step time over (m, p), which
 ``pipetrain report`` shows for runs of that plan (reports never search). ``--report DIR`` writes
-the search's simulation of the plan (``simulation.json``) and the landscape (``landscape.json``)
-into DIR and the what-if report from them.
+the search's simulation of the plan (``simulation.json``), the landscape (``landscape.json``) and
+the memory model's components per GPU (``memory.json``) into DIR and the what-if report from them.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 from pipetrain.errors import ConfigError
 
 __all__ = ["add_arguments", "run", "add_job_arguments", "job_from_args", "graph_source", "print_plan", "planner_landscape",
-           "write_planner_files"]
+           "gpu_memory", "write_planner_files"]
 
 #: flag dest -> job key
 _FLAG_KEYS = {"model": "model", "topology": "topology", "global_batch": "global_batch", "seq_len": "seq_len", "dtype": "dtype",
@@ -174,9 +174,38 @@ def planner_landscape(outcome):  # (PlanOutcome) -> Landscape
     return landscape_from_search(outcome.result, plan=outcome.plan, source=f"Planner search{where} under your pinned knobs.")
 
 
+def gpu_memory(plan, graph):  # (Plan, LayerGraph) -> list[GpuMemory]
+    """The memory model's components per pipeline rank, its virtual stages summed (interleaved plans hold
+    several): what the report's stacked memory chart shows. In-flight counts are the lowering's
+    (:func:`pipetrain.program.held_in_flight`), so the total is the peak the planner checked."""
+    from pipetrain.memory import bytes_per_param, stage_memory
+    from pipetrain.program import held_in_flight
+    from pipetrain.reports.plan_report import GpuMemory
+    from pipetrain.schedules import make_schedule
+
+    buffers = [st.buffers for st in plan.stages]
+    held = held_in_flight(make_schedule(plan.schedule, plan.pp, plan.num_microbatches, plan.chunks, buffers=buffers))
+    per = bytes_per_param(graph.dtype, plan.optimizer)
+    acc: dict[int, dict] = {}
+    for st in plan.stages:
+        mem = stage_memory(graph, st.block_start, st.block_end, in_flight=max(1, held[st.index]), buffers=st.buffers,
+                           recompute=st.recompute, optimizer=plan.optimizer)
+        tied = mem.tied_bytes / per.total if per.total else 0.0  # a tied copy has its own weights, gradient and state
+        a = acc.setdefault(st.rank, {"device": st.device, "stages": [], "weights_bytes": 0.0, "gradients_bytes": 0.0,
+                                     "optimizer_bytes": 0.0, "activations_bytes": 0.0, "buffers_bytes": 0.0,
+                                     "cap_bytes": float(st.memory_cap_bytes)})
+        a["stages"].append(st.index)
+        a["weights_bytes"] += mem.weights_bytes + tied * per.weights
+        a["gradients_bytes"] += mem.grads_bytes + tied * per.grads
+        a["optimizer_bytes"] += mem.optimizer_bytes + tied * per.optimizer
+        a["activations_bytes"] += mem.activation_bytes + mem.recompute_working_bytes
+        a["buffers_bytes"] += mem.buffer_bytes
+    return [GpuMemory(rank=r, **{**a, "stages": tuple(a["stages"])}) for r, a in sorted(acc.items())]
+
+
 def write_planner_files(outcome, out_dir, *, cost_source: str) -> None:  # (PlanOutcome, path, ...) -> None
     """What the what-if report reads: the simpy simulation of the chosen plan that the search ran
-    (``simulation.json``) and the landscape (``landscape.json``)."""
+    (``simulation.json``), the landscape (``landscape.json``) and the memory per GPU (``memory.json``)."""
     from pathlib import Path
 
     from pipetrain.reports.landscape import LANDSCAPE_FILE, write_landscape
@@ -193,6 +222,9 @@ def write_planner_files(outcome, out_dir, *, cost_source: str) -> None:  # (Plan
     save_simulation(out / SIMULATION_FILE, SimulationRecord(result=sim, topology=plan.topology, cost_source=cost_source,
                                                             origin="pipetrain plan: the planner's simpy confirmation of this plan"))
     write_landscape(out / LANDSCAPE_FILE, planner_landscape(outcome))
+    from pipetrain.reports.plan_report import MEMORY_FILE, write_gpu_memory
+
+    write_gpu_memory(out / MEMORY_FILE, gpu_memory(plan, res.graph()))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,10 +1,12 @@
 """What-if sweep: vary one or two knobs of a job, plan each point, print a table.
 
-``pipetrain sweep examples/gpt2-xl-dgx.yaml --vary m=8,16,32 --vary schedule=1f1b,gpipe [--json]``.
+``pipetrain sweep examples/gpt2-xl-dgx.yaml --vary m=8,16,32 --vary schedule=1f1b,gpipe [--json] [--report DIR]``.
 Knobs: ``m`` (micro-batches), ``p`` (pipeline depth), ``bandwidth`` (bytes/s of every link,
 inside and between nodes), ``device`` (a device type replacing every device of the topology)
 and ``schedule``. Each point is a full planner search with that knob pinned; infeasible points
-show why.
+show why. ``--report DIR`` also writes the rows to ``DIR/sweep.json`` and, from that file, a
+self-contained ``DIR/report.html`` with a line plot (one knob) or heat map (two) of the predicted
+step time (:mod:`pipetrain.reports.sweep`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from pipetrain.commands.plan import add_job_arguments, graph_source, job_from_args
@@ -28,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vary", action="append", required=True, metavar="KNOB=V1,V2,...",
                         help=f"knob to vary ({', '.join(KNOBS)}); give --vary once or twice")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument("--report", metavar="DIR", help="also write DIR/sweep.json and DIR/report.html (plot of the swept knobs, the table)")
 
 
 def parse_vary(items: list[str]) -> list[tuple[str, list[Any]]]:
@@ -113,31 +118,33 @@ def run(args: argparse.Namespace) -> int:
     job = job_from_args(args)
     graph_for, job = graph_source(args, job)
     from pipetrain.commands.plan import _progress
+    from pipetrain.reports.sweep import SWEEP_FILE, sweep_table, write_sweep_file, write_sweep_report
 
     with _progress(f"sweeping {' x '.join(k for k, _ in vary)} for {job.model}"):
         rows = sweep(job, vary, graph_for=graph_for)
+    data = {"job": job.model, "topology": job.topology, "vary": [k for k, _ in vary], "values": [v for _, v in vary], "rows": rows}
+    if args.report:
+        out = Path(args.report)
+        out.mkdir(parents=True, exist_ok=True)
+        write_sweep_file(out / SWEEP_FILE, data)
+        report = write_sweep_report(out)  # from the file just written: the report reads files only
     if args.json:
-        print(json.dumps({"job": job.model, "topology": job.topology, "vary": [k for k, _ in vary], "rows": rows}, indent=2))
-        return 0
-    from rich.console import Console
-    from rich.table import Table
+        print(json.dumps(data, indent=2))
+    else:
+        from rich.console import Console
+        from rich.markup import escape
+        from rich.table import Table
 
-    from pipetrain.planner.partition import format_bytes
-
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=160)
-    t = Table(title=f"sweep of {job.model} on {job.topology}")
-    for k, _ in vary:
-        t.add_column(k, justify="right")
-    for col in ("step s", "samples/s", "MFU", "bubble", "peak", "plan / why infeasible"):
-        t.add_column(col, justify="right" if col != "plan / why infeasible" else "left")
-    for r in rows:
-        keys = [str(r[k]) for k, _ in vary]
-        if r["error"]:
-            t.add_row(*keys, "-", "-", "-", "-", "-", f"[red]{r['error']}[/]")
-        else:
-            t.add_row(*keys, f"{r['step_time_s']:.4g}", f"{r['samples_per_s']:.4g}", f"{(r['mfu'] or 0) * 100:.1f}%",
-                      f"{r['bubble_fraction'] * 100:.1f}%", format_bytes(r["peak_memory_bytes"]), r["plan"])
-    console.print(t)
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=160)
+        t = Table(title=f"sweep of {job.model} on {job.topology}")
+        head, cells = sweep_table([k for k, _ in vary], rows)
+        for i, col in enumerate(head):
+            t.add_column(col, justify="left" if i == len(head) - 1 else "right")
+        for r, c in zip(rows, cells):
+            t.add_row(*c[:-1], f"[red]{escape(c[-1])}[/]" if r["error"] else escape(c[-1]))
+        console.print(t)
+    if args.report:
+        print(f"wrote {report.html} and {Path(args.report) / SWEEP_FILE}", file=sys.stderr if args.json else sys.stdout)
     return 0

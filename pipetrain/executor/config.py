@@ -26,6 +26,11 @@ class RunConfig:
     threads: int = 1
     telemetry: bool = True
     save_final: bool = False
+    #: a rank that makes no progress this long is reported as hung and the run ends (exit 2)
+    progress_timeout_s: float = 60.0
+    #: torchrun's elastic agent restarts the workers this many times after a rank fails; they resume
+    #: from the newest checkpoint that verifies
+    max_restarts: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -34,6 +39,10 @@ class RunConfig:
             raise ConfigError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         if self.timeout_s <= 0:
             raise ConfigError(f"--timeout must be > 0 seconds, got {self.timeout_s}")
+        if self.progress_timeout_s <= 0:
+            raise ConfigError(f"--progress-timeout must be > 0 seconds, got {self.progress_timeout_s}")
+        if self.max_restarts < 0:
+            raise ConfigError(f"--max-restarts must be >= 0, got {self.max_restarts}")
         if self.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {self.threads}")
 
@@ -50,6 +59,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, default=0, help="write per-stage checkpoints every N steps (0: never)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR's latest checkpoint")
     p.add_argument("--timeout", type=float, default=60.0, dest="timeout_s", help="seconds any distributed wait may take")
+    p.add_argument("--progress-timeout", type=float, default=60.0, dest="progress_timeout_s",
+                   help="seconds a rank may make no progress before the run is ended as hung (exit 2)")
+    p.add_argument("--max-restarts", type=int, default=0,
+                   help="restart the workers up to N times after a rank fails; they resume from the newest checkpoint")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank on CPU")
     p.add_argument("--no-telemetry", action="store_false", dest="telemetry", help="skip per-action events")
     p.add_argument("--save-final", action="store_true", help="write final per-rank weights to RUN_DIR/final/")
@@ -59,14 +72,16 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
     return RunConfig(plan_path=a.plan, run_dir=a.run_dir, steps=a.steps, dataset=a.dataset, lr=a.lr,
                      weight_decay=a.weight_decay, momentum=a.momentum, clip_norm=a.clip_norm,
                      checkpoint_every=a.checkpoint_every, resume=a.resume, timeout_s=a.timeout_s,
-                     threads=a.threads, telemetry=a.telemetry, save_final=a.save_final)
+                     threads=a.threads, telemetry=a.telemetry, save_final=a.save_final,
+                     progress_timeout_s=a.progress_timeout_s, max_restarts=a.max_restarts)
 
 
 def config_to_argv(c: RunConfig) -> list[str]:
     argv = [c.plan_path, "--steps", str(c.steps), "--run-dir", c.run_dir, "--dataset", c.dataset,
             "--lr", repr(c.lr), "--weight-decay", repr(c.weight_decay), "--momentum", repr(c.momentum),
             "--clip-norm", repr(c.clip_norm), "--checkpoint-every", str(c.checkpoint_every),
-            "--timeout", repr(c.timeout_s), "--threads", str(c.threads)]
+            "--timeout", repr(c.timeout_s), "--threads", str(c.threads),
+            "--progress-timeout", repr(c.progress_timeout_s)]
     if c.resume:
         argv.append("--resume")
     if not c.telemetry:

@@ -1,6 +1,7 @@
 """Test hooks of the executor, switched on by environment variables (off, None, when unset).
 
-* ``PIPETRAIN_FAULT=rank:step:action:raise|kill``: :func:`fault_hook` fails that rank mid-step.
+* ``PIPETRAIN_FAULT=rank:step:action:raise|kill|stop``: :func:`fault_hook` fails (or, ``stop``, hangs)
+  that rank mid-step.
 * ``PIPETRAIN_INJECT_GRAD_SCALE=stage:factor``: :func:`grad_scale_hook` scales that stage's
   gradients after every backward (a deliberately broken pipeline, for validation tests).
 """
@@ -21,13 +22,16 @@ def fault_hook(rank: int) -> Callable[[int, int], None] | None:
     if not spec:
         return None
     r, st, act, mode = spec.split(":")
-    if int(r) != rank:
+    if int(r) != rank or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:  # a fault happens once, not again after a restart
         return None
 
     def hook(step: int, n_action: int) -> None:
         if step == int(st) and n_action == int(act):
             if mode == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if mode == "stop":  # hangs: the process stays, makes no progress
+                os.kill(os.getpid(), signal.SIGSTOP)
+                return
             raise RuntimeError(f"injected fault at step {step}, action {n_action}")
 
     return hook

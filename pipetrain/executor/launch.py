@@ -2,7 +2,9 @@
 
 :func:`launch` starts ``pp*dp`` workers (``python -m pipetrain.executor plan.json ...``) through
 ``torch.distributed.launcher.api.elastic_launch`` on ``127.0.0.1`` and a free port, with
-``max_restarts=0``: when any worker fails or is killed the agent stops the others, and
+``max_restarts`` from ``--max-restarts`` (default 0): when any worker fails or is killed the agent
+stops the others and, while restarts are left, starts them all again (they resume from the newest
+checkpoint that verifies); then
 :func:`launch` raises a :class:`~pipetrain.errors.RunError` naming the failed rank and its
 error (a rank's own error beats the connection errors it caused in its peers). On success it
 returns the :class:`~pipetrain.executor.result.RunResult` rank 0 wrote.
@@ -21,6 +23,7 @@ from typing import Any
 
 from pipetrain.errors import RunError
 from pipetrain.executor.config import RunConfig, config_to_argv
+from pipetrain.executor.heartbeat import HANG_FILE, HangWatch, Stall
 from pipetrain.plan import Plan
 
 __all__ = ["free_port", "preflight", "launch", "describe_failure", "worker_env", "main"]
@@ -53,6 +56,15 @@ def describe_failure(run_dir: Path, failures: dict[int, Any], pp: int) -> str:
     root: list[tuple[float, int, str]] = []
     peer: list[tuple[float, int, str]] = []
     fdir = run_dir / "failures"
+    hang = fdir / HANG_FILE
+    if hang.is_file():  # the hang watch killed the workers: the stalled rank is the cause, not the kills
+        try:
+            d = json.loads(hang.read_text())
+            stall = Stall(rank=int(d["rank"]), step=int(d["step"]), action=str(d["action"]), idle_s=float(d["idle_s"]))
+            r = stall.rank
+            return f"{stall.describe()} (pipeline rank {r % pp}, replica {r // pp}); raise --progress-timeout if it is just slow"
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
     if fdir.is_dir():
         for f in fdir.glob("rank*.txt"):
             r = int(f.stem[4:])
@@ -140,12 +152,16 @@ def launch(cfg: RunConfig, *, plan: Plan | None = None, monitor_interval_s: floa
     port = free_port()
     lc = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=plan.world_size, run_id=f"pipetrain-{uuid.uuid4().hex[:8]}",
                       rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{port}", rdzv_configs={"timeout": int(max(cfg.timeout_s, 30))},
-                      max_restarts=0, monitor_interval=monitor_interval_s, start_method="spawn", local_addr="127.0.0.1")
+                      max_restarts=cfg.max_restarts, monitor_interval=monitor_interval_s, start_method="spawn", local_addr="127.0.0.1")
     argv = ["-u", "-m", "pipetrain.executor", *config_to_argv(cfg)]
+    watch = HangWatch(run_dir, timeout_s=cfg.progress_timeout_s, startup_timeout_s=cfg.timeout_s,
+                      world_size=plan.world_size).start()
     try:
         elastic_launch(lc, sys.executable)(*argv)
     except ChildFailedError as exc:
         raise RunError(describe_failure(run_dir, dict(exc.failures), plan.pp)) from None
+    finally:
+        watch.stop()
     return load_result(run_dir)
 
 

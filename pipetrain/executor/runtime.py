@@ -124,6 +124,8 @@ class PipelineRuntime:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     saved: SavedBytes = field(default_factory=SavedBytes)
     fault: Callable[[int, int], None] | None = None
+    #: told (step, operation) before each operation: the worker's heartbeat (hang detection)
+    progress: Callable[[int, str], None] | None = None
 
     def __post_init__(self) -> None:
         self.order = tuple(op.action for op in self.ops if op.verb != POST and op.action.is_compute)
@@ -213,8 +215,11 @@ class PipelineRuntime:
         if self._measure_saved_until < 0:
             self._measure_saved_until = step
         n_action = -1
+        progress = self.progress
         for op in self.ops:
             a = op.action
+            if progress is not None:
+                progress(step, str(op))
             st = self.stages[a.stage]
             s, mb = a.stage, a.microbatch
             if op.verb == POST:

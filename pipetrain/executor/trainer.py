@@ -156,6 +156,8 @@ class Trainer:
         losses = rt.run_step(step, inputs, targets)
         if self.grad_scale is not None:
             self.grad_scale(step, self.modules)
+        if rt.progress is not None:
+            rt.progress(step, "gradient sync and optimizer step")
         norm = self.sync.sync()
         stage_norms = self.sync.stage_norms
         t0 = tel.now()
@@ -182,7 +184,8 @@ class Trainer:
             mem["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device))
         rts = self.runtimes.values()
         tel.flush_step(step, {
-            "loss": loss, "step_time_s": step_s, "cpu_main_s": main_s, "cpu_process_s": cpu_s, "grad_norm": norm, "stage_grad_norms": stage_norms,
+            "loss": loss, "step_time_s": step_s, "end_unix_s": time.time(), "cpu_main_s": main_s, "cpu_process_s": cpu_s,
+            "grad_norm": norm, "stage_grad_norms": stage_norms,
             "in_flight_peak": {str(k): v for k, v in rt.in_flight_peak.items()},
             "recv_buffer_allocations": sum(r.in_pool.allocations + (r.grad_pool.allocations if r.grad_pool else 0) for r in rts),
             "recv_buffer_storages": sum(len(r.in_pool.used_ptrs) + (len(r.grad_pool.used_ptrs) if r.grad_pool else 0) for r in rts),

@@ -7,6 +7,7 @@ the plan places stages on CUDA, gloo on CPU. Every wait has a timeout (``--timeo
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -31,6 +32,9 @@ def main(cfg: RunConfig) -> int:
     (run_dir / "pids").mkdir(parents=True, exist_ok=True)
     (run_dir / "pids" / f"rank{rank}").write_text(str(os.getpid()))
 
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart > 0 and not cfg.resume:  # the elastic agent restarted us: continue from the newest checkpoint, if any
+        cfg = dataclasses.replace(cfg, resume=True)
     plan = Plan.load(cfg.plan_path)
     if world != plan.world_size:
         raise RunError(f"the plan needs pp*dp = {plan.pp}*{plan.dp} = {plan.world_size} processes but torchrun started {world}: "
@@ -73,17 +77,28 @@ def main(cfg: RunConfig) -> int:
 
 
 def _train(cfg: RunConfig, plan: Plan, spec: Any, model: Any, device: Any, timeout: Any, rank: int, run_dir: Path) -> int:
+    from pipetrain.executor.heartbeat import Heartbeat
     from pipetrain.executor.trainer import Trainer
 
-    tr = Trainer(cfg, plan, spec, model, device, timeout, rank, run_dir)
-    for step in range(tr.start_step, cfg.steps):
-        tr.train_step(step)
-        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            tr.checkpoint(step + 1)
-    if cfg.save_final:
-        tr.save_final()
-    tr.telemetry.close()
-    _write_result(plan, cfg, run_dir, rank)
+    hb = Heartbeat(run_dir, rank, interval_s=min(1.0, cfg.progress_timeout_s / 4))
+    try:
+        tr = Trainer(cfg, plan, spec, model, device, timeout, rank, run_dir)
+        tr.rt.progress = hb.progress
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if restart > 0 and rank == 0:
+            print(f"elastic restart {restart}: resuming at step {tr.start_step}", flush=True)
+        for step in range(tr.start_step, cfg.steps):
+            tr.train_step(step)
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                hb.progress(step, "checkpoint")
+                tr.checkpoint(step + 1)
+        if cfg.save_final:
+            tr.save_final()
+        tr.telemetry.close()
+        hb.progress(cfg.steps, "writing result.json")
+        _write_result(plan, cfg, run_dir, rank)
+    finally:
+        hb.close()
     return 0
 
 

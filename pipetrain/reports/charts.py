@@ -10,7 +10,10 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+
+from pipetrain.reports.units import format_seconds, seconds_unit
 
 __all__ = [
     "convergence_figure",
@@ -21,9 +24,25 @@ __all__ = [
     "landscape_figure",
     "scatter_figure",
     "grad_norm_figure",
+    "memory_stack_figure",
+    "MEMORY_PARTS",
 ]
 
 _GIB = float(1 << 30)
+#: at most this many category labels on an axis: 32 "stage N" labels at 7 pt run together in 9 inches
+_MAX_LABELS = 16
+#: the components of a GPU's memory, bottom to top, as memory.json names them
+MEMORY_PARTS = ("weights", "gradients", "optimizer", "activations", "buffers")
+
+
+def _category_ticks(ax: Axes, positions: Sequence[float] | np.ndarray, labels: Sequence[str], *, axis: str = "x") -> None:
+    """Every k-th label so that at most ``_MAX_LABELS`` show (the bars stay; only their labels thin out)."""
+    k = max(1, math.ceil(len(labels) / _MAX_LABELS))
+    pos, lab = list(positions)[::k], list(labels)[::k]
+    if axis == "x":
+        ax.set_xticks(pos, lab, fontsize=7)
+    else:
+        ax.set_yticks(pos, lab, fontsize=7)
 
 
 def convergence_figure(pipeline_loss: Sequence[float], reference_loss: Sequence[float]) -> Figure:
@@ -71,7 +90,8 @@ def memory_figure(predicted_bytes: Sequence[float], measured_bytes: Sequence[flo
             ax.set_yscale("log")
             low = min([v for v in list(predicted_bytes) + list(measured_bytes or []) if v > 0] or [top])
             ax.set_ylim(bottom=low / unit / 10)
-    ax.set_xticks(x, [f"stage {i}" for i in range(n)])
+    _category_ticks(ax, x, [str(i) for i in range(n)])
+    ax.set_xlabel("stage")
     ax.set_ylabel(name + (" (log)" if ax.get_yscale() == "log" else ""))
     ax.set_title("memory per stage")
     ax.legend(fontsize=8)
@@ -79,25 +99,60 @@ def memory_figure(predicted_bytes: Sequence[float], measured_bytes: Sequence[flo
 
 
 def breakdown_figure(rows: Mapping[str, Sequence[Sequence[float]]], *, parts: Sequence[str]) -> Figure:
-    """Stacked bars per stage for each source (e.g. 'simulated', 'measured'): compute, comm, bubble (s)."""
+    """Stacked bars per stage for each source (e.g. 'simulated', 'measured'): one value per part, in seconds
+    (e.g. compute, transfer, collective, bubble as :func:`pipetrain.timeline.stage_breakdown` splits a step)."""
     fig = Figure(figsize=(9, 3.6), layout="constrained")
     ax = fig.add_subplot()
     sources = list(rows)
     n = max(len(v) for v in rows.values())
+    top = max((sum(r) for v in rows.values() for r in v), default=0.0)
+    unit, uname = seconds_unit(top) if top > 0 else (1e-3, "ms")
     width = 0.8 / max(1, len(sources))
-    colors = ["#4C72B0", "#8172B3", "#CCCCCC", "#55A868"]
+    colors = ["#4C72B0", "#8172B3", "#C44E52", "#CCCCCC", "#55A868"]
+    many = n * len(sources) > 64  # white edges between thin bars would hide them
     for si, src in enumerate(sources):
         bottoms = np.zeros(n)
         for pi, part in enumerate(parts):
-            vals = np.array([row[pi] for row in rows[src]]) * 1e3
+            vals = np.array([row[pi] for row in rows[src]]) / unit
             ax.bar(np.arange(n) + si * width, vals, width, bottom=bottoms, color=colors[pi % len(colors)],
-                   edgecolor="black" if si else "white", hatch="//" if si else None,
-                   label=f"{part} ({src})")
+                   edgecolor="none" if many else ("black" if si else "white"), hatch="//" if si else None,
+                   label=f"{part} ({src})" if len(sources) > 1 else part)
             bottoms += vals
-    ax.set_xticks(np.arange(n) + width * (len(sources) - 1) / 2, [f"stage {i}" for i in range(n)])
-    ax.set_ylabel("ms per step")
+    _category_ticks(ax, np.arange(n) + width * (len(sources) - 1) / 2, [str(i) for i in range(n)])
+    ax.set_xlabel("stage")
+    ax.set_ylabel(f"{uname} per step")
     ax.set_title("per-stage breakdown")
-    ax.legend(fontsize=7, ncols=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig
+
+
+def memory_stack_figure(parts: Mapping[str, Sequence[float]], cap_bytes: Sequence[float] | None, *,
+                        label: str = "GPU") -> Figure:
+    """Stacked memory per GPU (pipeline rank): ``parts[name][gpu]`` bytes, bottom to top in :data:`MEMORY_PARTS`
+    order where named so, with each GPU's cap as a marker."""
+    fig = Figure(figsize=(9, 3.6), layout="constrained")
+    ax = fig.add_subplot()
+    names = [p for p in MEMORY_PARTS if p in parts] + [p for p in parts if p not in MEMORY_PARTS]
+    n = max((len(v) for v in parts.values()), default=0)
+    totals = np.sum([np.asarray(parts[p], dtype=float) for p in names], axis=0) if names else np.zeros(n)
+    top = max([float(totals.max()) if n else 0.0] + list(cap_bytes or []) + [1.0])
+    unit, uname = (_GIB, "GiB") if top >= _GIB else (float(1 << 20), "MiB")
+    colors = {"weights": "#4C72B0", "gradients": "#DD8452", "optimizer": "#55A868", "activations": "#C44E52",
+              "buffers": "#8172B3"}
+    x = np.arange(n)
+    bottoms = np.zeros(n)
+    for p in names:
+        vals = np.asarray(parts[p], dtype=float) / unit
+        ax.bar(x, vals, 0.8, bottom=bottoms, color=colors.get(p, "#8C8C8C"), label=p, edgecolor="none")
+        bottoms += vals
+    if cap_bytes is not None and any(c > 0 for c in cap_bytes):
+        ax.scatter(x, np.asarray(cap_bytes, dtype=float) / unit, marker="_", s=max(20.0, 6000.0 / max(n, 1)), color="black",
+                   label="device cap", zorder=3)
+    _category_ticks(ax, x, [str(i) for i in range(n)])
+    ax.set_xlabel(label)
+    ax.set_ylabel(uname)
+    ax.set_title(f"memory per {label}: components against the cap")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig
 
 
@@ -133,32 +188,51 @@ def param_consistency_figure(max_abs: Sequence[float], rel: Sequence[float], tol
 
 def landscape_figure(ms: Sequence[int], ps: Sequence[int], step_time_s: Sequence[Sequence[float]],
                      chosen: tuple[int, int] | None = None, labels: Sequence[Sequence[str]] | None = None) -> Figure:
-    """Predicted step time over (m, p); NaN cells are hatched and labelled (``labels[p][m]``, default "infeasible")."""
-    fig = Figure(figsize=(7, 3.8), layout="constrained")
+    """Predicted step time over (m, p); NaN cells are hatched and labelled (``labels[p][m]``, default "infeasible").
+
+    Cell text is compact ("92.8 s") and sized to its cell; a cell too small for 4-point text is left
+    bare (the colour bar still reads it). The "chosen" legend sits outside the grid.
+    """
+    fig = Figure(figsize=(max(7.0, 0.45 * len(ms) + 2.5), max(3.8, 0.3 * len(ps) + 1.8)), layout="constrained")
     ax = fig.add_subplot()
-    z = np.asarray(step_time_s, dtype=float) * 1e3  # rows = p, cols = m
+    z = np.asarray(step_time_s, dtype=float)  # rows = p, cols = m; seconds
     masked = np.ma.masked_invalid(z)
     lo, hi = (float(masked.min()), float(masked.max())) if masked.count() else (0.0, 0.0)
-    im = ax.imshow(masked, aspect="auto", origin="lower", cmap="viridis_r")
+    unit, uname = seconds_unit(hi) if hi > 0 else (1e-3, "ms")
+    im = ax.imshow(masked / unit, aspect="auto", origin="lower", cmap="viridis_r")
+    # the cell's size in points, from the figure size before layout (a slight over-estimate: the colour bar takes some)
+    w_in, h_in = fig.get_size_inches()
+    cell_w = (w_in - 2.2) * 72 / max(1, z.shape[1])
+    cell_h = (h_in - 1.2) * 72 / max(1, z.shape[0])
     for i in range(z.shape[0]):
         for j in range(z.shape[1]):
             if math.isnan(z[i, j]):
                 ax.add_patch(_hatch(j, i))
-                ax.text(j, i, labels[i][j] if labels is not None else "infeasible", ha="center", va="center", fontsize=6)
+                text, color = (labels[i][j] if labels is not None else "infeasible"), "black"
             else:  # dark text on the light (fast) end of viridis_r, white on the dark end
                 dark = (z[i, j] - lo) / (hi - lo) > 0.5 if hi > lo else False
-                ax.text(j, i, f"{z[i, j]:.3g}", ha="center", va="center", fontsize=8, color="white" if dark else "black")
+                text, color = format_seconds(float(z[i, j])), "white" if dark else "black"
+            size = _fit_font(text, cell_w, cell_h)
+            if size is not None:
+                ax.text(j, i, text, ha="center", va="center", fontsize=size, color=color, clip_on=True)
     if chosen is not None and chosen[0] in ms and chosen[1] in ps:
-        ax.scatter([list(ms).index(chosen[0]) + 0.3], [list(ps).index(chosen[1]) + 0.25], marker="*", s=220, color="red",
-                   edgecolors="black", label="chosen")
-        ax.legend(fontsize=8, loc="upper right")
-    ax.set_xticks(range(len(ms)), [str(m) for m in ms])
-    ax.set_yticks(range(len(ps)), [str(p) for p in ps])
+        ax.scatter([list(ms).index(chosen[0]) + 0.3], [list(ps).index(chosen[1]) + 0.25], marker="*", s=160, color="red",
+                   edgecolors="black", label="chosen plan")
+        fig.legend(fontsize=8, loc="outside lower right", frameon=False)
+    _category_ticks(ax, range(len(ms)), [str(m) for m in ms])
+    _category_ticks(ax, range(len(ps)), [str(p) for p in ps], axis="y")
     ax.set_xlabel("micro-batches m")
     ax.set_ylabel("pipeline depth p")
-    ax.set_title("planner landscape: predicted step time (ms)")
-    fig.colorbar(im, ax=ax, label="ms")
+    ax.set_title("planner landscape: predicted step time")
+    fig.colorbar(im, ax=ax, label=uname)
     return fig
+
+
+def _fit_font(text: str, cell_w_pt: float, cell_h_pt: float, *, largest: float = 8.0, smallest: float = 4.0) -> float | None:
+    """The largest font size (points) at which ``text`` fits its cell with a margin; None below ``smallest``.
+    A DejaVu Sans character is at most about 0.65 em wide on average over digits and letters."""
+    size = min(largest, 0.8 * cell_w_pt / (0.65 * max(1, len(text))), 0.7 * cell_h_pt)
+    return size if size >= smallest else None
 
 
 def _hatch(x: int, y: int):

@@ -2,15 +2,18 @@
 
 ``pipetrain plan`` writes the planner's outcome into DIR first: ``simulation.json`` (the simpy
 simulation of the chosen plan the search already ran, :class:`~pipetrain.simulator.result.SimulationRecord`)
-and ``landscape.json`` (:mod:`pipetrain.reports.landscape`). :func:`write_plan_report` reads those
+``landscape.json`` (:mod:`pipetrain.reports.landscape`) and ``memory.json`` (:data:`MEMORY_FILE`: the
+memory model's components per GPU). :func:`write_plan_report` reads those
 files, simulates and searches nothing, and writes ``DIR/report.html`` (self-contained), one PNG per
 figure, ``summary.json`` and ``trace_simulated.json``: the plan (stage table, alternatives it
 beat), the simulated timeline, the simulated per-stage breakdown, memory per stage against the
-cap, and the planner's landscape over (m, p).
+cap (stacked by component per GPU when ``memory.json`` is there), and the planner's landscape over (m, p).
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +24,67 @@ from pipetrain.reports import charts
 from pipetrain.reports.figures import timeline_figure
 from pipetrain.reports.html import Markup, Section
 from pipetrain.reports.landscape import LANDSCAPE_FILE, landscape_mismatch, read_landscape
-from pipetrain.reports.report import FigureSink, ReportOutput, _finish, _mib, _ms, landscape_section, plan_section
+from pipetrain.reports.report import (
+    BREAKDOWN_PARTS,
+    BREAKDOWN_TEXT,
+    FigureSink,
+    ReportOutput,
+    _finish,
+    _mib,
+    _ms,
+    breakdown_dict,
+    breakdown_rows,
+    landscape_section,
+    plan_section,
+)
+from pipetrain.reports.units import format_seconds
+from pipetrain.serde import write_text_atomic
 from pipetrain.simulator.result import SIMULATION_FILE, load_simulation
 from pipetrain.timeline import stage_breakdown
 
-__all__ = ["PLAN_SECTIONS", "write_plan_report"]
+__all__ = ["PLAN_SECTIONS", "MEMORY_FILE", "GpuMemory", "write_gpu_memory", "read_gpu_memory", "write_plan_report"]
 
 PLAN_SECTIONS = ("plan", "timelines", "breakdown", "memory", "landscape")
+#: the memory model's components per GPU, written by ``pipetrain plan --report DIR`` beside ``landscape.json``
+MEMORY_FILE = "memory.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class GpuMemory:
+    """The memory model's peak bytes of one pipeline rank (all its virtual stages), by component."""
+
+    rank: int
+    device: str
+    stages: tuple[int, ...]
+    weights_bytes: float
+    gradients_bytes: float
+    optimizer_bytes: float
+    activations_bytes: float  # saved activations in flight (and the recompute working set)
+    buffers_bytes: float  # receive buffers
+    cap_bytes: float
+
+    @property
+    def total_bytes(self) -> float:
+        return self.weights_bytes + self.gradients_bytes + self.optimizer_bytes + self.activations_bytes + self.buffers_bytes
+
+
+def write_gpu_memory(path: str | Path, gpus: list[GpuMemory]) -> Path:
+    return write_text_atomic(path, json.dumps({"gpus": [{**vars(g), "stages": list(g.stages)} for g in gpus]}) + "\n")
+
+
+def read_gpu_memory(path: str | Path) -> list[GpuMemory] | None:
+    """The GPUs in ``path``; None when there is no such file; RunError (with the fix) when it is corrupt."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    try:
+        return [GpuMemory(rank=int(g["rank"]), device=str(g["device"]), stages=tuple(int(x) for x in g["stages"]),
+                          **{k: float(g[k]) for k in ("weights_bytes", "gradients_bytes", "optimizer_bytes",
+                                                      "activations_bytes", "buffers_bytes", "cap_bytes")})
+                for g in json.loads(p.read_text(encoding="utf-8"))["gpus"]]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise RunError(f"{p} is corrupt ({type(exc).__name__}): delete it, or write it again with "
+                       f"`pipetrain plan ... --report DIR`") from None
 
 
 def write_plan_report(plan: Plan, out_dir: str | Path) -> ReportOutput:
@@ -59,33 +116,48 @@ def write_plan_report(plan: Plan, out_dir: str | Path) -> ReportOutput:
         br = stage_breakdown(events, n, stage_rank)
         sections.append(Section(
             id="timelines", title="Simulated timeline",
-            paragraphs=(Markup("One simulated step on {} ({}): {} ms, bubble {}%, {} tokens/s. Chrome trace for Perfetto: "
-                               "<code>{}</code>.").format(simrec.topology, simrec.cost_source, f"{sim.step_time_s * 1e3:.4g}",
+            paragraphs=(Markup("One simulated step on {} ({}): {}, bubble {}%, {} tokens/s. Chrome trace for Perfetto: "
+                               "<code>{}</code>.").format(simrec.topology, simrec.cost_source, format_seconds(sim.step_time_s),
                                                           f"{sim.bubble_fraction * 100:.1f}", f"{sim.tokens_per_s:,.0f}", trace.name),),
             figures=(sink("timeline_simulated", "simulated step timeline", timeline_figure(events, title=f"simulated {plan.schedule}")),)))
         sections.append(Section(
             id="breakdown", title="Per-stage breakdown (simulated)",
-            tables=((("stage", "compute", "communication", "bubble", "busy %"),
-                     tuple((str(b.stage), _ms(b.compute_s), _ms(b.comm_s), _ms(b.bubble_s), f"{b.busy_fraction * 100:.0f}") for b in br)),),
-            figures=(sink("breakdown", "per-stage compute / communication / bubble (simulated)",
-                          charts.breakdown_figure({"simulated": [(b.compute_s, b.comm_s, b.bubble_s) for b in br]},
-                                                  parts=("compute", "communication", "bubble"))),)))
+            paragraphs=(BREAKDOWN_TEXT,),
+            tables=((("stage", "compute", "transfer", "collective", "bubble", "busy %"),
+                     tuple((str(b.stage), _ms(b.compute_s), _ms(b.transfer_s), _ms(b.collective_s), _ms(b.bubble_s),
+                            f"{b.busy_fraction * 100:.0f}") for b in br)),),
+            figures=(sink("breakdown", "per-stage compute / transfer / collective / bubble (simulated)",
+                          charts.breakdown_figure({"simulated": breakdown_rows(br)}, parts=BREAKDOWN_PARTS)),)))
         simulated = {"topology": simrec.topology, "cost_source": simrec.cost_source, "step_time_s": sim.step_time_s,
-                     "tokens_per_s": sim.tokens_per_s, "bubble_fraction": sim.bubble_fraction, "breakdown": [vars(b) for b in br]}
+                     "tokens_per_s": sim.tokens_per_s, "bubble_fraction": sim.bubble_fraction, "breakdown": [breakdown_dict(b) for b in br]}
     predicted = [st.predicted_peak_memory_bytes or (float(sim.peak_memory_bytes_per_stage[st.index]) if sim is not None else 0.0)
                  for st in plan.stages]
     caps = [st.memory_cap_bytes for st in plan.stages]
+    gpus = read_gpu_memory(out / MEMORY_FILE)
+    figs = [sink("memory", "memory per stage: predicted and cap", charts.memory_figure(predicted, None, caps if any(caps) else None))]
+    paras: tuple[str, ...] = ()
+    if gpus is not None:
+        parts = {"weights": [g.weights_bytes for g in gpus], "gradients": [g.gradients_bytes for g in gpus],
+                 "optimizer": [g.optimizer_bytes for g in gpus], "activations": [g.activations_bytes for g in gpus],
+                 "buffers": [g.buffers_bytes for g in gpus]}
+        figs.append(sink("memory_components", "memory per GPU by component, against the device cap",
+                         charts.memory_stack_figure(parts, [g.cap_bytes for g in gpus])))
+        paras = ("Per GPU (pipeline rank, its virtual stages summed): the memory model's weights, gradients, optimizer "
+                 "state, activations in flight and receive buffers, from memory.json.",)
+    else:
+        paras = (f"No per-GPU components: {out / MEMORY_FILE} is missing; {rerun}.",)
     sections.append(Section(
-        id="memory", title="Memory per stage",
+        id="memory", title="Memory per stage", paragraphs=paras,
         tables=((("stage", "predicted peak", "cap", "headroom"),
                  tuple((str(st.index), _mib(p), _mib(c) if c else "-", f"{(1 - p / c) * 100:.0f}%" if c else "-")
                        for st, p, c in zip(plan.stages, predicted, caps))),),
-        figures=(sink("memory", "memory per stage: predicted and cap", charts.memory_figure(predicted, None, caps if any(caps) else None)),)))
+        figures=tuple(figs)))
     sections.append(landscape_section(land, sink, chosen=(plan.num_microbatches, plan.pp), note=lnote))
     data = {"model": plan.model, "topology": plan.topology, "pp": plan.pp, "dp": plan.dp, "schedule": plan.schedule,
             "num_microbatches": plan.num_microbatches, "micro_batch_size": plan.micro_batch_size, "simulated": simulated,
             "predicted_memory_bytes_per_stage": predicted, "memory_cap_bytes_per_stage": caps,
             "alternatives": [{"description": a.description, "step_time_s": a.step_time_s, "reason": a.reason} for a in plan.alternatives],
-            "landscape": None if land is None else land.to_dict(), "sections": [s.id for s in sections]}
+            "landscape": None if land is None else land.to_dict(),
+            "memory_per_gpu": None if gpus is None else [{**vars(g), "stages": list(g.stages)} for g in gpus], "sections": [s.id for s in sections]}
     return _finish(out, f"pipetrain plan: {plan.model} on {plan.topology}", "what-if report (planned and simulated, not run)",
                    sections, sink, traces, data)

@@ -3,7 +3,7 @@
 :func:`write_run_report` only reads what a finished run directory holds (:mod:`pipetrain.reports.rundir`):
 it never trains, validates, searches or simulates. It writes sections (ids in :data:`RUN_SECTIONS`):
 the plan (stage table and the alternatives it beat), timelines (simulated and measured side by
-side), per-stage breakdown (compute, communication, bubble; simulated against measured,
+side), per-stage breakdown (compute, transfer, collective, bubble; simulated against measured,
 definitions in :mod:`pipetrain.timeline`), step time, the simulator's accuracy for the run
 (``fidelity.json``, when there), memory per stage (predicted, measured, cap), convergence
 (pipeline vs single-device loss, difference on a log scale, per-stage gradient norms), parameter
@@ -32,6 +32,7 @@ from pipetrain.reports.figures import timeline_figure, timelines_side_by_side
 from pipetrain.reports.html import Markup, Section, figure_png, write_report
 from pipetrain.reports.landscape import Landscape, find_run_landscape
 from pipetrain.reports.rundir import FIDELITY_FILE, ValidationView, read_fidelity, read_run_dir, read_run_simulation, read_validation
+from pipetrain.reports.units import format_bytes, format_seconds
 from pipetrain.timeline import events_from_records, events_of_step, pick_step, read_telemetry, stage_breakdown
 
 __all__ = ["RUN_SECTIONS", "ReportOutput", "write_run_report", "check_report", "plan_section", "landscape_section",
@@ -39,6 +40,22 @@ __all__ = ["RUN_SECTIONS", "ReportOutput", "write_run_report", "check_report", "
 
 RUN_SECTIONS = ("plan", "timelines", "breakdown", "step-time", "memory", "convergence", "parameters", "landscape")
 _MIB = float(1 << 20)
+#: the parts of a stage's step, as :func:`pipetrain.timeline.stage_breakdown` splits it
+BREAKDOWN_PARTS = ("compute", "transfer", "collective", "bubble")
+BREAKDOWN_TEXT = ("Compute is the stage's F/B/W time; transfer the idle time while a transfer to it was on the wire (both "
+                  "ends engaged: not the wait for the sender to compute, which a receive posted early also spans); "
+                  "collective the idle time in an all-reduce; bubble the rest of its rank's idle time in the step, waiting "
+                  "for a peer.")
+
+
+def breakdown_rows(br: Sequence[Any]) -> list[tuple[float, float, float, float]]:
+    """The chart's rows of a :func:`~pipetrain.timeline.stage_breakdown`, in :data:`BREAKDOWN_PARTS` order."""
+    return [(b.compute_s, b.transfer_s, b.collective_s, b.bubble_s) for b in br]
+
+
+def breakdown_dict(b: Any) -> dict[str, Any]:
+    """One stage's breakdown for summary.json (``comm_s`` too: transfer + collective, as before the split)."""
+    return {**vars(b), "comm_s": b.comm_s}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,11 +83,13 @@ class FigureSink:
 
 
 def _mib(x: float) -> str:
-    return f"{x / _MIB:.2f} MiB"
+    """Bytes in the unit that suits them ("35.6 GiB", "512 MiB"): the name predates the units module."""
+    return format_bytes(x)
 
 
 def _ms(x: float | None) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x * 1e3:.3g} ms"
+    """Seconds in the unit that suits them ("92.8 s", "12.3 ms"): the name predates the units module."""
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format_seconds(x)
 
 
 def plan_section(plan: Plan, *, note: str = "") -> Section:
@@ -84,7 +103,7 @@ def plan_section(plan: Plan, *, note: str = "") -> Section:
     tables: list[tuple[tuple[str, ...], tuple[tuple[str, ...], ...]]] = [(head, tuple(rows))]
     if plan.alternatives:
         tables.append((("alternative", "step time", "why it lost"),
-                       tuple((a.description, "-" if a.step_time_s is None else f"{a.step_time_s * 1e3:.3g} ms", a.reason)
+                       tuple((a.description, _ms(a.step_time_s), a.reason)
                              for a in plan.alternatives)))
     sched = f"interleaved (v={plan.chunks})" if plan.schedule == "interleaved" else plan.schedule
     # Markup.format escapes every value it formats in: the model and topology names are the user's
@@ -94,7 +113,7 @@ def plan_section(plan: Plan, *, note: str = "") -> Section:
                                                           plan.optimizer, plan.seed)]
     if plan.predicted is not None:
         p = plan.predicted
-        paras.append(f"Planner's prediction: step {p.step_time_s * 1e3:.4g} ms, {p.tokens_per_s:,.0f} tokens/s, "
+        paras.append(f"Planner's prediction: step {_ms(p.step_time_s)}, {p.tokens_per_s:,.0f} tokens/s, "
                      f"bubble {p.bubble_fraction * 100:.1f}%, MFU {p.mfu * 100:.1f}%.")
     paras.append("Alternatives it beat are listed below." if plan.alternatives else
                  "This plan was not made by the planner's search, so it records no alternatives.")
@@ -201,14 +220,14 @@ def write_run_report(run_dir: str | Path, *, out_dir: str | Path | None = None,
     tokens = plan.global_batch * plan.seq_len
     ratio = med / sim.step_time_s if sim is not None and sim.step_time_s > 0 else None
     title = f"{plan.schedule}, pp={plan.pp}, m={plan.num_microbatches}"
-    measured_line = (f"Measured (step {step_id + 1}, the median step after warm-up): {res.step_times_s[k] * 1e3:.3g} ms.")
+    measured_line = (f"Measured (step {step_id + 1}, the median step after warm-up): {_ms(res.step_times_s[k])}.")
 
     sections = [plan_section(plan)]
     if simrec is not None and sim is not None:
         sections.append(Section(
             id="timelines", title="Timelines: simulated vs measured",
             paragraphs=(f"One step, one row per stage, F/B/W coloured, micro-batches labelled, on a shared time axis. Simulated on "
-                        f"{simrec.topology} ({simrec.cost_source}): {sim.step_time_s * 1e3:.3g} ms. {measured_line} "
+                        f"{simrec.topology} ({simrec.cost_source}): {_ms(sim.step_time_s)}. {measured_line} "
                         f"The measured median step is {med / sim.step_time_s:.2f}x the simulated one.",
                         Markup("Chrome traces for Perfetto: <code>{}</code> (simulated step) and <code>{}</code> (every measured "
                                "step, every rank).").format(traces[0].name, traces[1].name)),
@@ -222,35 +241,37 @@ def write_run_report(run_dir: str | Path, *, out_dir: str | Path | None = None,
             figures=(sink("timelines", "measured step timeline", timeline_figure(measured, title=f"measured {title}")),)))
     sources = (("simulated", br_sim), ("measured", br_run)) if sim is not None else (("measured", br_run),)
     short = {"simulated": "sim", "measured": "meas"}
-    head = ["stage"] + [f"{part} {short[src]}" for part in ("compute", "comm", "bubble", "busy %") for src, _ in sources]
+    head = ["stage"] + [f"{part} {short[src]}" for part in ("compute", "transfer", "collective", "bubble", "busy %")
+                        for src, _ in sources]
     body = []
     for s in range(n):
         row = [str(s)]
-        for get in (lambda b: _ms(b.compute_s), lambda b: _ms(b.comm_s), lambda b: _ms(b.bubble_s),
-                    lambda b: f"{b.busy_fraction * 100:.0f}"):
+        for get in (lambda b: _ms(b.compute_s), lambda b: _ms(b.transfer_s), lambda b: _ms(b.collective_s),
+                    lambda b: _ms(b.bubble_s), lambda b: f"{b.busy_fraction * 100:.0f}"):
             row.extend(get(br[s]) for _src, br in sources)
         body.append(tuple(row))
     sections.append(Section(
         id="breakdown", title="Per-stage breakdown",
-        paragraphs=("Compute is the stage's F/B/W time; communication the in-flight time of the transfers it received (send "
-                    "posted to receive completed), capped at its idle time; bubble the rest of its rank's idle time in the step."
+        paragraphs=(BREAKDOWN_TEXT
                     + ("" if sim is not None else " Measured only: the run has no simulation."),),
         tables=((tuple(head), tuple(body)),),
-        figures=(sink("breakdown", "per-stage compute / communication / bubble" + (", simulated vs measured" if sim is not None else ""),
-                      charts.breakdown_figure({src: [(b.compute_s, b.comm_s, b.bubble_s) for b in br] for src, br in sources},
-                                              parts=("compute", "communication", "bubble"))),)))
+        figures=(sink("breakdown", "per-stage compute / transfer / collective / bubble"
+                      + (", simulated vs measured" if sim is not None else ""),
+                      charts.breakdown_figure({src: breakdown_rows(br) for src, br in sources}, parts=BREAKDOWN_PARTS)),)))
     if sim is not None and ratio is not None:
-        step_para = (f"Measured median {med * 1e3:.3g} ms ({tokens / med:,.0f} tokens/s) against simulated {sim.step_time_s * 1e3:.3g} ms "
+        step_para = (f"Measured median {_ms(med)} ({tokens / med:,.0f} tokens/s) against simulated {_ms(sim.step_time_s)} "
                      f"({sim.tokens_per_s:,.0f} tokens/s): the simulator is {'optimistic' if sim.step_time_s < med else 'pessimistic'} "
                      f"by {max(ratio, 1 / ratio):.2f}x on this machine. The first step includes warm-up.")
     else:
-        step_para = f"Measured median {med * 1e3:.3g} ms ({tokens / med:,.0f} tokens/s). The first step includes warm-up. {snote}"
+        step_para = f"Measured median {_ms(med)} ({tokens / med:,.0f} tokens/s). The first step includes warm-up. {snote}"
     sections.append(Section(
         id="step-time", title="Step time", paragraphs=(step_para,),
         figures=(sink("step_time", "step time per step: measured" + (" vs simulated" if sim is not None else ""),
                       charts.step_time_figure(res.step_times_s, sim.step_time_s if sim is not None else None)),)))
     if fidelity is not None:
         sections.append(fidelity_section(fidelity, where=str(rd / FIDELITY_FILE)))
+    from pipetrain.reports.predictions import predictions_sections  # pipetrain demo: analytic and calibrated vs measured
+    sections.extend(predictions_sections(rd))
     predicted = [st.predicted_peak_memory_bytes or (float(sim.peak_memory_bytes_per_stage[st.index]) if sim is not None else 0.0)
                  for st in plan.stages]
     measured_mem = [float(res.peak_tensor_bytes[st.rank]) if st.rank < len(res.peak_tensor_bytes) else 0.0 for st in plan.stages]
@@ -274,11 +295,11 @@ def write_run_report(run_dir: str | Path, *, out_dir: str | Path | None = None,
         "measured": {"median_step_time_s": med, "tokens_per_s": tokens / med, "step_times_s": list(res.step_times_s),
                      "losses": list(res.losses), "timeline_step": step_id,
                      "peak_tensor_bytes_per_stage": measured_mem, "peak_rss_bytes_per_rank": list(res.peak_rss_bytes),
-                     "breakdown": [vars(b) for b in br_run]},
+                     "breakdown": [breakdown_dict(b) for b in br_run]},
         "simulated": None if simrec is None or sim is None else {
             "topology": simrec.topology, "cost_source": simrec.cost_source, "step_time_s": sim.step_time_s,
             "tokens_per_s": sim.tokens_per_s, "bubble_fraction": sim.bubble_fraction,
-            "peak_memory_bytes_per_stage": list(map(float, sim.peak_memory_bytes_per_stage)), "breakdown": [vars(b) for b in br_sim]},
+            "peak_memory_bytes_per_stage": list(map(float, sim.peak_memory_bytes_per_stage)), "breakdown": [breakdown_dict(b) for b in br_sim]},
         "measured_over_simulated_step_time": ratio,
         "predicted_memory_bytes_per_stage": predicted, "memory_cap_bytes_per_stage": caps,
         "fidelity": fidelity,

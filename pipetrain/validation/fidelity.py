@@ -28,7 +28,7 @@ from pipetrain.validation.measure import Measured, measure_run
 
 __all__ = ["StageFidelity", "Fidelity", "simulate_plan", "executor_sim_input", "plan_topology", "cost_for_plan",
            "compare", "run_fidelity", "mape", "spearman", "fidelity_lines", "fidelity_table_rows",
-           "FIDELITY_FILE", "load_run_calibration", "report_run_fidelity", "describe_plan"]
+           "FIDELITY_FILE", "PREDICTIONS_FILE", "load_run_calibration", "report_run_fidelity", "describe_plan"]
 
 
 
@@ -127,10 +127,7 @@ def plan_topology(plan: Plan, calibration: Any = None) -> Any:
     from pipetrain.calibration.measured import calibrated_topology
     from pipetrain.topology import resolve_topology
 
-    name = plan.topology
-    if name in ("", "local") or not name:
-        name = f"local-cpu:{plan.world_size}"
-    topo = resolve_topology(name)
+    topo = resolve_topology(plan.topology, world_size=plan.world_size)
     return calibrated_topology(topo, calibration) if calibration is not None else topo
 
 
@@ -296,14 +293,20 @@ def load_run_calibration(path: str | None) -> Any:
     return load_calibration(path)
 
 
-def report_run_fidelity(run_dir: str | Path, plan: Plan, calibration: Any = None, *, echo: Any = print) -> Fidelity | None:
+def report_run_fidelity(run_dir: str | Path, plan: Plan, calibration: Any = None, *, echo: Any = print,
+                        analytic: tuple[float, str] | None = None, notes: Sequence[str] = ()) -> Fidelity | None:
     """After ``pipetrain run``: simulate the plan as executed, write it to RUN_DIR/simulation.json (what
     ``pipetrain report`` shows: the report never simulates), compare with the run, print per stage and
     write RUN_DIR/fidelity.json.
 
+    ``analytic`` (step seconds, cost source), a prediction made without this simulation's cost model
+    (``pipetrain demo``: the analytic roofline's), also writes RUN_DIR/predictions.json: both predictions
+    beside the measured median step, with ``notes`` (how the calibration was obtained, what the pins
+    cost), for the report's predictions section.
+
     A run whose telemetry cannot be compared (``--no-telemetry``, a single step) prints why and
     returns None: the run itself succeeded. Files an earlier run left in RUN_DIR are removed first,
-    so both files always describe this run.
+    so the files always describe this run.
     """
     import json
 
@@ -311,7 +314,7 @@ def report_run_fidelity(run_dir: str | Path, plan: Plan, calibration: Any = None
     from pipetrain.simulator.result import SIMULATION_FILE
 
     rd = Path(run_dir)
-    for name in (SIMULATION_FILE, FIDELITY_FILE):
+    for name in (SIMULATION_FILE, FIDELITY_FILE, PREDICTIONS_FILE):
         (rd / name).unlink(missing_ok=True)
     try:
         if not any((rd / "telemetry").glob("rank*.jsonl")):
@@ -328,7 +331,27 @@ def report_run_fidelity(run_dir: str | Path, plan: Plan, calibration: Any = None
     out = rd / FIDELITY_FILE
     out.write_text(json.dumps(f.to_dict(), indent=1))
     echo(f"wrote {out} and {rd / SIMULATION_FILE}")
+    if analytic is not None:
+        _save_predictions(rd, f, analytic=analytic, calibrated=calibration is not None, notes=notes)
     return f
+
+
+PREDICTIONS_FILE = "predictions.json"  # read by pipetrain.reports.predictions (which may not import this module)
+
+
+def _save_predictions(run_dir: Path, f: Fidelity, *, analytic: tuple[float, str], calibrated: bool, notes: Sequence[str]) -> Path:
+    """RUN_DIR/predictions.json: each prediction's step time and signed error against the measured median step."""
+    import json
+
+    from pipetrain.serde import write_text_atomic
+
+    step_s, source = analytic
+    preds = [{"label": "analytic", "cost_source": source, "step_time_s": step_s, "error": _rel(step_s, f.meas_step_s)},
+             {"label": "calibrated" if calibrated else "simulated as executed", "cost_source": f.cost_source,
+              "step_time_s": f.sim_step_s, "error": f.step_error}]
+    data = {"schema_version": 1, "measured_step_s": f.meas_step_s, "steps_measured": f.steps_measured, "predictions": preds,
+            "notes": list(notes)}
+    return write_text_atomic(run_dir / PREDICTIONS_FILE, json.dumps(data, indent=1) + "\n")
 
 
 def _save_run_simulation(run_dir: Path, plan: Plan, sim: Any, cost_source: str, *, calibrated: bool) -> Path:
