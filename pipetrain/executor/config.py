@@ -28,9 +28,6 @@ class RunConfig:
     save_final: bool = False
     #: a rank that makes no progress this long is reported as hung and the run ends (exit 2)
     progress_timeout_s: float = 60.0
-    #: torchrun's elastic agent restarts the workers this many times after a rank fails; they resume
-    #: from the newest checkpoint that verifies
-    max_restarts: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -41,8 +38,6 @@ class RunConfig:
             raise ConfigError(f"--timeout must be > 0 seconds, got {self.timeout_s}")
         if self.progress_timeout_s <= 0:
             raise ConfigError(f"--progress-timeout must be > 0 seconds, got {self.progress_timeout_s}")
-        if self.max_restarts < 0:
-            raise ConfigError(f"--max-restarts must be >= 0, got {self.max_restarts}")
         if self.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {self.threads}")
 
@@ -61,8 +56,6 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=60.0, dest="timeout_s", help="seconds any distributed wait may take")
     p.add_argument("--progress-timeout", type=float, default=60.0, dest="progress_timeout_s",
                    help="seconds a rank may make no progress before the run is ended as hung (exit 2)")
-    p.add_argument("--max-restarts", type=int, default=0,
-                   help="restart the workers up to N times after a rank fails; they resume from the newest checkpoint")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank on CPU")
     p.add_argument("--no-telemetry", action="store_false", dest="telemetry", help="skip per-action events")
     p.add_argument("--save-final", action="store_true", help="write final per-rank weights to RUN_DIR/final/")
@@ -73,7 +66,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
                      weight_decay=a.weight_decay, momentum=a.momentum, clip_norm=a.clip_norm,
                      checkpoint_every=a.checkpoint_every, resume=a.resume, timeout_s=a.timeout_s,
                      threads=a.threads, telemetry=a.telemetry, save_final=a.save_final,
-                     progress_timeout_s=a.progress_timeout_s, max_restarts=a.max_restarts)
+                     progress_timeout_s=a.progress_timeout_s)
 
 
 def config_to_argv(c: RunConfig) -> list[str]:

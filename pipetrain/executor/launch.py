@@ -2,9 +2,7 @@
 
 :func:`launch` starts ``pp*dp`` workers (``python -m pipetrain.executor plan.json ...``) through
 ``torch.distributed.launcher.api.elastic_launch`` on ``127.0.0.1`` and a free port, with
-``max_restarts`` from ``--max-restarts`` (default 0): when any worker fails or is killed the agent
-stops the others and, while restarts are left, starts them all again (they resume from the newest
-checkpoint that verifies); then
+``max_restarts=0``: when any worker fails or is killed the agent stops the others, and
 :func:`launch` raises a :class:`~pipetrain.errors.RunError` naming the failed rank and its
 error (a rank's own error beats the connection errors it caused in its peers). On success it
 returns the :class:`~pipetrain.executor.result.RunResult` rank 0 wrote.
@@ -152,7 +150,7 @@ def launch(cfg: RunConfig, *, plan: Plan | None = None, monitor_interval_s: floa
     port = free_port()
     lc = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=plan.world_size, run_id=f"pipetrain-{uuid.uuid4().hex[:8]}",
                       rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{port}", rdzv_configs={"timeout": int(max(cfg.timeout_s, 30))},
-                      max_restarts=cfg.max_restarts, monitor_interval=monitor_interval_s, start_method="spawn", local_addr="127.0.0.1")
+                      max_restarts=0, monitor_interval=monitor_interval_s, start_method="spawn", local_addr="127.0.0.1")
     argv = ["-u", "-m", "pipetrain.executor", *config_to_argv(cfg)]
     watch = HangWatch(run_dir, timeout_s=cfg.progress_timeout_s, startup_timeout_s=cfg.timeout_s,
                       world_size=plan.world_size).start()

@@ -7,7 +7,6 @@ the plan places stages on CUDA, gloo on CPU. Every wait has a timeout (``--timeo
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import os
@@ -32,9 +31,6 @@ def main(cfg: RunConfig) -> int:
     (run_dir / "pids").mkdir(parents=True, exist_ok=True)
     (run_dir / "pids" / f"rank{rank}").write_text(str(os.getpid()))
 
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    if restart > 0 and not cfg.resume:  # the elastic agent restarted us: continue from the newest checkpoint, if any
-        cfg = dataclasses.replace(cfg, resume=True)
     plan = Plan.load(cfg.plan_path)
     if world != plan.world_size:
         raise RunError(f"the plan needs pp*dp = {plan.pp}*{plan.dp} = {plan.world_size} processes but torchrun started {world}: "
@@ -84,9 +80,6 @@ def _train(cfg: RunConfig, plan: Plan, spec: Any, model: Any, device: Any, timeo
     try:
         tr = Trainer(cfg, plan, spec, model, device, timeout, rank, run_dir)
         tr.rt.progress = hb.progress
-        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-        if restart > 0 and rank == 0:
-            print(f"elastic restart {restart}: resuming at step {tr.start_step}", flush=True)
         for step in range(tr.start_step, cfg.steps):
             tr.train_step(step)
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
