@@ -83,11 +83,19 @@ def test_plan_report_what_if(tmp_path, capsys) -> None:
         assert parts == pytest.approx(peak, rel=1e-3) and g["weights_bytes"] > 0 and g["optimizer_bytes"] == 2 * g["weights_bytes"]
     trace = json.loads((out / "trace_simulated.json").read_text())
     assert sum(1 for e in trace["traceEvents"] if e["ph"] == "X" and e["cat"] == "F") == 2 * summary["num_microbatches"]
+    # neighbourhood.json: the m curve keeps the global batch (8 = m x micro-batch), one point is the plan
+    near = summary["neighbourhood"]
+    curve = [p for p in near if p["axis"] == "microbatches"]
+    assert [p["num_microbatches"] * p["micro_batch_size"] for p in curve] == [8] * len(curve) and len(curve) >= 3
+    assert sum(p["chosen"] for p in curve) == 1 and {p["micro_batch_size"] for p in curve} == {1, 2, 4, 8}
+    for p in near:
+        if p["step_time_s"] is not None:
+            assert p["tokens_per_s"] == pytest.approx(p["global_batch"] * 32 / p["step_time_s"], rel=1e-9)
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "https://" not in html
     if find_chromium() is not None:
         got = check_page(out / "report.html")
-        assert set(PLAN_SECTIONS) <= set(got.sections) and got.blank_images == () and len(got.images) == 5
+        assert set(PLAN_SECTIONS) <= set(got.sections) and got.blank_images == () and len(got.images) == 6
 
 
 # ----- the run report reads files only; names are escaped --------------------------------------------

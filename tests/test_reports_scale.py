@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 from matplotlib.text import Text
 
 from pipetrain.reports import charts
-from pipetrain.reports.figures import is_large, phase_windows, timeline_figure
+from pipetrain.reports.figures import is_large, phase_windows, timeline_figure, timelines_side_by_side
 from pipetrain.reports.report import BREAKDOWN_PARTS, breakdown_rows
 from pipetrain.simulator import fast_evaluate, uniform
 from pipetrain.timeline import stage_breakdown
@@ -74,6 +74,21 @@ def test_the_timeline_is_three_readable_phases_and_fast(events) -> None:
     # one collection per stage and kind in each panel, never one artist per event
     assert all(len(ax.collections) <= P * 2 for ax in fig.axes)
     assert time.perf_counter() - t < 10.0
+
+
+def test_the_run_reports_pair_is_two_rows_of_phases(events) -> None:
+    """Simulated and measured at scale: each source its own row of three phase panels, cut at its own turns."""
+    from dataclasses import replace
+
+    slower = [replace(e, start_s=e.start_s * 1.3, end_s=e.end_s * 1.3) for e in events]  # a "measured" step 30% longer
+    fig = timelines_side_by_side(events, slower, title="1f1b 32 x 512")
+    assert len(fig.axes) == 6 and _assert_no_overlap(fig) >= 6 * 5
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["simulated: warm-up", "simulated: steady state (window)", "simulated: cool-down",
+                      "measured: warm-up", "measured: steady state (window)", "measured: cool-down"]
+    # each row's cool-down panel ends at its own step's end (in ms from its own first event)
+    assert fig.axes[2].get_xlim()[1] * 1.3 == pytest.approx(fig.axes[5].get_xlim()[1], rel=1e-9)
+    assert all(len(ax.collections) <= P * 2 for ax in fig.axes)
 
 
 def test_breakdown_and_memory_labels_do_not_overlap(events) -> None:

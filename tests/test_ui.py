@@ -221,6 +221,7 @@ def test_page_edits_simulate_save_in_headless_chromium(tmp_path: Path, plan_and_
     monkeypatch.setenv("SE_OFFLINE", "true")  # selenium manager must not download a browser or a driver
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.select import Select
     from selenium.webdriver.support.ui import WebDriverWait
@@ -245,16 +246,26 @@ def test_page_edits_simulate_save_in_headless_chromium(tmp_path: Path, plan_and_
 
         assert text("step-time") == format_step_time(_expected_step_s(graph))
         assert driver.find_element(By.ID, "run-panel").is_displayed() and len(driver.find_elements(By.CSS_SELECTOR, "#fidelity-body tr")) == 2
-        # micro-batches 4 -> 8 (typed), then the boundary 3 -> 2 (its "-" button)
+        # micro-batches 4 -> 8 (typed), then the boundary 3 -> 2 (dragged on the block strip)
         mb = driver.find_element(By.ID, "microbatches")
         mb.clear()
         mb.send_keys("8")
         want = format_step_time(_expected_step_s(graph, m=8, buffers=[2, 1]))
         wait.until(lambda d: text("step-time") == want)
-        driver.find_element(By.ID, "boundary-1-minus").click()
+        # drag the handle between stage 0 and stage 1 one block to the left (6 blocks across the strip)
+        handle = driver.find_element(By.ID, "handle-1")
+        width = driver.find_element(By.ID, "blockstrip").size["width"]
+        ActionChains(driver).click_and_hold(handle).move_by_offset(-width / 12, 0).move_by_offset(-width / 12, 0).release().perform()
         want = format_step_time(_expected_step_s(graph, m=8, boundaries=[2], buffers=[2, 1]))
         wait.until(lambda d: text("step-time") == want)
         assert text("blocks-0") == "0..1 (2)" and text("error") == ""
+        assert driver.find_element(By.ID, "boundary-1").get_attribute("value") == "2"
+        assert [driver.find_element(By.ID, f"blk-{i}").get_attribute("data-stage") for i in range(6)] == list("001111")
+        # and back and forth with the "+" and "-" buttons beside the boundary's input
+        driver.find_element(By.ID, "boundary-1-plus").click()
+        wait.until(lambda d: text("blocks-0") == "0..2 (3)")
+        driver.find_element(By.ID, "boundary-1-minus").click()
+        wait.until(lambda d: text("step-time") == want and text("blocks-0") == "0..1 (2)")
         # infeasible: GPipe with 2 buffers on stage 0, then a boundary past the last block
         Select(driver.find_element(By.ID, "schedule")).select_by_value("gpipe")
         wait.until(lambda d: "raise buffers to 8" in text("error"))

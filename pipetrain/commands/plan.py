@@ -8,7 +8,8 @@ Prints the stage table, the predicted metrics and the top alternatives; ``-o pla
 the plan and, beside it, ``plan.landscape.json``: the search's step time over (m, p), which
 ``pipetrain report`` shows for runs of that plan (reports never search). ``--report DIR`` writes
 the search's simulation of the plan (``simulation.json``), the landscape (``landscape.json``) and
-the memory model's components per GPU (``memory.json``) into DIR and the what-if report from them.
+the memory model's components per GPU (``memory.json``) and the throughput against micro-batch
+count and size around the plan (``neighbourhood.json``) into DIR and the what-if report from them.
 """
 
 from __future__ import annotations
@@ -205,7 +206,8 @@ def gpu_memory(plan, graph):  # (Plan, LayerGraph) -> list[GpuMemory]
 
 def write_planner_files(outcome, out_dir, *, cost_source: str) -> None:  # (PlanOutcome, path, ...) -> None
     """What the what-if report reads: the simpy simulation of the chosen plan that the search ran
-    (``simulation.json``), the landscape (``landscape.json``) and the memory per GPU (``memory.json``)."""
+    (``simulation.json``), the landscape (``landscape.json``), the memory per GPU (``memory.json``) and the
+    throughput around the plan as its micro-batching changes (``neighbourhood.json``)."""
     from pathlib import Path
 
     from pipetrain.reports.landscape import LANDSCAPE_FILE, write_landscape
@@ -225,6 +227,12 @@ def write_planner_files(outcome, out_dir, *, cost_source: str) -> None:  # (Plan
     from pipetrain.reports.plan_report import MEMORY_FILE, write_gpu_memory
 
     write_gpu_memory(out / MEMORY_FILE, gpu_memory(plan, res.graph()))
+    from dataclasses import asdict
+
+    from pipetrain.planner.neighbourhood import neighbourhood
+    from pipetrain.reports.neighbourhood import NEIGHBOURHOOD_FILE, write_neighbourhood
+
+    write_neighbourhood(out / NEIGHBOURHOOD_FILE, plan=plan, points=[asdict(p) for p in neighbourhood(res)])
 
 
 def run(args: argparse.Namespace) -> int:

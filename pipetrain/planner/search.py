@@ -114,6 +114,12 @@ class SearchResult:
     elapsed_s: float = 0.0
     pruned: int = 0
     method: str = "bnb"
+    # what the search priced with, so that points beside its best can be priced the same way later
+    # (:mod:`pipetrain.planner.neighbourhood`)
+    cost: CostModel | None = field(default=None, repr=False, compare=False)
+    graph_for: Callable[[int], LayerGraph] | None = field(default=None, repr=False, compare=False)
+    # the schedules it built, by (name, p, m, chunks, buffer caps): building and compiling a long one takes seconds
+    schedules: dict = field(default_factory=dict, repr=False, compare=False)
 
     def graph(self, b: int | None = None) -> LayerGraph:
         return self.tables[b or self.best.candidate.micro_batch_size].graph
@@ -424,7 +430,7 @@ def search(job: Job, *, graph_for: Callable[[int], LayerGraph] | None = None, to
     fitting.sort(key=lambda e: (math.floor((e.step_time_s / fastest - 1.0) * 1000), max(e.rank_peaks_bytes()), e.step_time_s, e.candidate))
     return SearchResult(best=fitting[0], confirmed=tuple(fitting), screened=tuple(screened), infeasible=tuple(s.infeasible),
                         tables=s.tables, topology=topo, job=job, elapsed_s=time.perf_counter() - t0, pruned=pruned,
-                        method=method)
+                        method=method, cost=cost, graph_for=graph_for, schedules=s._schedules)
 
 
 def _de_screen(s: _Searcher, points: list[Candidate], *, seed: int) -> tuple[list[Evaluated], int]:

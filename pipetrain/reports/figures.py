@@ -8,7 +8,8 @@ Drawing cost is one ``broken_barh`` (one PolyCollection) per stage and event kin
 artist per event: each separate bar re-ran the axes' autoscaling, so a 32-stage, 512-micro-batch
 step cost time quadratic in its events. A step that large (:func:`is_large`) is also unreadable
 as one strip, so :func:`timeline_figure` draws it as three panels: warm-up, a window of the
-steady state, cool-down (:func:`phase_windows`); the whole step stays in the Chrome trace.
+steady state, cool-down (:func:`phase_windows`); the whole step stays in the Chrome trace. The
+run report's simulated-and-measured pair does the same, a row of phases per source.
 """
 
 from __future__ import annotations
@@ -155,7 +156,10 @@ def timeline_figure(events: Sequence[Event], *, title: str) -> Figure:
 
 
 def timelines_side_by_side(simulated: Sequence[Event], measured: Sequence[Event], *, title: str = "") -> Figure:
-    """Simulated (left) and measured (right) step timelines with a shared time axis."""
+    """Simulated (left) and measured (right) step timelines with a shared time axis; a large step
+    (:func:`is_large`) as two rows, simulated over measured, of the three phase panels of each."""
+    if is_large(simulated) or is_large(measured):
+        return _phase_rows({"simulated": simulated, "measured": measured}, title=title)
     n = max(1, len({e.stage for e in list(simulated) + list(measured)}))
     fig = Figure(figsize=(14, 1.6 + min(0.55 * n, 7.0)), layout="constrained")
     ax_sim, ax_run = fig.subplots(1, 2, sharex=True, sharey=False)
@@ -168,4 +172,30 @@ def timelines_side_by_side(simulated: Sequence[Event], measured: Sequence[Event]
     ax_sim.set_xlim(0.0, max(ax_sim.get_xlim()[1], ax_run.get_xlim()[1]))
     if title:
         fig.suptitle(title)
+    return fig
+
+
+def _phase_rows(sources: dict[str, Sequence[Event]], *, title: str) -> Figure:
+    """One row per source, each cut into its own phase windows (:func:`phase_windows`: the simulated
+    and the measured step turn from fill to steady state at different times) and timed from its
+    own first event."""
+    rows = {k: v for k, v in sources.items() if _compute(v)}
+    n = max(1, max((len({e.stage for e in _compute(v)}) for v in rows.values()), default=1))
+    per_row = 1.2 + min(0.45 * n, 6.0)
+    cols = max((len(phase_windows(v)) for v in rows.values()), default=1)
+    fig = Figure(figsize=(15, 0.6 + per_row * max(1, len(rows))), layout="constrained")
+    axes = fig.subplots(max(1, len(rows)), cols, squeeze=False)
+    for r, (name, evs) in enumerate(rows.items()):
+        wins = phase_windows(evs)
+        t0 = min(e.start_s for e in _compute(evs))
+        unit = seconds_unit(max(e.end_s for e in _compute(evs)) - t0)[0]  # one unit along a row: it is one step
+        for c in range(cols):
+            ax = axes[r][c]
+            if c >= len(wins):
+                ax.set_axis_off()
+                continue
+            phase, lo, hi = wins[c]
+            draw_timeline(ax, evs, title=f"{name}: {phase}", window=(lo, hi), origin_s=t0, time_unit_s=unit,
+                          legend=r == 0 and c == 0)
+    fig.suptitle(f"{title} (full steps in the Chrome traces)".strip(), fontsize=10)
     return fig

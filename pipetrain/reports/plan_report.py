@@ -2,12 +2,14 @@
 
 ``pipetrain plan`` writes the planner's outcome into DIR first: ``simulation.json`` (the simpy
 simulation of the chosen plan the search already ran, :class:`~pipetrain.simulator.result.SimulationRecord`)
-``landscape.json`` (:mod:`pipetrain.reports.landscape`) and ``memory.json`` (:data:`MEMORY_FILE`: the
-memory model's components per GPU). :func:`write_plan_report` reads those
+``landscape.json`` (:mod:`pipetrain.reports.landscape`), ``memory.json`` (:data:`MEMORY_FILE`: the
+memory model's components per GPU) and ``neighbourhood.json`` (:mod:`pipetrain.reports.neighbourhood`:
+throughput against micro-batch count and size around the plan). :func:`write_plan_report` reads those
 files, simulates and searches nothing, and writes ``DIR/report.html`` (self-contained), one PNG per
 figure, ``summary.json`` and ``trace_simulated.json``: the plan (stage table, alternatives it
 beat), the simulated timeline, the simulated per-stage breakdown, memory per stage against the
-cap (stacked by component per GPU when ``memory.json`` is there), and the planner's landscape over (m, p).
+cap (stacked by component per GPU when ``memory.json`` is there), the planner's landscape over (m, p)
+and the throughput curves around the plan.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pipetrain.reports import charts
 from pipetrain.reports.figures import timeline_figure
 from pipetrain.reports.html import Markup, Section
 from pipetrain.reports.landscape import LANDSCAPE_FILE, landscape_mismatch, read_landscape
+from pipetrain.reports.neighbourhood import NEIGHBOURHOOD_FILE, neighbourhood_section, read_neighbourhood
 from pipetrain.reports.report import (
     BREAKDOWN_PARTS,
     BREAKDOWN_TEXT,
@@ -44,7 +47,7 @@ from pipetrain.timeline import stage_breakdown
 
 __all__ = ["PLAN_SECTIONS", "MEMORY_FILE", "GpuMemory", "write_gpu_memory", "read_gpu_memory", "write_plan_report"]
 
-PLAN_SECTIONS = ("plan", "timelines", "breakdown", "memory", "landscape")
+PLAN_SECTIONS = ("plan", "timelines", "breakdown", "memory", "landscape", "neighbourhood")
 #: the memory model's components per GPU, written by ``pipetrain plan --report DIR`` beside ``landscape.json``
 MEMORY_FILE = "memory.json"
 
@@ -153,11 +156,13 @@ def write_plan_report(plan: Plan, out_dir: str | Path) -> ReportOutput:
                        for st, p, c in zip(plan.stages, predicted, caps))),),
         figures=tuple(figs)))
     sections.append(landscape_section(land, sink, chosen=(plan.num_microbatches, plan.pp), note=lnote))
+    near, nnote = read_neighbourhood(out / NEIGHBOURHOOD_FILE, plan)
+    sections.append(neighbourhood_section(near, nnote, sink))
     data = {"model": plan.model, "topology": plan.topology, "pp": plan.pp, "dp": plan.dp, "schedule": plan.schedule,
             "num_microbatches": plan.num_microbatches, "micro_batch_size": plan.micro_batch_size, "simulated": simulated,
             "predicted_memory_bytes_per_stage": predicted, "memory_cap_bytes_per_stage": caps,
             "alternatives": [{"description": a.description, "step_time_s": a.step_time_s, "reason": a.reason} for a in plan.alternatives],
-            "landscape": None if land is None else land.to_dict(),
+            "landscape": None if land is None else land.to_dict(), "neighbourhood": near,
             "memory_per_gpu": None if gpus is None else [{**vars(g), "stages": list(g.stages)} for g in gpus], "sections": [s.id for s in sections]}
     return _finish(out, f"pipetrain plan: {plan.model} on {plan.topology}", "what-if report (planned and simulated, not run)",
                    sections, sink, traces, data)

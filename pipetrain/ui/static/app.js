@@ -65,6 +65,75 @@ function buildTable() {
   });
 }
 
+// ----- the block strip: one cell per block, coloured by stage, a draggable handle per boundary -----
+const STAGE_COLORS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C", "#CCB974", "#64B5CD"];
+
+function buildStrip() {
+  const strip = $("blockstrip");
+  strip.textContent = "";
+  const n = base.num_blocks;
+  for (let i = 0; i < n; i++) {
+    const c = document.createElement("div");
+    c.className = "blk"; c.id = "blk-" + i; c.title = "block " + i + (base.block_names ? " (" + base.block_names[i] + ")" : "");
+    c.style.left = (100 * i / n) + "%"; c.style.width = (100 / n) + "%";
+    strip.appendChild(c);
+  }
+  for (let s = 1; s < base.stages.length; s++) {
+    const h = document.createElement("div");
+    h.className = "handle"; h.id = "handle-" + s; h.title = "boundary of stage " + s;
+    h.addEventListener("pointerdown", (ev) => startDrag(ev, s));
+    strip.appendChild(h);
+  }
+}
+
+// the boundaries as the inputs hold them, or null while one is not a whole number
+function currentBounds() {
+  const out = [0];
+  for (let s = 1; s < base.stages.length; s++) {
+    const v = $("boundary-" + s).value.trim();
+    if (!/^-?\d+$/.test(v)) return null;
+    out.push(parseInt(v, 10));
+  }
+  out.push(base.num_blocks);
+  return out;
+}
+
+function drawStrip() {
+  const b = currentBounds();
+  if (!b) return;
+  const n = base.num_blocks;
+  let s = 0;
+  for (let i = 0; i < n; i++) {
+    while (s + 1 < b.length - 1 && i >= b[s + 1]) s++;
+    $("blk-" + i).style.background = STAGE_COLORS[s % STAGE_COLORS.length];
+    $("blk-" + i).dataset.stage = String(s);
+  }
+  for (let k = 1; k < b.length - 1; k++) $("handle-" + k).style.left = (100 * Math.min(Math.max(b[k], 0), n) / n) + "%";
+}
+
+// drag: the handle snaps to the nearest block edge, kept between its neighbours (no stage empties)
+function startDrag(ev, s) {
+  ev.preventDefault();
+  const h = $("handle-" + s);
+  h.classList.add("dragging");
+  const rect = $("blockstrip").getBoundingClientRect();
+  const n = base.num_blocks;
+  const b = currentBounds() || [0, ...base.knobs.boundaries, n];
+  const lo = b[s - 1] + 1, hi = b[s + 1] - 1;
+  const move = (e) => {
+    const v = Math.max(lo, Math.min(hi, Math.round((e.clientX - rect.left) / rect.width * n)));
+    if (String(v) !== $("boundary-" + s).value) { $("boundary-" + s).value = String(v); schedule(120); }
+  };
+  const up = () => {
+    window.removeEventListener("pointermove", move);
+    window.removeEventListener("pointerup", up);
+    h.classList.remove("dragging");
+    schedule(0);
+  };
+  window.addEventListener("pointermove", move);
+  window.addEventListener("pointerup", up);
+}
+
 function setKnobs(k) {
   $("microbatches").value = String(k.num_microbatches);
   $("schedule").value = k.schedule;
@@ -88,6 +157,7 @@ function readKnobs() {
 }
 
 function schedule(delay) {
+  drawStrip();
   clearTimeout(timer);
   timer = setTimeout(evaluate, delay);
 }
@@ -201,7 +271,9 @@ async function init() {
   const sel = $("schedule");
   p.schedules.forEach((s) => { const o = document.createElement("option"); o.value = s; o.textContent = s; sel.appendChild(o); });
   buildTable();
+  buildStrip();
   setKnobs(p.knobs);
+  drawStrip();
   $("microbatches").addEventListener("input", () => schedule(150));
   $("microbatches-minus").addEventListener("click", () => { $("microbatches").value = String(Math.max(1, readInt("microbatches", "") - 1)); schedule(0); });
   $("microbatches-plus").addEventListener("click", () => { $("microbatches").value = String(readInt("microbatches", "") + 1); schedule(0); });
