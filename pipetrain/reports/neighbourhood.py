@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from pipetrain.errors import RunError
 from pipetrain.plan import Plan
@@ -76,6 +77,10 @@ def neighbourhood_figure(points: Sequence[Mapping[str, Any]]) -> Figure:
         ax.set_xscale("log", base=2)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("tokens/s")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))  # 64, not 2^6 or 64.0
+        if bad:
+            ax.scatter([int(p[xkey]) for p in bad], [0.0] * len(bad), marker="x", color="#C44E52", clip_on=False, zorder=4,
+                       label="no plan fits")
         if ok:
             x = np.array([int(p[xkey]) for p in ok], dtype=float)
             ax.plot(x, [float(p["tokens_per_s"]) for p in ok], marker="o", color="#4C72B0", label="tokens/s")
@@ -88,12 +93,12 @@ def neighbourhood_figure(points: Sequence[Mapping[str, Any]]) -> Figure:
                 if p.get("chosen"):
                     ax.scatter([int(p[xkey])], [float(p["tokens_per_s"])], marker="*", s=220, color="gold", edgecolor="black",
                                zorder=4, label="this plan")
-            h1, l1 = ax.get_legend_handles_labels()
             h2, l2 = ax2.get_legend_handles_labels()
+        else:
+            h2, l2 = [], []
+        h1, l1 = ax.get_legend_handles_labels()
+        if h1 or h2:
             ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="best")
-        if bad:
-            ax.scatter([int(p[xkey]) for p in bad], [0.0] * len(bad), marker="x", color="#C44E52", clip_on=False, zorder=4,
-                       label="no plan fits")
         ax.set_ylim(bottom=0)
         ax.set_title("throughput vs " + ("micro-batch count" if axis == "microbatches" else "micro-batch size"), fontsize=10)
     return fig
