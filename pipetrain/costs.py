@@ -39,6 +39,7 @@ from typing import Protocol, runtime_checkable
 from pipetrain.errors import ConfigError
 from pipetrain.graph import LayerGraph, Node
 from pipetrain.memory import stage_input_bytes
+from pipetrain.sharding import collective_time_s
 from pipetrain.topology import DeviceType, Link
 
 __all__ = [
@@ -132,12 +133,8 @@ def p2p_time_s(nbytes: float, link: Link) -> float:
 
 
 def ring_allreduce_time_s(nbytes: float, n: int, link: Link) -> float:
-    """Ring all-reduce of ``nbytes`` over ``n`` ranks (Patarasuk & Yuan 2009)."""
-    if n < 1:
-        raise ConfigError(f"all-reduce needs n >= 1 ranks, got {n}")
-    if n == 1 or nbytes == 0:
-        return 0.0
-    return 2 * (n - 1) / n * nbytes / link.bandwidth_bytes_per_s + 2 * (n - 1) * link.latency_s
+    """Ring all-reduce of ``nbytes`` over ``n`` ranks (:func:`pipetrain.sharding.collective_time_s`)."""
+    return collective_time_s("all_reduce", nbytes, n, link)
 
 
 _OPT_BYTES_PER_PARAM = {"adamw": 28, "sgd": 12}

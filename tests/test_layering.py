@@ -27,7 +27,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "pipetrain"
 
-BASE = frozenset({"plan", "schedules", "events", "timeline", "errors", "serde", "graph", "topology", "hardware", "costs",
+BASE = frozenset({"plan", "schedules", "events", "timeline", "errors", "serde", "graph", "topology", "hardware", "costs", "sharding", "gemm",
                   "memory", "__init__"})
 _BELOW_CALIBRATION = frozenset({"base", "program", "simulator", "planner", "executor", "calibration", "validation"})
 ALLOWED: dict[str, frozenset[str]] = {

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 from pipetrain.errors import ConfigError
 from pipetrain.schedules import Schedule, make_schedule
+from pipetrain.sharding import collective_time_s
 
 __all__ = [
     "Link", "StageSpec", "BoundarySpec", "ComputeGroup", "DataParallelSpec", "SimInput",
@@ -219,14 +220,11 @@ class DataParallelSpec:
 
 
 def ring_allreduce_time_s(nbytes: float, n: int, link: Link) -> float:
-    """Ring all-reduce of ``nbytes`` over ``n`` replicas: 2(n-1)/n · bytes/bw + 2(n-1) · latency.
-
-    Reduce-scatter then all-gather, each ``n-1`` steps moving ``bytes/n`` (Patarasuk & Yuan 2009,
-    "Bandwidth optimal all-reduce algorithms"; Thakur et al. 2005).
-    """
+    """Ring all-reduce of ``nbytes`` over ``n`` replicas: 2(n-1)/n · bytes/bw + 2(n-1) · latency
+    (:func:`pipetrain.sharding.collective_time_s`; nothing for one replica or no bytes)."""
     if n <= 1 or nbytes <= 0:
         return 0.0
-    return 2 * (n - 1) / n * nbytes / link.bandwidth_bytes_per_s + 2 * (n - 1) * link.latency_s
+    return collective_time_s("all_reduce", nbytes, n, link)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,0 +1,153 @@
+"""What tensor and data parallelism do to a GPU's model state and what they communicate, torch-free.
+
+Pure functions of counts, each with its source:
+
+* :func:`model_state_bytes`: weights, gradients and optimizer state on one GPU under ZeRO
+  stage 0-3 over ``dp`` ranks (Rajbhandari et al. 2020, "ZeRO", sec. 5.1 and fig. 1: with K
+  bytes of optimizer state per parameter, (2+2+K)Ψ, 2Ψ+2Ψ+KΨ/N, 2Ψ+(2+K)Ψ/N and (2+2+K)Ψ/N for
+  fp16 weights and gradients); ``bf16-mixed`` counts fp32 gradients as Megatron-LM's
+  distributed optimizer does (docs "Distributed Optimizer": 18 bytes per parameter, 6 + 12/d
+  with the optimizer sharded over d).
+* :func:`tp_collectives_per_layer`: Megatron's tensor-parallel communication of one transformer
+  layer for one micro-batch (Shoeybi et al. 2019, sec. 3, fig. 4: two all-reduces of the b·s·h
+  activation in the forward pass, two in the backward); with sequence parallelism each
+  all-reduce becomes an all-gather and a reduce-scatter of the same total size (Korthikanti et
+  al. 2022, sec. 4.2.2), so the bytes on the wire stay the same.
+* :func:`collective_time_s`: ring all-reduce, all-gather and reduce-scatter in the alpha-beta
+  model (Patarasuk & Yuan 2009; Thakur et al. 2005): an all-reduce is a reduce-scatter followed
+  by an all-gather.
+
+``Ψ`` here is the parameters held per GPU after the tensor- and pipeline-parallel splits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from pipetrain.errors import ConfigError
+
+__all__ = ["PRECISIONS", "ZERO_STAGES", "COLLECTIVES", "ModelStateBytes", "param_state_bytes", "model_state_bytes",
+           "Collective", "AlphaBeta", "tp_collectives_per_layer", "collective_time_s"]
+
+#: ``bf16-mixed``: bf16 working weights, fp32 gradients and master weights (Megatron, torchtitan);
+#: ``amp-autocast``: fp32 weights and gradients, half-precision copies made per op (what torch.autocast does);
+#: ``fp32``: everything in fp32; ``fp16-mixed``: the ZeRO paper's fp16 weights and fp16 gradients
+PRECISIONS = ("bf16-mixed", "amp-autocast", "fp32", "fp16-mixed")
+ZERO_STAGES = (0, 1, 2, 3)
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")
+
+
+class AlphaBeta(Protocol):
+    """A link as the alpha-beta model sees it (the topology's :class:`~pipetrain.topology.Link`, the simulator's)."""
+
+    @property
+    def latency_s(self) -> float: ...
+
+    @property
+    def bandwidth_bytes_per_s(self) -> float: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelStateBytes:
+    """One GPU's bytes of weights, gradients and optimizer state."""
+
+    weights_bytes: float
+    grads_bytes: float
+    optimizer_bytes: float
+
+    def __post_init__(self) -> None:
+        if min(self.weights_bytes, self.grads_bytes, self.optimizer_bytes) < 0:
+            raise ConfigError(f"model state bytes must be >= 0: {self}")
+
+    @property
+    def total_bytes(self) -> float:
+        return self.weights_bytes + self.grads_bytes + self.optimizer_bytes
+
+
+def param_state_bytes(precision: str, optimizer: str = "adamw", *, momentum: bool = False) -> tuple[int, int, int]:
+    """(weight, gradient, optimizer) bytes per parameter, unsharded.
+
+    Adam keeps two fp32 moments (8 bytes) and, where the working weights are half precision, an
+    fp32 master copy (4): K = 12 (ZeRO paper, sec. 3.1). SGD keeps the master copy and, with
+    momentum, one fp32 buffer.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
+    weights, grads, master = {"bf16-mixed": (2, 4, 4), "fp16-mixed": (2, 2, 4), "amp-autocast": (4, 4, 0), "fp32": (4, 4, 0)}[precision]
+    if optimizer == "adamw":
+        return weights, grads, master + 8
+    if optimizer == "sgd":
+        return weights, grads, master + (4 if momentum else 0)
+    raise ConfigError(f"optimizer {optimizer!r} is unknown; choose adamw or sgd")
+
+
+def model_state_bytes(params: float, *, zero: int, dp: int, precision: str, optimizer: str = "adamw",
+                      momentum: bool = False) -> ModelStateBytes:
+    """Bytes on one GPU holding ``params`` parameters (after tp and pp), ZeRO stage ``zero`` over ``dp``.
+
+    Stage 1 shards the optimizer state, stage 2 the gradients too, stage 3 the weights too; each
+    sharded part is divided by ``dp`` (ZeRO paper, fig. 1). Buffers that stage 3 gathers for one
+    layer at a time are working memory, not state, and are left to the activation model.
+    """
+    if zero not in ZERO_STAGES:
+        raise ConfigError(f"zero must be one of {ZERO_STAGES}, got {zero!r}")
+    if dp < 1:
+        raise ConfigError(f"dp must be >= 1, got {dp}")
+    if params < 0:
+        raise ConfigError(f"parameter count must be >= 0, got {params}")
+    w, g, k = param_state_bytes(precision, optimizer, momentum=momentum)
+    return ModelStateBytes(weights_bytes=params * w / (dp if zero >= 3 else 1),
+                           grads_bytes=params * g / (dp if zero >= 2 else 1),
+                           optimizer_bytes=params * k / (dp if zero >= 1 else 1))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Collective:
+    """One collective over the tensor-parallel group: ``kind`` of a tensor of ``nbytes`` (its full,
+    unsharded size: an all-gather's output, a reduce-scatter's input), in pass ``phase`` ("F" or "B")."""
+
+    kind: str
+    phase: str
+    nbytes: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in COLLECTIVES:
+            raise ConfigError(f"collective kind must be one of {COLLECTIVES}, got {self.kind!r}")
+        if self.phase not in ("F", "B"):
+            raise ConfigError(f"collective phase must be 'F' or 'B', got {self.phase!r}")
+        if self.nbytes < 0:
+            raise ConfigError(f"collective size must be >= 0 bytes, got {self.nbytes}")
+
+
+def tp_collectives_per_layer(*, micro_batch_size: int, seq_len: int, hidden: int, tp: int, sequence_parallel: bool = False,
+                             dtype_bytes: int = 2) -> tuple[Collective, ...]:
+    """The tensor-parallel collectives of one transformer layer for one micro-batch (module docstring).
+
+    Forward: after the attention's row-parallel output projection and after the MLP's
+    row-parallel down projection (Megatron's ``g``); backward: before the column-parallel QKV and
+    up projections (``f``). Nothing at ``tp`` = 1.
+    """
+    if min(micro_batch_size, seq_len, hidden, tp, dtype_bytes) < 1:
+        raise ConfigError("micro_batch_size, seq_len, hidden, tp and dtype_bytes must be >= 1")
+    if tp == 1:
+        return ()
+    n = float(micro_batch_size * seq_len * hidden * dtype_bytes)
+    if not sequence_parallel:
+        return tuple(Collective(kind="all_reduce", phase=ph, nbytes=n) for ph in ("F", "F", "B", "B"))
+    # each region's all-reduce splits into the all-gather entering it and the reduce-scatter leaving it;
+    # the backward pass runs the conjugates (Korthikanti et al. 2022, fig. 6)
+    return tuple(Collective(kind=k, phase=ph, nbytes=n) for ph in ("F", "B") for k in ("all_gather", "reduce_scatter") * 2)
+
+
+def collective_time_s(kind: str, nbytes: float, n: int, link: AlphaBeta) -> float:
+    """Ring ``kind`` of a tensor of ``nbytes`` (full size) over ``n`` ranks on ``link`` (alpha-beta)."""
+    if kind not in COLLECTIVES:
+        raise ConfigError(f"collective kind must be one of {COLLECTIVES}, got {kind!r}")
+    if n < 1:
+        raise ConfigError(f"a collective needs n >= 1 ranks, got {n}")
+    if n == 1 or nbytes == 0:
+        return 0.0
+    # each rank sends (n-1)/n of the tensor once per phase: twice for an all-reduce
+    phases = 2 if kind == "all_reduce" else 1
+    return phases * ((n - 1) / n * nbytes / link.bandwidth_bytes_per_s + (n - 1) * link.latency_s)
