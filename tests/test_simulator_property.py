@@ -38,7 +38,7 @@ def contention_free_inputs(draw: st.DrawFn) -> SimInput:
         # sends of the same cut, so transfers never queue (contention-free)
         bw = 1e9
         fwd = draw(st.floats(0.0, 1.0)) * stages[s].t_fwd_s * bw
-        bwd = draw(st.floats(0.0, 1.0)) * stages[s + 1].duration_s("B", sched.split_backward) * bw
+        bwd = draw(st.floats(0.0, 1.0)) * stages[s + 1].duration_s("B") * bw
         lat = draw(st.floats(0.0, 2e-3))
         bounds.append(BoundarySpec(fwd_bytes=fwd, bwd_bytes=bwd, link=Link(name=f"f{s}", latency_s=lat, bandwidth_bytes_per_s=bw),
                                    bwd_link=Link(name=f"b{s}", latency_s=draw(st.floats(0.0, 2e-3)), bandwidth_bytes_per_s=bw)))

@@ -19,7 +19,8 @@ from __future__ import annotations
 from pipetrain.schedules import SCHEDULE_NAMES, Schedule, make_schedule, peak_in_flight, peak_pending_wgrad
 
 __all__ = ["RUNNABLE_SCHEDULES", "AUTO_SCHEDULES", "AUTO_SCHEDULES_CPU", "auto_schedules", "in_flight_1f1b",
-           "interleaved_in_flight", "interleaved_rule", "zb_h1_held_bound", "held_in_flight", "pool_sizes"]
+           "interleaved_in_flight", "interleaved_rule", "zb_h1_held_bound", "held_in_flight", "rank_peak_in_flight",
+           "pool_sizes"]
 
 #: What the executor runs. zb-h1 runs with the backward split into an input-gradient pass (B) and a
 #: weight-gradient pass (W): the linear layers' weight gradients deferred, or for stages with
@@ -134,6 +135,23 @@ def held_in_flight(schedule: Schedule) -> tuple[int, ...]:
     if schedule.split_backward:
         held = tuple(a + b for a, b in zip(held, peak_pending_wgrad(schedule)))
     return tuple(held)
+
+
+def rank_peak_in_flight(schedule: Schedule) -> tuple[int, ...]:
+    """Per rank, the most (stage, micro-batch) activations held at one instant of its own order: F
+    done, backward (B or I) not, summed over the rank's stages. With two half-size chunks per rank
+    (the V schedules) ``2p`` here is 1F1B's ``p`` whole-stage micro-batches: the same bytes."""
+    out = []
+    for acts in schedule.actions:
+        cur = peak = 0
+        for a in acts:
+            if a.kind == "F":
+                cur += 1
+                peak = max(peak, cur)
+            elif a.kind in ("B", "I"):
+                cur -= 1
+        out.append(peak)
+    return tuple(out)
 
 
 def pool_sizes(schedule: Schedule, buffers: tuple[int, ...] | list[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
