@@ -322,6 +322,10 @@ def lower(plan: Plan, topology: Topology | None = None, cost: CostModel | None =
     input, refusing a graph other than the one the plan was made for."""
     buffers = [st.buffers for st in plan.stages]
     sched = make_schedule(plan.schedule, plan.pp, plan.num_microbatches, plan.chunks, buffers=buffers)
+    ranks = tuple(st.rank for st in plan.stages)
+    if ranks != sched.stage_to_rank:
+        raise PlanError(f"the plan places stages on ranks {list(ranks)} but schedule {plan.schedule} runs them on "
+                        f"{list(sched.stage_to_rank)}: re-plan, or fix the stages' ranks")
     prog = lower_schedule(sched, buffers)
     if graph is None or topology is None:
         return prog
