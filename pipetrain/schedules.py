@@ -40,7 +40,7 @@ from pipetrain.errors import ScheduleError
 __all__ = [
     "COMPUTE_KINDS", "COMM_KINDS", "ACTION_KINDS", "SCHEDULE_NAMES", "Action", "Schedule",
     "V_SCHEDULES", "gpipe", "one_f_one_b", "interleaved", "zb_h1", "zbv", "dualpipev", "v_stage_to_rank",
-    "schedule_chunks", "make_schedule", "with_comms",
+    "stage_ranks", "schedule_chunks", "make_schedule", "with_comms",
     "validate", "execution_order", "peak_in_flight", "peak_pending_wgrad", "format_grid",
 ]
 
@@ -292,6 +292,48 @@ def zb_h1(p: int, m: int, *, buffers: Sequence[int] | None = None) -> Schedule:
     return _build("zb-h1", p, m, 1, orders, True)
 
 
+def _zbv_rank(p: int, m: int, n: int, r: int) -> list[Action]:
+    """Rank ``r``'s compute order of :func:`zbv`, laid out for ``n`` micro-batches, cut to ``m``."""
+    c0, c1 = r, 2 * p - 1 - r
+    cnt = {"f0": 0, "f1": 0, "b0": 0, "b1": 0}
+    out: list[Action] = []
+
+    def add(stage: int, kind: str, key: str, mb: int | None = None) -> None:
+        k = cnt[key] if mb is None else mb
+        out.append(Action(stage, kind, k))
+        if mb is None:
+            cnt[key] += 1
+
+    for _ in range(2 * (p - r) - 1):
+        add(c0, "F", "f0")
+    for _ in range(r):
+        add(c1, "F", "f1")
+        add(c0, "F", "f0")
+    for _ in range(p - r):
+        add(c1, "F", "f1")
+        add(c1, "I", "b1", cnt["b1"])
+        add(c1, "W", "b1")
+    while cnt["f1"] < cnt["f0"] or cnt["f0"] < n:
+        if cnt["f0"] < n:
+            add(c0, "F", "f0")
+        add(c0, "I", "b0", cnt["b0"])
+        add(c0, "W", "b0")
+        add(c1, "F", "f1")
+        add(c1, "I", "b1", cnt["b1"])
+        add(c1, "W", "b1")
+    w0, w1 = cnt["b0"], cnt["b1"]
+    for _ in range(r):
+        add(c0, "I", "b0")
+        add(c1, "I", "b1")
+    for _ in range(p - r):
+        add(c0, "I", "b0")
+        out.append(Action(c0, "W", w0))
+        w0 += 1
+    out += [Action(c1, "W", k) for k in range(w1, cnt["b1"])]
+    out += [Action(c0, "W", k) for k in range(w0, cnt["b0"])]
+    return [a for a in out if a.microbatch < m]
+
+
 def zbv(p: int, m: int) -> Schedule:
     """ZB-V (Qi et al. 2024, "Zero Bubble Pipeline Parallelism", section 6): two chunks per rank in
     the V placement, backward split into I and W, the W passes filling the bubbles.
@@ -307,47 +349,73 @@ def zbv(p: int, m: int) -> Schedule:
     """
     _check_pm(p, m)
     n = max(2 * p - 1, m)
-    orders: list[list[Action]] = []
-    for r in range(p):
-        c0, c1 = r, 2 * p - 1 - r
-        cnt = {"f0": 0, "f1": 0, "b0": 0, "b1": 0}
-        out: list[Action] = []
-
-        def add(stage: int, kind: str, key: str, mb: int | None = None) -> None:
-            k = cnt[key] if mb is None else mb
-            out.append(Action(stage, kind, k))
-            if mb is None:
-                cnt[key] += 1
-
-        for _ in range(2 * (p - r) - 1):
-            add(c0, "F", "f0")
-        for _ in range(r):
-            add(c1, "F", "f1")
-            add(c0, "F", "f0")
-        for _ in range(p - r):
-            add(c1, "F", "f1")
-            add(c1, "I", "b1", cnt["b1"])
-            add(c1, "W", "b1")
-        while cnt["f1"] < cnt["f0"] or cnt["f0"] < n:
-            if cnt["f0"] < n:
-                add(c0, "F", "f0")
-            add(c0, "I", "b0", cnt["b0"])
-            add(c0, "W", "b0")
-            add(c1, "F", "f1")
-            add(c1, "I", "b1", cnt["b1"])
-            add(c1, "W", "b1")
-        w0, w1 = cnt["b0"], cnt["b1"]
-        for _ in range(r):
-            add(c0, "I", "b0")
-            add(c1, "I", "b1")
-        for _ in range(p - r):
-            add(c0, "I", "b0")
-            out.append(Action(c0, "W", w0))
-            w0 += 1
-        out += [Action(c1, "W", k) for k in range(w1, cnt["b1"])]
-        out += [Action(c0, "W", k) for k in range(w0, cnt["b0"])]
-        orders.append([a for a in out if a.microbatch < m])
+    orders = [_zbv_rank(p, m, n, r) for r in range(p)]
     return _build("zbv", p, m, 2, orders, True, stage_to_rank=v_stage_to_rank(p))
+
+
+def _dualpipev_rank(p: int, m: int, r: int, overlaps: list[tuple[Action, Action]]) -> list[Action]:
+    """Rank ``r``'s compute order of :func:`dualpipev`; its pairs are appended to ``overlaps``."""
+    c0, c1 = r, 2 * p - 1 - r
+    nf = {c0: 0, c1: 0}
+    nb = {c0: 0, c1: 0}  # backward (B or I) micro-batches issued
+    wq: list[Action] = []
+    out: list[Action] = []
+
+    def fwd(stage: int) -> Action:
+        a = Action(stage, "F", nf[stage])
+        nf[stage] += 1
+        out.append(a)
+        return a
+
+    def bwd(stage: int, split: bool) -> Action:
+        a = Action(stage, "I" if split else "B", nb[stage])
+        nb[stage] += 1
+        out.append(a)
+        if split:
+            wq.append(Action(stage, "W", a.microbatch))
+        return a
+
+    def pair(f_stage: int, b_stage: int) -> None:
+        overlaps.append((fwd(f_stage), bwd(b_stage, False)))
+
+    def weight() -> None:
+        if wq:
+            out.append(wq.pop(0))
+
+    for _ in range(2 * (p - r - 1)):
+        fwd(c0)
+    for _ in range(r + 1):
+        fwd(c0)
+        fwd(c1)
+    for _ in range(p - r - 1):
+        bwd(c1, True)
+        weight()
+        fwd(c1)
+    for i in range(m - 2 * p + r + 1):
+        if i == 0 and r == p - 1:  # torch: not overlapped, to shrink the bubble
+            fwd(c0)
+            bwd(c1, False)
+        else:
+            pair(c0, c1)
+        pair(c1, c0)
+    for _ in range(p - r - 1):
+        bwd(c1, False)
+        pair(c1, c0)
+    zb = False
+    for i in range(r + 1):
+        if i == (r + 1) // 2 and r % 2 == 1:
+            zb = True
+        bwd(c1, zb)
+        if i == (r + 1) // 2 and r % 2 == 0:
+            zb = True
+        bwd(c0, zb)
+    for _ in range(p - r - 1):
+        weight()
+        bwd(c0, zb)
+    for _ in range(r + 1):
+        weight()
+    out += wq
+    return out
 
 
 def dualpipev(p: int, m: int) -> Schedule:
@@ -367,71 +435,16 @@ def dualpipev(p: int, m: int) -> Schedule:
     _check_pm(p, m)
     if m < 2 * p:
         raise ScheduleError(f"dualpipev needs at least as many micro-batches as stages (2p = {2 * p}), got {m}: use m >= {2 * p}")
-    orders: list[list[Action]] = []
     overlaps: list[tuple[Action, Action]] = []
-    for r in range(p):
-        c0, c1 = r, 2 * p - 1 - r
-        nf = {c0: 0, c1: 0}
-        nb = {c0: 0, c1: 0}  # backward (B or I) micro-batches issued
-        wq: list[Action] = []
-        out: list[Action] = []
-
-        def fwd(stage: int) -> Action:
-            a = Action(stage, "F", nf[stage])
-            nf[stage] += 1
-            out.append(a)
-            return a
-
-        def bwd(stage: int, split: bool) -> Action:
-            a = Action(stage, "I" if split else "B", nb[stage])
-            nb[stage] += 1
-            out.append(a)
-            if split:
-                wq.append(Action(stage, "W", a.microbatch))
-            return a
-
-        def pair(f_stage: int, b_stage: int) -> None:
-            overlaps.append((fwd(f_stage), bwd(b_stage, False)))
-
-        def weight() -> None:
-            if wq:
-                out.append(wq.pop(0))
-
-        for _ in range(2 * (p - r - 1)):
-            fwd(c0)
-        for _ in range(r + 1):
-            fwd(c0)
-            fwd(c1)
-        for _ in range(p - r - 1):
-            bwd(c1, True)
-            weight()
-            fwd(c1)
-        for i in range(m - 2 * p + r + 1):
-            if i == 0 and r == p - 1:  # torch: not overlapped, to shrink the bubble
-                fwd(c0)
-                bwd(c1, False)
-            else:
-                pair(c0, c1)
-            pair(c1, c0)
-        for _ in range(p - r - 1):
-            bwd(c1, False)
-            pair(c1, c0)
-        zb = False
-        for i in range(r + 1):
-            if i == (r + 1) // 2 and r % 2 == 1:
-                zb = True
-            bwd(c1, zb)
-            if i == (r + 1) // 2 and r % 2 == 0:
-                zb = True
-            bwd(c0, zb)
-        for _ in range(p - r - 1):
-            weight()
-            bwd(c0, zb)
-        for _ in range(r + 1):
-            weight()
-        out += wq
-        orders.append(out)
+    orders = [_dualpipev_rank(p, m, r, overlaps) for r in range(p)]
     return _build("dualpipev", p, m, 2, orders, True, stage_to_rank=v_stage_to_rank(p), overlaps=tuple(overlaps))
+
+
+def stage_ranks(name: str, p: int, chunks: int = 1) -> tuple[int, ...]:
+    """Schedule ``name``'s stage -> rank map without building it: the V for ZB-V and DualPipeV, else ``s % p``."""
+    if name in V_SCHEDULES:
+        return v_stage_to_rank(p)
+    return tuple(s % p for s in range(p * chunks))
 
 
 def schedule_chunks(name: str, chunks: int = 1) -> int:

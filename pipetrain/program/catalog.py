@@ -26,15 +26,16 @@ __all__ = ["RUNNABLE_SCHEDULES", "AUTO_SCHEDULES", "AUTO_SCHEDULES_CPU", "auto_s
 #: weight-gradient pass (W): the linear layers' weight gradients deferred, or for stages with
 #: convolutions the generic autograd graph split.
 RUNNABLE_SCHEDULES: tuple[str, ...] = SCHEDULE_NAMES
-#: Schedules the planner picks without being asked on GPUs. zb-h1's B+W costs what one backward
-#: does since the linear layers' weight gradients are deferred, so it is chosen whenever it
-#: simulates fastest.
+#: Schedules the planner picks without being asked on GPUs. zb-h1's and zbv's I+W cost what one
+#: backward does since the linear layers' weight gradients are deferred, so they are chosen whenever
+#: they simulate fastest; dualpipev's pairs are priced serially (F + B, their messages overlapping
+#: the other half), so it wins where a model has communication to hide.
 AUTO_SCHEDULES: tuple[str, ...] = SCHEDULE_NAMES
-#: The same on CPU ranks: zb-h1 only when pinned, or when the cost model measured the executor's
+#: The same on CPU ranks: zb-h1, zbv and dualpipev only when pinned, or when the cost model measured the executor's
 #: own overheads (``--calibration``). Small models on CPU are dominated by per-action dispatch and
 #: per-message host work that the analytic and profiled cost models do not charge, and zb-h1's
 #: extra W actions can then cost more than its bubble saves.
-AUTO_SCHEDULES_CPU: tuple[str, ...] = tuple(s for s in SCHEDULE_NAMES if s != "zb-h1")
+AUTO_SCHEDULES_CPU: tuple[str, ...] = tuple(s for s in SCHEDULE_NAMES if s not in ("zb-h1", "zbv", "dualpipev"))
 
 
 def auto_schedules(runnable: tuple[str, ...], device_kind: str = "gpu") -> tuple[str, ...]:
