@@ -1,7 +1,12 @@
-"""Our executor vs torch.distributed.pipelining's Schedule1F1B: same model, split, m, data and init.
+"""Our executor vs torch.distributed.pipelining, each schedule against torch's same schedule: same model, split, m, data and init.
 
-    python benchmarks/vs_torch_pipelining.py [--p 2 4] [--m 4 8] [--pairs 10] [--warmup 2] [--schedule 1f1b zb-h1]
-        [--their-set-to-none true|false]
+    python benchmarks/vs_torch_pipelining.py [--p 2 4] [--m 4 8] [--pairs 10] [--warmup 2]
+        [--schedule 1f1b gpipe interleaved zbv dualpipev] [--their-set-to-none true|false] [--json FILE]
+
+Pairs (ours -> theirs, :data:`THEIRS`): 1f1b -> Schedule1F1B, gpipe -> ScheduleGPipe, interleaved
+(2 chunks) -> ScheduleInterleaved1F1B, zbv -> ScheduleZBVZeroBubble, dualpipev -> ScheduleDualPipeV
+(needs m >= 2p; skipped below), zb-h1 -> Schedule1F1B (torch has no ZB-H1: not a same-schedule
+pair). Both sides of a pair use the plan's split and stage -> rank map (the V for zbv/dualpipev).
 
 For each (p, m) one torchrun launch of p gloo ranks (1 thread each) builds all pipelines from
 the same seed: ours, once per ``--schedule`` (pipetrain's Trainer: persistent buffers, prefetched
@@ -40,6 +45,10 @@ from typing import Any
 
 GLOBAL_BATCH = 64
 MODEL = "resmlp"
+#: torch's schedule class for each of ours
+THEIRS = {"1f1b": "Schedule1F1B", "gpipe": "ScheduleGPipe", "interleaved": "ScheduleInterleaved1F1B",
+          "zbv": "ScheduleZBVZeroBubble", "dualpipev": "ScheduleDualPipeV", "zb-h1": "Schedule1F1B"}
+CHUNKS = {"interleaved": 2, "zbv": 2, "dualpipev": 2}
 
 
 def _loadavg() -> float:
@@ -49,11 +58,11 @@ def _loadavg() -> float:
         return float("nan")
 
 
-def split_boundaries(split: str, p: int) -> list[int] | None:
-    """Stage cuts of resmlp's 9 blocks (8 MLP blocks + head): see the module docstring."""
+def split_boundaries(split: str, n_stages: int) -> list[int] | None:
+    """Stage cuts of resmlp's 9 blocks (8 MLP blocks + head) into ``n_stages``: see the module docstring."""
     if split == "blocks":
         return None
-    return [k * 8 // p for k in range(1, p)]
+    return [k * 8 // n_stages for k in range(1, n_stages)]
 
 
 def worker(a: argparse.Namespace) -> None:
@@ -66,7 +75,8 @@ def worker(a: argparse.Namespace) -> None:
     dist.init_process_group("gloo", timeout=timeout)
     rank, p, m = dist.get_rank(), dist.get_world_size(), a.m
 
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+    from torch.distributed.pipelining import PipelineStage
+    from torch.distributed.pipelining import schedules as torch_schedules
 
     from pipetrain.executor.config import RunConfig
     from pipetrain.executor.optim import OptimConfig, make_optimizer
@@ -76,34 +86,43 @@ def worker(a: argparse.Namespace) -> None:
 
     spec = load_spec(MODEL)
     ours = {}
+    plans = {}
     for name in a.schedule:
+        chunks = CHUNKS.get(name, 1)
         plan = simple_plan(MODEL, pp=p, m=m, mbs=GLOBAL_BATCH // m, seq_len=1, schedule=name, optimizer="sgd",
-                           boundaries=split_boundaries(a.split, p))
+                           boundaries=split_boundaries(a.split, p * chunks), chunks=chunks)
+        plans[name] = plan
         run_dir = Path(a.run_dir) / name
         cfg = RunConfig(plan_path="(benchmark)", run_dir=str(run_dir), steps=10**6, lr=0.05, clip_norm=0.0, timeout_s=120)
         ours[name] = Trainer(cfg, plan, spec, build_meta(spec), torch.device("cpu"), timeout, rank, run_dir)
     first = ours[a.schedule[0]]
 
-    st = plan.stages[rank]
-    model = build_meta(spec)
-    materialize_blocks(model, range(st.block_start, st.block_end), "cpu", plan.seed)
-    submod = stage_modules(model, [st])[st.index]
-    stage = PipelineStage(submod, rank, p, torch.device("cpu"))
-    sched = Schedule1F1B(stage, n_microbatches=m, loss_fn=spec.loss, scale_grads=True)
-    opt = make_optimizer(list(submod.parameters()), OptimConfig(name="sgd", lr=0.05, clip_norm=0.0))
+    def torch_side(name: str):  # type: ignore[no-untyped-def]
+        """torch's same schedule on the same plan: its stages of this rank, the same split and placement."""
+        plan = plans[name]
+        mine = plan.stages_of_rank(rank)
+        model = build_meta(spec)
+        for st in mine:
+            materialize_blocks(model, range(st.block_start, st.block_end), "cpu", plan.seed)
+        mods = stage_modules(model, list(mine))
+        stages = [PipelineStage(mods[st.index], st.index, plan.num_stages, torch.device("cpu")) for st in mine]
+        cls = getattr(torch_schedules, THEIRS[name])
+        sched = cls(stages if CHUNKS.get(name, 1) > 1 else stages[0], n_microbatches=m, loss_fn=spec.loss, scale_grads=True)
+        params = [q for mod in mods.values() for q in mod.parameters()]
+        opt = make_optimizer(params, OptimConfig(name="sgd", lr=0.05, clip_norm=0.0))
+        first_here, last_here = 0 in mods, plan.num_stages - 1 in mods
 
-    def theirs(step: int) -> float | None:
-        inputs, targets = first.batches(step)
-        opt.zero_grad(set_to_none=a.their_set_to_none == "true")
-        losses: list[torch.Tensor] = []
-        if rank == 0:
-            sched.step(torch.cat(inputs))
-        elif rank == p - 1:
-            sched.step(target=torch.cat(targets), losses=losses, return_outputs=False)
-        else:
-            sched.step()
-        opt.step()
-        return float(torch.stack(losses).mean()) if losses else None
+        def step_fn(step: int) -> float | None:
+            inputs, targets = first.batches(step)
+            opt.zero_grad(set_to_none=a.their_set_to_none == "true")
+            losses: list[torch.Tensor] = []
+            args = (torch.cat(inputs),) if first_here else ()
+            kw = {"target": torch.cat(targets), "losses": losses, "return_outputs": False} if last_here else {}
+            sched.step(*args, **kw)
+            opt.step()
+            return float(torch.stack(losses).mean()) if losses else None
+
+        return step_fn
 
     def timed(fn, step: int) -> tuple[float, float | None, float, float]:  # type: ignore[no-untyped-def]
         """(slowest rank's wall time, loss, CPU time of all ranks' processes, of their main threads)."""
@@ -112,12 +131,12 @@ def worker(a: argparse.Namespace) -> None:
         loss = fn(step)
         t1, c1, m1 = time.perf_counter(), time.process_time(), time.thread_time()
         dt = torch.tensor([t1 - t0], dtype=torch.float64)
-        cpu = torch.tensor([c1 - c0, m1 - m0], dtype=torch.float64)
+        cpu = torch.tensor([c1 - c0, m1 - m0, loss or 0.0, loss is not None], dtype=torch.float64)
         dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-        dist.all_reduce(cpu)
-        return float(dt), loss, float(cpu[0]), float(cpu[1])
+        dist.all_reduce(cpu)  # the loss comes from whichever rank holds the last stage
+        return float(dt), float(cpu[2] / cpu[3]) if cpu[3] else None, float(cpu[0]), float(cpu[1])
 
-    sides = [*((name, tr.train_step) for name, tr in ours.items()), ("theirs", theirs)]
+    sides = [*((name, tr.train_step) for name, tr in ours.items()), *((f"theirs-{name}", torch_side(name)) for name in ours)]
     rows = []
     for k in range(a.warmup + a.pairs):
         row: dict[str, Any] = {"step": k}
@@ -125,7 +144,7 @@ def worker(a: argparse.Namespace) -> None:
             name, fn = sides[(k + j) % len(sides)]
             row[f"{name}_s"], row[f"{name}_loss"], row[f"{name}_cpu_s"], row[f"{name}_main_s"] = timed(fn, k)
         rows.append(row)
-    if rank == p - 1:
+    if rank == 0:
         (Path(a.run_dir) / "bench.json").write_text(json.dumps(rows))
     dist.barrier()
     dist.destroy_process_group()
@@ -144,10 +163,12 @@ def bootstrap_median_ci(xs: list[float], *, resamples: int = 2000, seed: int = 0
 def launch(p: int, m: int, a: argparse.Namespace) -> list[dict[str, Any]]:
     from pipetrain.executor.launch import free_port
 
+    names = [n for n in a.schedule if not (n == "dualpipev" and m < 2 * p)]  # torch refuses DualPipeV below m = 2p
+
     with tempfile.TemporaryDirectory(prefix="pipetrain-bench-") as d:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(p), "--master-addr", "127.0.0.1",
                "--master-port", str(free_port()), __file__, "--bench-worker", "--bench-m", str(m),
-               "--bench-pairs", str(a.pairs), "--bench-warmup", str(a.warmup), "--bench-dir", d, "--schedule", *a.schedule, "--split", a.split,
+               "--bench-pairs", str(a.pairs), "--bench-warmup", str(a.warmup), "--bench-dir", d, "--schedule", *names, "--split", a.split,
                "--their-set-to-none", a.their_set_to_none]
         env = dict(os.environ, OMP_NUM_THREADS="1")
         load0 = _loadavg()
@@ -158,16 +179,17 @@ def launch(p: int, m: int, a: argparse.Namespace) -> list[dict[str, Any]]:
         rows = json.loads((Path(d) / "bench.json").read_text())
     kept = rows[a.warmup:]
     out = []
-    for name in a.schedule:
-        ratios = [x[f"{name}_s"] / x["theirs_s"] for x in kept]
+    for name in names:
+        th = f"theirs-{name}"
+        ratios = [x[f"{name}_s"] / x[f"{th}_s"] for x in kept]
         lo, hi = bootstrap_median_ci(ratios)
-        loss_rel = max(abs(x[f"{name}_loss"] - x["theirs_loss"]) / abs(x["theirs_loss"]) for x in rows)
-        out.append({"p": p, "m": m, "schedule": name, "ratio_median": statistics.median(ratios), "ratio_ci95": [lo, hi],
+        loss_rel = max(abs(x[f"{name}_loss"] - x[f"{th}_loss"]) / abs(x[f"{th}_loss"]) for x in rows)
+        out.append({"p": p, "m": m, "schedule": name, "theirs_schedule": THEIRS[name], "ratio_median": statistics.median(ratios), "ratio_ci95": [lo, hi],
                     "ratio_min": min(ratios),
                     "ratio_max": max(ratios), "ours_ms": statistics.median(x[f"{name}_s"] for x in kept) * 1e3,
-                    "theirs_ms": statistics.median(x["theirs_s"] for x in kept) * 1e3, "loss_rel_max": loss_rel,
-                    "cpu_ratio": statistics.median(x[f"{name}_cpu_s"] / x["theirs_cpu_s"] for x in kept),
-                    "main_ratio": statistics.median(x[f"{name}_main_s"] / x["theirs_main_s"] for x in kept),
+                    "theirs_ms": statistics.median(x[f"{th}_s"] for x in kept) * 1e3, "loss_rel_max": loss_rel,
+                    "cpu_ratio": statistics.median(x[f"{name}_cpu_s"] / x[f"{th}_cpu_s"] for x in kept),
+                    "main_ratio": statistics.median(x[f"{name}_main_s"] / x[f"{th}_main_s"] for x in kept),
                     "pairs": len(kept), "load_before": load0, "load_after": load1})
     return out
 
@@ -183,9 +205,9 @@ def main() -> None:
     ap.add_argument("--bench-m", type=int, default=0, dest="wm", help=argparse.SUPPRESS)
     ap.add_argument("--bench-pairs", type=int, default=0, dest="wpairs", help=argparse.SUPPRESS)
     ap.add_argument("--bench-warmup", type=int, default=0, dest="wwarmup", help=argparse.SUPPRESS)
-    ap.add_argument("--schedule", nargs="+", default=["1f1b", "zb-h1"], choices=["1f1b", "gpipe", "zb-h1"],
-                    help="our schedules, each timed in the same rotation against theirs (always Schedule1F1B); "
-                         "zb-h1 splits backward into input- and weight-grad passes")
+    ap.add_argument("--schedule", nargs="+", default=["1f1b", "gpipe", "interleaved", "zbv", "dualpipev"], choices=list(THEIRS),
+                    help="our schedules, each timed in the same rotation against torch's same schedule (THEIRS); "
+                         "zb-h1 has no torch equivalent and is timed against Schedule1F1B")
     ap.add_argument("--split", default="layers", choices=["layers", "blocks"],
                     help="layers: the 8 MLP blocks split equally, head on the last stage; blocks: the 9 blocks split evenly")
     ap.add_argument("--their-set-to-none", default="true", choices=["true", "false"],
@@ -200,20 +222,21 @@ def main() -> None:
         return
     print(f"command: python benchmarks/vs_torch_pipelining.py --p {' '.join(map(str, a.p))} --m {' '.join(map(str, a.m))} "
           f"--pairs {a.pairs} --warmup {a.warmup} --schedule {' '.join(a.schedule)} --split {a.split} --their-set-to-none {a.their_set_to_none}")
-    print(f"ours: pipetrain executor running {', '.join(a.schedule)}; theirs: torch.distributed.pipelining.Schedule1F1B")
+    print(f"ours: pipetrain executor running {', '.join(a.schedule)}; theirs: torch.distributed.pipelining's same schedule "
+          f"({', '.join(THEIRS[n] for n in a.schedule)})")
     print(f"model {MODEL}, global batch {GLOBAL_BATCH}, fp32, gloo, 1 thread per rank, A/B alternating per step, "
           f"split {a.split} (p=2: {split_boundaries(a.split, 2) or [5]})")
-    print(f"{'p':>2} {'m':>2} {'ours':>6} | {'ours ms':>8} {'theirs ms':>9} | {'median ours/theirs':>18} {'95% CI':>14} | "
+    print(f"{'p':>2} {'m':>2} {'ours':>11} | {'ours ms':>8} {'theirs ms':>9} | {'median ours/theirs':>18} {'95% CI':>14} | "
           f"{'loss rel diff':>13} | CPU ratio all/main | load before/after")
     out = []
     for p in a.p:
         for m in a.m:
             if m < p:
-                print(f"{p:>2} {m:>2} | skipped: Schedule1F1B needs m >= p")
+                print(f"{p:>2} {m:>2} | skipped: torch's schedules need m >= p")
                 continue
             for r in launch(p, m, a):
                 out.append(r)
-                print(f"{p:>2} {m:>2} {r['schedule']:>6} | {r['ours_ms']:8.1f} {r['theirs_ms']:9.1f} | {r['ratio_median']:18.3f} "
+                print(f"{p:>2} {m:>2} {r['schedule']:>11} | {r['ours_ms']:8.1f} {r['theirs_ms']:9.1f} | {r['ratio_median']:18.3f} "
                       f"[{r['ratio_ci95'][0]:.3f}, {r['ratio_ci95'][1]:.3f}] | {r['loss_rel_max']:13.2e} | "
                       f"{r['cpu_ratio']:8.3f}/{r['main_ratio']:.3f}  | "
                       f"{r['load_before']:.1f}/{r['load_after']:.1f}", flush=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipetrain.errors import PlanError
-from pipetrain.schedules import SCHEDULE_NAMES
+from pipetrain.schedules import SCHEDULE_NAMES, V_SCHEDULES
 from pipetrain.serde import from_dict, parse_json, read_text_or_error, to_dict, write_text_atomic
 
 __all__ = [
@@ -159,7 +159,10 @@ class Plan:
         _need(self.schedule in SCHEDULES, f"schedule {self.schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
         _need(self.dtype in DTYPES, f"dtype {self.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
         _need(self.optimizer in OPTIMIZERS, f"optimizer {self.optimizer!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
-        _need(self.chunks == 1 or self.schedule == "interleaved", f"chunks={self.chunks} needs schedule 'interleaved', not {self.schedule!r}")
+        if self.schedule in V_SCHEDULES:
+            _need(self.chunks == 2, f"schedule {self.schedule} runs two chunks per rank in a V: chunks must be 2, got {self.chunks}")
+        else:
+            _need(self.chunks == 1 or self.schedule == "interleaved", f"chunks={self.chunks} needs schedule 'interleaved', not {self.schedule!r}")
         _need(len(self.stages) == self.pp * self.chunks, f"plan has {len(self.stages)} stages but pp*chunks = {self.pp * self.chunks}")
         expected_start = 0
         for i, st in enumerate(self.stages):

@@ -4,9 +4,16 @@ This module is the one definition of every schedule. The simulator and the execu
 consume a :class:`Schedule`, so what is simulated is exactly what is run.
 
 An :class:`Action` prints and parses as ``"{stage}{kind}{microbatch}"``, e.g. ``"2F0"``
-(stage 2, forward, micro-batch 0), ``"1B3"``, ``"0W5"``, ``"1SEND_F3"``, ``"2RECV_B0"``.
-``B`` is the full backward, except in schedules that also emit ``W`` (zero-bubble), where
-``B`` computes only the input gradient and ``W`` the weight gradient.
+(stage 2, forward, micro-batch 0), ``"1B3"``, ``"1I3"``, ``"0W5"``, ``"1SEND_F3"``, ``"2RECV_B0"``.
+``B`` is always the full backward. Zero-bubble schedules split it: ``I`` computes only the input
+gradient (what the previous stage waits for) and ``W``, later, the weight gradient; a schedule may
+mix both forms (DualPipeV runs some micro-batches' backward whole and splits others). A
+micro-batch's backward on a stage is either one ``B`` or an ``I`` and its ``W``.
+
+Paired actions: :attr:`Schedule.overlaps` names (F, B) pairs of different stages of one rank that
+run as one ``OVERLAP_F_B`` action (DualPipeV), printed as torch prints it, ``(0F3;3B1)OVERLAP_F_B``
+(:meth:`Schedule.to_strings`). In :attr:`Schedule.actions` a pair is its two actions, adjacent,
+run one after the other as torch runs them; its SENDs come after both (as torch issues them).
 
 Communication actions, named from the stage that owns them: ``sSEND_Fk`` sends stage ``s``'s
 forward output of micro-batch ``k`` to stage ``s+1``, matched by ``(s+1)RECV_Fk`` there;
@@ -16,8 +23,10 @@ meant to be executed literally: a SEND is non-blocking (post it and go on), a RE
 its data is there, and it sits right before the compute that needs it; a SEND sits right
 after the compute that produced it. :func:`validate` proves that this execution completes.
 
-Generators: :func:`gpipe`, :func:`one_f_one_b`, :func:`interleaved`, :func:`zb_h1`, and
-:func:`make_schedule` by name. ``stage_to_rank[s]`` is ``s % p`` everywhere.
+Generators: :func:`gpipe`, :func:`one_f_one_b`, :func:`interleaved`, :func:`zb_h1`, :func:`zbv`,
+:func:`dualpipev`, and :func:`make_schedule` by name. Each schedule carries its stage -> rank map
+(:attr:`Schedule.stage_to_rank`): ``s % p`` for the looped placements, the V placement
+(:func:`v_stage_to_rank`: rank ``r`` holds stages ``r`` and ``2p-1-r``) for ZB-V and DualPipeV.
 """
 
 from __future__ import annotations
@@ -30,17 +39,20 @@ from pipetrain.errors import ScheduleError
 
 __all__ = [
     "COMPUTE_KINDS", "COMM_KINDS", "ACTION_KINDS", "SCHEDULE_NAMES", "Action", "Schedule",
-    "gpipe", "one_f_one_b", "interleaved", "zb_h1", "make_schedule", "with_comms",
+    "V_SCHEDULES", "gpipe", "one_f_one_b", "interleaved", "zb_h1", "zbv", "dualpipev", "v_stage_to_rank",
+    "stage_ranks", "schedule_chunks", "make_schedule", "with_comms",
     "validate", "execution_order", "peak_in_flight", "peak_pending_wgrad", "format_grid",
 ]
 
-COMPUTE_KINDS = ("F", "B", "W")
+COMPUTE_KINDS = ("F", "B", "I", "W")
 COMM_KINDS = ("SEND_F", "RECV_F", "SEND_B", "RECV_B")
 ACTION_KINDS = COMPUTE_KINDS + COMM_KINDS
 #: Names accepted by :func:`make_schedule` (``pipetrain.plan.SCHEDULES`` is this tuple).
-SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zbv", "dualpipev")
+#: Schedules in the V placement: two chunks per rank, rank r holds stages r and 2p-1-r.
+V_SCHEDULES = ("zbv", "dualpipev")
 
-_ACTION_RE = re.compile(r"^\s*(\d+)(SEND_F|RECV_F|SEND_B|RECV_B|F|B|W)(\d+)\s*$")
+_ACTION_RE = re.compile(r"^\s*(\d+)(SEND_F|RECV_F|SEND_B|RECV_B|F|B|I|W)(\d+)\s*$")
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -89,6 +101,8 @@ class Schedule:
     actions: tuple[tuple[Action, ...], ...]
     split_backward: bool = False
     chunks: int = field(default=1)
+    #: (F, B) pairs run as one OVERLAP_F_B action (module docstring); :func:`validate` checks them
+    overlaps: tuple[tuple[Action, Action], ...] = ()
 
     def __post_init__(self) -> None:
         if self.num_ranks < 1 or self.num_stages < 1 or self.num_microbatches < 1:
@@ -112,8 +126,23 @@ class Schedule:
         return sum(1 for acts in self.actions for a in acts if a.is_compute)
 
     def to_strings(self, *, compute_only: bool = False) -> list[list[str]]:
-        """Per-rank action strings (what golden files store)."""
-        return [[str(a) for a in acts if a.is_compute or not compute_only] for acts in self.actions]
+        """Per-rank action strings (what golden files store); with ``compute_only``, each pair of
+        :attr:`overlaps` is one string as torch prints it, ``(0F3;3B1)OVERLAP_F_B``."""
+        if not compute_only:
+            return [[str(a) for a in acts] for acts in self.actions]
+        second = {b: f for f, b in self.overlaps}
+        first = {f for f, _ in self.overlaps}
+        out = []
+        for acts in self.actions:
+            row: list[str] = []
+            for a in acts:
+                if a in second:
+                    row[-1] = f"({second[a]};{a})OVERLAP_F_B"
+                elif a.is_compute:
+                    row.append(str(a))
+            out.append(row)
+        assert all(f in second.values() for f in first)
+        return out
 
 
 # ---------------------------------------------------------------------------------- generators
@@ -134,11 +163,18 @@ def _buffer_caps(buffers: Sequence[int] | None, n: int) -> list[int]:
     return caps
 
 
-def _build(name: str, p: int, m: int, v: int, orders: list[list[Action]], split: bool) -> Schedule:
-    s2r = tuple(s % p for s in range(p * v))
+def _build(name: str, p: int, m: int, v: int, orders: list[list[Action]], split: bool, *,
+           stage_to_rank: tuple[int, ...] | None = None, overlaps: tuple[tuple[Action, Action], ...] = ()) -> Schedule:
+    s2r = stage_to_rank if stage_to_rank is not None else tuple(s % p for s in range(p * v))
     compute = tuple(tuple(o) for o in orders)
     return Schedule(name=name, num_ranks=p, num_stages=p * v, num_microbatches=m, stage_to_rank=s2r,
-                    actions=with_comms(compute, s2r), split_backward=split, chunks=v)
+                    actions=with_comms(compute, s2r, overlaps), split_backward=split, chunks=v, overlaps=overlaps)
+
+
+def v_stage_to_rank(p: int) -> tuple[int, ...]:
+    """The V placement of ``2p`` stages on ``p`` ranks: rank ``r`` holds stages ``r`` and ``2p-1-r``
+    (stage 0 and the last stage both on rank 0; stages ``p-1`` and ``p`` meet on rank ``p-1``)."""
+    return tuple(s if s < p else 2 * p - 1 - s for s in range(2 * p))
 
 
 def gpipe(p: int, m: int, *, buffers: Sequence[int] | None = None) -> Schedule:
@@ -215,11 +251,11 @@ def interleaved(p: int, m: int, v: int, *, buffers: Sequence[int] | None = None)
 
 
 def zb_h1(p: int, m: int, *, buffers: Sequence[int] | None = None) -> Schedule:
-    """ZB-H1 (Qi et al. 2024, "Zero Bubble Pipeline Parallelism"): B (input grad) and W (weight grad) split.
+    """ZB-H1 (Qi et al. 2024, "Zero Bubble Pipeline Parallelism"): I (input grad) and W (weight grad) split.
 
     Built by list scheduling with unit F, B, W times: whenever stage ``s`` is idle it runs, in
     priority, its next F if fewer than ``min(p-s, buffers[s])`` micro-batches hold activations
-    (F done, B not: 1F1B's activation memory), else its next B, else its oldest pending W — and
+    (F done, I not: 1F1B's activation memory), else its next I, else its oldest pending W — and
     it must run that W first once more than ``s`` are pending. Deferring W on later stages fills
     the 1F1B cool-down bubbles: with unit times the step takes ``3m + p - 1``, the paper's
     ``(p-1)(tF+tB-tW)`` bubble, against 1F1B's ``3(m + p - 1)``. The order comes from an actual
@@ -247,7 +283,7 @@ def zb_h1(p: int, m: int, *, buffers: Sequence[int] | None = None) -> Schedule:
                 nf[s] += 1
             elif nb[s] < m and 0 <= f_done[s][nb[s]] <= t and (s == p - 1 or 0 <= b_done[s + 1][nb[s]] <= t):
                 b_done[s][nb[s]] = t + 1
-                orders[s].append(Action(s, "B", nb[s]))
+                orders[s].append(Action(s, "I", nb[s]))
                 nb[s] += 1
             elif can_w:
                 orders[s].append(Action(s, "W", nw[s]))
@@ -256,10 +292,179 @@ def zb_h1(p: int, m: int, *, buffers: Sequence[int] | None = None) -> Schedule:
     return _build("zb-h1", p, m, 1, orders, True)
 
 
+def _zbv_rank(p: int, m: int, n: int, r: int) -> list[Action]:
+    """Rank ``r``'s compute order of :func:`zbv`, laid out for ``n`` micro-batches, cut to ``m``."""
+    c0, c1 = r, 2 * p - 1 - r
+    cnt = {"f0": 0, "f1": 0, "b0": 0, "b1": 0}
+    out: list[Action] = []
+
+    def add(stage: int, kind: str, key: str, mb: int | None = None) -> None:
+        k = cnt[key] if mb is None else mb
+        out.append(Action(stage, kind, k))
+        if mb is None:
+            cnt[key] += 1
+
+    for _ in range(2 * (p - r) - 1):
+        add(c0, "F", "f0")
+    for _ in range(r):
+        add(c1, "F", "f1")
+        add(c0, "F", "f0")
+    for _ in range(p - r):
+        add(c1, "F", "f1")
+        add(c1, "I", "b1", cnt["b1"])
+        add(c1, "W", "b1")
+    while cnt["f1"] < cnt["f0"] or cnt["f0"] < n:
+        if cnt["f0"] < n:
+            add(c0, "F", "f0")
+        add(c0, "I", "b0", cnt["b0"])
+        add(c0, "W", "b0")
+        add(c1, "F", "f1")
+        add(c1, "I", "b1", cnt["b1"])
+        add(c1, "W", "b1")
+    w0, w1 = cnt["b0"], cnt["b1"]
+    for _ in range(r):
+        add(c0, "I", "b0")
+        add(c1, "I", "b1")
+    for _ in range(p - r):
+        add(c0, "I", "b0")
+        out.append(Action(c0, "W", w0))
+        w0 += 1
+    out += [Action(c1, "W", k) for k in range(w1, cnt["b1"])]
+    out += [Action(c0, "W", k) for k in range(w0, cnt["b0"])]
+    return [a for a in out if a.microbatch < m]
+
+
+def zbv(p: int, m: int) -> Schedule:
+    """ZB-V (Qi et al. 2024, "Zero Bubble Pipeline Parallelism", section 6): two chunks per rank in
+    the V placement, backward split into I and W, the W passes filling the bubbles.
+
+    Rank ``r`` (chunk 0 = stage ``r``, chunk 1 = stage ``2p-1-r``) warms up with ``2(p-r)-1``
+    chunk-0 forwards, then ``r`` pairs F1 F0, then ``p-r`` triples F1 I1 W1; the steady phase
+    repeats F0 I0 W0 F1 I1 W1; the cool-down runs ``r`` pairs I0 I1, ``p-r`` pairs I0 W0, then the
+    remaining Ws. At most ``2p`` micro-batches are in flight per rank (between chunk 0's F and
+    its I), which is 1F1B's ``p`` per stage of half the size: the same activation memory. This is
+    torch.distributed.pipelining's ``ScheduleZBVZeroBubble`` order (the golden test compares it
+    with torch's for every rank); as there, it is laid out for ``max(m, 2p-1)`` micro-batches and
+    the actions of the extra ones are dropped, so ``m < 2p-1`` keeps the warm-up shape.
+    """
+    _check_pm(p, m)
+    n = max(2 * p - 1, m)
+    orders = [_zbv_rank(p, m, n, r) for r in range(p)]
+    return _build("zbv", p, m, 2, orders, True, stage_to_rank=v_stage_to_rank(p))
+
+
+def _dualpipev_rank(p: int, m: int, r: int, overlaps: list[tuple[Action, Action]]) -> list[Action]:
+    """Rank ``r``'s compute order of :func:`dualpipev`; its pairs are appended to ``overlaps``."""
+    c0, c1 = r, 2 * p - 1 - r
+    nf = {c0: 0, c1: 0}
+    nb = {c0: 0, c1: 0}  # backward (B or I) micro-batches issued
+    wq: list[Action] = []
+    out: list[Action] = []
+
+    def fwd(stage: int) -> Action:
+        a = Action(stage, "F", nf[stage])
+        nf[stage] += 1
+        out.append(a)
+        return a
+
+    def bwd(stage: int, split: bool) -> Action:
+        a = Action(stage, "I" if split else "B", nb[stage])
+        nb[stage] += 1
+        out.append(a)
+        if split:
+            wq.append(Action(stage, "W", a.microbatch))
+        return a
+
+    def pair(f_stage: int, b_stage: int) -> None:
+        overlaps.append((fwd(f_stage), bwd(b_stage, False)))
+
+    def weight() -> None:
+        if wq:
+            out.append(wq.pop(0))
+
+    for _ in range(2 * (p - r - 1)):
+        fwd(c0)
+    for _ in range(r + 1):
+        fwd(c0)
+        fwd(c1)
+    for _ in range(p - r - 1):
+        bwd(c1, True)
+        weight()
+        fwd(c1)
+    for i in range(m - 2 * p + r + 1):
+        if i == 0 and r == p - 1:  # torch: not overlapped, to shrink the bubble
+            fwd(c0)
+            bwd(c1, False)
+        else:
+            pair(c0, c1)
+        pair(c1, c0)
+    for _ in range(p - r - 1):
+        bwd(c1, False)
+        pair(c1, c0)
+    zb = False
+    for i in range(r + 1):
+        if i == (r + 1) // 2 and r % 2 == 1:
+            zb = True
+        bwd(c1, zb)
+        if i == (r + 1) // 2 and r % 2 == 0:
+            zb = True
+        bwd(c0, zb)
+    for _ in range(p - r - 1):
+        weight()
+        bwd(c0, zb)
+    for _ in range(r + 1):
+        weight()
+    out += wq
+    return out
+
+
+def dualpipev(p: int, m: int) -> Schedule:
+    """DualPipeV (DeepSeek-V3's DualPipe, "cut in half" into the V placement), as torch's
+    ``ScheduleDualPipeV`` orders it: two chunks per rank, and in the steady phase the forward of
+    one chunk paired with the full backward of the other (``OVERLAP_F_B``, :attr:`Schedule.overlaps`).
+
+    Rank ``r`` (chunk 0 = stage ``r``, chunk 1 = stage ``2p-1-r``): ``2(p-r-1)`` chunk-0 forwards;
+    ``r+1`` pairs F0 F1; ``p-r-1`` rounds I1, the oldest pending W, F1; ``m-2p+r+1`` rounds of
+    (F0;B1) (F1;B0) pairs (the last rank runs its first F0 and B1 unpaired); ``p-r-1`` rounds B1
+    (F1;B0); ``r+1`` rounds of a chunk-1 and a chunk-0 backward, full until the middle round and
+    split into I (and a later W) from there (odd ranks switch one action earlier); ``p-r-1``
+    rounds W, backward of chunk 0; then the remaining Ws. torch runs a pair's two actions one
+    after the other: the pair costs F + B of compute, its messages overlapping the other half's
+    compute. Needs ``m >= 2p`` (torch raises below that).
+    """
+    _check_pm(p, m)
+    if m < 2 * p:
+        raise ScheduleError(f"dualpipev needs at least as many micro-batches as stages (2p = {2 * p}), got {m}: use m >= {2 * p}")
+    overlaps: list[tuple[Action, Action]] = []
+    orders = [_dualpipev_rank(p, m, r, overlaps) for r in range(p)]
+    return _build("dualpipev", p, m, 2, orders, True, stage_to_rank=v_stage_to_rank(p), overlaps=tuple(overlaps))
+
+
+def stage_ranks(name: str, p: int, chunks: int = 1) -> tuple[int, ...]:
+    """Schedule ``name``'s stage -> rank map without building it: the V for ZB-V and DualPipeV, else ``s % p``."""
+    if name in V_SCHEDULES:
+        return v_stage_to_rank(p)
+    return tuple(s % p for s in range(p * chunks))
+
+
+def schedule_chunks(name: str, chunks: int = 1) -> int:
+    """Stages per rank of schedule ``name``: 2 for the V schedules, ``chunks`` for interleaved, else 1."""
+    return 2 if name in V_SCHEDULES else chunks
+
+
 def make_schedule(name: str, p: int, m: int, chunks: int = 1, *, buffers: Sequence[int] | None = None) -> Schedule:
-    """Build a schedule by name: ``gpipe``, ``1f1b``, ``interleaved`` (``chunks`` = v) or ``zb-h1``."""
+    """Build a schedule by name: ``gpipe``, ``1f1b``, ``interleaved`` (``chunks`` = v), ``zb-h1``,
+    ``zbv`` or ``dualpipev`` (two chunks per rank: ``chunks`` 1 or 2 both mean the V)."""
     if name not in SCHEDULE_NAMES:
         raise ScheduleError(f"schedule {name!r} is unknown; choose one of {', '.join(SCHEDULE_NAMES)}")
+    if name in V_SCHEDULES:
+        if chunks not in (1, 2):
+            raise ScheduleError(f"schedule {name} runs two chunks per rank in a V; --chunks {chunks} needs the interleaved schedule")
+        if buffers is not None and len(buffers) != 2 * p:
+            raise ScheduleError(f"{name} has {2 * p} stages (two per rank); got {len(buffers)} buffer counts")
+        sched = zbv(p, m) if name == "zbv" else dualpipev(p, m)
+        _check_caps(sched, buffers)
+        return sched
     if name != "interleaved" and chunks != 1:
         raise ScheduleError(f"schedule {name} runs one chunk per rank; --chunks {chunks} needs the interleaved schedule")
     if name == "gpipe":
@@ -278,35 +483,45 @@ def _check_caps(sched: Schedule, buffers: Sequence[int] | None) -> None:
             raise ScheduleError(f"{sched.name} keeps {need} micro-batches in flight at stage {s} but it has {cap} buffers: raise buffers to {need} or use 1f1b")
 
 
-def with_comms(compute: Sequence[Sequence[Action]], stage_to_rank: Sequence[int]) -> tuple[tuple[Action, ...], ...]:
-    """Insert SEND/RECV actions: each RECV right before its compute, each SEND right after."""
+def with_comms(compute: Sequence[Sequence[Action]], stage_to_rank: Sequence[int],
+               overlaps: Sequence[tuple[Action, Action]] = ()) -> tuple[tuple[Action, ...], ...]:
+    """Insert SEND/RECV actions: each RECV right before its compute, each SEND right after (after
+    both halves of an overlapped pair, as torch issues them)."""
     last = len(stage_to_rank) - 1
+    firsts = {f for f, _ in overlaps}
     out = []
     for order in compute:
         acts: list[Action] = []
+        held: list[Action] = []  # the sends of a pair's first half, issued after its second
         for a in order:
             s, k = a.stage, a.microbatch
+            sends: list[Action] = []
             if a.kind == "F":
                 if s > 0 and stage_to_rank[s - 1] != stage_to_rank[s]:
                     acts.append(Action(s, "RECV_F", k))
                 acts.append(a)
                 if s < last and stage_to_rank[s + 1] != stage_to_rank[s]:
-                    acts.append(Action(s, "SEND_F", k))
-            elif a.kind == "B":
+                    sends.append(Action(s, "SEND_F", k))
+            elif a.kind in ("B", "I"):
                 if s < last and stage_to_rank[s + 1] != stage_to_rank[s]:
                     acts.append(Action(s, "RECV_B", k))
                 acts.append(a)
                 if s > 0 and stage_to_rank[s - 1] != stage_to_rank[s]:
-                    acts.append(Action(s, "SEND_B", k))
+                    sends.append(Action(s, "SEND_B", k))
             else:
                 acts.append(a)
+            if a in firsts:
+                held = sends
+            else:
+                acts += held + sends
+                held = []
         out.append(tuple(acts))
     return tuple(out)
 
 
 # ---------------------------------------------------------------------------------- checking
 
-_NEEDS_BEFORE = {"F": "RECV_F", "B": "RECV_B"}
+_NEEDS_BEFORE = {"F": "RECV_F", "B": "RECV_B", "I": "RECV_B"}
 
 
 def _static_check(sched: Schedule) -> None:
@@ -320,8 +535,8 @@ def _static_check(sched: Schedule) -> None:
                 raise ScheduleError(f"{where}: stage {a.stage} does not run on rank {r}")
             if a.microbatch >= m:
                 raise ScheduleError(f"{where}: micro-batch {a.microbatch} >= {m}")
-            if a.kind == "W" and not sched.split_backward:
-                raise ScheduleError(f"{where}: W actions need split_backward=True")
+            if a.kind in ("I", "W") and not sched.split_backward:
+                raise ScheduleError(f"{where}: I and W actions need split_backward=True")
             key = (a.stage, a.kind, a.microbatch)
             if key in seen:
                 raise ScheduleError(f"{where}: appears twice")
@@ -330,17 +545,24 @@ def _static_check(sched: Schedule) -> None:
             cross_b = a.stage < last and s2r[a.stage + 1] != r
             if a.kind in ("SEND_F", "RECV_B") and not cross_b or a.kind in ("SEND_B", "RECV_F") and not cross_f:
                 raise ScheduleError(f"{where}: no other rank to talk to for this action")
-            if a.kind in ("SEND_F", "SEND_B") and seen.get((a.stage, a.kind[-1], a.microbatch), i + 1) > i:
+            if a.kind == "SEND_F" and seen.get((a.stage, "F", a.microbatch), i + 1) > i or a.kind == "SEND_B" and min(
+                    seen.get((a.stage, "B", a.microbatch), i + 1), seen.get((a.stage, "I", a.microbatch), i + 1)) > i:
                 raise ScheduleError(f"{where}: sends before its {a.stage}{a.kind[-1]}{a.microbatch} is computed")
             if a.kind in _NEEDS_BEFORE and (cross_f if a.kind == "F" else cross_b):
                 if seen.get((a.stage, _NEEDS_BEFORE[a.kind], a.microbatch), i) >= i:
                     raise ScheduleError(f"{where}: no {a.stage}{_NEEDS_BEFORE[a.kind]}{a.microbatch} before it")
-    kinds = ("F", "B", "W") if sched.split_backward else ("F", "B")
     for s in range(sched.num_stages):
         for k in range(m):
+            full, split = (s, "B", k) in seen, (s, "I", k) in seen
+            kinds = ("F", "B") if full or not split else ("F", "I", "W")
+            if full and split:
+                raise ScheduleError(f"schedule {sched.name}: {s}B{k} and {s}I{k} both run; a backward is either B or I and W")
             for kind in kinds:
                 if (s, kind, k) not in seen:
                     raise ScheduleError(f"schedule {sched.name} is incomplete: {s}{kind}{k} never runs (rank {s2r[s]})")
+            if (s, "W", k) in seen and not split:
+                raise ScheduleError(f"schedule {sched.name}: {s}W{k} runs but {s}I{k} does not (a full {s}B{k} includes the weight gradient)")
+    _check_overlaps(sched, seen)
     for s in range(sched.num_stages):
         for k in range(m):
             if s < last and s2r[s + 1] != s2r[s]:
@@ -348,6 +570,21 @@ def _static_check(sched: Schedule) -> None:
                     a_s, a_r = (s, snd, k) if snd == "SEND_F" else (s + 1, snd, k), (rs, rcv, k)
                     if (a_s in seen) != (a_r in seen) or a_s not in seen:
                         raise ScheduleError(f"schedule {sched.name}: {a_s[0]}{snd}{k} and {rs}{rcv}{k} must both appear")
+
+
+def _check_overlaps(sched: Schedule, seen: dict[tuple[int, str, int], int]) -> None:
+    """Each OVERLAP_F_B pair: an F and a full B of two different stages of one rank, adjacent in its compute order."""
+    for f, b in sched.overlaps:
+        what = f"overlapped pair ({f};{b})"
+        if f.kind != "F" or b.kind != "B" or f.stage == b.stage:
+            raise ScheduleError(f"{what}: must pair an F with a full B of another stage")
+        r = sched.stage_to_rank[f.stage]
+        if sched.stage_to_rank[b.stage] != r or (f.stage, "F", f.microbatch) not in seen or (b.stage, "B", b.microbatch) not in seen:
+            raise ScheduleError(f"{what}: both halves must run on one rank")
+        order = sched.compute_order(r)
+        i = order.index(f)
+        if i + 1 >= len(order) or order[i + 1] != b:
+            raise ScheduleError(f"{what}: its halves must be adjacent in rank {r}'s compute order")
 
 
 def execution_order(sched: Schedule) -> list[tuple[int, int]]:
@@ -361,6 +598,10 @@ def execution_order(sched: Schedule) -> list[tuple[int, int]]:
     last, m = sched.num_stages - 1, sched.num_microbatches
     kind_ix = {k: i for i, k in enumerate(ACTION_KINDS)}
     nk = len(ACTION_KINDS)
+    split = {(a.stage, a.microbatch) for acts in sched.actions for a in acts if a.kind == "I"}
+
+    def bwd_kind(s: int, k: int) -> str:
+        return "I" if (s, k) in split else "B"
 
     def key(s: int, kind: str, k: int) -> int:
         return (s * nk + kind_ix[kind]) * m + k
@@ -369,15 +610,15 @@ def execution_order(sched: Schedule) -> list[tuple[int, int]]:
         s, kind, k = a.stage, a.kind, a.microbatch
         if kind == "F":
             return ((s - 1, "F", k),) if s > 0 else ()
-        if kind == "B":
-            return ((s, "F", k), (s + 1, "B", k)) if s < last else ((s, "F", k),)
+        if kind in ("B", "I"):
+            return ((s, "F", k), (s + 1, bwd_kind(s + 1, k), k)) if s < last else ((s, "F", k),)
         if kind == "W":
-            return ((s, "B", k),)
+            return ((s, "I", k),)
         if kind == "RECV_F":
             return ((s - 1, "SEND_F", k),)
         if kind == "RECV_B":
             return ((s + 1, "SEND_B", k),)
-        return ((s, kind[-1], k),)
+        return ((s, "F", k),) if kind == "SEND_F" else ((s, bwd_kind(s, k), k),)
 
     done = bytearray(sched.num_stages * nk * m)
     waiting: dict[int, list[int]] = {}
@@ -421,12 +662,11 @@ def validate(sched: Schedule) -> Schedule:
 
 
 def peak_in_flight(sched: Schedule) -> tuple[int, ...]:
-    """Per stage, the most micro-batches whose F ran and whose B has not (activations held).
+    """Per stage, the most micro-batches whose F ran and whose backward (B or I) has not (activations held).
 
-    With a split backward, what a micro-batch keeps between its B and W is accounted apart
+    With a split backward, what a micro-batch keeps between its I and W is accounted apart
     (``StageSpec.wgrad_stash_bytes`` in the simulator).
     """
-    release = "B"
     cur = [0] * sched.num_stages
     peak = [0] * sched.num_stages
     for acts in sched.actions:
@@ -434,19 +674,19 @@ def peak_in_flight(sched: Schedule) -> tuple[int, ...]:
             if a.kind == "F":
                 cur[a.stage] += 1
                 peak[a.stage] = max(peak[a.stage], cur[a.stage])
-            elif a.kind == release:
+            elif a.kind in ("B", "I"):
                 cur[a.stage] -= 1
     return tuple(peak)
 
 
 def peak_pending_wgrad(sched: Schedule) -> tuple[int, ...]:
-    """Per stage, the most micro-batches whose B ran and whose W has not (0 without a split backward)."""
+    """Per stage, the most micro-batches whose I ran and whose W has not (0 without a split backward)."""
     cur = [0] * sched.num_stages
     peak = [0] * sched.num_stages
     if sched.split_backward:
         for acts in sched.actions:
             for a in acts:
-                if a.kind == "B":
+                if a.kind == "I":
                     cur[a.stage] += 1
                     peak[a.stage] = max(peak[a.stage], cur[a.stage])
                 elif a.kind == "W":

@@ -11,6 +11,7 @@ import pytest
 from pipetrain.errors import ScheduleError
 from pipetrain.schedules import (
     SCHEDULE_NAMES,
+    V_SCHEDULES,
     Action,
     Schedule,
     execution_order,
@@ -20,12 +21,16 @@ from pipetrain.schedules import (
     make_schedule,
     one_f_one_b,
     peak_in_flight,
+    v_stage_to_rank,
     validate,
     zb_h1,
 )
 
 GOLDEN = Path(__file__).parent / "golden" / "schedules.json"
 GOLDEN_CASES = {
+    "zbv-p2-m4-comms": ("zbv", 2, 4, 2, False),
+    "dualpipev-p2-m4": ("dualpipev", 2, 4, 2, True),
+    "dualpipev-p2-m4-comms": ("dualpipev", 2, 4, 2, False),
     "gpipe-p4-m4": ("gpipe", 4, 4, 1, True),
     "1f1b-p4-m8": ("1f1b", 4, 8, 1, True),
     "1f1b-p2-m3-comms": ("1f1b", 2, 3, 1, False),
@@ -78,17 +83,24 @@ def test_every_schedule_validates(name: str) -> None:
         for m in (1, 2, 3, 4, 7, 8, 16):
             v_list = (1, 2, 3) if name == "interleaved" else (1,)
             for v in v_list:
-                if name == "interleaved" and m % p:
+                if name == "interleaved" and m % p or name == "dualpipev" and m < 2 * p:
                     continue
                 s = validate(make_schedule(name, p, m, v))
-                assert s.num_stages == p * v and s.stage_to_rank == tuple(i % p for i in range(p * v))
-                kinds = "FBW" if name == "zb-h1" else "FB"
-                assert s.num_compute_actions == len(kinds) * p * v * m
+                if name in V_SCHEDULES:
+                    v = 2
+                    assert s.stage_to_rank == v_stage_to_rank(p)
+                    assert all(s.stages_of(r) == (r, 2 * p - 1 - r) for r in range(p))
+                else:
+                    assert s.stage_to_rank == tuple(i % p for i in range(p * v))
+                assert s.num_stages == p * v
+                # every (stage, micro-batch) runs F and either one full B or an I and a W
+                full = sum(1 for acts in s.actions for a in acts if a.kind == "B")
+                assert s.num_compute_actions == 2 * p * v * m + 2 * (p * v * m - full) - (p * v * m - full)
                 assert len(execution_order(s)) == sum(len(a) for a in s.actions)
 
 
 def test_bad_arguments() -> None:
-    with pytest.raises(ScheduleError, match="gpipe, 1f1b, interleaved, zb-h1"):
+    with pytest.raises(ScheduleError, match="gpipe, 1f1b, interleaved, zb-h1, zbv, dualpipev"):
         make_schedule("pipedream", 4, 8)
     with pytest.raises(ScheduleError, match="micro-batches"):
         make_schedule("1f1b", 4, 0)

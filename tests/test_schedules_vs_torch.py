@@ -16,6 +16,11 @@ schedule, and the step time is the same (the closed form holds for both).
 ``F1 B0 F2 B1 ... Fm B(m-1)``: micro-batch 0's forward is missing and a non-existent ``Fm``
 appears. torch's runtime (``Schedule1F1B._step_microbatches``) runs ``F0 B0 F1 B1 ...`` there,
 which is our order. The test asserts exactly that shift, so any other difference fails.
+
+ZB-V and DualPipeV against ``ScheduleZBVZeroBubble`` and ``ScheduleDualPipeV``: equal on every
+rank (I, W and the OVERLAP_F_B pairs included) for p in {2, 4, 8}, m in {p, 2p} (and 3p for
+DualPipeV); torch pads ZB-V's later ranks with ``None`` idle slots, which are dropped. Below
+m = 2p both refuse DualPipeV.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipetrain.schedules import gpipe, interleaved, one_f_one_b
+from pipetrain.errors import ScheduleError
+from pipetrain.schedules import dualpipev, gpipe, interleaved, one_f_one_b, validate, zbv
 
 pipelining = pytest.importorskip("torch.distributed.pipelining.schedules")
 
@@ -77,3 +83,50 @@ def test_interleaved_matches_torch(p: int, m: int, v: int) -> None:
 def test_comparison_can_fail() -> None:
     # GPipe and 1F1B differ for p >= 2, so the helper really distinguishes orders.
     assert gpipe(4, 8).to_strings(compute_only=True) != _torch_order(pipelining.Schedule1F1B, 4, 8)
+
+
+# ----- the V schedules: ZB-V and DualPipeV against torch's own pipeline_order ----------------------
+V_CASES = [(p, m) for p in (2, 4, 8) for m in (p, 2 * p)]
+
+
+def _v_stubs(p: int) -> list[SimpleNamespace]:
+    # torch builds every rank's order from rank 0's two stages (the V: stages 0 and 2p-1)
+    return [SimpleNamespace(num_stages=2 * p, group_size=p, group_rank=0, stage_index=s, is_first=s == 0,
+                            is_last=s == 2 * p - 1, submod=None) for s in (0, 2 * p - 1)]
+
+
+def _v_torch_order(cls: type, p: int, m: int) -> list[list[str]]:
+    sched = cls(_v_stubs(p), n_microbatches=m)
+    return [[str(a) for a in sched.pipeline_order[r] if a is not None] for r in range(p)]
+
+
+@pytest.mark.parametrize("p,m", V_CASES)
+def test_zbv_matches_torch(p: int, m: int) -> None:
+    # equal on every rank, I and W included; torch's leading None idle slots are dropped
+    ours = zbv(p, m)
+    assert validate(ours).to_strings(compute_only=True) == _v_torch_order(pipelining.ScheduleZBVZeroBubble, p, m)
+    assert ours.stage_to_rank == tuple(pipelining.generate_stage_to_rank_mapping(p, 2 * p, style="v")[s] for s in range(2 * p))
+
+
+@pytest.mark.parametrize("p,m", V_CASES)
+def test_dualpipev_matches_torch(p: int, m: int) -> None:
+    if m < 2 * p:  # torch refuses too, with the same condition
+        with pytest.raises(ValueError):
+            pipelining.ScheduleDualPipeV(_v_stubs(p), n_microbatches=m)
+        with pytest.raises(ScheduleError, match="m >= "):
+            dualpipev(p, m)
+        return
+    ours = validate(dualpipev(p, m))
+    theirs = _v_torch_order(pipelining.ScheduleDualPipeV, p, m)
+    assert ours.to_strings(compute_only=True) == theirs  # pairs print as torch prints them: (0F3;3B1)OVERLAP_F_B
+    assert any("OVERLAP_F_B" in a for row in theirs for a in row)
+
+
+@pytest.mark.parametrize("p", [2, 4])
+def test_dualpipev_3p_matches_torch(p: int) -> None:
+    m = 3 * p
+    assert validate(dualpipev(p, m)).to_strings(compute_only=True) == _v_torch_order(pipelining.ScheduleDualPipeV, p, m)
+
+
+def test_v_comparison_can_fail() -> None:
+    assert zbv(4, 8).to_strings(compute_only=True) != _v_torch_order(pipelining.ScheduleDualPipeV, 4, 8)

@@ -23,10 +23,12 @@ times = st.floats(min_value=1e-4, max_value=5e-3, allow_nan=False)
 
 @st.composite
 def contention_free_inputs(draw: st.DrawFn) -> SimInput:
-    name = draw(st.sampled_from(["gpipe", "1f1b", "interleaved", "zb-h1"]))
+    name = draw(st.sampled_from(["gpipe", "1f1b", "interleaved", "zb-h1", "zbv", "dualpipev"]))
     p = draw(st.integers(1, 8))
     v = draw(st.integers(1, 3)) if name == "interleaved" else 1
     m = p * draw(st.integers(1, max(1, 16 // p))) if name == "interleaved" else draw(st.integers(1, 16))
+    if name == "dualpipev":
+        m = max(m, 2 * p)
     sched = make_schedule(name, p, m, v)
     n = sched.num_stages
     stages = tuple(StageSpec(t_fwd_s=draw(times), t_bwd_s=draw(times), t_wgrad_s=draw(st.sampled_from([0.0, 1e-3])) or draw(times),
@@ -38,7 +40,7 @@ def contention_free_inputs(draw: st.DrawFn) -> SimInput:
         # sends of the same cut, so transfers never queue (contention-free)
         bw = 1e9
         fwd = draw(st.floats(0.0, 1.0)) * stages[s].t_fwd_s * bw
-        bwd = draw(st.floats(0.0, 1.0)) * stages[s + 1].duration_s("B", sched.split_backward) * bw
+        bwd = draw(st.floats(0.0, 1.0)) * stages[s + 1].duration_s("I" if sched.split_backward else "B") * bw
         lat = draw(st.floats(0.0, 2e-3))
         bounds.append(BoundarySpec(fwd_bytes=fwd, bwd_bytes=bwd, link=Link(name=f"f{s}", latency_s=lat, bandwidth_bytes_per_s=bw),
                                    bwd_link=Link(name=f"b{s}", latency_s=draw(st.floats(0.0, 2e-3)), bandwidth_bytes_per_s=bw)))

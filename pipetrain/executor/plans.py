@@ -34,9 +34,11 @@ def simple_plan(model: str, *, pp: int, dp: int = 1, m: int, mbs: int, seq_len: 
                 buffers: Sequence[int] | None = None, device: str = "cpu") -> Plan:
     from pipetrain.executor.stage import boundary_specs, build_meta, load_spec
     from pipetrain.planner.trace import model_fingerprint
-    from pipetrain.schedules import make_schedule, peak_in_flight
+    from pipetrain.schedules import make_schedule, peak_in_flight, schedule_chunks
 
     spec = load_spec(model)
+    chunks = schedule_chunks(schedule, chunks)
+    sched = make_schedule(schedule, pp, m, chunks)
     meta = build_meta(spec)
     n = len(meta.blocks)
     num_stages = pp * chunks
@@ -45,14 +47,13 @@ def simple_plan(model: str, *, pp: int, dp: int = 1, m: int, mbs: int, seq_len: 
         raise PlanError(f"boundaries {list(cuts)} must be {num_stages - 1} increasing cut positions in 1..{n - 1}")
     specs = boundary_specs(spec, meta, mbs, seq_len, cuts, dtype) if cuts else []
     if buffers is None:
-        sched = make_schedule(schedule, pp, m, chunks)
         buffers = list(peak_in_flight(sched))
     starts = (0, *cuts)
     ends = (*cuts, n)
     stages = []
     for s in range(num_stages):
         stages.append(StagePlan(
-            index=s, block_start=starts[s], block_end=ends[s], rank=s % pp, device=device,
+            index=s, block_start=starts[s], block_end=ends[s], rank=sched.stage_to_rank[s], device=device,
             buffers=max(1, int(buffers[s])), recompute=s in set(recompute),
             inputs=(specs[s - 1],) if s > 0 else (), outputs=(specs[s],) if s < num_stages - 1 else ()))
     return Plan(model=model, graph_fingerprint=model_fingerprint(spec), topology="local", pp=pp, dp=dp,

@@ -290,7 +290,7 @@ class PipelineRuntime:
                     local[(0, s + 1, mb)] = out
                 else:
                     to_send[(0, s, mb)] = out
-            elif a.kind == "B":
+            elif a.kind in ("B", "I"):  # B: the full backward; I: the input gradient, W later
                 x, out, i, wq = ctx.pop((s, mb))
                 gi = -1
                 if st.is_last:
@@ -305,10 +305,13 @@ class PipelineRuntime:
                     out = out * self.loss_scale
                 if wq is not None:
                     gx = self._linears[s].backward_input(out, g, x, wq)
-                    split_state = wq
-                    # B freed the autograd graph: until W the micro-batch holds the queued inputs and gradients
-                    self.saved.hold((s, mb), wq.nbytes())
-                elif self.split:
+                    if a.kind == "I":
+                        split_state = wq
+                        # I freed the autograd graph: until W the micro-batch holds the queued inputs and gradients
+                        self.saved.hold((s, mb), wq.nbytes())
+                    else:  # a full B on a stage whose forward deferred its linear layers: their weight gradients now
+                        wq.run()
+                elif a.kind == "I":
                     gx, split_state = backward_input(out, g, x, no_alias=(g,) if g is not None else ())
                 else:
                     if st.is_last:

@@ -23,6 +23,7 @@ from pipetrain.plan import Alternative, Plan, PredictedMetrics, StagePlan, Tenso
 from pipetrain.planner.job import Job
 from pipetrain.planner.search import Evaluated, SearchResult, _tracer, search
 from pipetrain.program import RUNNABLE_SCHEDULES, SimInput, lower, placement
+from pipetrain.schedules import stage_ranks
 from pipetrain.topology import Topology, resolve_topology
 
 __all__ = ["PlanOutcome", "plan_job", "make_plan", "plan_sim_input", "stage_tensors"]
@@ -117,7 +118,7 @@ def make_plan(res: SearchResult, *, unpinned: SearchResult | None = None) -> Pla
     place = placement(res.topology, c.pp, c.dp)
     stages = []
     for s, (a, b) in enumerate(ev.split.ranges):
-        r = s % c.pp
+        r = stage_ranks(c.schedule, c.pp, c.chunks)[s]
         ins, outs = stage_tensors(graph, a, b)
         stages.append(StagePlan(index=s, block_start=a, block_end=b, rank=r, device=res.topology.devices[place.devices[0][r]].id,
                                 buffers=int(ev.buffers[s]), recompute=bool(ev.recompute[s]), inputs=ins, outputs=outs,

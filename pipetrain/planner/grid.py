@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipetrain.planner.job import Job
-from pipetrain.schedules import SCHEDULE_NAMES
+from pipetrain.schedules import SCHEDULE_NAMES, V_SCHEDULES
 
 __all__ = ["BUFFER_LEVELS", "CHUNKS", "Candidate", "grid", "spread"]
 
@@ -93,6 +93,13 @@ def grid(job: Job, num_devices: int, num_blocks: int, allowed: tuple[str, ...], 
                             continue
                         if m % pp:
                             bad.append((f"pp={pp} dp={dp} mb={b} m={m} interleaved", f"needs m a multiple of pp={pp}"))
+                            continue
+                    elif sched in V_SCHEDULES:
+                        chunk_opts = [2]  # two chunks per rank, in a V
+                        if job.chunks not in (None, 1, 2) or 2 * pp > num_blocks:
+                            continue
+                        if sched == "dualpipev" and m < 2 * pp:
+                            bad.append((f"pp={pp} dp={dp} mb={b} m={m} dualpipev", f"needs m >= 2 pp = {2 * pp}"))
                             continue
                     elif job.chunks not in (None, 1):
                         continue

@@ -27,6 +27,7 @@ from typing import Any
 
 from pipetrain.errors import ConfigError
 from pipetrain.plan import DTYPES, OPTIMIZERS, SCHEDULES
+from pipetrain.schedules import V_SCHEDULES
 
 __all__ = ["Job", "KNOBS", "parse_memory", "load_job", "job_from_mapping"]
 
@@ -105,7 +106,8 @@ class Job:
             need(v is None or v >= 1, f"{k} must be >= 1, got {v}")
         need(self.schedule is None or self.schedule in SCHEDULES,
              f"schedule {self.schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
-        need(self.chunks is None or self.chunks == 1 or self.schedule in (None, "interleaved"),
+        need(self.chunks is None or self.chunks == 1 or self.schedule in (None, "interleaved")
+             or self.chunks == 2 and self.schedule in V_SCHEDULES,
              f"chunks={self.chunks} needs schedule 'interleaved', not {self.schedule!r}")
         need(self.buffers is None or (len(self.buffers) >= 1 and all(b >= 1 for b in self.buffers)),
              f"buffers must be >= 1 (one number, or one per stage), got {self.buffers}")

@@ -63,7 +63,7 @@ from pipetrain.program.catalog import (
     zb_h1_held_bound,
 )
 from pipetrain.program.lower import Placement, placement, rank_device_type, sim_input
-from pipetrain.schedules import Schedule, make_schedule, peak_in_flight
+from pipetrain.schedules import Schedule, make_schedule, peak_in_flight, stage_ranks
 from pipetrain.simulator import SimInput, SimResult, fast_evaluate, simulate
 from pipetrain.topology import Topology, resolve_topology
 
@@ -92,10 +92,11 @@ class Evaluated:
 
     def rank_peaks_bytes(self) -> tuple[float, ...]:
         res = self.sim or self.fast
-        pp = self.candidate.pp
-        out = [0.0] * pp
+        c = self.candidate
+        out = [0.0] * c.pp
+        s2r = stage_ranks(c.schedule, c.pp, c.chunks)
         for s, b in enumerate(res.peak_memory_bytes_per_stage):
-            out[s % pp] += b
+            out[s2r[s]] += b
         return tuple(out)
 
     def fits(self) -> bool:
@@ -201,7 +202,7 @@ class _Searcher:
             self.infeasible.append((c.describe(), str(exc)))
             return None
         buffers = tuple(pinned_buf) if pinned_buf else tuple(max(1, k) for k in inflight)
-        s2r = [st % c.pp for st in range(S)]
+        s2r = stage_ranks(c.schedule, c.pp, c.chunks)
         dts = [rank_device_type(self.topo, place, s2r[st]) for st in range(S)]
         caps_stage = [caps_rank[s2r[st]] / c.chunks for st in range(S)]
         tm, mm, rec_choice = [], [], []

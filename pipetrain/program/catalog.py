@@ -19,21 +19,23 @@ from __future__ import annotations
 from pipetrain.schedules import SCHEDULE_NAMES, Schedule, make_schedule, peak_in_flight, peak_pending_wgrad
 
 __all__ = ["RUNNABLE_SCHEDULES", "AUTO_SCHEDULES", "AUTO_SCHEDULES_CPU", "auto_schedules", "in_flight_1f1b",
-           "interleaved_in_flight", "interleaved_rule", "zb_h1_held_bound", "held_in_flight", "pool_sizes"]
+           "interleaved_in_flight", "interleaved_rule", "zb_h1_held_bound", "held_in_flight", "rank_peak_in_flight",
+           "pool_sizes"]
 
 #: What the executor runs. zb-h1 runs with the backward split into an input-gradient pass (B) and a
 #: weight-gradient pass (W): the linear layers' weight gradients deferred, or for stages with
 #: convolutions the generic autograd graph split.
 RUNNABLE_SCHEDULES: tuple[str, ...] = SCHEDULE_NAMES
-#: Schedules the planner picks without being asked on GPUs. zb-h1's B+W costs what one backward
-#: does since the linear layers' weight gradients are deferred, so it is chosen whenever it
-#: simulates fastest.
+#: Schedules the planner picks without being asked on GPUs. zb-h1's and zbv's I+W cost what one
+#: backward does since the linear layers' weight gradients are deferred, so they are chosen whenever
+#: they simulate fastest; dualpipev's pairs are priced serially (F + B, their messages overlapping
+#: the other half), so it wins where a model has communication to hide.
 AUTO_SCHEDULES: tuple[str, ...] = SCHEDULE_NAMES
-#: The same on CPU ranks: zb-h1 only when pinned, or when the cost model measured the executor's
+#: The same on CPU ranks: zb-h1, zbv and dualpipev only when pinned, or when the cost model measured the executor's
 #: own overheads (``--calibration``). Small models on CPU are dominated by per-action dispatch and
 #: per-message host work that the analytic and profiled cost models do not charge, and zb-h1's
 #: extra W actions can then cost more than its bubble saves.
-AUTO_SCHEDULES_CPU: tuple[str, ...] = tuple(s for s in SCHEDULE_NAMES if s != "zb-h1")
+AUTO_SCHEDULES_CPU: tuple[str, ...] = tuple(s for s in SCHEDULE_NAMES if s not in ("zb-h1", "zbv", "dualpipev"))
 
 
 def auto_schedules(runnable: tuple[str, ...], device_kind: str = "gpu") -> tuple[str, ...]:
@@ -134,6 +136,23 @@ def held_in_flight(schedule: Schedule) -> tuple[int, ...]:
     if schedule.split_backward:
         held = tuple(a + b for a, b in zip(held, peak_pending_wgrad(schedule)))
     return tuple(held)
+
+
+def rank_peak_in_flight(schedule: Schedule) -> tuple[int, ...]:
+    """Per rank, the most (stage, micro-batch) activations held at one instant of its own order: F
+    done, backward (B or I) not, summed over the rank's stages. With two half-size chunks per rank
+    (the V schedules) ``2p`` here is 1F1B's ``p`` whole-stage micro-batches: the same bytes."""
+    out = []
+    for acts in schedule.actions:
+        cur = peak = 0
+        for a in acts:
+            if a.kind == "F":
+                cur += 1
+                peak = max(peak, cur)
+            elif a.kind in ("B", "I"):
+                cur -= 1
+        out.append(peak)
+    return tuple(out)
 
 
 def pool_sizes(schedule: Schedule, buffers: tuple[int, ...] | list[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -17,8 +17,8 @@ of input-activation slots and one of output-gradient slots (:func:`pipetrain.pro
 Receives are posted into a pool in the order the stage's compute actions need them, whenever a
 slot is free: at the start of the step, and after each compute action (the only points where a
 slot is given back). An activation slot is given back when its micro-batch no longer needs its
-input (after B, or after W when the backward is split); a gradient slot right after the B that
-read it. Within one posting point, activation receives go first, stage by stage, then gradient
+input (after its full B, or after its W when its backward is split into I and W); a gradient slot right after the B that
+read it (B or I). Within one posting point, activation receives go first, stage by stage, then gradient
 receives.
 
 ``as_executed`` picks which of two views of the same plan the simulator input takes:
@@ -108,7 +108,6 @@ def lower_ops(schedule: Schedule, act_slots: Sequence[int], grad_slots: Sequence
 
 def _lower_rank(schedule: Schedule, r: int, acts: Sequence[Action], act_slots: Sequence[int], grad_slots: Sequence[int]) -> tuple[Op, ...]:
     """Rank ``r``'s operations (:func:`lower_ops`)."""
-    release_kind = "W" if schedule.split_backward else "B"
     recv_f = {s: [a for a in acts if a.kind == "RECV_F" and a.stage == s] for s in schedule.stages_of(r)}
     recv_b = {s: [a for a in acts if a.kind == "RECV_B" and a.stage == s] for s in schedule.stages_of(r)}
     queues = [(recv_f, act_slots, 0), (recv_b, grad_slots, 1)]
@@ -138,10 +137,10 @@ def _lower_rank(schedule: Schedule, r: int, acts: Sequence[Action], act_slots: S
         if not a.is_compute:
             continue
         s, k = a.stage, a.microbatch
-        if a.kind == "B" and (s, 1, k) in holding:
+        if a.kind in ("B", "I") and (s, 1, k) in holding:
             holding.discard((s, 1, k))
             free[(s, 1)] += 1
-        if a.kind == release_kind and (s, 0, k) in holding:
+        if a.kind in ("B", "W") and (s, 0, k) in holding:
             holding.discard((s, 0, k))
             free[(s, 0)] += 1
         post_all()
@@ -323,6 +322,10 @@ def lower(plan: Plan, topology: Topology | None = None, cost: CostModel | None =
     input, refusing a graph other than the one the plan was made for."""
     buffers = [st.buffers for st in plan.stages]
     sched = make_schedule(plan.schedule, plan.pp, plan.num_microbatches, plan.chunks, buffers=buffers)
+    ranks = tuple(st.rank for st in plan.stages)
+    if ranks != sched.stage_to_rank:
+        raise PlanError(f"the plan places stages on ranks {list(ranks)} but schedule {plan.schedule} runs them on "
+                        f"{list(sched.stage_to_rank)}: re-plan, or fix the stages' ranks")
     prog = lower_schedule(sched, buffers)
     if graph is None or topology is None:
         return prog

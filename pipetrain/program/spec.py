@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pipetrain.errors import ConfigError
-from pipetrain.schedules import Schedule, make_schedule
+from pipetrain.schedules import Schedule, make_schedule, schedule_chunks
 from pipetrain.sharding import collective_time_s
 
 __all__ = [
@@ -103,14 +103,16 @@ class StageSpec:
         _need(self.buffers is None or (isinstance(self.buffers, int) and self.buffers >= 1),
               f"stage buffers must be an integer >= 1 or None (unlimited), got {self.buffers!r}")
 
-    def duration_s(self, kind: str, split_backward: bool) -> float:
-        """Duration of one ``F``, ``B`` or ``W`` of this stage."""
+    def duration_s(self, kind: str) -> float:
+        """Duration of one ``F``, full backward ``B``, input-gradient ``I`` or weight-gradient ``W`` of
+        this stage: ``B`` costs ``I + W`` (``t_bwd_s`` is the input-gradient part wherever
+        ``t_wgrad_s`` is given)."""
         if kind == "F":
             return self.t_fwd_s
         if kind == "W":
             return self.t_wgrad_s
         extra = self.t_recompute_s if self.recompute else 0.0
-        return extra + self.t_bwd_s + (0.0 if split_backward else self.t_wgrad_s)
+        return extra + self.t_bwd_s + (self.t_wgrad_s if kind == "B" else 0.0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -294,7 +296,7 @@ def uniform(p: int, m: int, schedule: str | Schedule = "1f1b", *, t_fwd_s: float
     """
     _nonneg("uniform", t_fwd_s=t_fwd_s, t_bwd_s=t_bwd_s, t_wgrad_s=t_wgrad_s, t_comm_s=t_comm_s)
     if isinstance(schedule, str):
-        n_st = p * chunks if isinstance(p, int) and isinstance(chunks, int) else 0
+        n_st = p * schedule_chunks(schedule, chunks) if isinstance(p, int) and isinstance(chunks, int) else 0
         caps: Sequence[int] | None = None if buffers is None or n_st < 1 else [buffers] * n_st
         schedule = make_schedule(schedule, p, m, chunks, buffers=caps)
     v = schedule.chunks

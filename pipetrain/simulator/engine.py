@@ -93,7 +93,6 @@ def simulate(inp: SimInput) -> SimResult:
     caps = [spec.buffers or _UNLIMITED for spec in inp.stages]
     act_bytes = [spec.activation_bytes for spec in inp.stages]
     wg_bytes = [spec.wgrad_stash_bytes for spec in inp.stages]
-    split = sched.split_backward
     in_flight = [0] * n_st
     peak = [0] * n_st
     buf_wait: list[deque] = [deque() for _ in range(n_st)]
@@ -189,15 +188,15 @@ def simulate(inp: SimInput) -> SimResult:
                     yield timeout(dur)
                     end = start + dur  # what simpy's clock reads now (it schedules at now + delay)
                 push((s, r, kind, mb, start, end, 0))
-                if kind_slot == 1:
+                if kind_slot == 1 or kind_slot == 2:  # B frees the activations; I keeps the W stash
                     in_flight[s] -= 1
-                    delta = wg_bytes[s] - act_bytes[s] if split else -act_bytes[s]
+                    delta = wg_bytes[s] - act_bytes[s] if kind_slot == 2 else -act_bytes[s]
                     if delta:
                         mem[s] += delta
                         timeline[s].append((end, mem[s]))
                     if buf_wait[s]:
                         buf_wait[s].popleft().succeed()
-                elif kind_slot == 2 and wg_bytes[s]:
+                elif kind_slot == 3 and wg_bytes[s]:
                     mem[s] -= wg_bytes[s]
                     timeline[s].append((end, mem[s]))
                 if final:

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from pipetrain.errors import ScheduleError
 from pipetrain.program.spec import SimInput
 from pipetrain.schedules import Schedule, peak_in_flight, peak_pending_wgrad
-from pipetrain.simulator.ops import EventTuple, Tables, check_comms, drop_when_collected, end_of_step, tables
+from pipetrain.simulator.ops import EVENT_KIND, EventTuple, Tables, check_comms, drop_when_collected, end_of_step, tables
 from pipetrain.simulator.result import SimResult, build_result, busy_s_per_stage
 
 __all__ = ["FastProgram", "compile_schedule", "fast_evaluate", "fast_step_time"]
 
-_KIND = {"F": 0, "B": 1, "W": 2}
+_KIND = {"F": 0, "B": 1, "I": 2, "W": 3}
 _NEG_INF = float("-inf")
 
 
@@ -36,10 +36,10 @@ class FastProgram:
 
     prev: list[int]        # previous node on the same rank (0: none)
     src: list[int]         # sender's node of the RECV folded into this node (0: none)
-    dur_key: list[int]     # 3 * stage + kind (F 0, B 1, W 2); -1 for a zero-length RECV node
+    dur_key: list[int]     # 4 * stage + kind (F 0, B 1, I 2, W 3); -1 for a zero-length RECV node
     link_key: list[int]    # 2 * boundary + (0 forward, 1 backward) for the folded RECV, -1 none
     rank_last: list[int]   # per rank, its last node (0: empty rank)
-    grad_final: list[int]  # per stage, the node of its last gradient action (B, or W if split)
+    grad_final: list[int]  # per stage, the node of its last gradient action (its last B or W)
     peak_in_flight: tuple[int, ...]
     peak_pending_wgrad: tuple[int, ...]
     num_compute: int
@@ -62,8 +62,7 @@ def compile_schedule(sched: Schedule) -> FastProgram:
 
 def _compile(sched: Schedule) -> FastProgram:
     check_comms(sched)
-    m, split = sched.num_microbatches, sched.split_backward
-    grad_kind = "W" if split else "B"
+    m = sched.num_microbatches
     # raw nodes per rank: (stage, kind, mb, recv_msg or -1), and sends: msg -> (rank, index of node before)
     raw: list[list[tuple[int, str, int, int]]] = []
     send_at: dict[int, tuple[int, int]] = {}
@@ -122,9 +121,9 @@ def _compile(sched: Schedule) -> FastProgram:
             ids[i] = n
             prev.append(ids[i - 1] if i else 0)
             src.append(sender)
-            dur_key.append(3 * s + _KIND[kind] if kind else -1)
+            dur_key.append(4 * s + _KIND[kind] if kind else -1)
             link_key.append(-1 if msg < 0 else _boundary_key(msg // m))
-            out_nodes.append((s, r, kind or "RECV", mb))
+            out_nodes.append((s, r, EVENT_KIND[kind] if kind else "RECV", mb))
             if (r, i) in waiting:
                 ready.extend(waiting.pop((r, i)))
             i += 1
@@ -135,7 +134,7 @@ def _compile(sched: Schedule) -> FastProgram:
     grad_final = [0] * sched.num_stages
     for r, nodes in enumerate(raw):
         for i, (s, kind, _mb, _msg) in enumerate(nodes):
-            if kind == grad_kind:
+            if kind in ("B", "W"):
                 grad_final[s] = gid[r][i]
     return FastProgram(prev=prev, src=src, dur_key=dur_key, link_key=link_key,
                        rank_last=[ids[-1] if ids else 0 for ids in gid], grad_final=grad_final,

@@ -9,9 +9,10 @@ all-reduce and optimizer step), so they agree exactly wherever nothing contends.
 Skeleton op tuples:
 
 * ``(COMPUTE, stage, kind, microbatch, dur_slot, acquires, kind_slot, grad_final)``:
-  ``dur_slot = 3·stage + kind_slot`` with ``kind_slot`` F 0, B 1, W 2; ``acquires`` for F (takes an
-  activation buffer; B gives it back); ``grad_final`` for the stage's last gradient-producing
-  action (B, or W when the backward is split).
+  ``dur_slot = 4·stage + kind_slot`` with ``kind_slot`` F 0, B 1, I 2, W 3; ``acquires`` for F (takes
+  an activation buffer; B or I gives it back); ``grad_final`` for the stage's last
+  gradient-producing action (its last B or W). ``kind`` is the event kind: an ``I`` is recorded
+  as ``B`` (the input-gradient part of the backward; events know F, B and W).
 * ``(SEND, stage, microbatch, message, link_slot)`` and ``(RECV, stage, microbatch, message, link_slot)``,
   ``link_slot = 2·boundary + (0 forward, 1 backward)``; ``message`` pairs a SEND with its RECV.
 * ``(POST, stage, microbatch, message, link_slot)``: the receive of ``message`` is posted (a buffer
@@ -33,13 +34,15 @@ from pipetrain.program.spec import SimInput, ring_allreduce_time_s
 from pipetrain.schedules import Schedule
 from pipetrain.simulator.sharing import shared_finish_times
 
-__all__ = ["COMPUTE", "SEND", "RECV", "POST", "EventTuple", "Tables", "check_comms", "skeleton", "posted_skeleton", "tables",
+__all__ = ["COMPUTE", "SEND", "RECV", "POST", "EVENT_KIND", "EventTuple", "Tables", "check_comms", "skeleton", "posted_skeleton", "tables",
            "end_of_step", "drop_when_collected"]
 
 COMPUTE, SEND, RECV, POST = 0, 1, 2, 3
 #: (stage, rank, kind, microbatch, start_s, end_s, bytes)
 EventTuple = tuple[int, int, str, int, float, float, int]
-_KIND_SLOT = {"F": 0, "B": 1, "W": 2}
+_KIND_SLOT = {"F": 0, "B": 1, "I": 2, "W": 3}
+#: the event kind of each compute kind (an I is the backward's input-gradient part)
+EVENT_KIND = {"F": "F", "B": "B", "I": "B", "W": "W"}
 
 _CACHE: dict[int, tuple[weakref.ref, tuple[tuple[tuple, ...], ...]]] = {}
 
@@ -73,16 +76,16 @@ def skeleton(sched: Schedule) -> tuple[tuple[tuple, ...], ...]:
     if hit is not None and hit[0]() is sched:
         return hit[1]
     check_comms(sched)
-    m, grad_kind = sched.num_microbatches, ("W" if sched.split_backward else "B")
+    m = sched.num_microbatches
     out = []
     for acts in sched.actions:
-        final = {a.stage: i for i, a in enumerate(acts) if a.kind == grad_kind}
+        final = {a.stage: i for i, a in enumerate(acts) if a.kind in ("B", "W")}
         ops: list[tuple] = []
         for i, a in enumerate(acts):
             s, kind, k = a.stage, a.kind, a.microbatch
             slot = _KIND_SLOT.get(kind)
             if slot is not None:
-                ops.append((COMPUTE, s, kind, k, 3 * s + slot, slot == 0, slot, final.get(s) == i))
+                ops.append((COMPUTE, s, EVENT_KIND[kind], k, 4 * s + slot, slot == 0, slot, final.get(s) == i))
             elif kind == "SEND_F":
                 ops.append((SEND, s, k, (2 * s) * m + k, 2 * s))
             elif kind == "SEND_B":
@@ -154,8 +157,7 @@ class Tables:
 
 
 def tables(inp: SimInput) -> Tables:
-    split = inp.schedule.split_backward
-    dur = [spec.duration_s(k, split) for spec in inp.stages for k in ("F", "B", "W")]
+    dur = [spec.duration_s(k) for spec in inp.stages for k in ("F", "B", "I", "W")]
     link: list[str] = []
     wire: list[float] = []
     lat: list[float] = []

@@ -119,10 +119,8 @@ class SimResult:
 
 
 def busy_s_per_stage(inp: SimInput) -> list[float]:
-    """Compute time of each stage in one step: every micro-batch's F, B (and W)."""
-    split = inp.schedule.split_backward
-    kinds = ("F", "B", "W") if split else ("F", "B")
-    return [sum(spec.duration_s(k, split) for k in kinds) * inp.schedule.num_microbatches for spec in inp.stages]
+    """Compute time of each stage in one step: every micro-batch's F and backward (B, or I + W: the same)."""
+    return [(spec.duration_s("F") + spec.duration_s("B")) * inp.schedule.num_microbatches for spec in inp.stages]
 
 
 def build_result(inp: SimInput, *, evaluator: str, step_time_s: float, pipeline_time_s: float,
