@@ -161,9 +161,11 @@ def test_no_returned_plan_exceeds_any_cap_in_simulation() -> None:
         for ev in res.confirmed:
             sim = ev.sim
             place = placement(topo, ev.candidate.pp, ev.candidate.dp)
-            per_rank = [0.0] * ev.candidate.pp
+            c = ev.candidate
+            s2r = make_schedule(c.schedule, c.pp, c.num_microbatches, c.chunks).stage_to_rank  # V schedules: not s % pp
+            per_rank = [0.0] * c.pp
             for s, peak in enumerate(sim.peak_memory_bytes_per_stage):
-                per_rank[s % ev.candidate.pp] += peak
+                per_rank[s2r[s]] += peak
             for r, used in enumerate(per_rank):
                 for d in place.rank_devices(topo, r):  # every device of every replica
                     assert used <= d.type.memory_bytes * job.max_memory_fraction * (1 + 1e-9), (trial, r, used)
