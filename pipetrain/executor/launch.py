@@ -1,11 +1,19 @@
-"""Launch a plan on this machine with PyTorch's elastic launcher (what ``torchrun`` runs).
+"""Launch a plan with PyTorch's elastic launcher (what ``torchrun`` runs), on one node or several.
 
-:func:`launch` starts ``pp*dp`` workers (``python -m pipetrain.executor plan.json ...``) through
-``torch.distributed.launcher.api.elastic_launch`` on ``127.0.0.1`` and a free port, with
-``max_restarts=0``: when any worker fails or is killed the agent stops the others, and
-:func:`launch` raises a :class:`~pipetrain.errors.RunError` naming the failed rank and its
-error (a rank's own error beats the connection errors it caused in its peers). On success it
-returns the :class:`~pipetrain.executor.result.RunResult` rank 0 wrote.
+:func:`launch` starts this node's workers (``python -m pipetrain.executor plan.json ...``) through
+``torch.distributed.launcher.api.elastic_launch``: on one node all ``pp*dp`` of them, with the
+rendezvous on ``127.0.0.1`` and a free port; with ``--nnodes K --rdzv-endpoint HOST:PORT`` (the same
+command on every node) ``pp*dp/K`` of them, the rendezvous hosted by the node whose address HOST is.
+The rendezvous waits (``join_timeout``, the store's ``read_timeout``) are capped at ``--timeout``:
+torch's defaults (600 s to join) would let a missing node hold the others far longer than any
+wait pipetrain allows its workers.
+
+With ``--max-restarts N`` the agent restarts the workers after a rank fails, up to N times; they
+resume from the newest checkpoint that verifies (:mod:`pipetrain.executor.worker`). Once no
+restart is left, :func:`launch` raises a :class:`~pipetrain.errors.RunError` naming the failed
+rank and its error (a rank's own error beats the connection errors it caused in its peers; a rank
+that timed out waiting for another node names that node). On success it returns the
+:class:`~pipetrain.executor.result.RunResult` rank 0 wrote.
 """
 
 from __future__ import annotations
@@ -19,18 +27,36 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pipetrain.errors import RunError
+from pipetrain.errors import ConfigError, RunError
 from pipetrain.executor.config import RunConfig, config_to_argv
 from pipetrain.executor.heartbeat import HANG_FILE, HangWatch, Stall
 from pipetrain.plan import Plan
 
-__all__ = ["free_port", "preflight", "launch", "describe_failure", "worker_env", "main"]
+__all__ = ["free_port", "route_addr", "rdzv_configs", "preflight", "launch", "describe_failure", "worker_env", "main"]
 
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def route_addr(host: str, port: int) -> str:
+    """This machine's address on the route to ``host`` (no packet is sent: a UDP connect only picks
+    the route). The rendezvous hands it to the other nodes, so it must be one they can reach; the
+    host name's address, torch's default, need not be (a container, a second network)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((host, port))
+        except OSError as exc:
+            raise RunError(f"--rdzv-endpoint {host}:{port}: no route to it from this node ({exc.strerror or exc})") from None
+        return str(s.getsockname()[0])
+
+
+def rdzv_configs(timeout_s: float) -> dict[str, Any]:
+    """c10d rendezvous settings: no wait longer than pipetrain's own ``--timeout``."""
+    t = max(1, int(timeout_s))
+    return {"join_timeout": t, "read_timeout": t, "close_timeout": t, "last_call_timeout": min(t, 5)}
 
 
 #: glibc malloc settings for the workers (unless already set): keep freed memory in the heap instead
@@ -95,7 +121,6 @@ def describe_failure(run_dir: Path, failures: dict[int, Any], pp: int) -> str:
 
 def preflight(cfg: RunConfig, plan: Plan) -> None:
     """Mistakes caught before any process starts (one line, exit 2 at the CLI)."""
-    from pipetrain.errors import ConfigError
     from pipetrain.executor.data import DATASETS
 
     if cfg.dataset not in DATASETS and not cfg.dataset.endswith(".npy"):
@@ -118,6 +143,9 @@ def preflight(cfg: RunConfig, plan: Plan) -> None:
         if torch.cuda.device_count() < plan.world_size:
             print(f"warning: {plan.world_size} ranks on {torch.cuda.device_count()} GPU(s): ranks share a GPU, which NCCL may "
                   "refuse ('Duplicate GPU detected')", file=sys.stderr)
+    if plan.world_size % cfg.nnodes:
+        raise ConfigError(f"--nnodes {cfg.nnodes} does not divide the plan's pp*dp = {plan.world_size} ranks: "
+                          "use a node count that does, or re-plan")
     if cfg.resume:
         from pipetrain.executor.checkpoint import latest_step
 
@@ -147,10 +175,22 @@ def launch(cfg: RunConfig, *, plan: Plan | None = None, monitor_interval_s: floa
             f.unlink()
     (run_dir / "result.json").unlink(missing_ok=True)
     worker_env(cfg.threads)
-    port = free_port()
-    lc = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=plan.world_size, run_id=f"pipetrain-{uuid.uuid4().hex[:8]}",
-                      rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{port}", rdzv_configs={"timeout": int(max(cfg.timeout_s, 30))},
-                      max_restarts=0, monitor_interval=monitor_interval_s, start_method="spawn", local_addr="127.0.0.1")
+    if cfg.rdzv_endpoint:
+        host, _, port_text = cfg.rdzv_endpoint.rpartition(":")
+        endpoint, local_addr = cfg.rdzv_endpoint, route_addr(host, int(port_text))
+        run_id = cfg.rdzv_id
+    else:
+        endpoint, local_addr = f"127.0.0.1:{free_port()}", "127.0.0.1"
+        run_id = f"pipetrain-{uuid.uuid4().hex[:8]}"
+    os.environ["PIPETRAIN_NODE_ADDR"] = local_addr  # the workers name their node by it in failures
+    if cfg.max_restarts:
+        # torch shares the agent's rendezvous store with the workers and keeps it across restarts, but the
+        # workers' keys are not per attempt: restarted ranks read the dead ones' gloo addresses and fail with
+        # "Connection refused" (pytorch/pytorch#135712, #167288). Unshared, rank 0 hosts a new store each attempt.
+        os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    lc = LaunchConfig(min_nodes=cfg.nnodes, max_nodes=cfg.nnodes, nproc_per_node=plan.world_size // cfg.nnodes, run_id=run_id,
+                      rdzv_backend="c10d", rdzv_endpoint=endpoint, rdzv_configs=rdzv_configs(cfg.timeout_s),
+                      max_restarts=cfg.max_restarts, monitor_interval=monitor_interval_s, start_method="spawn", local_addr=local_addr)
     argv = ["-u", "-m", "pipetrain.executor", *config_to_argv(cfg)]
     watch = HangWatch(run_dir, timeout_s=cfg.progress_timeout_s, startup_timeout_s=cfg.timeout_s,
                       world_size=plan.world_size).start()
