@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from pipetrain.errors import ConfigError, RunError
+from pipetrain.executor.agentguard import AgentGuard
 from pipetrain.executor.config import RunConfig, config_to_argv
 from pipetrain.executor.heartbeat import HANG_FILE, HangWatch, Stall
 from pipetrain.plan import Plan
 
-__all__ = ["free_port", "route_addr", "rdzv_configs", "preflight", "launch", "describe_failure", "worker_env", "main"]
+__all__ = ["free_port", "route_addr", "iface_of", "rdzv_configs", "preflight", "launch", "describe_failure", "worker_env", "main"]
 
 
 def free_port() -> int:
@@ -53,10 +54,28 @@ def route_addr(host: str, port: int) -> str:
         return str(s.getsockname()[0])
 
 
-def rdzv_configs(timeout_s: float) -> dict[str, Any]:
-    """c10d rendezvous settings: no wait longer than pipetrain's own ``--timeout``."""
+def iface_of(addr: str) -> str | None:
+    """The network interface that has the IPv4 address ``addr`` (None if none has it; Linux)."""
+    import fcntl
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                got = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+            except OSError:  # no IPv4 address
+                continue
+            if socket.inet_ntoa(got[20:24]) == addr:
+                return name
+    return None
+
+
+def rdzv_configs(timeout_s: float, *, is_host: bool) -> dict[str, Any]:
+    """c10d rendezvous settings: no wait longer than pipetrain's own ``--timeout``; ``is_host`` said,
+    not guessed (torch compares the endpoint with the host name's addresses, which a node reached
+    by another address, a namespace or a second network, does not match)."""
     t = max(1, int(timeout_s))
-    return {"join_timeout": t, "read_timeout": t, "close_timeout": t, "last_call_timeout": min(t, 5)}
+    return {"join_timeout": t, "read_timeout": t, "close_timeout": t, "last_call_timeout": min(t, 5), "is_host": is_host}
 
 
 #: glibc malloc settings for the workers (unless already set): keep freed memory in the heap instead
@@ -95,9 +114,19 @@ def describe_failure(run_dir: Path, failures: dict[int, Any], pp: int) -> str:
             head = f.read_text().splitlines()[0] if f.stat().st_size else "unknown error"
             kind, _, msg = head.partition(" ")
             (root if kind == "root" else peer).append((f.stat().st_mtime, r, msg))
+
+    def who(r: int, msg: str) -> tuple[str, str]:
+        """'rank R (pipeline rank, replica[, node N at ADDR])' and the message without its node tag."""
+        node = ""
+        if msg.startswith("[node ") and "] " in msg:
+            tag, _, msg = msg[1:].partition("] ")
+            node = f", {tag}"
+        return f"rank {r} (pipeline rank {r % pp}, replica {r // pp}{node})", msg
+
     if root:
         _, r, msg = min(root)
-        return f"rank {r} (pipeline rank {r % pp}, replica {r // pp}) failed: {msg}"
+        name, msg = who(r, msg)
+        return f"{name} failed: {msg}"
     killed = []
     for r, pf in failures.items():
         code = getattr(pf, "exitcode", 1)
@@ -112,7 +141,10 @@ def describe_failure(run_dir: Path, failures: dict[int, Any], pp: int) -> str:
         return f"rank {r} (pipeline rank {r % pp}, replica {r // pp}) was killed by {name}"
     if peer:
         _, r, msg = min(peer)
-        return f"rank {r} (pipeline rank {r % pp}, replica {r // pp}) failed: {msg}"
+        name, msg = who(r, msg)
+        if "imed out" in msg and "node " in name:  # a wait on another node ran out: the link or that node is gone
+            return f"{name} lost contact with the other node(s) (no message within --timeout): {msg}"
+        return f"{name} failed: {msg}"
     if failures:
         r = min(failures)
         return f"rank {r} exited with code {getattr(failures[r], 'exitcode', '?')}"
@@ -156,6 +188,7 @@ def preflight(cfg: RunConfig, plan: Plan) -> None:
 def launch(cfg: RunConfig, *, plan: Plan | None = None, monitor_interval_s: float = 0.1) -> Any:
     """Run ``cfg`` on ``pp*dp`` local workers; return the RunResult (raises RunError on failure)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     from pipetrain.executor.result import load_result
@@ -178,10 +211,14 @@ def launch(cfg: RunConfig, *, plan: Plan | None = None, monitor_interval_s: floa
     if cfg.rdzv_endpoint:
         host, _, port_text = cfg.rdzv_endpoint.rpartition(":")
         endpoint, local_addr = cfg.rdzv_endpoint, route_addr(host, int(port_text))
-        run_id = cfg.rdzv_id
+        run_id, is_host = cfg.rdzv_id, local_addr == host
+        iface = iface_of(local_addr)
+        if iface and "GLOO_SOCKET_IFNAME" not in os.environ:
+            # gloo otherwise listens on the address the host name resolves to, which other nodes need not reach
+            os.environ["GLOO_SOCKET_IFNAME"] = iface
     else:
         endpoint, local_addr = f"127.0.0.1:{free_port()}", "127.0.0.1"
-        run_id = f"pipetrain-{uuid.uuid4().hex[:8]}"
+        run_id, is_host = f"pipetrain-{uuid.uuid4().hex[:8]}", True
     os.environ["PIPETRAIN_NODE_ADDR"] = local_addr  # the workers name their node by it in failures
     if cfg.max_restarts:
         # torch shares the agent's rendezvous store with the workers and keeps it across restarts, but the
@@ -189,17 +226,33 @@ def launch(cfg: RunConfig, *, plan: Plan | None = None, monitor_interval_s: floa
         # "Connection refused" (pytorch/pytorch#135712, #167288). Unshared, rank 0 hosts a new store each attempt.
         os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     lc = LaunchConfig(min_nodes=cfg.nnodes, max_nodes=cfg.nnodes, nproc_per_node=plan.world_size // cfg.nnodes, run_id=run_id,
-                      rdzv_backend="c10d", rdzv_endpoint=endpoint, rdzv_configs=rdzv_configs(cfg.timeout_s),
+                      rdzv_backend="c10d", rdzv_endpoint=endpoint, rdzv_configs=rdzv_configs(cfg.timeout_s, is_host=is_host),
                       max_restarts=cfg.max_restarts, monitor_interval=monitor_interval_s, start_method="spawn", local_addr=local_addr)
     argv = ["-u", "-m", "pipetrain.executor", *config_to_argv(cfg)]
     watch = HangWatch(run_dir, timeout_s=cfg.progress_timeout_s, startup_timeout_s=cfg.timeout_s,
                       world_size=plan.world_size).start()
+
+    def stuck() -> None:  # no worker of this node is left and its agent waits on a lost rendezvous (agentguard)
+        print(f"error: {describe_failure(run_dir, {}, plan.pp)} (node {local_addr} lost the rendezvous at {endpoint})",
+              file=sys.stderr, flush=True)
+        os._exit(2)
+
+    # after the workers are gone the agent may rendezvous again for a restart (join_timeout = --timeout)
+    guard = AgentGuard(run_dir, grace_s=cfg.timeout_s * (2 if cfg.max_restarts else 1), on_stuck=stuck).start() if cfg.nnodes > 1 else None
     try:
         elastic_launch(lc, sys.executable)(*argv)
     except ChildFailedError as exc:
         raise RunError(describe_failure(run_dir, dict(exc.failures), plan.pp)) from None
+    except RendezvousError as exc:  # this node lost (or never had) contact with the rendezvous host
+        lost = f"node {local_addr} lost contact with the rendezvous at {endpoint}"
+        fdir = run_dir / "failures"
+        if (fdir / HANG_FILE).is_file() or any(fdir.glob("rank*.txt")):  # the host ended the run over a failure: name it
+            raise RunError(f"{describe_failure(run_dir, {}, plan.pp)} ({lost})") from None
+        raise RunError(f"{lost} (waited at most {int(cfg.timeout_s)} s, --timeout): {type(exc).__name__}: {exc}") from None
     finally:
         watch.stop()
+        if guard is not None:
+            guard.stop()
     return load_result(run_dir)
 
 

@@ -86,6 +86,7 @@ def _resume_after_restart(cfg: RunConfig, device: Any) -> RunConfig:
     from pipetrain.executor.comm import agree_max
 
     restart = agree_max(torch.tensor([int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))], dtype=torch.int64), device)
+    os.environ["PIPETRAIN_RESTART"] = str(restart)  # the test fault hook fires in the first attempt only
     if restart == 0 or cfg.resume:
         return cfg
     if int(os.environ.get("RANK", "0")) == 0:
