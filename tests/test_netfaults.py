@@ -135,7 +135,8 @@ def uninterrupted(plan_path: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def _check_restarted(run_dir: Path, full: Any, logs: str) -> float:
-    """Same losses as the uninterrupted run, bit for bit; the restart resumed at the step-6
+    """Same losses as the uninterrupted run, bit for bit; a restart happened (rank 1 began twice, the
+    second time at step 6; the agent's log need not name the SIGKILL, a peer's exit may be seen first) and resumed at the step-6
     checkpoint; return the seconds from rank 1's last step before its death to the first resumed step."""
     res = load_result(run_dir)
     assert res.steps == tuple(range(STEPS))
@@ -154,7 +155,6 @@ def test_elastic_restart_on_one_node_resumes_the_same_trajectory(uninterrupted: 
     r = subprocess.run(_cmd(plan_path, run_dir, "--steps", str(STEPS), "--checkpoint-every", str(EVERY), "--max-restarts", "1",
                             "--timeout", "30", nodes=1), capture_output=True, text=True, timeout=150, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "exitcode: -9" in r.stderr  # rank 1 did die
     took = _check_restarted(run_dir, uninterrupted, r.stdout)
     print(f"\nelastic restart, one node: {took:.1f} s from rank 1's last step to the first resumed step")
 
@@ -167,6 +167,5 @@ def test_elastic_restart_across_two_nodes(two_nodes: TwoNodes, uninterrupted: An
     for code, log in out:
         assert code == 0, log[-3000:]
     logs = "".join(log for _, log in out)
-    assert "exitcode: -9" in logs
     took = _check_restarted(run_dir, uninterrupted, logs)
     print(f"\nelastic restart, two nodes: {took:.1f} s from rank 1's last step to the first resumed step")
