@@ -1,7 +1,8 @@
 """Run a plan as a real torch.distributed pipeline on this machine (gloo on CPU, NCCL on CUDA).
 
-Starts pp*dp workers with PyTorch's elastic launcher (torchrun's machinery). For several nodes
-run ``torchrun --nnodes K ... -m pipetrain.executor plan.json [options]`` on each node instead.
+Starts pp*dp workers with PyTorch's elastic launcher (torchrun's machinery). For several nodes run
+the same command on each with ``--nnodes K --rdzv-endpoint HOST:PORT`` (see
+:mod:`pipetrain.executor.launch`); ``--max-restarts N`` restarts the workers after a failure.
 """
 
 from __future__ import annotations

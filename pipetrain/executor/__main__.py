@@ -42,6 +42,8 @@ def entry(argv: list[str] | None = None) -> int:
         msg = f"{type(exc).__name__}: {exc}".strip()
         secondary = any(m in msg for m in PEER_MARKERS)
         line = msg.splitlines()[0] if msg else type(exc).__name__
+        if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1:  # several nodes: say which one this rank is on
+            line = f"[node {os.environ.get('GROUP_RANK', '?')} at {os.environ.get('PIPETRAIN_NODE_ADDR', '?')}] {line}"
         try:
             fdir = run_dir / "failures"
             fdir.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,17 @@ class RunConfig:
     save_final: bool = False
     #: a rank that makes no progress this long is reported as hung and the run ends (exit 2)
     progress_timeout_s: float = 60.0
+    #: torchrun's elastic agent restarts the workers this many times after a rank fails; they resume
+    #: from the newest checkpoint that verifies (launcher only)
+    max_restarts: int = 0
+    #: nodes of a multi-node run: each runs ``pipetrain run`` with the same plan, ``--nnodes`` and
+    #: ``--rdzv-endpoint`` (launcher only)
+    nnodes: int = 1
+    #: HOST:PORT of the rendezvous, hosted by the launcher on the node whose address HOST is; empty:
+    #: this machine alone, on 127.0.0.1 and a free port (launcher only)
+    rdzv_endpoint: str = ""
+    #: the run's name in the rendezvous: every node of one run passes the same one (launcher only)
+    rdzv_id: str = "pipetrain"
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -40,6 +51,16 @@ class RunConfig:
             raise ConfigError(f"--progress-timeout must be > 0 seconds, got {self.progress_timeout_s}")
         if self.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {self.threads}")
+        if self.max_restarts < 0:
+            raise ConfigError(f"--max-restarts must be >= 0, got {self.max_restarts}")
+        if self.nnodes < 1:
+            raise ConfigError(f"--nnodes must be >= 1, got {self.nnodes}")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ConfigError(f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT (an address of the first node, the same on every node)")
+        if self.rdzv_endpoint:
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"--rdzv-endpoint must be HOST:PORT, got {self.rdzv_endpoint!r}")
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,6 +77,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=60.0, dest="timeout_s", help="seconds any distributed wait may take")
     p.add_argument("--progress-timeout", type=float, default=60.0, dest="progress_timeout_s",
                    help="seconds a rank may make no progress before the run is ended as hung (exit 2)")
+    p.add_argument("--max-restarts", type=int, default=0,
+                   help="restart the workers up to N times after a rank fails; they resume from the newest checkpoint")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes of the run: run the same command on each (with --rdzv-endpoint)")
+    p.add_argument("--rdzv-endpoint", default="", metavar="HOST:PORT",
+                   help="multi-node: the rendezvous address, an address of one node (that node hosts it); the same on every node")
+    p.add_argument("--rdzv-id", default="pipetrain", help="multi-node: the run's name in the rendezvous, the same on every node")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank on CPU")
     p.add_argument("--no-telemetry", action="store_false", dest="telemetry", help="skip per-action events")
     p.add_argument("--save-final", action="store_true", help="write final per-rank weights to RUN_DIR/final/")
@@ -66,10 +93,12 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
                      weight_decay=a.weight_decay, momentum=a.momentum, clip_norm=a.clip_norm,
                      checkpoint_every=a.checkpoint_every, resume=a.resume, timeout_s=a.timeout_s,
                      threads=a.threads, telemetry=a.telemetry, save_final=a.save_final,
-                     progress_timeout_s=a.progress_timeout_s)
+                     progress_timeout_s=a.progress_timeout_s, max_restarts=a.max_restarts, nnodes=a.nnodes,
+                     rdzv_endpoint=a.rdzv_endpoint, rdzv_id=a.rdzv_id)
 
 
 def config_to_argv(c: RunConfig) -> list[str]:
+    """The worker's command line (the launcher-only options stay with the launcher)."""
     argv = [c.plan_path, "--steps", str(c.steps), "--run-dir", c.run_dir, "--dataset", c.dataset,
             "--lr", repr(c.lr), "--weight-decay", repr(c.weight_decay), "--momentum", repr(c.momentum),
             "--clip-norm", repr(c.clip_norm), "--checkpoint-every", str(c.checkpoint_every),

@@ -13,8 +13,10 @@ progress, and the launcher watches it:
 * launcher side, :class:`HangWatch`: a thread that reads the beats every ``poll_s``; once some
   rank has made no progress for ``timeout_s`` (:func:`stalled_rank`: a frozen one over those
   still alive and waiting for it; before the first step, the longer start-up allowance), it writes ``RUN_DIR/failures/hang.json`` and
-  kills every worker it has a pid for, so the launcher returns at once and
-  :func:`pipetrain.executor.launch.describe_failure` names the hang.
+  kills every worker it started (on several nodes each launcher watches the same beats, in a run
+  directory every node sees, and kills only its own children: a pid means nothing on another
+  node), so the launcher returns at once and :func:`pipetrain.executor.launch.describe_failure`
+  names the hang.
 
 Times are wall-clock (``time.time``): the launcher and the workers of one node share the clock.
 """
@@ -146,6 +148,15 @@ def stalled_rank(beats: dict[int, dict[str, Any]], now: float, timeout_s: float,
     return Stall(rank=r, step=int(b["step"]), action=str(b["action"]), idle_s=now - float(b["progress_at"]))
 
 
+def _parent_pid(pid: int) -> int | None:
+    """The parent of ``pid`` (None when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rpartition(")")[2].split()[1])  # after "(comm)": state, ppid
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class HangWatch:
     """The launcher's side (see module docstring): a thread from :meth:`start` to :meth:`stop`."""
 
@@ -179,7 +190,8 @@ class HangWatch:
             out.write_text(json.dumps({"rank": stall.rank, "step": stall.step, "action": stall.action, "idle_s": stall.idle_s}))
             for b in beats.values():  # SIGKILL also ends a stopped process; the agent then stops and reports
                 try:
-                    os.kill(int(b["pid"]), signal.SIGKILL)
+                    if _parent_pid(int(b["pid"])) == os.getpid():
+                        os.kill(int(b["pid"]), signal.SIGKILL)
                 except (OSError, ValueError, KeyError):
                     pass
             return

@@ -22,7 +22,7 @@ def fault_hook(rank: int) -> Callable[[int, int], None] | None:
     if not spec:
         return None
     r, st, act, mode = spec.split(":")
-    if int(r) != rank:
+    if int(r) != rank or int(os.environ.get("PIPETRAIN_RESTART", "0")) > 0:  # once, not again after a restart
         return None
 
     def hook(step: int, n_action: int) -> None:

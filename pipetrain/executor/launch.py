@@ -1,11 +1,19 @@
-"""Launch a plan on this machine with PyTorch's elastic launcher (what ``torchrun`` runs).
+"""Launch a plan with PyTorch's elastic launcher (what ``torchrun`` runs), on one node or several.
 
-:func:`launch` starts ``pp*dp`` workers (``python -m pipetrain.executor plan.json ...``) through
-``torch.distributed.launcher.api.elastic_launch`` on ``127.0.0.1`` and a free port, with
-``max_restarts=0``: when any worker fails or is killed the agent stops the others, and
-:func:`launch` raises a :class:`~pipetrain.errors.RunError` naming the failed rank and its
-error (a rank's own error beats the connection errors it caused in its peers). On success it
-returns the :class:`~pipetrain.executor.result.RunResult` rank 0 wrote.
+:func:`launch` starts this node's workers (``python -m pipetrain.executor plan.json ...``) through
+``torch.distributed.launcher.api.elastic_launch``: on one node all ``pp*dp`` of them, with the
+rendezvous on ``127.0.0.1`` and a free port; with ``--nnodes K --rdzv-endpoint HOST:PORT`` (the same
+command on every node) ``pp*dp/K`` of them, the rendezvous hosted by the node whose address HOST is.
+The rendezvous waits (``join_timeout``, the store's ``read_timeout``) are capped at ``--timeout``:
+torch's defaults (600 s to join) would let a missing node hold the others far longer than any
+wait pipetrain allows its workers.
+
+With ``--max-restarts N`` the agent restarts the workers after a rank fails, up to N times; they
+resume from the newest checkpoint that verifies (:mod:`pipetrain.executor.worker`). Once no
+restart is left, :func:`launch` raises a :class:`~pipetrain.errors.RunError` naming the failed
+rank and its error (a rank's own error beats the connection errors it caused in its peers; a rank
+that timed out waiting for another node names that node). On success it returns the
+:class:`~pipetrain.executor.result.RunResult` rank 0 wrote.
 """
 
 from __future__ import annotations
@@ -19,18 +27,55 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pipetrain.errors import RunError
+from pipetrain.errors import ConfigError, RunError
+from pipetrain.executor.agentguard import AgentGuard
 from pipetrain.executor.config import RunConfig, config_to_argv
 from pipetrain.executor.heartbeat import HANG_FILE, HangWatch, Stall
 from pipetrain.plan import Plan
 
-__all__ = ["free_port", "preflight", "launch", "describe_failure", "worker_env", "main"]
+__all__ = ["free_port", "route_addr", "iface_of", "rdzv_configs", "preflight", "launch", "describe_failure", "worker_env", "main"]
 
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def route_addr(host: str, port: int) -> str:
+    """This machine's address on the route to ``host`` (no packet is sent: a UDP connect only picks
+    the route). The rendezvous hands it to the other nodes, so it must be one they can reach; the
+    host name's address, torch's default, need not be (a container, a second network)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((host, port))
+        except OSError as exc:
+            raise RunError(f"--rdzv-endpoint {host}:{port}: no route to it from this node ({exc.strerror or exc})") from None
+        return str(s.getsockname()[0])
+
+
+def iface_of(addr: str) -> str | None:
+    """The network interface that has the IPv4 address ``addr`` (None if none has it; Linux)."""
+    import fcntl
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                got = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+            except OSError:  # no IPv4 address
+                continue
+            if socket.inet_ntoa(got[20:24]) == addr:
+                return name
+    return None
+
+
+def rdzv_configs(timeout_s: float, *, is_host: bool) -> dict[str, Any]:
+    """c10d rendezvous settings: no wait longer than pipetrain's own ``--timeout``; ``is_host`` said,
+    not guessed (torch compares the endpoint with the host name's addresses, which a node reached
+    by another address, a namespace or a second network, does not match)."""
+    t = max(1, int(timeout_s))
+    return {"join_timeout": t, "read_timeout": t, "close_timeout": t, "last_call_timeout": min(t, 5), "is_host": is_host}
 
 
 #: glibc malloc settings for the workers (unless already set): keep freed memory in the heap instead
@@ -69,9 +114,19 @@ def describe_failure(run_dir: Path, failures: dict[int, Any], pp: int) -> str:
             head = f.read_text().splitlines()[0] if f.stat().st_size else "unknown error"
             kind, _, msg = head.partition(" ")
             (root if kind == "root" else peer).append((f.stat().st_mtime, r, msg))
+
+    def who(r: int, msg: str) -> tuple[str, str]:
+        """'rank R (pipeline rank, replica[, node N at ADDR])' and the message without its node tag."""
+        node = ""
+        if msg.startswith("[node ") and "] " in msg:
+            tag, _, msg = msg[1:].partition("] ")
+            node = f", {tag}"
+        return f"rank {r} (pipeline rank {r % pp}, replica {r // pp}{node})", msg
+
     if root:
         _, r, msg = min(root)
-        return f"rank {r} (pipeline rank {r % pp}, replica {r // pp}) failed: {msg}"
+        name, msg = who(r, msg)
+        return f"{name} failed: {msg}"
     killed = []
     for r, pf in failures.items():
         code = getattr(pf, "exitcode", 1)
@@ -86,7 +141,10 @@ def describe_failure(run_dir: Path, failures: dict[int, Any], pp: int) -> str:
         return f"rank {r} (pipeline rank {r % pp}, replica {r // pp}) was killed by {name}"
     if peer:
         _, r, msg = min(peer)
-        return f"rank {r} (pipeline rank {r % pp}, replica {r // pp}) failed: {msg}"
+        name, msg = who(r, msg)
+        if "imed out" in msg and "node " in name:  # a wait on another node ran out: the link or that node is gone
+            return f"{name} lost contact with the other node(s) (no message within --timeout): {msg}"
+        return f"{name} failed: {msg}"
     if failures:
         r = min(failures)
         return f"rank {r} exited with code {getattr(failures[r], 'exitcode', '?')}"
@@ -95,7 +153,6 @@ def describe_failure(run_dir: Path, failures: dict[int, Any], pp: int) -> str:
 
 def preflight(cfg: RunConfig, plan: Plan) -> None:
     """Mistakes caught before any process starts (one line, exit 2 at the CLI)."""
-    from pipetrain.errors import ConfigError
     from pipetrain.executor.data import DATASETS
 
     if cfg.dataset not in DATASETS and not cfg.dataset.endswith(".npy"):
@@ -118,6 +175,9 @@ def preflight(cfg: RunConfig, plan: Plan) -> None:
         if torch.cuda.device_count() < plan.world_size:
             print(f"warning: {plan.world_size} ranks on {torch.cuda.device_count()} GPU(s): ranks share a GPU, which NCCL may "
                   "refuse ('Duplicate GPU detected')", file=sys.stderr)
+    if plan.world_size % cfg.nnodes:
+        raise ConfigError(f"--nnodes {cfg.nnodes} does not divide the plan's pp*dp = {plan.world_size} ranks: "
+                          "use a node count that does, or re-plan")
     if cfg.resume:
         from pipetrain.executor.checkpoint import latest_step
 
@@ -128,6 +188,7 @@ def preflight(cfg: RunConfig, plan: Plan) -> None:
 def launch(cfg: RunConfig, *, plan: Plan | None = None, monitor_interval_s: float = 0.1) -> Any:
     """Run ``cfg`` on ``pp*dp`` local workers; return the RunResult (raises RunError on failure)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     from pipetrain.executor.result import load_result
@@ -147,19 +208,51 @@ def launch(cfg: RunConfig, *, plan: Plan | None = None, monitor_interval_s: floa
             f.unlink()
     (run_dir / "result.json").unlink(missing_ok=True)
     worker_env(cfg.threads)
-    port = free_port()
-    lc = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=plan.world_size, run_id=f"pipetrain-{uuid.uuid4().hex[:8]}",
-                      rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{port}", rdzv_configs={"timeout": int(max(cfg.timeout_s, 30))},
-                      max_restarts=0, monitor_interval=monitor_interval_s, start_method="spawn", local_addr="127.0.0.1")
+    if cfg.rdzv_endpoint:
+        host, _, port_text = cfg.rdzv_endpoint.rpartition(":")
+        endpoint, local_addr = cfg.rdzv_endpoint, route_addr(host, int(port_text))
+        run_id, is_host = cfg.rdzv_id, local_addr == host
+        iface = iface_of(local_addr)
+        if iface and "GLOO_SOCKET_IFNAME" not in os.environ:
+            # gloo otherwise listens on the address the host name resolves to, which other nodes need not reach
+            os.environ["GLOO_SOCKET_IFNAME"] = iface
+    else:
+        endpoint, local_addr = f"127.0.0.1:{free_port()}", "127.0.0.1"
+        run_id, is_host = f"pipetrain-{uuid.uuid4().hex[:8]}", True
+    os.environ["PIPETRAIN_NODE_ADDR"] = local_addr  # the workers name their node by it in failures
+    if cfg.max_restarts:
+        # torch shares the agent's rendezvous store with the workers and keeps it across restarts, but the
+        # workers' keys are not per attempt: restarted ranks read the dead ones' gloo addresses and fail with
+        # "Connection refused" (pytorch/pytorch#135712, #167288). Unshared, rank 0 hosts a new store each attempt.
+        os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    lc = LaunchConfig(min_nodes=cfg.nnodes, max_nodes=cfg.nnodes, nproc_per_node=plan.world_size // cfg.nnodes, run_id=run_id,
+                      rdzv_backend="c10d", rdzv_endpoint=endpoint, rdzv_configs=rdzv_configs(cfg.timeout_s, is_host=is_host),
+                      max_restarts=cfg.max_restarts, monitor_interval=monitor_interval_s, start_method="spawn", local_addr=local_addr)
     argv = ["-u", "-m", "pipetrain.executor", *config_to_argv(cfg)]
     watch = HangWatch(run_dir, timeout_s=cfg.progress_timeout_s, startup_timeout_s=cfg.timeout_s,
                       world_size=plan.world_size).start()
+
+    def stuck() -> None:  # no worker of this node is left and its agent waits on a lost rendezvous (agentguard)
+        print(f"error: {describe_failure(run_dir, {}, plan.pp)} (node {local_addr} lost the rendezvous at {endpoint})",
+              file=sys.stderr, flush=True)
+        os._exit(2)
+
+    # after the workers are gone the agent may rendezvous again for a restart (join_timeout = --timeout)
+    guard = AgentGuard(run_dir, grace_s=cfg.timeout_s * (2 if cfg.max_restarts else 1), on_stuck=stuck).start() if cfg.nnodes > 1 else None
     try:
         elastic_launch(lc, sys.executable)(*argv)
     except ChildFailedError as exc:
         raise RunError(describe_failure(run_dir, dict(exc.failures), plan.pp)) from None
+    except RendezvousError as exc:  # this node lost (or never had) contact with the rendezvous host
+        lost = f"node {local_addr} lost contact with the rendezvous at {endpoint}"
+        fdir = run_dir / "failures"
+        if (fdir / HANG_FILE).is_file() or any(fdir.glob("rank*.txt")):  # the host ended the run over a failure: name it
+            raise RunError(f"{describe_failure(run_dir, {}, plan.pp)} ({lost})") from None
+        raise RunError(f"{lost} (waited at most {int(cfg.timeout_s)} s, --timeout): {type(exc).__name__}: {exc}") from None
     finally:
         watch.stop()
+        if guard is not None:
+            guard.stop()
     return load_result(run_dir)
 
 

@@ -184,7 +184,7 @@ class Trainer:
             mem["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device))
         rts = self.runtimes.values()
         tel.flush_step(step, {
-            "loss": loss, "step_time_s": step_s, "cpu_main_s": main_s, "cpu_process_s": cpu_s,
+            "loss": loss, "step_time_s": step_s, "end_unix_s": time.time(), "cpu_main_s": main_s, "cpu_process_s": cpu_s,
             "grad_norm": norm, "stage_grad_norms": stage_norms,
             "in_flight_peak": {str(k): v for k, v in rt.in_flight_peak.items()},
             "recv_buffer_allocations": sum(r.in_pool.allocations + (r.grad_pool.allocations if r.grad_pool else 0) for r in rts),

@@ -7,6 +7,7 @@ the plan places stages on CUDA, gloo on CPU. Every wait has a timeout (``--timeo
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -64,12 +65,33 @@ def main(cfg: RunConfig) -> int:
     kw: dict[str, Any] = {"device_id": device} if on_cuda else {}
     dist.init_process_group(backend, timeout=timeout, **kw)
     try:
+        cfg = _resume_after_restart(cfg, device)
         return _train(cfg, plan, spec, model, device, timeout, rank, run_dir)
     finally:
         try:
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - best effort on the way out
             pass
+
+
+def _resume_after_restart(cfg: RunConfig, device: Any) -> RunConfig:
+    """After an elastic restart every rank resumes from the newest checkpoint that verifies.
+
+    Agreed by all ranks (the largest restart count): across nodes only the agent whose worker
+    failed counts a restart; the others restart theirs for the new rendezvous round, which torch
+    does not count (``TORCHELASTIC_RESTART_COUNT`` stays 0 there).
+    """
+    import torch
+
+    from pipetrain.executor.comm import agree_max
+
+    restart = agree_max(torch.tensor([int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))], dtype=torch.int64), device)
+    os.environ["PIPETRAIN_RESTART"] = str(restart)  # the test fault hook fires in the first attempt only
+    if restart == 0 or cfg.resume:
+        return cfg
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"elastic restart {restart}: resuming from the newest checkpoint", flush=True)
+    return dataclasses.replace(cfg, resume=True)
 
 
 def _train(cfg: RunConfig, plan: Plan, spec: Any, model: Any, device: Any, timeout: Any, rank: int, run_dir: Path) -> int:
@@ -80,6 +102,8 @@ def _train(cfg: RunConfig, plan: Plan, spec: Any, model: Any, device: Any, timeo
     try:
         tr = Trainer(cfg, plan, spec, model, device, timeout, rank, run_dir)
         tr.rt.progress = hb.progress
+        if cfg.resume and rank == 0:
+            print(f"resuming at step {tr.start_step}", flush=True)
         for step in range(tr.start_step, cfg.steps):
             tr.train_step(step)
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
