@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from pipetrain.calibration.commprobe import fit_hockney, probe_p2p
@@ -51,3 +53,56 @@ def test_corun_probe_sees_the_cores_shared() -> None:
     assert c.speed[0] == 1.0 and len(c.speed) == 2 * cores and c.cores == cores
     assert 0.1 < c.speed[-1] < 0.7 and all(n > 0 for n in c.iterations)
     assert 0 < c.alone_s < 1.0 and c.seq_len >= 1
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for a reaper)."""
+    try:
+        state = open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("which", ["wakeup", "corun"])
+def test_probe_children_end_when_their_parent_is_killed(which: str) -> None:
+    """A calibration killed by a signal (Ctrl-C's SIGTERM to the group, a CI timeout's SIGKILL) runs no
+    clean-up: the spinners of the wake-up probe and the co-run jobs notice their parent is gone and stop."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    spawn = {
+        "wakeup": "from pipetrain.calibration.commprobe import _spin\n"
+                  "stop = ctx.Event()\n"
+                  "ps = [ctx.Process(target=_spin, args=(stop, os.getpid(), time.monotonic() + 600), daemon=True) for _ in range(2)]\n"
+                  "for p in ps: p.start()\n",
+        "corun": "from pipetrain.calibration.corun import CoRunProbe\n"
+                 "probe = CoRunProbe('mlp-uneven', micro_batch_size=8, max_jobs=2, cores=2).__enter__()\n"
+                 "ps = probe._procs\n"
+                 "for h in probe._pipes: h.send((time.monotonic(), time.monotonic() + 600))\n",
+    }[which]
+    code = ("import multiprocessing, os, sys, time\nctx = multiprocessing.get_context('spawn')\n" + spawn +
+            "print(' '.join(str(p.pid) for p in ps), flush=True)\ntime.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        pids = [int(x) for x in parent.stdout.readline().split()]
+        time.sleep(1.0)  # the children are computing now
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=10)
+        t0 = time.monotonic()
+        while any(_alive(p) for p in pids) and time.monotonic() - t0 < 20:
+            time.sleep(0.1)
+        left = [p for p in pids if _alive(p)]
+        assert not left, f"{which}: children {left} still running {time.monotonic() - t0:.1f} s after their parent was killed"
+    finally:
+        parent.kill()
+        for p in pids if "pids" in locals() else []:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass

@@ -22,8 +22,11 @@ torch = pytest.importorskip("torch")
 from pipetrain.executor.plans import simple_plan  # noqa: E402
 from pipetrain.executor.result import load_result  # noqa: E402
 from pipetrain.executor.telemetry import read_telemetry  # noqa: E402
-from pipetrain.program.catalog import rank_peak_in_flight  # noqa: E402
+from pipetrain.planner.trace import trace_graph  # noqa: E402
+from pipetrain.program import lower  # noqa: E402
+from pipetrain.program.catalog import rank_peak_activation_bytes, rank_peak_in_flight  # noqa: E402
 from pipetrain.schedules import make_schedule, peak_in_flight  # noqa: E402
+from pipetrain.topology import resolve_topology  # noqa: E402
 from pipetrain.validation.reference import reference_run  # noqa: E402
 
 STEPS = 4
@@ -54,6 +57,16 @@ def test_v_schedule_matches_single_process(tmp_path: Path, model: str, data: str
         steps = [x for x in recs if x["type"] == "step"]
         assert steps and all(x["in_flight_peak"] == {str(s): peaks[s] for s in sched.stages_of(rank)} for x in steps)
     _check_rank_peak(tel, sched)
+    # the saved bytes the executor measured (saved-tensor hooks) are the memory model's rank peak: each
+    # stage's traced activation bytes per micro-batch, held from its F to its backward, replayed in the
+    # rank's order (ZB-V's two stages peak at different moments: less than the sum of their peaks)
+    graph = trace_graph(model, micro_batch_size=2, seq_len=plan.seq_len, dtype="fp32")
+    inp = lower(plan, resolve_topology(f"local-cpu:{p}"), None, graph=graph).sim_input
+    assert inp is not None
+    want = rank_peak_activation_bytes(sched, [st.activation_bytes for st in inp.stages])
+    for rank, recs in tel.items():
+        got = max(x["memory"]["activation_bytes_peak"] for x in recs if x["type"] == "step")
+        assert got == pytest.approx(want[rank], abs=64), rank  # the last stage's loss scalar is saved too
 
 
 def _check_rank_peak(tel: dict[int, list[dict[str, Any]]], sched: Any) -> None:

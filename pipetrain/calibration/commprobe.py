@@ -155,10 +155,12 @@ def _ping_pong(backend: str, sizes: list[int], repeats: int, timeout_s: float, w
         return [[float(t) for t in ts] for ts in json.loads(Path(out).read_text())]
 
 
-def _spin(stop: Any) -> None:
-    """Keep one core busy until ``stop`` is set."""
+def _spin(stop: Any, parent: int, until: float) -> None:
+    """Keep one core busy until ``stop`` is set, the ``parent`` process is gone or ``time.monotonic()``
+    passes ``until``: a parent killed by a signal never sets ``stop``, and a spinner left behind
+    would take a core from everything after it."""
     x = 0
-    while not stop.is_set():
+    while not stop.is_set() and os.getppid() == parent and time.monotonic() < until:
         for _ in range(10000):
             x += 1
 
@@ -179,7 +181,8 @@ def probe_wakeup(*, cores: int, nbytes: int = 16384, repeats: int = 200, rounds:
     for _ in range(rounds):
         idle += _ping_pong("gloo", [nbytes], repeats, timeout_s, work_s)[0]
         stop = ctx.Event()
-        spinners = [ctx.Process(target=_spin, args=(stop,), daemon=True) for _ in range(cores)]
+        spinners = [ctx.Process(target=_spin, args=(stop, os.getpid(), time.monotonic() + timeout_s), daemon=True)
+                    for _ in range(cores)]
         for p in spinners:
             p.start()
         try:

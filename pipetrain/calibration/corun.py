@@ -82,6 +82,7 @@ def _job(model: str, micro_batch_size: int, seq_len: int | None, threads: int, c
     grads: dict[tuple[int, int], Any] = {}
     for _ in range(2):  # warm-up: allocator and autograd caches
         s._once(0, end, grads)
+    parent = os.getppid()
     conn.send("ready")
     while True:
         cmd = conn.recv()
@@ -93,9 +94,13 @@ def _job(model: str, micro_batch_size: int, seq_len: int | None, threads: int, c
         times = []
         while True:
             f, b = s._once(0, end, grads)
-            if time.monotonic() > until:
+            # a killed parent (SIGKILL, or SIGTERM, which skips multiprocessing's clean-up of daemonic
+            # children) leaves this loop computing with no one to stop it: an orphan is re-parented
+            if time.monotonic() > until or os.getppid() != parent:
                 break
             times.append(f + b)
+        if os.getppid() != parent:
+            return
         conn.send(times)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from pipetrain.schedules import SCHEDULE_NAMES, Schedule, make_schedule, peak_in_flight, peak_pending_wgrad
 
 __all__ = ["RUNNABLE_SCHEDULES", "AUTO_SCHEDULES", "AUTO_SCHEDULES_CPU", "auto_schedules", "in_flight_1f1b",
-           "interleaved_in_flight", "interleaved_rule", "zb_h1_held_bound", "held_in_flight", "rank_peak_in_flight",
+           "interleaved_in_flight", "interleaved_rule", "zb_h1_held_bound", "held_in_flight", "rank_peak_in_flight", "rank_peak_activation_bytes",
            "pool_sizes"]
 
 #: What the executor runs. zb-h1 runs with the backward split into an input-gradient pass (B) and a
@@ -142,15 +142,28 @@ def rank_peak_in_flight(schedule: Schedule) -> tuple[int, ...]:
     """Per rank, the most (stage, micro-batch) activations held at one instant of its own order: F
     done, backward (B or I) not, summed over the rank's stages. With two half-size chunks per rank
     (the V schedules) ``2p`` here is 1F1B's ``p`` whole-stage micro-batches: the same bytes."""
+    return tuple(int(x) for x in _rank_peaks(schedule, [1.0] * schedule.num_stages))
+
+
+def rank_peak_activation_bytes(schedule: Schedule, stage_bytes: list[float] | tuple[float, ...]) -> tuple[float, ...]:
+    """Per rank, the most activation bytes held at one instant of its own order, a micro-batch of
+    stage ``s`` holding ``stage_bytes[s]`` from its F to its backward (B or I). The sum of each
+    stage's own peak over-counts a rank whose stages peak at different moments (ZB-V's do)."""
+    if len(stage_bytes) != schedule.num_stages:
+        raise ValueError(f"stage_bytes has {len(stage_bytes)} values for {schedule.num_stages} stages")
+    return _rank_peaks(schedule, stage_bytes)
+
+
+def _rank_peaks(schedule: Schedule, w: list[float] | tuple[float, ...]) -> tuple[float, ...]:
     out = []
     for acts in schedule.actions:
-        cur = peak = 0
+        cur = peak = 0.0
         for a in acts:
             if a.kind == "F":
-                cur += 1
+                cur += w[a.stage]
                 peak = max(peak, cur)
             elif a.kind in ("B", "I"):
-                cur -= 1
+                cur -= w[a.stage]
         out.append(peak)
     return tuple(out)
 
