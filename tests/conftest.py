@@ -1,8 +1,13 @@
-"""Shared pytest set-up: GPU tests skip without CUDA."""
+"""Shared pytest set-up: GPU tests skip without CUDA; the ``two_nodes`` fixture (tests/netns.py)."""
 
 from __future__ import annotations
 
+import subprocess
+from collections.abc import Iterator
+
 import pytest
+
+from netns import TwoNodes, unavailable_reason
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -18,3 +23,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(name="two_nodes")
+def two_nodes_fixture() -> Iterator[TwoNodes]:
+    """Two network-namespace nodes (tests/netns.py), closed when the test ends, failed or not;
+    skips with the reason where namespaces cannot be made."""
+    why = unavailable_reason()
+    if why:
+        pytest.skip(why)
+    nodes = TwoNodes()
+    try:
+        nodes.open()
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        nodes.close()
+        pytest.skip(f"cannot create network namespaces here: {exc}")
+    try:
+        yield nodes
+    finally:
+        nodes.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from netns import NODE_ADDRS, TwoNodes, two_nodes_fixture  # noqa: E402, F401 - the fixture, used by its name two_nodes
+from netns import TwoNodes, launch_cmd, run_two  # noqa: E402 - the two_nodes fixture is tests/conftest.py's
 from pipetrain.executor.plans import simple_plan  # noqa: E402
 from pipetrain.executor.result import load_result  # noqa: E402
 from pipetrain.executor.telemetry import read_telemetry  # noqa: E402
@@ -34,22 +33,6 @@ def plan_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     p = tmp_path_factory.mktemp("netfaults") / "plan.json"
     simple_plan("tiny-gpt", pp=2, m=4, mbs=2, seq_len=16).save(p)
     return p
-
-
-def _cmd(plan: Path, run_dir: Path, *extra: str, nodes: int = 2) -> list[str]:
-    multi = ["--nnodes", "2", "--rdzv-endpoint", f"{NODE_ADDRS[0]}:29500"] if nodes == 2 else []
-    return [sys.executable, "-m", "pipetrain.executor.launch", str(plan), "--run-dir", str(run_dir), "--dataset", "stdlib-text",
-            *multi, *extra]
-
-
-def _run_two(nodes: TwoNodes, cmd: list[str], tmp: Path, *, env: dict[str, str] | None = None,
-             timeout_s: float = 120) -> list[tuple[int, str]]:
-    """Both launchers to the end; their exit codes and output."""
-    procs = [nodes.popen(i, cmd, env=env, log=tmp / f"node{i}.log") for i in range(2)]
-    deadline = time.time() + timeout_s
-    for p in procs:
-        p.wait(timeout=max(1.0, deadline - time.time()))
-    return [(p.returncode, (tmp / f"node{i}.log").read_text()) for i, p in enumerate(procs)]
 
 
 def _alive(pid: int) -> bool:
@@ -82,7 +65,7 @@ def test_hung_rank_on_two_nodes_is_named_and_nothing_is_left(two_nodes: TwoNodes
     run_dir = tmp_path / "run"
     env = dict(os.environ, PIPETRAIN_FAULT="1:2:3:stop")
     t0 = time.time()
-    out = _run_two(two_nodes, _cmd(plan_path, run_dir, "--steps", "50", "--progress-timeout", "4", "--timeout", "60"), tmp_path, env=env)
+    out = run_two(two_nodes, launch_cmd(plan_path, run_dir, "--steps", "50", "--progress-timeout", "4", "--timeout", "60"), tmp_path, env=env)
     elapsed = time.time() - t0
     for code, log in out:
         assert code == 2, log[-3000:]
@@ -98,7 +81,7 @@ def test_cut_link_ends_every_rank_within_the_timeout(two_nodes: TwoNodes, plan_p
     both launchers exit 2 naming a rank, its node and the lost contact, and the run directory holds
     no half-written file."""
     run_dir, timeout_s = tmp_path / "run", 8
-    cmd = _cmd(plan_path, run_dir, "--steps", "100000", "--checkpoint-every", "20", "--timeout", str(timeout_s), "--progress-timeout", "120")
+    cmd = launch_cmd(plan_path, run_dir, "--steps", "100000", "--checkpoint-every", "20", "--timeout", str(timeout_s), "--progress-timeout", "120")
     procs = [two_nodes.popen(i, cmd, log=tmp_path / f"node{i}.log") for i in range(2)]
     deadline = time.time() + 90
     while time.time() < deadline:  # until both ranks ran 30 steps (a checkpoint is written)
@@ -129,7 +112,7 @@ def test_cut_link_ends_every_rank_within_the_timeout(two_nodes: TwoNodes, plan_p
 @pytest.fixture(scope="module")
 def uninterrupted(plan_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    r = subprocess.run(_cmd(plan_path, run_dir, "--steps", str(STEPS), nodes=1), capture_output=True, text=True, timeout=120)
+    r = subprocess.run(launch_cmd(plan_path, run_dir, "--steps", str(STEPS), nodes=1), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     return load_result(run_dir)
 
@@ -152,7 +135,7 @@ def _check_restarted(run_dir: Path, full: Any, logs: str) -> float:
 def test_elastic_restart_on_one_node_resumes_the_same_trajectory(uninterrupted: Any, plan_path: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     env = dict(os.environ, PIPETRAIN_FAULT=f"1:{KILL_STEP}:3:kill")
-    r = subprocess.run(_cmd(plan_path, run_dir, "--steps", str(STEPS), "--checkpoint-every", str(EVERY), "--max-restarts", "1",
+    r = subprocess.run(launch_cmd(plan_path, run_dir, "--steps", str(STEPS), "--checkpoint-every", str(EVERY), "--max-restarts", "1",
                             "--timeout", "30", nodes=1), capture_output=True, text=True, timeout=150, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     took = _check_restarted(run_dir, uninterrupted, r.stdout)
@@ -162,7 +145,7 @@ def test_elastic_restart_on_one_node_resumes_the_same_trajectory(uninterrupted: 
 def test_elastic_restart_across_two_nodes(two_nodes: TwoNodes, uninterrupted: Any, plan_path: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     env = dict(os.environ, PIPETRAIN_FAULT=f"1:{KILL_STEP}:3:kill")
-    out = _run_two(two_nodes, _cmd(plan_path, run_dir, "--steps", str(STEPS), "--checkpoint-every", str(EVERY), "--max-restarts", "1",
+    out = run_two(two_nodes, launch_cmd(plan_path, run_dir, "--steps", str(STEPS), "--checkpoint-every", str(EVERY), "--max-restarts", "1",
                                    "--timeout", "30"), tmp_path, env=env)
     for code, log in out:
         assert code == 0, log[-3000:]

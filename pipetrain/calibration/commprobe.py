@@ -12,6 +12,12 @@ blocked must then wait for the OS scheduler to give it a core (a running process
 to end) before it sees its message. The mean one-way time with the cores busy less the mean
 with them idle is that wait; the simulator adds it to a receive that blocked while all the
 cores of its compute group were busy (:class:`pipetrain.simulator.ComputeGroup`).
+
+:func:`probe_p2p_node` is one end of the same ping-pong between two nodes (a link between
+machines, or between network namespaces): each node runs it, node rank 0 listens and fits. From a
+shell, on each node: ``python -m pipetrain.calibration.commprobe --node-rank R --master HOST:PORT``
+(node rank 0 prints the fit as JSON); the simulator takes the result as the topology's
+``inter_node`` link.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import numpy as np
 
 from pipetrain.errors import ConfigError, RunError
 
-__all__ = ["P2PCost", "WakeupCost", "fit_hockney", "probe_p2p", "probe_wakeup"]
+__all__ = ["P2PCost", "WakeupCost", "fit_hockney", "probe_p2p", "probe_p2p_node", "probe_wakeup", "main"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,14 +96,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _worker(rank: int, port: int, backend: str, sizes: list[int], repeats: int, out: str, work_s: float = 0.0) -> None:
+def _worker(rank: int, port: int, backend: str, sizes: list[int], repeats: int, out: str, work_s: float = 0.0,
+            addr: str = "127.0.0.1") -> None:
     import datetime
 
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+    dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=60))
     try:
         dev = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
@@ -135,6 +142,62 @@ def probe_p2p(*, backend: str = "gloo", sizes_bytes: tuple[int, ...] = (4, 4096,
     times = tuple(statistics.median(ts) for ts in _ping_pong(backend, list(sizes_bytes), repeats, timeout_s))
     lat, bw = fit_hockney(sizes_bytes, times)
     return P2PCost(backend=backend, latency_s=lat, bandwidth_bytes_per_s=bw, sizes_bytes=tuple(sizes_bytes), one_way_s=times)
+
+
+def probe_p2p_node(*, rank: int, master_addr: str, port: int, backend: str = "gloo",
+                   sizes_bytes: tuple[int, ...] = (4, 4096, 65536, 1 << 20, 4 << 20), repeats: int = 20) -> P2PCost | None:
+    """One end of a ping-pong between two nodes (module docstring): node rank 0 listens on
+    ``master_addr:port`` and returns the Hockney fit, node rank 1 returns None. Gloo is bound to
+    the interface on the route to ``master_addr`` (as ``pipetrain run`` binds it), unless
+    ``GLOO_SOCKET_IFNAME`` says otherwise: the host name's address need not be on that link."""
+    from pipetrain.executor.launch import iface_of, route_addr
+
+    if rank not in (0, 1) or repeats < 1 or not sizes_bytes or min(sizes_bytes) < 1:
+        raise ConfigError(f"node probe: rank must be 0 or 1, repeats >= 1 and sizes >= 1 byte, got {rank}, {repeats}, {sizes_bytes}")
+    iface = iface_of(route_addr(master_addr, port))
+    if iface and "GLOO_SOCKET_IFNAME" not in os.environ:
+        os.environ["GLOO_SOCKET_IFNAME"] = iface
+    with tempfile.TemporaryDirectory(prefix="pipetrain-probe-") as tmp:
+        out = str(Path(tmp) / "times.json")
+        _worker(rank, port, backend, list(sizes_bytes), repeats, out, 0.0, master_addr)
+        if rank != 0:
+            return None
+        all_times = json.loads(Path(out).read_text())
+    times = tuple(statistics.median(float(t) for t in ts) for ts in all_times)
+    lat, bw = fit_hockney(sizes_bytes, times)
+    return P2PCost(backend=backend, latency_s=lat, bandwidth_bytes_per_s=bw, sizes_bytes=tuple(sizes_bytes), one_way_s=times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipetrain.calibration.commprobe --node-rank R --master HOST:PORT [--sizes N,..] [--repeats N]``:
+    :func:`probe_p2p_node`; node rank 0 prints the fit as JSON. A mistake: one ``error:`` line, exit 2."""
+    import argparse
+    import sys
+
+    from pipetrain.errors import PipetrainError
+    from pipetrain.serde import to_dict
+
+    ap = argparse.ArgumentParser(prog="python -m pipetrain.calibration.commprobe", description="one end of a p2p probe between two nodes")
+    ap.add_argument("--node-rank", type=int, required=True)
+    ap.add_argument("--master", required=True, help="HOST:PORT node rank 0 listens on")
+    ap.add_argument("--sizes", default="4,4096,65536,1048576,4194304", help="message sizes in bytes, comma separated")
+    ap.add_argument("--repeats", type=int, default=20)
+    a = ap.parse_args(argv)
+    host, _, port = a.master.rpartition(":")
+    try:
+        if not host or not port.isdigit():
+            raise ConfigError(f"--master must be HOST:PORT, got {a.master!r}")
+        try:
+            sizes = tuple(int(v) for v in a.sizes.split(","))
+        except ValueError:
+            raise ConfigError(f"--sizes must be comma-separated byte counts, got {a.sizes!r}") from None
+        cost = probe_p2p_node(rank=a.node_rank, master_addr=host, port=int(port), sizes_bytes=sizes, repeats=a.repeats)
+    except PipetrainError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if cost is not None:
+        print(json.dumps(to_dict(cost)))
+    return 0
 
 
 def _ping_pong(backend: str, sizes: list[int], repeats: int, timeout_s: float, work_s: float = 0.0) -> list[list[float]]:
@@ -195,3 +258,7 @@ def probe_wakeup(*, cores: int, nbytes: int = 16384, repeats: int = 200, rounds:
                 if p.is_alive():
                     p.kill()
     return WakeupCost(nbytes=nbytes, busy_processes=cores, idle_one_way_s=statistics.fmean(idle), busy_one_way_s=statistics.fmean(busy))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
