@@ -399,3 +399,22 @@ def test_an_action_after_another_rank_ran_on_its_core() -> None:
     two = ComputeGroup(ranks=(0, 1), capacity=2, sharing="time-slice", switch_s=0.25, resume_s=0.1, resume_after_s=5.0)
     assert two.contends and two.resume_cost_s(3.0) == 0.0
     assert close(simulate(replace(base, compute_groups=(two,))).step_time_s, 9.0)
+
+
+def test_tied_weight_allreduce_waits_for_both_ranks_exact() -> None:
+    """GPT-2's tie across ranks: after the backward pass both ranks all-reduce the tied gradient, so
+    the first to finish waits for the other; then the transfer (ring over 2 ranks: bytes/bw + 2 latency)."""
+    from dataclasses import replace
+
+    from pipetrain.program import Link, TieSpec
+
+    base = uniform(2, 4, "1f1b", t_fwd_s=1.0, t_bwd_s=2.0, t_optimizer_s=0.5)
+    plain = simulate(base)
+    # 1F1B at p=2, m=4, F=1, B=2: rank 0 ends its last B at (m+p-1)(F+B) = 15, rank 1 at 13; then the update
+    assert plain.pipeline_time_s == pytest.approx(15.0) and plain.step_time_s == pytest.approx(15.5)
+    link = Link(name="tie", latency_s=0.25, bandwidth_bytes_per_s=8.0)
+    tied = replace(base, ties=(TieSpec(ranks=(0, 1), nbytes=4.0, link=link),))
+    for res in (simulate(tied), fast_evaluate(tied, events=True)):
+        assert res.step_time_s == pytest.approx(15.0 + 4.0 / 8.0 + 2 * 0.25 + 0.5)
+        ar = sorted((e.rank, e.start_s, e.end_s) for e in res.events if e.kind == "ALLREDUCE")
+        assert ar == [(0, pytest.approx(15.0), pytest.approx(16.0)), (1, pytest.approx(13.0), pytest.approx(16.0))]

@@ -36,7 +36,7 @@ __all__ = ["CALIBRATION_FILE_VERSION", "P2PCost", "OptimizerCost", "Calibration"
            "calibrated_topology", "load_calibration", "calibrated_for"]
 
 #: 2: ``resume`` entries no longer carry ``slowdown``
-CALIBRATION_FILE_VERSION = 2
+CALIBRATION_FILE_VERSION = 3  # 3: the runtime entries measure the host work between steps
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -156,7 +156,9 @@ class Calibration:
                          for p in self.profiles)
         opts = tuple(replace(o, fixed_s=o.fixed_s * factor, per_param_s=o.per_param_s * factor,
                              seconds=tuple(t * factor for t in o.seconds)) for o in self.optimizers)
-        runtime = tuple(replace(o, fixed_s=o.fixed_s * factor, end_of_step_s=o.end_of_step_s * factor) for o in self.runtime)
+        runtime = tuple(replace(o, fixed_s=o.fixed_s * factor, end_of_step_s=o.end_of_step_s * factor,
+                                between_steps_s=o.between_steps_s * factor,
+                                between_steps_per_microbatch_s=o.between_steps_per_microbatch_s * factor) for o in self.runtime)
         messages = tuple(replace(m, host_s=m.host_s * factor) for m in self.messages)
         corun = tuple(replace(c, alone_s=c.alone_s * factor) for c in self.corun)
         resume = tuple(replace(r, hot_s=r.hot_s * factor, cold_s=r.cold_s * factor, after_other_s=r.after_other_s * factor)
@@ -246,10 +248,13 @@ class MeasuredCostModel(CalibratedCostModel):
             return 0.0
         return self.calibration.message_host_s(graph.model, graph.micro_batch_size, graph.seq_len)
 
-    def step_overhead_s(self, model: str, micro_batch_size: int, seq_len: int) -> float:
-        """The executor's measured per-step work besides the optimizer update, per rank (0: not measured)."""
+    def step_overhead_s(self, model: str, micro_batch_size: int, seq_len: int, num_microbatches: int = 0) -> float:
+        """The executor's measured per-step work besides the optimizer update, per rank (0: not measured):
+        the rest of its one-rank step and the host work between two steps at ``num_microbatches``."""
         rt = self.calibration.runtime_for(model, micro_batch_size, seq_len)
-        return rt.fixed_s if rt is not None and rt.fixed_s > 0 else 0.0
+        if rt is None:
+            return 0.0
+        return rt.fixed_s + rt.between_steps_s + rt.between_steps_per_microbatch_s * num_microbatches
 
     def node_times(self, graph: LayerGraph, device_type: DeviceType) -> NodeTimes:
         prof = self.calibration.profile_for(graph) if self._matches(device_type) else None

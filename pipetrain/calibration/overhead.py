@@ -13,7 +13,13 @@ the end of a step's last backward to the end of its optimizer step, from the run
 state come from memory after a backward pass, not from the caches a loop over the same calls keeps
 warm, so the update in a run is slower than such a loop; figures: benchmarks/RESULTS.md) and
 ``fixed_s``, the rest at ``m1``
-less its per-micro-batch growth (per-step work besides: batches, bookkeeping). Medians over
+less its per-micro-batch growth (per-step work besides: batches, bookkeeping). The host work at
+the step boundary, from the end of a step's optimizer update to the first action of the next
+(the loss, zeroing, telemetry records, the next batches, posting receives), is measured apart:
+``between_steps_s`` at ``m1`` and ``between_steps_per_microbatch_s``, its growth with ``m``. In a
+pipeline it is on the critical path whole (the first stage does it before its first forward and
+every later stage waits), where work spread over the micro-batches would partly hide in the
+bubbles, so the cost model adds it to each rank's step, not to the blocks. Medians over
 steps, not of whole step times, so one slow step moves nothing.
 The calibration stores them per model and shape; :class:`~pipetrain.calibration.measured.MeasuredCostModel`
 scales the profiled block times by ``factor``, the optimizer fit by ``end_of_step_s`` over the
@@ -50,9 +56,14 @@ class RuntimeOverhead:
     #: in the run: median seconds from the last backward's end to the optimizer step's end (0: not measured)
     end_of_step_s: float = 0.0
     param_count: int = 0  # the model's parameters, all on the one rank
+    #: median seconds from the end of a step's optimizer update to the next step's first action, at m1,
+    #: and its growth per micro-batch (0: not measured, an older calibration)
+    between_steps_s: float = 0.0
+    between_steps_per_microbatch_s: float = 0.0
 
     def __post_init__(self) -> None:
-        if not (self.end_of_step_s >= 0 and self.param_count >= 0):
+        if not (self.end_of_step_s >= 0 and self.param_count >= 0 and self.between_steps_s >= 0
+                and self.between_steps_per_microbatch_s >= 0):
             raise ConfigError(f"runtime overhead of {self.model}: end of step and parameter count must be >= 0")
         if not self.factor > 0:
             raise ConfigError(f"runtime overhead factor of {self.model} must be > 0, got {self.factor}")
@@ -83,43 +94,47 @@ def measure_runtime_overhead(profile: Any, *, num_microbatches: tuple[int, int] 
             res = launch(RunConfig(plan_path=str(plan_path), run_dir=str(Path(tmp) / "run"), steps=steps, threads=threads,
                                    timeout_s=timeout_s))
             runs.append((m, _step_parts(Path(tmp) / "run", warmup), statistics.median(res.step_times_s[warmup:])))
-    # (step, busy, end of step) per step: the spans' share per micro-batch, pooled over both runs
-    span_factor = statistics.median(b / (m * per_mb) for m, parts, _ in runs for _, b, _ in parts)
-    end = statistics.median(e for _, parts, _ in runs for _, _, e in parts)
-    outside = [statistics.median(t - b - e for t, b, e in parts) for _, parts, _ in runs]
+    # (period, busy, end of step, between steps) per step: the spans' share per micro-batch, pooled over both runs
+    span_factor = statistics.median(b / (m * per_mb) for m, parts, _ in runs for _, b, _, _ in parts)
+    end = statistics.median(e for _, parts, _ in runs for _, _, e, _ in parts)
+    between = [statistics.median(w for _, _, _, w in parts) for _, parts, _ in runs]
+    outside = [statistics.median(t - b - e - w for t, b, e, w in parts) for _, parts, _ in runs]
     gap = max(0.0, (outside[1] - outside[0]) / (m2 - m1))  # between a micro-batch's actions: grows with m
     factor = max(span_factor + gap / per_mb, 1e-3)
     fixed = max(0.0, outside[0] - m1 * gap)
+    grow = max(0.0, (between[1] - between[0]) / (m2 - m1))
     return RuntimeOverhead(model=p.model, micro_batch_size=p.micro_batch_size, seq_len=p.seq_len, factor=factor, fixed_s=fixed,
                            measured_step_s=(runs[0][2], runs[1][2]), profiled_microbatch_s=per_mb, num_microbatches=(m1, m2),
-                           steps=steps, end_of_step_s=end, param_count=params)
+                           steps=steps, end_of_step_s=end, param_count=params, between_steps_s=max(0.0, between[0] - m1 * grow),
+                           between_steps_per_microbatch_s=grow)
 
 
-def _step_parts(run_dir: Path, warmup: int) -> list[tuple[float, float, float]]:
-    """Per step after ``warmup``: (step seconds, seconds in F/B/W spans, seconds from the end of the
-    last of them to the end of the OPT event)."""
+def _step_parts(run_dir: Path, warmup: int) -> list[tuple[float, float, float, float]]:
+    """Per step after ``warmup`` with a next step: (its period: first action to the next step's first
+    action, seconds in F/B/W spans, from the end of the last of them to the end of the OPT event,
+    from the end of the OPT event to the next step's first action)."""
     from pipetrain.executor.telemetry import read_telemetry
 
     out = []
     for _rank, recs in read_telemetry(run_dir).items():
         busy: dict[int, float] = {}
+        first: dict[int, float] = {}
         last: dict[int, float] = {}
         opt: dict[int, float] = {}
-        step: dict[int, float] = {}
         for e in recs:
-            if e.get("step", -1) < warmup:
+            if e["type"] != "event" or e.get("step", -1) < warmup:
                 continue
             k = e["step"]
-            if e["type"] == "step":
-                step[k] = e["step_time_s"]
-            elif e["kind"] in ("F", "B", "W"):
+            first[k] = min(first.get(k, e["start_s"]), e["start_s"])
+            if e["kind"] in ("F", "B", "W"):
                 busy[k] = busy.get(k, 0.0) + e["end_s"] - e["start_s"]
                 last[k] = max(last.get(k, 0.0), e["end_s"])
             elif e["kind"] == "OPT":
                 opt[k] = e["end_s"]
-        out += [(step[k], busy[k], opt[k] - last[k]) for k in sorted(opt) if k in last and k in step]
+        out += [(first[k + 1] - first[k], busy[k], opt[k] - last[k], first[k + 1] - opt[k])
+                for k in sorted(opt) if k in last and k + 1 in first]
     if not out:
-        raise ConfigError(f"{run_dir}: no complete step records after step {warmup}")
+        raise ConfigError(f"{run_dir}: no two complete steps after step {warmup}")
     return out
 
 

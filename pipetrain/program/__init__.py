@@ -39,13 +39,14 @@ from pipetrain.program.spec import (
     Link,
     SimInput,
     StageSpec,
+    TieSpec,
     ring_allreduce_time_s,
     uniform,
 )
 
 __all__ = [
     "AUTO_SCHEDULES", "AUTO_SCHEDULES_CPU", "POST", "RUN", "RUNNABLE_SCHEDULES", "BoundarySpec", "ComputeGroup",
-    "DataParallelSpec", "Link", "Op", "Placement", "Program", "SimInput", "StageCosts", "StageSpec", "auto_schedules",
+    "DataParallelSpec", "Link", "Op", "Placement", "Program", "SimInput", "StageCosts", "StageSpec", "TieSpec", "auto_schedules",
     "compute_groups", "held_in_flight", "lower", "lower_ops", "lower_schedule", "placement", "pool_sizes",
     "rank_device_type", "ring_allreduce_time_s", "sim_input", "uniform",
 ]

@@ -47,7 +47,7 @@ from pipetrain.graph import LayerGraph
 from pipetrain.memory import stage_memory, stage_output_bytes
 from pipetrain.plan import Plan
 from pipetrain.program.catalog import held_in_flight, pool_sizes
-from pipetrain.program.spec import BoundarySpec, ComputeGroup, DataParallelSpec, Link, SimInput, StageSpec
+from pipetrain.program.spec import BoundarySpec, ComputeGroup, DataParallelSpec, Link, SimInput, StageSpec, TieSpec
 from pipetrain.schedules import Action, Schedule, make_schedule, peak_in_flight
 from pipetrain.topology import Device, DeviceType, Topology
 
@@ -294,8 +294,16 @@ def sim_input(*, tables: StageCosts, topology: Topology, place: Placement, sched
         dpl = DataParallelSpec(width=place.dp, link=worst, overlap=dp_overlap)
     else:
         dpl = DataParallelSpec(width=1)
+    ties = []
+    for t in g.tied:  # a weight shared across ranks: its gradient all-reduced among them (fp32, as the executor keeps it)
+        owner = [s for s, (a, b) in enumerate(ranges) if a <= t.owner < b or any(a <= u < b for u in t.users)]
+        ranks = tuple(sorted({schedule.stage_to_rank[s] for s in owner}))
+        if len(ranks) >= 2:
+            link = min((_sim_link(topology, place.devices[0][ra], place.devices[0][rb]) for ra, rb in zip(ranks, ranks[1:])),
+                       key=lambda lk: lk.bandwidth_bytes_per_s)
+            ties.append(TieSpec(ranks=ranks, nbytes=float(t.param_count * _ALLREDUCE_BYTES_PER_PARAM), link=link))
     host = getattr(tables.cost, "message_host_s", None)  # a measured cost model: the host CPU per message
-    return SimInput(schedule=schedule, stages=tuple(stages), boundaries=tuple(bounds),
+    return SimInput(ties=tuple(ties), schedule=schedule, stages=tuple(stages), boundaries=tuple(bounds),
                     compute_groups=compute_groups(topology, place), data_parallel=dpl,
                     t_message_host_s=host(g, rank_device_type(topology, place, 0)) if host is not None else 0.0,
                     micro_batch_size=g.micro_batch_size, seq_len=g.seq_len,
@@ -343,7 +351,7 @@ def lower(plan: Plan, topology: Topology | None = None, cost: CostModel | None =
     if inp.compute_groups and all(d.type.kind == "cpu" for d in topology.devices):  # CPU ranks are OS processes: time-sliced
         inp = replace(inp, compute_groups=tuple(replace(g, sharing="time-slice") for g in inp.compute_groups))
     fixed = getattr(tables.cost, "step_overhead_s", None)
-    extra = fixed(plan.model, plan.micro_batch_size, plan.seq_len) if fixed is not None else 0.0
+    extra = fixed(plan.model, plan.micro_batch_size, plan.seq_len, plan.num_microbatches) if fixed is not None else 0.0
     if extra > 0:  # the executor's measured per-step work besides the update, on every rank
         stages = list(inp.stages)
         for r in range(plan.pp):

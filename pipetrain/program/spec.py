@@ -39,7 +39,7 @@ from pipetrain.schedules import Schedule, make_schedule, schedule_chunks
 from pipetrain.sharding import collective_time_s
 
 __all__ = [
-    "Link", "StageSpec", "BoundarySpec", "ComputeGroup", "DataParallelSpec", "SimInput",
+    "Link", "StageSpec", "TieSpec", "BoundarySpec", "ComputeGroup", "DataParallelSpec", "SimInput",
     "ring_allreduce_time_s", "uniform",
 ]
 
@@ -113,6 +113,22 @@ class StageSpec:
             return self.t_wgrad_s
         extra = self.t_recompute_s if self.recompute else 0.0
         return extra + self.t_bwd_s + (self.t_wgrad_s if kind == "B" else 0.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TieSpec:
+    """A weight shared by stages on different ranks (GPT-2's embedding and output head): after the
+    backward pass its gradient, ``nbytes``, is all-reduced among ``ranks`` on ``link``, as the
+    executor does before it clips; no rank of the tie starts its update before the slowest is there."""
+
+    ranks: tuple[int, ...]
+    nbytes: float
+    link: Link
+
+    def __post_init__(self) -> None:
+        _need(len(self.ranks) >= 2 and len(set(self.ranks)) == len(self.ranks),
+              f"a tie spans two or more distinct ranks, got {self.ranks}")
+        _nonneg("tie", nbytes=self.nbytes)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -256,6 +272,8 @@ class SimInput:
     #: copying, completing it): it holds the rank's compute like an action does, but is not busy
     #: time (calibrated on CPU ranks, where gloo's host work competes with compute; 0: free)
     t_message_host_s: float = 0.0
+    #: tied weights whose gradient is all-reduced across ranks each step (before the clip barrier)
+    ties: tuple[TieSpec, ...] = ()
 
     def __post_init__(self) -> None:
         n = self.schedule.num_stages
@@ -269,6 +287,8 @@ class SimInput:
             _need(not seen & set(g.ranks), f"rank(s) {sorted(seen & set(g.ranks))} are in two compute groups")
             seen |= set(g.ranks)
         _need(self.micro_batch_size >= 1 and self.seq_len >= 1, "micro_batch_size and seq_len must be >= 1")
+        for t in self.ties:
+            _need(all(0 <= r < self.schedule.num_ranks for r in t.ranks), f"tie {t.ranks} names a rank outside 0..{self.schedule.num_ranks - 1}")
         _nonneg("SimInput", model_flops_per_sample=self.model_flops_per_sample, peak_flops_per_device=self.peak_flops_per_device,
                 t_message_host_s=self.t_message_host_s)
 

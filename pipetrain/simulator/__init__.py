@@ -15,6 +15,7 @@ from pipetrain.program.spec import (
     Link,
     SimInput,
     StageSpec,
+    TieSpec,
     ring_allreduce_time_s,
     uniform,
 )
@@ -23,6 +24,6 @@ from pipetrain.simulator.fast import compile_schedule, fast_evaluate, fast_step_
 from pipetrain.simulator.result import SimResult
 
 __all__ = [
-    "BoundarySpec", "ComputeGroup", "DataParallelSpec", "Link", "SimInput", "SimResult", "StageSpec",
+    "BoundarySpec", "ComputeGroup", "DataParallelSpec", "Link", "SimInput", "SimResult", "StageSpec", "TieSpec",
     "compile_schedule", "fast_evaluate", "fast_step_time", "ring_allreduce_time_s", "simulate", "uniform",
 ]

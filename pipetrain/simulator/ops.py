@@ -175,7 +175,8 @@ def tables(inp: SimInput) -> Tables:
 
 def end_of_step(inp: SimInput, rank_end_s: list[float], grad_start_s: list[float],
                 grad_end_s: list[float]) -> tuple[float, list[EventTuple]]:
-    """Data-parallel all-reduce of every stage's gradients, then each rank's optimizer steps.
+    """Data-parallel all-reduce of every stage's gradients, then the all-reduce of tied weights'
+    gradients among their ranks (``inp.ties``), then each rank's optimizer steps.
 
     ``rank_end_s[r]``: when rank ``r`` finished its list; ``grad_start_s[s]`` / ``grad_end_s[s]``:
     start and end of stage ``s``'s last gradient-producing action. A rank's all-reduces run one
@@ -208,6 +209,12 @@ def end_of_step(inp: SimInput, rank_end_s: list[float], grad_start_s: list[float
             t = max(t, end)
             events.append((s, r, "ALLREDUCE", -1, start, end, int(spec.grad_bytes)))
         ready.append(t)
+    for tie in inp.ties:  # a tied weight's gradient: all-reduced among its ranks once each of them is there
+        arrive = [ready[r] for r in tie.ranks]
+        end = max(arrive) + ring_allreduce_time_s(tie.nbytes, len(tie.ranks), tie.link)
+        for r, t0 in zip(tie.ranks, arrive):
+            events.append((min(sched.stages_of(r)), r, "ALLREDUCE", -1, t0, end, int(tie.nbytes)))
+            ready[r] = end
     if inp.clip_sync_link is not None:  # global-norm clipping: one scalar all-reduced over every rank first
         t_sync = max(ready) + ring_allreduce_time_s(8.0, sched.num_ranks * dp.width, inp.clip_sync_link)
         ready = [t_sync] * len(ready)
