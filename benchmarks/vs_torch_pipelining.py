@@ -98,7 +98,6 @@ def worker(a: argparse.Namespace) -> None:
         run_dir = Path(a.run_dir) / name
         cfg = RunConfig(plan_path="(benchmark)", run_dir=str(run_dir), steps=10**6, lr=0.05, clip_norm=0.0, timeout_s=120)
         ours[name] = Trainer(cfg, plan, spec, build_meta(spec), torch.device("cpu"), timeout, rank, run_dir)
-    first = ours[a.schedule[0]]
 
     def torch_side(name: str):  # type: ignore[no-untyped-def]
         """torch's same schedule on the same plan: its stages of this rank, the same split and placement."""
@@ -116,7 +115,7 @@ def worker(a: argparse.Namespace) -> None:
         first_here, last_here = 0 in mods, plan.num_stages - 1 in mods
 
         def step_fn(step: int) -> float | None:
-            inputs, targets = first.batches(step)
+            inputs, targets = ours[name].batches(step)  # this plan's placement decides which rank needs what
             opt.zero_grad(set_to_none=a.their_set_to_none == "true")
             losses: list[torch.Tensor] = []
             args = (torch.cat(inputs),) if first_here else ()
