@@ -14,7 +14,7 @@ their own process group; the filesystem and pids are shared, as on nodes with a 
   (which deletes the veth pair). The ``two_nodes`` fixture calls it as a finalizer, so it
   runs when a test fails too.
 
-* :func:`probe_link`: the gloo ping-pong of :func:`pipetrain.calibration.commprobe.probe_p2p_node`
+* :func:`probe_link`: ``pipetrain calibrate --inter-node-rank`` on both nodes (:func:`pipetrain.calibration.commprobe.probe_p2p_node`)
   run across the two nodes (one end in each namespace); :func:`launch_cmd` and :func:`run_two`
   run a plan with one launcher per node (``--nnodes 2``); :func:`two_node_topology` is the
   topology the simulator needs for such a run: one CPU rank per node, the measured link between;
@@ -140,9 +140,9 @@ def probe_link(nodes: TwoNodes, *, port: int, sizes_bytes: tuple[int, ...], repe
     from pipetrain.calibration.commprobe import P2PCost
     from pipetrain.serde import from_dict
 
-    cmd = [sys.executable, "-m", "pipetrain.calibration.commprobe", "--master", f"{NODE_ADDRS[0]}:{port}",
-           "--sizes", ",".join(map(str, sizes_bytes)), "--repeats", str(repeats)]
-    procs = [nodes.popen(i, [*cmd[:3], "--node-rank", str(i), *cmd[3:]]) for i in range(2)]
+    cmd = [sys.executable, "-m", "pipetrain", "calibrate", "--json", "--inter-node-master", f"{NODE_ADDRS[0]}:{port}",
+           "--inter-node-sizes", ",".join(map(str, sizes_bytes)), "--repeats", str(repeats)]
+    procs = [nodes.popen(i, [*cmd, "--inter-node-rank", str(i)]) for i in range(2)]
     deadline = time.time() + timeout_s
     outs = []
     for p in procs:

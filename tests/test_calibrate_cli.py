@@ -122,21 +122,25 @@ def test_json_roundtrip_and_version_error(cal_file: Path, tmp_path: Path) -> Non
 
 
 def test_older_calibration_file_is_a_one_line_error(cal_file: Path, tmp_path: Path) -> None:
-    """A file from before ``ResumeCost.slowdown`` was dropped (version 1) names both versions and the fix."""
+    """Files from before ``ResumeCost.slowdown`` was dropped (version 1) and before the runtime entries
+    measured the host work between steps (version 2) name both versions and the fix."""
     from pipetrain.calibration.measured import CALIBRATION_FILE_VERSION, load_calibration
     from pipetrain.errors import ConfigError
 
-    assert CALIBRATION_FILE_VERSION == 2
-    data = json.loads(cal_file.read_text())
-    data["schema_version"] = 1
-    for r in data.get("resume", []):
-        r["slowdown"] = 1.5
-    old = tmp_path / "old.json"
-    old.write_text(json.dumps(data))
-    with pytest.raises(ConfigError) as e:
-        load_calibration(old)
-    msg = str(e.value)
-    assert "\n" not in msg and "version 1" in msg and "reads version 3" in msg and "re-run `pipetrain calibrate`" in msg
+    assert CALIBRATION_FILE_VERSION == 3
+    for version in (1, 2):
+        data = json.loads(cal_file.read_text())
+        data["schema_version"] = version
+        for r in data.get("resume", []) if version == 1 else []:
+            r["slowdown"] = 1.5
+        for o in data.get("runtime", []) if version == 2 else []:
+            del o["between_steps_s"], o["between_steps_per_microbatch_s"]
+        old = tmp_path / f"old{version}.json"
+        old.write_text(json.dumps(data))
+        with pytest.raises(ConfigError) as e:
+            load_calibration(old)
+        msg = str(e.value)
+        assert "\n" not in msg and f"version {version}" in msg and "reads version 3" in msg and "re-run `pipetrain calibrate`" in msg
 
 
 @pytest.mark.parametrize("argv, msg", [
@@ -146,11 +150,15 @@ def test_older_calibration_file_is_a_one_line_error(cal_file: Path, tmp_path: Pa
     (["--topology", "local-cpu:2", "--model", "no-such-model", "--no-probe"], "no-such-model"),
     (["--topology", "dgx-h100:1", "--no-probe"], "calibrate a local-cpu:N topology here"),
     (["--topology", "local-cpu:2", "--repeat", "0"], "--repeat must be >= 1"),
+    (["--model", "tiny-gpt"], "--topology is required"),
+    (["--inter-node-rank", "0", "--inter-node-master", "10.0.0.1"], "--inter-node-master must be HOST:PORT"),
+    (["--inter-node-rank", "2", "--inter-node-master", "127.0.0.1:1"], "rank must be 0 or 1"),
+    (["--inter-node-rank", "0", "--inter-node-master", "127.0.0.1:1", "--inter-node-sizes", "x"], "--inter-node-sizes"),
 ])
 def test_bad_input_is_one_line_exit_2(argv: list[str], msg: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import torch
 
-    if "dgx" in argv[1] and torch.cuda.is_available():
+    if "dgx" in " ".join(argv) and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     assert main(["calibrate", *argv, "-o", str(tmp_path / "c.json")]) == 2
     err = capsys.readouterr().err.strip()

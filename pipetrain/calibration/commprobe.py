@@ -15,7 +15,7 @@ cores of its compute group were busy (:class:`pipetrain.simulator.ComputeGroup`)
 
 :func:`probe_p2p_node` is one end of the same ping-pong between two nodes (a link between
 machines, or between network namespaces): each node runs it, node rank 0 listens and fits. From a
-shell, on each node: ``python -m pipetrain.calibration.commprobe --node-rank R --master HOST:PORT``
+shell, on each node: ``pipetrain calibrate --inter-node-rank R --inter-node-master HOST:PORT``
 (node rank 0 prints the fit as JSON); the simulator takes the result as the topology's
 ``inter_node`` link.
 """
@@ -36,7 +36,7 @@ import numpy as np
 
 from pipetrain.errors import ConfigError, RunError
 
-__all__ = ["P2PCost", "WakeupCost", "fit_hockney", "probe_p2p", "probe_p2p_node", "probe_wakeup", "main"]
+__all__ = ["P2PCost", "WakeupCost", "fit_hockney", "probe_p2p", "probe_p2p_node", "probe_wakeup"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,38 +168,6 @@ def probe_p2p_node(*, rank: int, master_addr: str, port: int, backend: str = "gl
     return P2PCost(backend=backend, latency_s=lat, bandwidth_bytes_per_s=bw, sizes_bytes=tuple(sizes_bytes), one_way_s=times)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m pipetrain.calibration.commprobe --node-rank R --master HOST:PORT [--sizes N,..] [--repeats N]``:
-    :func:`probe_p2p_node`; node rank 0 prints the fit as JSON. A mistake: one ``error:`` line, exit 2."""
-    import argparse
-    import sys
-
-    from pipetrain.errors import PipetrainError
-    from pipetrain.serde import to_dict
-
-    ap = argparse.ArgumentParser(prog="python -m pipetrain.calibration.commprobe", description="one end of a p2p probe between two nodes")
-    ap.add_argument("--node-rank", type=int, required=True)
-    ap.add_argument("--master", required=True, help="HOST:PORT node rank 0 listens on")
-    ap.add_argument("--sizes", default="4,4096,65536,1048576,4194304", help="message sizes in bytes, comma separated")
-    ap.add_argument("--repeats", type=int, default=20)
-    a = ap.parse_args(argv)
-    host, _, port = a.master.rpartition(":")
-    try:
-        if not host or not port.isdigit():
-            raise ConfigError(f"--master must be HOST:PORT, got {a.master!r}")
-        try:
-            sizes = tuple(int(v) for v in a.sizes.split(","))
-        except ValueError:
-            raise ConfigError(f"--sizes must be comma-separated byte counts, got {a.sizes!r}") from None
-        cost = probe_p2p_node(rank=a.node_rank, master_addr=host, port=int(port), sizes_bytes=sizes, repeats=a.repeats)
-    except PipetrainError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if cost is not None:
-        print(json.dumps(to_dict(cost)))
-    return 0
-
-
 def _ping_pong(backend: str, sizes: list[int], repeats: int, timeout_s: float, work_s: float = 0.0) -> list[list[float]]:
     """One-way seconds of every round trip, per size, from two fresh processes."""
     import torch.multiprocessing as mp
@@ -259,6 +227,3 @@ def probe_wakeup(*, cores: int, nbytes: int = 16384, repeats: int = 200, rounds:
                     p.kill()
     return WakeupCost(nbytes=nbytes, busy_processes=cores, idle_one_way_s=statistics.fmean(idle), busy_one_way_s=statistics.fmean(busy))
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

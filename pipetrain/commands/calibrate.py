@@ -16,11 +16,11 @@ import argparse
 
 from pipetrain.errors import ConfigError
 
-__all__ = ["add_arguments", "run", "parse_int_list"]
+__all__ = ["add_arguments", "run", "run_inter_node", "parse_int_list"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--topology", required=True, help="topology whose device to calibrate (local-cpu:N here; a GPU preset on a GPU)")
+    parser.add_argument("--topology", default=None, help="topology whose device to calibrate (local-cpu:N here; a GPU preset on a GPU)")
     parser.add_argument("--model", action="append", default=None,
                         help="model preset to profile (repeatable; default tiny-gpt)")
     parser.add_argument("--microbatch-sizes", default="1,4", help="micro-batch sizes to profile, comma separated (default 1,4)")
@@ -34,6 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-probe", action="store_true", help="skip the p2p probe (keep the topology's link figures)")
     parser.add_argument("--no-runtime", action="store_true", help="skip the one-rank executor run that measures its overhead")
     parser.add_argument("-o", "--output", default="calibration.json", help="where to write the calibration (default calibration.json)")
+    parser.add_argument("--inter-node-rank", type=int, default=None,
+                        help="measure the link between two nodes instead: run on both, 0 on the node that listens, 1 on the other")
+    parser.add_argument("--inter-node-master", default=None, help="HOST:PORT that node 0 listens on (with --inter-node-rank)")
+    parser.add_argument("--inter-node-sizes", default="4,4096,65536,1048576,4194304",
+                        help="message sizes of the inter-node probe in bytes, comma separated")
     parser.add_argument("--json", action="store_true", help="print the calibration JSON instead of the table")
 
 
@@ -47,10 +52,40 @@ def parse_int_list(text: str, flag: str) -> tuple[int, ...]:
     return vals
 
 
+def run_inter_node(args: argparse.Namespace) -> int:
+    """``--inter-node-rank R --inter-node-master HOST:PORT``: one end of a gloo ping-pong between two
+    nodes (:func:`pipetrain.calibration.commprobe.probe_p2p_node`); node 0 prints the Hockney fit
+    (latency, bandwidth) for the topology's inter-node link, as JSON with ``--json``."""
+    import json
+
+    from pipetrain.calibration.commprobe import probe_p2p_node
+    from pipetrain.serde import to_dict
+
+    host, _, port = str(args.inter_node_master or "").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--inter-node-master must be HOST:PORT (node 0's address), got {args.inter_node_master!r}")
+    sizes = parse_int_list(args.inter_node_sizes, "--inter-node-sizes")
+    cost = probe_p2p_node(rank=args.inter_node_rank, master_addr=host, port=int(port), sizes_bytes=sizes, repeats=args.repeats)
+    if cost is None:
+        return 0
+    if args.json:
+        print(json.dumps(to_dict(cost)))
+    else:
+        print(f"inter-node link ({cost.backend}): latency {cost.latency_s * 1e6:.1f} us, bandwidth "
+              f"{cost.bandwidth_bytes_per_s / 1e6:.1f} MB/s; in a topology YAML: inter_node: {{kind: ethernet, "
+              f"nic_bandwidth_bytes_per_s: {cost.bandwidth_bytes_per_s:.4g}, latency_s: {cost.latency_s:.3g}}}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     import sys
 
     from pipetrain.calibration.measured import combine_calibrations
+
+    if args.inter_node_rank is not None:
+        return run_inter_node(args)
+    if not args.topology:
+        raise ConfigError("--topology is required (e.g. local-cpu:2), unless --inter-node-rank measures a link between nodes")
     from pipetrain.calibration.run import describe, run_calibration
 
     models = tuple(args.model or ["tiny-gpt"])
