@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pipetrain.errors import ScheduleError
 
 __all__ = [
-    "COMPUTE_KINDS", "COMM_KINDS", "ACTION_KINDS", "SCHEDULE_NAMES", "Action", "Schedule",
+    "COMPUTE_KINDS", "COMM_KINDS", "ACTION_KINDS", "SCHEDULE_NAMES", "SPLIT_BACKWARD_SCHEDULES", "Action", "Schedule",
     "V_SCHEDULES", "gpipe", "one_f_one_b", "interleaved", "zb_h1", "zbv", "dualpipev", "v_stage_to_rank",
     "stage_ranks", "schedule_chunks", "make_schedule", "with_comms",
     "validate", "execution_order", "peak_in_flight", "peak_pending_wgrad", "format_grid",
@@ -51,6 +51,10 @@ ACTION_KINDS = COMPUTE_KINDS + COMM_KINDS
 SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zbv", "dualpipev")
 #: Schedules in the V placement: two chunks per rank, rank r holds stages r and 2p-1-r.
 V_SCHEDULES = ("zbv", "dualpipev")
+#: Schedules whose backward is split into input- and weight-gradient passes (``split_backward``):
+#: their executor defers the linear layers' weight gradients, which activation recomputation cannot
+#: join, so the planner never gives them recompute (checked against :func:`make_schedule` in tests).
+SPLIT_BACKWARD_SCHEDULES = ("zb-h1", "zbv", "dualpipev")
 
 _ACTION_RE = re.compile(r"^\s*(\d+)(SEND_F|RECV_F|SEND_B|RECV_B|F|B|I|W)(\d+)\s*$")
 

@@ -313,3 +313,36 @@ def test_zbv_chosen_where_it_simulates_fastest() -> None:
     out = plan_job(job_from_mapping(base, source="test"))
     assert out.plan.schedule == "zbv" and [st.rank for st in out.plan.stages] == [0, 1, 2, 3, 3, 2, 1, 0]
     assert lower(out.plan).schedule.stage_to_rank == (0, 1, 2, 3, 3, 2, 1, 0)
+
+
+def test_split_backward_schedules_never_get_recompute() -> None:
+    """The executor refuses recompute with a split backward (zb-h1, zbv, dualpipev): the planner never
+    plans it, and a pinned combination is refused with the fix."""
+    from pipetrain.schedules import SCHEDULE_NAMES, SPLIT_BACKWARD_SCHEDULES
+
+    assert [n for n in SCHEDULE_NAMES if make_schedule(n, 2, 4).split_backward] == list(SPLIT_BACKWARD_SCHEDULES)
+    topo = topology_preset("dgx-h100:1")
+    gf = graphs(18, seed=1, hidden=2048)
+    kw = dict(model="synthetic", topology="dgx-h100:1", global_batch=64, seq_len=512, pp=2, dp=4, microbatches=8)
+    free = search(Job(**kw, schedule="1f1b"), graph_for=gf, topology=topo).best  # type: ignore[arg-type]
+    low = search(Job(**kw, schedule="1f1b", recompute=(True,)), graph_for=gf, topology=topo).best  # type: ignore[arg-type]
+    assert not any(free.recompute) and max(low.rank_peaks_bytes()) < max(free.rank_peaks_bytes())
+    cap = (max(low.rank_peaks_bytes()) + max(free.rank_peaks_bytes())) / 2
+    # the split and the buffers held: under this cap only recompute makes 1F1B fit
+    kw.update(boundaries=(free.split.ranges[0][1],), buffers=free.buffers)
+    tight = search(Job(**kw, schedule="1f1b", max_memory_bytes=cap), graph_for=gf, topology=topo).best  # type: ignore[arg-type]
+    assert any(tight.recompute)
+    try:  # zb-h1 on the same split, buffers and cap: a plan without recompute, or none
+        got = search(Job(**kw, schedule="zb-h1", max_memory_bytes=cap), graph_for=gf, topology=topo).best  # type: ignore[arg-type]
+    except InfeasibleError as exc:
+        assert "no plan fits" in str(exc)
+    else:
+        assert not any(got.recompute) and got.candidate.schedule == "zb-h1"
+    free_kw = {k: v for k, v in kw.items() if k not in ("boundaries", "buffers")}
+    for name in SPLIT_BACKWARD_SCHEDULES:
+        with pytest.raises(InfeasibleError, match="does not combine with recompute: unpin recompute"):
+            search(Job(**free_kw, schedule=name, recompute=(True,)), graph_for=gf, topology=topo)  # type: ignore[arg-type]
+    unpinned = search(Job(**{k: v for k, v in kw.items() if k not in ("microbatches", "boundaries", "buffers")},  # type: ignore[arg-type]
+                          max_memory_bytes=cap), graph_for=gf,
+                      topology=topo, top_k=8)
+    assert all(not any(e.recompute) for e in unpinned.screened if e.candidate.schedule in SPLIT_BACKWARD_SCHEDULES)

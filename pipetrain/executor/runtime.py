@@ -131,8 +131,9 @@ class PipelineRuntime:
         self.order = tuple(op.action for op in self.ops if op.verb != POST and op.action.is_compute)
         self.split = any(a.kind == "W" for a in self.order)
         if self.split and any(st.recompute for st in self.stages.values()):
-            raise ScheduleError("zb-h1 splits the backward into input- and weight-gradient passes, which does not combine with "
-                                "activation recomputation: turn recompute off for zb-h1, or use 1f1b")
+            raise ScheduleError("this schedule splits the backward into input- and weight-gradient passes (zb-h1, zbv, "
+                                "dualpipev), which does not combine with activation recomputation: turn recompute off, or "
+                                "use 1f1b, gpipe or interleaved")
         #: stages whose W is their linear layers' deferred weight gradients (:mod:`pipetrain.executor.wgrad`);
         #: stages with convolutions split the autograd graph instead (:mod:`pipetrain.executor.splitbw`)
         self._linears = {s: SplitLinears(st.module) for s, st in self.stages.items() if self.split and _linear_split(st.module)}

@@ -63,7 +63,7 @@ from pipetrain.program.catalog import (
     zb_h1_held_bound,
 )
 from pipetrain.program.lower import Placement, placement, rank_device_type, sim_input
-from pipetrain.schedules import Schedule, make_schedule, peak_in_flight, stage_ranks
+from pipetrain.schedules import SPLIT_BACKWARD_SCHEDULES, Schedule, make_schedule, peak_in_flight, stage_ranks
 from pipetrain.simulator import SimInput, SimResult, fast_evaluate, simulate
 from pipetrain.topology import Topology, resolve_topology
 
@@ -195,6 +195,11 @@ class _Searcher:
         except InfeasibleError as exc:
             self.infeasible.append((c.describe(), str(exc)))
             return None
+        no_recompute = c.schedule in SPLIT_BACKWARD_SCHEDULES  # the executor refuses the combination
+        if no_recompute and pinned_rec is not None and any(pinned_rec):
+            self.infeasible.append((c.describe(), f"{c.schedule} splits the backward into input- and weight-gradient passes, "
+                                    "which does not combine with recompute: unpin recompute, or pin another schedule"))
+            return None
         caps = list(pinned_buf) if pinned_buf else ([c.buffer_level] * S if c.buffer_level else None)
         try:
             inflight = self.in_flight(c, caps)
@@ -209,7 +214,7 @@ class _Searcher:
         for st in range(S):
             t0, t1 = tab.time_matrix(dts[st], recompute=False), tab.time_matrix(dts[st], recompute=True)
             m0 = tab.memory_matrix(in_flight=max(1, inflight[st]), buffers=buffers[st], recompute=False)
-            if pinned_rec is not None and not pinned_rec[st]:
+            if no_recompute or (pinned_rec is not None and not pinned_rec[st]):
                 tm.append(t0)
                 mm.append(m0)
                 rec_choice.append(np.zeros(m0.shape, dtype=bool))
