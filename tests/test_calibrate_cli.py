@@ -234,8 +234,18 @@ def test_plan_with_calibration(cal_file: Path, tmp_path: Path, capsys: pytest.Ca
     assert main(base + ["-o", str(tmp_path / "ana.json")]) == 0
     cal_plan, ana_plan = Plan.load(tmp_path / "cal.json"), Plan.load(tmp_path / "ana.json")
     assert cal_plan.predicted is not None and ana_plan.predicted is not None
-    # measured CPU blocks take milliseconds; the analytic roofline of a nominal CPU says otherwise
-    assert cal_plan.predicted.step_time_s != pytest.approx(ana_plan.predicted.step_time_s, rel=0.05)
+    # each plan's prediction is its own cost model's: the calibrated one the simulator's step with the
+    # measured blocks and link (not the analytic roofline of a nominal CPU, which may land anywhere
+    # near it on a given machine), the analytic one the roofline's
+    from pipetrain.calibration.measured import calibrated_for
+    from pipetrain.planner.explain import plan_sim_input
+    from pipetrain.simulator import simulate
+
+    topo, cost = calibrated_for("local-cpu:2", cal_file)
+    assert cal_plan.predicted.step_time_s == pytest.approx(simulate(plan_sim_input(cal_plan, topology=topo, cost=cost)).step_time_s,
+                                                           rel=1e-9)
+    assert ana_plan.predicted.step_time_s == pytest.approx(simulate(plan_sim_input(ana_plan)).step_time_s, rel=1e-9)
+    assert simulate(plan_sim_input(ana_plan, topology=topo, cost=cost)).step_time_s != simulate(plan_sim_input(ana_plan)).step_time_s
     capsys.readouterr()
     assert main(base[:4] + ["dgx-h100:1"] + base[5:] + ["--calibration", str(cal_file)]) == 2
     assert "is for device type 'local-cpu'" in capsys.readouterr().err
