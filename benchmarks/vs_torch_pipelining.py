@@ -21,7 +21,8 @@ step (each step's ours over the fastest of theirs in that step).
 Reported per schedule of ours: the median over steps of (ours / theirs) after ``--warmup``
 steps (their first step infers shapes) with its 95% bootstrap interval, the medians of each
 side, the ratios of CPU time per step (all threads / main thread), the page faults per step of each
-side (minor: first touches of fresh allocations, all ranks), and the largest relative loss
+side (minor: first touches of fresh allocations, all ranks), the time all ranks spend blocked on
+point-to-point work per step (each side's own wait calls timed), and the largest relative loss
 difference between the two trajectories. Our telemetry is on (in-memory events, one JSONL record per step), as in a
 normal run. The machine is shared: the load average before/after is printed; distrust a run
 whose load exceeded the rank count.
@@ -129,20 +130,41 @@ def worker(a: argparse.Namespace) -> None:
 
     import resource
 
-    def timed(fn, step: int) -> tuple[float, float | None, float, float, float]:  # type: ignore[no-untyped-def]
+    from pipetrain.executor.runtime import PipelineRuntime
+
+    # seconds spent blocked on point-to-point work, each side's own wait calls timed: ours waiting for
+    # a receive (and for sends at the end of a step), theirs in _wait_batch_p2p (receives and sends)
+    waited = [0.0]
+
+    def timing(fn):  # type: ignore[no-untyped-def]
+        def wrapper(*args, **kw):  # type: ignore[no-untyped-def]
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                waited[0] += time.perf_counter() - t
+        return wrapper
+
+    PipelineRuntime._wait_recv = timing(PipelineRuntime._wait_recv)  # type: ignore[method-assign]
+    _poll = PipelineRuntime._poll_sends
+    PipelineRuntime._poll_sends = lambda self, block=False: timing(_poll)(self, block) if block else _poll(self, block)  # type: ignore[method-assign]
+    torch_schedules._wait_batch_p2p = timing(torch_schedules._wait_batch_p2p)
+
+    def timed(fn, step: int) -> tuple[float, float | None, float, float, float, float]:  # type: ignore[no-untyped-def]
         """(slowest rank's wall time, loss, CPU time of all ranks' processes, of their main threads,
-        page faults of all ranks' processes: minor, as a fresh allocation's first touch costs)."""
+        page faults of all ranks' processes: minor, as a fresh allocation's first touch costs,
+        seconds all ranks spent blocked on point-to-point work)."""
         dist.barrier()
-        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        f0, w0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, waited[0]
         c0, m0, t0 = time.process_time(), time.thread_time(), time.perf_counter()
         loss = fn(step)
         t1, c1, m1 = time.perf_counter(), time.process_time(), time.thread_time()
-        f1 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        f1, w1 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, waited[0]
         dt = torch.tensor([t1 - t0], dtype=torch.float64)
-        cpu = torch.tensor([c1 - c0, m1 - m0, loss or 0.0, loss is not None, f1 - f0], dtype=torch.float64)
+        cpu = torch.tensor([c1 - c0, m1 - m0, loss or 0.0, loss is not None, f1 - f0, w1 - w0], dtype=torch.float64)
         dist.all_reduce(dt, op=dist.ReduceOp.MAX)
         dist.all_reduce(cpu)  # the loss comes from whichever rank holds the last stage
-        return float(dt), float(cpu[2] / cpu[3]) if cpu[3] else None, float(cpu[0]), float(cpu[1]), float(cpu[4])
+        return float(dt), float(cpu[2] / cpu[3]) if cpu[3] else None, float(cpu[0]), float(cpu[1]), float(cpu[4]), float(cpu[5])
 
     sides = [*((name, tr.train_step) for name, tr in ours.items()), *((f"theirs-{name}", torch_side(name)) for name in ours)]
     rows = []
@@ -150,7 +172,7 @@ def worker(a: argparse.Namespace) -> None:
         row: dict[str, Any] = {"step": k}
         for j in range(len(sides)):  # the order rotates every step: no side always runs right after another
             name, fn = sides[(k + j) % len(sides)]
-            row[f"{name}_s"], row[f"{name}_loss"], row[f"{name}_cpu_s"], row[f"{name}_main_s"], row[f"{name}_faults"] = timed(fn, k)
+            row[f"{name}_s"], row[f"{name}_loss"], row[f"{name}_cpu_s"], row[f"{name}_main_s"], row[f"{name}_faults"], row[f"{name}_wait_s"] = timed(fn, k)
         rows.append(row)
     if rank == 0:
         (Path(a.run_dir) / "bench.json").write_text(json.dumps(rows))
@@ -211,6 +233,8 @@ def launch(p: int, m: int, a: argparse.Namespace) -> list[dict[str, Any]]:
                     "main_ratio": statistics.median(x[f"{name}_main_s"] / x[f"{th}_main_s"] for x in kept),
                     "ours_faults": statistics.median(x[f"{name}_faults"] for x in kept),
                     "theirs_faults": statistics.median(x[f"{th}_faults"] for x in kept),
+                    "ours_wait_ms": statistics.median(x[f"{name}_wait_s"] for x in kept) * 1e3,
+                    "theirs_wait_ms": statistics.median(x[f"{th}_wait_s"] for x in kept) * 1e3,
                     "pairs": len(kept), "load_before": load0, "load_after": load1})
     # best of each side: ours as the planner chooses against torch's fastest schedule here, step by step
     theirs = [n for n in names if THEIRS[n] != "Schedule1F1B" or n == "1f1b"]  # each torch class once
@@ -222,7 +246,7 @@ def launch(p: int, m: int, a: argparse.Namespace) -> list[dict[str, Any]]:
                 "ours_ms": statistics.median(x[f"{chosen}_s"] for x in kept) * 1e3,
                 "theirs_ms": statistics.median(min(x[f"theirs-{n}_s"] for n in theirs) for x in kept) * 1e3,
                 "loss_rel_max": float("nan"), "cpu_ratio": float("nan"), "main_ratio": float("nan"), "ours_faults": float("nan"),
-                "theirs_faults": float("nan"), "pairs": len(kept),
+                "theirs_faults": float("nan"), "ours_wait_ms": float("nan"), "theirs_wait_ms": float("nan"), "pairs": len(kept),
                 "load_before": load0, "load_after": load1})
     return out
 
@@ -260,7 +284,7 @@ def main() -> None:
     print(f"model {MODEL}, global batch {GLOBAL_BATCH}, fp32, gloo, 1 thread per rank, A/B alternating per step, "
           f"split {a.split} (p=2: {split_boundaries(a.split, 2) or [5]})")
     print(f"{'p':>2} {'m':>2} {'ours':>11} | {'ours ms':>8} {'theirs ms':>9} | {'median ours/theirs':>18} {'95% CI':>14} | "
-          f"{'loss rel diff':>13} | CPU ratio all/main | page faults ours/theirs | load before/after")
+          f"{'loss rel diff':>13} | CPU ratio all/main | page faults ours/theirs | p2p wait ms ours/theirs | load before/after")
     out = []
     for p in a.p:
         for m in a.m:
@@ -272,6 +296,7 @@ def main() -> None:
                 print(f"{p:>2} {m:>2} {r['schedule']:>11} | {r['ours_ms']:8.1f} {r['theirs_ms']:9.1f} | {r['ratio_median']:18.3f} "
                       f"[{r['ratio_ci95'][0]:.3f}, {r['ratio_ci95'][1]:.3f}] | {r['loss_rel_max']:13.2e} | "
                       f"{r['cpu_ratio']:8.3f}/{r['main_ratio']:.3f}  | {r['ours_faults']:8.0f}/{r['theirs_faults']:.0f}  | "
+                      f"{r['ours_wait_ms']:8.1f}/{r['theirs_wait_ms']:.1f}  | "
                       f"{r['load_before']:.1f}/{r['load_after']:.1f}", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
