@@ -26,9 +26,37 @@ import networkx as nx
 from pipetrain.errors import ConfigError
 from pipetrain.serde import from_dict, parse_json, read_text_or_error, to_dict, write_text_atomic
 
-__all__ = ["GRAPH_SCHEMA_VERSION", "Node", "Edge", "TiedParam", "CutTensor", "Cut", "LayerGraph", "structure_fingerprint"]
+__all__ = ["GRAPH_SCHEMA_VERSION", "LayerShape", "Node", "Edge", "TiedParam", "CutTensor", "Cut", "LayerGraph", "structure_fingerprint"]
 
 GRAPH_SCHEMA_VERSION = 1
+
+#: How a transformer layer's attention keeps its scores: ``flash`` (FlashAttention: only the
+#: output and log-sum-exp; Dao et al. 2022) or ``math`` (the s x s scores and softmax stored).
+ATTENTION_KINDS = ("flash", "math")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerShape:
+    """The shape of one transformer layer, which tensor parallelism and the shape-aware GEMM
+    model need and FLOP counts alone do not give (Megatron-LM: Shoeybi et al. 2019; Narayanan
+    et al. 2021). A block declares it as its ``layer_shape`` attribute; tracing copies it."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    ffn_hidden: int
+    gated_mlp: bool = False  # SwiGLU: three ffn matrices, not two
+    attention: str = "flash"
+    dropout: bool = False
+    causal: bool = True
+
+    def __post_init__(self) -> None:
+        if min(self.hidden, self.heads, self.kv_heads, self.ffn_hidden) < 1:
+            raise ConfigError(f"layer shape {self}: sizes must be >= 1")
+        if self.heads % self.kv_heads or self.hidden % self.heads:
+            raise ConfigError(f"layer shape {self}: heads must divide hidden and kv_heads must divide heads")
+        if self.attention not in ATTENTION_KINDS:
+            raise ConfigError(f"layer shape: attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,6 +74,7 @@ class Node:
     output_shape: tuple[int, ...] = ()
     output_dtype: str = "float32"
     saved_bytes: int = 0  # bytes autograd saves for backward during this node's forward
+    layer: LayerShape | None = None  # a transformer layer's shape, where the block declares one
 
     def __post_init__(self) -> None:
         for f in ("fwd_flops", "bwd_flops", "wgrad_flops", "param_count", "param_bytes", "output_bytes", "saved_bytes"):

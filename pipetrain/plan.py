@@ -27,6 +27,10 @@ __all__ = [
     "SCHEDULES",
     "DTYPES",
     "OPTIMIZERS",
+    "PRECISIONS",
+    "precision_for_dtype",
+    "RECOMPUTE_MODES",
+    "ZERO_STAGES",
     "TensorSpec",
     "StagePlan",
     "PredictedMetrics",
@@ -34,12 +38,29 @@ __all__ = [
     "Plan",
 ]
 
-SCHEMA_VERSION = 1
+#: 2 added the 3D fields (``tp``, ``sequence_parallel``, ``zero``, ``recompute``, ``precision``,
+#: ``idle_gpus``); a version-1 file is read as a plan with tp=1, zero=0 and its dtype's precision.
+SCHEMA_VERSION = 2
 #: Schedule names, as accepted by :mod:`pipetrain.schedules` and the CLI.
 SCHEDULES = SCHEDULE_NAMES  # one list: pipetrain.schedules
 #: Training precisions: fp32, or bf16/fp16 autocast with fp32 master weights.
 DTYPES = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "sgd")
+#: How weights, gradients and optimizer state are kept (:func:`pipetrain.sharding.param_state_bytes`):
+#: ``bf16-mixed`` bf16 weights with fp32 gradients and master copy (Megatron, torchtitan);
+#: ``amp-autocast`` fp32 weights cast per use under autocast (pipetrain's CPU executor); ``fp32``.
+PRECISIONS = ("bf16-mixed", "amp-autocast", "fp32")
+#: Activation recomputation granularity (Korthikanti et al. 2023): the attention core only, or
+#: whole layers (``StagePlan.recompute_layers`` of them per stage).
+RECOMPUTE_MODES = ("none", "selective", "full")
+#: ZeRO stages over the data-parallel group (Rajbhandari et al. 2020): 1 optimizer state,
+#: 2 and gradients, 3 and parameters.
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+def precision_for_dtype(dtype: str) -> str:
+    """The precision an old ``dtype``-only plan or flag meant: what the executor did with it."""
+    return "fp32" if dtype == "fp32" else "amp-autocast"
 
 
 def _need(cond: bool, msg: str) -> None:
@@ -74,6 +95,9 @@ class StagePlan:
     device: str
     buffers: int
     recompute: bool = False
+    #: with ``recompute``: how many of the stage's blocks recompute (Megatron's
+    #: ``--recompute-num-layers``); 0 means all of them.
+    recompute_layers: int = 0
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
     predicted_peak_memory_bytes: float = 0.0
@@ -84,6 +108,8 @@ class StagePlan:
         _need(0 <= self.block_start < self.block_end, f"stage {self.index}: block range [{self.block_start}, {self.block_end}) is empty or negative")
         _need(self.rank >= 0, f"stage {self.index}: rank must be >= 0, got {self.rank}")
         _need(self.buffers >= 1, f"stage {self.index}: buffers must be >= 1, got {self.buffers}")
+        _need(0 <= self.recompute_layers <= self.block_end - self.block_start,
+              f"stage {self.index}: recompute_layers must be in [0, {self.block_end - self.block_start}], got {self.recompute_layers}")
         _need(self.predicted_peak_memory_bytes >= 0 and self.memory_cap_bytes >= 0, f"stage {self.index}: memory figures must be >= 0")
 
     @property
@@ -145,6 +171,12 @@ class Plan:
     predicted: PredictedMetrics | None = None
     alternatives: tuple[Alternative, ...] = ()
     simulation_only: bool = False
+    tp: int = 1
+    sequence_parallel: bool = False
+    zero: int = 0
+    recompute: str = "none"
+    precision: str = ""  # "" -> precision_for_dtype(dtype)
+    idle_gpus: int = 0
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -159,6 +191,22 @@ class Plan:
         _need(self.schedule in SCHEDULES, f"schedule {self.schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
         _need(self.dtype in DTYPES, f"dtype {self.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
         _need(self.optimizer in OPTIMIZERS, f"optimizer {self.optimizer!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
+        if not self.precision:
+            object.__setattr__(self, "precision", precision_for_dtype(self.dtype))
+        _need(self.precision in PRECISIONS, f"precision {self.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
+        _need((self.precision == "fp32") == (self.dtype == "fp32"),
+              f"precision {self.precision} needs a {'32' if self.precision == 'fp32' else '16'}-bit compute dtype, got dtype {self.dtype}")
+        _need(self.tp >= 1, f"tp must be >= 1, got {self.tp}")
+        _need(self.tp > 1 or not self.sequence_parallel, "sequence_parallel needs tp > 1")
+        _need(self.zero in ZERO_STAGES, f"zero must be one of {ZERO_STAGES}, got {self.zero!r}")
+        _need(self.recompute in RECOMPUTE_MODES, f"recompute {self.recompute!r} is unknown; choose one of {', '.join(RECOMPUTE_MODES)}")
+        _need(self.idle_gpus >= 0, f"idle_gpus must be >= 0, got {self.idle_gpus}")
+        # The stages say which recompute, the plan how much of a layer: a stage flag alone (plans
+        # from before schema 2, the what-if page's per-stage toggle) means whole layers.
+        if self.recompute == "none" and any(st.recompute for st in self.stages):
+            object.__setattr__(self, "recompute", "full")
+        elif self.recompute != "none" and not any(st.recompute for st in self.stages):
+            object.__setattr__(self, "recompute", "none")
         if self.schedule in V_SCHEDULES:
             _need(self.chunks == 2, f"schedule {self.schedule} runs two chunks per rank in a V: chunks must be 2, got {self.chunks}")
         else:
@@ -192,7 +240,7 @@ class Plan:
 
     @property
     def world_size(self) -> int:
-        return self.pp * self.dp
+        return self.pp * self.dp * self.tp
 
     def stages_of_rank(self, rank: int) -> tuple[StagePlan, ...]:
         return tuple(st for st in self.stages if st.rank == rank)
@@ -212,6 +260,9 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: Any) -> Plan:
+        if isinstance(data, dict) and data.get("schema_version") == 1:
+            # version 1: no 3D fields; a stage's recompute meant the whole stage, the plan's "full"
+            data = {**data, "schema_version": SCHEMA_VERSION}
         if isinstance(data, dict) and data.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
             raise PlanError(f"plan schema_version {data.get('schema_version')!r} is not supported "
                             f"(this pipetrain reads {SCHEMA_VERSION}): re-run `pipetrain plan`")

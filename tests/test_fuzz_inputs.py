@@ -37,7 +37,7 @@ BASE_PLAN: dict[str, Any] = {
          "predicted_peak_memory_bytes": 0.0, "memory_cap_bytes": 0.0},
     ],
     "chunks": 1, "dtype": "fp32", "optimizer": "adamw", "seed": 0, "predicted": None, "alternatives": [],
-    "simulation_only": False, "schema_version": 1,
+    "simulation_only": False, "schema_version": 2,
 }
 BASE_JOB: dict[str, Any] = {"model": "tiny-gpt", "topology": "local-cpu:2", "global_batch": 8, "seq_len": 16}
 

@@ -42,6 +42,12 @@ def test_round_trip_is_exact_and_derived_fields() -> None:
         (lambda d: d["stages"][1].update(block_start=4), "must be contiguous"),
         (lambda d: d.update(schema_version=99), "schema_version 99"),
         (lambda d: d["stages"][0].update(buffers=0), "buffers must be >= 1"),
+        (lambda d: d.update(zero=4), "zero must be one of"),
+        (lambda d: d.update(tp=0), "tp must be >= 1"),
+        (lambda d: d.update(sequence_parallel=True), "sequence_parallel needs tp > 1"),
+        (lambda d: d.update(recompute="some"), "recompute 'some' is unknown"),
+        (lambda d: d.update(precision="bf16-mixed"), "needs a 16-bit compute dtype"),
+        (lambda d: d["stages"][1].update(recompute_layers=3), "recompute_layers must be in [0, 2]"),
         (lambda d: d.update(micro_batch_size="2"), "micro_batch_size: expected an integer"),
     ],
 )
@@ -83,3 +89,21 @@ def test_median_merge_takes_medians_field_by_field() -> None:
     assert median_merge(items[:2], "m", last=("when",)).n == 2  # ints: the median, rounded down
     with pytest.raises(ConfigError, match=r"m\.name: values differ"):
         median_merge([items[0], M(name="b", t_s=1.0, n=1, xs=(1.0, 9.0))], "m")
+
+
+def test_schema_1_plans_read_as_their_precision_and_whole_layer_recompute() -> None:
+    d = json.loads(_plan(dtype="bf16").to_json())
+    d["schema_version"] = 1
+    for k in ("tp", "sequence_parallel", "zero", "recompute", "precision", "idle_gpus"):
+        del d[k]
+    for st in d["stages"]:
+        del st["recompute_layers"]
+    p = Plan.from_dict(d)
+    assert (p.schema_version, p.tp, p.zero, p.precision, p.recompute) == (SCHEMA_VERSION, 1, 0, "amp-autocast", "full")
+    assert p.world_size == 2 * 2
+
+
+def test_tp_counts_in_the_world_size() -> None:
+    p = _plan(tp=4, sequence_parallel=True, zero=1, dtype="bf16", precision="bf16-mixed")
+    assert p.world_size == 2 * 2 * 4
+    assert Plan.from_json(p.to_json()) == p

@@ -216,7 +216,7 @@ def _trace_blocks(spec: ModelSpec, model: PipelineModel, x: torch.Tensor) -> tup
                           bwd_flops=cost.bwd_flops, wgrad_flops=cost.wgrad_flops,
                           param_count=sum(p.numel() for p in own[i]), param_bytes=sum(_nbytes(p) for p in own[i]),
                           output_bytes=_nbytes(out), output_shape=tuple(out.shape), output_dtype=_dtype_name(out),
-                          saved_bytes=cost.saved_bytes))
+                          saved_bytes=cost.saved_bytes, layer=getattr(block, "layer_shape", None)))
         x = out
     return nodes, [Edge(src=i, dst=i + 1) for i in range(len(nodes) - 1)]
 

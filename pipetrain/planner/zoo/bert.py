@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipetrain.graph import LayerShape
 from pipetrain.planner.zoo import common
 from pipetrain.planner.zoo.common import ModelSpec, PipelineModel, check_divisible
 
@@ -71,6 +72,8 @@ class BertBlock(nn.Module):
         self.output = nn.Linear(cfg.ffn_dim, cfg.d_model)
         self.out_norm = nn.LayerNorm(cfg.d_model, eps=cfg.eps)
         self.trace_signature = ("bert-block", cfg)
+        self.layer_shape = LayerShape(hidden=cfg.d_model, heads=cfg.n_head, kv_heads=cfg.n_head, ffn_hidden=cfg.ffn_dim,
+                                      causal=False)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         return t.unflatten(-1, (self.n_head, self.head_dim)).transpose(1, 2)

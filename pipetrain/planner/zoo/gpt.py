@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipetrain.graph import LayerShape
 from pipetrain.planner.zoo import common
 from pipetrain.planner.zoo.common import ModelSpec, PipelineModel, check_divisible
 
@@ -62,6 +63,7 @@ class GPTBlock(nn.Module):
         self.c_fc = nn.Linear(d_model, 4 * d_model)
         self.mlp_proj = nn.Linear(4 * d_model, d_model)
         self.trace_signature = ("gpt-block", d_model, n_head, causal)
+        self.layer_shape = LayerShape(hidden=d_model, heads=n_head, kv_heads=n_head, ffn_hidden=4 * d_model, causal=causal)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.c_attn(self.ln_1(x)).chunk(3, dim=-1)

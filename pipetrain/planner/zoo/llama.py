@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipetrain.graph import LayerShape
 from pipetrain.planner.zoo import common
 from pipetrain.planner.zoo.common import ModelSpec, PipelineModel, RMSNorm, check_divisible
 
@@ -77,6 +78,8 @@ class LlamaBlock(nn.Module):
         self.w3 = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)  # up
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)  # down
         self.trace_signature = ("llama-block", cfg)
+        self.layer_shape = LayerShape(hidden=cfg.d_model, heads=cfg.n_head, kv_heads=cfg.n_kv_head, ffn_hidden=cfg.ffn_dim,
+                                      gated_mlp=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.attention_norm(x)
