@@ -37,8 +37,9 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from pipetrain.errors import ConfigError
+from pipetrain.gemm import GEMM_CONSTANTS, GemmConstants, LayerTimes, layer_times_s, transformer_layer_gemms
 from pipetrain.graph import LayerGraph, Node
-from pipetrain.memory import stage_input_bytes
+from pipetrain.memory import node_input_bytes
 from pipetrain.sharding import collective_time_s
 from pipetrain.topology import DeviceType, Link
 
@@ -101,16 +102,6 @@ def roofline_time_s(flops: float, bytes_moved: float, peak_flops: float, efficie
                     bandwidth_bytes_per_s: float, memory_efficiency: float) -> float:
     """Roofline (Williams et al. 2009): the slower of compute and memory traffic."""
     return max(flops / (peak_flops * efficiency), bytes_moved / (bandwidth_bytes_per_s * memory_efficiency))
-
-
-def node_input_bytes(graph: LayerGraph) -> tuple[int, ...]:
-    """Bytes flowing into each node: its predecessors' outputs (the model input for node 0)."""
-    inp = [0] * graph.num_nodes
-    for e in graph.edges:
-        inp[e.dst] += graph.nodes[e.src].output_bytes
-    if graph.input_shape and inp[0] == 0:
-        inp[0] = stage_input_bytes(graph, 0)
-    return tuple(inp)
 
 
 def node_fwd_bytes(node: Node, input_bytes: float) -> float:
@@ -201,7 +192,14 @@ def analytic_node_times(graph: LayerGraph, device_type: DeviceType, params: Anal
     meff = params.memory_efficiency if params.memory_efficiency is not None else device_type.memory_efficiency
     inputs = node_input_bytes(graph)
     fwd, bwd, wg = [], [], []
+    gemm = GEMM_CONSTANTS.get(device_type.name) if graph.dtype in ("bf16", "fp16") else None
     for node, inb in zip(graph.nodes, inputs):
+        if gemm is not None and node.layer is not None and node.kind not in params.efficiency_by_kind:
+            lt = _shaped_layer_times(graph, node, peak, bw, gemm)
+            fwd.append(lt.fwd_s)
+            bwd.append(lt.bwd_s)
+            wg.append(lt.wgrad_s)
+            continue
         eff = params.efficiency(node.kind, device_type)
         of = params.overhead_fwd_by_kind.get(node.kind, params.overhead_fwd_s)
         ob = params.overhead_bwd_by_kind.get(node.kind, params.overhead_bwd_s)
@@ -211,6 +209,22 @@ def analytic_node_times(graph: LayerGraph, device_type: DeviceType, params: Anal
         bwd.append(tb)
         wg.append(tb * (node.wgrad_flops / node.bwd_flops) if node.bwd_flops > 0 else 0.0)
     return NodeTimes(fwd_s=tuple(fwd), bwd_s=tuple(bwd), wgrad_s=tuple(wg))
+
+
+def _shaped_layer_times(graph: LayerGraph, node: Node, peak: float, bw: float, constants: GemmConstants) -> LayerTimes:
+    """A transformer layer on a GPU with GEMM constants: the shape-aware model of
+    :func:`pipetrain.gemm.layer_times_s` (a flat efficiency would make a micro-batch's cost linear
+    in its size). The attention core's FLOPs are what the trace counted beyond the weight GEMMs."""
+    layer = node.layer
+    assert layer is not None
+    tokens = graph.micro_batch_size * graph.seq_len
+    kv = layer.hidden // layer.heads * layer.kv_heads
+    gemms = transformer_layer_gemms(tokens=tokens, hidden=layer.hidden, tp=graph.tp, ffn_hidden=layer.ffn_hidden, kv_hidden=kv,
+                                    gated_mlp=layer.gated_mlp)
+    attention = max(0.0, node.fwd_flops - sum(2.0 * m * n * k for m, n, k in gemms))
+    return layer_times_s(tokens=tokens, hidden=layer.hidden, kv_hidden=kv, ffn_hidden=layer.ffn_hidden, gated_mlp=layer.gated_mlp,
+                         tp=graph.tp, sequence_parallel=graph.sequence_parallel, attention_flops=attention, peak_flops=peak,
+                         memory_bandwidth_bytes_per_s=bw, constants=constants, dtype_bytes=2)
 
 
 def stage_from_node_times(times: NodeTimes, start: int, end: int, *, recompute: bool) -> StageCost:

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 from pipetrain.errors import ConfigError
 
-__all__ = ["GemmConstants", "GEMM_CONSTANTS", "gemm_time_s", "gemm_efficiency", "transformer_layer_gemms"]
+__all__ = ["GemmConstants", "GEMM_CONSTANTS", "gemm_time_s", "gemm_efficiency", "transformer_layer_gemms", "LayerTimes",
+           "layer_times_s"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,6 +42,9 @@ class GemmConstants:
     max_efficiency: float  # achieved / peak FLOP/s of a large, well-shaped GEMM
     kernel_overhead_s: float
     memory_efficiency: float = 0.8  # of datasheet HBM bandwidth
+    # FlashAttention's fraction of peak: FA2 reaches about 35-50% on H100 forward, FA3 60-75%
+    # (Shah et al. 2024, fig. 1-3); its backward runs about 0.8x as efficiently (Dao 2023, sec. 4)
+    attention_efficiency: float = 0.5
 
     def __post_init__(self) -> None:
         if min(self.sm_count, self.tile_m, self.tile_n) < 1:
@@ -94,14 +98,64 @@ def gemm_efficiency(m: int, n: int, k: int, *, peak_flops: float, memory_bandwid
 
 
 def transformer_layer_gemms(*, tokens: int, hidden: int, tp: int = 1, ffn_hidden: int | None = None,
-                            kv_hidden: int | None = None) -> tuple[tuple[int, int, int], ...]:
+                            kv_hidden: int | None = None, gated_mlp: bool = False) -> tuple[tuple[int, int, int], ...]:
     """(m, n, k) of a layer's forward weight GEMMs on one tensor-parallel rank: QKV and the MLP up
     projection split their output columns over ``tp``, the attention output and MLP down projection
     their input rows (Shoeybi et al. 2019, sec. 3). ``kv_hidden``: the K and V width (GQA), default
-    ``hidden``; ``ffn_hidden`` default 4 x ``hidden``."""
+    ``hidden``; ``ffn_hidden`` default 4 x ``hidden``; ``gated_mlp`` (SwiGLU) fuses the gate and up
+    projections into one GEMM of twice the width, as Megatron's ``--swiglu`` does."""
     ffn = ffn_hidden if ffn_hidden is not None else 4 * hidden
     kv = kv_hidden if kv_hidden is not None else hidden
     if min(tokens, hidden, tp, ffn, kv) < 1 or hidden % tp or kv % tp or ffn % tp:
         raise ConfigError(f"tokens, hidden, ffn and kv widths must be >= 1 and divisible by tp={tp}")
+    up = 2 * ffn if gated_mlp else ffn
     return ((tokens, (hidden + 2 * kv) // tp, hidden), (tokens, hidden, hidden // tp),
-            (tokens, ffn // tp, hidden), (tokens, hidden, ffn // tp))
+            (tokens, up // tp, hidden), (tokens, hidden, ffn // tp))
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerTimes:
+    """One transformer layer on one tensor-parallel rank, one micro-batch: seconds of forward,
+    of the whole backward, and of the backward's weight-gradient GEMMs."""
+
+    fwd_s: float
+    bwd_s: float
+    wgrad_s: float
+
+
+#: Element-wise kernels of a layer's forward (two norms, two residual adds, the activation, rotary
+#: or bias adds, softmax statistics...): each pays the kernel overhead; backward runs about twice as many.
+_ELEMENTWISE_KERNELS = 8
+
+
+def layer_times_s(*, tokens: int, hidden: int, kv_hidden: int, ffn_hidden: int, gated_mlp: bool, tp: int,
+                  sequence_parallel: bool, attention_flops: float, peak_flops: float, memory_bandwidth_bytes_per_s: float,
+                  constants: GemmConstants, dtype_bytes: int = 2) -> LayerTimes:
+    """A transformer layer's time from its parts (Narayanan et al. 2021, sec. 5.1, for the parts):
+
+    * the weight GEMMs of :func:`transformer_layer_gemms`, each by :func:`gemm_time_s`; backward
+      runs two GEMMs per forward one -- the input gradient (m x n) @ (n x k) and the weight
+      gradient (k x m) @ (m x n) -- with their own shapes, so their own quantization;
+    * the attention core, ``attention_flops`` (the traced count on this rank: QK^T and PV) at
+      FlashAttention's efficiency, backward 2x the FLOPs at 0.8x the efficiency;
+    * memory-bound element-wise work by bytes over HBM bandwidth: per token the norms read and
+      write h twice (4h), the two residual adds read two and write one (6h), the activation
+      reads and writes the MLP width (2 ffn/tp; SwiGLU 3); split over tp along the sequence with
+      sequence parallelism; backward twice the bytes;
+    * :data:`_ELEMENTWISE_KERNELS` fixed kernel costs forward, twice that backward.
+    """
+    gemms = transformer_layer_gemms(tokens=tokens, hidden=hidden, tp=tp, ffn_hidden=ffn_hidden, kv_hidden=kv_hidden,
+                                    gated_mlp=gated_mlp)
+    def t(m: int, n: int, k: int) -> float:
+        return gemm_time_s(m, n, k, peak_flops=peak_flops, memory_bandwidth_bytes_per_s=memory_bandwidth_bytes_per_s,
+                           constants=constants, dtype_bytes=dtype_bytes)
+
+    fwd_gemm = sum(t(m, n, k) for m, n, k in gemms)
+    dgrad = sum(t(m, k, n) for m, n, k in gemms)
+    wgrad = sum(t(k, n, m) for m, n, k in gemms)
+    attn_f = attention_flops / (peak_flops * constants.attention_efficiency) if attention_flops > 0 else 0.0
+    attn_b = 2.0 * attention_flops / (peak_flops * constants.attention_efficiency * 0.8) if attention_flops > 0 else 0.0
+    row_tokens = tokens / tp if sequence_parallel else tokens
+    elem_bytes = dtype_bytes * (row_tokens * 10 * hidden + tokens * (3 if gated_mlp else 2) * ffn_hidden / tp)
+    elem_f = elem_bytes / (memory_bandwidth_bytes_per_s * constants.memory_efficiency) + _ELEMENTWISE_KERNELS * constants.kernel_overhead_s
+    return LayerTimes(fwd_s=fwd_gemm + attn_f + elem_f, bwd_s=dgrad + wgrad + attn_b + 2.0 * elem_f, wgrad_s=wgrad)

@@ -146,9 +146,17 @@ class LayerGraph:
     input_shape: tuple[int, ...] = ()
     input_dtype: str = "int64"
     tied: tuple[TiedParam, ...] = ()
+    # A graph can be one tensor-parallel rank's view of a model (``pipetrain.program.shard``):
+    # its nodes hold that rank's FLOPs, parameters and saved bytes; plans still name the whole
+    # model, whose fingerprint ``model_fingerprint`` keeps.
+    tp: int = 1
+    sequence_parallel: bool = False
+    model_fingerprint: str = ""
     schema_version: int = GRAPH_SCHEMA_VERSION
 
     def __post_init__(self) -> None:
+        if self.tp < 1 or (self.sequence_parallel and self.tp == 1):
+            raise ConfigError(f"graph tp must be >= 1 and sequence_parallel needs tp > 1, got tp={self.tp}")
         if self.granularity not in ("block", "op"):
             raise ConfigError(f"graph granularity must be 'block' or 'op', got {self.granularity!r}")
         if not self.nodes:
@@ -169,6 +177,8 @@ class LayerGraph:
 
     @cached_property
     def fingerprint(self) -> str:
+        if self.model_fingerprint:
+            return self.model_fingerprint
         return structure_fingerprint(
             self.model, ((n.name, n.kind, n.param_count) for n in self.nodes),
             ((e.src, e.dst) for e in self.edges), ((t.name, t.owner, t.users) for t in self.tied))

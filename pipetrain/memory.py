@@ -42,11 +42,12 @@ from dataclasses import dataclass
 
 from pipetrain.errors import ConfigError, InfeasibleError
 from pipetrain.graph import LayerGraph
+from pipetrain.sharding import model_state_bytes, precision_for_dtype
 
 __all__ = [
     "GiB", "ParamStateBytes", "StageMemory", "bytes_per_param", "activation_bytes_per_microbatch",
     "block_activation_bytes", "loss_saved_bytes", "autocast_cast_params", "autocast_cast_params_per_node", "stage_input_bytes",
-    "stage_output_bytes", "tied_extra_params", "stage_memory",
+    "stage_output_bytes", "tied_extra_params", "stage_memory", "node_input_bytes", "recompute_memory",
     "check_stage_memory",
 ]
 
@@ -199,38 +200,79 @@ def autocast_cast_params(graph: LayerGraph, start: int, end: int) -> int:
     return sum(autocast_cast_params_per_node(graph)[start:end])
 
 
+def node_input_bytes(graph: LayerGraph) -> tuple[int, ...]:
+    """Bytes flowing into each node: its predecessors' outputs (the model input for node 0)."""
+    inp = [0] * graph.num_nodes
+    for e in graph.edges:
+        inp[e.dst] += graph.nodes[e.src].output_bytes
+    if graph.input_shape and inp[0] == 0:
+        inp[0] = stage_input_bytes(graph, 0)
+    return tuple(inp)
+
+
+def recompute_memory(graph: LayerGraph, start: int, end: int, *, in_flight: int, per_node_saved: tuple[float, ...]) -> tuple[float, float]:
+    """(kept, working) bytes of a stage recomputing layer by layer, as Megatron's full recompute
+    checkpoints each layer (``--recompute-granularity full --recompute-method uniform``):
+    each in-flight micro-batch keeps every layer's input, and the backward recomputes one layer
+    at a time, so the working set is the largest single layer's saved bytes (Korthikanti et al.
+    2023, sec. 5: "only the input to each transformer layer is stored")."""
+    inputs = node_input_bytes(graph)
+    kept = in_flight * float(sum(inputs[start:end]))
+    return kept, float(max(per_node_saved[start:end]))
+
+
 def stage_memory(graph: LayerGraph, start: int, end: int, *, in_flight: int, buffers: int = 1, recompute: bool = False,
                  optimizer: str = "adamw", dtype: str | None = None, momentum: bool = False,
-                 autocast_copies: bool | None = None) -> StageMemory:
+                 autocast_copies: bool | None = None, precision: str | None = None, zero: int = 0,
+                 dp: int = 1) -> StageMemory:
     """Peak bytes of a stage with ``in_flight`` micro-batches' activations alive at once.
 
     ``in_flight`` comes from the schedule (1F1B: min(p - s, m); GPipe: m). ``dtype`` defaults to
     the graph's (the activation bytes are those of the traced dtype and micro-batch size).
     ``autocast_copies`` adds autocast's per-micro-batch weight casts; by default (None) it is on for
-    bf16/fp16, since the executor runs half precision as autocast over fp32 master weights.
+    the ``amp-autocast`` precision (the default for bf16/fp16, as the executor runs it).
+    ``precision``, ``zero`` and ``dp`` set the weights, gradients and optimizer state per
+    parameter (:func:`pipetrain.sharding.model_state_bytes`); without ``precision`` the
+    ``dtype``'s table above.
     """
     _check_range(graph, start, end)
     if in_flight < 1:
         raise ConfigError(f"in_flight must be >= 1, got {in_flight}")
     if buffers < 1:
         raise ConfigError(f"buffers must be >= 1, got {buffers}")
-    per = bytes_per_param(dtype or graph.dtype, optimizer, momentum=momentum)
     params = sum(n.param_count for n in graph.nodes[start:end])
-    act = activation_bytes_per_microbatch(graph, start, end)
-    if autocast_copies is None:
-        autocast_copies = True
-    if autocast_copies and (dtype or graph.dtype) != "fp32":
-        act += 2 * autocast_cast_params(graph, start, end)
-    inp = stage_input_bytes(graph, start)
-    if recompute:
-        activation, working = in_flight * inp, act
+    tied = tied_extra_params(graph, start, end)
+    weights: float
+    grads: float
+    opt: float
+    tied_bytes: float
+    if precision is None:
+        per = bytes_per_param(dtype or graph.dtype, optimizer, momentum=momentum)
+        weights, grads, opt = params * per.weights, params * per.grads, params * per.optimizer
+        tied_bytes = tied * per.total
     else:
-        activation, working = in_flight * act, 0
+        st = model_state_bytes(params, zero=zero, dp=dp, precision=precision, optimizer=optimizer, momentum=momentum)
+        weights, grads, opt = st.weights_bytes, st.grads_bytes, st.optimizer_bytes
+        tied_bytes = model_state_bytes(tied, zero=zero, dp=dp, precision=precision, optimizer=optimizer, momentum=momentum).total_bytes
+    saved = [float(n.saved_bytes) for n in graph.nodes]
+    if autocast_copies is None:
+        autocast_copies = (precision or precision_for_dtype(dtype or graph.dtype)) == "amp-autocast"
+    if autocast_copies and (dtype or graph.dtype) != "fp32":
+        saved = [s + 2.0 * c for s, c in zip(saved, autocast_cast_params_per_node(graph))]
+    loss = loss_saved_bytes(graph) if end == graph.num_nodes else 0
+    if recompute:
+        activation, working = recompute_memory(graph, start, end, in_flight=in_flight, per_node_saved=tuple(saved))
+        working += loss
+    else:
+        activation, working = in_flight * (sum(saved[start:end]) + loss), 0.0
     recv = (buffers * graph.cut(start).bytes if start > 0 else 0) + stage_output_bytes(graph, end)
-    return StageMemory(param_count=params, weights_bytes=params * per.weights, grads_bytes=params * per.grads,
-                       optimizer_bytes=params * per.optimizer, tied_bytes=tied_extra_params(graph, start, end) * per.total,
-                       activation_bytes=activation, recompute_working_bytes=working, buffer_bytes=recv,
-                       in_flight=in_flight, recompute=recompute)
+    return StageMemory(param_count=params, weights_bytes=_int(weights), grads_bytes=_int(grads), optimizer_bytes=_int(opt),
+                       tied_bytes=_int(tied_bytes), activation_bytes=_int(activation), recompute_working_bytes=_int(working),
+                       buffer_bytes=recv, in_flight=in_flight, recompute=recompute)
+
+
+def _int(x: float) -> int:
+    return int(round(x))
 
 
 def check_stage_memory(mem: StageMemory, capacity_bytes: float, *, stage: int, device: str = "") -> None:

@@ -21,6 +21,9 @@ from typing import Any
 from pipetrain.errors import PlanError
 from pipetrain.schedules import SCHEDULE_NAMES, V_SCHEDULES
 from pipetrain.serde import from_dict, parse_json, read_text_or_error, to_dict, write_text_atomic
+from pipetrain.sharding import PRECISIONS as _ALL_PRECISIONS
+from pipetrain.sharding import ZERO_STAGES as _ZERO_STAGES
+from pipetrain.sharding import precision_for_dtype
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -49,18 +52,13 @@ OPTIMIZERS = ("adamw", "sgd")
 #: How weights, gradients and optimizer state are kept (:func:`pipetrain.sharding.param_state_bytes`):
 #: ``bf16-mixed`` bf16 weights with fp32 gradients and master copy (Megatron, torchtitan);
 #: ``amp-autocast`` fp32 weights cast per use under autocast (pipetrain's CPU executor); ``fp32``.
-PRECISIONS = ("bf16-mixed", "amp-autocast", "fp32")
+PRECISIONS = tuple(p for p in _ALL_PRECISIONS if p != "fp16-mixed")  # fp16 needs a loss scaler the executor lacks
 #: Activation recomputation granularity (Korthikanti et al. 2023): the attention core only, or
 #: whole layers (``StagePlan.recompute_layers`` of them per stage).
 RECOMPUTE_MODES = ("none", "selective", "full")
 #: ZeRO stages over the data-parallel group (Rajbhandari et al. 2020): 1 optimizer state,
 #: 2 and gradients, 3 and parameters.
-ZERO_STAGES = (0, 1, 2, 3)
-
-
-def precision_for_dtype(dtype: str) -> str:
-    """The precision an old ``dtype``-only plan or flag meant: what the executor did with it."""
-    return "fp32" if dtype == "fp32" else "amp-autocast"
+ZERO_STAGES = _ZERO_STAGES
 
 
 def _need(cond: bool, msg: str) -> None:

@@ -27,7 +27,7 @@ from typing import Protocol
 
 from pipetrain.errors import ConfigError
 
-__all__ = ["PRECISIONS", "ZERO_STAGES", "COLLECTIVES", "ModelStateBytes", "param_state_bytes", "model_state_bytes",
+__all__ = ["precision_for_dtype", "PRECISIONS", "ZERO_STAGES", "COLLECTIVES", "ModelStateBytes", "param_state_bytes", "model_state_bytes",
            "Collective", "AlphaBeta", "tp_collectives_per_layer", "collective_time_s"]
 
 #: ``bf16-mixed``: bf16 working weights, fp32 gradients and master weights (Megatron, torchtitan);
@@ -35,6 +35,12 @@ __all__ = ["PRECISIONS", "ZERO_STAGES", "COLLECTIVES", "ModelStateBytes", "param
 #: ``fp32``: everything in fp32; ``fp16-mixed``: the ZeRO paper's fp16 weights and fp16 gradients
 PRECISIONS = ("bf16-mixed", "amp-autocast", "fp32", "fp16-mixed")
 ZERO_STAGES = (0, 1, 2, 3)
+
+
+def precision_for_dtype(dtype: str) -> str:
+    """The precision a compute dtype alone meant before plans named one: what pipetrain's
+    executor did with it (autocast over fp32 weights for bf16/fp16)."""
+    return "fp32" if dtype == "fp32" else "amp-autocast"
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")
 
 

@@ -58,17 +58,19 @@ def test_stage_memory_components_by_hand() -> None:
     assert m.total_bytes == 4800 + 18003 + 1536
 
 
-def test_recompute_keeps_only_stage_inputs_plus_one_working_set() -> None:
+def test_recompute_keeps_each_layer_input_plus_one_layer_working_set() -> None:
     g = chain(6)
     full = stage_memory(g, 1, 5, in_flight=4)
     rc = stage_memory(g, 1, 5, in_flight=4, recompute=True)
     act = activation_bytes_per_microbatch(g, 1, 5)
     assert full.activation_bytes == 4 * act
-    assert rc.activation_bytes == 4 * 512 and rc.recompute_working_bytes == act
+    # Megatron's per-layer checkpoint: four layers' 512-byte inputs per micro-batch, and one
+    # layer (the largest, b3 with 3003 saved bytes) recomputed at a time
+    assert rc.activation_bytes == 4 * 4 * 512 and rc.recompute_working_bytes == 3003
     assert rc.total_bytes < full.total_bytes
     # the first stage keeps the token ids when it recomputes: 2*8 int64
     assert stage_input_bytes(g, 0) == 128
-    assert stage_memory(g, 0, 2, in_flight=2, recompute=True).activation_bytes == 2 * 128
+    assert stage_memory(g, 0, 2, in_flight=2, recompute=True).activation_bytes == 2 * (128 + 512)
 
 
 def test_tied_head_copy_costs_full_state_on_the_last_stage() -> None:
@@ -129,5 +131,8 @@ def test_autocast_weight_copies_default_on_for_half_precision_and_per_microbatch
     assert amp.activation_bytes - plain.activation_bytes == 3 * 2 * 300
     assert stage_memory(g, 1, 3, in_flight=3) == amp  # bf16 runs under autocast: on by default
     rc = stage_memory(g, 1, 3, in_flight=3, recompute=True, autocast_copies=True)
-    assert rc.recompute_working_bytes == activation_bytes_per_microbatch(g, 1, 3) + 600
+    # one layer recomputed at a time: the larger of b0 (3000 saved + 2 x 100 cast) and b1 (3001 + 2 x 200)
+    assert rc.recompute_working_bytes == 3001 + 400
+    # bf16-mixed keeps bf16 weights: no cast per micro-batch
+    assert stage_memory(g, 1, 3, in_flight=3, precision="bf16-mixed").activation_bytes == plain.activation_bytes
     assert stage_memory(chain(4), 1, 3, in_flight=3, autocast_copies=True) == stage_memory(chain(4), 1, 3, in_flight=3)

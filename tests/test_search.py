@@ -285,8 +285,10 @@ def test_zb_h1_chosen_when_it_simulates_fastest() -> None:
     from pipetrain.planner.job import job_from_mapping
 
     base = {"model": "gpt2", "topology": "dgx-h100:1", "global_batch": 64, "seq_len": 1024, "pp": 4, "dp": 1, "microbatches": 8}
-    free = search(job_from_mapping(base, source="test"), top_k=3).best
-    assert free.candidate.schedule == "zb-h1"
+    # unpinned, a zero-bubble schedule wins (ZB-V's two chunks per rank beat ZB-H1 here:
+    # test_zbv_chosen_where_it_simulates_fastest)
+    assert search(job_from_mapping(base, source="test"), top_k=3).best.candidate.schedule in ("zb-h1", "zbv")
+    free = search(job_from_mapping({**base, "schedule": "zb-h1"}, source="test"), top_k=3).best
     one = search(job_from_mapping({**base, "schedule": "1f1b"}, source="test"), top_k=3).best
     assert free.step_time_s < 0.9 * one.step_time_s
     # on CPU ranks only when pinned (grid.AUTO_SCHEDULES_CPU: per-action overhead the analytic grade misses)

@@ -21,9 +21,11 @@ import numpy as np
 
 from pipetrain.costs import CostModel
 from pipetrain.graph import LayerGraph
-from pipetrain.memory import autocast_cast_params_per_node, bytes_per_param, loss_saved_bytes, stage_input_bytes
+from pipetrain.memory import autocast_cast_params_per_node, bytes_per_param, loss_saved_bytes, node_input_bytes, stage_input_bytes
 from pipetrain.planner.partition import additive_matrix
 from pipetrain.program.lower import Placement, StageCosts
+from pipetrain.program.spec import Link
+from pipetrain.sharding import model_state_bytes, precision_for_dtype
 from pipetrain.topology import DeviceType, Topology
 
 __all__ = ["StageTables", "rank_caps", "cut_bytes"]
@@ -56,14 +58,21 @@ def cut_bytes(graph: LayerGraph) -> tuple[np.ndarray, tuple[int, ...]]:
 class StageTables(StageCosts):
     """Range matrices of one graph for the partitioner (see module docstring)."""
 
-    def __init__(self, graph: LayerGraph, cost: CostModel | None = None, *, optimizer: str = "adamw") -> None:
-        super().__init__(graph, cost, optimizer=optimizer)
+    def __init__(self, graph: LayerGraph, cost: CostModel | None = None, *, optimizer: str = "adamw", precision: str | None = None,
+                 zero: int = 0, dp: int = 1, tp_link: Link | None = None) -> None:
+        super().__init__(graph, cost, optimizer=optimizer, tp_link=tp_link)
         self.n = graph.num_nodes
-        self.per_param = bytes_per_param(graph.dtype, optimizer)
+        self.precision, self.zero, self.dp = precision, zero, dp
+        if precision is None:
+            self.state_per_param = float(bytes_per_param(graph.dtype, optimizer).total)
+        else:  # ZeRO's sharded state over dp (sharding.model_state_bytes is linear in the parameters)
+            self.state_per_param = model_state_bytes(1.0, zero=zero, dp=dp, precision=precision, optimizer=optimizer).total_bytes
         self.params = np.array([nd.param_count for nd in graph.nodes], dtype=float)
         self.saved = np.array([nd.saved_bytes for nd in graph.nodes], dtype=float)
-        if graph.dtype != "fp32":  # the executor runs half precision as autocast: + each matmul's weight cast
+        if graph.dtype != "fp32" and (precision or precision_for_dtype(graph.dtype)) == "amp-autocast":
+            # autocast over fp32 weights (the executor's way): + each matmul's weight cast per micro-batch
             self.saved += 2.0 * np.array(autocast_cast_params_per_node(graph), dtype=float)
+        self.layer_inputs = np.array(node_input_bytes(graph), dtype=float)
         self.cut_bytes, self.legal_cuts = cut_bytes(graph)
         self.input_bytes = self.cut_bytes.copy()
         self.input_bytes[0] = float(stage_input_bytes(graph, 0))
@@ -88,7 +97,7 @@ class StageTables(StageCosts):
     @cached_property
     def model_state(self) -> np.ndarray:
         """Weights + grads + optimizer state (+ tied copies) of [i, j), bytes."""
-        return additive_matrix(self.params, scale=self.per_param.total) + self._tied_params * self.per_param.total
+        return additive_matrix(self.params, scale=self.state_per_param) + self._tied_params * self.state_per_param
 
     @cached_property
     def activations(self) -> np.ndarray:
@@ -101,6 +110,22 @@ class StageTables(StageCosts):
     def stage_params(self) -> np.ndarray:
         return additive_matrix(self.params)
 
+    @cached_property
+    def recompute_kept(self) -> np.ndarray:
+        """Per micro-batch in flight, the layer inputs [i, j) keeps when recomputing layer by layer."""
+        return additive_matrix(self.layer_inputs)
+
+    @cached_property
+    def recompute_working(self) -> np.ndarray:
+        """The largest single layer's saved bytes in [i, j): the working set of a per-layer recompute
+        (+ the loss's on the last stage)."""
+        n = self.n
+        out = np.zeros((n + 1, n + 1))
+        for i in range(n):
+            out[i, i + 1:] = np.maximum.accumulate(self.saved[i:])
+        out[:, n] += self.loss_bytes
+        return out
+
     def time_matrix(self, dt: DeviceType, *, recompute: bool) -> np.ndarray:
         """Seconds of one micro-batch's F + B (+ recompute F) through [i, j) on ``dt``."""
         key = (dt.name, recompute)
@@ -112,8 +137,8 @@ class StageTables(StageCosts):
     def memory_matrix(self, *, in_flight: int, buffers: int, recompute: bool) -> np.ndarray:
         """Peak bytes of [i, j) as a stage: equals ``memory.stage_memory(...).total_bytes``."""
         recv = buffers * self.cut_bytes[:, None] + self.cut_bytes[None, :]
-        if recompute:
-            act = in_flight * self.input_bytes[:, None] + self.activations
+        if recompute:  # memory.recompute_memory: every layer's input kept, one layer recomputed at a time
+            act = in_flight * self.recompute_kept + self.recompute_working
         else:
             act = in_flight * self.activations
         return self.model_state + act + recv

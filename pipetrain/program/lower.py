@@ -47,6 +47,7 @@ from pipetrain.graph import LayerGraph
 from pipetrain.memory import stage_memory, stage_output_bytes
 from pipetrain.plan import Plan
 from pipetrain.program.catalog import held_in_flight, pool_sizes
+from pipetrain.program.shard import tp_comm_times_s
 from pipetrain.program.spec import BoundarySpec, ComputeGroup, DataParallelSpec, Link, SimInput, StageSpec, TieSpec
 from pipetrain.schedules import Action, Schedule, make_schedule, peak_in_flight
 from pipetrain.topology import Device, DeviceType, Topology
@@ -157,16 +158,21 @@ def lower_schedule(schedule: Schedule, buffers: Sequence[int]) -> Program:
 class StageCosts:
     """A graph's per-node times under a cost model, cached per device type, summed per stage."""
 
-    def __init__(self, graph: LayerGraph, cost: CostModel | None = None, *, optimizer: str = "adamw") -> None:
+    def __init__(self, graph: LayerGraph, cost: CostModel | None = None, *, optimizer: str = "adamw",
+                 tp_link: Link | None = None) -> None:
         self.graph = graph
         self.cost: Any = cost or AnalyticCostModel()
         self.optimizer = optimizer
+        self.tp_link = tp_link  # the tensor-parallel group's link, for a tp > 1 view of the model
         self._node_times: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def node_times(self, dt: DeviceType) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per node: forward, backward and weight-gradient seconds of one micro-batch on ``dt``."""
+        """Per node: forward, backward and weight-gradient seconds of one micro-batch on ``dt``,
+        the tensor-parallel collectives included (in F and in the input-gradient part of B)."""
         if dt.name not in self._node_times:
-            self._node_times[dt.name] = _node_times(self.cost, self.graph, dt)
+            f, b, w = _node_times(self.cost, self.graph, dt)
+            cf, cb = tp_comm_times_s(self.graph, self.tp_link)
+            self._node_times[dt.name] = (f + cf, b + cb, w)
         return self._node_times[dt.name]
 
     def stage_cost(self, dt: DeviceType, start: int, end: int, *, recompute: bool) -> StageCost:

@@ -1,0 +1,137 @@
+"""One tensor-parallel rank's view of a layer graph, torch-free.
+
+Megatron-style tensor parallelism (Shoeybi et al. 2019, sec. 3) splits each transformer layer's
+attention heads and MLP columns over ``tp`` GPUs of a node: the QKV and up projections are
+column-parallel, the attention output and down projections row-parallel, so a rank holds 1/tp of
+the layer's weight matrices and does 1/tp of its FLOPs. The vocabulary-parallel embedding and
+head split their vocabulary the same way (Narayanan et al. 2021, sec. 2.3). What the rank keeps
+for backward follows Korthikanti et al. 2023 ("Reducing Activation Recomputation in Large
+Transformer Models", sec. 4): the tensors inside the attention and MLP regions are split over
+tp, while the LayerNorm regions -- the norms' inputs and outputs, the dropout masks after the
+projections -- stay whole on every rank unless sequence parallelism splits them along the
+sequence.
+
+:func:`shard_graph` returns that view as a :class:`~pipetrain.graph.LayerGraph` with the rank's
+FLOPs, parameters and saved bytes per node, so the memory model, the cost model and the
+partitioner price a tp plan with no other change; the tensor-parallel collectives are priced by
+:func:`tp_comm_times_s`. Plans still name the whole model: the view keeps its fingerprint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from pipetrain.errors import InfeasibleError
+from pipetrain.graph import LayerGraph, Node
+from pipetrain.sharding import AlphaBeta, collective_time_s, tp_collectives_per_layer
+
+__all__ = ["shard_graph", "tp_block", "tp_comm_times_s", "replicated_saved_bytes"]
+
+_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+#: Node kinds split over the vocabulary (Megatron's VocabParallelEmbedding and its parallel head).
+_VOCAB_PARALLEL = ("embedding", "head")
+
+
+def tp_block(graph: LayerGraph, tp: int) -> str | None:
+    """Why ``graph`` cannot run at tensor-parallel degree ``tp``, or None when it can."""
+    if tp == 1:
+        return None
+    layers = [n for n in graph.nodes if n.kind == "transformer"]
+    if not layers:
+        return f"model {graph.model} has no transformer layers to split over tp={tp}"
+    for n in graph.nodes:
+        if n.kind == "transformer" and n.layer is None:
+            return f"block {n.name} of {graph.model} does not declare its layer shape, so it cannot be split over tp"
+        if n.kind not in ("transformer", *_VOCAB_PARALLEL) and n.param_count > 0:
+            return f"block {n.name} ({n.kind}) of {graph.model} has no tensor-parallel split"
+        if n.layer is not None and (n.layer.heads % tp or n.layer.ffn_hidden % tp):
+            return f"tp={tp} does not divide {n.name}'s {n.layer.heads} heads and {n.layer.ffn_hidden} MLP columns"
+    return None
+
+
+def replicated_saved_bytes(node: Node, *, tokens: int, dtype_bytes: int) -> tuple[float, float]:
+    """(the norms' saved inputs plus the dropout masks and norm statistics, the norms' saved outputs)
+    of one transformer layer: the parts of Korthikanti et al.'s 10sbh that tensor parallelism
+    leaves whole (sec. 4.1: "4sbh" of LayerNorm inputs, "2sbh" + "2sbh" of the inputs of the
+    QKV and first MLP linears, which are the norms' outputs, and "2sbh" of dropout masks at
+    fp16), in the traced dtype. LayerNorm and RMSNorm also save an fp32 statistic per token
+    (mean and rstd: 8 bytes; rstd: 4), which the paper leaves out and which splits as the
+    norms' inputs do."""
+    assert node.layer is not None
+    h = node.layer.hidden
+    norms_in = 2 * tokens * h * dtype_bytes + 2 * tokens * 8
+    masks = 2 * tokens * h * dtype_bytes if node.layer.dropout else 0
+    norms_out = 2 * tokens * h * dtype_bytes
+    total = norms_in + masks + norms_out
+    if total > node.saved_bytes:  # a block saving less than its norms (e.g. recomputed inside): keep the trace
+        scale = node.saved_bytes / total
+        return (norms_in + masks) * scale, norms_out * scale
+    return float(norms_in + masks), float(norms_out)
+
+
+def _shard_node(node: Node, tp: int, sp: bool, tokens: int, dtype_bytes: int) -> Node:
+    if node.kind in _VOCAB_PARALLEL or node.layer is None:
+        if node.kind not in _VOCAB_PARALLEL:
+            return node
+        return replace(node, fwd_flops=node.fwd_flops / tp, bwd_flops=node.bwd_flops / tp, wgrad_flops=node.wgrad_flops / tp,
+                       param_count=node.param_count // tp, param_bytes=node.param_bytes // tp,
+                       saved_bytes=node.saved_bytes // tp, output_bytes=node.output_bytes // tp if sp else node.output_bytes)
+    whole, gathered = replicated_saved_bytes(node, tokens=tokens, dtype_bytes=dtype_bytes)
+    split = node.saved_bytes - whole - gathered
+    if sp:
+        # The paper counts the norms' outputs at s/t too (34/t). Under DTensor's SequenceParallel
+        # the column-parallel linear saves the all-gathered, full-sequence norm output for its
+        # weight gradient (torch.distributed.tensor.parallel.SequenceParallel + ColwiseParallel),
+        # which is what pipetrain's executor keeps: counted whole here.
+        saved = whole / tp + gathered + split / tp
+    else:
+        saved = whole + gathered + split / tp
+    return replace(node, fwd_flops=node.fwd_flops / tp, bwd_flops=node.bwd_flops / tp, wgrad_flops=node.wgrad_flops / tp,
+                   # the norms' weights stay whole on every rank (a few h per layer): 1/tp is exact to <0.1%
+                   param_count=node.param_count // tp, param_bytes=node.param_bytes // tp, saved_bytes=int(round(saved)),
+                   output_bytes=node.output_bytes // tp if sp else node.output_bytes)
+
+
+def shard_graph(graph: LayerGraph, tp: int, *, sequence_parallel: bool = False) -> LayerGraph:
+    """The view of ``graph`` on one of ``tp`` tensor-parallel ranks (module docstring).
+
+    With ``sequence_parallel`` the tensors between layers, and so between stages, are split along
+    the sequence too (Korthikanti et al. 2023, sec. 4.2.2)."""
+    if tp == 1 and not sequence_parallel:
+        return graph
+    if graph.tp != 1:
+        raise InfeasibleError(f"graph of {graph.model} is already a tp={graph.tp} view")
+    why = tp_block(graph, tp)
+    if why is not None:
+        raise InfeasibleError(why)
+    tokens = graph.micro_batch_size * graph.seq_len
+    db = _DTYPE_BYTES.get(graph.dtype, 4)
+    nodes = tuple(_shard_node(n, tp, sequence_parallel, tokens, db) for n in graph.nodes)
+    tied = tuple(replace(t, param_count=t.param_count // tp, param_bytes=t.param_bytes // tp) for t in graph.tied)
+    return replace(graph, nodes=nodes, tied=tied, tp=tp, sequence_parallel=sequence_parallel, model_fingerprint=graph.fingerprint)
+
+
+def tp_comm_times_s(graph: LayerGraph, link: AlphaBeta | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per node, the seconds of its tensor-parallel collectives in forward and in backward on the
+    node's ``link`` (Megatron's count: two all-reduces of b*s*h forward and two backward per
+    layer, or the same volume as all-gather plus reduce-scatter with sequence parallelism;
+    :func:`pipetrain.sharding.tp_collectives_per_layer`). They run on the compute stream, on the
+    critical path, as Megatron runs them without overlap."""
+    n = graph.num_nodes
+    fwd, bwd = np.zeros(n), np.zeros(n)
+    if graph.tp == 1 or link is None:
+        return fwd, bwd
+    db = _DTYPE_BYTES.get(graph.dtype, 4)
+    for i, node in enumerate(graph.nodes):
+        if node.layer is None:
+            continue
+        for c in tp_collectives_per_layer(micro_batch_size=graph.micro_batch_size, seq_len=graph.seq_len, hidden=node.layer.hidden,
+                                          tp=graph.tp, sequence_parallel=graph.sequence_parallel, dtype_bytes=db):
+            t = collective_time_s(c.kind, c.nbytes, graph.tp, link)
+            if c.phase == "F":
+                fwd[i] += t
+            else:
+                bwd[i] += t
+    return fwd, bwd
