@@ -104,7 +104,7 @@ def main() -> int:
         res = search(job, graph_for=graph_for, topology=topo)
         t_plan = time.perf_counter() - t0
         ev = res.best
-        tab = res.tables[ev.candidate.micro_batch_size]
+        tab = res.stage_tables()
         g = tab.graph
         kinds = [n.kind for n in g.nodes]
         dt = rank_device_type(topo, placement(topo, pp, ev.candidate.dp), 0)

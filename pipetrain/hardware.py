@@ -15,7 +15,7 @@ from pipetrain.topology import DeviceType, GiB, InterNodeLink, Link, NodeSpec, T
 
 __all__ = [
     "BUILTIN_DEVICE_TYPES", "NVLINK3", "NVLINK4", "HDR_IB", "NDR_IB", "LOOPBACK", "LOCAL_CPU_FLOPS_PER_CORE",
-    "LOCAL_CPU_MEMORY_BANDWIDTH_BYTES_PER_S", "PRESETS", "local_cpu_device_type", "preset",
+    "LOCAL_CPU_MEMORY_BANDWIDTH_BYTES_PER_S", "PRESETS", "local_cpu_device_type", "preset", "default_memory_reserve_bytes",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -144,3 +144,15 @@ def preset(name: str) -> Topology:
         if count < 1:
             raise ConfigError(f"topology preset {name!r}: the count after ':' ({meaning}) must be an integer >= 1")
     return builder(count)
+
+
+def default_memory_reserve_bytes(device_type: DeviceType) -> float:
+    """Memory a plan leaves free on a device by default, for what no model of the training step
+    counts: on a GPU the CUDA context and kernels (about 0.5 GiB per process), NCCL's
+    communication buffers (``NCCL_BUFFSIZE`` 4 MiB per channel and peer: about 1.5 GiB on a
+    busy 3D job) and the caching allocator's fragmentation (about 5% of the device; PyTorch's
+    ``expandable_segments`` reduces it); nothing on CPU ranks, whose memory the OS shares.
+    ``--memory-reserve`` sets another figure."""
+    if device_type.kind != "gpu":
+        return 0.0
+    return 2.0 * 2**30 + 0.05 * device_type.memory_bytes

@@ -27,7 +27,8 @@ from typing import Protocol
 
 from pipetrain.errors import ConfigError
 
-__all__ = ["precision_for_dtype", "PRECISIONS", "ZERO_STAGES", "COLLECTIVES", "ModelStateBytes", "param_state_bytes", "model_state_bytes",
+__all__ = ["precision_for_dtype", "dp_allreduce_bytes_per_param",
+           "PRECISIONS", "ZERO_STAGES", "COLLECTIVES", "ModelStateBytes", "param_state_bytes", "model_state_bytes",
            "Collective", "AlphaBeta", "tp_collectives_per_layer", "collective_time_s"]
 
 #: ``bf16-mixed``: bf16 working weights, fp32 gradients and master weights (Megatron, torchtitan);
@@ -106,6 +107,33 @@ def model_state_bytes(params: float, *, zero: int, dp: int, precision: str, opti
     return ModelStateBytes(weights_bytes=params * w / (dp if zero >= 3 else 1),
                            grads_bytes=params * g / (dp if zero >= 2 else 1),
                            optimizer_bytes=params * k / (dp if zero >= 1 else 1))
+
+
+def dp_allreduce_bytes_per_param(*, zero: int, precision: str, num_microbatches: int) -> float:
+    """Bytes per parameter of the data-parallel traffic of one step, as the size of one ring
+    all-reduce moving the same volume (an all-reduce is a reduce-scatter plus an all-gather;
+    Patarasuk & Yuan 2009), so one formula prices every stage:
+
+    * ZeRO-0: one all-reduce of the fp32 gradients accumulated over the micro-batches (Megatron's
+      ``accumulate_allreduce_grads_in_fp32``): 4;
+    * ZeRO-1 (Megatron's distributed optimizer): a reduce-scatter of the fp32 gradients and an
+      all-gather of the updated working weights: (4 + w) / 2;
+    * ZeRO-2: the gradients reduce-scattered after every micro-batch's backward: (4 m + w) / 2;
+    * ZeRO-3: also the weights all-gathered before every forward and backward: (4 m + w + 2 m w) / 2.
+
+    ZeRO-2 and 3 overlap much of this with compute in practice; here it is all on the step's
+    tail, an upper bound (Rajbhandari et al. 2020, sec. 7, give the volumes)."""
+    if zero not in ZERO_STAGES:
+        raise ConfigError(f"zero must be one of {ZERO_STAGES}, got {zero!r}")
+    w = float(param_state_bytes(precision)[0])
+    m = num_microbatches
+    if zero == 0:
+        return 4.0
+    if zero == 1:
+        return (4.0 + w) / 2
+    if zero == 2:
+        return (4.0 * m + w) / 2
+    return (4.0 * m + w + 2.0 * m * w) / 2
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -68,10 +68,10 @@ def test_config_typo_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 
 def test_simulation_only_what_if(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipetrain.planner.explain as explain_mod
     import pipetrain.planner.search as search_mod
+    import pipetrain.program.catalog as catalog_mod
 
-    for mod in (search_mod, explain_mod):  # an executor without zb-h1
+    for mod in (search_mod, catalog_mod):  # an executor without zb-h1
         monkeypatch.setattr(mod, "RUNNABLE_SCHEDULES", ("gpipe", "1f1b", "interleaved"))
     assert main(["plan", *TINY, "--schedule", "zb-h1"]) == 2
     assert "simulation-only" in _one_line_error(capsys)

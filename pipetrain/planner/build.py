@@ -21,6 +21,7 @@ import numpy as np
 
 from pipetrain.costs import CostModel
 from pipetrain.graph import LayerGraph
+from pipetrain.hardware import default_memory_reserve_bytes
 from pipetrain.memory import autocast_cast_params_per_node, bytes_per_param, loss_saved_bytes, node_input_bytes, stage_input_bytes
 from pipetrain.planner.partition import additive_matrix
 from pipetrain.program.lower import Placement, StageCosts
@@ -60,9 +61,8 @@ class StageTables(StageCosts):
 
     def __init__(self, graph: LayerGraph, cost: CostModel | None = None, *, optimizer: str = "adamw", precision: str | None = None,
                  zero: int = 0, dp: int = 1, tp_link: Link | None = None) -> None:
-        super().__init__(graph, cost, optimizer=optimizer, tp_link=tp_link)
+        super().__init__(graph, cost, optimizer=optimizer, tp_link=tp_link, precision=precision, zero=zero, dp=dp)
         self.n = graph.num_nodes
-        self.precision, self.zero, self.dp = precision, zero, dp
         if precision is None:
             self.state_per_param = float(bytes_per_param(graph.dtype, optimizer).total)
         else:  # ZeRO's sharded state over dp (sharding.model_state_bytes is linear in the parameters)
@@ -145,14 +145,18 @@ class StageTables(StageCosts):
 
 
 def rank_caps(topology: Topology, place: Placement, *, max_memory_bytes: float | None = None,
-              max_memory_fraction: float | None = None) -> list[float]:
-    """Memory cap per pipeline rank: the smallest device among its replicas, after the user's limit."""
+              max_memory_fraction: float | None = None, reserve_bytes: float | None = None) -> list[float]:
+    """Memory cap per pipeline rank: the smallest device among its replicas, less the reserve
+    (``reserve_bytes``, default :func:`pipetrain.hardware.default_memory_reserve_bytes`), after
+    the user's limit."""
     caps = []
     for r in range(place.pp):
-        cap = min(d.type.memory_bytes for d in place.rank_devices(topology, r))
+        devs = place.rank_devices(topology, r)
+        cap = min(d.type.memory_bytes - (default_memory_reserve_bytes(d.type) if reserve_bytes is None else reserve_bytes)
+                  for d in devs)
         if max_memory_fraction is not None:
-            cap *= max_memory_fraction
+            cap = min(cap, min(d.type.memory_bytes for d in devs) * max_memory_fraction)
         if max_memory_bytes is not None:
             cap = min(cap, max_memory_bytes)
-        caps.append(float(cap))
+        caps.append(float(max(0.0, cap)))
     return caps

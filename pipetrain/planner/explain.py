@@ -21,8 +21,9 @@ from pipetrain.errors import PipetrainError
 from pipetrain.graph import LayerGraph
 from pipetrain.plan import Alternative, Plan, PredictedMetrics, StagePlan, TensorSpec
 from pipetrain.planner.job import Job
-from pipetrain.planner.search import Evaluated, SearchResult, _tracer, search
-from pipetrain.program import RUNNABLE_SCHEDULES, SimInput, lower, placement
+from pipetrain.planner.search import Evaluated, SearchResult, _tracer, job_precision, search
+from pipetrain.program import SimInput, lower, placement
+from pipetrain.program.catalog import executor_supports
 from pipetrain.schedules import stage_ranks
 from pipetrain.topology import Topology, resolve_topology
 
@@ -115,7 +116,7 @@ def make_plan(res: SearchResult, *, unpinned: SearchResult | None = None) -> Pla
     c = ev.candidate
     graph = res.graph()
     sim = ev.sim or ev.fast
-    place = placement(res.topology, c.pp, c.dp)
+    place = placement(res.topology, c.pp, c.dp, c.tp)
     stages = []
     for s, (a, b) in enumerate(ev.split.ranges):
         r = stage_ranks(c.schedule, c.pp, c.chunks)[s]
@@ -132,7 +133,11 @@ def make_plan(res: SearchResult, *, unpinned: SearchResult | None = None) -> Pla
                 pp=c.pp, dp=c.dp, micro_batch_size=c.micro_batch_size, num_microbatches=c.num_microbatches,
                 seq_len=graph.seq_len, schedule=c.schedule, stages=tuple(stages), chunks=c.chunks, dtype=job.dtype,
                 optimizer=job.optimizer, seed=job.seed, predicted=predicted, alternatives=_alternatives(res, unpinned, job),
-                simulation_only=job.simulation_only or c.schedule not in RUNNABLE_SCHEDULES)
+                simulation_only=job.simulation_only or executor_supports(
+                    c.schedule, tp=c.tp, zero=c.zero, sequence_parallel=c.sequence_parallel,
+                    recompute=c.recompute_mode if any(ev.recompute) else "none") is not None,
+                tp=c.tp, sequence_parallel=c.sequence_parallel, zero=c.zero, precision=job_precision(job, res.topology),
+                recompute=c.recompute_mode if any(ev.recompute) else "none", idle_gpus=place.idle)
 
 
 def plan_job(job: Job, *, graph_for: Callable[[int], LayerGraph] | None = None, topology: Topology | None = None,
@@ -148,6 +153,11 @@ def plan_job(job: Job, *, graph_for: Callable[[int], LayerGraph] | None = None, 
             unpinned = search(job.unpinned(), graph_for=graph_for, topology=topo, cost=cost, top_k=top_k, explain=False)
         except PipetrainError:
             unpinned = None
+        if unpinned is not None and unpinned.best.step_time_s > res.best.step_time_s:
+            # The pinned plan is a point of the unpinned space, so the unpinned optimum is at least as
+            # fast; the free search's heuristics (pruning bounds, top-k confirmation, local polish)
+            # missed it. Report the better plan as the optimum rather than a negative cost.
+            unpinned = res
     return PlanOutcome(plan=make_plan(res, unpinned=unpinned), result=res, unpinned=unpinned)
 
 

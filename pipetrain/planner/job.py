@@ -26,13 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from pipetrain.errors import ConfigError
-from pipetrain.plan import DTYPES, OPTIMIZERS, SCHEDULES
+from pipetrain.plan import DTYPES, OPTIMIZERS, PRECISIONS, RECOMPUTE_MODES, SCHEDULES, ZERO_STAGES
 from pipetrain.schedules import V_SCHEDULES
 
 __all__ = ["Job", "KNOBS", "parse_memory", "load_job", "job_from_mapping"]
 
 #: The knobs a user may pin (``None`` means "search it").
-KNOBS = ("pp", "dp", "microbatches", "microbatch_size", "schedule", "chunks", "buffers", "recompute", "boundaries")
+KNOBS = ("pp", "dp", "tp", "sequence_parallel", "zero", "microbatches", "microbatch_size", "schedule", "chunks", "buffers",
+         "recompute", "recompute_mode", "boundaries")
 
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
           "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
@@ -75,11 +76,17 @@ class Job:
     global_batch: int
     seq_len: int
     dtype: str = "bf16"
+    precision: str | None = None  # None: the dtype's (amp-autocast for bf16/fp16, as the executor runs it)
     optimizer: str = "adamw"
     max_memory_bytes: float | None = None  # per-device cap below the device's own memory
     max_memory_fraction: float | None = None  # or a share of each device's memory
+    memory_reserve_bytes: float | None = None  # held back per device (CUDA context, NCCL, fragmentation); None: the device's default
     pp: int | None = None
     dp: int | None = None
+    tp: int | None = None
+    sequence_parallel: bool | None = None
+    zero: int | None = None
+    recompute_mode: str | None = None  # "selective" | "full": how much of a layer a recomputing stage recomputes
     microbatches: int | None = None
     microbatch_size: int | None = None
     schedule: str | None = None
@@ -101,7 +108,16 @@ class Job:
         need(self.seq_len >= 1, f"seq_len must be >= 1, got {self.seq_len}")
         need(self.dtype in DTYPES, f"dtype {self.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
         need(self.optimizer in OPTIMIZERS, f"optimizer {self.optimizer!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
-        for k in ("pp", "dp", "microbatches", "microbatch_size", "chunks"):
+        need(self.precision is None or self.precision in PRECISIONS,
+             f"precision {self.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
+        need(self.precision is None or (self.precision == "fp32") == (self.dtype == "fp32"),
+             f"precision {self.precision} does not go with dtype {self.dtype}: bf16-mixed and amp-autocast compute in bf16, fp32 in fp32")
+        need(self.zero is None or self.zero in ZERO_STAGES, f"zero must be one of {', '.join(map(str, ZERO_STAGES))}, got {self.zero}")
+        need(self.recompute_mode is None or self.recompute_mode in RECOMPUTE_MODES[1:],
+             f"recompute_mode must be selective or full, got {self.recompute_mode!r}")
+        need(not (self.sequence_parallel and self.tp == 1), "sequence_parallel needs tp > 1")
+        need(self.memory_reserve_bytes is None or self.memory_reserve_bytes >= 0, "memory_reserve must be >= 0")
+        for k in ("pp", "dp", "tp", "microbatches", "microbatch_size", "chunks"):
             v = getattr(self, k)
             need(v is None or v >= 1, f"{k} must be >= 1, got {v}")
         need(self.schedule is None or self.schedule in SCHEDULES,
@@ -181,7 +197,8 @@ def job_from_mapping(data: Mapping[str, Any], *, source: str = "config") -> Job:
     """Build a :class:`Job` from YAML-shaped data; unknown keys and bad types are :class:`ConfigError`."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: expected a mapping of keys, got {type(data).__name__}")
-    names = [f.name for f in fields(Job) if f.name not in ("max_memory_bytes", "max_memory_fraction")] + ["max_memory"]
+    names = [f.name for f in fields(Job) if f.name not in ("max_memory_bytes", "max_memory_fraction", "memory_reserve_bytes",
+                                                             "recompute_mode")] + ["max_memory", "memory_reserve"]
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
     for k in data:
         if k not in names:
@@ -192,22 +209,37 @@ def job_from_mapping(data: Mapping[str, Any], *, source: str = "config") -> Job:
             continue
         if k == "max_memory":
             kw["max_memory_bytes"], kw["max_memory_fraction"] = parse_memory(v, where=f"{source}: max_memory")
+        elif k == "memory_reserve":
+            if v in (0, "0"):
+                kw["memory_reserve_bytes"] = 0.0
+                continue
+            reserve, share = parse_memory(v, where=f"{source}: memory_reserve")
+            if reserve is None:
+                raise ConfigError(f"{source}: memory_reserve takes bytes such as '6GiB', not a share")
+            kw["memory_reserve_bytes"] = reserve
+        elif k == "recompute" and isinstance(v, str) and v.strip().lower() in RECOMPUTE_MODES:
+            mode = v.strip().lower()  # none | selective | full; the old true/false and per-stage lists still read below
+            kw["recompute"] = (mode != "none",)
+            if mode != "none":
+                kw["recompute_mode"] = mode
         elif k in ("buffers", "boundaries"):
             kw[k] = _as_tuple(v, f"{source}: {k}", int)
         elif k == "recompute":
             kw[k] = _as_tuple(v, f"{source}: {k}", bool)
-        elif k in ("model", "topology", "dtype", "optimizer", "schedule"):
+        elif k in ("model", "topology", "dtype", "optimizer", "schedule", "precision"):
             if not isinstance(v, str):
                 raise ConfigError(f"{source}: {k} must be a string, got {v!r}")
-            kw[k] = v.strip().lower() if k in ("dtype", "optimizer", "schedule") else v.strip()
-        elif k == "simulation_only":
+            kw[k] = v.strip().lower() if k in ("dtype", "optimizer", "schedule", "precision") else v.strip()
+        elif k in ("simulation_only", "sequence_parallel"):
             if not isinstance(v, bool):
-                raise ConfigError(f"{source}: simulation_only must be true or false, got {v!r}")
+                raise ConfigError(f"{source}: {k} must be true or false, got {v!r}")
             kw[k] = v
         else:
             if isinstance(v, bool) or not isinstance(v, int):
                 raise ConfigError(f"{source}: {k} must be an integer, got {v!r}")
             kw[k] = v
+    if "precision" in kw and "dtype" not in kw:  # the precision says the compute dtype
+        kw["dtype"] = "fp32" if kw["precision"] == "fp32" else "bf16"
     for req in ("model", "topology", "global_batch", "seq_len"):
         if req not in kw:
             raise ConfigError(f"{source}: missing key {req!r} (needed: model, topology, global_batch, seq_len)")

@@ -50,24 +50,28 @@ from pipetrain.costs import CostModel
 from pipetrain.errors import InfeasibleError, PipetrainError, ScheduleError
 from pipetrain.graph import LayerGraph
 from pipetrain.planner.build import StageTables, rank_caps
-from pipetrain.planner.grid import BUFFER_LEVELS, Candidate, grid
+from pipetrain.planner.grid import BUFFER_LEVELS, Candidate, Parallelism, grid
 from pipetrain.planner.job import Job
 from pipetrain.planner.partition import PartitionInfeasibleError, PartitionResult, evaluate_partition, format_bytes, partition
 from pipetrain.program.catalog import (
     RUNNABLE_SCHEDULES,
     auto_schedules,
+    executor_supports,
     held_in_flight,
     in_flight_1f1b,
     interleaved_in_flight,
     interleaved_rule,
     zb_h1_held_bound,
 )
-from pipetrain.program.lower import Placement, placement, rank_device_type, sim_input
+from pipetrain.program.lower import Placement, placement, rank_device_type, sim_input, tp_link
+from pipetrain.program.shard import shard_graph, tp_block
+from pipetrain.program.spec import Link
 from pipetrain.schedules import SPLIT_BACKWARD_SCHEDULES, Schedule, make_schedule, peak_in_flight, stage_ranks
+from pipetrain.sharding import precision_for_dtype
 from pipetrain.simulator import SimInput, SimResult, fast_evaluate, simulate
 from pipetrain.topology import Topology, resolve_topology
 
-__all__ = ["Candidate", "Evaluated", "SearchResult", "search"]
+__all__ = ["Candidate", "Evaluated", "SearchResult", "search", "job_precision"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,24 +126,72 @@ class SearchResult:
     # the schedules it built, by (name, p, m, chunks, buffer caps): building and compiling a long one takes seconds
     schedules: dict = field(default_factory=dict, repr=False, compare=False)
 
+    def stage_tables(self, b: int | None = None) -> StageTables:
+        """The range matrices the search priced the best plan's parallelism with, at micro-batch size
+        ``b`` (default: the best plan's)."""
+        c = self.best.candidate
+        b = b or c.micro_batch_size
+        for key, tab in self.tables.items():
+            if key[:4] == (b, c.tp, c.sequence_parallel, c.zero):
+                return tab
+        raise KeyError(f"the search priced no tables at micro-batch size {b} for {c.describe()}")
+
     def graph(self, b: int | None = None) -> LayerGraph:
-        return self.tables[b or self.best.candidate.micro_batch_size].graph
+        """The model's layer graph at micro-batch size ``b`` (default: the best plan's), whole: not a
+        tensor-parallel rank's view."""
+        assert self.graph_for is not None
+        return self.graph_for(b or self.best.candidate.micro_batch_size)
 
 
 class _Searcher:
     def __init__(self, job: Job, topology: Topology, graph_for: Callable[[int], LayerGraph], cost: CostModel | None,
                  top_k: int) -> None:
         self.job, self.topo, self.graph_for, self.cost, self.top_k = job, topology, graph_for, cost, top_k
-        self.tables: dict[int, StageTables] = {}
+        self.tables: dict[tuple, StageTables] = {}
+        self._tp_links: dict[tuple[int, int, int], Link | None] = {}
+        self._bounds: dict[Candidate, float] = {}
+        self.precision = job_precision(job, topology)
         self.infeasible: list[tuple[str, str]] = []
         self.overflows: list[tuple[float, str, PartitionInfeasibleError]] = []
         self._schedules: dict[tuple, Schedule] = {}
         self._cuts: dict[int, list[int]] = {}
 
-    def tables_for(self, b: int) -> StageTables:
-        if b not in self.tables:
-            self.tables[b] = StageTables(self.graph_for(b), self.cost, optimizer=self.job.optimizer)
-        return self.tables[b]
+    def tables_for(self, c: Candidate | int) -> StageTables:
+        """The range matrices of a candidate: the model at its micro-batch size, as one of its
+        tensor-parallel ranks sees it, with its ZeRO stage over its dp (an int: the whole model)."""
+        if isinstance(c, int):
+            c = Candidate(pp=1, dp=1, micro_batch_size=c, num_microbatches=1, schedule="gpipe")
+        link = self.tp_link(c)
+        key = (c.micro_batch_size, c.tp, c.sequence_parallel, c.zero, c.dp if c.zero else 1, link)
+        if key not in self.tables:
+            graph = shard_graph(self.graph_for(c.micro_batch_size), c.tp, sequence_parallel=c.sequence_parallel)
+            self.tables[key] = StageTables(graph, self.cost, optimizer=self.job.optimizer, precision=self.precision, zero=c.zero,
+                                           dp=c.dp if c.zero else 1, tp_link=link)
+        return self.tables[key]
+
+    def tp_link(self, c: Candidate) -> Link | None:
+        key = (c.pp, c.dp, c.tp)
+        if key not in self._tp_links:
+            self._tp_links[key] = tp_link(self.topo, placement(self.topo, c.pp, c.dp, c.tp)) if c.tp > 1 else None
+        return self._tp_links[key]
+
+    def bound(self, c: Candidate) -> float:
+        if c not in self._bounds:
+            self._bounds[c] = self._bound(c)
+        return self._bounds[c]
+
+    def _bound(self, c: Candidate) -> float:
+        """A cheap lower bound on ``c``'s step, before any split: a rank does at least 1/pp of a
+        micro-batch's work m times, and a schedule with a pipeline bubble (GPipe, 1F1B) adds at
+        least (pp - 1) stage times to that -- (m - 1) x the slowest stage + one pass through all
+        of them, the slowest stage being at least the mean; interleaving divides the bubble by the
+        virtual stages (Narayanan et al. 2021, sec. 2.2), zero-bubble schedules may fill it."""
+        tab = self.tables_for(c)
+        place = placement(self.topo, c.pp, c.dp, c.tp)
+        dt = max((rank_device_type(self.topo, place, r) for r in range(c.pp)), key=lambda d: d.achievable_flops("bf16"))
+        total = float(tab.time_matrix(dt, recompute=False)[0, tab.n])
+        bubble = 0.0 if c.schedule in SPLIT_BACKWARD_SCHEDULES else (c.pp - 1) / (c.chunks if c.schedule == "interleaved" else 1)
+        return (c.num_microbatches + bubble) * total / c.pp
 
     def _per_stage(self, values: tuple | None, n: int, name: str) -> tuple | None:
         if values is None:
@@ -174,14 +226,19 @@ class _Searcher:
     def split(self, c: Candidate) -> _Split | None:
         """Phase A: memory pre-check, then the exact partition; None (reason recorded) if nothing fits."""
         job, S = self.job, c.pp * c.chunks
-        tab = self.tables_for(c.micro_batch_size)
+        tab = self.tables_for(c)
         n = tab.n
         if S > n:
             self.infeasible.append((c.describe(), f"{S} stages but the model has only {n} blocks"))
             return None
-        place = placement(self.topo, c.pp, c.dp)
-        caps_rank = rank_caps(self.topo, place, max_memory_bytes=job.max_memory_bytes, max_memory_fraction=job.max_memory_fraction)
+        place = placement(self.topo, c.pp, c.dp, c.tp)
+        caps_rank = rank_caps(self.topo, place, max_memory_bytes=job.max_memory_bytes, max_memory_fraction=job.max_memory_fraction,
+                              reserve_bytes=job.memory_reserve_bytes)
         state = float(tab.model_state[0, n])
+        if min(caps_rank) <= 0:
+            self.infeasible.append((c.describe(), f"the memory reserve ({format_bytes(self.topo.devices[0].type.memory_bytes)} devices) "
+                                    "leaves no memory: lower --memory-reserve"))
+            return None
         if state > sum(caps_rank):
             self.infeasible.append((c.describe(), f"pp={c.pp}: weights+grads+optimizer state alone need {format_bytes(state)} "
                                     f"> {c.pp} x {format_bytes(min(caps_rank))}"))
@@ -284,7 +341,7 @@ class _Searcher:
         c = sp.candidate
         split = split or sp.split
         rec = tuple(bool(sp.rec_mats[k][a, b]) for k, (a, b) in enumerate(split.ranges))
-        tab = self.tables_for(c.micro_batch_size)
+        tab = self.tables_for(c)
         sched = self.schedule(c, sp.caps)
         held, buffers = sp.in_flight, sp.buffers
         if sched.split_backward:  # planned with a bound: the exact counts of this schedule now
@@ -310,7 +367,7 @@ class _Searcher:
         if self.job.boundaries is not None or sp is None or sp.candidate.pp * sp.candidate.chunks < 2:
             return ev
         n, S = sp.split.num_blocks, len(sp.split.ranges)
-        allowed = set(self.cuts(self.tables_for(sp.candidate.micro_batch_size)))
+        allowed = set(self.cuts(self.tables_for(sp.candidate)))
         per_eval = max(1, ev.fast.num_compute_actions)
         budget = int(max_actions // per_eval)
         best, tried = ev, set()
@@ -382,28 +439,41 @@ def search(job: Job, *, graph_for: Callable[[int], LayerGraph] | None = None, to
         raise InfeasibleError(f"schedule {job.schedule!r} is simulation-only (the executor runs {', '.join(allowed)}): "
                               f"add --simulation-only (simulation_only: true) for a what-if, or pick one of those")
     s = _Searcher(job, topo, graph_for, cost, top_k)
-    n_blocks = s.tables_for(job.microbatch_size or 1).n
+    base = graph_for(job.microbatch_size or 1)
+    n_blocks = base.num_nodes
     # CPU ranks whose costs lack the executor's measured overheads: see grid.AUTO_SCHEDULES
     kind = "cpu" if all(d.type.kind == "cpu" for d in topo.devices) and not getattr(cost, "models_executor_overhead", False) else "gpu"
-    points, bad = grid(job, topo.num_devices, n_blocks, auto_schedules(allowed, kind), max_microbatch_size, max_sizes)
+    par = _parallelism(job, topo, base, kind)
+    points, bad = grid(job, topo.num_devices, n_blocks, auto_schedules(allowed, kind), max_microbatch_size, max_sizes, par)
+    points, refused = _runnable(job, points)
     s.infeasible.extend(bad)
+    if not points and refused:
+        raise InfeasibleError(f"no plan fits: {refused[0][0]}: {refused[0][1]}")
     if method == "de":
         screened, evaluated = _de_screen(s, points, seed=job.seed)
         pruned = len(points) - evaluated
         if not screened:
             raise _nothing_fits(job, s, explain)
     elif method == "bnb":
-        splits = [sp for sp in (s.split_any(c) for c in points) if sp is not None]  # phase A: every point's exact split
-        if not splits:
-            raise _nothing_fits(job, s, explain)
-        splits.sort(key=lambda x: (x.lower_bound_s, x.candidate))
+        # phase A: points in order of a bound that needs no split; a point whose bound exceeds the
+        # k-th best screened step cannot enter the top k (nor can any after it)
+        order = sorted(points, key=lambda c: (s.bound(c), c))
         screened = []
         pruned = 0
-        for sp in splits:  # phase B: branch and bound over the fast evaluator
+        for i, c in enumerate(order):
+            if len(screened) >= top_k and s.bound(c) > sorted(e.fast.step_time_s for e in screened)[top_k - 1]:
+                pruned += len(order) - i
+                break
+            sp = s.split_any(c)  # the exact split under the memory caps
+            if sp is None:
+                continue
+            # phase B: the split's own bound, then the fast evaluator
             if len(screened) >= top_k and sp.lower_bound_s > sorted(e.fast.step_time_s for e in screened)[top_k - 1]:
                 pruned += 1
                 continue
             screened.append(s.screen(sp))
+        if not screened:
+            raise _nothing_fits(job, s, explain)
     else:
         raise ValueError(f"method must be 'bnb' or 'de', got {method!r}")
     screened.sort(key=lambda e: (e.fast.step_time_s, e.candidate))
@@ -473,6 +543,70 @@ def _de_screen(s: _Searcher, points: list[Candidate], *, seed: int) -> tuple[lis
         for c in points:
             objective(np.array([pps.index(c.pp), sizes.index(c.micro_batch_size), kinds.index((c.schedule, c.chunks))]))
     return [e for e in cache.values() if e is not None], len(cache)
+
+
+def job_precision(job: Job, topology: Topology) -> str:
+    """The job's precision: its own, else on GPUs bf16 working weights with fp32 master weights
+    and gradients (Megatron's and torchtitan's layout), else what the dtype meant for the executor."""
+    if job.precision is not None:
+        return job.precision
+    if job.dtype != "fp32" and all(d.type.kind == "gpu" for d in topology.devices):
+        return "bf16-mixed"
+    return precision_for_dtype(job.dtype)
+
+
+def _gpus_per_node(topology: Topology) -> int:
+    counts: dict[int, int] = {}
+    for d in topology.devices:
+        counts[d.node] = counts.get(d.node, 0) + 1
+    return min(counts.values())
+
+
+def _parallelism(job: Job, topology: Topology, graph: LayerGraph, device_kind: str) -> Parallelism:
+    """The tp, sequence-parallel, ZeRO and recompute-granularity values the search tries.
+
+    tp: the divisors of a node's GPU count that split the model's heads and MLP (Megatron keeps a
+    tp group inside a node, where its per-layer collectives run over NVLink), on GPUs; CPU ranks
+    only when pinned. Sequence parallelism with every tp > 1: it moves the same bytes as tp alone
+    and keeps less memory and element-wise work (Korthikanti et al. 2023, sec. 4.2.2). ZeRO 0 and 1
+    (Megatron's distributed optimizer) where dp > 1; 2 and 3, which pipeline engines do not
+    combine with pipelining, only for what-ifs. Selective recompute only for models whose
+    attention stores its scores (FlashAttention leaves nothing for it to drop)."""
+    if job.tp is not None:
+        tps: tuple[int, ...] = (job.tp,)
+    elif device_kind == "gpu":
+        per = _gpus_per_node(topology)
+        tps = tuple(t for t in range(1, per + 1) if per % t == 0 and tp_block(graph, t) is None)
+    else:
+        tps = (1,)
+    sp = (job.sequence_parallel,) if job.sequence_parallel is not None else (True,)
+    if job.zero is not None:
+        zeros: tuple[int, ...] = (job.zero,)
+    else:
+        zeros = (0, 1, 2, 3) if job.simulation_only else (0, 1)
+    if job.recompute_mode is not None:
+        modes: tuple[str, ...] = (job.recompute_mode,)
+    elif any(n.layer is not None and n.layer.attention == "math" for n in graph.nodes):
+        modes = ("full", "selective")
+    else:
+        modes = ("full",)
+    return Parallelism(tps=tps, sequence_parallel=sp, zeros=zeros, recompute_modes=modes)
+
+
+def _runnable(job: Job, points: list[Candidate]) -> tuple[list[Candidate], list[tuple[str, str]]]:
+    """The points the executor runs (:func:`pipetrain.program.catalog.executor_supports`); all of
+    them for a simulation-only job. A recompute granularity the executor lacks is checked when
+    a stage recomputes (:meth:`_Searcher.split`)."""
+    if job.simulation_only:
+        return points, []
+    keep, refused = [], []
+    for c in points:
+        why = executor_supports(c.schedule, tp=c.tp, zero=c.zero, sequence_parallel=c.sequence_parallel)
+        if why is None:
+            keep.append(c)
+        else:
+            refused.append((c.describe(), why))
+    return keep, refused
 
 
 def _tracer(job: Job) -> Callable[[int], LayerGraph]:

@@ -20,7 +20,7 @@ from pipetrain.schedules import SCHEDULE_NAMES, Schedule, make_schedule, peak_in
 
 __all__ = ["RUNNABLE_SCHEDULES", "AUTO_SCHEDULES", "AUTO_SCHEDULES_CPU", "auto_schedules", "in_flight_1f1b",
            "interleaved_in_flight", "interleaved_rule", "zb_h1_held_bound", "held_in_flight", "rank_peak_in_flight", "rank_peak_activation_bytes",
-           "pool_sizes"]
+           "pool_sizes", "executor_supports"]
 
 #: What the executor runs. zb-h1 runs with the backward split into an input-gradient pass (B) and a
 #: weight-gradient pass (W): the linear layers' weight gradients deferred, or for stages with
@@ -36,6 +36,21 @@ AUTO_SCHEDULES: tuple[str, ...] = SCHEDULE_NAMES
 #: per-message host work that the analytic and profiled cost models do not charge, and zb-h1's
 #: extra W actions can then cost more than its bubble saves.
 AUTO_SCHEDULES_CPU: tuple[str, ...] = tuple(s for s in SCHEDULE_NAMES if s not in ("zb-h1", "zbv", "dualpipev"))
+
+
+def executor_supports(schedule: str, *, tp: int = 1, zero: int = 0, recompute: str = "none", sequence_parallel: bool = False) -> str | None:
+    """Why pipetrain's executor cannot run this combination, or None when it can: the one table
+    of what runs (issue 17 grows it). The planner searches only these unless a plan is
+    simulation-only; the executor refuses the rest before launch."""
+    if schedule not in RUNNABLE_SCHEDULES:
+        return f"the executor does not run schedule {schedule}"
+    if tp > 1 or sequence_parallel:
+        return "the executor does not run tensor parallelism yet: plan with --tp 1, or add --simulation-only for a what-if"
+    if zero:
+        return f"the executor does not shard the optimizer yet (zero={zero}): plan with --zero 0, or add --simulation-only"
+    if recompute == "selective":
+        return "the executor recomputes whole layers only: use --recompute full, or add --simulation-only"
+    return None
 
 
 def auto_schedules(runnable: tuple[str, ...], device_kind: str = "gpu") -> tuple[str, ...]:

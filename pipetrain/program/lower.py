@@ -47,13 +47,14 @@ from pipetrain.graph import LayerGraph
 from pipetrain.memory import stage_memory, stage_output_bytes
 from pipetrain.plan import Plan
 from pipetrain.program.catalog import held_in_flight, pool_sizes
-from pipetrain.program.shard import tp_comm_times_s
+from pipetrain.program.shard import shard_graph, tp_comm_times_s
 from pipetrain.program.spec import BoundarySpec, ComputeGroup, DataParallelSpec, Link, SimInput, StageSpec, TieSpec
 from pipetrain.schedules import Action, Schedule, make_schedule, peak_in_flight
+from pipetrain.sharding import dp_allreduce_bytes_per_param
 from pipetrain.topology import Device, DeviceType, Topology
 
 __all__ = ["POST", "RUN", "Op", "Program", "StageCosts", "Placement", "placement", "rank_device_type", "compute_groups",
-           "sim_input", "lower_ops", "lower", "lower_schedule"]
+           "sim_input", "lower_ops", "lower", "lower_schedule", "tp_link", "dp_link"]
 
 #: Gradients are all-reduced in fp32 whatever the training dtype: pipetrain's executor keeps fp32
 #: master weights under autocast and reduces one flat fp32 buffer per stage after the pipeline
@@ -159,11 +160,13 @@ class StageCosts:
     """A graph's per-node times under a cost model, cached per device type, summed per stage."""
 
     def __init__(self, graph: LayerGraph, cost: CostModel | None = None, *, optimizer: str = "adamw",
-                 tp_link: Link | None = None) -> None:
+                 tp_link: Link | None = None, precision: str | None = None, zero: int = 0, dp: int = 1) -> None:
         self.graph = graph
         self.cost: Any = cost or AnalyticCostModel()
         self.optimizer = optimizer
         self.tp_link = tp_link  # the tensor-parallel group's link, for a tp > 1 view of the model
+        # how the model state is kept: None is the graph dtype's default table (memory.bytes_per_param)
+        self.precision, self.zero, self.dp = precision, zero, dp
         self._node_times: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def node_times(self, dt: DeviceType) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -195,22 +198,50 @@ def _node_times(cost: Any, graph: LayerGraph, dt: DeviceType) -> tuple[np.ndarra
 # ----- placement ---------------------------------------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
 class Placement:
-    """Pipeline rank ``r`` of replica ``k`` runs on ``devices[k][r]`` (indices into topology.devices)."""
+    """Pipeline rank ``r`` of replica ``k`` runs on the ``tp`` devices from ``devices[k][r]`` on
+    (indices into topology.devices); ``idle`` devices are left out."""
 
     pp: int
     dp: int
     devices: tuple[tuple[int, ...], ...]
+    tp: int = 1
+    idle: int = 0
 
     def rank_devices(self, topology: Topology, rank: int) -> list[Device]:
         return [topology.devices[self.devices[k][rank]] for k in range(self.dp)]
 
 
-def placement(topology: Topology, pp: int, dp: int) -> Placement:
-    """Replica-major, stage-contiguous placement: adjacent stages of a pipeline share a node."""
-    need = pp * dp
+def placement(topology: Topology, pp: int, dp: int, tp: int = 1) -> Placement:
+    """Replica-major, stage-contiguous placement with the tensor-parallel group innermost:
+    device ``(k * pp + r) * tp + j`` is tp rank ``j`` of pipeline rank ``r`` of replica ``k``.
+    A tp group of up to a node's size stays in one node (its collectives are on the critical
+    path); adjacent stages of a pipeline share a node where they fit. This is the executor's rank
+    order (replica-major) with tp inside it, where Megatron orders tp, dp, pp: the two agree for
+    tp = a node, the layout the planner picks for large models."""
+    need = pp * dp * tp
     if need > topology.num_devices:
-        raise InfeasibleError(f"pp={pp} x dp={dp} needs {need} devices but topology {topology.name} has {topology.num_devices}")
-    return Placement(pp=pp, dp=dp, devices=tuple(tuple(k * pp + r for r in range(pp)) for k in range(dp)))
+        raise InfeasibleError(f"tp={tp} x pp={pp} x dp={dp} needs {need} devices but topology {topology.name} has "
+                              f"{topology.num_devices}")
+    return Placement(pp=pp, dp=dp, tp=tp, idle=topology.num_devices - need,
+                     devices=tuple(tuple((k * pp + r) * tp for r in range(pp)) for k in range(dp)))
+
+
+def tp_link(topology: Topology, place: Placement) -> Link | None:
+    """The slowest link inside any tensor-parallel group (None at tp = 1): its collectives' link.
+    A group spanning nodes crosses the inter-node network (the planner only does that when pinned)."""
+    if place.tp == 1:
+        return None
+    links = [_sim_link(topology, first + j, first + j + 1) for row in place.devices for first in row for j in range(place.tp - 1)]
+    return min(links, key=lambda lk: lk.bandwidth_bytes_per_s)
+
+
+def dp_link(topology: Topology, place: Placement) -> Link:
+    """The slowest link of the data-parallel rings: each pipeline rank's replicas in a ring
+    (replica k to k+1, and back to 0), whatever nodes they sit on -- a ring is as fast as its
+    slowest hop (Patarasuk & Yuan 2009)."""
+    links = [_sim_link(topology, place.devices[k][r], place.devices[(k + 1) % place.dp][r])
+             for r in range(place.pp) for k in range(place.dp)]
+    return min(links, key=lambda lk: lk.bandwidth_bytes_per_s)
 
 
 def rank_device_type(topology: Topology, place: Placement, rank: int) -> DeviceType:
@@ -248,7 +279,7 @@ def compute_groups(topology: Topology, place: Placement) -> tuple[ComputeGroup, 
             continue
         per_rank = max(1, topology.devices[place.devices[0][ranks[0]]].type.cores)
         on_node = sum(1 for dev in topology.devices if dev.node == node)
-        used = min(on_node, place.pp * place.dp)
+        used = min(on_node, place.pp * place.dp * place.tp)
         capacity = max(1, int(spec.cores // per_rank * len(ranks) // max(used, 1)))
         speed = _group_speed(spec.corun_speed, len(ranks), used)
         if capacity < len(ranks) or any(v < 1.0 for v in speed) or spec.resume_s > 0 or spec.switch_s > 0:
@@ -269,13 +300,15 @@ def sim_input(*, tables: StageCosts, topology: Topology, place: Placement, sched
     """
     g = tables.graph
     stages = []
+    dp_bytes = _ALLREDUCE_BYTES_PER_PARAM if tables.precision is None else dp_allreduce_bytes_per_param(
+        zero=tables.zero, precision=tables.precision, num_microbatches=schedule.num_microbatches)
     peak_flops = min(rank_device_type(topology, place, r).peak_flops(g.dtype) for r in range(place.pp))
     for s, (a, b) in enumerate(ranges):
         r = schedule.stage_to_rank[s]
         dt = rank_device_type(topology, place, r)
         c = tables.stage_cost(dt, a, b, recompute=recompute[s])
         mem = stage_memory(g, a, b, in_flight=max(1, in_flight[s]), buffers=buffers[s], recompute=recompute[s],
-                           optimizer=tables.optimizer)
+                           optimizer=tables.optimizer, precision=tables.precision, zero=tables.zero, dp=tables.dp)
         act_per_mb = mem.activation_bytes / max(1, in_flight[s])
         static = mem.total_bytes - mem.activation_bytes
         params = mem.param_count
@@ -286,8 +319,10 @@ def sim_input(*, tables: StageCosts, topology: Topology, place: Placement, sched
             t_fwd_s=c.t_fwd_s, t_bwd_s=(c.t_bwd_s - c.t_wgrad_s) if schedule.split_backward else c.t_bwd_s,
             t_wgrad_s=c.t_wgrad_s if schedule.split_backward else 0.0, t_recompute_s=c.t_recompute_s,
             recompute=recompute[s], activation_bytes=act_per_mb, static_bytes=static, buffers=buffers[s],
-            grad_bytes=float(params * _ALLREDUCE_BYTES_PER_PARAM),
-            t_optimizer_s=tables.cost.optimizer_step_time_s(params, dt, optimizer=tables.optimizer, dtype=g.dtype, model=g.model)))
+            grad_bytes=float(params * dp_bytes),
+            # ZeRO >= 1: each replica updates its 1/dp shard of the optimizer state
+            t_optimizer_s=tables.cost.optimizer_step_time_s(params // (place.dp if tables.zero else 1), dt, optimizer=tables.optimizer,
+                                                            dtype=g.dtype, model=g.model)))
     bounds = []
     for s in range(len(ranges) - 1):
         ra, rb = schedule.stage_to_rank[s], schedule.stage_to_rank[s + 1]
@@ -295,9 +330,7 @@ def sim_input(*, tables: StageCosts, topology: Topology, place: Placement, sched
         link = _sim_link(topology, place.devices[0][ra], place.devices[0][rb]) if ra != rb else Link(name=f"local{ra}")
         bounds.append(BoundarySpec(fwd_bytes=nbytes, bwd_bytes=nbytes, link=link))
     if place.dp > 1:
-        worst = min((_sim_link(topology, place.devices[0][r], place.devices[1][r]) for r in range(place.pp)),
-                    key=lambda lk: lk.bandwidth_bytes_per_s)
-        dpl = DataParallelSpec(width=place.dp, link=worst, overlap=dp_overlap)
+        dpl = DataParallelSpec(width=place.dp, link=dp_link(topology, place), overlap=dp_overlap)
     else:
         dpl = DataParallelSpec(width=1)
     ties = []
@@ -346,8 +379,10 @@ def lower(plan: Plan, topology: Topology | None = None, cost: CostModel | None =
     _check_graph(plan, graph)
     ranges = [(st.block_start, st.block_end) for st in plan.stages]
     recompute = [st.recompute for st in plan.stages]
-    place = placement(topology, plan.pp, plan.dp)
-    tables = StageCosts(graph, cost, optimizer=plan.optimizer)
+    place = placement(topology, plan.pp, plan.dp, plan.tp)
+    graph = shard_graph(graph, plan.tp, sequence_parallel=plan.sequence_parallel)
+    tables = StageCosts(graph, cost, optimizer=plan.optimizer, tp_link=tp_link(topology, place), precision=plan.precision,
+                        zero=plan.zero, dp=plan.dp)
     if not as_executed:
         inp = sim_input(tables=tables, topology=topology, place=place, schedule=sched, ranges=ranges, buffers=buffers,
                         recompute=recompute, in_flight=held_in_flight(sched))
