@@ -9,7 +9,7 @@ Two models, both per layer, per micro-batch, on one GPU, in bytes:
 * :func:`layer_activation_bytes` (and its breakdown :func:`layer_activation_terms`): what pipetrain's
   zoo blocks and executor actually save, from a :class:`~pipetrain.graph.LayerShape`: the paper's
   terms plus those it leaves out (LayerNorm's fp32 statistics, the causal mask the math path
-  materializes, FlashAttention's output and log-sum-exp, grouped KV heads, gated MLPs, RMSNorm,
+  materializes, FlashAttention's log-sum-exp, grouped KV heads, gated MLPs, RMSNorm,
   rotary tables) and DTensor's sequence parallelism, which keeps the all-gathered norm output.
 
 Plus :func:`zb_w_held_bytes`: what a zero-bubble schedule holds between a layer's input-gradient
@@ -37,11 +37,17 @@ fc2 input (GELU output)                4 e D              8 sbh                 
 dropout mask after the MLP             e M                sbh                    replicated
 =====================================  =================  =====================  ==============
 
-Sum: ``e(16D + 2M) + as^2b(2D + M)`` = sbh(34 + 5as/h) at D=2, M=1 (eq. 1). Tensor parallelism
-splits the attention and MLP cores: sbh(10 + 24/t + 5as/(ht)) (eq. 2); sequence parallelism splits
-the replicated LayerNorm and dropout regions along s: sbh(34/t + 5as/(ht)) (eq. 4); selective
-recompute (sec. 4.3) drops the 5as^2b attention-core terms: 34 sbh/t with sp (eq. 5) and
+Sum: ``e(16D + 2M) + as^2b(2D + M)`` = sbh(34 + 5as/h) at D=2, M=1 (sec. 4.1). Tensor parallelism
+splits the attention and MLP cores: sbh(10 + 24/t + 5as/(ht)) (sec. 4.2.1); sequence parallelism
+splits the replicated LayerNorm and dropout regions along s: sbh(34/t + 5as/(ht)) (sec. 4.2.2);
+selective recompute (sec. 4.3) drops the 5as^2b attention-core terms: 34 sbh/t with sp and
 sbh(10 + 24/t) without; full recompute keeps only the layer input, 2sbh (/t with sp).
+
+Scope: the activations of a model cast to one dtype, as ``planner.trace`` traces it (and as the
+paper counts). Under ``torch.autocast``, how the executor runs bf16, the residual stream stays
+fp32 and LayerNorm and softmax run in fp32, so the norm inputs, their outputs and the math path's
+probabilities are 4-byte tensors (plus the half-precision casts the matmuls save); not modelled
+here, as ``memory.py`` does not model it for traced graphs either.
 """
 
 from __future__ import annotations
@@ -57,8 +63,10 @@ __all__ = ["RECOMPUTE_KINDS", "LN_STAT_BYTES", "LayerActivationBytes", "korthika
 #: ``none``; ``selective``: the attention core (QK^T, softmax, dropout, P.V) recomputed in the
 #: backward (Korthikanti et al. sec. 4.3); ``full``: the whole layer recomputed from its input.
 RECOMPUTE_KINDS = ("none", "selective", "full")
-#: LayerNorm keeps its per-token mean and rstd in fp32 for every input dtype (ATen's
-#: ``native_layer_norm`` returns them in the accumulate type: float for half and bfloat16 inputs).
+#: LayerNorm keeps its per-token mean and rstd in fp32 for every input dtype: CUDA's
+#: ``native_layer_norm`` and its meta function return them in the accumulate type (float for half
+#: and bfloat16). The CPU kernel does too when the weights are fp32 (autocast), but keeps them in
+#: the input dtype when input and weights are both half precision (a model cast with ``.to``).
 LN_STAT_BYTES = 4
 
 
@@ -156,7 +164,10 @@ def _check_shape_tp(shape: LayerShape, tp: int) -> None:
 def layer_activation_terms(shape: LayerShape, *, seq_len: int, micro_batch_size: int, dtype_bytes: int, tp: int = 1,
                            sequence_parallel: bool = False, recompute: str = "none", mask_bytes: int = 1,
                            sp_saves_gathered: bool = True) -> LayerActivationBytes:
-    """What autograd saves for one pre-norm transformer layer (pipetrain's GPT and Llama blocks).
+    """What autograd saves for one transformer layer: pipetrain's pre-norm GPT and Llama blocks, and
+    its post-norm BERT block, whose saved tensors have the same sizes (the block input for Q, K, V,
+    each norm's input and the first norm's output for the MLP: four ``s b h`` tensors, as the
+    pre-norm layer's two norm inputs and two norm outputs).
 
     The paper's terms (module table) generalized, and the ones it leaves out:
 
@@ -189,7 +200,7 @@ def layer_activation_terms(shape: LayerShape, *, seq_len: int, micro_batch_size:
     DTensor's ``SequenceParallel`` + ``ColwiseParallel`` all-gathers the norm output
     (``redistribute`` to ``Replicate``) before the matmul, whose autograd node saves the gathered,
     full-s tensor: ``qkv_input`` and ``fc_input`` are ``s b h D`` each, not ``s b h D / t``, which is
-    ``2 s b h D (1 - 1/t)`` above eq. 4. ``sp_saves_gathered=False`` is Megatron's accounting.
+    ``2 s b h D (1 - 1/t)`` above the paper's sbh(34/t + 5as/(ht)). ``sp_saves_gathered=False`` is Megatron's accounting.
 
     Selective recompute checkpoints the attention core: it keeps the core's inputs Q, K, V (at
     their KV width) and none of its s^2 tensors, mask or log-sum-exp. Full recompute

@@ -1,7 +1,7 @@
 """Activation memory per layer (pipetrain.activations) against what autograd saves, traced on meta.
 
 Korthikanti et al., "Reducing Activation Recomputation in Large Transformer Models" (MLSys 2023),
-sec. 4, count a GPT layer's saved activations in closed form (eqs. 1-5). Here a GPT block with
+sec. 4, count a GPT layer's saved activations in closed form. Here a GPT block with
 unfused ("math") attention and dropout, and the Megatron-LM local shard of it for tensor parallelism
 t = 2 and 4 (heads and MLP width split over t; LayerNorm and the residual dropouts replicated, or
 split along s with sequence parallelism), run forward on the meta device in fp16 under the same
@@ -74,10 +74,10 @@ def paper(t: int = 1, *, sp: bool = False, selective: bool = False) -> int:
     if selective:
         core = 0
     if sp:
-        return 34 * sbh // t + core  # eq. 4; eq. 5 with selective recompute
+        return 34 * sbh // t + core  # sec. 4.2.2; 34sbh/t with selective recompute (sec. 4.3)
     if t == 1:
-        return 34 * sbh + core  # eq. 1
-    return 10 * sbh + 24 * sbh // t + core  # eq. 2; sbh(10 + 24/t) with selective recompute
+        return 34 * sbh + core  # sec. 4.1
+    return 10 * sbh + 24 * sbh // t + core  # sec. 4.2.1; sbh(10 + 24/t) with selective recompute
 
 
 # ----- the Megatron-LM local shard of a GPT layer -----------------------------------------------
@@ -154,7 +154,7 @@ def _model(t: int = 1, **kw: Any) -> int:
 
 
 # ----- (a) no parallelism -------------------------------------------------------------------------
-def test_eq1_no_parallelism_is_traced_bytes_less_ln_stats_and_causal_mask() -> None:
+def test_no_parallelism_is_traced_bytes_less_ln_stats_and_causal_mask() -> None:
     traced = _saved(_gpt(attention="math", dropout=P), _input(S))
     assert paper() == korthikanti_layer_bytes(s=S, b=B, h=H, a=A) == 34 * S * B * H + 5 * A * S * S * B == 45_056
     assert traced == paper() + ln_stats(S) + CAUSAL_MASK == _model() == 45_824
@@ -197,7 +197,7 @@ def test_the_shard_at_t1_is_the_gpt_block() -> None:
 
 # ----- (b) tensor parallelism -------------------------------------------------------------------
 @pytest.mark.parametrize("t", [2, 4])
-def test_eq2_tensor_parallel_shard(t: int) -> None:
+def test_tensor_parallel_shard(t: int) -> None:
     traced = _saved(_shard(t), _input(S))
     assert korthikanti_layer_bytes(s=S, b=B, h=H, a=A, tp=t) == paper(t)
     # the LayerNorms run replicated on the full sequence: their statistics are not split
@@ -206,7 +206,7 @@ def test_eq2_tensor_parallel_shard(t: int) -> None:
 
 # ----- (c) tensor + sequence parallelism ------------------------------------------------------------
 @pytest.mark.parametrize("t", [2, 4])
-def test_eq4_sequence_parallel_megatron_saves_the_shard_dtensor_the_gathered_ln_output(t: int) -> None:
+def test_sequence_parallel_megatron_saves_the_shard_dtensor_the_gathered_ln_output(t: int) -> None:
     assert korthikanti_layer_bytes(s=S, b=B, h=H, a=A, tp=t, sequence_parallel=True) == paper(t, sp=True)
     # the causal mask covers the full (gathered) sequence attention runs on: not split
     megatron = _saved(_shard(t, sp=True, megatron_sp=True), _input(S // t))
@@ -221,7 +221,7 @@ def test_eq4_sequence_parallel_megatron_saves_the_shard_dtensor_the_gathered_ln_
 
 # ----- (d) selective recompute ----------------------------------------------------------------------
 @pytest.mark.parametrize("t", [1, 2, 4])
-def test_eq5_selective_recompute_drops_the_attention_core(t: int) -> None:
+def test_selective_recompute_drops_the_attention_core(t: int) -> None:
     """The attention core checkpointed: its inputs Q, K, V (6sbh/t) stay, the 5as^2b/t terms and the
     causal mask (made inside the core) go."""
     no_sp = _saved(_shard(t, recompute_attention=True), _input(S))
@@ -270,12 +270,14 @@ def test_flash_attention_drops_exactly_the_named_terms(t: int) -> None:
 
 
 # ----- the zoo's blocks: flash, bf16, no dropout ------------------------------------------------------
-@pytest.mark.parametrize("name, seq", [("gpt2", 128), ("llama2-7b", 64)])
-def test_model_equals_traced_zoo_blocks(name: str, seq: int) -> None:
-    g = trace_graph(name, micro_batch_size=1, seq_len=seq, dtype="bf16")
+@pytest.mark.parametrize("name, seq, mbs", [("gpt2", 128, 1), ("llama2-7b", 64, 1), ("bert-large", 64, 2)])
+def test_model_equals_traced_zoo_blocks(name: str, seq: int, mbs: int) -> None:
+    """Pre-norm GPT and Llama; BERT is post-norm, bidirectional, with separate Q, K, V projections:
+    its norms' inputs and the linears' inputs are tensors of the same sizes."""
+    g = trace_graph(name, micro_batch_size=mbs, seq_len=seq, dtype="bf16")
     layer = g.nodes[1]
     assert layer.kind == "transformer" and layer.layer is not None
-    assert layer.saved_bytes == layer_activation_bytes(layer.layer, seq_len=seq, micro_batch_size=1, dtype_bytes=2)
+    assert layer.saved_bytes == layer_activation_bytes(layer.layer, seq_len=seq, micro_batch_size=mbs, dtype_bytes=2)
 
 
 def _small_llama(kv_heads: int) -> LlamaBlock:

@@ -219,7 +219,7 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     CPU and on meta it multiplies by a scaled noise tensor of the input's dtype, which autograd
     saves at 2-4 bytes an element (ATen ``dropout``: ``is_fused_kernel_acceptable``). Calling
     ``native_dropout`` everywhere makes the traced bytes those of a GPU run (Korthikanti et al.
-    2022, sec. 4.1, count 1 byte per mask element).
+    2023, sec. 4.1, count 1 byte per mask element).
     """
     if not training or p == 0.0:
         return x

@@ -9,7 +9,7 @@ The presets run fused (flash) attention without dropout. A block can instead run
 Megatron-LM's own layer (Radford et al. 2019; Shoeybi et al. 2019): ``attention="math"``
 (softmax(QK^T/sqrt(d) + causal mask) stored explicitly) and ``dropout`` on the attention
 probabilities, after the attention projection and after the MLP; ``recompute_attention``
-checkpoints the attention core, Korthikanti et al. 2022's selective recompute (sec. 4.3). The
+checkpoints the attention core, Korthikanti et al. 2023's selective recompute (sec. 4.3). The
 activation-memory model of these variants is :mod:`pipetrain.activations`.
 """
 
@@ -64,7 +64,7 @@ def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     ``flash``: the fused kernel (:func:`common.causal_attention`), which keeps no T x T tensor.
     ``math``: GPT-2's and Megatron's unfused attention: the causal mask is a bool T x T tensor
     made here (``masked_fill`` saves it), softmax saves its output, dropout its bool mask and the
-    P.V matmul the dropped probabilities (Korthikanti et al. 2022, sec. 4.1).
+    P.V matmul the dropped probabilities (Korthikanti et al. 2023, sec. 4.1).
     """
     p = dropout_p if training else 0.0
     if attention == "flash":
