@@ -26,13 +26,18 @@ import networkx as nx
 from pipetrain.errors import ConfigError
 from pipetrain.serde import from_dict, parse_json, read_text_or_error, to_dict, write_text_atomic
 
-__all__ = ["GRAPH_SCHEMA_VERSION", "LayerShape", "Node", "Edge", "TiedParam", "CutTensor", "Cut", "LayerGraph", "structure_fingerprint"]
+__all__ = ["GRAPH_SCHEMA_VERSION", "ATTENTION_KINDS", "NORM_KINDS", "LayerShape", "Node", "Edge", "TiedParam", "CutTensor", "Cut",
+           "LayerGraph", "structure_fingerprint"]
 
 GRAPH_SCHEMA_VERSION = 1
 
 #: How a transformer layer's attention keeps its scores: ``flash`` (FlashAttention: only the
 #: output and log-sum-exp; Dao et al. 2022) or ``math`` (the s x s scores and softmax stored).
 ATTENTION_KINDS = ("flash", "math")
+#: A transformer layer's normalization: ``layernorm`` (Ba et al. 2016: saves its input and an fp32
+#: mean and rstd per token) or ``rmsnorm`` (Zhang & Sennrich 2019, written out as in Llama: saves its
+#: input, the rstd and the normalized input); see ``pipetrain.activations``.
+NORM_KINDS = ("layernorm", "rmsnorm")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,6 +54,8 @@ class LayerShape:
     attention: str = "flash"
     dropout: bool = False
     causal: bool = True
+    norm: str = "layernorm"
+    rotary: bool = False  # rotary position embedding applied to q and k (RoFormer; Llama)
 
     def __post_init__(self) -> None:
         if min(self.hidden, self.heads, self.kv_heads, self.ffn_hidden) < 1:
@@ -57,6 +64,8 @@ class LayerShape:
             raise ConfigError(f"layer shape {self}: heads must divide hidden and kv_heads must divide heads")
         if self.attention not in ATTENTION_KINDS:
             raise ConfigError(f"layer shape: attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
+        if self.norm not in NORM_KINDS:
+            raise ConfigError(f"layer shape: norm must be one of {NORM_KINDS}, got {self.norm!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

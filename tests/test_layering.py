@@ -3,7 +3,7 @@
 Layers, bottom up (a package may import its own layer and those listed for it):
 
 * base: the top-level modules (plan, schedules, events, timeline, errors, serde, graph, topology,
-  hardware, costs, memory, ``__init__``): only other base modules;
+  hardware, costs, memory, activations, ``__init__``): only other base modules;
 * program: base; simulator: base + program; planner: base + program + simulator;
   executor: base + program + simulator + planner;
 * calibration, validation: anything except reports and cli/commands;
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "pipetrain"
 
 BASE = frozenset({"plan", "schedules", "events", "timeline", "errors", "serde", "graph", "topology", "hardware", "costs", "sharding", "gemm",
-                  "memory", "__init__"})
+                  "memory", "activations", "__init__"})
 _BELOW_CALIBRATION = frozenset({"base", "program", "simulator", "planner", "executor", "calibration", "validation"})
 ALLOWED: dict[str, frozenset[str]] = {
     "base": frozenset({"base"}),
@@ -51,6 +51,7 @@ FORBIDDEN_MODULES: dict[str, tuple[str, ...]] = {"ui": ("pipetrain.planner.trace
 TORCH_FREE_MODULES = (
     "pipetrain", "pipetrain.plan", "pipetrain.schedules", "pipetrain.events", "pipetrain.timeline", "pipetrain.errors",
     "pipetrain.serde", "pipetrain.graph", "pipetrain.topology", "pipetrain.hardware", "pipetrain.costs", "pipetrain.memory",
+    "pipetrain.activations",
     "pipetrain.program", "pipetrain.simulator", "pipetrain.planner.search", "pipetrain.planner.explain", "pipetrain.planner.grid",
     "pipetrain.planner.partition", "pipetrain.planner.job", "pipetrain.planner.build", "pipetrain.reports", "pipetrain.ui",
     # torch only inside the functions that measure or trace

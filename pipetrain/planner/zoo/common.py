@@ -17,7 +17,7 @@ from torch import nn
 
 from pipetrain.errors import ModelError
 
-__all__ = ["PipelineModel", "ModelSpec", "RMSNorm", "causal_attention", "check_divisible", "TASKS", "INPUT_KINDS"]
+__all__ = ["PipelineModel", "ModelSpec", "RMSNorm", "causal_attention", "dropout", "check_divisible", "TASKS", "INPUT_KINDS"]
 
 TASKS = ("lm", "classification")
 INPUT_KINDS = ("tokens", "features", "image")
@@ -189,24 +189,41 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                     dropout_p: float = 0.0) -> torch.Tensor:
     """Scaled dot-product attention over [B, H, T, hd]; k/v may have fewer (grouped) heads.
 
     On real devices this is ``F.scaled_dot_product_attention``. On the meta device it calls the
     fused CPU flash kernel directly (what ``F.scaled_dot_product_attention`` itself picks on a
     CPU), because on meta PyTorch falls back to the math path, which materializes the T x T
     score matrix and would make the saved-for-backward bytes unlike any real run. Wrapped for
-    torch.fx, so at op granularity attention is one node.
+    torch.fx, so at op granularity attention is one node. ``dropout_p`` drops attention
+    probabilities inside the fused kernel (no mask is stored: the flash kernels regenerate it
+    from the RNG state; Dao et al. 2022, sec. 3.1); the caller passes 0 outside training.
     """
     if q.device.type == "meta":
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)[0]
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, causal)[0]
     if k.size(1) != q.size(1):
         try:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, enable_gqa=True)
         except TypeError:  # torch < 2.5 has no enable_gqa
             rep = q.size(1) // k.size(1)
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal)
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Dropout that saves a 1-byte bool mask for backward on every device.
+
+    ``F.dropout`` runs the fused ``native_dropout`` (bool mask) only on CUDA-like devices; on the
+    CPU and on meta it multiplies by a scaled noise tensor of the input's dtype, which autograd
+    saves at 2-4 bytes an element (ATen ``dropout``: ``is_fused_kernel_acceptable``). Calling
+    ``native_dropout`` everywhere makes the traced bytes those of a GPU run (Korthikanti et al.
+    2023, sec. 4.1, count 1 byte per mask element).
+    """
+    if not training or p == 0.0:
+        return x
+    return torch.native_dropout(x, p, True)[0]
 
 
 torch.fx.wrap("causal_attention")

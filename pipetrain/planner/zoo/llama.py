@@ -46,12 +46,17 @@ class LlamaEmbedding(nn.Module):
         return self.tok_embeddings(ids)
 
 
-def apply_rotary(x: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate [B, H, T, hd] by position (Su et al. 2021, RoFormer), pairing the two halves of hd."""
+def apply_rotary(x: torch.Tensor, theta: float, seq_dim: int = -2) -> torch.Tensor:
+    """Rotate x by position along ``seq_dim`` (Su et al. 2021, RoFormer), pairing the two halves of
+    the last dimension: [B, H, T, hd] with ``seq_dim=-2`` (the default), [B, T, H, hd] with -3."""
+    if seq_dim not in (-2, -3):
+        raise ValueError(f"apply_rotary: seq_dim must be -2 ([B, H, T, hd]) or -3 ([B, T, H, hd]), got {seq_dim}")
     hd = x.size(-1)
     inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd))
-    pos = torch.arange(x.size(-2), device=x.device, dtype=torch.float32)
+    pos = torch.arange(x.size(seq_dim), device=x.device, dtype=torch.float32)
     angles = pos[:, None] * inv_freq[None, :]
+    if seq_dim == -3:
+        angles = angles.unsqueeze(-2)  # [T, 1, hd/2]: broadcast over the heads
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
@@ -79,14 +84,16 @@ class LlamaBlock(nn.Module):
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)  # down
         self.trace_signature = ("llama-block", cfg)
         self.layer_shape = LayerShape(hidden=cfg.d_model, heads=cfg.n_head, kv_heads=cfg.n_kv_head, ffn_hidden=cfg.ffn_dim,
-                                      gated_mlp=True)
+                                      gated_mlp=True, norm="rmsnorm", rotary=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.attention_norm(x)
-        q = self.wq(h).unflatten(-1, (self.n_head, self.head_dim)).transpose(1, 2)
-        k = self.wk(h).unflatten(-1, (self.n_kv_head, self.head_dim)).transpose(1, 2)
+        # rotary on [B, T, H, hd], then the [B, H, T, hd] view: q and k stay sequence-major, as the
+        # projections' outputs and v are; the attention kernels allocate their output like q, so it
+        # is sequence-major too and the out-projection's input is a view of it, not a 2sbh copy
+        q = apply_rotary(self.wq(h).unflatten(-1, (self.n_head, self.head_dim)), self.theta, -3).transpose(1, 2)
+        k = apply_rotary(self.wk(h).unflatten(-1, (self.n_kv_head, self.head_dim)), self.theta, -3).transpose(1, 2)
         v = self.wv(h).unflatten(-1, (self.n_kv_head, self.head_dim)).transpose(1, 2)
-        q, k = apply_rotary(q, self.theta), apply_rotary(k, self.theta)
         y = common.causal_attention(q, k, v, True)
         x = x + self.wo(y.transpose(1, 2).flatten(2))
         h = self.ffn_norm(x)
