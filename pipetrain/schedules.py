@@ -107,6 +107,9 @@ class Schedule:
     chunks: int = field(default=1)
     #: (F, B) pairs run as one OVERLAP_F_B action (module docstring); :func:`validate` checks them
     overlaps: tuple[tuple[Action, Action], ...] = ()
+    # derived counts, computed once per schedule: the planner asks for them many times, and a
+    # schedule of 1024 micro-batches takes milliseconds to walk
+    _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         if self.num_ranks < 1 or self.num_stages < 1 or self.num_microbatches < 1:
@@ -671,6 +674,8 @@ def peak_in_flight(sched: Schedule) -> tuple[int, ...]:
     With a split backward, what a micro-batch keeps between its I and W is accounted apart
     (``StageSpec.wgrad_stash_bytes`` in the simulator).
     """
+    if "peak_in_flight" in sched._memo:
+        return sched._memo["peak_in_flight"]  # type: ignore[no-any-return]
     cur = [0] * sched.num_stages
     peak = [0] * sched.num_stages
     for acts in sched.actions:
@@ -680,11 +685,14 @@ def peak_in_flight(sched: Schedule) -> tuple[int, ...]:
                 peak[a.stage] = max(peak[a.stage], cur[a.stage])
             elif a.kind in ("B", "I"):
                 cur[a.stage] -= 1
-    return tuple(peak)
+    sched._memo["peak_in_flight"] = out = tuple(peak)
+    return out
 
 
 def peak_pending_wgrad(sched: Schedule) -> tuple[int, ...]:
     """Per stage, the most micro-batches whose I ran and whose W has not (0 without a split backward)."""
+    if "peak_pending_wgrad" in sched._memo:
+        return sched._memo["peak_pending_wgrad"]  # type: ignore[no-any-return]
     cur = [0] * sched.num_stages
     peak = [0] * sched.num_stages
     if sched.split_backward:
@@ -695,7 +703,8 @@ def peak_pending_wgrad(sched: Schedule) -> tuple[int, ...]:
                     peak[a.stage] = max(peak[a.stage], cur[a.stage])
                 elif a.kind == "W":
                     cur[a.stage] -= 1
-    return tuple(peak)
+    sched._memo["peak_pending_wgrad"] = out = tuple(peak)
+    return out
 
 
 def format_grid(sched: Schedule, *, compute_only: bool = True, start: int = 0, max_steps: int | None = 40) -> str:

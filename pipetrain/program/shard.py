@@ -9,7 +9,7 @@ for backward follows Korthikanti et al. 2023 ("Reducing Activation Recomputation
 Transformer Models", sec. 4): the tensors inside the attention and MLP regions are split over
 tp, while the LayerNorm regions -- the norms' inputs and outputs, the dropout masks after the
 projections -- stay whole on every rank unless sequence parallelism splits them along the
-sequence.
+sequence (:mod:`pipetrain.activations` holds the per-term model).
 
 :func:`shard_graph` returns that view as a :class:`~pipetrain.graph.LayerGraph` with the rank's
 FLOPs, parameters and saved bytes per node, so the memory model, the cost model and the
@@ -23,11 +23,12 @@ from dataclasses import replace
 
 import numpy as np
 
+from pipetrain.activations import layer_activation_bytes
 from pipetrain.errors import InfeasibleError
 from pipetrain.graph import LayerGraph, Node
 from pipetrain.sharding import AlphaBeta, collective_time_s, tp_collectives_per_layer
 
-__all__ = ["shard_graph", "tp_block", "tp_comm_times_s", "replicated_saved_bytes"]
+__all__ = ["shard_graph", "tp_block", "tp_comm_times_s"]
 
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 #: Node kinds split over the vocabulary (Megatron's VocabParallelEmbedding and its parallel head).
@@ -51,46 +52,24 @@ def tp_block(graph: LayerGraph, tp: int) -> str | None:
     return None
 
 
-def replicated_saved_bytes(node: Node, *, tokens: int, dtype_bytes: int) -> tuple[float, float]:
-    """(the norms' saved inputs plus the dropout masks and norm statistics, the norms' saved outputs)
-    of one transformer layer: the parts of Korthikanti et al.'s 10sbh that tensor parallelism
-    leaves whole (sec. 4.1: "4sbh" of LayerNorm inputs, "2sbh" + "2sbh" of the inputs of the
-    QKV and first MLP linears, which are the norms' outputs, and "2sbh" of dropout masks at
-    fp16), in the traced dtype. LayerNorm and RMSNorm also save an fp32 statistic per token
-    (mean and rstd: 8 bytes; rstd: 4), which the paper leaves out and which splits as the
-    norms' inputs do."""
-    assert node.layer is not None
-    h = node.layer.hidden
-    norms_in = 2 * tokens * h * dtype_bytes + 2 * tokens * 8
-    masks = 2 * tokens * h * dtype_bytes if node.layer.dropout else 0
-    norms_out = 2 * tokens * h * dtype_bytes
-    total = norms_in + masks + norms_out
-    if total > node.saved_bytes:  # a block saving less than its norms (e.g. recomputed inside): keep the trace
-        scale = node.saved_bytes / total
-        return (norms_in + masks) * scale, norms_out * scale
-    return float(norms_in + masks), float(norms_out)
-
-
-def _shard_node(node: Node, tp: int, sp: bool, tokens: int, dtype_bytes: int) -> Node:
-    if node.kind in _VOCAB_PARALLEL or node.layer is None:
+def _shard_node(node: Node, tp: int, sp: bool, graph: LayerGraph, dtype_bytes: int) -> Node:
+    if node.layer is None:
         if node.kind not in _VOCAB_PARALLEL:
             return node
         return replace(node, fwd_flops=node.fwd_flops / tp, bwd_flops=node.bwd_flops / tp, wgrad_flops=node.wgrad_flops / tp,
                        param_count=node.param_count // tp, param_bytes=node.param_bytes // tp,
                        saved_bytes=node.saved_bytes // tp, output_bytes=node.output_bytes // tp if sp else node.output_bytes)
-    whole, gathered = replicated_saved_bytes(node, tokens=tokens, dtype_bytes=dtype_bytes)
-    split = node.saved_bytes - whole - gathered
-    if sp:
-        # The paper counts the norms' outputs at s/t too (34/t). Under DTensor's SequenceParallel
-        # the column-parallel linear saves the all-gathered, full-sequence norm output for its
-        # weight gradient (torch.distributed.tensor.parallel.SequenceParallel + ColwiseParallel),
-        # which is what pipetrain's executor keeps: counted whole here.
-        saved = whole / tp + gathered + split / tp
-    else:
-        saved = whole + gathered + split / tp
+    # The activation model's change from tp=1 to this tp, applied to the traced bytes: exact where the
+    # model equals the trace (tests/test_activations.py checks the zoo's blocks), and it keeps what
+    # the model does not name. With sp the column-parallel linears keep the all-gathered norm
+    # outputs, as DTensor's SequenceParallel does (activations.layer_activation_terms).
+    s, b = graph.seq_len, graph.micro_batch_size
+    whole = layer_activation_bytes(node.layer, seq_len=s, micro_batch_size=b, dtype_bytes=dtype_bytes)
+    part = layer_activation_bytes(node.layer, seq_len=s, micro_batch_size=b, dtype_bytes=dtype_bytes, tp=tp, sequence_parallel=sp)
+    saved = max(0, node.saved_bytes - whole + part)
     return replace(node, fwd_flops=node.fwd_flops / tp, bwd_flops=node.bwd_flops / tp, wgrad_flops=node.wgrad_flops / tp,
                    # the norms' weights stay whole on every rank (a few h per layer): 1/tp is exact to <0.1%
-                   param_count=node.param_count // tp, param_bytes=node.param_bytes // tp, saved_bytes=int(round(saved)),
+                   param_count=node.param_count // tp, param_bytes=node.param_bytes // tp, saved_bytes=saved,
                    output_bytes=node.output_bytes // tp if sp else node.output_bytes)
 
 
@@ -106,9 +85,8 @@ def shard_graph(graph: LayerGraph, tp: int, *, sequence_parallel: bool = False) 
     why = tp_block(graph, tp)
     if why is not None:
         raise InfeasibleError(why)
-    tokens = graph.micro_batch_size * graph.seq_len
     db = _DTYPE_BYTES.get(graph.dtype, 4)
-    nodes = tuple(_shard_node(n, tp, sequence_parallel, tokens, db) for n in graph.nodes)
+    nodes = tuple(_shard_node(n, tp, sequence_parallel, graph, db) for n in graph.nodes)
     tied = tuple(replace(t, param_count=t.param_count // tp, param_bytes=t.param_bytes // tp) for t in graph.tied)
     return replace(graph, nodes=nodes, tied=tied, tp=tp, sequence_parallel=sequence_parallel, model_fingerprint=graph.fingerprint)
 
