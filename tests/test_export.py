@@ -207,16 +207,20 @@ def test_export_refuses_a_plan_for_other_blocks() -> None:
 
 
 # ----- the command's errors: exit 2, one line --------------------------------------------------------------
-@pytest.mark.parametrize("case", ["missing", "corrupt", "target"])
+@pytest.mark.parametrize("case", ["missing", "corrupt", "target", "other-model"])
 def test_cli_errors(tmp_path: Path, case: str, golden_plan: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    plan = {"missing": tmp_path / "none.json", "corrupt": tmp_path / "bad.json", "target": golden_plan}[case]
+    plan = {"missing": tmp_path / "none.json", "corrupt": tmp_path / "bad.json", "target": golden_plan,
+            "other-model": tmp_path / "other.json"}[case]
     if case == "corrupt":
         plan.write_text('{"model": "tiny-gpt", "pp": 2')
+    if case == "other-model":  # a plan whose graph is not the model's: the split would name other modules
+        plan.write_text(golden_plan.read_text().replace(Plan.load(golden_plan).graph_fingerprint, "0" * 64))
     to = "nemo" if case == "target" else "torch"
     assert main(["export", str(plan), "--to", to, "-o", str(tmp_path / "out")]) == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    want = {"missing": "does not exist", "corrupt": "plan file", "target": "export target 'nemo' is unknown; choose one of torch, torchtitan"}
+    want = {"missing": "does not exist", "corrupt": "plan file", "target": "export target 'nemo' is unknown; choose one of torch, torchtitan",
+            "other-model": "plan was made for model 'tiny-gpt' (graph 000000000000)"}
     assert want[case] in lines[0]
     assert not (tmp_path / "out").exists()
 

@@ -109,8 +109,9 @@ def schedule_csv(sched: Schedule) -> str:
 def rank_parts(plan: Plan) -> list[int]:
     """Block boundaries of a one-stage-per-rank split: ``[0, c1, ..., num_blocks]`` with ``pp + 1``
     entries. A plan with several (virtual) stages per rank is merged into consecutive groups of
-    ``chunks``: the plan's own cut positions, every ``chunks``-th of them, and each part as balanced
-    as the ``chunks`` stages it merges (a targets without interleaving can take no other)."""
+    ``chunks``: every ``chunks``-th of the plan's own cuts, so each part is as balanced as the stages
+    it merges (the planner balances virtual stages); which stages shared a rank cannot be kept
+    without interleaving, and the exporters say so."""
     v = len(plan.stages) // plan.pp
     return [0] + [plan.stages[(r + 1) * v - 1].block_end for r in range(plan.pp)]
 
