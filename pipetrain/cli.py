@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("report", "write a run's self-contained HTML report (plan, timelines, memory, convergence) + PNGs + JSON"),
     "demo": ("demo", "plan, simulate, run, validate and report tiny-gpt on this CPU"),
     "ui": ("ui", "open the interactive what-if page of a plan, job config or run (local web page)"),
+    "export": ("export", "export a plan to torch.distributed.pipelining, torchtitan, Megatron-LM or DeepSpeed"),
 }
 
 

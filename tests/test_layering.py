@@ -11,6 +11,8 @@ Layers, bottom up (a package may import its own layer and those listed for it):
 * ui (``pipetrain ui``'s page and server): base + program + simulator + planner (its torch-free
   modules: never ``planner.trace`` or ``planner.zoo``) + reports (the run directory's readers), and
   never torch; the command module traces the model and hands the ui the layer graph;
+* export (``pipetrain export``'s writers, one module per target framework): base + program, and never
+  torch; the command module builds the model on meta and hands the exporters its blocks;
 * cli (``cli.py``, ``commands/``, ``__main__``): anything; nothing else imports it.
 """
 
@@ -40,10 +42,11 @@ ALLOWED: dict[str, frozenset[str]] = {
     "validation": _BELOW_CALIBRATION,
     "reports": frozenset({"base", "program", "simulator", "reports"}),
     "ui": frozenset({"base", "program", "simulator", "planner", "reports", "ui"}),
-    "cli": _BELOW_CALIBRATION | {"reports", "ui", "cli"},
+    "export": frozenset({"base", "program", "export"}),
+    "cli": _BELOW_CALIBRATION | {"reports", "ui", "export", "cli"},
 }
 #: Layers that must not import torch (at module level or inside functions).
-TORCH_FREE_LAYERS = frozenset({"reports", "ui"})
+TORCH_FREE_LAYERS = frozenset({"reports", "ui", "export"})
 #: Modules a layer may not import although their layer is allowed: the planner's tracing and zoo need torch.
 FORBIDDEN_MODULES: dict[str, tuple[str, ...]] = {"ui": ("pipetrain.planner.trace", "pipetrain.planner.zoo")}
 
@@ -54,9 +57,11 @@ TORCH_FREE_MODULES = (
     "pipetrain.activations",
     "pipetrain.program", "pipetrain.simulator", "pipetrain.planner.search", "pipetrain.planner.explain", "pipetrain.planner.grid",
     "pipetrain.planner.partition", "pipetrain.planner.job", "pipetrain.planner.build", "pipetrain.reports", "pipetrain.ui",
+    "pipetrain.export",
     # torch only inside the functions that measure or trace
     "pipetrain.calibration.profile", "pipetrain.calibration.fit",
     "pipetrain.commands.plan", "pipetrain.commands.sweep", "pipetrain.commands.simulate", "pipetrain.commands.ui",
+    "pipetrain.commands.export",
 )
 
 
@@ -208,6 +213,11 @@ def test_checker_catches_planted_violations() -> None:
         "pipetrain/ui/x.py:2 -> pipetrain.planner.trace (ui must not import pipetrain.planner.trace: it needs torch)"]
     assert violations("from pipetrain.executor import plans\n", "pipetrain/ui/x.py", "pipetrain.ui.x")[0].startswith(
         "pipetrain/ui/x.py:1 -> pipetrain.executor.plans (ui may import only")
+    assert violations("from pipetrain.planner.zoo import get_model_spec\n", "pipetrain/export/x.py", "pipetrain.export.x")[0].startswith(
+        "pipetrain/export/x.py:1 -> pipetrain.planner.zoo (export may import only base, export, program)")
+    assert violations("def f():\n    import torch\n", "pipetrain/export/x.py", "pipetrain.export.x") == [
+        "pipetrain/export/x.py:2 -> torch (export must not import torch)"]
+    assert violations("from pipetrain.export import export_plan\n", "pipetrain/commands/export.py", "pipetrain.commands.export") == []
     assert violations("from pipetrain.planner.explain import stage_tensors\nfrom pipetrain.reports import rundir\n",
                       "pipetrain/ui/x.py", "pipetrain.ui.x") == []
     assert source_reads("import ast\nt = ast.parse(open(f).read())\n", "m.py") == ["m.py:2: ast.parse"]
