@@ -2,7 +2,7 @@
 
 ``pipetrain graph MODEL [--seq-len N] [--micro-batch-size N] [--dtype bf16|fp16|fp32]
 [--granularity block|op] [--json PATH]``. MODEL is a preset (``gpt2``, ``llama2-70b``, ...)
-or ``package.module:factory``. FLOPs and bytes are for one micro-batch.
+or ``package.module:factory``, or a Hugging Face config ``hf:NAME_OR_PATH``. FLOPs and bytes are for one micro-batch.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ __all__ = ["add_arguments", "run", "human_flops", "human_bytes", "human_count"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL", help="preset name or package.module:factory")
+    parser.add_argument("model", metavar="MODEL", help="preset name, hf:NAME_OR_PATH or package.module:factory")
     parser.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the model's context)")
     parser.add_argument("--micro-batch-size", type=int, default=1, help="samples per micro-batch (default 1)")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",

@@ -34,7 +34,7 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     """The job flags shared by ``plan`` and ``sweep``."""
     parser.add_argument("config", nargs="?", help="job YAML (see examples/*.yaml); flags override its keys")
     g = parser.add_argument_group("job")
-    g.add_argument("--model", help="model preset (e.g. gpt2-xl, llama2-70b, tiny-gpt) or package.module:factory")
+    g.add_argument("--model", help="model preset (e.g. gpt2-xl, llama2-70b, tiny-gpt), hf:NAME_OR_PATH (a Hugging Face config) or package.module:factory")
     g.add_argument("--topology", help="topology preset (dgx-h100:8, local-cpu:2, mixed-a100-h100) or a YAML path")
     g.add_argument("--global-batch", type=int, help="samples per optimizer step, over all replicas")
     g.add_argument("--seq-len", type=int, help="tokens per sample")

@@ -102,7 +102,7 @@ class Job:
             if not cond:
                 raise ConfigError(msg)
 
-        need(bool(self.model), "model must be given (a preset such as tiny-gpt, or package.module:factory)")
+        need(bool(self.model), "model must be given (a preset such as tiny-gpt, hf:NAME_OR_PATH, or package.module:factory)")
         need(bool(self.topology), "topology must be given (a preset such as dgx-h100:8, local-cpu:2, or a YAML path)")
         need(self.global_batch >= 1, f"global_batch must be >= 1, got {self.global_batch}")
         need(self.seq_len >= 1, f"seq_len must be >= 1, got {self.seq_len}")

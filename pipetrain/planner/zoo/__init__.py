@@ -2,7 +2,8 @@
 
 ``get_model_spec("gpt2")`` returns a :class:`ModelSpec`; ``spec.build()`` gives a
 :class:`PipelineModel` on meta (no memory). A user model is named ``package.module:factory``
-where ``factory()`` returns a ``PipelineModel`` or a ``ModelSpec``.
+where ``factory()`` returns a ``PipelineModel`` or a ``ModelSpec``. A Hugging Face decoder is named
+``hf:NAME_OR_PATH`` (:mod:`pipetrain.planner.zoo.hf`; transformers is imported only then).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pipetrain.errors import ModelError
 from pipetrain.planner.zoo.bert import BERT_PRESETS, bert_spec
 from pipetrain.planner.zoo.common import ModelSpec, PipelineModel
 from pipetrain.planner.zoo.gpt import GPT_PRESETS, gpt_spec
+from pipetrain.planner.zoo.hf import hf_presets  # transformers itself is imported only by hf_spec
 from pipetrain.planner.zoo.init import init_block_, materialize, param_seed, tied_parameters
 from pipetrain.planner.zoo.llama import LLAMA_PRESETS, llama_spec
 from pipetrain.planner.zoo.mlp import mlp_spec
@@ -41,7 +43,8 @@ def list_presets() -> tuple[str, ...]:
 
 
 def _known() -> str:
-    return f"known presets: {', '.join(_PRESETS)}; or name your own as package.module:factory"
+    return (f"known presets: {', '.join(_PRESETS)}; or name your own as package.module:factory; or a Hugging Face "
+            f"config as hf:NAME_OR_PATH (shipped: {', '.join(hf_presets())})")
 
 
 def _spec_from_model(name: str, model: PipelineModel, factory: Callable[[], PipelineModel]) -> ModelSpec:
@@ -95,11 +98,15 @@ def _user_spec(name: str) -> ModelSpec:
 
 
 def get_model_spec(name: str) -> ModelSpec:
-    """A preset by name, or a user model ``package.module:factory``."""
+    """A preset by name, a Hugging Face model ``hf:NAME_OR_PATH``, or a user model ``package.module:factory``."""
     if not isinstance(name, str) or not name:
         raise ModelError(f"model name must be a non-empty string; {_known()}")
     if name in _PRESETS:
         return _PRESETS[name](name)
+    if name.startswith("hf:"):  # before module:factory, which it would otherwise look like
+        from pipetrain.planner.zoo.hf import hf_spec
+
+        return hf_spec(name)
     if ":" in name:
         return _user_spec(name)
     raise ModelError(f"unknown model {name!r}; {_known()}")

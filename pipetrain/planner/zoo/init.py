@@ -8,9 +8,12 @@ parameter (GPT-2's ``wte.weight`` in the head) is drawn by its owner's rule wher
 
 Rules, by the module that directly holds the parameter: Embedding weight ~ N(0, 0.02);
 Linear/Conv weight ~ N(0, ``model.init_std``) when the model sets one (GPT-2, Llama, BERT
-use 0.02), else U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's Linear bound); norm weights 1;
+use 0.02), else U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's Linear bound); norm weights 1
+(Hugging Face's per-family ``*RMSNorm`` classes count as norms);
 every ``*bias`` 0; any other parameter ~ N(0, 0.02). Floating buffers become 0 (1 for
-names containing ``var``).
+names containing ``var``). A model with a checkpoint (``hf:`` directories with weights) has a
+``load_pretrained_(blocks)`` method; :func:`materialize` calls it after drawing, so the
+checkpoint's values replace the drawn ones block by block.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ def _draw(module: nn.Module, name: str, like: torch.Tensor, gen: torch.Generator
     out = torch.empty(like.shape, dtype=torch.float32)
     if leaf.endswith("bias"):
         return out.zero_()
-    if isinstance(module, _NORMS):
+    if isinstance(module, _NORMS) or type(module).__name__.endswith("RMSNorm"):  # LlamaRMSNorm, Qwen2RMSNorm, ...
         return out.fill_(1.0)
     if isinstance(module, nn.Embedding):
         return out.normal_(0.0, 0.02, generator=gen)
@@ -111,4 +114,7 @@ def materialize(model: PipelineModel, device: str | torch.device, seed: int,
         model.blocks[i].to_empty(device=device)
     for i in indices:
         init_block_(model, i, seed)
+    load = getattr(model, "load_pretrained_", None)
+    if callable(load):
+        load(indices)
     return model
