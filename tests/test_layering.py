@@ -11,6 +11,8 @@ Layers, bottom up (a package may import its own layer and those listed for it):
 * ui (``pipetrain ui``'s page and server): base + program + simulator + planner (its torch-free
   modules: never ``planner.trace`` or ``planner.zoo``) + reports (the run directory's readers), and
   never torch; the command module traces the model and hands the ui the layer graph;
+* torchsched (torch's own schedules in the simulator): base + program + simulator + planner; torch
+  only inside the functions of ``torchsched.orders`` (the package imports without it);
 * cli (``cli.py``, ``commands/``, ``__main__``): anything; nothing else imports it.
 """
 
@@ -40,7 +42,8 @@ ALLOWED: dict[str, frozenset[str]] = {
     "validation": _BELOW_CALIBRATION,
     "reports": frozenset({"base", "program", "simulator", "reports"}),
     "ui": frozenset({"base", "program", "simulator", "planner", "reports", "ui"}),
-    "cli": _BELOW_CALIBRATION | {"reports", "ui", "cli"},
+    "torchsched": frozenset({"base", "program", "simulator", "planner", "torchsched"}),
+    "cli": _BELOW_CALIBRATION | {"reports", "ui", "torchsched", "cli"},
 }
 #: Layers that must not import torch (at module level or inside functions).
 TORCH_FREE_LAYERS = frozenset({"reports", "ui"})
@@ -53,6 +56,7 @@ TORCH_FREE_MODULES = (
     "pipetrain.serde", "pipetrain.graph", "pipetrain.topology", "pipetrain.hardware", "pipetrain.costs", "pipetrain.memory",
     "pipetrain.program", "pipetrain.simulator", "pipetrain.planner.search", "pipetrain.planner.explain", "pipetrain.planner.grid",
     "pipetrain.planner.partition", "pipetrain.planner.job", "pipetrain.planner.build", "pipetrain.reports", "pipetrain.ui",
+    "pipetrain.torchsched",
     # torch only inside the functions that measure or trace
     "pipetrain.calibration.profile", "pipetrain.calibration.fit",
     "pipetrain.commands.plan", "pipetrain.commands.sweep", "pipetrain.commands.simulate", "pipetrain.commands.ui",
