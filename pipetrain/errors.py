@@ -16,6 +16,7 @@ __all__ = [
     "InfeasibleError",
     "ScheduleError",
     "RunError",
+    "TorchScheduleError",
 ]
 
 
@@ -45,3 +46,9 @@ class ScheduleError(PipetrainError):
 
 class RunError(PipetrainError):
     """A distributed run failed: a rank raised, died or timed out."""
+
+
+class TorchScheduleError(PipetrainError):
+    """torch's own pipeline schedules cannot be imported: an untested torch version (the import uses
+    private APIs of ``torch.distributed.pipelining``), an unknown schedule name, a bad CSV, or
+    arguments torch refuses (e.g. DualPipeV with fewer than ``2p`` micro-batches)."""

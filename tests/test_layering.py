@@ -13,6 +13,8 @@ Layers, bottom up (a package may import its own layer and those listed for it):
   never torch; the command module traces the model and hands the ui the layer graph;
 * export (``pipetrain export``'s writers, one module per target framework): base + program, and never
   torch; the command module builds the model on meta and hands the exporters its blocks;
+* torchsched (torch's own schedules in the simulator): base + program + simulator + planner; torch
+  only inside the functions of ``torchsched.orders`` (the package imports without it);
 * cli (``cli.py``, ``commands/``, ``__main__``): anything; nothing else imports it.
 """
 
@@ -43,7 +45,8 @@ ALLOWED: dict[str, frozenset[str]] = {
     "reports": frozenset({"base", "program", "simulator", "reports"}),
     "ui": frozenset({"base", "program", "simulator", "planner", "reports", "ui"}),
     "export": frozenset({"base", "program", "export"}),
-    "cli": _BELOW_CALIBRATION | {"reports", "ui", "export", "cli"},
+    "torchsched": frozenset({"base", "program", "simulator", "planner", "torchsched"}),
+    "cli": _BELOW_CALIBRATION | {"reports", "ui", "export", "torchsched", "cli"},
 }
 #: Layers that must not import torch (at module level or inside functions).
 TORCH_FREE_LAYERS = frozenset({"reports", "ui", "export"})
@@ -58,6 +61,7 @@ TORCH_FREE_MODULES = (
     "pipetrain.program", "pipetrain.simulator", "pipetrain.planner.search", "pipetrain.planner.explain", "pipetrain.planner.grid",
     "pipetrain.planner.partition", "pipetrain.planner.job", "pipetrain.planner.build", "pipetrain.reports", "pipetrain.ui",
     "pipetrain.export",
+    "pipetrain.torchsched",
     # torch only inside the functions that measure or trace
     "pipetrain.calibration.profile", "pipetrain.calibration.fit",
     "pipetrain.commands.plan", "pipetrain.commands.sweep", "pipetrain.commands.simulate", "pipetrain.commands.ui",

@@ -1,7 +1,8 @@
 """Our GPipe and 1F1B compute orders against torch.distributed.pipelining's ``pipeline_order``.
 
-torch builds ``pipeline_order`` in the schedule's constructor from ``stage.num_stages`` alone, so a
-stand-in object with that attribute is enough (no process group, no model). torch's lists carry
+torch builds ``pipeline_order`` in the schedule's constructor from the stages' shape attributes alone,
+so stand-in objects are enough (no process group, no model): :func:`pipetrain.torchsched.torch_stubs`,
+which ``simulate --torch-schedule`` uses too. torch's lists carry
 ``None`` idle slots and a trailing REDUCE_GRAD action; both are bookkeeping, not compute, and are
 dropped before comparing.
 
@@ -31,6 +32,7 @@ import pytest
 
 from pipetrain.errors import ScheduleError
 from pipetrain.schedules import dualpipev, gpipe, interleaved, one_f_one_b, validate, zbv
+from pipetrain.torchsched import torch_stubs
 
 pipelining = pytest.importorskip("torch.distributed.pipelining.schedules")
 
@@ -38,7 +40,7 @@ CASES = [(p, m) for p in (2, 4, 8) for m in (p, 2 * p, 3 * p)]
 
 
 def _torch_order(cls: type, p: int, m: int) -> list[list[str]]:
-    sched = cls(SimpleNamespace(num_stages=p), n_microbatches=m)
+    sched = cls(torch_stubs(p, p, (0,))[0], n_microbatches=m)
     out = []
     for rank in range(p):
         acts = [a for a in sched.pipeline_order[rank] if a is not None and a.is_compute_op]
@@ -67,8 +69,7 @@ def test_1f1b_matches_torch(p: int, m: int) -> None:
 @pytest.mark.parametrize("v", [2, 3])
 def test_interleaved_matches_torch(p: int, m: int, v: int) -> None:
     # ScheduleInterleaved1F1B computes every rank's order from its first stage's shape attributes
-    stages = [SimpleNamespace(num_stages=p * v, group_size=p, group_rank=0, stage_index=c * p) for c in range(v)]
-    sched = pipelining.ScheduleInterleaved1F1B(stages, n_microbatches=m)
+    sched = pipelining.ScheduleInterleaved1F1B(torch_stubs(p, p * v, tuple(c * p for c in range(v))), n_microbatches=m)
     theirs = [[str(a) for a in sched.pipeline_order[r] if a is not None and a.is_compute_op] for r in range(p)]
     ours = interleaved(p, m, v).to_strings(compute_only=True)
     if m > p:
@@ -91,8 +92,7 @@ V_CASES = [(p, m) for p in (2, 4, 8) for m in (p, 2 * p)]
 
 def _v_stubs(p: int) -> list[SimpleNamespace]:
     # torch builds every rank's order from rank 0's two stages (the V: stages 0 and 2p-1)
-    return [SimpleNamespace(num_stages=2 * p, group_size=p, group_rank=0, stage_index=s, is_first=s == 0,
-                            is_last=s == 2 * p - 1, submod=None) for s in (0, 2 * p - 1)]
+    return torch_stubs(p, 2 * p, (0, 2 * p - 1))
 
 
 def _v_torch_order(cls: type, p: int, m: int) -> list[list[str]]:

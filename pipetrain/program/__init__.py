@@ -33,6 +33,7 @@ from pipetrain.program.lower import (
     sim_input,
 )
 from pipetrain.program.spec import (
+    RECV_MODES,
     BoundarySpec,
     ComputeGroup,
     DataParallelSpec,
@@ -45,7 +46,7 @@ from pipetrain.program.spec import (
 )
 
 __all__ = [
-    "AUTO_SCHEDULES", "AUTO_SCHEDULES_CPU", "POST", "RUN", "RUNNABLE_SCHEDULES", "BoundarySpec", "ComputeGroup",
+    "AUTO_SCHEDULES", "AUTO_SCHEDULES_CPU", "POST", "RECV_MODES", "RUN", "RUNNABLE_SCHEDULES", "BoundarySpec", "ComputeGroup",
     "DataParallelSpec", "Link", "Op", "Placement", "Program", "SimInput", "StageCosts", "StageSpec", "TieSpec", "auto_schedules",
     "compute_groups", "held_in_flight", "lower", "lower_ops", "lower_schedule", "placement", "pool_sizes",
     "rank_device_type", "ring_allreduce_time_s", "sim_input", "uniform",

@@ -48,7 +48,7 @@ from pipetrain.memory import stage_memory, stage_output_bytes
 from pipetrain.plan import Plan
 from pipetrain.program.catalog import held_in_flight, pool_sizes
 from pipetrain.program.shard import shard_graph, tp_comm_times_s
-from pipetrain.program.spec import BoundarySpec, ComputeGroup, DataParallelSpec, Link, SimInput, StageSpec, TieSpec
+from pipetrain.program.spec import POST, RUN, BoundarySpec, ComputeGroup, DataParallelSpec, Link, Op, SimInput, StageSpec, TieSpec
 from pipetrain.schedules import Action, Schedule, make_schedule, peak_in_flight
 from pipetrain.sharding import dp_allreduce_bytes_per_param
 from pipetrain.topology import Device, DeviceType, Topology
@@ -61,21 +61,6 @@ __all__ = ["POST", "RUN", "Op", "Program", "StageCosts", "Placement", "placement
 #: flush (hence no overlap by default), as Megatron-LM does with its default
 #: ``accumulate_allreduce_grads_in_fp32`` for bf16 (Narayanan et al. 2021).
 _ALLREDUCE_BYTES_PER_PARAM = 4
-
-POST, RUN = "post", "run"
-
-
-@dataclass(frozen=True, slots=True)
-class Op:
-    """One operation of a rank's program: ``run`` an action of the schedule (compute, SEND, or a
-    RECV's wait), or ``post`` a RECV (its buffer is taken and the receive is issued)."""
-
-    verb: str
-    action: Action
-
-    def __str__(self) -> str:
-        return f"post:{self.action}" if self.verb == POST else str(self.action)
-
 
 @dataclass(frozen=True, kw_only=True)
 class Program:

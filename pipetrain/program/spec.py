@@ -35,13 +35,35 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pipetrain.errors import ConfigError
-from pipetrain.schedules import Schedule, make_schedule, schedule_chunks
+from pipetrain.schedules import Action, Schedule, make_schedule, schedule_chunks
 from pipetrain.sharding import collective_time_s
 
 __all__ = [
-    "Link", "StageSpec", "TieSpec", "BoundarySpec", "ComputeGroup", "DataParallelSpec", "SimInput",
+    "POST", "RUN", "RECV_MODES", "Op", "Link", "StageSpec", "TieSpec", "BoundarySpec", "ComputeGroup", "DataParallelSpec", "SimInput",
     "ring_allreduce_time_s", "uniform",
 ]
+
+
+POST, RUN = "post", "run"
+#: How a rank's posted receive interacts with its later communication (``SimInput.recv_mode``):
+#: ``post`` (gloo, and pipetrain's own runtime): a posted receive waits for its data without holding
+#: anything else back; ``in-order`` (an NCCL stream): a rank's point-to-point operations with one peer
+#: run one after another in the order they were issued (NCCL puts each pair of ranks' send/recv on one
+#: communicator and stream), so a posted receive whose data is not there yet holds back every later
+#: send to and receive from that peer until it completes.
+RECV_MODES = ("post", "in-order")
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One operation of a rank's program: ``run`` an action of the schedule (compute, SEND, or a
+    RECV's wait), or ``post`` a RECV (its buffer is taken and the receive is issued)."""
+
+    verb: str
+    action: Action
+
+    def __str__(self) -> str:
+        return f"post:{self.action}" if self.verb == POST else str(self.action)
 
 
 def _need(cond: bool, msg: str) -> None:
@@ -274,6 +296,12 @@ class SimInput:
     t_message_host_s: float = 0.0
     #: tied weights whose gradient is all-reduced across ranks each step (before the clip barrier)
     ties: tuple[TieSpec, ...] = ()
+    #: each rank's operations with its receive posts where the program issues them (an imported
+    #: program, e.g. torch's lowered schedule: :mod:`pipetrain.torchsched`); None: pipetrain's own
+    #: lowering, the prefetch rule of :func:`pipetrain.program.lower_ops` under the stages' buffers
+    ops: tuple[tuple[Op, ...], ...] | None = None
+    #: what a posted receive holds back (:data:`RECV_MODES`); ``post`` is what pipetrain's runtime does
+    recv_mode: str = "post"
 
     def __post_init__(self) -> None:
         n = self.schedule.num_stages
@@ -289,6 +317,9 @@ class SimInput:
         _need(self.micro_batch_size >= 1 and self.seq_len >= 1, "micro_batch_size and seq_len must be >= 1")
         for t in self.ties:
             _need(all(0 <= r < self.schedule.num_ranks for r in t.ranks), f"tie {t.ranks} names a rank outside 0..{self.schedule.num_ranks - 1}")
+        _need(self.recv_mode in RECV_MODES, f"recv_mode must be one of {', '.join(RECV_MODES)}, got {self.recv_mode!r}")
+        if self.ops is not None:
+            _check_ops(self.schedule, self.ops)
         _nonneg("SimInput", model_flops_per_sample=self.model_flops_per_sample, peak_flops_per_device=self.peak_flops_per_device,
                 t_message_host_s=self.t_message_host_s)
 
@@ -299,6 +330,23 @@ class SimInput:
     @property
     def samples_per_step(self) -> int:
         return self.micro_batch_size * self.schedule.num_microbatches * self.data_parallel.width
+
+
+def _check_ops(schedule: Schedule, ops: tuple[tuple[Op, ...], ...]) -> None:
+    """Explicit operations: per rank, the schedule's actions in order, each RECV posted once before its wait."""
+    _need(len(ops) == schedule.num_ranks, f"SimInput.ops has {len(ops)} ranks, schedule {schedule.name} has {schedule.num_ranks}")
+    for r, (acts, rank_ops) in enumerate(zip(schedule.actions, ops)):
+        runs = tuple(op.action for op in rank_ops if op.verb == RUN)
+        _need(runs == acts, f"SimInput.ops of rank {r} must run the schedule's actions in its order (rank {r} of {schedule.name})")
+        posted: set[Action] = set()
+        for op in rank_ops:
+            _need(op.verb in (POST, RUN), f"SimInput.ops of rank {r}: verb {op.verb!r} is neither {POST!r} nor {RUN!r}")
+            if op.verb == POST:
+                _need(op.action.kind in ("RECV_F", "RECV_B") and op.action not in posted,
+                      f"SimInput.ops of rank {r}: post:{op.action} must post a RECV of the schedule, once")
+                posted.add(op.action)
+            elif op.action.kind in ("RECV_F", "RECV_B"):
+                _need(op.action in posted, f"SimInput.ops of rank {r}: {op.action} is waited on before it is posted; add post:{op.action} before it")
 
 
 def uniform(p: int, m: int, schedule: str | Schedule = "1f1b", *, t_fwd_s: float, t_bwd_s: float,

@@ -19,6 +19,17 @@ does:
   once its receive is posted, so a stage with few buffers delays its upstream's sends (exposing
   their latency). A stage without remote input (stage 0) is checked at each F: no more than
   ``buffers`` micro-batches in flight.
+* **receive modes** (``SimInput.recv_mode``): in ``post`` mode (above; gloo, pipetrain's runtime)
+  a posted receive holds nothing back. In ``in-order`` mode (an NCCL stream) each rank's posts and
+  sends, to any peer, queue on one stream (the pipeline group's communicator) in the order the
+  rank issues them: an operation starts only once the one before it completed. A send starts its
+  transfer when it heads its stream (NCCL pushes into the peer's buffers; it needs no posted
+  receive) and completes once its bytes are on the wire (``bytes / bandwidth``; the link's latency
+  is the receiver's wait); a receive completes when it heads its stream and its data is there, and
+  the rank's wait on it returns only then. A receive posted long before its data is sent thus holds
+  back the rank's later sends, to any peer: the bubble of front-loaded receives
+  (pytorch/pytorch#172668, #188833). Where receives are posted is the program's (``SimInput.ops``:
+  an imported program; else pipetrain's own prefetch rule).
 * **memory** per stage at every change: activations F -> B; with a split backward, the W stash
   B -> W; plus the static bytes.
 
@@ -32,14 +43,14 @@ that really wait create simpy events.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 
 import simpy
 from simpy.events import NORMAL
 
 from pipetrain.errors import ScheduleError
 from pipetrain.program.spec import ComputeGroup, SimInput
-from pipetrain.simulator.ops import COMPUTE, POST, SEND, EventTuple, end_of_step, posted_skeleton, tables
+from pipetrain.simulator.ops import COMPUTE, POST, SEND, EventTuple, end_of_step, sim_skeleton, tables
 from pipetrain.simulator.result import SimResult, build_result, busy_s_per_stage
 from pipetrain.simulator.sharing import SharedCores
 
@@ -72,7 +83,7 @@ def _why(what: tuple[str, int, int] | None, caps: list[int]) -> str:
 def simulate(inp: SimInput) -> SimResult:
     """Simulate one training step of ``inp`` with simpy; see the module docstring."""
     sched = inp.schedule
-    ops_per_rank = posted_skeleton(sched, tuple(spec.buffers for spec in inp.stages))
+    ops_per_rank = sim_skeleton(inp)
     tab = tables(inp)
     dur_of, link_of, wire_of, lat_of, bytes_of = tab.dur, tab.link, tab.wire, tab.latency, tab.nbytes
     env = simpy.Environment()
@@ -115,7 +126,7 @@ def simulate(inp: SimInput) -> SimResult:
     posted: set[int] = set()
     pending: dict[int, tuple[int, int, int, int]] = {}
 
-    def transfer(msg: int, r: int, s: int, mb: int, slot: int) -> None:
+    def transfer(msg: int, r: int, s: int, mb: int, slot: int) -> float:
         now = env.now
         name = link_of[slot]
         begin = link_free.get(name, 0.0)
@@ -125,11 +136,70 @@ def simulate(inp: SimInput) -> SimResult:
         link_free[name] = done
         arrive = done + lat_of[slot]
         push((s, r, "SEND", mb, begin, arrive, bytes_of[slot]))
+        if in_order:  # the receive's completion lands it (stream order)
+            return arrive
         w = recv_wait.pop(msg, None)
         if w is None:
             landed[msg] = arrive
         else:
             _land(env, w, arrive - now, arrive)
+        return arrive
+
+    # in-order mode: one FIFO stream per rank (the pipeline group's communicator). A SEND heading
+    # its stream starts its transfer (NCCL pushes into the peer's buffers: it needs no posted
+    # receive) and completes when its bytes are off the wire; a POST heading its stream completes
+    # once its data is there, and only then can the rank's wait on it return. Whatever was issued
+    # after an operation waits for it.
+    in_order = inp.recv_mode == "in-order"
+    streams: dict[int, deque] = {}
+    arrived: dict[int, float] = {}
+    recv_head: dict[int, int] = {}  # message -> the stream whose head is its POST, waiting for data
+
+    def issue(key: int, entry: tuple) -> None:
+        q = streams.setdefault(key, deque())
+        q.append(entry)
+        if len(q) == 1:
+            activate(key)
+
+    def activate(key: int) -> None:
+        entry = streams[key][0]
+        msg = entry[1]
+        if entry[0] == SEND:
+            _, _, r, s, mb, slot = entry
+            arrive = transfer(msg, r, s, mb, slot)
+            done_at(arrive - lat_of[slot], lambda: complete(key))  # off the wire: the sender's kernel is done
+            waiting = recv_head.pop(msg, None)
+            if waiting is None:
+                arrived[msg] = arrive
+            else:
+                receive(waiting, msg, arrive)
+        else:
+            t = arrived.pop(msg, None)
+            if t is None:
+                recv_head[msg] = key
+            else:
+                receive(key, msg, max(t, env.now))
+
+    def receive(key: int, msg: int, at: float) -> None:
+        def finish() -> None:
+            w = recv_wait.pop(msg, None)
+            if w is None:
+                landed[msg] = at
+            else:
+                _land(env, w, 0.0, at)
+            complete(key)
+
+        done_at(at, finish)
+
+    def done_at(at: float, fn: Callable[[], None]) -> None:
+        ev = env.timeout(max(0.0, at - env.now))
+        ev.callbacks.append(lambda _ev: fn())
+
+    def complete(key: int) -> None:
+        q = streams[key]
+        q.popleft()
+        if q:
+            activate(key)
 
     host_s = inp.t_message_host_s
 
@@ -202,6 +272,8 @@ def simulate(inp: SimInput) -> SimResult:
                 if final:
                     grad_start[s] = start
                     grad_end[s] = end
+            elif code == POST and in_order:
+                issue(r, (POST, op[3]))
             elif code == POST:
                 msg = op[3]
                 posted.add(msg)
@@ -212,7 +284,9 @@ def simulate(inp: SimInput) -> SimResult:
                 _, s, mb, msg, slot = op
                 if host_s:
                     yield from occupy(res, host_s)
-                if msg in posted:  # transfer(msg, r, s, mb, slot), inlined
+                if in_order:
+                    issue(r, (SEND, msg, r, s, mb, slot))
+                elif msg in posted:  # transfer(msg, r, s, mb, slot), inlined
                     now = env.now
                     name = link_of[slot]
                     begin = link_free.get(name, 0.0)
@@ -256,6 +330,11 @@ def simulate(inp: SimInput) -> SimResult:
     stuck = [r for r, p in enumerate(procs) if p.is_alive]
     if stuck:
         why = "; ".join(f"rank {r} waits for {_why(waiting_on[r], caps)}" for r in stuck)
+        if in_order:
+            raise ScheduleError(f"simulation of {sched.name} cannot finish in recv_mode 'in-order': {why}. A receive posted before "
+                                "a send to the same peer holds that send back until its data arrives, and the two ranks wait on each "
+                                "other: post each receive just before the compute that needs it (torch: defer_pp_recv=True), or "
+                                "simulate recv_mode 'post'")
         raise ScheduleError(f"simulation of {sched.name} cannot finish: {why}. A stage with fewer buffers than the schedule keeps in flight "
                             "stalls for ever: build the schedule with those buffers (make_schedule(..., buffers=...)) or raise them")
     pipeline = max(rank_end) if rank_end else 0.0

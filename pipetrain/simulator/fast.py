@@ -6,7 +6,9 @@ compute); edges are each rank's program order (weight: the node's duration) and 
 ``max(end of the previous node on its rank, end of the sender's node + wire + latency) + duration``:
 exactly what the simpy engine computes when nothing contends. It ignores what only the simpy
 engine models — shared compute groups, link contention (FIFO queues), buffer back-pressure and
-the host work per message (``SimInput.t_message_host_s``) — and is meant for the planner's
+the host work per message (``SimInput.t_message_host_s``), and where receives are posted (it
+takes each as posted in time: ``SimInput.ops`` is ignored; ``recv_mode`` ``in-order`` is refused)
+— and is meant for the planner's
 screening of many candidates; the planner confirms its best ones in the simpy engine.
 
 The DAG's shape depends only on the schedule, so it is compiled once per :class:`Schedule` object
@@ -18,7 +20,7 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 
-from pipetrain.errors import ScheduleError
+from pipetrain.errors import ConfigError, ScheduleError
 from pipetrain.program.spec import SimInput
 from pipetrain.schedules import Schedule, peak_in_flight, peak_pending_wgrad
 from pipetrain.simulator.ops import EVENT_KIND, EventTuple, Tables, check_comms, drop_when_collected, end_of_step, tables
@@ -183,6 +185,8 @@ def fast_step_time(inp: SimInput) -> float:
 
 def fast_evaluate(inp: SimInput, *, events: bool = False) -> SimResult:
     """Evaluate ``inp`` by longest path; ``events=True`` also returns the F/B/W events."""
+    if inp.recv_mode != "post":
+        raise ConfigError(f"the fast evaluator cannot order receives on a stream (recv_mode {inp.recv_mode!r}): use the simpy engine")
     sched = inp.schedule
     prog = compile_schedule(sched)
     val, tab = _run(inp, prog)

@@ -17,7 +17,8 @@ Skeleton op tuples:
   ``link_slot = 2·boundary + (0 forward, 1 backward)``; ``message`` pairs a SEND with its RECV.
 * ``(POST, stage, microbatch, message, link_slot)``: the receive of ``message`` is posted (a buffer
   of the stage's pool taken), where the lowered program (:func:`pipetrain.program.lower_ops`)
-  posts it; a transfer starts only once its receive is posted. :func:`posted_skeleton` adds them.
+  posts it; a transfer starts only once its receive is posted. :func:`posted_skeleton` adds them;
+  :func:`explicit_skeleton` takes them from an imported program (``SimInput.ops``).
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ from typing import Any
 from pipetrain.errors import ScheduleError
 from pipetrain.program import POST as _POST_VERB
 from pipetrain.program import lower_ops
-from pipetrain.program.spec import SimInput, ring_allreduce_time_s
+from pipetrain.program.spec import Op, SimInput, ring_allreduce_time_s
 from pipetrain.schedules import Schedule
 from pipetrain.simulator.sharing import shared_finish_times
 
-__all__ = ["COMPUTE", "SEND", "RECV", "POST", "EVENT_KIND", "EventTuple", "Tables", "check_comms", "skeleton", "posted_skeleton", "tables",
+__all__ = ["COMPUTE", "SEND", "RECV", "POST", "EVENT_KIND", "EventTuple", "Tables", "check_comms", "skeleton", "posted_skeleton", "explicit_skeleton",
+           "sim_skeleton", "tables",
            "end_of_step", "drop_when_collected"]
 
 COMPUTE, SEND, RECV, POST = 0, 1, 2, 3
@@ -132,6 +134,30 @@ def posted_skeleton(sched: Schedule, buffers: tuple[int | None, ...]) -> tuple[t
     result = tuple(out)
     _POSTED[key] = (weakref.ref(sched, drop_when_collected(_POSTED, key)), result)
     return result
+
+
+def explicit_skeleton(sched: Schedule, program: tuple[tuple[Op, ...], ...]) -> tuple[tuple[tuple, ...], ...]:
+    """:func:`skeleton` with the receive posts where ``program`` (``SimInput.ops``, checked there) issues them."""
+    base = skeleton(sched)
+    out = []
+    for r, rank_ops in enumerate(program):
+        ops: list[tuple] = []
+        i = 0
+        for op in rank_ops:
+            if op.verb == _POST_VERB:
+                ops.append((POST, *base[r][_index_of(sched, r, op.action)][1:]))
+            else:
+                ops.append(base[r][i])
+                i += 1
+        out.append(tuple(ops))
+    return tuple(out)
+
+
+def sim_skeleton(inp: SimInput) -> tuple[tuple[tuple, ...], ...]:
+    """The op tuples the engine runs for ``inp``: its explicit program, else pipetrain's lowering."""
+    if inp.ops is not None:
+        return explicit_skeleton(inp.schedule, inp.ops)
+    return posted_skeleton(inp.schedule, tuple(spec.buffers for spec in inp.stages))
 
 
 def _index_of(sched: Schedule, rank: int, action: object) -> int:
