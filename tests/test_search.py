@@ -350,3 +350,15 @@ def test_split_backward_schedules_never_get_recompute() -> None:
                           max_memory_bytes=cap), graph_for=gf,
                       topology=topo, top_k=8)
     assert all(not any(e.recompute) for e in unpinned.screened if e.candidate.schedule in SPLIT_BACKWARD_SCHEDULES)
+
+
+@pytest.mark.parametrize("name", ["zbv", "dualpipev", "interleaved"])
+def test_in_flight_counts_saturate_at_two_micro_batches_per_rank(name: str) -> None:
+    """The planner prices ZB-V and DualPipeV memory from a 2p-micro-batch schedule (search.SATURATION)."""
+    from pipetrain.planner.search import SATURATION
+    from pipetrain.program.catalog import held_in_flight
+
+    for p in (2, 4, 8):
+        base = held_in_flight(make_schedule(name, p, SATURATION * p, 2))
+        for m in range(SATURATION * p, 6 * p + 1, p):
+            assert held_in_flight(make_schedule(name, p, m, 2)) == base, (name, p, m)

@@ -63,11 +63,11 @@ from pipetrain.program.catalog import (
     interleaved_rule,
     zb_h1_held_bound,
 )
-from pipetrain.program.lower import Placement, placement, rank_device_type, sim_input, tp_link
+from pipetrain.program.lower import Placement, dp_link, placement, rank_device_type, sim_input, tp_link
 from pipetrain.program.shard import shard_graph, tp_block
 from pipetrain.program.spec import Link
 from pipetrain.schedules import SPLIT_BACKWARD_SCHEDULES, Schedule, make_schedule, peak_in_flight, stage_ranks
-from pipetrain.sharding import precision_for_dtype
+from pipetrain.sharding import collective_time_s, dp_allreduce_bytes_per_param, precision_for_dtype
 from pipetrain.simulator import SimInput, SimResult, fast_evaluate, simulate
 from pipetrain.topology import Topology, resolve_topology
 
@@ -143,6 +143,10 @@ class SearchResult:
         return self.graph_for(b or self.best.candidate.micro_batch_size)
 
 
+#: Micro-batches per pipeline rank beyond which a schedule's in-flight counts stop growing.
+SATURATION = 2
+
+
 class _Searcher:
     def __init__(self, job: Job, topology: Topology, graph_for: Callable[[int], LayerGraph], cost: CostModel | None,
                  top_k: int) -> None:
@@ -150,6 +154,7 @@ class _Searcher:
         self.tables: dict[tuple, StageTables] = {}
         self._tp_links: dict[tuple[int, int, int], Link | None] = {}
         self._bounds: dict[Candidate, float] = {}
+        self._dp_links: dict[tuple[int, int, int], Link] = {}
         self.precision = job_precision(job, topology)
         self.infeasible: list[tuple[str, str]] = []
         self.overflows: list[tuple[float, str, PartitionInfeasibleError]] = []
@@ -191,7 +196,20 @@ class _Searcher:
         dt = max((rank_device_type(self.topo, place, r) for r in range(c.pp)), key=lambda d: d.achievable_flops("bf16"))
         total = float(tab.time_matrix(dt, recompute=False)[0, tab.n])
         bubble = 0.0 if c.schedule in SPLIT_BACKWARD_SCHEDULES else (c.pp - 1) / (c.chunks if c.schedule == "interleaved" else 1)
-        return (c.num_microbatches + bubble) * total / c.pp
+        # and the data-parallel traffic after the last backward: some rank holds at least 1/pp of the parameters
+        return (c.num_microbatches + bubble) * total / c.pp + self.dp_time_s(c, float(tab.params.sum()) / c.pp)
+
+    def dp_time_s(self, c: Candidate, params: float) -> float:
+        """The data-parallel collectives of a rank holding ``params`` parameters, as the simulator
+        prices them (:func:`pipetrain.sharding.dp_allreduce_bytes_per_param`, one ring over the
+        replicas' slowest hop)."""
+        if c.dp == 1:
+            return 0.0
+        key = (c.pp, c.dp, c.tp)
+        if key not in self._dp_links:
+            self._dp_links[key] = dp_link(self.topo, placement(self.topo, c.pp, c.dp, c.tp))
+        per = dp_allreduce_bytes_per_param(zero=c.zero, precision=self.precision, num_microbatches=c.num_microbatches)
+        return collective_time_s("all_reduce", params * per, c.dp, self._dp_links[key])
 
     def _per_stage(self, values: tuple | None, n: int, name: str) -> tuple | None:
         if values is None:
@@ -221,7 +239,10 @@ class _Searcher:
             return interleaved_in_flight(p, m, c.chunks)
         if c.schedule == "zb-h1":  # an upper bound; screen() uses the schedule's own counts
             return zb_h1_held_bound(p, m, caps)
-        return held_in_flight(self.schedule(c, caps))
+        # ZB-V and DualPipeV hold no more at any m beyond 2p than at 2p (their steady state repeats;
+        # tests/test_search.py checks it for p = 2, 4, 8): the short schedule gives the same counts,
+        # without building one of m = 512 micro-batches per point
+        return held_in_flight(self.schedule(replace(c, num_microbatches=min(m, SATURATION * p)), caps))
 
     def split(self, c: Candidate) -> _Split | None:
         """Phase A: memory pre-check, then the exact partition; None (reason recorded) if nothing fits."""
@@ -308,13 +329,26 @@ class _Searcher:
             return None
         rec = tuple(bool(rec_choice[k][a, b]) for k, (a, b) in enumerate(sp.ranges))
         fwd = [float(tab.node_times(dts[k])[0][a:b].sum()) for k, (a, b) in enumerate(sp.ranges)]
+        # the input-gradient part of each stage's backward: what must flow back through stages < k
+        back = [float((tab.node_times(dts[k])[1][a:b] - tab.node_times(dts[k])[2][a:b]).sum())
+                for k, (a, b) in enumerate(sp.ranges)]
         m = c.num_microbatches
         per_rank = [0.0] * c.pp
         for k, t in enumerate(sp.stage_times_s):
             per_rank[s2r[k]] += t
         # Stage k cannot start before micro-batch 0 has gone forward through stages < k, and does
-        # m units of its own work: a lower bound on any schedule's makespan (so does every rank).
-        lb = max(max(sum(fwd[:k]) + m * t for k, t in enumerate(sp.stage_times_s)), m * max(per_rank))
+        # m units of its own work; after its last micro-batch's input gradient (all its work but
+        # that micro-batch's deferred W, with a split backward; all of it otherwise), that gradient
+        # still goes back through stages < k. A lower bound on any schedule's makespan (so is every
+        # rank's work): for equal stages, 1F1B's own (m + p - 1) stage times.
+        wg = [float(tab.node_times(dts[k])[2][a:b].sum()) for k, (a, b) in enumerate(sp.ranges)]
+        tail = [t - (wg[k] if c.schedule in SPLIT_BACKWARD_SCHEDULES else 0.0) for k, t in enumerate(sp.stage_times_s)]
+        lb = max(max(sum(fwd[:k]) + (m - 1) * t + tail[k] + sum(back[:k]) for k, t in enumerate(sp.stage_times_s)),
+                 m * max(per_rank))
+        rank_params = [0.0] * c.pp
+        for k, (a, b) in enumerate(sp.ranges):
+            rank_params[s2r[k]] += float(tab.stage_params[a, b])
+        lb += self.dp_time_s(c, max(rank_params))  # after the rank's last backward (no overlap: the simulator's default)
         return _Split(candidate=c, place=place, split=sp, recompute=rec, buffers=buffers, in_flight=tuple(inflight),
                       caps=caps, stage_caps=tuple(caps_stage), rank_caps=tuple(caps_rank), lower_bound_s=lb,
                       time_mats=tm, mem_mats=mm, rec_mats=rec_choice)
