@@ -55,6 +55,9 @@ class StageRuntime:
     recv_grad_group: Any = None  # gradients arriving from stage index+1
     send_act_group: Any = None
     send_grad_group: Any = None
+    #: told before each backward of this stage whether it is the step's last one (ZeRO-1: FSDP2
+    #: reduce-scatters the gradients only then, :func:`pipetrain.executor.parallel.last_microbatch`)
+    before_backward: Callable[[bool], None] | None = None
 
 
 class SavedBytes:
@@ -210,6 +213,7 @@ class PipelineRuntime:
         local: dict[tuple[int, int, int], torch.Tensor] = {}
         ctx: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, int, Any]] = {}
         in_flight = {s: 0 for s in self.stages}
+        backwards = {s: 0 for s in self.stages}  # backwards run so far this step, per stage
         self.in_flight_peak = {s: 0 for s in self.stages}
         losses: list[torch.Tensor] = []
         hooks = torch.autograd.graph.saved_tensors_hooks(self.saved.pack, self.saved.unpack)
@@ -300,6 +304,9 @@ class PipelineRuntime:
                     g = local.pop((1, s, mb))
                 else:
                     gi, g = got.pop((1, s, mb))
+                if st.before_backward is not None:
+                    st.before_backward(backwards[s] == self.num_microbatches - 1)
+                backwards[s] += 1
                 t0 = tel.mark()
                 split_state = None
                 if st.is_last:
