@@ -32,21 +32,23 @@ from pipetrain.validation.reference import reference_run  # noqa: E402
 STEPS = 3
 DATA = "stdlib-text"
 M, MBS, SEQ = 4, 2, 16
-#: (model, pp, dp, tp, zero, sequence_parallel): 4 ranks at most per run (the machine may have 2 cores)
+#: (model, pp, dp, tp, zero, sequence_parallel, stages that recompute): 4 ranks at most per run (the
+#: machine may have 2 cores)
 CONFIGS = [
-    ("tiny-gpt", 1, 1, 2, 0, False),
-    ("tiny-gpt", 2, 1, 2, 0, True),  # the tied embedding/head across pipeline ranks, under tp
-    ("tiny-gpt", 1, 2, 2, 1, False),  # FSDP2 over dp on tp-sharded parameters (one stage holds the tied pair)
-    ("tiny-gpt", 2, 2, 1, 1, False),
-    ("tiny-llama", 1, 1, 2, 0, True),  # grouped-query attention: 4 query heads, 2 KV heads
+    ("tiny-gpt", 1, 1, 2, 0, False, (0,)),
+    ("tiny-gpt", 2, 1, 2, 0, True, ()),  # the tied embedding/head across pipeline ranks, under tp
+    ("tiny-gpt", 1, 2, 2, 1, False, ()),  # FSDP2 over dp on tp-sharded parameters (one stage holds the tied pair)
+    ("tiny-gpt", 2, 2, 1, 1, False, (1,)),
+    ("tiny-llama", 1, 2, 2, 0, True, ()),  # grouped-query attention (4 query heads, 2 KV heads); dp all-reduce of tp shards
 ]
-IDS = [f"{m}-p{p}d{d}t{t}z{z}{'-sp' if sp else ''}" for m, p, d, t, z, sp in CONFIGS]
+IDS = [f"{m}-p{p}d{d}t{t}z{z}{'-sp' if sp else ''}{'-rc' if rc else ''}" for m, p, d, t, z, sp, rc in CONFIGS]
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
-def _plan(model: str, pp: int, dp: int, tp: int, zero: int, sp: bool, schedule: str = "1f1b") -> Any:
-    return simple_plan(model, pp=pp, dp=dp, m=M, mbs=MBS, seq_len=SEQ, schedule=schedule, tp=tp, zero=zero, sequence_parallel=sp)
+def _plan(model: str, pp: int, dp: int, tp: int, zero: int, sp: bool, recompute: tuple[int, ...] = (), schedule: str = "1f1b") -> Any:
+    return simple_plan(model, pp=pp, dp=dp, m=M, mbs=MBS, seq_len=SEQ, schedule=schedule, tp=tp, zero=zero, sequence_parallel=sp,
+                       recompute=recompute)
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +78,11 @@ def _t(xs: Any) -> Any:
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
 def test_matches_single_process(runs: Any, cfg: tuple[Any, ...]) -> None:
-    model, pp, dp, tp, zero, sp = cfg
-    assert executor_supports("1f1b", tp, zero, "none") is None  # the table says the executor runs what it ran
+    model, pp, dp, tp, zero, sp, rc = cfg
     run = runs(cfg)
+    plan = run["plan"]
+    assert plan.recompute == ("full" if rc else "none")
+    assert executor_supports(plan.schedule, tp, zero, plan.recompute) is None  # the table says the executor runs what it ran
     res, ref = run["result"], run["ref"]
     assert res.steps == tuple(range(STEPS))
     torch.testing.assert_close(_t(res.losses), _t(ref.losses), rtol=1e-5, atol=1e-6)
@@ -89,6 +93,10 @@ def test_matches_single_process(runs: Any, cfg: tuple[Any, ...]) -> None:
     metas = {r: next(x for x in recs if x["type"] == "meta") for r, recs in tel.items()}
     for r, m in metas.items():  # the rank layout: tp innermost, then pp, then dp
         assert (m["tp_rank"], m["pp_rank"], m["dp_rank"]) == (r % tp, (r // tp) % pp, r // (tp * pp))
+    peaks = {r: max(x["memory"]["activation_bytes_peak"] for x in recs if x["type"] == "step") for r, recs in tel.items()}
+    for r, m in metas.items():  # a recomputing stage keeps only its inputs (token ids, or one [2, 16, 64] tensor per micro-batch)
+        if m["pp_rank"] in rc:
+            assert peaks[r] < 64 << 10, peaks
     # every rank's final weights, gathered to full tensors in the model's layout, are the reference's
     # (Adam divides by sqrt(v): a last-bit difference in a tiny gradient moves a weight by up to ~lr)
     for f in sorted((run["dir"] / "final").glob("rank*.pt")):
@@ -144,7 +152,7 @@ def test_table_is_data_and_refuses_with_the_fix() -> None:
 def test_cli_refuses_zero2_before_launch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from pipetrain.cli import main
 
-    plan = _plan("tiny-gpt", 1, 2, 1, 2, False)
+    plan = _plan("tiny-gpt", 1, 2, 1, 2, False, ())
     plan.save(tmp_path / "plan.json")
     assert main(["run", str(tmp_path / "plan.json"), "--run-dir", str(tmp_path / "run"), "--steps", "1"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()

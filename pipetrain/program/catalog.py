@@ -206,13 +206,12 @@ class ExecutorCombination:
 #:   and the split backward's deferred weight gradients would bypass FSDP's post-backward;
 #:   ZeRO-2/3 are not implemented;
 #: * tensor parallelism (``parallelize_module``) runs with one stage per rank and a full backward:
-#:   the deferred weight gradients of the split backward are not DTensor-aware;
-#: * recompute with tp or ZeRO is untested, hence not offered.
+#:   the deferred weight gradients of the split backward are not DTensor-aware.
 EXECUTOR_COMBINATIONS: tuple[ExecutorCombination, ...] = (
     ExecutorCombination(schedules=("gpipe", "1f1b", "interleaved"), tensor_parallel=False, zero=(0,), recompute=("none", "full")),
     ExecutorCombination(schedules=SPLIT_BACKWARD_SCHEDULES, tensor_parallel=False, zero=(0,), recompute=("none",)),
-    ExecutorCombination(schedules=("gpipe", "1f1b"), tensor_parallel=False, zero=(1,), recompute=("none",)),
-    ExecutorCombination(schedules=("gpipe", "1f1b"), tensor_parallel=True, zero=(0, 1), recompute=("none",)),
+    ExecutorCombination(schedules=("gpipe", "1f1b"), tensor_parallel=False, zero=(1,), recompute=("none", "full")),
+    ExecutorCombination(schedules=("gpipe", "1f1b"), tensor_parallel=True, zero=(0, 1), recompute=("none", "full")),
 )
 
 
