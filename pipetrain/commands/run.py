@@ -36,7 +36,9 @@ def run(args: argparse.Namespace) -> int:
     from pipetrain.validation.fidelity import load_run_calibration, report_run_fidelity
 
     calibration = load_run_calibration(getattr(args, "calibration", None))
-    print(f"pipetrain run: {plan.model}, pp={plan.pp} dp={plan.dp} {plan.schedule} m={plan.num_microbatches} "
+    mesh = (f" tp={plan.tp}" if plan.tp > 1 else "") + (" sequence-parallel" if plan.sequence_parallel else "") + \
+        (f" zero={plan.zero}" if plan.zero else "")
+    print(f"pipetrain run: {plan.model}, pp={plan.pp} dp={plan.dp}{mesh} {plan.schedule} m={plan.num_microbatches} "
           f"mbs={plan.micro_batch_size}, {cfg.steps} steps -> {cfg.run_dir}", flush=True)
     from pipetrain.executor.monitor import LiveMonitor
 

@@ -58,4 +58,9 @@ def entry(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(entry())
+    code = entry()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # worker.main destroyed the process group; leaving through os._exit skips the interpreter's
+    # teardown, where gloo's threads (with a device mesh's many groups) abort about one run in four
+    os._exit(code)

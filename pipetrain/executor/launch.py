@@ -33,7 +33,7 @@ from pipetrain.executor.config import RunConfig, config_to_argv
 from pipetrain.executor.heartbeat import HANG_FILE, HangWatch, Stall
 from pipetrain.plan import Plan
 
-__all__ = ["free_port", "route_addr", "iface_of", "rdzv_configs", "preflight", "launch", "describe_failure", "worker_env", "main"]
+__all__ = ["free_port", "route_addr", "iface_of", "rdzv_configs", "check_executor_runs", "preflight", "launch", "describe_failure", "worker_env", "main"]
 
 
 def free_port() -> int:
@@ -94,8 +94,12 @@ def worker_env(threads: int) -> None:
         os.environ.setdefault(k, v)
 
 
-def describe_failure(run_dir: Path, failures: dict[int, Any], pp: int) -> str:
+def describe_failure(run_dir: Path, failures: dict[int, Any], pp: int, tp: int = 1) -> str:
     """One line naming the rank that failed first and why (see module docstring)."""
+
+    def at(r: int) -> str:  # where global rank r sits (RankLayout's order: tp innermost, then pp, then dp)
+        return f"pipeline rank {(r // tp) % pp}, replica {r // (tp * pp)}" + (f", tp rank {r % tp}" if tp > 1 else "")
+
     root: list[tuple[float, int, str]] = []
     peer: list[tuple[float, int, str]] = []
     fdir = run_dir / "failures"
@@ -105,7 +109,7 @@ def describe_failure(run_dir: Path, failures: dict[int, Any], pp: int) -> str:
             d = json.loads(hang.read_text())
             stall = Stall(rank=int(d["rank"]), step=int(d["step"]), action=str(d["action"]), idle_s=float(d["idle_s"]))
             r = stall.rank
-            return f"{stall.describe()} (pipeline rank {r % pp}, replica {r // pp}); raise --progress-timeout if it is just slow"
+            return f"{stall.describe()} ({at(r)}); raise --progress-timeout if it is just slow"
         except (OSError, ValueError, KeyError, TypeError):
             pass
     if fdir.is_dir():
@@ -121,7 +125,7 @@ def describe_failure(run_dir: Path, failures: dict[int, Any], pp: int) -> str:
         if msg.startswith("[node ") and "] " in msg:
             tag, _, msg = msg[1:].partition("] ")
             node = f", {tag}"
-        return f"rank {r} (pipeline rank {r % pp}, replica {r // pp}{node})", msg
+        return f"rank {r} ({at(r)}{node})", msg
 
     if root:
         _, r, msg = min(root)
@@ -138,7 +142,7 @@ def describe_failure(run_dir: Path, failures: dict[int, Any], pp: int) -> str:
             killed.append((r, name))
     if killed:
         r, name = min(killed)
-        return f"rank {r} (pipeline rank {r % pp}, replica {r // pp}) was killed by {name}"
+        return f"rank {r} ({at(r)}) was killed by {name}"
     if peer:
         _, r, msg = min(peer)
         name, msg = who(r, msg)
@@ -149,6 +153,28 @@ def describe_failure(run_dir: Path, failures: dict[int, Any], pp: int) -> str:
         r = min(failures)
         return f"rank {r} exited with code {getattr(failures[r], 'exitcode', '?')}"
     return "the run failed without a rank reporting an error"
+
+
+def check_executor_runs(plan: Plan, cfg: RunConfig, model: Any = None) -> None:
+    """Refuse what the executor does not run (:func:`pipetrain.program.executor_supports`, the one
+    table of schedule x tp x zero x recompute), and tensor parallelism the model cannot take."""
+    from pipetrain.program import executor_supports
+
+    why = executor_supports(plan.schedule, plan.tp, plan.zero, plan.recompute)
+    if why is not None:
+        raise RunError(why)
+    if plan.tp > 1 or plan.zero > 0:
+        if cfg.checkpoint_every or cfg.resume:
+            raise ConfigError(f"checkpoints of a plan with tp={plan.tp}, zero={plan.zero} (sharded parameters) are not written "
+                              "yet: run without --checkpoint-every and --resume, or with tp 1 and zero 0")
+    if plan.tp > 1:
+        if model is None:
+            from pipetrain.executor.stage import build_meta, load_spec
+
+            model = build_meta(load_spec(plan.model))
+        from pipetrain.executor.parallel import check_tensor_parallel
+
+        check_tensor_parallel(model, plan.tp)
 
 
 def preflight(cfg: RunConfig, plan: Plan) -> None:
@@ -166,6 +192,7 @@ def preflight(cfg: RunConfig, plan: Plan) -> None:
     from pipetrain.planner.trace import model_fingerprint
 
     plan.check_graph(model_fingerprint(plan.model), plan.model)  # every worker checks again; this fails before they start
+    check_executor_runs(plan, cfg)
     if plan.stages[0].on_gpu:
         import torch
 
@@ -176,7 +203,7 @@ def preflight(cfg: RunConfig, plan: Plan) -> None:
             print(f"warning: {plan.world_size} ranks on {torch.cuda.device_count()} GPU(s): ranks share a GPU, which NCCL may "
                   "refuse ('Duplicate GPU detected')", file=sys.stderr)
     if plan.world_size % cfg.nnodes:
-        raise ConfigError(f"--nnodes {cfg.nnodes} does not divide the plan's pp*dp = {plan.world_size} ranks: "
+        raise ConfigError(f"--nnodes {cfg.nnodes} does not divide the plan's pp*dp*tp = {plan.world_size} ranks: "
                           "use a node count that does, or re-plan")
     if cfg.resume:
         from pipetrain.executor.checkpoint import latest_step
@@ -233,7 +260,7 @@ def launch(cfg: RunConfig, *, plan: Plan | None = None, monitor_interval_s: floa
                       world_size=plan.world_size).start()
 
     def stuck() -> None:  # no worker of this node is left and its agent waits on a lost rendezvous (agentguard)
-        print(f"error: {describe_failure(run_dir, {}, plan.pp)} (node {local_addr} lost the rendezvous at {endpoint})",
+        print(f"error: {describe_failure(run_dir, {}, plan.pp, plan.tp)} (node {local_addr} lost the rendezvous at {endpoint})",
               file=sys.stderr, flush=True)
         os._exit(2)
 
@@ -242,12 +269,12 @@ def launch(cfg: RunConfig, *, plan: Plan | None = None, monitor_interval_s: floa
     try:
         elastic_launch(lc, sys.executable)(*argv)
     except ChildFailedError as exc:
-        raise RunError(describe_failure(run_dir, dict(exc.failures), plan.pp)) from None
+        raise RunError(describe_failure(run_dir, dict(exc.failures), plan.pp, plan.tp)) from None
     except RendezvousError as exc:  # this node lost (or never had) contact with the rendezvous host
         lost = f"node {local_addr} lost contact with the rendezvous at {endpoint}"
         fdir = run_dir / "failures"
         if (fdir / HANG_FILE).is_file() or any(fdir.glob("rank*.txt")):  # the host ended the run over a failure: name it
-            raise RunError(f"{describe_failure(run_dir, {}, plan.pp)} ({lost})") from None
+            raise RunError(f"{describe_failure(run_dir, {}, plan.pp, plan.tp)} ({lost})") from None
         raise RunError(f"{lost} (waited at most {int(cfg.timeout_s)} s, --timeout): {type(exc).__name__}: {exc}") from None
     finally:
         watch.stop()

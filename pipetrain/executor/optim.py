@@ -13,11 +13,18 @@ Order at the end of a step (every rank, same order):
 
 Losses are scaled by ``1/(m*dp)`` per micro-batch, so the summed gradient is the gradient of
 the mean loss over the global batch, as on one device.
+
+On a device mesh (tensor parallelism or ZeRO-1, :mod:`pipetrain.executor.parallel`) parameters
+may be DTensors: step 1 reduces their local shards (with ZeRO-1 FSDP2 already reduce-scattered
+them over dp in the last backward, and step 1 is skipped), step 2 all-reduces local shards (the
+tied copies are sharded alike on both ranks), and step 3 sums the squares of the gradient
+elements each rank counts (every element once over pp, dp and tp:
+:func:`pipetrain.executor.parallel.counts_in_norm`) in one all-reduce over all ranks, per stage.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,7 +120,8 @@ class GradSync:
 
     def __init__(self, params: list[nn.Parameter], *, dp_group: Any, pp_group: Any,
                  ties: list[tuple[nn.Parameter, Any, bool]], clip_norm: float, telemetry: Any, stage: int,
-                 stage_of: dict[int, int] | None = None) -> None:
+                 stage_of: dict[int, int] | None = None, counts: Callable[[torch.Tensor], bool] | None = None,
+                 num_stages: int = 0) -> None:
         self.params = params
         self.dp_group = dp_group
         self.pp_group = pp_group
@@ -123,7 +131,11 @@ class GradSync:
         self.stage = stage
         not_owned = {id(p) for p, _, owner in ties if not owner}
         self.norm_params = [p for p in params if id(p) not in not_owned]
-        n = sum(p.numel() for p in params)
+        #: on a mesh: whether a gradient's local part enters the norm (then reduced over all ranks,
+        #: one slot per stage of the plan's ``num_stages``)
+        self.counts = counts
+        self.num_stages = num_stages
+        n = sum(_local(p).numel() for p in params)
         self.flat = torch.zeros(n, dtype=torch.float32, device=params[0].device) if (dp_group is not None and params) else None
         self.last_norm = 0.0
         self.stage_of = stage_of or {}  # id(param) -> stage index, for per-stage norms
@@ -133,6 +145,10 @@ class GradSync:
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+        if self.counts is not None:  # on a mesh: partial sums over tp (sequence-parallel norms) reduced first
+            from pipetrain.executor.parallel import reduce_partial_grads
+
+            reduce_partial_grads(self.params)
 
     def sync(self) -> float:
         """All-reduce and clip; return the global gradient norm (before clipping)."""
@@ -142,22 +158,25 @@ class GradSync:
             t0 = tel.now()
             off = 0
             for p in self.params:
-                k = p.numel()
-                self.flat[off:off + k].copy_(grad_of(p).reshape(-1))
+                g = _local(grad_of(p))
+                k = g.numel()
+                self.flat[off:off + k].copy_(g.reshape(-1))
                 off += k
             dist.all_reduce(self.flat, group=self.dp_group)
             off = 0
             for p in self.params:
-                k = p.numel()
-                g = grad_of(p)
+                g = _local(grad_of(p))
+                k = g.numel()
                 g.copy_(self.flat[off:off + k].view_as(g))
                 off += k
             tel.add("ALLREDUCE", self.stage, -1, t0, tel.now(), self.flat.numel() * 4)
         for p, group, _ in self.ties:
             t0 = tel.now()
-            g = grad_of(p)
+            g = _local(grad_of(p))
             dist.all_reduce(g, group=group)
             tel.add("ALLREDUCE", self.stage, -1, t0, tel.now(), g.numel() * g.element_size())
+        if self.counts is not None:
+            return self._mesh_norm_and_clip()
         sqs = squared_norms([grad_of(p).detach() for p in self.norm_params])
         per_stage: dict[int, float] = {}
         for p, v in zip(self.norm_params, sqs):
@@ -175,3 +194,31 @@ class GradSync:
                 grad_of(p).mul_(coef)
         self.last_norm = norm
         return norm
+
+    def _mesh_norm_and_clip(self) -> float:
+        """Step 3 on a mesh: per-stage squared sums of the counted local gradients, all-reduced over
+        all ranks (always, clipping or not: the norm is global either way), then the clip."""
+        counts = self.counts
+        assert counts is not None
+        mine = [p for p in self.norm_params if counts(grad_of(p))]
+        sqs = squared_norms([_local(grad_of(p)).detach() for p in mine])
+        dev = self.params[0].device if self.params else torch.device("cpu")
+        vec = torch.zeros(max(self.num_stages, 1), dtype=torch.float64, device=dev)
+        for p, v in zip(mine, sqs):
+            vec[self.stage_of.get(id(p), self.stage)] += v
+        dist.all_reduce(vec)
+        per_stage = vec.cpu().tolist()
+        self.stage_norms = {str(k): float(v) ** 0.5 for k, v in enumerate(per_stage)}
+        norm = float(vec.sum().sqrt())
+        coef = clip_coefficient(norm, self.clip_norm)
+        if coef < 1.0:
+            for p in self.params:
+                grad_of(p).mul_(coef)
+        self.last_norm = norm
+        return norm
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from pipetrain.executor.parallel import local
+
+    return local(t)

@@ -2,8 +2,9 @@
 
 :func:`simple_plan` splits the model's blocks evenly (or at the given boundaries), fills the
 boundary :class:`~pipetrain.plan.TensorSpec` from a meta forward pass, the activation buffers
-from the schedule's peak in-flight count, and the graph fingerprint. The planner produces the
-same type.
+from the schedule's peak in-flight count, and the graph fingerprint; ``tp``, ``sequence_parallel``
+and ``zero`` go into the plan as given (the boundary tensors are the full ones whatever ``tp``:
+stages exchange replicated activations). The planner produces the same type.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def even_boundaries(num_blocks: int, num_stages: int) -> tuple[int, ...]:
 def simple_plan(model: str, *, pp: int, dp: int = 1, m: int, mbs: int, seq_len: int, schedule: str = "1f1b",
                 boundaries: Sequence[int] | None = None, chunks: int = 1, dtype: str = "fp32",
                 optimizer: str = "adamw", seed: int = 0, recompute: Sequence[int] = (),
-                buffers: Sequence[int] | None = None, device: str = "cpu") -> Plan:
+                buffers: Sequence[int] | None = None, device: str = "cpu", tp: int = 1, sequence_parallel: bool = False,
+                zero: int = 0) -> Plan:
     from pipetrain.executor.stage import boundary_specs, build_meta, load_spec
     from pipetrain.planner.trace import model_fingerprint
     from pipetrain.schedules import make_schedule, peak_in_flight, schedule_chunks
@@ -58,4 +60,4 @@ def simple_plan(model: str, *, pp: int, dp: int = 1, m: int, mbs: int, seq_len: 
             inputs=(specs[s - 1],) if s > 0 else (), outputs=(specs[s],) if s < num_stages - 1 else ()))
     return Plan(model=model, graph_fingerprint=model_fingerprint(spec), topology="local", pp=pp, dp=dp,
                 micro_batch_size=mbs, num_microbatches=m, seq_len=seq_len, schedule=schedule, stages=tuple(stages),
-                chunks=chunks, dtype=dtype, optimizer=optimizer, seed=seed)
+                chunks=chunks, dtype=dtype, optimizer=optimizer, seed=seed, tp=tp, sequence_parallel=sequence_parallel, zero=zero)

@@ -95,7 +95,11 @@ def build_result(plan: Plan, per_rank: dict[int, dict[str, Any]]) -> RunResult:
 
 
 def _global_norms(per_rank: dict[int, dict[str, Any]], plan: Plan, n: int) -> tuple[float, ...]:
-    """Global gradient norm per step from replica 0's per-stage norms (tied copies count at their owner)."""
+    """Global gradient norm per step from replica 0's per-stage norms (tied copies count at their owner).
+
+    On a device mesh (tp or ZeRO) every rank's step record already holds the global norm: none here."""
+    if plan.tp > 1 or plan.zero > 0:
+        return ()
     out = []
     for k in range(n):
         sq = 0.0

@@ -28,6 +28,7 @@ from torch import nn
 from pipetrain.errors import RunError, ScheduleError
 from pipetrain.executor.comm import BufferPool, tag_of
 from pipetrain.executor.splitbw import backward_input, backward_weight
+from pipetrain.executor.stage import StageModule
 from pipetrain.executor.telemetry import Telemetry
 from pipetrain.executor.wgrad import SplitLinears, WeightGradQueue
 from pipetrain.program import POST, Op
@@ -55,6 +56,9 @@ class StageRuntime:
     recv_grad_group: Any = None  # gradients arriving from stage index+1
     send_act_group: Any = None
     send_grad_group: Any = None
+    #: told before each backward of this stage whether it is the step's last one (ZeRO-1: FSDP2
+    #: reduce-scatters the gradients only then, :func:`pipetrain.executor.parallel.last_microbatch`)
+    before_backward: Callable[[bool], None] | None = None
 
 
 class SavedBytes:
@@ -210,6 +214,7 @@ class PipelineRuntime:
         local: dict[tuple[int, int, int], torch.Tensor] = {}
         ctx: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, int, Any]] = {}
         in_flight = {s: 0 for s in self.stages}
+        backwards = {s: 0 for s in self.stages}  # backwards run so far this step, per stage
         self.in_flight_peak = {s: 0 for s in self.stages}
         losses: list[torch.Tensor] = []
         hooks = torch.autograd.graph.saved_tensors_hooks(self.saved.pack, self.saved.unpack)
@@ -300,6 +305,9 @@ class PipelineRuntime:
                     g = local.pop((1, s, mb))
                 else:
                     gi, g = got.pop((1, s, mb))
+                if st.before_backward is not None:
+                    st.before_backward(backwards[s] == self.num_microbatches - 1)
+                backwards[s] += 1
                 t0 = tel.mark()
                 split_state = None
                 if st.is_last:
@@ -365,6 +373,8 @@ class PipelineRuntime:
 
     def _forward(self, st: StageRuntime, x: torch.Tensor) -> torch.Tensor:
         if st.recompute and torch.is_grad_enabled():
+            if isinstance(st.module, StageModule):  # layer by layer (StageModule.forward)
+                return st.module(x, recompute=True)
             from torch.utils.checkpoint import checkpoint
 
             return checkpoint(st.module, x, use_reentrant=False)

@@ -39,7 +39,17 @@ class StageModule(nn.Module):
         self.order = sorted(blocks)
         self.blocks = nn.ModuleDict({str(i): blocks[i] for i in self.order})
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, recompute: bool = False) -> torch.Tensor:
+        """``recompute``: checkpoint each block on its own (``torch.utils.checkpoint``, non-reentrant),
+        as Megatron's full recompute does per layer: a micro-batch keeps every block's input, and
+        the backward recomputes one block at a time (what :func:`pipetrain.memory.recompute_memory`
+        counts). Called through the stage module itself so that wrappers' hooks (FSDP) still run."""
+        if recompute and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            for i in self.order:
+                x = checkpoint(self.blocks[str(i)], x, use_reentrant=False)
+            return x
         for i in self.order:
             x = self.blocks[str(i)](x)
         return x

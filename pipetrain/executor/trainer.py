@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +32,22 @@ class Trainer:
         from pipetrain.executor.data import BatchSampler, make_source, warn_dropped
         from pipetrain.executor.hooks import fault_hook, grad_scale_hook
         from pipetrain.executor.optim import GradSync, OptimConfig, grads_to_none, make_optimizer, unique_params
+        from pipetrain.executor.parallel import (
+            counts_in_norm,
+            last_microbatch,
+            local,
+            make_mesh,
+            parallelize_stage,
+            shard_stage,
+            uses_mesh,
+        )
         from pipetrain.executor.runtime import PipelineRuntime, StageRuntime
         from pipetrain.executor.stage import materialize_blocks, stage_modules, ties_of, vocab_size_of
         from pipetrain.executor.telemetry import Telemetry
         from pipetrain.program import lower
 
         self.cfg, self.plan, self.spec, self.device, self.rank, self.run_dir = cfg, plan, spec, device, rank, run_dir
-        layout = self.layout = RankLayout(pp=plan.pp, dp=plan.dp, rank=rank)
+        layout = self.layout = RankLayout(pp=plan.pp, dp=plan.dp, rank=rank, tp=plan.tp)
         tel = self.telemetry = Telemetry(run_dir, rank, enabled=cfg.telemetry)
         tel.use_cuda(device)
         tel.align(dist)
@@ -47,17 +57,26 @@ class Trainer:
         materialize_blocks(model, my_blocks, device, plan.seed)
         ties = ties_of(model)
         p2p_groups = dist.get_backend() == "nccl" or os.environ.get("PIPETRAIN_P2P_GROUPS", "") == "1"
-        groups = self.groups = make_groups(plan, layout, ties, timeout, p2p_groups=p2p_groups)
-        tie_params: list[tuple[Any, Any, bool]] = []
+        mesh: Any = make_mesh(plan, device.type) if uses_mesh(plan) else None
+        self.mesh = mesh
+        groups = self.groups = make_groups(plan, layout, ties, timeout, p2p_groups=p2p_groups, mesh=mesh)
         for tg in groups.ties:
             p = model.blocks[tg.blocks_here[0]].get_parameter(tg.name)
             with torch.no_grad():
                 dist.broadcast(p.data, src=tg.owner_rank, group=tg.group)
-            tie_params.append((p, tg.group, tg.owner_rank == rank))
-        self.tie_params = tie_params
         modules = self.modules = stage_modules(model, my_stages)
         for m in modules.values():
             m.train()
+            # tensor parallelism first, then FSDP2 over dp on the tp-sharded parameters (torchtitan's order);
+            # both replace the parameters, so everything below takes them from the modules afterwards
+            if plan.tp > 1:
+                parallelize_stage(m, mesh["tp"], sequence_parallel=plan.sequence_parallel)
+            if plan.zero > 0:
+                shard_stage(m, mesh["dp"])
+        tie_params: list[tuple[Any, Any, bool]] = []
+        for tg in groups.ties:
+            tie_params.append((model.blocks[tg.blocks_here[0]].get_parameter(tg.name), tg.group, tg.owner_rank == rank))
+        self.tie_params = tie_params
 
         ex = spec.example_input(plan.micro_batch_size, plan.seq_len, device="meta")
         first_spec = TensorSpec(shape=tuple(ex.shape), dtype=str(ex.dtype).replace("torch.", ""))
@@ -78,22 +97,25 @@ class Trainer:
                 recompute=st.recompute, prev_local=prev_r == layout.pp_rank, next_local=next_r == layout.pp_rank,
                 out_dtype=torch_dtype(out_spec.dtype) if out_spec else None,
                 recv_act_group=groups.p2p.get((s - 1, "act")), recv_grad_group=groups.p2p.get((s, "grad")),
-                send_act_group=groups.p2p.get((s, "act")), send_grad_group=groups.p2p.get((s - 1, "grad")))
+                send_act_group=groups.p2p.get((s, "act")), send_grad_group=groups.p2p.get((s - 1, "grad")),
+                before_backward=_tell_last(modules[s], last_microbatch) if plan.zero > 0 else None)
         self.runtimes = runtimes
         params = self.params = unique_params(modules.values())
         ocfg = OptimConfig(name=plan.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
                            clip_norm=cfg.clip_norm)
         self.opt = make_optimizer(params, ocfg)
         self.grads_to_none = grads_to_none(device)
-        self.sync = GradSync(params, dp_group=groups.dp_group, pp_group=groups.pp_group, ties=tie_params,
-                             clip_norm=cfg.clip_norm, telemetry=tel, stage=my_stages[0].index,
-                             stage_of=_stage_of(modules))
+        self.sync = GradSync(params, dp_group=None if plan.zero > 0 else groups.dp_group, pp_group=groups.pp_group,
+                             ties=tie_params, clip_norm=cfg.clip_norm, telemetry=tel, stage=my_stages[0].index,
+                             stage_of=_stage_of(modules),
+                             counts=(lambda g: counts_in_norm(g, layout)) if mesh is not None else None,
+                             num_stages=plan.num_stages)
         autocast = torch.bfloat16 if plan.dtype == "bf16" else None
         self.rt = PipelineRuntime(stages=runtimes, ops=program.rank_ops(layout.pp_rank), num_stages=plan.num_stages,
                                   num_microbatches=plan.num_microbatches, loss_fn=spec.loss,
                                   loss_scale=1.0 / (plan.num_microbatches * plan.dp), telemetry=tel, timeout=timeout,
                                   autocast_dtype=autocast, device=device, fault=fault_hook(rank))
-        self.rt.saved.exclude = {p.untyped_storage().data_ptr() for p in params}  # weights autograd saves are not activations
+        self.rt.saved.exclude = {local(p).untyped_storage().data_ptr() for p in params}  # weights autograd saves are not activations
 
         self.need_inputs = 0 in runtimes
         self.need_targets = last_index in runtimes
@@ -121,11 +143,11 @@ class Trainer:
                 self.opt.load_state_dict(state["optimizer"])
                 torch.set_rng_state(state["rng"])
                 self.start_step = int(state["step"])
-        tel.record({"type": "meta", "rank": rank, "pp_rank": layout.pp_rank, "dp_rank": layout.dp_rank,
+        tel.record({"type": "meta", "rank": rank, "pp_rank": layout.pp_rank, "dp_rank": layout.dp_rank, "tp_rank": layout.tp_rank,
                     "stages": sorted(runtimes), "buffers": {st.index: st.buffers for st in my_stages},
                     "device": str(device), "backend": dist.get_backend(), "same_host_clock": getattr(tel, "same_host", True),
                     "start_step": self.start_step, "world_size": plan.world_size, "p2p_groups": len(groups.p2p)})
-        self.static_bytes = sum(p.numel() * p.element_size() for p in params) * 2
+        self.static_bytes = sum(local(p).numel() * p.element_size() for p in params) * 2
         self.pool_bytes = sum(r.in_pool.nbytes + (r.grad_pool.nbytes if r.grad_pool else 0) for r in runtimes.values())
         self.grad_scale = grad_scale_hook()
         self._comm_logged = False
@@ -176,7 +198,10 @@ class Trainer:
         step_s = time.perf_counter() - t_step
         # CPU time of the step: this thread, and the whole process (with gloo's threads)
         cpu_s, main_s = time.process_time() - cpu0, time.thread_time() - main0
-        opt_bytes = sum(t.numel() * t.element_size() for st_ in self.opt.state.values() for t in st_.values() if torch.is_tensor(t))
+        from pipetrain.executor.parallel import local
+
+        opt_bytes = sum(local(t).numel() * t.element_size() for st_ in self.opt.state.values() for t in st_.values()
+                        if torch.is_tensor(t))
         mem = {"tensor_bytes": self.static_bytes + opt_bytes + self.pool_bytes + rt.saved.peak,
                "activation_bytes_peak": rt.saved.peak, "param_bytes": self.static_bytes // 2, "optimizer_bytes": opt_bytes,
                "buffer_bytes": self.pool_bytes, "rss_bytes": rss_bytes()}
@@ -211,10 +236,20 @@ class Trainer:
     def save_final(self) -> None:
         import torch
 
+        from pipetrain.executor.parallel import full_state
+
         final = self.run_dir / "final"
         final.mkdir(parents=True, exist_ok=True)
-        torch.save({s: {k: v.detach().cpu() for k, v in m.state_dict().items()} for s, m in self.modules.items()},
-                   final / f"rank{self.rank}.pt")
+        if self.mesh is not None:  # full tensors in the model's layout (collective: every rank of the mesh gathers)
+            states = {s: full_state(m) for s, m in self.modules.items()}
+        else:
+            states = {s: {k: v.detach().cpu() for k, v in m.state_dict().items()} for s, m in self.modules.items()}
+        torch.save(states, final / f"rank{self.rank}.pt")
+
+
+def _tell_last(module: Any, fn: Callable[[Any, bool], None]) -> Callable[[bool], None]:
+    """``fn(module, last)`` as the stage's before-backward hook."""
+    return lambda last: fn(module, last)
 
 
 def _stage_of(modules: dict[int, Any]) -> dict[int, int]:

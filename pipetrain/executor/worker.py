@@ -34,7 +34,7 @@ def main(cfg: RunConfig) -> int:
 
     plan = Plan.load(cfg.plan_path)
     if world != plan.world_size:
-        raise RunError(f"the plan needs pp*dp = {plan.pp}*{plan.dp} = {plan.world_size} processes but torchrun started {world}: "
+        raise RunError(f"the plan needs pp*dp*tp = {plan.pp}*{plan.dp}*{plan.tp} = {plan.world_size} processes but torchrun started {world}: "
                        f"use --nproc-per-node/--nnodes giving {plan.world_size} in total")
     on_cuda = plan.stages[0].on_gpu
     if on_cuda:
@@ -57,6 +57,9 @@ def main(cfg: RunConfig) -> int:
     plan.check_graph(model_fingerprint(spec), plan.model)
     model = build_meta(spec)
     check_boundaries(plan, spec, model)
+    from pipetrain.executor.launch import check_executor_runs
+
+    check_executor_runs(plan, cfg, model)  # again: torchrun may start workers without the launcher
     if plan.dtype == "fp16":
         raise RunError("fp16 training needs loss scaling, which the executor does not do: use dtype bf16 or fp32")
 

@@ -134,8 +134,7 @@ def make_plan(res: SearchResult, *, unpinned: SearchResult | None = None) -> Pla
                 seq_len=graph.seq_len, schedule=c.schedule, stages=tuple(stages), chunks=c.chunks, dtype=job.dtype,
                 optimizer=job.optimizer, seed=job.seed, predicted=predicted, alternatives=_alternatives(res, unpinned, job),
                 simulation_only=job.simulation_only or executor_supports(
-                    c.schedule, tp=c.tp, zero=c.zero, sequence_parallel=c.sequence_parallel,
-                    recompute=c.recompute_mode if any(ev.recompute) else "none") is not None,
+                    c.schedule, tp=c.tp, zero=c.zero, recompute=c.recompute_mode if any(ev.recompute) else "none") is not None,
                 tp=c.tp, sequence_parallel=c.sequence_parallel, zero=c.zero, precision=job_precision(job, res.topology),
                 recompute=c.recompute_mode if any(ev.recompute) else "none", idle_gpus=place.idle)
 

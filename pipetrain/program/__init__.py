@@ -12,8 +12,11 @@ from __future__ import annotations
 from pipetrain.program.catalog import (
     AUTO_SCHEDULES,
     AUTO_SCHEDULES_CPU,
+    EXECUTOR_COMBINATIONS,
     RUNNABLE_SCHEDULES,
+    ExecutorCombination,
     auto_schedules,
+    executor_supports,
     held_in_flight,
     pool_sizes,
 )
@@ -46,8 +49,9 @@ from pipetrain.program.spec import (
 )
 
 __all__ = [
-    "AUTO_SCHEDULES", "AUTO_SCHEDULES_CPU", "POST", "RECV_MODES", "RUN", "RUNNABLE_SCHEDULES", "BoundarySpec", "ComputeGroup",
+    "AUTO_SCHEDULES", "AUTO_SCHEDULES_CPU", "EXECUTOR_COMBINATIONS", "ExecutorCombination", "POST", "RECV_MODES", "RUN",
+    "RUNNABLE_SCHEDULES", "BoundarySpec", "ComputeGroup",
     "DataParallelSpec", "Link", "Op", "Placement", "Program", "SimInput", "StageCosts", "StageSpec", "TieSpec", "auto_schedules",
-    "compute_groups", "held_in_flight", "lower", "lower_ops", "lower_schedule", "placement", "pool_sizes",
+    "compute_groups", "executor_supports", "held_in_flight", "lower", "lower_ops", "lower_schedule", "placement", "pool_sizes",
     "rank_device_type", "ring_allreduce_time_s", "sim_input", "uniform",
 ]

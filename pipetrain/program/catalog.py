@@ -10,17 +10,22 @@ The one home of the schedule catalogue and of the in-flight formulas:
   building the schedule's action lists (which dominates the planner's cost for large ``m``);
   tests check them against :func:`pipetrain.schedules.peak_in_flight`.
 * :func:`pool_sizes`: the receive-buffer pools the executor allocates for a schedule.
+* :data:`EXECUTOR_COMBINATIONS` and :func:`executor_supports`: which (schedule, tp, zero,
+  recompute) combinations the executor runs; its pre-launch check refuses any other, and the
+  planner is to search only these.
 
 Torch-free.
 """
 
 from __future__ import annotations
 
-from pipetrain.schedules import SCHEDULE_NAMES, Schedule, make_schedule, peak_in_flight, peak_pending_wgrad
+from dataclasses import dataclass
+
+from pipetrain.schedules import SCHEDULE_NAMES, SPLIT_BACKWARD_SCHEDULES, Schedule, make_schedule, peak_in_flight, peak_pending_wgrad
 
 __all__ = ["RUNNABLE_SCHEDULES", "AUTO_SCHEDULES", "AUTO_SCHEDULES_CPU", "auto_schedules", "in_flight_1f1b",
            "interleaved_in_flight", "interleaved_rule", "zb_h1_held_bound", "held_in_flight", "rank_peak_in_flight", "rank_peak_activation_bytes",
-           "pool_sizes", "executor_supports"]
+           "pool_sizes", "ExecutorCombination", "EXECUTOR_COMBINATIONS", "executor_supports"]
 
 #: What the executor runs. zb-h1 runs with the backward split into an input-gradient pass (B) and a
 #: weight-gradient pass (W): the linear layers' weight gradients deferred, or for stages with
@@ -36,21 +41,6 @@ AUTO_SCHEDULES: tuple[str, ...] = SCHEDULE_NAMES
 #: per-message host work that the analytic and profiled cost models do not charge, and zb-h1's
 #: extra W actions can then cost more than its bubble saves.
 AUTO_SCHEDULES_CPU: tuple[str, ...] = tuple(s for s in SCHEDULE_NAMES if s not in ("zb-h1", "zbv", "dualpipev"))
-
-
-def executor_supports(schedule: str, *, tp: int = 1, zero: int = 0, recompute: str = "none", sequence_parallel: bool = False) -> str | None:
-    """Why pipetrain's executor cannot run this combination, or None when it can: the one table
-    of what runs (issue 17 grows it). The planner searches only these unless a plan is
-    simulation-only; the executor refuses the rest before launch."""
-    if schedule not in RUNNABLE_SCHEDULES:
-        return f"the executor does not run schedule {schedule}"
-    if tp > 1 or sequence_parallel:
-        return "the executor does not run tensor parallelism yet: plan with --tp 1, or add --simulation-only for a what-if"
-    if zero:
-        return f"the executor does not shard the optimizer yet (zero={zero}): plan with --zero 0, or add --simulation-only"
-    if recompute == "selective":
-        return "the executor recomputes whole layers only: use --recompute full, or add --simulation-only"
-    return None
 
 
 def auto_schedules(runnable: tuple[str, ...], device_kind: str = "gpu") -> tuple[str, ...]:
@@ -192,3 +182,57 @@ def pool_sizes(schedule: Schedule, buffers: tuple[int, ...] | list[int]) -> tupl
     """
     stash = peak_pending_wgrad(schedule)
     return tuple(int(b) + int(w) for b, w in zip(buffers, stash)), tuple(int(b) for b in buffers)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExecutorCombination:
+    """One row of what the executor runs: any of ``schedules`` with any of ``zero`` and ``recompute``,
+    with tensor parallelism (``tp > 1``) when ``tensor_parallel``, else with ``tp == 1``."""
+
+    schedules: tuple[str, ...]
+    tensor_parallel: bool
+    zero: tuple[int, ...]
+    recompute: tuple[str, ...]
+
+
+#: What the executor runs (schedule x tp x zero x recompute), the one place that says so; the
+#: executor's pre-launch check (:func:`executor_supports`) refuses anything else. Why the gaps:
+#:
+#: * recompute is whole stages under ``torch.utils.checkpoint``: ``selective`` (attention core
+#:   only) is not implemented, and a split backward (zb-h1, zbv, dualpipev) cannot replay a
+#:   checkpointed graph in two halves;
+#: * ZeRO-1 is FSDP2 (``fully_shard`` over dp, gradients reduce-scattered at the last micro-batch's
+#:   backward): one FSDP unit per stage, so one stage per rank (not interleaved or the V schedules),
+#:   and the split backward's deferred weight gradients would bypass FSDP's post-backward;
+#:   ZeRO-2/3 are not implemented;
+#: * tensor parallelism (``parallelize_module``) runs with one stage per rank and a full backward:
+#:   the deferred weight gradients of the split backward are not DTensor-aware.
+EXECUTOR_COMBINATIONS: tuple[ExecutorCombination, ...] = (
+    ExecutorCombination(schedules=("gpipe", "1f1b", "interleaved"), tensor_parallel=False, zero=(0,), recompute=("none", "full")),
+    ExecutorCombination(schedules=SPLIT_BACKWARD_SCHEDULES, tensor_parallel=False, zero=(0,), recompute=("none",)),
+    ExecutorCombination(schedules=("gpipe", "1f1b"), tensor_parallel=False, zero=(1,), recompute=("none", "full")),
+    ExecutorCombination(schedules=("gpipe", "1f1b"), tensor_parallel=True, zero=(0, 1), recompute=("none", "full")),
+)
+
+
+def executor_supports(schedule: str, tp: int = 1, zero: int = 0, recompute: str = "none") -> str | None:
+    """None when the executor runs this combination, else why not and what to change."""
+    rows = [c for c in EXECUTOR_COMBINATIONS if schedule in c.schedules and c.tensor_parallel == (tp > 1)]
+    if any(zero in c.zero and recompute in c.recompute for c in rows):
+        return None
+    what = f"schedule {schedule} with tp={tp}, zero={zero}, recompute {recompute}"
+    if schedule not in SCHEDULE_NAMES:
+        return f"schedule {schedule!r} is unknown; choose one of {', '.join(SCHEDULE_NAMES)}"
+    if not any(zero in c.zero for c in EXECUTOR_COMBINATIONS):
+        return f"the executor does not run {what}: ZeRO-{zero} is not implemented; use zero 0, or 1 (optimizer state sharded over dp)"
+    if recompute == "selective":
+        return (f"the executor does not run {what}: it recomputes whole stages, not the attention core alone; "
+                "use recompute full or none")
+    if not rows:
+        ok = sorted({s for c in EXECUTOR_COMBINATIONS if c.tensor_parallel == (tp > 1) for s in c.schedules}, key=SCHEDULE_NAMES.index)
+        return f"the executor does not run {what}: with tp={tp} use schedule {' or '.join(ok)}"
+    allowed = "; ".join(f"zero {'/'.join(map(str, c.zero))} with recompute {'/'.join(c.recompute)}" for c in rows)
+    others = sorted({s for c in EXECUTOR_COMBINATIONS if c.tensor_parallel == (tp > 1) and zero in c.zero and recompute in c.recompute
+                     for s in c.schedules}, key=SCHEDULE_NAMES.index)
+    alt = f", or schedule {' or '.join(others)}" if others else ""
+    return f"the executor does not run {what}: with {schedule} and tp={tp} it runs {allowed}{alt}"

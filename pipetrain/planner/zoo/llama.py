@@ -129,6 +129,8 @@ LLAMA_PRESETS: dict[str, LlamaConfig] = {
                               ffn_dim=13824),
     "llama2-70b": LlamaConfig(vocab_size=32000, n_ctx=4096, d_model=8192, n_layer=80, n_head=64, n_kv_head=8,
                               ffn_dim=28672),
+    # byte-level, with grouped-query attention (2 query heads per KV head): small enough for CPU tests
+    "tiny-llama": LlamaConfig(vocab_size=256, n_ctx=128, d_model=64, n_layer=2, n_head=4, n_kv_head=2, ffn_dim=128),
 }
 
 
