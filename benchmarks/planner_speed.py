@@ -26,7 +26,7 @@ from __future__ import annotations
 import sys
 import time
 
-from pipetrain.graph import Edge, LayerGraph, Node, TiedParam
+from pipetrain.graph import Edge, LayerGraph, LayerShape, Node, TiedParam
 from pipetrain.planner.explain import make_plan
 from pipetrain.planner.job import Job
 from pipetrain.planner.search import search
@@ -46,7 +46,9 @@ def gpt3_175b_graph(b: int, *, s: int = 2048, h: int = 12288, layers: int = 96, 
     for i in range(layers):
         nodes.append(Node(name=f"layer.{i}", kind="transformer", fwd_flops=f_layer, bwd_flops=2 * f_layer, wgrad_flops=f_layer,
                           param_count=layer_params, param_bytes=2 * layer_params, output_bytes=act, output_shape=(b, s, h),
-                          output_dtype="bfloat16", saved_bytes=int(s * b * h * (34 + 5 * heads * s / h))))
+                          output_dtype="bfloat16", saved_bytes=int(s * b * h * (34 + 5 * heads * s / h)),
+                          # the shape tensor parallelism and the GEMM model need: the paper's math attention with dropout
+                          layer=LayerShape(hidden=h, heads=heads, kv_heads=heads, ffn_hidden=4 * h, attention="math", dropout=True)))
     f_head = 2.0 * b * s * h * vocab
     nodes.append(Node(name="head", kind="head", fwd_flops=f_head, bwd_flops=2 * f_head, wgrad_flops=f_head, param_count=2 * h,
                       param_bytes=4 * h, output_bytes=b * s * vocab * 2, output_shape=(b, s, vocab), output_dtype="bfloat16",

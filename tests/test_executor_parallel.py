@@ -94,9 +94,12 @@ def test_matches_single_process(runs: Any, cfg: tuple[Any, ...]) -> None:
     for r, m in metas.items():  # the rank layout: tp innermost, then pp, then dp
         assert (m["tp_rank"], m["pp_rank"], m["dp_rank"]) == (r % tp, (r // tp) % pp, r // (tp * pp))
     peaks = {r: max(x["memory"]["activation_bytes_peak"] for x in recs if x["type"] == "step") for r, recs in tel.items()}
-    for r, m in metas.items():  # a recomputing stage keeps only its inputs (token ids, or one [2, 16, 64] tensor per micro-batch)
+    # a recomputing stage keeps only its blocks' inputs (token ids, then one [2, 16, 64] fp32 tensor of
+    # 8 KiB per block and micro-batch) and one block's working set: well under a non-recomputing
+    # tiny-gpt stage's hundreds of KiB
+    for r, m in metas.items():
         if m["pp_rank"] in rc:
-            assert peaks[r] < 64 << 10, peaks
+            assert peaks[r] < 96 << 10, peaks
     # every rank's final weights, gathered to full tensors in the model's layout, are the reference's
     # (Adam divides by sqrt(v): a last-bit difference in a tiny gradient moves a weight by up to ~lr)
     for f in sorted((run["dir"] / "final").glob("rank*.pt")):

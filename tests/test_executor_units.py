@@ -229,7 +229,7 @@ def test_preflight_rejects_bad_runs_before_starting_processes(tmp_path: Path) ->
     with pytest.raises(RunError, match="no complete checkpoint"):
         preflight(RunConfig(plan_path="-", run_dir=str(tmp_path), resume=True), plan)
     with pytest.raises(RunError, match="fp16"):
-        preflight(RunConfig(plan_path="-", run_dir=str(tmp_path)), dataclasses.replace(plan, dtype="fp16"))
+        preflight(RunConfig(plan_path="-", run_dir=str(tmp_path)), dataclasses.replace(plan, dtype="fp16", precision="amp-autocast"))
     from pipetrain.errors import PlanError
 
     with pytest.raises(PlanError, match="plan was made for model 'resmlp'"):  # a plan for another model, before any process

@@ -79,7 +79,7 @@ def _plan_mutation() -> st.SearchStrategy[Any]:
         st.builds(lambda v: (f"stage0.block_end={v}", set_stage(0, "block_end", v)), st.integers(4, 6)),
         st.builds(lambda k: (f"missing {k}", drop(k)), st.sampled_from(["model", "pp", "stages", "schedule", "graph_fingerprint"])),
         st.builds(lambda k: (f"unknown key {k}", set_top(k, 1)), st.text("abcxyz_", min_size=3, max_size=10).filter(lambda s: s not in BASE_PLAN)),
-        st.builds(lambda v: (f"schema_version={v}", set_top("schema_version", v)), st.integers(2, 99)),
+        st.builds(lambda v: (f"schema_version={v}", set_top("schema_version", v)), st.integers(3, 99)),
         st.builds(lambda n: ("truncated", lambda d: json.dumps(d)[:n]), st.integers(0, 200)),
         st.just(("stages=[]", set_top("stages", []))),
         st.just(("model=no-such-model", set_top("model", "no-such-model"))),

@@ -27,7 +27,8 @@ __all__ = ["add_arguments", "run", "add_job_arguments", "job_from_args", "graph_
 _FLAG_KEYS = {"model": "model", "topology": "topology", "global_batch": "global_batch", "seq_len": "seq_len", "dtype": "dtype",
               "optimizer": "optimizer", "max_memory": "max_memory", "schedule": "schedule", "pp": "pp", "dp": "dp",
               "microbatches": "microbatches", "microbatch_size": "microbatch_size", "chunks": "chunks", "buffers": "buffers",
-              "recompute": "recompute", "boundaries": "boundaries", "seed": "seed"}
+              "recompute": "recompute", "boundaries": "boundaries", "seed": "seed", "tp": "tp", "zero": "zero",
+              "sequence_parallel": "sequence_parallel", "precision": "precision", "memory_reserve": "memory_reserve"}
 
 
 def add_job_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,19 +39,29 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--topology", help="topology preset (dgx-h100:8, local-cpu:2, mixed-a100-h100) or a YAML path")
     g.add_argument("--global-batch", type=int, help="samples per optimizer step, over all replicas")
     g.add_argument("--seq-len", type=int, help="tokens per sample")
-    g.add_argument("--dtype", help="fp32 | bf16 | fp16 (default bf16)")
+    g.add_argument("--precision", help="bf16-mixed (bf16 weights, fp32 master and gradients: Megatron's and torchtitan's) | "
+                   "amp-autocast (fp32 weights cast per use: pipetrain's CPU executor) | fp32; default bf16-mixed on GPUs, "
+                   "amp-autocast on CPU")
+    g.add_argument("--dtype", help="deprecated: use --precision (bf16/fp16 mean amp-autocast, fp32 means fp32)")
     g.add_argument("--optimizer", help="adamw | sgd (default adamw)")
     g.add_argument("--max-memory", help="per-device memory cap: bytes ('70GiB', '75e9') or a share ('90%%')")
+    g.add_argument("--memory-reserve", help="memory left free per device for the CUDA context, NCCL and fragmentation "
+                   "(default on GPUs: 2 GiB + 5%%; 0 on CPU)")
     g.add_argument("--graph", help="plan from a layer-graph JSON (pipetrain graph --json) instead of tracing; fixes the micro-batch size")
     k = parser.add_argument_group("pinned knobs (left out: searched)")
     k.add_argument("--pp", type=int, help="pipeline depth")
     k.add_argument("--dp", type=int, help="data-parallel width")
+    k.add_argument("--tp", type=int, help="tensor-parallel width, inside a node (Megatron-style)")
+    k.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
+                   help="with tp > 1, split the norm and dropout regions along the sequence")
+    k.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage over dp: 1 optimizer state (Megatron's "
+                   "distributed optimizer), 2 and gradients, 3 and weights")
     k.add_argument("--microbatches", type=int, help="micro-batches per step (m)")
     k.add_argument("--microbatch-size", type=int, help="samples per micro-batch")
     k.add_argument("--schedule", help="gpipe | 1f1b | interleaved | zb-h1 (zero bubble: chosen unasked on GPUs only)")
     k.add_argument("--chunks", type=int, help="virtual stages per rank (interleaved)")
     k.add_argument("--buffers", help="activation buffers: one number, or one per stage ('2,2,1,1')")
-    k.add_argument("--recompute", help="true | false, or one per stage ('1,1,0,0')")
+    k.add_argument("--recompute", help="none | full (every layer of every stage), or per stage true/false ('1,1,0,0')")
     k.add_argument("--boundaries", help="first block of every stage after the first ('12,24,36')")
     k.add_argument("--seed", type=int, help="seed recorded in the plan")
     parser.add_argument("--simulation-only", action="store_true", default=None,
@@ -73,6 +84,14 @@ def job_from_args(args: argparse.Namespace):  # -> Job
     from pipetrain.planner.job import job_from_mapping, load_job
 
     overrides: dict[str, Any] = {key: getattr(args, dest) for dest, key in _FLAG_KEYS.items() if getattr(args, dest, None) is not None}
+    # fp32 says all there is to say; bf16/fp16 left how weights are kept unsaid
+    if overrides.get("dtype") not in (None, "fp32") and "precision" not in overrides:
+        import sys
+
+        from pipetrain.sharding import precision_for_dtype
+
+        print(f"warning: --dtype is deprecated; --dtype {overrides['dtype']} means --precision "
+              f"{precision_for_dtype(str(overrides['dtype']))}", file=sys.stderr)
     if getattr(args, "simulation_only", None):
         overrides["simulation_only"] = True
     if args.config:
@@ -120,9 +139,18 @@ def print_plan(outcome, console=None) -> None:  # outcome: PlanOutcome
     graph = res.graph()
     best = res.best
     sched = f"interleaved (v={plan.chunks})" if plan.schedule == "interleaved" else plan.schedule
-    console.print(f"[bold]{plan.model}[/] on [bold]{plan.topology}[/]: pp={plan.pp} x dp={plan.dp}, micro-batch {plan.micro_batch_size} "
-                  f"x m={plan.num_microbatches} (global batch {plan.global_batch}), {sched}, {plan.dtype}, {plan.optimizer}"
-                  + ("  [yellow](simulation only)[/]" if plan.simulation_only else ""))
+    tp = f"tp={plan.tp}{' (sequence parallel)' if plan.sequence_parallel else ''} x " if plan.tp > 1 else ""
+    zero = f", ZeRO-{plan.zero}" if plan.zero else ""
+    rec = f", recompute {plan.recompute}" if plan.recompute != "none" else ""
+    idle = f", {plan.idle_gpus} GPU(s) idle" if plan.idle_gpus else ""
+    console.print(f"[bold]{plan.model}[/] on [bold]{plan.topology}[/]: {tp}pp={plan.pp} x dp={plan.dp}{zero}{idle}, "
+                  f"micro-batch {plan.micro_batch_size} x m={plan.num_microbatches} (global batch {plan.global_batch}), {sched}, "
+                  f"{plan.precision}, {plan.optimizer}{rec}" + ("  [yellow](simulation only)[/]" if plan.simulation_only else ""))
+    if plan.tp > 1 and res.topology is not None:
+        per_node = min(sum(1 for d in res.topology.devices if d.node == n) for n in {d.node for d in res.topology.devices})
+        if plan.tp > per_node:
+            console.print(f"[yellow]warning: tp={plan.tp} spans nodes of {per_node} GPUs: its per-layer collectives cross the "
+                          "inter-node network (priced so); pin tp to at most a node's GPUs[/]")
     job = res.job
     if job is not None:
         pins = ", ".join(f"{k}={','.join(str(x).lower() for x in v) if isinstance(v, tuple) else v}" for k, v in job.pinned.items())
@@ -135,11 +163,19 @@ def print_plan(outcome, console=None) -> None:  # outcome: PlanOutcome
         t.add_row(str(st.index), str(st.rank), st.device, f"{st.block_start}-{st.block_end - 1}", names, f"{tm * 1e3:.2f}",
                   "yes" if st.recompute else "no", str(st.buffers), _gib(st.predicted_peak_memory_bytes), _gib(st.memory_cap_bytes))
     console.print(t)
+    m = Table(title="memory per GPU (all its virtual stages)")
+    for col in ("rank", "stages", "weights", "gradients", "optimizer", "activations", "buffers", "total", "cap", "reserve"):
+        m.add_column(col, justify="right", no_wrap=True)
+    for g in gpu_memory(plan, graph, res.topology):
+        m.add_row(str(g.rank), ",".join(map(str, g.stages)), _gib(g.weights_bytes), _gib(g.gradients_bytes), _gib(g.optimizer_bytes),
+                  _gib(g.activations_bytes), _gib(g.buffers_bytes), _gib(g.total_bytes), _gib(g.cap_bytes), _gib(g.reserve_bytes))
+    console.print(m)
     p = plan.predicted
     if p is not None:
-        console.print(f"predicted (simpy): step {p.step_time_s:.4g} s, {p.samples_per_s:.4g} samples/s, {p.tokens_per_s:.4g} tokens/s, "
-                      f"MFU {p.mfu * 100:.1f}%, bubble {p.bubble_fraction * 100:.1f}%, peak {_gib(max(p.peak_memory_bytes))} "
-                      f"(fast evaluator: {best.fast.step_time_s:.4g} s)")
+        used = plan.world_size
+        console.print(f"predicted (simpy): step {p.step_time_s:.4g} s, {p.samples_per_s:.4g} samples/s, {p.tokens_per_s:.4g} tokens/s "
+                      f"({p.tokens_per_s / used:.4g} per GPU on {used} GPUs), MFU {p.mfu * 100:.1f}%, bubble {p.bubble_fraction * 100:.1f}%, "
+                      f"peak {_gib(max(p.peak_memory_bytes))} per stage (fast evaluator: {best.fast.step_time_s:.4g} s)")
     a = Table(title="alternatives")
     a.add_column("candidate")
     a.add_column("step s", justify="right")
@@ -175,32 +211,44 @@ def planner_landscape(outcome):  # (PlanOutcome) -> Landscape
     return landscape_from_search(outcome.result, plan=outcome.plan, source=f"Planner search{where} under your pinned knobs.")
 
 
-def gpu_memory(plan, graph):  # (Plan, LayerGraph) -> list[GpuMemory]
+def gpu_memory(plan, graph, topology=None):  # (Plan, LayerGraph, Topology | None) -> list[GpuMemory]
     """The memory model's components per pipeline rank, its virtual stages summed (interleaved plans hold
-    several): what the report's stacked memory chart shows. In-flight counts are the lowering's
-    (:func:`pipetrain.program.held_in_flight`), so the total is the peak the planner checked."""
-    from pipetrain.memory import bytes_per_param, stage_memory
+    several): what the plan table and the report's stacked memory chart show. One tensor-parallel
+    rank's view of the model (``plan.tp``), the plan's precision and ZeRO stage. In-flight counts are
+    the lowering's (:func:`pipetrain.program.held_in_flight`), so the total is the peak the planner
+    checked; the reserve is the device type's default (``topology``, when given)."""
+    from pipetrain.hardware import default_memory_reserve_bytes
+    from pipetrain.memory import stage_memory, tied_extra_params
     from pipetrain.program import held_in_flight
+    from pipetrain.program.shard import shard_graph
     from pipetrain.reports.plan_report import GpuMemory
     from pipetrain.schedules import make_schedule
+    from pipetrain.sharding import model_state_bytes
 
+    graph = shard_graph(graph, plan.tp, sequence_parallel=plan.sequence_parallel)
     buffers = [st.buffers for st in plan.stages]
     held = held_in_flight(make_schedule(plan.schedule, plan.pp, plan.num_microbatches, plan.chunks, buffers=buffers))
-    per = bytes_per_param(graph.dtype, plan.optimizer)
     acc: dict[int, dict] = {}
     for st in plan.stages:
         mem = stage_memory(graph, st.block_start, st.block_end, in_flight=max(1, held[st.index]), buffers=st.buffers,
-                           recompute=st.recompute, optimizer=plan.optimizer)
-        tied = mem.tied_bytes / per.total if per.total else 0.0  # a tied copy has its own weights, gradient and state
+                           recompute=st.recompute, optimizer=plan.optimizer, precision=plan.precision, zero=plan.zero, dp=plan.dp)
+        # a tied copy has its own weights, gradient and state
+        tied = model_state_bytes(tied_extra_params(graph, st.block_start, st.block_end), zero=plan.zero, dp=plan.dp,
+                                 precision=plan.precision, optimizer=plan.optimizer)
+        reserve = 0.0
+        if topology is not None:
+            dev = next((d for d in topology.devices if d.id == st.device), None)
+            reserve = default_memory_reserve_bytes(dev.type) if dev is not None else 0.0
         a = acc.setdefault(st.rank, {"device": st.device, "stages": [], "weights_bytes": 0.0, "gradients_bytes": 0.0,
                                      "optimizer_bytes": 0.0, "activations_bytes": 0.0, "buffers_bytes": 0.0,
-                                     "cap_bytes": float(st.memory_cap_bytes)})
+                                     "cap_bytes": 0.0, "reserve_bytes": reserve})
         a["stages"].append(st.index)
-        a["weights_bytes"] += mem.weights_bytes + tied * per.weights
-        a["gradients_bytes"] += mem.grads_bytes + tied * per.grads
-        a["optimizer_bytes"] += mem.optimizer_bytes + tied * per.optimizer
+        a["weights_bytes"] += mem.weights_bytes + tied.weights_bytes
+        a["gradients_bytes"] += mem.grads_bytes + tied.grads_bytes
+        a["optimizer_bytes"] += mem.optimizer_bytes + tied.optimizer_bytes
         a["activations_bytes"] += mem.activation_bytes + mem.recompute_working_bytes
         a["buffers_bytes"] += mem.buffer_bytes
+        a["cap_bytes"] += float(st.memory_cap_bytes)  # a rank's cap is split over its virtual stages
     return [GpuMemory(rank=r, **{**a, "stages": tuple(a["stages"])}) for r, a in sorted(acc.items())]
 
 
@@ -226,7 +274,7 @@ def write_planner_files(outcome, out_dir, *, cost_source: str) -> None:  # (Plan
     write_landscape(out / LANDSCAPE_FILE, planner_landscape(outcome))
     from pipetrain.reports.plan_report import MEMORY_FILE, write_gpu_memory
 
-    write_gpu_memory(out / MEMORY_FILE, gpu_memory(plan, res.graph()))
+    write_gpu_memory(out / MEMORY_FILE, gpu_memory(plan, res.graph(), res.topology))
     from dataclasses import asdict
 
     from pipetrain.planner.neighbourhood import neighbourhood

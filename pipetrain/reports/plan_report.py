@@ -65,6 +65,7 @@ class GpuMemory:
     activations_bytes: float  # saved activations in flight (and the recompute working set)
     buffers_bytes: float  # receive buffers
     cap_bytes: float
+    reserve_bytes: float = 0.0  # left free for the CUDA context, NCCL and fragmentation (on top of the cap)
 
     @property
     def total_bytes(self) -> float:
@@ -83,7 +84,8 @@ def read_gpu_memory(path: str | Path) -> list[GpuMemory] | None:
     try:
         return [GpuMemory(rank=int(g["rank"]), device=str(g["device"]), stages=tuple(int(x) for x in g["stages"]),
                           **{k: float(g[k]) for k in ("weights_bytes", "gradients_bytes", "optimizer_bytes",
-                                                      "activations_bytes", "buffers_bytes", "cap_bytes")})
+                                                      "activations_bytes", "buffers_bytes", "cap_bytes")},
+                          reserve_bytes=float(g.get("reserve_bytes", 0.0)))
                 for g in json.loads(p.read_text(encoding="utf-8"))["gpus"]]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
         raise RunError(f"{p} is corrupt ({type(exc).__name__}): delete it, or write it again with "
