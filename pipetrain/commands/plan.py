@@ -54,7 +54,7 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     k.add_argument("--tp", type=int, help="tensor-parallel width, inside a node (Megatron-style)")
     k.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
                    help="with tp > 1, split the norm and dropout regions along the sequence")
-    k.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage over dp: 1 optimizer state (Megatron's "
+    k.add_argument("--zero", type=int, help="ZeRO stage over dp (0-3): 1 optimizer state (Megatron's "
                    "distributed optimizer), 2 and gradients, 3 and weights")
     k.add_argument("--microbatches", type=int, help="micro-batches per step (m)")
     k.add_argument("--microbatch-size", type=int, help="samples per micro-batch")

@@ -187,7 +187,10 @@ class GradSync:
         sq = torch.tensor([sum(sqs)], dtype=torch.float64, device=dev)
         if self.pp_group is not None and self.clip_norm > 0:  # without clipping no rank waits for the others
             dist.all_reduce(sq, group=self.pp_group)
-        norm = float(sq.sqrt())  # without clipping: this rank's stages only (RunResult sums the stages)
+        return self._clip(float(sq.sqrt()))  # without clipping: this rank's stages only (RunResult sums the stages)
+
+    def _clip(self, norm: float) -> float:
+        """Scale every gradient to the clip norm when ``norm`` exceeds it; remember and return ``norm``."""
         coef = clip_coefficient(norm, self.clip_norm)
         if coef < 1.0:
             for p in self.params:
@@ -209,13 +212,7 @@ class GradSync:
         dist.all_reduce(vec)
         per_stage = vec.cpu().tolist()
         self.stage_norms = {str(k): float(v) ** 0.5 for k, v in enumerate(per_stage)}
-        norm = float(vec.sum().sqrt())
-        coef = clip_coefficient(norm, self.clip_norm)
-        if coef < 1.0:
-            for p in self.params:
-                grad_of(p).mul_(coef)
-        self.last_norm = norm
-        return norm
+        return self._clip(float(vec.sum().sqrt()))
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

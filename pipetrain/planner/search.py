@@ -1,15 +1,19 @@
 """The planner's outer search: the best :class:`~pipetrain.plan.Plan` for a :class:`Job`.
 
-Decision variables: pipeline depth ``pp``, data-parallel width ``dp``, micro-batch size ``b``
-(and so the count ``m = global_batch / (dp * b)``), the schedule (GPipe, 1F1B, interleaved
-with ``v`` chunks, ZB-H1; only those the executor runs unless simulation-only), activation
+Decision variables: tensor-parallel width ``tp`` (with sequence parallelism), pipeline depth
+``pp``, data-parallel width ``dp``, the ZeRO stage, micro-batch size ``b`` (and so the count
+``m = global_batch / (dp * b)``), the schedule (GPipe, 1F1B, interleaved with ``v`` chunks, ZB-H1,
+ZB-V, DualPipeV; only the combinations the executor runs unless simulation-only), activation
 buffers per stage, recomputation per stage, the stage boundaries and the placement.
 
 How (an integer-aware search, exact on its grid):
 
-1. **Enumerate** the discrete grid of (pp, dp, b, schedule, v, buffer level). It is small:
-   pp and dp are divisor pairs of the device count, b divides the per-replica batch, v is
-   2 or 4 -- at most a few hundred points even for 1024 GPUs. A continuous relaxation
+1. **Enumerate** the discrete grid of (tp, pp, dp, zero, b, schedule, v, buffer level)
+   (:func:`pipetrain.planner.grid.grid`): tp divides a node's GPUs, any pp up to the block
+   count with the widest dp that fits (some GPUs may idle), b divides the per-replica batch, v
+   is 2 or 4 -- thousands of points for 64 GPUs, visited in order of a bound that needs no
+   split (:meth:`_Searcher.bound`) and cut off once it exceeds the k-th best screened step.
+   A continuous relaxation
    (e.g. ``scipy.optimize.differential_evolution`` with ``integrality``) would sample the
    same points with no optimality guarantee; enumeration with a bound is exact and cheaper.
    ``method="de"`` runs that DE instead, for comparison (benchmarks/planner_speed.py, and a
