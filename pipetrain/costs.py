@@ -47,7 +47,7 @@ __all__ = [
     "NodeTimesCostModel",
     "StageCost", "CostModel", "AnalyticParams", "AnalyticCostModel", "NodeTimes",
     "roofline_time_s", "node_fwd_bytes", "node_bwd_bytes", "node_input_bytes", "analytic_node_times",
-    "p2p_time_s", "ring_allreduce_time_s", "optimizer_step_time_s", "stage_from_node_times",
+    "p2p_time_s", "ring_allreduce_time_s", "optimizer_step_time_s", "stage_from_node_times", "attention_core_share",
 ]
 
 
@@ -227,13 +227,40 @@ def _shaped_layer_times(graph: LayerGraph, node: Node, peak: float, bw: float, c
                          memory_bandwidth_bytes_per_s=bw, constants=constants, dtype_bytes=2)
 
 
-def stage_from_node_times(times: NodeTimes, start: int, end: int, *, recompute: bool) -> StageCost:
-    """A stage's cost as the sum of its nodes' (the nodes run one after another)."""
+def attention_core_share(graph: LayerGraph) -> tuple[float, ...]:
+    """Per node, the share of its forward time that selective recompute repeats: the attention
+    core (QK^T and P.V, ``4 b s^2 h`` FLOPs of a layer's forward, Narayanan et al. 2021 sec. 5.1;
+    softmax and dropout ride along, element-wise) over the node's forward FLOPs, per tensor-parallel
+    rank (heads / tp). 0 for nodes without a transformer layer shape."""
+    out = []
+    b, s = graph.micro_batch_size, graph.seq_len
+    for nd in graph.nodes:
+        if nd.layer is None or nd.fwd_flops <= 0:
+            out.append(0.0)
+            continue
+        core = 4.0 * b * s * s * nd.layer.hidden / graph.tp
+        out.append(min(1.0, core / nd.fwd_flops))
+    return tuple(out)
+
+
+def stage_from_node_times(times: NodeTimes, start: int, end: int, *, recompute: bool, recompute_kind: str = "full",
+                          recompute_layers: int = 0, core_share: Sequence[float] | None = None) -> StageCost:
+    """A stage's cost as the sum of its nodes' (the nodes run one after another). Recomputing, the
+    extra forward is the first ``recompute_layers`` nodes' (all at 0) for "full", and each node's
+    attention core (``core_share`` of its forward, :func:`attention_core_share`) for "selective"."""
     if not 0 <= start < end <= len(times.fwd_s):
         raise ConfigError(f"stage range [{start}, {end}) is not within the graph's {len(times.fwd_s)} nodes")
     f = sum(times.fwd_s[start:end])
+    rec = 0.0
+    if recompute and recompute_kind == "selective":
+        if core_share is None:
+            raise ConfigError("selective recompute needs each node's attention-core share")
+        rec = sum(t * c for t, c in zip(times.fwd_s[start:end], core_share[start:end]))
+    elif recompute:
+        k = end - start if recompute_layers <= 0 else min(recompute_layers, end - start)
+        rec = sum(times.fwd_s[start:start + k])
     return StageCost(t_fwd_s=f, t_bwd_s=sum(times.bwd_s[start:end]), t_wgrad_s=sum(times.wgrad_s[start:end]),
-                     t_recompute_s=f if recompute else 0.0)
+                     t_recompute_s=rec)
 
 
 class _NodeTimeCache:

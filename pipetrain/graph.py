@@ -218,19 +218,27 @@ class LayerGraph:
         n = len(self.nodes)
         if not 1 <= position < n:
             raise ConfigError(f"cut position {position} is out of range 1..{n - 1}")
-        before = range(position)
-        after = range(position, n)
-        sources = sorted({u for u, _ in nx.edge_boundary(self.digraph, before, after)})
-        tensors = tuple(
+        return self._cut_table[position - 1]
+
+    @cached_property
+    def _cut_table(self) -> tuple[Cut, ...]:
+        """The cut before every position 1..n-1, in one sweep over the edges (the planner and the
+        lowering ask for cuts hundreds of thousands of times): an edge u -> v crosses the cuts
+        before u+1 .. v."""
+        n = len(self.nodes)
+        sources: list[set[int]] = [set() for _ in range(n)]
+        for e in self.edges:
+            for pos in range(e.src + 1, min(e.dst, n - 1) + 1):
+                sources[pos].add(e.src)
+        return tuple(Cut(position=k, tensors=tuple(
             CutTensor(src=u, name=self.nodes[u].name, shape=self.nodes[u].output_shape,
                       dtype=self.nodes[u].output_dtype, bytes=self.nodes[u].output_bytes)
-            for u in sources)
-        return Cut(position=position, tensors=tensors)
+            for u in sorted(sources[k]))) for k in range(1, n))
 
     @cached_property
     def cuts(self) -> tuple[Cut, ...]:
         """Every legal cut position in topological order (those some tensor crosses)."""
-        return tuple(c for c in (self.cut(k) for k in range(1, len(self.nodes))) if c.tensors)
+        return tuple(c for c in self._cut_table if c.tensors)
 
     def tied_extra_bytes(self, start: int, end: int) -> int:
         """Bytes of tied parameters used in nodes [start, end) but owned outside it.

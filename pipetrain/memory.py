@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipetrain.activations import layer_activation_bytes, zb_w_held_bytes
 from pipetrain.errors import ConfigError, InfeasibleError
 from pipetrain.graph import LayerGraph
 from pipetrain.sharding import model_state_bytes, precision_for_dtype
@@ -47,7 +48,8 @@ from pipetrain.sharding import model_state_bytes, precision_for_dtype
 __all__ = [
     "GiB", "ParamStateBytes", "StageMemory", "bytes_per_param", "activation_bytes_per_microbatch",
     "block_activation_bytes", "loss_saved_bytes", "autocast_cast_params", "autocast_cast_params_per_node", "stage_input_bytes",
-    "stage_output_bytes", "tied_extra_params", "stage_memory", "node_input_bytes", "recompute_memory",
+    "stage_output_bytes", "tied_extra_params", "stage_memory", "node_input_bytes", "recompute_memory", "selective_dropped_bytes",
+    "wgrad_held_bytes",
     "check_stage_memory",
 ]
 
@@ -210,21 +212,62 @@ def node_input_bytes(graph: LayerGraph) -> tuple[int, ...]:
     return tuple(inp)
 
 
-def recompute_memory(graph: LayerGraph, start: int, end: int, *, in_flight: int, per_node_saved: tuple[float, ...]) -> tuple[float, float]:
+def recompute_memory(graph: LayerGraph, start: int, end: int, *, in_flight: int, per_node_saved: tuple[float, ...],
+                     layers: int = 0) -> tuple[float, float]:
     """(kept, working) bytes of a stage recomputing layer by layer, as Megatron's full recompute
-    checkpoints each layer (``--recompute-granularity full --recompute-method uniform``):
-    each in-flight micro-batch keeps every layer's input, and the backward recomputes one layer
-    at a time, so the working set is the largest single layer's saved bytes (Korthikanti et al.
-    2023, sec. 5: "only the input to each transformer layer is stored")."""
+    checkpoints each layer (``--recompute-granularity full``): each in-flight micro-batch keeps
+    every recomputed layer's input, and the backward recomputes one layer at a time, so the
+    working set is the largest single recomputed layer's saved bytes (Korthikanti et al. 2023,
+    sec. 5: "only the input to each transformer layer is stored"). ``layers`` > 0 recomputes only
+    the stage's first ``layers`` layers and keeps the others' activations (Megatron's
+    ``--recompute-method block --recompute-num-layers``); 0 recomputes all of them."""
+    k = end - start if layers <= 0 else min(layers, end - start)
     inputs = node_input_bytes(graph)
-    kept = in_flight * float(sum(inputs[start:end]))
-    return kept, float(max(per_node_saved[start:end]))
+    kept = in_flight * (float(sum(inputs[start:start + k])) + float(sum(per_node_saved[start + k:end])))
+    return kept, float(max(per_node_saved[start:start + k]))
+
+
+def selective_dropped_bytes(graph: LayerGraph) -> tuple[int, ...]:
+    """Per node, the saved bytes that selective recompute does not keep: the attention core's
+    (softmax output, its dropout and mask, the causal mask, the log-sum-exp; Korthikanti et al.
+    2023, sec. 4.3), from :func:`pipetrain.activations.layer_activation_terms` with and without it
+    at the graph's tp and sequence parallelism. 0 for nodes that declare no transformer layer
+    shape (nothing there is recomputed selectively); never more than the node saves."""
+    db = _DTYPE_BYTES[graph.dtype]
+    out = []
+    for nd in graph.nodes:
+        if nd.layer is None:
+            out.append(0)
+            continue
+        kept = [layer_activation_bytes(nd.layer, seq_len=graph.seq_len, micro_batch_size=graph.micro_batch_size, dtype_bytes=db,
+                                       tp=graph.tp, sequence_parallel=graph.sequence_parallel, recompute=kind)
+                for kind in ("none", "selective")]
+        drop = kept[0] - kept[1]
+        out.append(max(0, min(nd.saved_bytes, drop)))
+    return tuple(out)
+
+
+def wgrad_held_bytes(graph: LayerGraph) -> tuple[int, ...]:
+    """Per node, the bytes a split backward (ZB-H1, ZB-V, DualPipeV) holds for one micro-batch from
+    its input-gradient pass (I) to its weight-gradient pass (W): for a transformer layer only the
+    linear layers' inputs and output gradients (:func:`pipetrain.activations.zb_w_held_bytes`; Qi
+    et al. 2024, sec. 2); for any other node everything it saved (its autograd graph is split
+    generically, and kept whole until W)."""
+    db = _DTYPE_BYTES[graph.dtype]
+    out = []
+    for nd in graph.nodes:
+        if nd.layer is None:
+            out.append(nd.saved_bytes)
+        else:
+            out.append(min(nd.saved_bytes, zb_w_held_bytes(nd.layer, seq_len=graph.seq_len, micro_batch_size=graph.micro_batch_size,
+                                                          dtype_bytes=db, tp=graph.tp, sequence_parallel=graph.sequence_parallel)))
+    return tuple(out)
 
 
 def stage_memory(graph: LayerGraph, start: int, end: int, *, in_flight: int, buffers: int = 1, recompute: bool = False,
                  optimizer: str = "adamw", dtype: str | None = None, momentum: bool = False,
                  autocast_copies: bool | None = None, precision: str | None = None, zero: int = 0,
-                 dp: int = 1) -> StageMemory:
+                 dp: int = 1, recompute_kind: str = "full", recompute_layers: int = 0, wgrad_held: int = 0) -> StageMemory:
     """Peak bytes of a stage with ``in_flight`` micro-batches' activations alive at once.
 
     ``in_flight`` comes from the schedule (1F1B: min(p - s, m); GPipe: m). ``dtype`` defaults to
@@ -233,9 +276,15 @@ def stage_memory(graph: LayerGraph, start: int, end: int, *, in_flight: int, buf
     the ``amp-autocast`` precision (the default for bf16/fp16, as the executor runs it).
     ``precision``, ``zero`` and ``dp`` set the weights, gradients and optimizer state per
     parameter (:func:`pipetrain.sharding.model_state_bytes`); without ``precision`` the
-    ``dtype``'s table above.
+    ``dtype``'s table above. With ``recompute``, ``recompute_kind`` "full" recomputes whole layers
+    (the first ``recompute_layers`` of the stage, or all of them at 0; :func:`recompute_memory`)
+    and "selective" the attention core of every layer (:func:`selective_dropped_bytes`; its working
+    set is one layer's core). ``wgrad_held``: micro-batches between their I and W passes (a split
+    backward), each holding what W needs (:func:`wgrad_held_bytes`), counted with the activations.
     """
     _check_range(graph, start, end)
+    if recompute_kind not in ("full", "selective"):
+        raise ConfigError(f"recompute_kind must be 'full' or 'selective', got {recompute_kind!r}")
     if in_flight < 1:
         raise ConfigError(f"in_flight must be >= 1, got {in_flight}")
     if buffers < 1:
@@ -260,11 +309,18 @@ def stage_memory(graph: LayerGraph, start: int, end: int, *, in_flight: int, buf
     if autocast_copies and (dtype or graph.dtype) != "fp32":
         saved = [s + 2.0 * c for s, c in zip(saved, autocast_cast_params_per_node(graph))]
     loss = loss_saved_bytes(graph) if end == graph.num_nodes else 0
-    if recompute:
-        activation, working = recompute_memory(graph, start, end, in_flight=in_flight, per_node_saved=tuple(saved))
-        working += loss
+    if recompute and recompute_kind == "selective":
+        dropped = selective_dropped_bytes(graph)[start:end]
+        activation = in_flight * (sum(saved[start:end]) - sum(dropped) + loss)
+        working = float(max(dropped))
+    elif recompute:
+        activation, working = recompute_memory(graph, start, end, in_flight=in_flight, per_node_saved=tuple(saved),
+                                               layers=recompute_layers)
+        activation += in_flight * loss  # the loss runs outside the checkpointed layers: kept per micro-batch
     else:
         activation, working = in_flight * (sum(saved[start:end]) + loss), 0.0
+    if wgrad_held:
+        activation += wgrad_held * sum(wgrad_held_bytes(graph)[start:end])
     recv = (buffers * graph.cut(start).bytes if start > 0 else 0) + stage_output_bytes(graph, end)
     return StageMemory(param_count=params, weights_bytes=_int(weights), grads_bytes=_int(grads), optimizer_bytes=_int(opt),
                        tied_bytes=_int(tied_bytes), activation_bytes=_int(activation), recompute_working_bytes=_int(working),

@@ -161,6 +161,20 @@ def _check_pm(p: int, m: int) -> None:
         raise ScheduleError(f"number of micro-batches must be an integer >= 1, got {m!r}")
 
 
+_new_action = object.__new__
+_set_field = object.__setattr__
+
+
+def _act(stage: int, kind: str, microbatch: int) -> Action:
+    """An :class:`Action` from this module's generators, right by construction, without
+    ``__post_init__``'s checks: the planner builds schedules of half a million actions."""
+    a = _new_action(Action)
+    _set_field(a, "stage", stage)
+    _set_field(a, "kind", kind)
+    _set_field(a, "microbatch", microbatch)
+    return a
+
+
 def _buffer_caps(buffers: Sequence[int] | None, n: int) -> list[int]:
     if buffers is None:
         return [1 << 60] * n
@@ -193,7 +207,7 @@ def gpipe(p: int, m: int, *, buffers: Sequence[int] | None = None) -> Schedule:
     for s, b in enumerate(_buffer_caps(buffers, p)):
         if b < m:
             raise ScheduleError(f"gpipe keeps all {m} micro-batches in flight but stage {s} has {b} buffers: use 1f1b or raise buffers to {m}")
-    return _build("gpipe", p, m, 1, [[Action(r, "F", k) for k in range(m)] + [Action(r, "B", k) for k in range(m)]
+    return _build("gpipe", p, m, 1, [[_act(r, "F", k) for k in range(m)] + [_act(r, "B", k) for k in range(m)]
                                      for r in range(p)], False)
 
 
@@ -212,10 +226,10 @@ def one_f_one_b(p: int, m: int, *, buffers: Sequence[int] | None = None) -> Sche
     for s in range(p):
         warmup = min(p - 1 - s, m, caps[s] - 1, prev_warmup)
         prev_warmup = warmup
-        order = [Action(s, "F", k) for k in range(warmup)]
+        order = [_act(s, "F", k) for k in range(warmup)]
         for k in range(m - warmup):
-            order += [Action(s, "F", warmup + k), Action(s, "B", k)]
-        order += [Action(s, "B", k) for k in range(m - warmup, m)]
+            order += [_act(s, "F", warmup + k), _act(s, "B", k)]
+        order += [_act(s, "B", k) for k in range(m - warmup, m)]
         orders.append(order)
     return _build("1f1b", p, m, 1, orders, False)
 
@@ -245,8 +259,8 @@ def interleaved(p: int, m: int, v: int, *, buffers: Sequence[int] | None = None)
     orders = []
     for r in range(p):
         warmup = total if m == p else min(2 * (p - 1 - r) + (v - 1) * p, total)
-        fwd = [Action(c * p + r, "F", mb) for c, mb in (unit(k, True) for k in range(total))]
-        bwd = [Action(c * p + r, "B", mb) for c, mb in (unit(k, False) for k in range(total))]
+        fwd = [_act(c * p + r, "F", mb) for c, mb in (unit(k, True) for k in range(total))]
+        bwd = [_act(c * p + r, "B", mb) for c, mb in (unit(k, False) for k in range(total))]
         order = fwd[:warmup]
         for k in range(total - warmup):
             order += [fwd[warmup + k], bwd[k]]
@@ -494,30 +508,33 @@ def with_comms(compute: Sequence[Sequence[Action]], stage_to_rank: Sequence[int]
                overlaps: Sequence[tuple[Action, Action]] = ()) -> tuple[tuple[Action, ...], ...]:
     """Insert SEND/RECV actions: each RECV right before its compute, each SEND right after (after
     both halves of an overlapped pair, as torch issues them)."""
-    last = len(stage_to_rank) - 1
+    n = len(stage_to_rank)
+    # does stage s talk to another rank on its input side / its output side
+    cross_in = [s > 0 and stage_to_rank[s - 1] != stage_to_rank[s] for s in range(n)]
+    cross_out = [s < n - 1 and stage_to_rank[s + 1] != stage_to_rank[s] for s in range(n)]
     firsts = {f for f, _ in overlaps}
     out = []
     for order in compute:
         acts: list[Action] = []
         held: list[Action] = []  # the sends of a pair's first half, issued after its second
         for a in order:
-            s, k = a.stage, a.microbatch
+            s, k, kind = a.stage, a.microbatch, a.kind
             sends: list[Action] = []
-            if a.kind == "F":
-                if s > 0 and stage_to_rank[s - 1] != stage_to_rank[s]:
-                    acts.append(Action(s, "RECV_F", k))
+            if kind == "F":
+                if cross_in[s]:
+                    acts.append(_act(s, "RECV_F", k))
                 acts.append(a)
-                if s < last and stage_to_rank[s + 1] != stage_to_rank[s]:
-                    sends.append(Action(s, "SEND_F", k))
-            elif a.kind in ("B", "I"):
-                if s < last and stage_to_rank[s + 1] != stage_to_rank[s]:
-                    acts.append(Action(s, "RECV_B", k))
+                if cross_out[s]:
+                    sends.append(_act(s, "SEND_F", k))
+            elif kind == "B" or kind == "I":
+                if cross_out[s]:
+                    acts.append(_act(s, "RECV_B", k))
                 acts.append(a)
-                if s > 0 and stage_to_rank[s - 1] != stage_to_rank[s]:
-                    sends.append(Action(s, "SEND_B", k))
+                if cross_in[s]:
+                    sends.append(_act(s, "SEND_B", k))
             else:
                 acts.append(a)
-            if a in firsts:
+            if firsts and a in firsts:  # hashing every action of a long schedule costs more than the rest
                 held = sends
             else:
                 acts += held + sends

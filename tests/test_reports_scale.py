@@ -135,3 +135,22 @@ def test_gpipe_has_phases_too() -> None:
     assert fill < warm[2] <= 1.1 * fill + 1e-12
     assert cool[1] == pytest.approx((P - 1) * T_F + 128 * T_F + 127 * T_B)
     assert warm[2] <= steady[1] < steady[2] <= cool[1]
+
+
+def test_interleaved_timeline_has_a_row_per_gpu() -> None:
+    """An interleaved step drawn per GPU: one row per rank, holding both of its virtual stages' bars."""
+    p, v = 4, 2
+    evs = list(fast_evaluate(uniform(p, 8, "interleaved", chunks=v, t_fwd_s=T_F, t_bwd_s=T_B, t_comm_s=0.15e-3), events=True).events)
+    by_stage = timeline_figure(evs, title="interleaved")
+    per_gpu = timeline_figure(evs, title="interleaved, per GPU", rows="rank")
+    _assert_no_overlap(per_gpu)
+    stage_rows = [t.get_text() for t in by_stage.axes[0].get_yticklabels()]
+    gpu_rows = [t.get_text() for t in per_gpu.axes[0].get_yticklabels()]
+    assert stage_rows == [f"stage {s}" for s in range(p * v)] and gpu_rows == [f"GPU {r}" for r in range(p)]
+    # every rank row holds F and B of both its stages: as many bars as the stage rows together
+    bars: dict[int, int] = {}
+    for c in per_gpu.axes[0].collections:  # one collection per (row, kind)
+        row = int(c.get_paths()[0].vertices[:, 1].mean() + 0.5)
+        bars[row] = bars.get(row, 0) + len(c.get_paths())
+    compute = [e for e in evs if e.kind in ("F", "B")]
+    assert sum(bars.values()) == len(compute) and len(bars) == p

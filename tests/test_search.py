@@ -80,13 +80,18 @@ def test_in_flight_closed_forms_match_the_schedules() -> None:
         caps = [int(x) for x in rng.integers(1, p + 2, p)]
         for buf in (None, caps):
             c = Candidate(pp=p, dp=1, micro_batch_size=1, num_microbatches=m, schedule="1f1b")
-            assert s.in_flight(c, buf) == peak_in_flight(make_schedule("1f1b", p, m, buffers=buf)), (p, m, buf)
-    from pipetrain.program.catalog import held_in_flight, zb_h1_held_bound
+            assert s.in_flight(c, buf) == (peak_in_flight(make_schedule("1f1b", p, m, buffers=buf)), (0,) * p), (p, m, buf)
+    from pipetrain.program.catalog import held_in_flight, zb_h1_held_bound, zb_h1_held_bounds
+    from pipetrain.schedules import peak_pending_wgrad
 
     for p, m in itertools.product((1, 2, 3, 5, 8), (1, 2, 5, 16)):
         for buf in (None, [int(x) for x in rng.integers(1, p + 2, p)]):
-            held = held_in_flight(make_schedule("zb-h1", p, m, buffers=buf))
+            sched = make_schedule("zb-h1", p, m, buffers=buf)
+            held = held_in_flight(sched)
             assert all(h <= b for h, b in zip(held, zb_h1_held_bound(p, m, buf))), (p, m, buf)
+            fb, w = zb_h1_held_bounds(p, m, buf)  # each part bounds its own count
+            assert all(h <= b for h, b in zip(peak_in_flight(sched), fb)), (p, m, buf)
+            assert all(h <= b for h, b in zip(peak_pending_wgrad(sched), w)), (p, m, buf)
     for p, v, k in itertools.product((2, 3, 4), (2, 3), (1, 2, 3)):
         assert interleaved_in_flight(p, p * k, v) == peak_in_flight(make_schedule("interleaved", p, p * k, v))
 

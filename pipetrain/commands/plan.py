@@ -161,7 +161,7 @@ def print_plan(outcome, console=None) -> None:  # outcome: PlanOutcome
     for st, tm in zip(plan.stages, best.split.stage_times_s):
         names = f"{graph.nodes[st.block_start].name} .. {graph.nodes[st.block_end - 1].name}"
         t.add_row(str(st.index), str(st.rank), st.device, f"{st.block_start}-{st.block_end - 1}", names, f"{tm * 1e3:.2f}",
-                  "yes" if st.recompute else "no", str(st.buffers), _gib(st.predicted_peak_memory_bytes), _gib(st.memory_cap_bytes))
+                  _recompute_cell(plan, st), str(st.buffers), _gib(st.predicted_peak_memory_bytes), _gib(st.memory_cap_bytes))
     console.print(t)
     m = Table(title="memory per GPU (all its virtual stages)")
     for col in ("rank", "stages", "weights", "gradients", "optimizer", "activations", "buffers", "total", "cap", "reserve"):
@@ -211,15 +211,26 @@ def planner_landscape(outcome):  # (PlanOutcome) -> Landscape
     return landscape_from_search(outcome.result, plan=outcome.plan, source=f"Planner search{where} under your pinned knobs.")
 
 
+def _recompute_cell(plan, st) -> str:  # (Plan, StagePlan) -> str
+    """What a stage recomputes: "no", "selective" (every layer's attention core), "full" (every
+    layer), or "full 3/5" (its first 3 of 5 layers)."""
+    if not st.recompute:
+        return "no"
+    if plan.recompute == "selective":
+        return "selective"
+    n = st.block_end - st.block_start
+    return f"full {st.recompute_layers}/{n}" if 0 < st.recompute_layers < n else "full"
+
+
 def gpu_memory(plan, graph, topology=None):  # (Plan, LayerGraph, Topology | None) -> list[GpuMemory]
     """The memory model's components per pipeline rank, its virtual stages summed (interleaved plans hold
     several): what the plan table and the report's stacked memory chart show. One tensor-parallel
     rank's view of the model (``plan.tp``), the plan's precision and ZeRO stage. In-flight counts are
-    the lowering's (:func:`pipetrain.program.held_in_flight`), so the total is the peak the planner
+    the schedule's (:func:`pipetrain.program.plan_stage_memory`), so the total is the peak the planner
     checked; the reserve is the device type's default (``topology``, when given)."""
     from pipetrain.hardware import default_memory_reserve_bytes
-    from pipetrain.memory import stage_memory, tied_extra_params
-    from pipetrain.program import held_in_flight
+    from pipetrain.memory import tied_extra_params
+    from pipetrain.program import plan_stage_memory
     from pipetrain.program.shard import shard_graph
     from pipetrain.reports.plan_report import GpuMemory
     from pipetrain.schedules import make_schedule
@@ -227,11 +238,9 @@ def gpu_memory(plan, graph, topology=None):  # (Plan, LayerGraph, Topology | Non
 
     graph = shard_graph(graph, plan.tp, sequence_parallel=plan.sequence_parallel)
     buffers = [st.buffers for st in plan.stages]
-    held = held_in_flight(make_schedule(plan.schedule, plan.pp, plan.num_microbatches, plan.chunks, buffers=buffers))
+    mems = plan_stage_memory(plan, graph, make_schedule(plan.schedule, plan.pp, plan.num_microbatches, plan.chunks, buffers=buffers))
     acc: dict[int, dict] = {}
-    for st in plan.stages:
-        mem = stage_memory(graph, st.block_start, st.block_end, in_flight=max(1, held[st.index]), buffers=st.buffers,
-                           recompute=st.recompute, optimizer=plan.optimizer, precision=plan.precision, zero=plan.zero, dp=plan.dp)
+    for st, mem in zip(plan.stages, mems):
         # a tied copy has its own weights, gradient and state
         tied = model_state_bytes(tied_extra_params(graph, st.block_start, st.block_end), zero=plan.zero, dp=plan.dp,
                                  precision=plan.precision, optimizer=plan.optimizer)

@@ -122,7 +122,8 @@ def make_plan(res: SearchResult, *, unpinned: SearchResult | None = None) -> Pla
         r = stage_ranks(c.schedule, c.pp, c.chunks)[s]
         ins, outs = stage_tensors(graph, a, b)
         stages.append(StagePlan(index=s, block_start=a, block_end=b, rank=r, device=res.topology.devices[place.devices[0][r]].id,
-                                buffers=int(ev.buffers[s]), recompute=bool(ev.recompute[s]), inputs=ins, outputs=outs,
+                                buffers=int(ev.buffers[s]), recompute=bool(ev.recompute[s]),
+                                recompute_layers=ev.recompute_layers[s] if ev.recompute_layers else 0, inputs=ins, outputs=outs,
                                 predicted_peak_memory_bytes=float(sim.peak_memory_bytes_per_stage[s]),
                                 memory_cap_bytes=float(ev.stage_caps_bytes[s])))
     predicted = PredictedMetrics(step_time_s=float(sim.step_time_s), samples_per_s=float(sim.samples_per_s),

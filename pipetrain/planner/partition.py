@@ -272,7 +272,10 @@ def partition(num_blocks: int, num_stages: int, *, stage_time: StageMatrix, stag
         raise _infeasible(n, p, mats, caps, allowed)
 
     # Phase 2: least total time among bottleneck-optimal splits. h[s][i] = min sum of stages s..p-1 over [i, n).
-    capped = [np.where(c <= best, c, np.inf) for c in cost]
+    # a relative tolerance: range sums come from prefix-sum differences, so two stages of equal
+    # content can differ in the last bits, and a split that ties the bottleneck must stay eligible
+    limit = best * (1 + 1e-9)
+    capped = [np.where(c <= limit, c, np.inf) for c in cost]
     h = [np.full(n + 1, np.inf) for _ in range(p + 1)]
     h[p][n] = 0.0
     for s in range(p - 1, -1, -1):

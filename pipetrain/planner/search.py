@@ -42,9 +42,11 @@ imports torch lazily).
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -65,15 +67,15 @@ from pipetrain.program.catalog import (
     in_flight_1f1b,
     interleaved_in_flight,
     interleaved_rule,
-    zb_h1_held_bound,
+    zb_h1_held_bounds,
 )
 from pipetrain.program.lower import Placement, dp_link, placement, rank_device_type, sim_input, tp_link
 from pipetrain.program.shard import shard_graph, tp_block
 from pipetrain.program.spec import Link
-from pipetrain.schedules import SPLIT_BACKWARD_SCHEDULES, Schedule, make_schedule, peak_in_flight, stage_ranks
+from pipetrain.schedules import SPLIT_BACKWARD_SCHEDULES, Schedule, make_schedule, peak_in_flight, peak_pending_wgrad, stage_ranks
 from pipetrain.sharding import collective_time_s, dp_allreduce_bytes_per_param, precision_for_dtype
 from pipetrain.simulator import SimInput, SimResult, fast_evaluate, simulate
-from pipetrain.topology import Topology, resolve_topology
+from pipetrain.topology import DeviceType, Topology, resolve_topology
 
 __all__ = ["Candidate", "Evaluated", "SearchResult", "search", "job_precision"]
 
@@ -87,6 +89,7 @@ class Evaluated:
     recompute: tuple[bool, ...]
     buffers: tuple[int, ...]
     in_flight: tuple[int, ...]
+    recompute_layers: tuple[int, ...] = ()  # per stage that recomputes: its first that many layers (0: all)
     stage_caps_bytes: tuple[float, ...]  # per (virtual) stage; per rank it is the sum over chunks
     rank_caps_bytes: tuple[float, ...]
     fast: SimResult
@@ -164,6 +167,7 @@ class _Searcher:
         self.overflows: list[tuple[float, str, PartitionInfeasibleError]] = []
         self._schedules: dict[tuple, Schedule] = {}
         self._cuts: dict[int, list[int]] = {}
+        self._layouts: dict[tuple[int, int, int], tuple[Placement, list[DeviceType], list[float]]] = {}
 
     def tables_for(self, c: Candidate | int) -> StageTables:
         """The range matrices of a candidate: the model at its micro-batch size, as one of its
@@ -177,6 +181,18 @@ class _Searcher:
             self.tables[key] = StageTables(graph, self.cost, optimizer=self.job.optimizer, precision=self.precision, zero=c.zero,
                                            dp=c.dp if c.zero else 1, tp_link=link)
         return self.tables[key]
+
+    def layout(self, c: Candidate) -> tuple[Placement, list[DeviceType], list[float]]:
+        """The placement of ``c``'s (pp, dp, tp), each pipeline rank's pacing device type and its
+        memory cap: the same for every schedule and micro-batch size, so worked out once."""
+        key = (c.pp, c.dp, c.tp)
+        if key not in self._layouts:
+            place = placement(self.topo, c.pp, c.dp, c.tp)
+            job = self.job
+            self._layouts[key] = (place, [rank_device_type(self.topo, place, r) for r in range(c.pp)],
+                                  rank_caps(self.topo, place, max_memory_bytes=job.max_memory_bytes,
+                                            max_memory_fraction=job.max_memory_fraction, reserve_bytes=job.memory_reserve_bytes))
+        return self._layouts[key]
 
     def tp_link(self, c: Candidate) -> Link | None:
         key = (c.pp, c.dp, c.tp)
@@ -196,8 +212,7 @@ class _Searcher:
         of them, the slowest stage being at least the mean; interleaving divides the bubble by the
         virtual stages (Narayanan et al. 2021, sec. 2.2), zero-bubble schedules may fill it."""
         tab = self.tables_for(c)
-        place = placement(self.topo, c.pp, c.dp, c.tp)
-        dt = max((rank_device_type(self.topo, place, r) for r in range(c.pp)), key=lambda d: d.achievable_flops("bf16"))
+        dt = max(self.layout(c)[1], key=lambda d: d.achievable_flops("bf16"))
         total = float(tab.time_matrix(dt, recompute=False)[0, tab.n])
         bubble = 0.0 if c.schedule in SPLIT_BACKWARD_SCHEDULES else (c.pp - 1) / (c.chunks if c.schedule == "interleaved" else 1)
         # and the data-parallel traffic after the last backward: some rank holds at least 1/pp of the parameters
@@ -230,23 +245,27 @@ class _Searcher:
             self._schedules[key] = make_schedule(c.schedule, c.pp, c.num_microbatches, c.chunks, buffers=caps)
         return self._schedules[key]
 
-    def in_flight(self, c: Candidate, caps: list[int] | None) -> tuple[int, ...]:
-        """Peak micro-batches in flight per stage: closed forms for GPipe/1F1B, else from the schedule."""
+    def in_flight(self, c: Candidate, caps: list[int] | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Per stage, the peak micro-batches between F and B (I with a split backward), and with a
+        split backward those between I and W, which hold only what W needs
+        (:func:`pipetrain.memory.wgrad_held_bytes`): closed forms for GPipe/1F1B, else from the schedule."""
         p, m = c.pp, c.num_microbatches
+        none = (0,) * (p * c.chunks)
         if c.schedule == "gpipe":
             if caps and min(caps) < m:
                 raise ScheduleError(f"gpipe keeps all {m} micro-batches in flight but a stage has {min(caps)} buffers")
-            return (m,) * p
+            return (m,) * p, none
         if c.schedule == "1f1b":
-            return in_flight_1f1b(p, m, caps)
+            return in_flight_1f1b(p, m, caps), none
         if c.schedule == "interleaved" and m % p == 0 and interleaved_rule() is not None:
-            return interleaved_in_flight(p, m, c.chunks)
-        if c.schedule == "zb-h1":  # an upper bound; screen() uses the schedule's own counts
-            return zb_h1_held_bound(p, m, caps)
+            return interleaved_in_flight(p, m, c.chunks), none
+        if c.schedule == "zb-h1":  # upper bounds; screen() uses the schedule's own counts
+            return zb_h1_held_bounds(p, m, caps)
         # ZB-V and DualPipeV hold no more at any m beyond 2p than at 2p (their steady state repeats;
         # tests/test_search.py checks it for p = 2, 4, 8): the short schedule gives the same counts,
         # without building one of m = 512 micro-batches per point
-        return held_in_flight(self.schedule(replace(c, num_microbatches=min(m, SATURATION * p)), caps))
+        sched = self.schedule(replace(c, num_microbatches=min(m, SATURATION * p)), caps)
+        return peak_in_flight(sched), (peak_pending_wgrad(sched) if sched.split_backward else none)
 
     def split(self, c: Candidate) -> _Split | None:
         """Phase A: memory pre-check, then the exact partition; None (reason recorded) if nothing fits."""
@@ -256,9 +275,7 @@ class _Searcher:
         if S > n:
             self.infeasible.append((c.describe(), f"{S} stages but the model has only {n} blocks"))
             return None
-        place = placement(self.topo, c.pp, c.dp, c.tp)
-        caps_rank = rank_caps(self.topo, place, max_memory_bytes=job.max_memory_bytes, max_memory_fraction=job.max_memory_fraction,
-                              reserve_bytes=job.memory_reserve_bytes)
+        place, rank_types, caps_rank = self.layout(c)
         state = float(tab.model_state[0, n])
         if min(caps_rank) <= 0:
             self.infeasible.append((c.describe(), f"the memory reserve ({format_bytes(self.topo.devices[0].type.memory_bytes)} devices) "
@@ -277,40 +294,52 @@ class _Searcher:
         except InfeasibleError as exc:
             self.infeasible.append((c.describe(), str(exc)))
             return None
-        no_recompute = c.schedule in SPLIT_BACKWARD_SCHEDULES  # the executor refuses the combination
-        if no_recompute and pinned_rec is not None and any(pinned_rec):
+        # the executor's table (program.catalog) says which schedules recompute, and how
+        no_recompute = c.schedule in SPLIT_BACKWARD_SCHEDULES or (
+            not job.simulation_only and executor_supports(c.schedule, tp=c.tp, zero=c.zero, recompute=c.recompute_mode) is not None)
+        if c.schedule in SPLIT_BACKWARD_SCHEDULES and pinned_rec is not None and any(pinned_rec):
             self.infeasible.append((c.describe(), f"{c.schedule} splits the backward into input- and weight-gradient passes, "
                                     "which does not combine with recompute: unpin recompute, or pin another schedule"))
             return None
         caps = list(pinned_buf) if pinned_buf else ([c.buffer_level] * S if c.buffer_level else None)
         try:
-            inflight = self.in_flight(c, caps)
+            inflight, wheld = self.in_flight(c, caps)
         except ScheduleError as exc:
             self.infeasible.append((c.describe(), str(exc)))
             return None
         buffers = tuple(pinned_buf) if pinned_buf else tuple(max(1, k) for k in inflight)
         s2r = stage_ranks(c.schedule, c.pp, c.chunks)
-        dts = [rank_device_type(self.topo, place, s2r[st]) for st in range(S)]
+        dts = [rank_types[s2r[st]] for st in range(S)]
         caps_stage = [caps_rank[s2r[st]] / c.chunks for st in range(S)]
-        tm, mm, rec_choice = [], [], []
+        mode = c.recompute_mode
+        tm, mm, rec_choice, layer_choice = [], [], [], []
         for st in range(S):
-            t0, t1 = tab.time_matrix(dts[st], recompute=False), tab.time_matrix(dts[st], recompute=True)
-            m0 = tab.memory_matrix(in_flight=max(1, inflight[st]), buffers=buffers[st], recompute=False)
+            inf = max(1, inflight[st])
+            t0 = tab.time_matrix(dts[st], recompute=False)
+            m0 = tab.memory_matrix(in_flight=inf, buffers=buffers[st], recompute=False, wgrad_held=wheld[st])
+            zeros = np.zeros(m0.shape, dtype=int)
             if no_recompute or (pinned_rec is not None and not pinned_rec[st]):
                 tm.append(t0)
                 mm.append(m0)
-                rec_choice.append(np.zeros(m0.shape, dtype=bool))
+                rec_choice.append(zeros.astype(bool))
+                layer_choice.append(zeros)
                 continue
-            m1 = tab.memory_matrix(in_flight=max(1, inflight[st]), buffers=buffers[st], recompute=True)
+            if pinned_rec is not None or mode == "selective":  # pinned: every layer; selective: every layer's core
+                lay, t1 = zeros, tab.time_matrix(dts[st], recompute=mode)
+                m1 = tab.memory_matrix(in_flight=inf, buffers=buffers[st], recompute=mode)
+            else:  # the fewest leading layers that fit (Megatron's --recompute-num-layers)
+                lay, t1, m1 = tab.partial_recompute(dts[st], in_flight=inf, buffers=buffers[st], cap=caps_stage[st])
             if pinned_rec is not None:
                 tm.append(t1)
                 mm.append(m1)
                 rec_choice.append(np.ones(m0.shape, dtype=bool))
+                layer_choice.append(lay)
             else:
                 use1 = m0 > caps_stage[st]
                 tm.append(np.where(use1, t1, t0))
                 mm.append(np.where(use1, m1, m0))
                 rec_choice.append(use1)
+                layer_choice.append(np.where(use1, lay, 0))
         try:
             if job.boundaries is not None:
                 if len(job.boundaries) != S - 1:
@@ -355,7 +384,7 @@ class _Searcher:
         lb += self.dp_time_s(c, max(rank_params))  # after the rank's last backward (no overlap: the simulator's default)
         return _Split(candidate=c, place=place, split=sp, recompute=rec, buffers=buffers, in_flight=tuple(inflight),
                       caps=caps, stage_caps=tuple(caps_stage), rank_caps=tuple(caps_rank), lower_bound_s=lb,
-                      time_mats=tm, mem_mats=mm, rec_mats=rec_choice)
+                      time_mats=tm, mem_mats=mm, rec_mats=rec_choice, layer_mats=layer_choice)
 
     def split_any(self, c: Candidate) -> _Split | None:
         """:meth:`split`, and when the schedule's full buffer demand does not fit, fewer buffers."""
@@ -368,6 +397,17 @@ class _Searcher:
                         break
         return sp
 
+    def selective_twin(self, sp: _Split) -> _Split | None:
+        """The same point with selective instead of full recompute, where ``sp`` recomputes, the
+        granularity is not pinned and the executor runs it: recomputing every layer's attention core
+        costs less time than whole layers and may fit where whole layers were needed (Korthikanti et
+        al. 2023, sec. 5). None otherwise."""
+        c = sp.candidate
+        if not any(sp.recompute) or c.recompute_mode != "full" or self.job.recompute_mode or (
+                not self.job.simulation_only and executor_supports(c.schedule, tp=c.tp, zero=c.zero, recompute="selective")):
+            return None
+        return self.split_any(replace(c, recompute_mode="selective"))
+
     def cuts(self, tab: StageTables) -> list[int]:
         key = id(tab)
         if key not in self._cuts:
@@ -379,6 +419,8 @@ class _Searcher:
         c = sp.candidate
         split = split or sp.split
         rec = tuple(bool(sp.rec_mats[k][a, b]) for k, (a, b) in enumerate(split.ranges))
+        # a stage recomputing its first k of its b - a layers; k = b - a is all of them (0 in the plan)
+        layers = tuple(int(sp.layer_mats[k][a, b]) % (b - a) if rec[k] else 0 for k, (a, b) in enumerate(split.ranges))
         tab = self.tables_for(c)
         sched = self.schedule(c, sp.caps)
         held, buffers = sp.in_flight, sp.buffers
@@ -387,8 +429,8 @@ class _Searcher:
             if self.job.buffers is None:
                 buffers = tuple(max(1, k) for k in peak_in_flight(sched))
         inp = sim_input(tables=tab, topology=self.topo, place=sp.place, schedule=sched, ranges=split.ranges,
-                        buffers=buffers, recompute=rec, in_flight=held)
-        return Evaluated(candidate=c, split=split, recompute=rec, buffers=buffers, in_flight=held,
+                        buffers=buffers, recompute=rec, in_flight=held, recompute_kind=c.recompute_mode, recompute_layers=layers)
+        return Evaluated(candidate=c, split=split, recompute=rec, recompute_layers=layers, buffers=buffers, in_flight=held,
                          stage_caps_bytes=sp.stage_caps, rank_caps_bytes=sp.rank_caps, fast=fast_evaluate(inp), inp=inp,
                          state=sp)
 
@@ -455,6 +497,7 @@ class _Split:
     time_mats: list = field(default_factory=list, repr=False)
     mem_mats: list = field(default_factory=list, repr=False)
     rec_mats: list = field(default_factory=list, repr=False)
+    layer_mats: list = field(default_factory=list, repr=False)  # recompute_layers per range (0: all)
 
 
 def search(job: Job, *, graph_for: Callable[[int], LayerGraph] | None = None, topology: Topology | None = None,
@@ -468,6 +511,30 @@ def search(job: Job, *, graph_for: Callable[[int], LayerGraph] | None = None, to
     ``method`` "bnb" (default: exhaustive with the lower bound, exact on the grid) or "de" (scipy's
     differential evolution over the grid's integer coordinates, for comparison; see :func:`_de_screen`).
     """
+    with _gc_paused():
+        return _search(job, graph_for=graph_for, topology=topology, cost=cost, top_k=top_k, max_microbatch_size=max_microbatch_size,
+                       max_sizes=max_sizes, explain=explain, polish_actions=polish_actions, method=method)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """CPython's cyclic collector paused for the search. The search allocates millions of small,
+    acyclic objects (a 64-rank schedule of 1024 micro-batches holds half a million actions), and
+    every few hundred allocations the collector rescans the young ones, and now and then all of
+    them: about a quarter of the search's CPU time on llama2-70b (benchmarks/RESULTS.md). Nothing
+    is leaked: reference counting frees the acyclic objects, and the collector, switched back on
+    afterwards, finds any cycles."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _search(job: Job, *, graph_for: Callable[[int], LayerGraph] | None, topology: Topology | None, cost: CostModel | None,
+            top_k: int, max_microbatch_size: int, max_sizes: int, explain: bool, polish_actions: float, method: str) -> SearchResult:
     t0 = time.perf_counter()
     topo = topology or resolve_topology(job.topology)
     if graph_for is None:
@@ -502,14 +569,17 @@ def search(job: Job, *, graph_for: Callable[[int], LayerGraph] | None = None, to
             if len(screened) >= top_k and s.bound(c) > sorted(e.fast.step_time_s for e in screened)[top_k - 1]:
                 pruned += len(order) - i
                 break
-            sp = s.split_any(c)  # the exact split under the memory caps
-            if sp is None:
+            first = s.split_any(c)  # the exact split under the memory caps
+            if first is None:
                 continue
-            # phase B: the split's own bound, then the fast evaluator
-            if len(screened) >= top_k and sp.lower_bound_s > sorted(e.fast.step_time_s for e in screened)[top_k - 1]:
-                pruned += 1
-                continue
-            screened.append(s.screen(sp))
+            for sp in (first, s.selective_twin(first)):
+                if sp is None:
+                    continue
+                # phase B: the split's own bound, then the fast evaluator
+                if len(screened) >= top_k and sp.lower_bound_s > sorted(e.fast.step_time_s for e in screened)[top_k - 1]:
+                    pruned += 1
+                    continue
+                screened.append(s.screen(sp))
         if not screened:
             raise _nothing_fits(job, s, explain)
     else:
@@ -608,7 +678,8 @@ def _parallelism(job: Job, topology: Topology, graph: LayerGraph, device_kind: s
     only when pinned. Sequence parallelism with every tp > 1: it moves the same bytes as tp alone
     and keeps less memory and element-wise work (Korthikanti et al. 2023, sec. 4.2.2). ZeRO 0 and 1
     (Megatron's distributed optimizer) where dp > 1; 2 and 3, which pipeline engines do not
-    combine with pipelining, only for what-ifs. Recompute is of whole layers."""
+    combine with pipelining, only for what-ifs. Recompute: whole layers (as few as fit), or the
+    attention core of every layer (selective), whichever the search finds faster."""
     if job.tp is not None:
         tps: tuple[int, ...] = (job.tp,)
     elif device_kind == "gpu":
@@ -621,11 +692,9 @@ def _parallelism(job: Job, topology: Topology, graph: LayerGraph, device_kind: s
         zeros: tuple[int, ...] = (job.zero,)
     else:
         zeros = (0, 1, 2, 3) if job.simulation_only else (0, 1)
-    if job.recompute_mode == "selective":
-        # the memory and time of recomputing the attention core alone are modelled per layer
-        # (activations.layer_activation_terms) but not yet in the planner's range matrices
-        raise InfeasibleError("the planner does not plan selective recompute yet: use recompute full (whole layers) or none")
-    modes: tuple[str, ...] = ("full",)
+    # the grid holds one granularity; unpinned, the search tries the selective twin of each point
+    # that needs recompute (_Searcher.selective_twin)
+    modes: tuple[str, ...] = (job.recompute_mode,) if job.recompute_mode else ("full",)
     return Parallelism(tps=tps, sequence_parallel=sp, zeros=zeros, recompute_modes=modes)
 
 

@@ -32,6 +32,7 @@ from pipetrain.program.lower import (
     lower_ops,
     lower_schedule,
     placement,
+    plan_stage_memory,
     rank_device_type,
     sim_input,
 )
@@ -52,6 +53,6 @@ __all__ = [
     "AUTO_SCHEDULES", "AUTO_SCHEDULES_CPU", "EXECUTOR_COMBINATIONS", "ExecutorCombination", "POST", "RECV_MODES", "RUN",
     "RUNNABLE_SCHEDULES", "BoundarySpec", "ComputeGroup",
     "DataParallelSpec", "Link", "Op", "Placement", "Program", "SimInput", "StageCosts", "StageSpec", "TieSpec", "auto_schedules",
-    "compute_groups", "executor_supports", "held_in_flight", "lower", "lower_ops", "lower_schedule", "placement", "pool_sizes",
+    "compute_groups", "executor_supports", "held_in_flight", "lower", "lower_ops", "lower_schedule", "placement", "plan_stage_memory", "pool_sizes",
     "rank_device_type", "ring_allreduce_time_s", "sim_input", "uniform",
 ]

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pipetrain.schedules import SCHEDULE_NAMES, SPLIT_BACKWARD_SCHEDULES, Schedule, make_schedule, peak_in_flight, peak_pending_wgrad
 
 __all__ = ["RUNNABLE_SCHEDULES", "AUTO_SCHEDULES", "AUTO_SCHEDULES_CPU", "auto_schedules", "in_flight_1f1b",
-           "interleaved_in_flight", "interleaved_rule", "zb_h1_held_bound", "held_in_flight", "rank_peak_in_flight", "rank_peak_activation_bytes",
+           "interleaved_in_flight", "interleaved_rule", "zb_h1_held_bound", "zb_h1_held_bounds",
+           "held_in_flight", "rank_peak_in_flight", "rank_peak_activation_bytes",
            "pool_sizes", "ExecutorCombination", "EXECUTOR_COMBINATIONS", "executor_supports"]
 
 #: What the executor runs. zb-h1 runs with the backward split into an input-gradient pass (B) and a
@@ -74,7 +75,14 @@ def zb_h1_held_bound(p: int, m: int, caps: list[int] | None = None) -> tuple[int
     this bound and uses the schedule's exact counts for the points it simulates (a test checks
     the bound against the generator).
     """
-    return tuple(min(p - s, m, caps[s] if caps else 1 << 60) + min(s + 2, m) for s in range(p))
+    fb, w = zb_h1_held_bounds(p, m, caps)
+    return tuple(a + b for a, b in zip(fb, w))
+
+
+def zb_h1_held_bounds(p: int, m: int, caps: list[int] | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """:func:`zb_h1_held_bound`'s two parts per stage: F done and I not, ``min(p-s, m, caps[s])``;
+    I done and W not, ``min(s+2, m)`` (what W needs is less than a whole activation)."""
+    return (tuple(min(p - s, m, caps[s] if caps else 1 << 60) for s in range(p)), tuple(min(s + 2, m) for s in range(p)))
 
 
 def _interleaved_order_peaks(p: int, m: int, v: int, full_warmup_when_m_is_p: bool) -> tuple[int, ...]:

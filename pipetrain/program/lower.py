@@ -35,26 +35,27 @@ Torch-free.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 
-from pipetrain.costs import AnalyticCostModel, CostModel, NodeTimes, StageCost, stage_from_node_times
+from pipetrain.costs import AnalyticCostModel, CostModel, NodeTimes, StageCost, attention_core_share, stage_from_node_times
 from pipetrain.errors import InfeasibleError, PlanError, ScheduleError
 from pipetrain.graph import LayerGraph
-from pipetrain.memory import stage_memory, stage_output_bytes
+from pipetrain.memory import StageMemory, stage_memory, stage_output_bytes, wgrad_held_bytes
 from pipetrain.plan import Plan
 from pipetrain.program.catalog import held_in_flight, pool_sizes
 from pipetrain.program.shard import shard_graph, tp_comm_times_s
 from pipetrain.program.spec import POST, RUN, BoundarySpec, ComputeGroup, DataParallelSpec, Link, Op, SimInput, StageSpec, TieSpec
-from pipetrain.schedules import Action, Schedule, make_schedule, peak_in_flight
+from pipetrain.schedules import Action, Schedule, make_schedule, peak_in_flight, peak_pending_wgrad
 from pipetrain.sharding import dp_allreduce_bytes_per_param
 from pipetrain.topology import Device, DeviceType, Topology
 
 __all__ = ["POST", "RUN", "Op", "Program", "StageCosts", "Placement", "placement", "rank_device_type", "compute_groups",
-           "sim_input", "lower_ops", "lower", "lower_schedule", "tp_link", "dp_link"]
+           "sim_input", "lower_ops", "lower", "lower_schedule", "tp_link", "dp_link", "plan_stage_memory"]
 
 #: Gradients are all-reduced in fp32 whatever the training dtype: pipetrain's executor keeps fp32
 #: master weights under autocast and reduces one flat fp32 buffer per stage after the pipeline
@@ -163,9 +164,17 @@ class StageCosts:
             self._node_times[dt.name] = (f + cf, b + cb, w)
         return self._node_times[dt.name]
 
-    def stage_cost(self, dt: DeviceType, start: int, end: int, *, recompute: bool) -> StageCost:
+    @cached_property
+    def core_share(self) -> tuple[float, ...]:
+        """Per node, the share of its forward that selective recompute repeats."""
+        return attention_core_share(self.graph)
+
+    def stage_cost(self, dt: DeviceType, start: int, end: int, *, recompute: bool, recompute_kind: str = "full",
+                   recompute_layers: int = 0) -> StageCost:
         f, b, w = self.node_times(dt)
-        return stage_from_node_times(NodeTimes(fwd_s=tuple(f), bwd_s=tuple(b), wgrad_s=tuple(w)), start, end, recompute=recompute)
+        return stage_from_node_times(NodeTimes(fwd_s=tuple(f), bwd_s=tuple(b), wgrad_s=tuple(w)), start, end, recompute=recompute,
+                                     recompute_kind=recompute_kind, recompute_layers=recompute_layers,
+                                     core_share=self.core_share if recompute_kind == "selective" else None)
 
 
 def _node_times(cost: Any, graph: LayerGraph, dt: DeviceType) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -216,17 +225,28 @@ def tp_link(topology: Topology, place: Placement) -> Link | None:
     A group spanning nodes crosses the inter-node network (the planner only does that when pinned)."""
     if place.tp == 1:
         return None
-    links = [_sim_link(topology, first + j, first + j + 1) for row in place.devices for first in row for j in range(place.tp - 1)]
-    return min(links, key=lambda lk: lk.bandwidth_bytes_per_s)
+    return _slowest_link(topology, ((first + j, first + j + 1) for row in place.devices for first in row for j in range(place.tp - 1)))
 
 
 def dp_link(topology: Topology, place: Placement) -> Link:
     """The slowest link of the data-parallel rings: each pipeline rank's replicas in a ring
     (replica k to k+1, and back to 0), whatever nodes they sit on -- a ring is as fast as its
     slowest hop (Patarasuk & Yuan 2009)."""
-    links = [_sim_link(topology, place.devices[k][r], place.devices[(k + 1) % place.dp][r])
-             for r in range(place.pp) for k in range(place.dp)]
-    return min(links, key=lambda lk: lk.bandwidth_bytes_per_s)
+    return _slowest_link(topology, ((place.devices[k][r], place.devices[(k + 1) % place.dp][r])
+                                    for r in range(place.pp) for k in range(place.dp)))
+
+
+def _slowest_link(topology: Topology, pairs: Iterable[tuple[int, int]]) -> Link:
+    """The slowest of the links between the device pairs (the first of equals). Looked up once per
+    pair of nodes and device types: a 1024-GPU layout has a thousand hops, nearly all alike."""
+    links: dict[tuple, Link] = {}
+    devs = topology.devices
+    for a, b in pairs:
+        da, db = devs[a], devs[b]
+        key = (da.node, db.node, da.type.name, db.type.name, a == b)
+        if key not in links:
+            links[key] = _sim_link(topology, a, b)
+    return min(links.values(), key=lambda lk: lk.bandwidth_bytes_per_s)
 
 
 def rank_device_type(topology: Topology, place: Placement, rank: int) -> DeviceType:
@@ -274,32 +294,52 @@ def compute_groups(topology: Topology, place: Placement) -> tuple[ComputeGroup, 
 
 
 # ----- the simulator's input ---------------------------------------------------------------------
+def plan_stage_memory(plan: Plan, graph: LayerGraph, schedule: Schedule) -> tuple[StageMemory, ...]:
+    """Each stage's memory-model peak as ``plan`` runs it under ``schedule``: ``graph`` is one tp
+    rank's view (:func:`pipetrain.program.shard.shard_graph`); the micro-batches between F and the
+    backward, and with a split backward those between I and W, at their schedule peaks."""
+    fb = peak_in_flight(schedule)
+    wh = peak_pending_wgrad(schedule) if schedule.split_backward else (0,) * len(fb)
+    kind = "selective" if plan.recompute == "selective" else "full"
+    return tuple(stage_memory(graph, st.block_start, st.block_end, in_flight=max(1, fb[st.index]), wgrad_held=wh[st.index],
+                              buffers=st.buffers, recompute=st.recompute, recompute_kind=kind, recompute_layers=st.recompute_layers,
+                              optimizer=plan.optimizer, precision=plan.precision, zero=plan.zero, dp=plan.dp)
+                 for st in plan.stages)
+
+
 def sim_input(*, tables: StageCosts, topology: Topology, place: Placement, schedule: Schedule,
               ranges: Sequence[tuple[int, int]], buffers: Sequence[int], recompute: Sequence[bool],
-              in_flight: Sequence[int], dp_overlap: bool = False, clip_sync: bool = False) -> SimInput:
+              in_flight: Sequence[int], dp_overlap: bool = False, clip_sync: bool = False, recompute_kind: str = "full",
+              recompute_layers: Sequence[int] | None = None) -> SimInput:
     """The simulator's input for one split; stage ``s`` runs on pipeline rank ``schedule.stage_to_rank[s]``.
 
     ``in_flight[s]``: the micro-batches whose activations stage ``s`` holds at its peak (the memory
     model's count); ``clip_sync``: the optimizer steps wait for a global gradient-norm all-reduce
-    (as the executor clips).
+    (as the executor clips); ``recompute_kind`` ("full" | "selective") and ``recompute_layers[s]``
+    (full: the stage's first that many layers, 0 all): how the stages with ``recompute[s]`` recompute.
     """
+    layers = list(recompute_layers) if recompute_layers is not None else [0] * len(ranges)
+    held_w = wgrad_held_bytes(tables.graph) if schedule.split_backward else ()
     g = tables.graph
     stages = []
     dp_bytes = _ALLREDUCE_BYTES_PER_PARAM if tables.precision is None else dp_allreduce_bytes_per_param(
         zero=tables.zero, precision=tables.precision, num_microbatches=schedule.num_microbatches)
-    peak_flops = min(rank_device_type(topology, place, r).peak_flops(g.dtype) for r in range(place.pp))
+    rank_types = [rank_device_type(topology, place, r) for r in range(place.pp)]  # (a rank's replicas: dp lookups each)
+    peak_flops = min(t.peak_flops(g.dtype) for t in rank_types)
     for s, (a, b) in enumerate(ranges):
         r = schedule.stage_to_rank[s]
-        dt = rank_device_type(topology, place, r)
-        c = tables.stage_cost(dt, a, b, recompute=recompute[s])
+        dt = rank_types[r]
+        c = tables.stage_cost(dt, a, b, recompute=recompute[s], recompute_kind=recompute_kind, recompute_layers=layers[s])
         mem = stage_memory(g, a, b, in_flight=max(1, in_flight[s]), buffers=buffers[s], recompute=recompute[s],
-                           optimizer=tables.optimizer, precision=tables.precision, zero=tables.zero, dp=tables.dp)
+                           optimizer=tables.optimizer, precision=tables.precision, zero=tables.zero, dp=tables.dp,
+                           recompute_kind=recompute_kind, recompute_layers=layers[s])
         act_per_mb = mem.activation_bytes / max(1, in_flight[s])
         static = mem.total_bytes - mem.activation_bytes
         params = mem.param_count
-        # split backward: a micro-batch's saved tensors stay from its B to its W ("stash"); the
-        # held count passed in is peak(F..B) + peak(B..W), which the simulator adds up the same way
-        stash = {"wgrad_stash_bytes": act_per_mb} if schedule.split_backward else {}
+        # split backward: from a micro-batch's I to its W ("stash") only what W needs, the linear
+        # layers' inputs and output gradients (memory.wgrad_held_bytes); the simulator counts the
+        # stash apart from the F..I activations
+        stash = {"wgrad_stash_bytes": float(sum(held_w[a:b]))} if schedule.split_backward else {}
         stages.append(StageSpec(**stash,
             t_fwd_s=c.t_fwd_s, t_bwd_s=(c.t_bwd_s - c.t_wgrad_s) if schedule.split_backward else c.t_bwd_s,
             t_wgrad_s=c.t_wgrad_s if schedule.split_backward else 0.0, t_recompute_s=c.t_recompute_s,
@@ -364,16 +404,20 @@ def lower(plan: Plan, topology: Topology | None = None, cost: CostModel | None =
     _check_graph(plan, graph)
     ranges = [(st.block_start, st.block_end) for st in plan.stages]
     recompute = [st.recompute for st in plan.stages]
+    kind = "selective" if plan.recompute == "selective" else "full"
+    layers = [st.recompute_layers for st in plan.stages]
     place = placement(topology, plan.pp, plan.dp, plan.tp)
     graph = shard_graph(graph, plan.tp, sequence_parallel=plan.sequence_parallel)
     tables = StageCosts(graph, cost, optimizer=plan.optimizer, tp_link=tp_link(topology, place), precision=plan.precision,
                         zero=plan.zero, dp=plan.dp)
     if not as_executed:
         inp = sim_input(tables=tables, topology=topology, place=place, schedule=sched, ranges=ranges, buffers=buffers,
-                        recompute=recompute, in_flight=held_in_flight(sched))
+                        recompute=recompute, in_flight=held_in_flight(sched),
+                        recompute_kind=kind, recompute_layers=layers)
         return replace(prog, sim_input=inp)
     inp = sim_input(tables=tables, topology=topology, place=place, schedule=sched, ranges=ranges, buffers=buffers,
-                    recompute=recompute, in_flight=peak_in_flight(sched), dp_overlap=False, clip_sync=True)
+                    recompute=recompute, in_flight=peak_in_flight(sched), dp_overlap=False, clip_sync=True,
+                    recompute_kind=kind, recompute_layers=layers)
     if inp.compute_groups and all(d.type.kind == "cpu" for d in topology.devices):  # CPU ranks are OS processes: time-sliced
         inp = replace(inp, compute_groups=tuple(replace(g, sharing="time-slice") for g in inp.compute_groups))
     fixed = getattr(tables.cost, "step_overhead_s", None)

@@ -88,39 +88,44 @@ def phase_windows(events: Sequence[Event]) -> list[tuple[str, float, float]]:
 
 def draw_timeline(ax: Axes, events: Sequence[Event], *, title: str, label_microbatches: bool = True,
                   time_unit_s: float | None = None, window: tuple[float, float] | None = None,
-                  origin_s: float | None = None, legend: bool = True) -> None:
-    """Draw compute events (one row per stage, stage 0 on top) into ``ax``.
+                  origin_s: float | None = None, legend: bool = True, rows: str = "stage") -> None:
+    """Draw compute events (one row per stage, stage 0 on top; ``rows="rank"``: one row per GPU,
+    which for interleaved and V schedules holds several virtual stages) into ``ax``.
 
     ``window`` (absolute start, end in seconds) limits the drawing to the events inside it; times
     are shown from ``origin_s`` (default: the first event) in ``time_unit_s`` (default: a unit that
     suits the span).
     """
+    if rows not in ("stage", "rank"):
+        raise ValueError(f"rows must be 'stage' or 'rank', got {rows!r}")
+    key = (lambda e: e.rank) if rows == "rank" else (lambda e: e.stage)
+    label = "GPU" if rows == "rank" else "stage"
     evs = _compute(events)
     if not evs:
         ax.text(0.5, 0.5, "no events", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(title)
         return
     t0 = min(e.start_s for e in evs) if origin_s is None else origin_s
-    stages = sorted({e.stage for e in evs})
+    stages = sorted({key(e) for e in evs})
     row = {s: i for i, s in enumerate(stages)}
     lo, hi = window if window is not None else (min(e.start_s for e in evs), max(e.end_s for e in evs))
     shown = [e for e in evs if e.end_s >= lo and e.start_s <= hi]
     unit, uname = seconds_unit(hi - lo) if time_unit_s is None else (time_unit_s, _unit_name(time_unit_s))
     groups: dict[tuple[int, str], list[tuple[float, float]]] = {}
     for e in shown:
-        groups.setdefault((e.stage, e.kind), []).append(((e.start_s - t0) / unit, max(e.duration_s / unit, 1e-9)))
+        groups.setdefault((key(e), e.kind), []).append(((e.start_s - t0) / unit, max(e.duration_s / unit, 1e-9)))
     lw = 0.4 if len(shown) <= _LABEL_MAX_EVENTS else 0.0  # white edges on thousands of bars would grey them out
     for (stage, kind), bars in groups.items():
         ax.broken_barh(bars, (row[stage] - 0.4, 0.8), facecolors=KIND_COLORS[kind], edgecolors="white", linewidth=lw)
     if label_microbatches and len(shown) <= _LABEL_MAX_EVENTS:
         for e in shown:
             if e.microbatch >= 0 and e.duration_s > (hi - lo) / 60:
-                ax.text((e.start_s + e.end_s) / 2 / unit - t0 / unit, row[e.stage], str(e.microbatch), ha="center",
+                ax.text((e.start_s + e.end_s) / 2 / unit - t0 / unit, row[key(e)], str(e.microbatch), ha="center",
                         va="center", fontsize=6, color="white", clip_on=True)
     ax.set_xlim((lo - t0) / unit, (hi - t0) / unit)
     ax.set_ylim(len(stages) - 0.5, -0.5)  # stage 0 on top
     k = max(1, math.ceil(len(stages) / _MAX_STAGE_LABELS))
-    ax.set_yticks(range(0, len(stages), k), [f"stage {stages[i]}" for i in range(0, len(stages), k)], fontsize=7)
+    ax.set_yticks(range(0, len(stages), k), [f"{label} {stages[i]}" for i in range(0, len(stages), k)], fontsize=7)
     ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
     ax.tick_params(axis="x", labelsize=7)
     ax.set_xlabel(f"time ({uname})")
@@ -137,20 +142,21 @@ def _unit_name(scale: float) -> str:
     return {1.0: "s", 1e-3: "ms", 1e-6: "us", 1e-9: "ns"}.get(scale, f"x{scale:g} s")
 
 
-def timeline_figure(events: Sequence[Event], *, title: str) -> Figure:
-    """One step's timeline; a large step (:func:`is_large`) as three phase panels (module docstring)."""
-    n = max(1, len({e.stage for e in events if e.kind in _COMPUTE}))
+def timeline_figure(events: Sequence[Event], *, title: str, rows: str = "stage") -> Figure:
+    """One step's timeline (a row per stage, or per GPU: ``rows``); a large step (:func:`is_large`)
+    as three phase panels (module docstring)."""
+    n = max(1, len({e.rank if rows == "rank" else e.stage for e in events if e.kind in _COMPUTE}))
     height = 1.6 + min(0.5 * n, 7.0)
     if not is_large(events):
         fig = Figure(figsize=(10, height), layout="constrained")
-        draw_timeline(fig.add_subplot(), events, title=title)
+        draw_timeline(fig.add_subplot(), events, title=title, rows=rows)
         return fig
     wins = phase_windows(events)
     fig = Figure(figsize=(15, height), layout="constrained")
     axes = fig.subplots(1, len(wins), sharey=True, squeeze=False)[0]
     t0 = min(e.start_s for e in _compute(events))
     for i, (ax, (name, lo, hi)) in enumerate(zip(axes, wins)):
-        draw_timeline(ax, events, title=name, window=(lo, hi), origin_s=t0, legend=i == 0)
+        draw_timeline(ax, events, title=name, window=(lo, hi), origin_s=t0, legend=i == 0, rows=rows)
     fig.suptitle(f"{title} (full step in the Chrome trace)", fontsize=10)
     return fig
 

@@ -124,7 +124,11 @@ def write_plan_report(plan: Plan, out_dir: str | Path) -> ReportOutput:
             paragraphs=(Markup("One simulated step on {} ({}): {}, bubble {}%, {} tokens/s. Chrome trace for Perfetto: "
                                "<code>{}</code>.").format(simrec.topology, simrec.cost_source, format_seconds(sim.step_time_s),
                                                           f"{sim.bubble_fraction * 100:.1f}", f"{sim.tokens_per_s:,.0f}", trace.name),),
-            figures=(sink("timeline_simulated", "simulated step timeline", timeline_figure(events, title=f"simulated {plan.schedule}")),)))
+            figures=(sink("timeline_simulated", "simulated step timeline", timeline_figure(events, title=f"simulated {plan.schedule}")),
+                     # interleaved and V schedules put several virtual stages on a GPU: its row shows what it does
+                     *((sink("timeline_per_gpu", "simulated step timeline per GPU (its virtual stages together)",
+                             timeline_figure(events, title=f"simulated {plan.schedule}, per GPU", rows="rank")),)
+                       if len(plan.stages) > plan.pp else ()))))
         sections.append(Section(
             id="breakdown", title="Per-stage breakdown (simulated)",
             paragraphs=(BREAKDOWN_TEXT,),

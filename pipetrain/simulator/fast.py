@@ -23,12 +23,14 @@ from dataclasses import dataclass
 from pipetrain.errors import ConfigError, ScheduleError
 from pipetrain.program.spec import SimInput
 from pipetrain.schedules import Schedule, peak_in_flight, peak_pending_wgrad
-from pipetrain.simulator.ops import EVENT_KIND, EventTuple, Tables, check_comms, drop_when_collected, end_of_step, tables
+from pipetrain.simulator.ops import EVENT_KIND, EventTuple, Tables, check_comm_counts, drop_when_collected, end_of_step, tables
 from pipetrain.simulator.result import SimResult, build_result, busy_s_per_stage
 
 __all__ = ["FastProgram", "compile_schedule", "fast_evaluate", "fast_step_time"]
 
 _KIND = {"F": 0, "B": 1, "I": 2, "W": 3}
+#: per action kind: 0 compute, 1 RECV_F, 2 RECV_B, 3 SEND_F, 4 SEND_B
+_ROLE = {"F": 0, "B": 0, "I": 0, "W": 0, "RECV_F": 1, "RECV_B": 2, "SEND_F": 3, "SEND_B": 4}
 _NEG_INF = float("-inf")
 
 
@@ -63,36 +65,40 @@ def compile_schedule(sched: Schedule) -> FastProgram:
 
 
 def _compile(sched: Schedule) -> FastProgram:
-    check_comms(sched)
     m = sched.num_microbatches
-    # raw nodes per rank: (stage, kind, mb, recv_msg or -1), and sends: msg -> (rank, index of node before)
+    # raw nodes per rank: (stage, kind, mb, recv_msg or -1), and sends: msg -> (rank, index of node before).
+    # A message is (2 * sending stage + direction) * m + micro-batch. This loop sees every action
+    # of a schedule of up to a million, so each kind's role is one dict lookup.
     raw: list[list[tuple[int, str, int, int]]] = []
     send_at: dict[int, tuple[int, int]] = {}
-    n_compute = 0
+    n_compute = n_send = n_recv = 0
+    role = _ROLE
     for r, acts in enumerate(sched.actions):
         nodes: list[tuple[int, str, int, int]] = []
+        add = nodes.append
         pending = -1
         for a in acts:
             kind = a.kind
-            if kind in _KIND:
+            what = role[kind]
+            if what == 0:  # compute
                 n_compute += 1
-                nodes.append((a.stage, kind, a.microbatch, pending))
+                add((a.stage, kind, a.microbatch, pending))
                 pending = -1
-            elif kind.startswith("RECV"):
+            elif what < 3:  # RECV_F (1) / RECV_B (2)
+                n_recv += 1
                 if pending >= 0:
-                    nodes.append((a.stage, "", a.microbatch, pending))
-                fwd = kind == "RECV_F"
-                from_stage = a.stage - 1 if fwd else a.stage + 1
-                pending = (2 * from_stage + (0 if fwd else 1)) * m + a.microbatch
-            else:
+                    add((a.stage, "", a.microbatch, pending))
+                pending = (2 * a.stage - 2 + 5 * (what - 1)) * m + a.microbatch  # from stage s - 1 (fwd) or s + 1 (bwd)
+            else:  # SEND_F (3) / SEND_B (4)
+                n_send += 1
                 if pending >= 0:
-                    nodes.append((a.stage, "", a.microbatch, pending))
+                    add((a.stage, "", a.microbatch, pending))
                     pending = -1
-                msg = (2 * a.stage + (0 if kind == "SEND_F" else 1)) * m + a.microbatch
-                send_at[msg] = (r, len(nodes) - 1)
+                send_at[(2 * a.stage + what - 3) * m + a.microbatch] = (r, len(nodes) - 1)
         if pending >= 0:
-            nodes.append((sched.num_stages, "", 0, pending))
+            add((sched.num_stages, "", 0, pending))
         raw.append(nodes)
+    check_comm_counts(sched, n_send, n_recv)
     # Kahn's algorithm over rank chains: a rank advances until a node's sender is not yet placed.
     gid: list[list[int]] = [[0] * len(n) for n in raw]
     pos = [0] * sched.num_ranks
@@ -103,6 +109,7 @@ def _compile(sched: Schedule) -> FastProgram:
     dur_key: list[int] = [-1]
     link_key: list[int] = [-1]
     out_nodes: list[tuple[int, int, str, int]] = [(-1, -1, "", -1)]
+    kind_no, event_kind = _KIND, EVENT_KIND
     while ready:
         r = ready.pop()
         nodes, ids = raw[r], gid[r]
@@ -119,13 +126,16 @@ def _compile(sched: Schedule) -> FastProgram:
                         waiting.setdefault((sr, si), []).append(r)
                         break
                     sender = gid[sr][si]
-            n = len(prev)
-            ids[i] = n
+            ids[i] = len(prev)
             prev.append(ids[i - 1] if i else 0)
             src.append(sender)
-            dur_key.append(4 * s + _KIND[kind] if kind else -1)
-            link_key.append(-1 if msg < 0 else _boundary_key(msg // m))
-            out_nodes.append((s, r, EVENT_KIND[kind] if kind else "RECV", mb))
+            dur_key.append(4 * s + kind_no[kind] if kind else -1)
+            if msg < 0:
+                link_key.append(-1)
+            else:  # message class 2 * sender stage + direction -> 2 * boundary + direction
+                sender_stage, backward = divmod(msg // m, 2)
+                link_key.append(2 * (sender_stage - backward) + backward)
+            out_nodes.append((s, r, event_kind[kind] if kind else "RECV", mb))
             if (r, i) in waiting:
                 ready.extend(waiting.pop((r, i)))
             i += 1
@@ -142,12 +152,6 @@ def _compile(sched: Schedule) -> FastProgram:
                        rank_last=[ids[-1] if ids else 0 for ids in gid], grad_final=grad_final,
                        peak_in_flight=peak_in_flight(sched),
                        peak_pending_wgrad=peak_pending_wgrad(sched), num_compute=n_compute, nodes=out_nodes)
-
-
-def _boundary_key(q: int) -> int:
-    """Message class ``2 * sender_stage + direction`` -> ``2 * boundary + direction``."""
-    sender, backward = divmod(q, 2)
-    return 2 * (sender - backward) + backward
 
 
 def _run(inp: SimInput, prog: FastProgram) -> tuple[list[float], Tables]:

@@ -35,7 +35,8 @@ from pipetrain.program.spec import Op, SimInput, ring_allreduce_time_s
 from pipetrain.schedules import Schedule
 from pipetrain.simulator.sharing import shared_finish_times
 
-__all__ = ["COMPUTE", "SEND", "RECV", "POST", "EVENT_KIND", "EventTuple", "Tables", "check_comms", "skeleton", "posted_skeleton", "explicit_skeleton",
+__all__ = ["COMPUTE", "SEND", "RECV", "POST", "EVENT_KIND", "EventTuple", "Tables", "check_comms", "check_comm_counts",
+           "skeleton", "posted_skeleton", "explicit_skeleton",
            "sim_skeleton", "tables",
            "end_of_step", "drop_when_collected"]
 
@@ -62,11 +63,16 @@ def check_comms(sched: Schedule) -> None:
 
     (Full proof of completeness and deadlock-freedom: :func:`pipetrain.schedules.validate`.)
     """
+    sends = sum(1 for acts in sched.actions for a in acts if a.kind in ("SEND_F", "SEND_B"))
+    recvs = sum(1 for acts in sched.actions for a in acts if a.kind in ("RECV_F", "RECV_B"))
+    check_comm_counts(sched, sends, recvs)
+
+
+def check_comm_counts(sched: Schedule, sends: int, recvs: int) -> None:
+    """:func:`check_comms` given the counts (a caller that walks the actions anyway counts them)."""
     s2r = sched.stage_to_rank
     cuts = sum(1 for s in range(sched.num_stages - 1) if s2r[s] != s2r[s + 1])
     want = 2 * sched.num_microbatches * cuts
-    sends = sum(1 for acts in sched.actions for a in acts if a.kind in ("SEND_F", "SEND_B"))
-    recvs = sum(1 for acts in sched.actions for a in acts if a.kind in ("RECV_F", "RECV_B"))
     if sends != want or recvs != want:
         raise ScheduleError(f"schedule {sched.name} has {sends} sends and {recvs} receives where its {cuts} cross-rank cuts need "
                             f"{want} of each: add them with pipetrain.schedules.with_comms and check with validate()")

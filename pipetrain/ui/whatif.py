@@ -23,11 +23,12 @@ from typing import Any
 from pipetrain.costs import CostModel
 from pipetrain.errors import ConfigError, InfeasibleError, PipetrainError, PlanError
 from pipetrain.graph import LayerGraph
-from pipetrain.memory import check_stage_memory, stage_memory
+from pipetrain.memory import check_stage_memory
 from pipetrain.plan import Plan, PredictedMetrics
 from pipetrain.planner.build import rank_caps
 from pipetrain.planner.explain import stage_tensors
-from pipetrain.program import RUNNABLE_SCHEDULES, held_in_flight, lower, placement
+from pipetrain.program import RUNNABLE_SCHEDULES, lower, placement, plan_stage_memory
+from pipetrain.program.shard import shard_graph
 from pipetrain.schedules import SCHEDULE_NAMES, peak_in_flight
 from pipetrain.simulator import SimResult, fast_evaluate, simulate
 from pipetrain.topology import Topology, resolve_topology
@@ -236,15 +237,13 @@ class WhatIf:
         assert inp is not None
         sched = inp.schedule
         result = simulate(inp) if sched.num_compute_actions <= SIMPY_MAX_ACTIONS else fast_evaluate(inp, events=True)
-        held = held_in_flight(sched)
         errors = []
-        for st in plan.stages:
-            # the simulated peak is the memory model's (the lowering builds it from pipetrain.memory); the
-            # memory model itself, which names what to change, is asked only near the cap (it walks the graph's cuts)
-            if result.peak_memory_bytes_per_stage[st.index] < 0.5 * self.caps[st.index]:
-                continue
-            mem = stage_memory(self.graph, st.block_start, st.block_end, in_flight=max(1, held[st.index]), buffers=st.buffers,
-                               recompute=st.recompute, optimizer=plan.optimizer)
+        near = [st for st in plan.stages if result.peak_memory_bytes_per_stage[st.index] >= 0.5 * self.caps[st.index]]
+        # the simulated peak is the memory model's (the lowering builds it from pipetrain.memory); the
+        # memory model itself, which names what to change, is asked only near the cap (it walks the graph's cuts)
+        mems = plan_stage_memory(plan, shard_graph(self.graph, plan.tp, sequence_parallel=plan.sequence_parallel), sched) if near else ()
+        for st in near:
+            mem = mems[st.index]
             try:
                 check_stage_memory(mem, self.caps[st.index], stage=st.index, device=st.device)
             except InfeasibleError as exc:
