@@ -279,24 +279,23 @@ def write_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], plan
     try:
         dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp, thread_count=1, sync_files=True),
                  no_dist=not distributed)
+        if fault is not None:
+            fault(step, "save")
+        mine = {p.name: file_sha256(p) for p in sorted(tmp.glob(f"__{rank}_*"))}
+        every: list[Any] = [mine]
+        if distributed:
+            every = [None] * dist.get_world_size()
+            dist.all_gather_object(every, mine)  # also the barrier: every rank has written and hashed
     except BaseException as exc:  # noqa: BLE001 - DCP raises every rank's write failure on every rank (a BaseException)
         if not _is_failure(exc):
             raise
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no half checkpoint behind
+        if rank == 0:  # a full disk, or a rank lost while saving: no half checkpoint left where rank 0 sees the failure
+            shutil.rmtree(tmp, ignore_errors=True)
         os_err = next((e for e in _chain(exc) if isinstance(e, OSError)), None)
-        if os_err is not None:
+        if os_err is not None and not isinstance(os_err, ConnectionError):
             raise RunError(f"could not write the checkpoint of step {step} in {tmp.parent}: {os_err.strerror or os_err}; the "
                            "previous checkpoint is kept: free space on that filesystem, or point --run-dir elsewhere") from None
         raise
-    if fault is not None:
-        fault(step, "save")
-    mine = {p.name: file_sha256(p) for p in sorted(tmp.glob(f"__{rank}_*"))}
-    every: list[Any] = [None] * (dist.get_world_size() if distributed else 1)
-    if distributed:
-        dist.all_gather_object(every, mine)  # also the barrier: every rank has written and hashed
-    else:
-        every = [mine]
     if rank != 0:
         return
     files = {name: digest for part in every for name, digest in part.items()}

@@ -229,12 +229,13 @@ def launch(cfg: RunConfig, *, plan: Plan | None = None, monitor_interval_s: floa
         from pipetrain.executor.checkpoint import same_layout
 
         if not same_layout(found, plan):
-            # a resume under another plan: the earlier ranks' telemetry describes other ranks, so
-            # result.json covers the steps from the checkpoint on; the earlier files are kept aside
-            old = run_dir / "telemetry" / f"before_step_{found.step}"
-            old.mkdir(parents=True, exist_ok=True)
-            for f in (run_dir / "telemetry").glob("rank*.jsonl"):
-                f.replace(old / f.name)
+            # a resume under another plan: the earlier ranks' telemetry and final weights describe
+            # other ranks, so result.json covers the steps from the checkpoint on; they are kept aside
+            for sub, pattern in (("telemetry", "rank*.jsonl"), ("final", "rank*.pt")):
+                old = run_dir / sub / f"before_step_{found.step}"
+                for f in (run_dir / sub).glob(pattern):
+                    old.mkdir(parents=True, exist_ok=True)
+                    f.replace(old / f.name)
     # what `pipetrain validate RUN_DIR` / `pipetrain report RUN_DIR` read back (same plan, same options)
     if not (run_dir / "plan.json").exists() or (run_dir / "plan.json").resolve() != Path(cfg.plan_path).resolve():
         plan.save(run_dir / "plan.json")
