@@ -174,3 +174,38 @@ def test_resume_under_another_stage_split_on_one_rank(one_rank_group: None, tmp_
     final = tr2.modules[0].state_dict()
     for name, want in ref.state.items():  # (the reference's own two splits differ by a few 1e-6: summation order)
         torch.testing.assert_close(final[name], want, rtol=1e-5, atol=1e-5)
+
+
+def test_master_weights_are_what_is_saved_and_loaded(one_rank_group: None, tmp_path: Path) -> None:
+    """An optimizer stepping fp32 masters of bf16 working weights: the checkpoint holds the masters
+    under the model's names (tied pair once) and a load rounds them back into the working weights."""
+    from pipetrain.executor.checkpoint import RankState
+    from pipetrain.executor.optim import unique_params
+    from pipetrain.executor.stage import materialize_blocks, stage_modules, ties_of
+
+    def build(seed: int) -> tuple[Any, Any, Any]:
+        model = build_meta(load_spec("tiny-gpt"))
+        materialize_blocks(model, range(len(model.blocks)), "cpu", seed)
+        mods = stage_modules(model, PLAN.stages)
+        working = unique_params(mods.values())
+        masters = {id(w): torch.nn.Parameter(w.detach().clone()) for w in working}
+        for w in working:
+            w.data = w.data.to(torch.bfloat16)
+        opt = torch.optim.AdamW(list(masters.values()), lr=1e-2)
+        return RankState(mods.values(), opt, ties_of(model), masters=masters), masters, working
+
+    saved, masters, _ = build(0)
+    for m in masters.values():
+        m.grad = torch.randn_like(m)
+    saved.optimizer.step()
+    write_checkpoint(tmp_path, 1, saved.state(1, 0), PLAN, rank=0)
+    found = find_checkpoint(tmp_path)
+    assert found is not None
+    state = read_model_state(tmp_path, 1)
+    assert all(v.dtype == torch.float32 for v in state.values()) and "blocks.5.wte.weight" not in state
+    loaded, masters2, working2 = build(1)
+    loaded.load(tmp_path, found, 0, restore_rng=False)
+    for (a, b), w in zip(zip(masters.values(), masters2.values()), working2):
+        assert torch.equal(a, b) and torch.equal(w, b.to(torch.bfloat16))
+    sa, sb = saved.optimizer.state_dict()["state"], loaded.optimizer.state_dict()["state"]
+    assert all(torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"]) for k in sa)

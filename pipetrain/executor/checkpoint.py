@@ -349,13 +349,19 @@ class RankState:
     """This rank's part of a checkpoint: its stages' parameters and optimizer state, named as the
     full model names them (see module docstring for ties and GPT-2's qkv rows)."""
 
-    def __init__(self, modules: Iterable[Any], optimizer: Any, ties: Iterable[tuple[str, int, tuple[int, ...]]]) -> None:
+    def __init__(self, modules: Iterable[Any], optimizer: Any, ties: Iterable[tuple[str, int, tuple[int, ...]]],
+                 masters: dict[int, Any] | None = None) -> None:
+        """``masters``: id(module parameter) -> the parameter the optimizer steps instead (fp32
+        master weights of low-precision working weights); the checkpoint then holds the masters."""
         from torch import nn
 
         blocks = {k: b for m in modules for k, b in m.blocks.items()}
-        self.model = nn.Module()
+        stages = nn.Module()
         # the full model's names, blocks.{i}.*, whatever stages hold them
-        self.model.blocks = nn.ModuleDict({k: blocks[k] for k in sorted(blocks, key=int)})
+        stages.blocks = nn.ModuleDict({k: blocks[k] for k in sorted(blocks, key=int)})
+        self.masters = masters or {}
+        self.working = [p for p in stages.parameters() if id(p) in self.masters]
+        self.model = _with_masters(stages, self.masters) if self.masters else stages
         self.optimizer = optimizer
         here = {int(k) for k in blocks}
         #: this rank's name of a tied copy whose owner block is elsewhere -> the owner's name
@@ -367,7 +373,7 @@ class RankState:
                 if u in here:
                     (self.dup if owner in here else self.alias)[f"blocks.{u}.{name}"] = f"blocks.{owner}.{name}"
         self.permuted = {f"{n}.c_attn.{leaf}": m.qkv_permutation
-                         for n, m in self.model.named_modules() if getattr(m, "qkv_permutation", None) is not None
+                         for n, m in stages.named_modules() if getattr(m, "qkv_permutation", None) is not None
                          for leaf in ("weight", "bias")}
 
     def _options(self) -> Any:
@@ -449,8 +455,34 @@ class RankState:
         for user, owner in self.dup.items():  # the same tensor as its owner's: set_state_dict wants every name
             model[user] = model[owner]
         set_state_dict(self.model, self.optimizer, model_state_dict=model, optim_state_dict=optim, options=self._options())
+        with torch.no_grad():
+            for w in self.working:  # the working weights: the loaded masters, rounded to their precision
+                w.copy_(self.masters[id(w)])
         if restore_rng:
             torch.set_rng_state(state["rng"][f"rank{rank}"])
+
+
+def _with_masters(stages: Any, masters: dict[int, Any]) -> Any:
+    """A module tree with ``stages``' names holding the optimizer's parameters: each module
+    parameter's master where it has one (a tied pair on this rank stays one tensor)."""
+    from torch import nn
+
+    root = nn.Module()
+    persistent = set(stages.state_dict())
+    entries = [(n, t, True) for n, t in stages.named_parameters(remove_duplicate=False)]
+    entries += [(n, t, False) for n, t in stages.named_buffers(remove_duplicate=False)]
+    for name, t, is_param in entries:
+        *path, leaf = name.split(".")
+        mod = root
+        for part in path:
+            if not hasattr(mod, part):
+                mod.add_module(part, nn.Module())
+            mod = getattr(mod, part)
+        if is_param:
+            mod.register_parameter(leaf, masters.get(id(t), t))
+        else:
+            mod.register_buffer(leaf, t, persistent=name in persistent)
+    return root
 
 
 def _is_dtensor(t: Any) -> bool:
