@@ -92,7 +92,7 @@ def test_resume_under_another_plan_continues_the_uninterrupted_run(runs: dict[st
         torch.testing.assert_close(final[k], want, rtol=1e-5, atol=1e-5, msg=k)
 
 
-def test_first_run_matches_and_its_checkpoint_refuses_another_model_or_batch(runs: dict[str, Any]) -> None:
+def test_first_run_validates_from_its_checkpoint_which_refuses_another_model_or_batch(runs: dict[str, Any]) -> None:
     import dataclasses
 
     from pipetrain.executor.launch import preflight
@@ -100,6 +100,10 @@ def test_first_run_matches_and_its_checkpoint_refuses_another_model_or_batch(run
     ref = runs["ref"]
     torch.testing.assert_close(torch.tensor(load_result(runs["first"]).losses), torch.tensor(ref.losses[:SAVE_AT]),
                                rtol=1e-5, atol=1e-6)
+    from pipetrain.validation.validate import validate_run
+
+    report = validate_run(runs["first"], write=False)  # no final weights: the parameters of the step-6 checkpoint
+    assert report.passed and max(report.param_max_abs_diff) <= 1e-5, report.summary
     cfg = RunConfig(plan_path="-", run_dir=str(runs["first"]), resume=True, dataset=DATA)
     other = simple_plan("tiny-llama", pp=2, m=4, mbs=1, seq_len=16)
     with pytest.raises(RunError, match="step 6 .* is of model 'tiny-gpt' .*this plan trains 'tiny-llama'"):
