@@ -1,15 +1,13 @@
-"""Executor pieces in one process: plans, boundary checks, schedules it refuses, local hand-over,
-checkpoints and failure naming (a one-rank gloo group where a group is needed)."""
+"""Executor pieces in one process: plans, boundary checks, schedules it refuses, local hand-over
+and failure naming (a one-rank gloo group where a group is needed)."""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import os
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 
@@ -17,7 +15,6 @@ torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
 
 from pipetrain.errors import PlanError, RunError, ScheduleError  # noqa: E402
-from pipetrain.executor.checkpoint import latest_step, load_rank, mark_latest, save_rank  # noqa: E402
 from pipetrain.executor.config import RunConfig  # noqa: E402
 from pipetrain.executor.launch import describe_failure  # noqa: E402
 from pipetrain.executor.plans import even_boundaries, simple_plan  # noqa: E402
@@ -118,92 +115,6 @@ def test_two_stages_on_one_rank_hand_over_in_memory(one_rank_group: None, tmp_pa
     assert tr.runtimes[0].next_local and tr.runtimes[1].prev_local
     for got, want in zip(losses, ref.losses):
         assert abs(got - want) <= 1e-5 * want
-
-
-def test_checkpoint_roundtrip_and_refusal(tmp_path: Path) -> None:
-    state = {"step": 3, "plan_hash": "abc", "model": {0: {"w": torch.ones(2)}}, "optimizer": {"state": {}, "param_groups": []},
-             "rng": torch.get_rng_state()}
-    digest = save_rank(tmp_path, 3, 0, state)
-    path = tmp_path / "checkpoints" / "step_00000003" / "rank0.pt"
-    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()  # hashed while written, equal to the file's
-    with pytest.raises(RunError, match="step 3: it has no manifest"):  # written, never completed: nothing to resume
-        load_rank(tmp_path, 0, "abc")
-    mark_latest(tmp_path, 3, 1, {0: digest})
-    got = load_rank(tmp_path, 0, "abc", 1)
-    assert got is not None
-    st, found = got
-    assert st["step"] == 3 and found.step == 3 and found.skipped == () and torch.equal(st["model"][0]["w"], torch.ones(2))
-    with pytest.raises(RunError, match="another plan"):
-        load_rank(tmp_path, 0, "xyz")
-    with pytest.raises(RunError, match="different world size"):
-        load_rank(tmp_path, 5, "abc")
-    with pytest.raises(RunError, match="written by 1 ranks, this run has 2"):
-        load_rank(tmp_path, 0, "abc", 2)
-    assert not [p for p in (tmp_path / "checkpoints").rglob("*.tmp*")]
-
-
-def test_resume_falls_back_past_a_corrupt_latest_checkpoint(tmp_path: Path) -> None:
-    def state(step: int) -> dict:
-        return {"step": step, "plan_hash": "abc", "model": {0: {"w": torch.full((64,), float(step))}},
-                "optimizer": {"state": {}, "param_groups": []}, "rng": torch.get_rng_state()}
-
-    for step in (5, 10):
-        mark_latest(tmp_path, step, 1, {0: save_rank(tmp_path, step, 0, state(step))})
-    assert latest_step(tmp_path) == 10
-    newest = tmp_path / "checkpoints" / "step_00000010" / "rank0.pt"
-    newest.write_bytes(newest.read_bytes()[:-100])  # truncated after it was written
-    got = load_rank(tmp_path, 0, "abc", 1)
-    assert got is not None
-    st, found = got
-    assert st["step"] == 5 and found.step == 5
-    assert found.skipped == ((10, "rank0.pt does not match its checksum (truncated or changed after it was written)"),)
-    assert "skipped the checkpoint of step 10: rank0.pt does not match" in found.describe_skipped()
-    # a corrupt latest.json is skipped too; a run killed mid-save (no manifest) as well
-    (tmp_path / "checkpoints" / "latest.json").write_text("{not json")
-    save_rank(tmp_path, 15, 0, state(15))
-    got = load_rank(tmp_path, 0, "abc", 1)
-    assert got is not None and got[1].step == 5 and [s for s, _ in got[1].skipped] == [15, 10]
-    # none verifies: one line naming each
-    (tmp_path / "checkpoints" / "step_00000005" / "rank0.pt").write_bytes(b"junk")
-    with pytest.raises(RunError, match="no checkpoint in .* verifies: step 15: it has no manifest.*step 10: .*step 5: rank0.pt does not"):
-        load_rank(tmp_path, 0, "abc", 1)
-
-
-def test_a_full_disk_leaves_the_previous_checkpoint_usable(tmp_path: Path) -> None:
-    """A save that fails half-way (ENOSPC, as a full filesystem raises it) leaves no partial file and
-    no manifest; the previous checkpoint still verifies."""
-    ok = {"step": 1, "plan_hash": "abc", "model": {}, "optimizer": {}, "rng": torch.get_rng_state()}
-    mark_latest(tmp_path, 1, 1, {0: save_rank(tmp_path, 1, 0, ok)})
-
-    class Full:
-        def __reduce__(self) -> Any:
-            raise OSError(28, "No space left on device")
-
-    with pytest.raises(RunError, match="No space left on device; the previous checkpoint is kept"):
-        save_rank(tmp_path, 2, 0, {**ok, "step": 2, "model": {0: {"x": Full()}}})
-    assert not list((tmp_path / "checkpoints").rglob("*.tmp*"))
-    assert latest_step(tmp_path) == 1
-
-
-def test_a_real_full_filesystem(tmp_path: Path) -> None:
-    """The same on a 1 MiB tmpfs (needs root and mount; skipped otherwise): the 2 MiB step fails with
-    ENOSPC, the small step before it still verifies, and no temporary file is left."""
-    import subprocess
-
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (not root, or no mount permission)")
-    try:
-        small = {"step": 1, "plan_hash": "abc", "model": {0: {"w": torch.ones(16)}}, "optimizer": {}, "rng": torch.get_rng_state()}
-        mark_latest(mnt, 1, 1, {0: save_rank(mnt, 1, 0, small)})
-        with pytest.raises(RunError, match="could not write .*rank0.pt: No space left on device"):
-            save_rank(mnt, 2, 0, {**small, "step": 2, "model": {0: {"w": torch.ones(512 * 1024)}}})
-        assert not list((mnt / "checkpoints").rglob("*.tmp*"))
-        got = load_rank(mnt, 0, "abc", 1)
-        assert got is not None and got[0]["step"] == 1
-    finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True)
 
 
 def test_failure_naming_prefers_the_root_cause(tmp_path: Path) -> None:

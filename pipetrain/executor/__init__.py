@@ -11,7 +11,7 @@
   persistent receive buffers; ``optim``: DP and tied-weight all-reduce, global-norm clipping;
   ``parallel``: the device mesh, tensor parallelism (``parallelize_module``) and ZeRO-1 (FSDP2);
   ``data``: deterministic, sharded sample order; ``telemetry`` / ``result``: per-rank JSONL events
-  and RUN_DIR/result.json; ``checkpoint``: atomic per-step checkpoints; ``monitor``: the live view;
+  and RUN_DIR/result.json; ``checkpoint``: sharded DCP checkpoints, atomic per step, resumable under another plan; ``monitor``: the live view;
   ``stage``: stage modules on the meta device; ``plans``: a runnable plan without the planner.
 
 Nothing here probes the machine (:mod:`pipetrain.calibration`) or validates a run

@@ -72,8 +72,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
     p.add_argument("--clip-norm", type=float, default=1.0, help="global gradient-norm clip (0: off)")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="write per-stage checkpoints every N steps (0: never)")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR's latest checkpoint")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="write a sharded (DCP) checkpoint every N steps (0: never)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from RUN_DIR's newest checkpoint that verifies (also under another plan of the same model and global batch)")
     p.add_argument("--timeout", type=float, default=60.0, dest="timeout_s", help="seconds any distributed wait may take")
     p.add_argument("--progress-timeout", type=float, default=60.0, dest="progress_timeout_s",
                    help="seconds a rank may make no progress before the run is ended as hung (exit 2)")

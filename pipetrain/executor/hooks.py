@@ -1,7 +1,8 @@
 """Test hooks of the executor, switched on by environment variables (off, None, when unset).
 
 * ``PIPETRAIN_FAULT=rank:step:action:raise|kill|stop``: :func:`fault_hook` fails (or, ``stop``, hangs)
-  that rank mid-step.
+  that rank mid-step; action ``save``: in the checkpoint of that step, after the rank wrote its files
+  and before the checkpoint is complete.
 * ``PIPETRAIN_INJECT_GRAD_SCALE=stage:factor``: :func:`grad_scale_hook` scales that stage's
   gradients after every backward (a deliberately broken pipeline, for validation tests).
 """
@@ -16,7 +17,7 @@ from typing import Any
 __all__ = ["fault_hook", "grad_scale_hook"]
 
 
-def fault_hook(rank: int) -> Callable[[int, int], None] | None:
+def fault_hook(rank: int) -> Callable[[int, int | str], None] | None:
     """Test hook: ``PIPETRAIN_FAULT=rank:step:action:raise|kill`` fails that rank mid-step."""
     spec = os.environ.get("PIPETRAIN_FAULT", "")
     if not spec:
@@ -25,8 +26,8 @@ def fault_hook(rank: int) -> Callable[[int, int], None] | None:
     if int(r) != rank or int(os.environ.get("PIPETRAIN_RESTART", "0")) > 0:  # once, not again after a restart
         return None
 
-    def hook(step: int, n_action: int) -> None:
-        if step == int(st) and n_action == int(act):
+    def hook(step: int, n_action: int | str) -> None:
+        if step == int(st) and str(n_action) == act:
             if mode == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             if mode == "stop":  # hangs: the process stays, makes no progress

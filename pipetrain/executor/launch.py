@@ -163,10 +163,6 @@ def check_executor_runs(plan: Plan, cfg: RunConfig, model: Any = None) -> None:
     why = executor_supports(plan.schedule, plan.tp, plan.zero, plan.recompute)
     if why is not None:
         raise RunError(why)
-    if plan.tp > 1 or plan.zero > 0:
-        if cfg.checkpoint_every or cfg.resume:
-            raise ConfigError(f"checkpoints of a plan with tp={plan.tp}, zero={plan.zero} (sharded parameters) are not written "
-                              "yet: run without --checkpoint-every and --resume, or with tp 1 and zero 0")
     if plan.tp > 1:
         if model is None:
             from pipetrain.executor.stage import build_meta, load_spec
@@ -177,8 +173,9 @@ def check_executor_runs(plan: Plan, cfg: RunConfig, model: Any = None) -> None:
         check_tensor_parallel(model, plan.tp)
 
 
-def preflight(cfg: RunConfig, plan: Plan) -> None:
-    """Mistakes caught before any process starts (one line, exit 2 at the CLI)."""
+def preflight(cfg: RunConfig, plan: Plan) -> Any:
+    """Mistakes caught before any process starts (one line, exit 2 at the CLI); with ``--resume``,
+    return the checkpoint the run will resume from (:class:`~pipetrain.executor.checkpoint.Found`)."""
     from pipetrain.executor.data import DATASETS
 
     if cfg.dataset not in DATASETS and not cfg.dataset.endswith(".npy"):
@@ -206,10 +203,14 @@ def preflight(cfg: RunConfig, plan: Plan) -> None:
         raise ConfigError(f"--nnodes {cfg.nnodes} does not divide the plan's pp*dp*tp = {plan.world_size} ranks: "
                           "use a node count that does, or re-plan")
     if cfg.resume:
-        from pipetrain.executor.checkpoint import latest_step
+        from pipetrain.executor.checkpoint import check_resumable, find_checkpoint
 
-        if latest_step(cfg.run_dir) is None:
+        found = find_checkpoint(cfg.run_dir)
+        if found is None:
             raise RunError(f"--resume: {cfg.run_dir} has no complete checkpoint; run without --resume, or with --checkpoint-every N")
+        check_resumable(found, plan, cfg.run_dir)  # another model or data position: before any process starts
+        return found
+    return None
 
 
 def launch(cfg: RunConfig, *, plan: Plan | None = None, monitor_interval_s: float = 0.1) -> Any:
@@ -221,9 +222,20 @@ def launch(cfg: RunConfig, *, plan: Plan | None = None, monitor_interval_s: floa
     from pipetrain.executor.result import load_result
 
     plan = plan or Plan.load(cfg.plan_path)
-    preflight(cfg, plan)
+    found = preflight(cfg, plan)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if found is not None:
+        from pipetrain.executor.checkpoint import same_layout
+
+        if not same_layout(found, plan):
+            # a resume under another plan: the earlier ranks' telemetry and final weights describe
+            # other ranks, so result.json covers the steps from the checkpoint on; they are kept aside
+            for sub, pattern in (("telemetry", "rank*.jsonl"), ("final", "rank*.pt")):
+                old = run_dir / sub / f"before_step_{found.step}"
+                for f in (run_dir / sub).glob(pattern):
+                    old.mkdir(parents=True, exist_ok=True)
+                    f.replace(old / f.name)
     # what `pipetrain validate RUN_DIR` / `pipetrain report RUN_DIR` read back (same plan, same options)
     if not (run_dir / "plan.json").exists() or (run_dir / "plan.json").resolve() != Path(cfg.plan_path).resolve():
         plan.save(run_dir / "plan.json")

@@ -27,7 +27,7 @@ class Trainer:
         import torch
         import torch.distributed as dist
 
-        from pipetrain.executor.checkpoint import load_rank, plan_hash
+        from pipetrain.executor.checkpoint import RankState
         from pipetrain.executor.comm import BufferPool, RankLayout, agree_max, make_groups, torch_dtype
         from pipetrain.executor.data import BatchSampler, make_source, warn_dropped
         from pipetrain.executor.hooks import fault_hook, grad_scale_hook
@@ -111,10 +111,11 @@ class Trainer:
                              counts=(lambda g: counts_in_norm(g, layout)) if mesh is not None else None,
                              num_stages=plan.num_stages)
         autocast = torch.bfloat16 if plan.dtype == "bf16" else None
+        self.fault = fault_hook(rank)
         self.rt = PipelineRuntime(stages=runtimes, ops=program.rank_ops(layout.pp_rank), num_stages=plan.num_stages,
                                   num_microbatches=plan.num_microbatches, loss_fn=spec.loss,
                                   loss_scale=1.0 / (plan.num_microbatches * plan.dp), telemetry=tel, timeout=timeout,
-                                  autocast_dtype=autocast, device=device, fault=fault_hook(rank))
+                                  autocast_dtype=autocast, device=device, fault=self.fault)
         self.rt.saved.exclude = {local(p).untyped_storage().data_ptr() for p in params}  # weights autograd saves are not activations
 
         self.need_inputs = 0 in runtimes
@@ -130,19 +131,10 @@ class Trainer:
         if rank == 0 and self.source is not None:
             warn_dropped(self.sampler, self.source.name)
 
-        self.phash = plan_hash(plan)
+        self.ckpt = RankState(modules.values(), self.opt, ties)
         self.start_step = 0
         if cfg.resume:
-            got = load_rank(run_dir, rank, self.phash, plan.world_size)
-            if got is not None:
-                state, found = got
-                if rank == 0 and found.skipped:
-                    print(f"resume: {found.describe_skipped()}; resuming from step {found.step}", file=sys.stderr, flush=True)
-                for s, sd in state["model"].items():
-                    modules[int(s)].load_state_dict(sd)
-                self.opt.load_state_dict(state["optimizer"])
-                torch.set_rng_state(state["rng"])
-                self.start_step = int(state["step"])
+            self.start_step = self._resume()
         tel.record({"type": "meta", "rank": rank, "pp_rank": layout.pp_rank, "dp_rank": layout.dp_rank, "tp_rank": layout.tp_rank,
                     "stages": sorted(runtimes), "buffers": {st.index: st.buffers for st in my_stages},
                     "device": str(device), "backend": dist.get_backend(), "same_host_clock": getattr(tel, "same_host", True),
@@ -219,19 +211,36 @@ class Trainer:
         self.last_step_s = step_s
         return loss
 
-    def checkpoint(self, step: int) -> None:
-        import torch
+    def _resume(self) -> int:
+        """Load the newest checkpoint that verifies (rank 0 looks, every rank loads); return its step."""
         import torch.distributed as dist
 
-        from pipetrain.executor.checkpoint import mark_latest, save_rank
+        from pipetrain.errors import RunError
+        from pipetrain.executor.checkpoint import check_resumable, find_checkpoint, same_layout
 
-        digest = save_rank(self.run_dir, step, self.rank, {
-            "step": step, "plan_hash": self.phash, "model": {s: m.state_dict() for s, m in self.modules.items()},
-            "optimizer": self.opt.state_dict(), "rng": torch.get_rng_state()})
-        digests: list[Any] = [None] * self.plan.world_size
-        dist.all_gather_object(digests, (self.rank, digest))  # also the barrier: every rank has written
+        got: list[Any] = [None]
         if self.rank == 0:
-            mark_latest(self.run_dir, step, self.plan.world_size, dict(digests))
+            try:
+                got[0] = find_checkpoint(self.run_dir)
+            except RunError as exc:  # every rank raises it, none waits for the others
+                got[0] = exc
+        dist.broadcast_object_list(got, src=0)
+        found = got[0]
+        if isinstance(found, RunError):
+            raise RunError(str(found))
+        if found is None:
+            return 0
+        check_resumable(found, self.plan, self.run_dir)
+        if self.rank == 0 and found.skipped:
+            print(f"resume: {found.describe_skipped()}; resuming from step {found.step}", file=sys.stderr, flush=True)
+        self.ckpt.load(self.run_dir, found, self.rank, restore_rng=same_layout(found, self.plan))
+        return found.step
+
+    def checkpoint(self, step: int) -> None:
+        """Save the state after ``step`` steps (collective; see :mod:`pipetrain.executor.checkpoint`)."""
+        from pipetrain.executor.checkpoint import write_checkpoint
+
+        write_checkpoint(self.run_dir, step, self.ckpt.state(step, self.rank), self.plan, rank=self.rank, fault=self.fault)
 
     def save_final(self) -> None:
         import torch

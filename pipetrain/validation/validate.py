@@ -122,29 +122,42 @@ def _pipeline_stage_norms(run_dir: Path, plan: Plan) -> tuple[tuple[float, ...],
     return tuple(out)
 
 
+def _checkpoint_stage_states(art: RunArtifacts) -> dict[int, list[dict[str, Any]]]:
+    """The final weights from the checkpoint of the last step (a sharded DCP checkpoint holds each
+    tensor once, under the full model's names: one state dict per stage, a tied copy under its own name)."""
+    from pipetrain.executor.checkpoint import latest_step, read_model_state
+    from pipetrain.executor.stage import build_meta, load_spec, ties_of
+
+    d = art.run_dir
+    step = latest_step(d)
+    if step is None or step != art.config.steps:
+        raise RunError(f"{d} has no final weights: run with `pipetrain run ... --save-final` (or --validate) to validate parameters")
+    state = read_model_state(d, step)
+    for name, owner, users in ties_of(build_meta(load_spec(art.plan.model))):
+        for u in users:
+            state[f"blocks.{u}.{name}"] = state[f"blocks.{owner}.{name}"]
+    out: dict[int, list[dict[str, Any]]] = {}
+    for st in art.plan.stages:
+        blocks = {str(b) for b in range(st.block_start, st.block_end)}
+        out[st.index] = [{k: v for k, v in state.items() if k.split(".")[1] in blocks}]
+    return out
+
+
 def _final_stage_states(art: RunArtifacts) -> dict[int, list[dict[str, Any]]]:
     """Stage index -> that stage's final state dicts (one per replica)."""
     import torch
 
     d = art.run_dir
     files = sorted((d / "final").glob("rank*.pt"))
-    key = None
     if not files:
-        from pipetrain.executor.checkpoint import checkpoint_dir, latest_step
-
-        step = latest_step(d)
-        if step is None or step != art.config.steps:
-            raise RunError(f"{d} has no final weights: run with `pipetrain run ... --save-final` (or --validate) to validate parameters")
-        files = sorted((checkpoint_dir(d) / f"step_{step:08d}").glob("rank*.pt"))
-        key = "model"
+        return _checkpoint_stage_states(art)
     out: dict[int, list[dict[str, Any]]] = {}
     for f in files:
         try:
             obj = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - a torn or foreign file is a corrupt run dir
             raise RunError(f"{f} is not a readable weights file ({type(exc).__name__}): re-run with --save-final") from None
-        states = obj[key] if key else obj
-        for s, sd in states.items():
+        for s, sd in obj.items():
             out.setdefault(int(s), []).append(sd)
     return out
 
