@@ -22,8 +22,11 @@ A stage holding layer-graph nodes ``[start, end)`` needs (all in bytes):
   also computes the loss: cross-entropy saves its fp32 log-softmax (the size of the logits in
   fp32) and the int64 targets (:func:`loss_saved_bytes`; GPT-2 at micro-batch 8 x 1024 tokens:
   1.6 GB, more than a transformer block). With
-  recomputation only the stage input is kept per micro-batch, plus the working set of one
-  micro-batch being recomputed (the full saved bytes, once).
+  recomputation (:func:`recompute_memory`) each recomputed layer keeps only its input per
+  micro-batch, plus the working set of one layer being recomputed; ``recompute_layers`` limits it
+  to the stage's first layers (Megatron's block method), the rest keep their saved bytes. With
+  ``selective`` recompute a layer drops only its attention core's saved tensors
+  (:func:`selective_saved_reduction`, the terms of :mod:`pipetrain.activations`).
 * **autocast weight copies** (on for bf16/fp16 unless ``autocast_copies=False``): under bf16/fp16
   ``torch.autocast`` (how the executor runs bf16), every matmul saves the half-precision cast
   of its weight, and each micro-batch's autograd graph keeps its own: 2 bytes per parameter of
@@ -48,6 +51,7 @@ __all__ = [
     "GiB", "ParamStateBytes", "StageMemory", "bytes_per_param", "activation_bytes_per_microbatch",
     "block_activation_bytes", "loss_saved_bytes", "autocast_cast_params", "autocast_cast_params_per_node", "stage_input_bytes",
     "stage_output_bytes", "tied_extra_params", "stage_memory", "node_input_bytes", "recompute_memory",
+    "selective_saved_reduction", "recomputed_nodes",
     "check_stage_memory",
 ]
 
@@ -210,21 +214,67 @@ def node_input_bytes(graph: LayerGraph) -> tuple[int, ...]:
     return tuple(inp)
 
 
-def recompute_memory(graph: LayerGraph, start: int, end: int, *, in_flight: int, per_node_saved: tuple[float, ...]) -> tuple[float, float]:
-    """(kept, working) bytes of a stage recomputing layer by layer, as Megatron's full recompute
-    checkpoints each layer (``--recompute-granularity full --recompute-method uniform``):
-    each in-flight micro-batch keeps every layer's input, and the backward recomputes one layer
-    at a time, so the working set is the largest single layer's saved bytes (Korthikanti et al.
-    2023, sec. 5: "only the input to each transformer layer is stored")."""
+def recomputed_nodes(start: int, end: int, recompute_layers: int = 0) -> range:
+    """The nodes of stage ``[start, end)`` that recompute: its first ``recompute_layers`` (0: all),
+    as Megatron's ``--recompute-method block --recompute-num-layers`` and the executor's
+    ``StageModule.set_recompute`` choose them."""
+    if not 0 <= recompute_layers <= end - start:
+        raise ConfigError(f"recompute_layers must be in [0, {end - start}], got {recompute_layers}")
+    return range(start, start + (recompute_layers or end - start))
+
+
+def selective_saved_reduction(graph: LayerGraph, index: int) -> int:
+    """Bytes per micro-batch that selective recompute takes off node ``index``'s saved bytes: its
+    attention core's tensors (Korthikanti et al. 2023 sec. 4.3), the difference of
+    :func:`pipetrain.activations.layer_activation_terms` without and with selective recompute at
+    the graph's micro-batch size, sequence length, dtype and tensor parallelism. 0 for a node
+    that declares no transformer layer shape (nothing to recompute selectively)."""
+    from pipetrain.activations import layer_activation_bytes
+
+    shape = graph.nodes[index].layer
+    if shape is None:
+        return 0
+    def saved(mode: str) -> int:
+        return layer_activation_bytes(shape, seq_len=graph.seq_len, micro_batch_size=graph.micro_batch_size,
+                                      dtype_bytes=_DTYPE_BYTES[graph.dtype], tp=graph.tp,
+                                      sequence_parallel=graph.sequence_parallel, recompute=mode)
+
+    return saved("none") - saved("selective")
+
+
+def recompute_memory(graph: LayerGraph, start: int, end: int, *, in_flight: int, per_node_saved: tuple[float, ...],
+                     mode: str = "full", recompute_layers: int = 0) -> tuple[float, float]:
+    """(kept, working) bytes of a stage recomputing layer by layer.
+
+    ``full``, as Megatron's full recompute checkpoints each layer (``--recompute-granularity
+    full``): each in-flight micro-batch keeps every recomputed layer's input, and the backward
+    recomputes one layer at a time, so the working set is the largest single recomputed layer's
+    saved bytes (Korthikanti et al. 2023, sec. 5: "only the input to each transformer layer is
+    stored"). ``selective``: each recomputed layer keeps its saved bytes less its attention core
+    (:func:`selective_saved_reduction`); the working set is the largest core recomputed. Layers
+    not recomputed (after the first ``recompute_layers``) keep their saved bytes."""
+    if mode not in ("full", "selective"):
+        raise ConfigError(f"recompute mode must be full or selective, got {mode!r}")
+    rec = recomputed_nodes(start, end, recompute_layers)
     inputs = node_input_bytes(graph)
-    kept = in_flight * float(sum(inputs[start:end]))
-    return kept, float(max(per_node_saved[start:end]))
+    kept = working = 0.0
+    for i in range(start, end):
+        if i not in rec:
+            kept += per_node_saved[i]
+        elif mode == "full":
+            kept += inputs[i]
+            working = max(working, per_node_saved[i])
+        else:
+            core = float(min(selective_saved_reduction(graph, i), per_node_saved[i]))
+            kept += per_node_saved[i] - core
+            working = max(working, core)
+    return in_flight * kept, working
 
 
 def stage_memory(graph: LayerGraph, start: int, end: int, *, in_flight: int, buffers: int = 1, recompute: bool = False,
                  optimizer: str = "adamw", dtype: str | None = None, momentum: bool = False,
                  autocast_copies: bool | None = None, precision: str | None = None, zero: int = 0,
-                 dp: int = 1) -> StageMemory:
+                 dp: int = 1, recompute_mode: str = "full", recompute_layers: int = 0) -> StageMemory:
     """Peak bytes of a stage with ``in_flight`` micro-batches' activations alive at once.
 
     ``in_flight`` comes from the schedule (1F1B: min(p - s, m); GPipe: m). ``dtype`` defaults to
@@ -233,7 +283,8 @@ def stage_memory(graph: LayerGraph, start: int, end: int, *, in_flight: int, buf
     the ``amp-autocast`` precision (the default for bf16/fp16, as the executor runs it).
     ``precision``, ``zero`` and ``dp`` set the weights, gradients and optimizer state per
     parameter (:func:`pipetrain.sharding.model_state_bytes`); without ``precision`` the
-    ``dtype``'s table above.
+    ``dtype``'s table above. With ``recompute``: ``recompute_mode`` (``full`` or ``selective``) on
+    the stage's first ``recompute_layers`` nodes (0: all), :func:`recompute_memory`.
     """
     _check_range(graph, start, end)
     if in_flight < 1:
@@ -261,8 +312,12 @@ def stage_memory(graph: LayerGraph, start: int, end: int, *, in_flight: int, buf
         saved = [s + 2.0 * c for s, c in zip(saved, autocast_cast_params_per_node(graph))]
     loss = loss_saved_bytes(graph) if end == graph.num_nodes else 0
     if recompute:
-        activation, working = recompute_memory(graph, start, end, in_flight=in_flight, per_node_saved=tuple(saved))
-        working += loss
+        activation, working = recompute_memory(graph, start, end, in_flight=in_flight, per_node_saved=tuple(saved),
+                                               mode=recompute_mode, recompute_layers=recompute_layers)
+        if recompute_mode == "full" and not (recompute_layers and start + recompute_layers < end):
+            working += loss
+        else:  # the loss follows a layer that keeps its output's consumers' tensors: saved per micro-batch
+            activation += in_flight * loss
     else:
         activation, working = in_flight * (sum(saved[start:end]) + loss), 0.0
     recv = (buffers * graph.cut(start).bytes if start > 0 else 0) + stage_output_bytes(graph, end)

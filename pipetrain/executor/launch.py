@@ -167,6 +167,9 @@ def check_executor_runs(plan: Plan, cfg: RunConfig, model: Any = None) -> None:
         if cfg.checkpoint_every or cfg.resume:
             raise ConfigError(f"checkpoints of a plan with tp={plan.tp}, zero={plan.zero} (sharded parameters) are not written "
                               "yet: run without --checkpoint-every and --resume, or with tp 1 and zero 0")
+    if plan.precision == "bf16-mixed" and plan.zero == 0 and (cfg.checkpoint_every or cfg.resume):
+        raise ConfigError("checkpoints of a bf16-mixed plan without ZeRO (fp32 master weights beside the modules) are not "
+                          "written yet: run without --checkpoint-every and --resume, or with zero 1 or precision amp-autocast")
     if plan.tp > 1:
         if model is None:
             from pipetrain.executor.stage import build_meta, load_spec

@@ -276,12 +276,14 @@ def compute_groups(topology: Topology, place: Placement) -> tuple[ComputeGroup, 
 # ----- the simulator's input ---------------------------------------------------------------------
 def sim_input(*, tables: StageCosts, topology: Topology, place: Placement, schedule: Schedule,
               ranges: Sequence[tuple[int, int]], buffers: Sequence[int], recompute: Sequence[bool],
-              in_flight: Sequence[int], dp_overlap: bool = False, clip_sync: bool = False) -> SimInput:
+              in_flight: Sequence[int], dp_overlap: bool = False, clip_sync: bool = False, recompute_mode: str = "full",
+              recompute_layers: Sequence[int] | None = None) -> SimInput:
     """The simulator's input for one split; stage ``s`` runs on pipeline rank ``schedule.stage_to_rank[s]``.
 
     ``in_flight[s]``: the micro-batches whose activations stage ``s`` holds at its peak (the memory
     model's count); ``clip_sync``: the optimizer steps wait for a global gradient-norm all-reduce
-    (as the executor clips).
+    (as the executor clips); ``recompute_mode`` (full or selective) and ``recompute_layers[s]``: how
+    a recomputing stage recomputes (:func:`pipetrain.memory.stage_memory`).
     """
     g = tables.graph
     stages = []
@@ -293,7 +295,8 @@ def sim_input(*, tables: StageCosts, topology: Topology, place: Placement, sched
         dt = rank_device_type(topology, place, r)
         c = tables.stage_cost(dt, a, b, recompute=recompute[s])
         mem = stage_memory(g, a, b, in_flight=max(1, in_flight[s]), buffers=buffers[s], recompute=recompute[s],
-                           optimizer=tables.optimizer, precision=tables.precision, zero=tables.zero, dp=tables.dp)
+                           optimizer=tables.optimizer, precision=tables.precision, zero=tables.zero, dp=tables.dp,
+                           recompute_mode=recompute_mode, recompute_layers=recompute_layers[s] if recompute_layers else 0)
         act_per_mb = mem.activation_bytes / max(1, in_flight[s])
         static = mem.total_bytes - mem.activation_bytes
         params = mem.param_count
@@ -364,16 +367,20 @@ def lower(plan: Plan, topology: Topology | None = None, cost: CostModel | None =
     _check_graph(plan, graph)
     ranges = [(st.block_start, st.block_end) for st in plan.stages]
     recompute = [st.recompute for st in plan.stages]
+    mode = plan.recompute if plan.recompute != "none" else "full"
+    layers = [st.recompute_layers for st in plan.stages]
     place = placement(topology, plan.pp, plan.dp, plan.tp)
     graph = shard_graph(graph, plan.tp, sequence_parallel=plan.sequence_parallel)
     tables = StageCosts(graph, cost, optimizer=plan.optimizer, tp_link=tp_link(topology, place), precision=plan.precision,
                         zero=plan.zero, dp=plan.dp)
     if not as_executed:
         inp = sim_input(tables=tables, topology=topology, place=place, schedule=sched, ranges=ranges, buffers=buffers,
-                        recompute=recompute, in_flight=held_in_flight(sched))
+                        recompute=recompute, in_flight=held_in_flight(sched), recompute_mode=mode,
+                        recompute_layers=layers)
         return replace(prog, sim_input=inp)
     inp = sim_input(tables=tables, topology=topology, place=place, schedule=sched, ranges=ranges, buffers=buffers,
-                    recompute=recompute, in_flight=peak_in_flight(sched), dp_overlap=False, clip_sync=True)
+                    recompute=recompute, in_flight=peak_in_flight(sched), dp_overlap=False, clip_sync=True,
+                    recompute_mode=mode, recompute_layers=layers)
     if inp.compute_groups and all(d.type.kind == "cpu" for d in topology.devices):  # CPU ranks are OS processes: time-sliced
         inp = replace(inp, compute_groups=tuple(replace(g, sharing="time-slice") for g in inp.compute_groups))
     fixed = getattr(tables.cost, "step_overhead_s", None)
