@@ -57,18 +57,20 @@ class Cfg:
     mode: str = "full"  # how (full or selective)
     layers: int = 0  # their first `layers` blocks (0: all)
     precision: str = ""  # "" -> fp32
+    schedule: str = "1f1b"
 
     @property
     def id(self) -> str:
         rc = f"-rc{self.mode[0]}{self.layers or ''}" if self.rc else ""
         return (f"{self.model}-p{self.pp}d{self.dp}t{self.tp}z{self.zero}{'-sp' if self.sp else ''}{rc}"
-                f"{'-' + self.precision if self.precision else ''}")
+                f"{'-' + self.precision if self.precision else ''}{'-' + self.schedule if self.schedule != '1f1b' else ''}")
 
 
 #: fp32 runs, compared with the reference to rtol=1e-5; 4 ranks at most per run (the machine may have 2 cores)
 CONFIGS = [
     Cfg("tiny-gpt", 1, 1, 2, 0, rc=(0,)),
-    Cfg("tiny-gpt", 2, 1, 2, 0, sp=True),  # the tied embedding/head across pipeline ranks, under tp
+    # the tied embedding/head across pipeline ranks, under tp; two stages per rank (interleaved)
+    Cfg("tiny-gpt", 2, 1, 2, 0, sp=True, schedule="interleaved"),
     Cfg("tiny-gpt", 1, 2, 2, 1),  # FSDP2 over dp on tp-sharded parameters (one stage holds the tied pair)
     Cfg("tiny-gpt", 2, 2, 1, 2, rc=(1,), layers=2),  # ZeRO-2; the last stage's 2 transformer blocks recompute whole, its head not
     Cfg("tiny-llama", 1, 2, 2, 0, sp=True),  # grouped-query attention (4 query heads, 2 KV heads); dp all-reduce of tp shards
@@ -84,8 +86,9 @@ ALL = CONFIGS + BF16_CONFIGS
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
-def _plan(c: Cfg, schedule: str = "1f1b") -> Any:
-    return simple_plan(c.model, pp=c.pp, dp=c.dp, m=M, mbs=MBS, seq_len=SEQ, schedule=schedule, tp=c.tp, zero=c.zero,
+def _plan(c: Cfg) -> Any:
+    return simple_plan(c.model, pp=c.pp, dp=c.dp, m=M, mbs=MBS, seq_len=SEQ, schedule=c.schedule, chunks=2 if c.schedule == "interleaved" else 1,
+                       tp=c.tp, zero=c.zero,
                        sequence_parallel=c.sp, recompute=c.rc, recompute_mode=c.mode, recompute_layers=c.layers,
                        dtype="bf16" if c.precision == "bf16-mixed" else "fp32", precision=c.precision)
 
@@ -136,7 +139,7 @@ def test_matches_single_process(runs: Any, cfg: Cfg) -> None:
     run = runs(cfg)
     plan = run["plan"]
     assert plan.recompute == (cfg.mode if rc else "none")
-    assert executor_supports(plan.schedule, tp, cfg.zero, plan.recompute) is None  # the table says the executor runs what it ran
+    assert executor_supports(cfg.schedule, tp, cfg.zero, plan.recompute) is None  # the table says the executor runs what it ran
     res, ref = run["result"], run["ref"]
     assert res.steps == tuple(range(STEPS))
     torch.testing.assert_close(_t(res.losses), _t(ref.losses), rtol=1e-5, atol=1e-6)
@@ -227,14 +230,14 @@ def test_table_is_data_and_refuses_with_the_fix() -> None:
     for z in ZERO_STAGES:  # ZeRO-0..3 and every recompute with 1F1B and GPipe, with and without tp
         for rc in RECOMPUTE_MODES:
             assert executor_supports("1f1b", 2, z, rc) is None and executor_supports("gpipe", 1, z, rc) is None
-    assert executor_supports("interleaved", 1, 0, "selective") is None
-    assert "gpipe or 1f1b" in (executor_supports("interleaved", 2, 0, "none") or "")
-    assert "gpipe or 1f1b" in (executor_supports("interleaved", 1, 2, "none") or "")  # one FSDP unit per rank
+    assert executor_supports("interleaved", 1, 0, "selective") is None and executor_supports("interleaved", 2, 0, "full") is None
+    assert "gpipe or 1f1b" in (executor_supports("interleaved", 2, 1, "none") or "")  # one FSDP unit per rank
+    assert "gpipe or 1f1b" in (executor_supports("interleaved", 1, 2, "none") or "")
     assert executor_supports("zb-h1", 1, 0, "full") is not None and executor_supports("zbv", 1, 0, "selective") is not None
     assert "ZeRO-4 is not implemented; use zero 0, 1, 2, 3" in (executor_supports("1f1b", 1, 4, "none") or "")
     cfg = RunConfig(plan_path="unused", dataset=DATA)
-    with pytest.raises(RunError, match="with tp=2 use schedule gpipe or 1f1b"):
-        preflight(cfg, simple_plan("tiny-gpt", pp=2, m=4, mbs=1, seq_len=8, schedule="interleaved", chunks=2, tp=2))
+    with pytest.raises(RunError, match="with tp=2 use schedule gpipe or 1f1b or interleaved"):
+        preflight(cfg, simple_plan("tiny-gpt", pp=2, m=4, mbs=1, seq_len=8, schedule="zbv", tp=2))
     with pytest.raises(PlanError, match="re-plan with tp 1"):
         preflight(cfg, simple_plan("resmlp", pp=1, m=2, mbs=1, seq_len=8, tp=2))
 
@@ -246,5 +249,5 @@ def test_cli_refuses_tp_with_zbv_before_launch(tmp_path: Path, capsys: pytest.Ca
     plan.save(tmp_path / "plan.json")
     assert main(["run", str(tmp_path / "plan.json"), "--run-dir", str(tmp_path / "run"), "--steps", "1"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "with tp=2 use schedule gpipe or 1f1b" in lines[0], lines
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "with tp=2 use schedule gpipe or 1f1b or interleaved" in lines[0], lines
     assert not (tmp_path / "run" / "telemetry").exists()  # no worker started

@@ -138,8 +138,9 @@ class MasterWeights:
             m = nn.Parameter(w.detach().clone().float())
             self.masters.append(m)
             self._of[id(w)] = m
-            with torch.no_grad():
-                w.data = w.data.to(torch.bfloat16)
+            # swapped in place (the same Python object, so ties and the modules keep it): ``.data``
+            # assignment would not recast a DTensor parameter (tensor parallelism)
+            torch.utils.swap_tensors(w, nn.Parameter(w.detach().to(torch.bfloat16), requires_grad=w.requires_grad))
             w.register_post_accumulate_grad_hook(self._accumulate)
 
     def master_of(self, p: torch.Tensor) -> nn.Parameter:

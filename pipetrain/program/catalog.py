@@ -204,14 +204,16 @@ class ExecutorCombination:
 #: * ZeRO is FSDP2 (``fully_shard`` over dp): one FSDP unit per stage, so one stage per rank (not
 #:   interleaved or the V schedules), and the split backward's deferred weight gradients would
 #:   bypass FSDP's post-backward;
-#: * tensor parallelism (``parallelize_module``) runs with one stage per rank and a full backward:
-#:   the deferred weight gradients of the split backward are not DTensor-aware.
+#: * tensor parallelism (``parallelize_module``) runs with a full backward: the deferred weight
+#:   gradients of the split backward are not DTensor-aware; with several stages per rank
+#:   (interleaved) only without ZeRO (one FSDP unit per rank).
 EXECUTOR_COMBINATIONS: tuple[ExecutorCombination, ...] = (
     ExecutorCombination(schedules=("gpipe", "1f1b", "interleaved"), tensor_parallel=False, zero=(0,),
                         recompute=("none", "selective", "full")),
     ExecutorCombination(schedules=SPLIT_BACKWARD_SCHEDULES, tensor_parallel=False, zero=(0,), recompute=("none",)),
     ExecutorCombination(schedules=("gpipe", "1f1b"), tensor_parallel=False, zero=(1, 2, 3), recompute=("none", "selective", "full")),
     ExecutorCombination(schedules=("gpipe", "1f1b"), tensor_parallel=True, zero=(0, 1, 2, 3), recompute=("none", "selective", "full")),
+    ExecutorCombination(schedules=("interleaved",), tensor_parallel=True, zero=(0,), recompute=("none", "selective", "full")),
 )
 
 
