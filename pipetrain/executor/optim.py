@@ -18,9 +18,9 @@ with bf16 working copies; the gradients reach steps 1-3 in fp32. With ZeRO, FSDP
 Losses are scaled by ``1/(m*dp)`` per micro-batch, so the summed gradient is the gradient of
 the mean loss over the global batch, as on one device.
 
-On a device mesh (tensor parallelism or ZeRO-1, :mod:`pipetrain.executor.parallel`) parameters
-may be DTensors: step 1 reduces their local shards (with ZeRO-1 FSDP2 already reduce-scattered
-them over dp in the last backward, and step 1 is skipped), step 2 all-reduces local shards (the
+On a device mesh (tensor parallelism or ZeRO, :mod:`pipetrain.executor.parallel`) parameters
+may be DTensors: step 1 reduces their local shards (with ZeRO FSDP2 already reduce-scattered
+them over dp in the backward, and step 1 is skipped), step 2 all-reduces local shards (the
 tied copies are sharded alike on both ranks), and step 3 sums the squares of the gradient
 elements each rank counts (every element once over pp, dp and tp:
 :func:`pipetrain.executor.parallel.counts_in_norm`) in one all-reduce over all ranks, per stage.
