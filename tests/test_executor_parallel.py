@@ -251,3 +251,12 @@ def test_cli_refuses_tp_with_zbv_before_launch(tmp_path: Path, capsys: pytest.Ca
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "with tp=2 use schedule gpipe or 1f1b or interleaved" in lines[0], lines
     assert not (tmp_path / "run" / "telemetry").exists()  # no worker started
+
+
+def test_cli_refuses_fp16_without_a_loss_scaler(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipetrain.cli import main
+
+    simple_plan("tiny-gpt", pp=1, m=2, mbs=1, seq_len=8, dtype="fp16").save(tmp_path / "plan.json")
+    assert main(["run", str(tmp_path / "plan.json"), "--run-dir", str(tmp_path / "run"), "--steps", "1"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: fp16 training needs loss scaling"), lines
