@@ -243,7 +243,7 @@ def attention_core_share(graph: LayerGraph) -> tuple[float, ...]:
     return tuple(out)
 
 
-def stage_from_node_times(times: NodeTimes, start: int, end: int, *, recompute: bool, recompute_kind: str = "full",
+def stage_from_node_times(times: NodeTimes, start: int, end: int, *, recompute: bool, recompute_mode: str = "full",
                           recompute_layers: int = 0, core_share: Sequence[float] | None = None) -> StageCost:
     """A stage's cost as the sum of its nodes' (the nodes run one after another). Recomputing, the
     extra forward is the first ``recompute_layers`` nodes' (all at 0) for "full", and each node's
@@ -252,7 +252,7 @@ def stage_from_node_times(times: NodeTimes, start: int, end: int, *, recompute: 
         raise ConfigError(f"stage range [{start}, {end}) is not within the graph's {len(times.fwd_s)} nodes")
     f = sum(times.fwd_s[start:end])
     rec = 0.0
-    if recompute and recompute_kind == "selective":
+    if recompute and recompute_mode == "selective":
         if core_share is None:
             raise ConfigError("selective recompute needs each node's attention-core share")
         rec = sum(t * c for t, c in zip(times.fwd_s[start:end], core_share[start:end]))

@@ -267,7 +267,7 @@ def wgrad_held_bytes(graph: LayerGraph) -> tuple[int, ...]:
 def stage_memory(graph: LayerGraph, start: int, end: int, *, in_flight: int, buffers: int = 1, recompute: bool = False,
                  optimizer: str = "adamw", dtype: str | None = None, momentum: bool = False,
                  autocast_copies: bool | None = None, precision: str | None = None, zero: int = 0,
-                 dp: int = 1, recompute_kind: str = "full", recompute_layers: int = 0, wgrad_held: int = 0) -> StageMemory:
+                 dp: int = 1, recompute_mode: str = "full", recompute_layers: int = 0, wgrad_held: int = 0) -> StageMemory:
     """Peak bytes of a stage with ``in_flight`` micro-batches' activations alive at once.
 
     ``in_flight`` comes from the schedule (1F1B: min(p - s, m); GPipe: m). ``dtype`` defaults to
@@ -276,15 +276,15 @@ def stage_memory(graph: LayerGraph, start: int, end: int, *, in_flight: int, buf
     the ``amp-autocast`` precision (the default for bf16/fp16, as the executor runs it).
     ``precision``, ``zero`` and ``dp`` set the weights, gradients and optimizer state per
     parameter (:func:`pipetrain.sharding.model_state_bytes`); without ``precision`` the
-    ``dtype``'s table above. With ``recompute``, ``recompute_kind`` "full" recomputes whole layers
+    ``dtype``'s table above. With ``recompute``, ``recompute_mode`` "full" recomputes whole layers
     (the first ``recompute_layers`` of the stage, or all of them at 0; :func:`recompute_memory`)
-    and "selective" the attention core of every layer (:func:`selective_dropped_bytes`; its working
-    set is one layer's core). ``wgrad_held``: micro-batches between their I and W passes (a split
+    and "selective" the attention core of those layers (:func:`selective_dropped_bytes`; its
+    working set is one layer's core; the planner makes every layer's). ``wgrad_held``: micro-batches between their I and W passes (a split
     backward), each holding what W needs (:func:`wgrad_held_bytes`), counted with the activations.
     """
     _check_range(graph, start, end)
-    if recompute_kind not in ("full", "selective"):
-        raise ConfigError(f"recompute_kind must be 'full' or 'selective', got {recompute_kind!r}")
+    if recompute_mode not in ("full", "selective"):
+        raise ConfigError(f"recompute_mode must be 'full' or 'selective', got {recompute_mode!r}")
     if in_flight < 1:
         raise ConfigError(f"in_flight must be >= 1, got {in_flight}")
     if buffers < 1:
@@ -309,8 +309,9 @@ def stage_memory(graph: LayerGraph, start: int, end: int, *, in_flight: int, buf
     if autocast_copies and (dtype or graph.dtype) != "fp32":
         saved = [s + 2.0 * c for s, c in zip(saved, autocast_cast_params_per_node(graph))]
     loss = loss_saved_bytes(graph) if end == graph.num_nodes else 0
-    if recompute and recompute_kind == "selective":
-        dropped = selective_dropped_bytes(graph)[start:end]
+    if recompute and recompute_mode == "selective":  # the first recompute_layers layers (0: all), as the executor's
+        k = end - start if recompute_layers <= 0 else min(recompute_layers, end - start)
+        dropped = selective_dropped_bytes(graph)[start:start + k]
         activation = in_flight * (sum(saved[start:end]) - sum(dropped) + loss)
         working = float(max(dropped))
     elif recompute:

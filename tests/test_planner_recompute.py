@@ -66,7 +66,7 @@ def test_range_matrices_equal_the_memory_model_for_selective_and_the_wgrad_stash
         for i in range(g.num_nodes):
             for j in range(i + 1, g.num_nodes + 1):
                 kw = {"in_flight": inf, "buffers": buf, "precision": "bf16-mixed"}
-                want = stage_memory(g, i, j, recompute=True, recompute_kind="selective", **kw).total_bytes
+                want = stage_memory(g, i, j, recompute=True, recompute_mode="selective", **kw).total_bytes
                 assert sel[i, j] == pytest.approx(want, rel=1e-12), (i, j, inf, buf)
                 assert zb[i, j] == pytest.approx(stage_memory(g, i, j, **kw).total_bytes + 2 * sum(held[i:j]), rel=1e-12)
 
@@ -130,7 +130,7 @@ def test_search_picks_selective_recompute_where_the_attention_core_dominates() -
     g = gpt_graph(1)
     m_none = stage_memory(g, 0, 5, in_flight=2, precision="bf16-mixed", buffers=2).total_bytes
     m_sel = stage_memory(g, 0, 5, in_flight=2, precision="bf16-mixed", buffers=2, recompute=True,
-                         recompute_kind="selective").total_bytes
+                         recompute_mode="selective").total_bytes
     # just above what selective needs: whole layers would have to recompute most of the stage
     cap = m_sel + 0.05 * (m_none - m_sel)
     best = _plan(_job(max_memory_bytes=cap))

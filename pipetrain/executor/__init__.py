@@ -9,7 +9,7 @@
   posts, waits, compute and sends, literally in the program's order;
   ``splitbw`` / ``wgrad``: the B/W split of zero-bubble schedules; ``comm``: groups, rank layout and
   persistent receive buffers; ``optim``: DP and tied-weight all-reduce, global-norm clipping;
-  ``parallel``: the device mesh, tensor parallelism (``parallelize_module``) and ZeRO-1 (FSDP2);
+  ``parallel``: the device mesh, tensor parallelism (``parallelize_module``) and ZeRO-1/2/3 (FSDP2);
   ``data``: deterministic, sharded sample order; ``telemetry`` / ``result``: per-rank JSONL events
   and RUN_DIR/result.json; ``checkpoint``: sharded DCP checkpoints, atomic per step, resumable under another plan; ``monitor``: the live view;
   ``stage``: stage modules on the meta device; ``plans``: a runnable plan without the planner.

@@ -11,12 +11,16 @@ Order at the end of a step (every rank, same order):
 4. the optimizer step (AdamW or SGD), then gradients zeroed: in place on CPU, set to None on
    CUDA (:func:`grads_to_none`).
 
+Under ``bf16-mixed`` precision the optimizer updates fp32 master weights and the stages compute
+with bf16 working copies; the gradients reach steps 1-3 in fp32. With ZeRO, FSDP2 does it
+(:func:`pipetrain.executor.parallel.mixed_precision`); without, :class:`MasterWeights`.
+
 Losses are scaled by ``1/(m*dp)`` per micro-batch, so the summed gradient is the gradient of
 the mean loss over the global batch, as on one device.
 
-On a device mesh (tensor parallelism or ZeRO-1, :mod:`pipetrain.executor.parallel`) parameters
-may be DTensors: step 1 reduces their local shards (with ZeRO-1 FSDP2 already reduce-scattered
-them over dp in the last backward, and step 1 is skipped), step 2 all-reduces local shards (the
+On a device mesh (tensor parallelism or ZeRO, :mod:`pipetrain.executor.parallel`) parameters
+may be DTensors: step 1 reduces their local shards (with ZeRO FSDP2 already reduce-scattered
+them over dp in the backward, and step 1 is skipped), step 2 all-reduces local shards (the
 tied copies are sharded alike on both ranks), and step 3 sums the squares of the gradient
 elements each rank counts (every element once over pp, dp and tp:
 :func:`pipetrain.executor.parallel.counts_in_norm`) in one all-reduce over all ranks, per stage.
@@ -34,7 +38,7 @@ from torch import nn
 
 from pipetrain.errors import ConfigError
 
-__all__ = ["OptimConfig", "make_optimizer", "GradSync", "clip_coefficient", "squared_norms", "grads_to_none", "grad_of", "DEFAULT_LR"]
+__all__ = ["OptimConfig", "make_optimizer", "GradSync", "MasterWeights", "clip_coefficient", "squared_norms", "grads_to_none", "grad_of", "DEFAULT_LR"]
 
 DEFAULT_LR = {"adamw": 1e-3, "sgd": 0.05}
 
@@ -113,6 +117,67 @@ def unique_params(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
                 seen.add(id(p))
                 out.append(p)
     return out
+
+
+class MasterWeights:
+    """bf16-mixed precision without FSDP2 (ZeRO-0): fp32 master weights in the optimizer, bf16
+    working weights in the modules, gradients accumulated in fp32 (Megatron's ``main_grad``).
+
+    The working parameters are cast to bf16 in place; each gets an fp32 master copy. After each
+    backward's accumulation into a working parameter (``register_post_accumulate_grad_hook``) its
+    bf16 gradient is added to the master's fp32 gradient and freed, so the accumulation over the
+    micro-batches, the data-parallel all-reduce, the norm and the clip all run in fp32, as the
+    memory model counts (4-byte gradients). :meth:`copy_to_working` after the optimizer step
+    rounds the updated masters back to bf16."""
+
+    def __init__(self, modules: Iterable[nn.Module]) -> None:
+        self.working = unique_params(modules)
+        self.masters: list[nn.Parameter] = []
+        self._of: dict[int, nn.Parameter] = {}
+        for w in self.working:
+            m = nn.Parameter(w.detach().clone().float())
+            self.masters.append(m)
+            self._of[id(w)] = m
+            # swapped in place (the same Python object, so ties and the modules keep it): ``.data``
+            # assignment would not recast a DTensor parameter (tensor parallelism)
+            torch.utils.swap_tensors(w, nn.Parameter(w.detach().to(torch.bfloat16), requires_grad=w.requires_grad))
+            w.register_post_accumulate_grad_hook(self._accumulate)
+
+    def master_of(self, p: torch.Tensor) -> nn.Parameter:
+        """The fp32 master of working parameter ``p``."""
+        return self._of[id(p)]
+
+    def _accumulate(self, w: torch.Tensor) -> None:
+        m = self._of[id(w)]
+        g = w.grad
+        assert g is not None
+        if m.grad is None:
+            m.grad = g.float()
+        else:
+            m.grad.add_(g)
+        w.grad = None
+
+    def collect(self) -> None:
+        """Fold gradients left on working parameters into the masters: the split backward's W
+        (:mod:`pipetrain.executor.wgrad`, :mod:`pipetrain.executor.splitbw`) assigns ``.grad``
+        itself, which fires no accumulation hook. Called before the gradient sync."""
+        for w in self.working:
+            if w.grad is not None:
+                self._accumulate(w)
+
+    def full_precision_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """``module``'s state dict with each working parameter replaced by its fp32 master (tied
+        parameters under each of their names)."""
+        out = dict(module.state_dict())
+        for name, p in module.named_parameters(remove_duplicate=False):
+            if id(p) in self._of:
+                out[name] = self._of[id(p)].detach()
+        return out
+
+    @torch.no_grad()
+    def copy_to_working(self) -> None:
+        for w, m in zip(self.working, self.masters):
+            w.copy_(m)
 
 
 class GradSync:

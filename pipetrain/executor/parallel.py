@@ -1,4 +1,4 @@
-"""Tensor parallelism and ZeRO-1 of one rank's stages, on PyTorch's own APIs (as torchtitan does).
+"""Tensor parallelism and ZeRO-1/2/3 of one rank's stages, on PyTorch's own APIs (as torchtitan does).
 
 * **Mesh** (:func:`make_mesh`): ``init_device_mesh`` with dims ``("dp", "pp", "tp")``, tp
   innermost: global rank ``(dp_rank * pp + pp_rank) * tp + tp_rank``. torchtitan orders its
@@ -17,13 +17,26 @@
   all-gathers the output, so tensors crossing stages stay plain full tensors. Embedding and head
   blocks stay replicated over tp: every tp rank computes the same values and the same
   gradients, which the gradient norm counts once.
-* **ZeRO-1** (:func:`shard_stage`): FSDP2 ``fully_shard`` of each stage on the dp dim,
-  ``reshard_after_forward=False``; gradients accumulate unsharded over the micro-batches and are
-  reduce-scattered (a SUM: the losses are already scaled by ``1/(m*dp)``) in the last
-  micro-batch's backward (:func:`last_microbatch`), after which the optimizer updates only this
-  rank's shard and the next forward all-gathers the parameters: Megatron's distributed optimizer,
-  with the parameters also sharded between steps. FSDP2's default reduction averages with
-  ``PREMUL_SUM``, which gloo lacks, hence a divide factor of 1 with sum-only collectives.
+* **ZeRO** (:func:`shard_stage`): FSDP2 ``fully_shard`` of each stage on the dp dim; the
+  optimizer updates only this rank's shard and the next forward all-gathers the parameters.
+  The reduction is a SUM (the losses are already scaled by ``1/(m*dp)``): FSDP2's default
+  averages with ``PREMUL_SUM``, which gloo lacks, hence a divide factor of 1 with sum-only
+  collectives. The stages differ in when FSDP2 reduce-scatters and reshards
+  (:func:`before_backward`):
+
+  - ZeRO-1: ``reshard_after_forward=False``; gradients accumulate unsharded over the
+    micro-batches and are reduce-scattered only in the last micro-batch's backward, after
+    which the parameters are resharded: Megatron's distributed optimizer, with the parameters
+    also sharded between steps (as torch.distributed.pipelining runs FSDP2);
+  - ZeRO-2: ``reshard_after_forward=False``; every micro-batch's backward reduce-scatters its
+    gradient into the sharded accumulator, so no rank holds a whole gradient between
+    micro-batches; parameters stay gathered until the last backward;
+  - ZeRO-3: ``reshard_after_forward=True``; parameters are all-gathered for each forward and
+    again for each backward, and resharded after both; gradients as ZeRO-2.
+
+  With ``param_dtype`` (bf16-mixed, :func:`mixed_precision`) FSDP2 keeps the fp32 sharded
+  parameters as the optimizer's master weights, all-gathers and computes in bf16 and
+  reduce-scatters the gradients in fp32 (torchtitan's ``MixedPrecisionPolicy``).
 """
 
 from __future__ import annotations
@@ -40,7 +53,7 @@ if TYPE_CHECKING:
     from pipetrain.executor.comm import RankLayout
 
 __all__ = ["MESH_DIMS", "uses_mesh", "make_mesh", "check_tensor_parallel", "parallelize_stage", "shard_stage",
-           "last_microbatch", "reduce_partial_grads", "local", "counts_in_norm", "full_state"]
+           "before_backward", "mixed_precision", "reduce_partial_grads", "local", "counts_in_norm", "full_state"]
 
 #: The mesh's dims, outermost first (see module docstring for why dp is outermost).
 MESH_DIMS = ("dp", "pp", "tp")
@@ -150,23 +163,40 @@ def parallelize_stage(module: nn.Module, tp_mesh: Any, *, sequence_parallel: boo
                                                                      use_local_output=True))
 
 
-def shard_stage(module: nn.Module, dp_mesh: Any) -> None:
-    """ZeRO-1 of one stage: FSDP2 over ``dp_mesh`` (see module docstring), in place."""
-    from torch.distributed.fsdp import fully_shard
+def mixed_precision(precision: str) -> Any:
+    """FSDP2's policy for a plan's precision: bf16-mixed computes in bf16 and reduces in fp32
+    (torchtitan's default); anything else keeps the parameters' own dtype (None)."""
+    if precision != "bf16-mixed":
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    fully_shard(module, mesh=dp_mesh, reshard_after_forward=False)
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def shard_stage(module: nn.Module, dp_mesh: Any, zero: int = 1, precision: str = "fp32") -> None:
+    """ZeRO-``zero`` of one stage: FSDP2 over ``dp_mesh`` (see module docstring), in place."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if zero not in (1, 2, 3):
+        raise PlanError(f"zero={zero}: FSDP2 shards a stage for ZeRO-1, 2 or 3 only")
+    mp = mixed_precision(precision) or MixedPrecisionPolicy()
+    fully_shard(module, mesh=dp_mesh, reshard_after_forward=zero == 3, mp_policy=mp)
     fsdp: Any = module
     fsdp.set_gradient_divide_factor(1.0)  # losses carry 1/(m*dp): the reduction is a plain sum
     fsdp.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
 
 
-def last_microbatch(module: nn.Module, last: bool) -> None:
-    """Before a backward of an FSDP2 stage: reduce-scatter (and reshard) only in the last
-    micro-batch's backward; before it gradients accumulate unsharded (as torch.distributed.pipelining)."""
+def before_backward(module: nn.Module, zero: int, last: bool) -> None:
+    """Before a backward of an FSDP2 stage (``last``: the step's last one for this stage).
+
+    ZeRO-1 reduce-scatters (and reshards) only in the last micro-batch's backward; before it
+    gradients accumulate unsharded (as torch.distributed.pipelining). ZeRO-2 and 3 reduce-scatter
+    in every backward; ZeRO-2 keeps the parameters gathered until the last one, ZeRO-3 reshards
+    after each (its next forward gathers them again)."""
     fsdp: Any = module
     fsdp.set_is_last_backward(last)
-    fsdp.set_reshard_after_backward(last)
-    fsdp.set_requires_gradient_sync(last)
+    fsdp.set_reshard_after_backward(last or zero == 3)
+    fsdp.set_requires_gradient_sync(last or zero >= 2)
 
 
 def reduce_partial_grads(params: list[nn.Parameter]) -> int:

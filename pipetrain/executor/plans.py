@@ -33,7 +33,10 @@ def simple_plan(model: str, *, pp: int, dp: int = 1, m: int, mbs: int, seq_len: 
                 boundaries: Sequence[int] | None = None, chunks: int = 1, dtype: str = "fp32",
                 optimizer: str = "adamw", seed: int = 0, recompute: Sequence[int] = (),
                 buffers: Sequence[int] | None = None, device: str = "cpu", tp: int = 1, sequence_parallel: bool = False,
-                zero: int = 0) -> Plan:
+                zero: int = 0, recompute_mode: str = "full", recompute_layers: int = 0, precision: str = "") -> Plan:
+    """``recompute``: the stages that recompute, ``recompute_mode`` how (full or selective) and
+    ``recompute_layers`` how many of each such stage's first blocks (0: all; at most its blocks);
+    ``precision`` "" is the dtype's default (:func:`pipetrain.plan.precision_for_dtype`)."""
     from pipetrain.executor.stage import boundary_specs, build_meta, load_spec
     from pipetrain.planner.trace import model_fingerprint
     from pipetrain.schedules import make_schedule, peak_in_flight, schedule_chunks
@@ -57,7 +60,9 @@ def simple_plan(model: str, *, pp: int, dp: int = 1, m: int, mbs: int, seq_len: 
         stages.append(StagePlan(
             index=s, block_start=starts[s], block_end=ends[s], rank=sched.stage_to_rank[s], device=device,
             buffers=max(1, int(buffers[s])), recompute=s in set(recompute),
+            recompute_layers=min(recompute_layers, ends[s] - starts[s]) if s in set(recompute) else 0,
             inputs=(specs[s - 1],) if s > 0 else (), outputs=(specs[s],) if s < num_stages - 1 else ()))
     return Plan(model=model, graph_fingerprint=model_fingerprint(spec), topology="local", pp=pp, dp=dp,
                 micro_batch_size=mbs, num_microbatches=m, seq_len=seq_len, schedule=schedule, stages=tuple(stages),
-                chunks=chunks, dtype=dtype, optimizer=optimizer, seed=seed, tp=tp, sequence_parallel=sequence_parallel, zero=zero)
+                chunks=chunks, dtype=dtype, optimizer=optimizer, seed=seed, tp=tp, sequence_parallel=sequence_parallel, zero=zero,
+                recompute=recompute_mode if recompute else "none", precision=precision)

@@ -56,8 +56,8 @@ class StageRuntime:
     recv_grad_group: Any = None  # gradients arriving from stage index+1
     send_act_group: Any = None
     send_grad_group: Any = None
-    #: told before each backward of this stage whether it is the step's last one (ZeRO-1: FSDP2
-    #: reduce-scatters the gradients only then, :func:`pipetrain.executor.parallel.last_microbatch`)
+    #: told before each backward of this stage whether it is the step's last one (ZeRO: when FSDP2
+    #: reduce-scatters and reshards, :func:`pipetrain.executor.parallel.before_backward`)
     before_backward: Callable[[bool], None] | None = None
 
 
@@ -69,6 +69,9 @@ class SavedBytes:
         self.peak = 0
         self._seen: set[int] = set()
         self.exclude: set[int] = set()  # storages never counted (the parameters: not activations)
+        #: storages of the parameters a stage computes with now: FSDP2 all-gathers them in its
+        #: pre-forward hook (bf16 copies under bf16-mixed), so they are known only then (:meth:`use_params`)
+        self.live: set[int] = set()
         self.per_mb: dict[Any, int] = {}
 
     def begin(self) -> None:
@@ -79,12 +82,18 @@ class SavedBytes:
         try:
             st = t.untyped_storage()
             key = st.data_ptr()
-            if key not in self._seen and key not in self.exclude and t.device.type != "meta":
+            if key not in self._seen and key not in self.exclude and key not in self.live and t.device.type != "meta":
                 self._seen.add(key)
                 self._acc += st.nbytes()
         except (RuntimeError, NotImplementedError):
             pass
         return t
+
+    def use_params(self, module: nn.Module) -> None:
+        """Not count ``module``'s parameters as they are now (a forward pre-hook after FSDP2's)."""
+        from pipetrain.executor.parallel import local
+
+        self.live = {local(p).untyped_storage().data_ptr() for p in module.parameters()}
 
     def add_input(self, x: torch.Tensor) -> None:
         self.pack(x)

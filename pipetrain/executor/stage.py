@@ -38,17 +38,38 @@ class StageModule(nn.Module):
         super().__init__()
         self.order = sorted(blocks)
         self.blocks = nn.ModuleDict({str(i): blocks[i] for i in self.order})
+        self.full_recompute = frozenset(self.order)  # the blocks forward(recompute=True) checkpoints whole
+
+    def set_recompute(self, mode: str, layers: int = 0) -> None:
+        """Recompute the stage's first ``layers`` blocks (0: all of them), as Megatron's
+        ``--recompute-method block --recompute-num-layers``: ``full`` checkpoints those blocks
+        whole (:meth:`forward` with ``recompute``), ``selective`` only their attention cores
+        (the blocks' own ``recompute_attention``: QK^T, softmax, dropout and P.V, Korthikanti et
+        al. 2023 sec. 4.3), ``none`` nothing. Blocks without an attention core have nothing to
+        recompute selectively. What :func:`pipetrain.memory.stage_memory` counts."""
+        if mode not in ("none", "selective", "full"):
+            raise PlanError(f"recompute {mode!r} is unknown; choose none, selective or full")
+        if not 0 <= layers <= len(self.order):
+            raise PlanError(f"recompute_layers {layers} is not in [0, {len(self.order)}] (the stage's blocks)")
+        chosen = self.order[:layers or len(self.order)]
+        self.full_recompute = frozenset(chosen) if mode == "full" else frozenset()
+        for i in self.order:
+            blk: Any = self.blocks[str(i)]
+            if hasattr(blk, "recompute_attention"):
+                blk.recompute_attention = mode == "selective" and i in chosen
 
     def forward(self, x: torch.Tensor, recompute: bool = False) -> torch.Tensor:
-        """``recompute``: checkpoint each block on its own (``torch.utils.checkpoint``, non-reentrant),
-        as Megatron's full recompute does per layer: a micro-batch keeps every block's input, and
-        the backward recomputes one block at a time (what :func:`pipetrain.memory.recompute_memory`
-        counts). Called through the stage module itself so that wrappers' hooks (FSDP) still run."""
-        if recompute and torch.is_grad_enabled():
+        """``recompute``: checkpoint each block of :attr:`full_recompute` on its own
+        (``torch.utils.checkpoint``, non-reentrant), as Megatron's full recompute does per layer: a
+        micro-batch keeps each such block's input, and the backward recomputes one block at a time
+        (what :func:`pipetrain.memory.recompute_memory` counts). Called through the stage module
+        itself so that wrappers' hooks (FSDP) still run."""
+        if recompute and self.full_recompute and torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint
 
             for i in self.order:
-                x = checkpoint(self.blocks[str(i)], x, use_reentrant=False)
+                blk = self.blocks[str(i)]
+                x = checkpoint(blk, x, use_reentrant=False) if i in self.full_recompute else blk(x)
             return x
         for i in self.order:
             x = self.blocks[str(i)](x)
@@ -102,8 +123,14 @@ def materialize_blocks(model: PipelineModel, blocks: Iterable[int], device: torc
     retie(model, ties_of(model), idx)
 
 
-def stage_modules(model: PipelineModel, stages: Iterable[StagePlan]) -> dict[int, StageModule]:
-    return {st.index: StageModule({b: model.blocks[b] for b in range(st.block_start, st.block_end)}) for st in stages}
+def stage_modules(model: PipelineModel, stages: Iterable[StagePlan], recompute: str = "full") -> dict[int, StageModule]:
+    """One StageModule per stage; a stage with ``recompute`` set recomputes as the plan's
+    ``recompute`` mode says (``full`` or ``selective``) on its first ``recompute_layers`` blocks."""
+    out = {}
+    for st in stages:
+        m = out[st.index] = StageModule({b: model.blocks[b] for b in range(st.block_start, st.block_end)})
+        m.set_recompute(recompute if st.recompute else "none", st.recompute_layers if st.recompute else 0)
+    return out
 
 
 def vocab_size_of(spec: Any, model: nn.Module) -> int:

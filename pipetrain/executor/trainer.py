@@ -31,10 +31,10 @@ class Trainer:
         from pipetrain.executor.comm import BufferPool, RankLayout, agree_max, make_groups, torch_dtype
         from pipetrain.executor.data import BatchSampler, make_source, warn_dropped
         from pipetrain.executor.hooks import fault_hook, grad_scale_hook
-        from pipetrain.executor.optim import GradSync, OptimConfig, grads_to_none, make_optimizer, unique_params
+        from pipetrain.executor.optim import GradSync, MasterWeights, OptimConfig, grads_to_none, make_optimizer, unique_params
         from pipetrain.executor.parallel import (
+            before_backward,
             counts_in_norm,
-            last_microbatch,
             local,
             make_mesh,
             parallelize_stage,
@@ -64,7 +64,7 @@ class Trainer:
             p = model.blocks[tg.blocks_here[0]].get_parameter(tg.name)
             with torch.no_grad():
                 dist.broadcast(p.data, src=tg.owner_rank, group=tg.group)
-        modules = self.modules = stage_modules(model, my_stages)
+        modules = self.modules = stage_modules(model, my_stages, plan.recompute)
         for m in modules.values():
             m.train()
             # tensor parallelism first, then FSDP2 over dp on the tp-sharded parameters (torchtitan's order);
@@ -72,10 +72,13 @@ class Trainer:
             if plan.tp > 1:
                 parallelize_stage(m, mesh["tp"], sequence_parallel=plan.sequence_parallel)
             if plan.zero > 0:
-                shard_stage(m, mesh["dp"])
+                shard_stage(m, mesh["dp"], plan.zero, plan.precision)
+        # bf16-mixed without ZeRO: fp32 masters in the optimizer, bf16 working weights (with ZeRO FSDP2 does it)
+        self.master = MasterWeights(modules.values()) if plan.precision == "bf16-mixed" and plan.zero == 0 else None
         tie_params: list[tuple[Any, Any, bool]] = []
         for tg in groups.ties:
-            tie_params.append((model.blocks[tg.blocks_here[0]].get_parameter(tg.name), tg.group, tg.owner_rank == rank))
+            p = model.blocks[tg.blocks_here[0]].get_parameter(tg.name)
+            tie_params.append((self.master.master_of(p) if self.master else p, tg.group, tg.owner_rank == rank))
         self.tie_params = tie_params
 
         ex = spec.example_input(plan.micro_batch_size, plan.seq_len, device="meta")
@@ -98,9 +101,10 @@ class Trainer:
                 out_dtype=torch_dtype(out_spec.dtype) if out_spec else None,
                 recv_act_group=groups.p2p.get((s - 1, "act")), recv_grad_group=groups.p2p.get((s, "grad")),
                 send_act_group=groups.p2p.get((s, "act")), send_grad_group=groups.p2p.get((s - 1, "grad")),
-                before_backward=_tell_last(modules[s], last_microbatch) if plan.zero > 0 else None)
+                before_backward=_tell_last(modules[s], plan.zero, before_backward) if plan.zero > 0 else None)
         self.runtimes = runtimes
-        params = self.params = unique_params(modules.values())
+        working = unique_params(modules.values())
+        params = self.params = self.master.masters if self.master else working
         ocfg = OptimConfig(name=plan.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
                            clip_norm=cfg.clip_norm)
         self.opt = make_optimizer(params, ocfg)
@@ -110,13 +114,18 @@ class Trainer:
                              stage_of=_stage_of(modules),
                              counts=(lambda g: counts_in_norm(g, layout)) if mesh is not None else None,
                              num_stages=plan.num_stages)
-        autocast = torch.bfloat16 if plan.dtype == "bf16" else None
+        autocast = torch.bfloat16 if plan.precision == "amp-autocast" and plan.dtype == "bf16" else None
         self.fault = fault_hook(rank)
         self.rt = PipelineRuntime(stages=runtimes, ops=program.rank_ops(layout.pp_rank), num_stages=plan.num_stages,
                                   num_microbatches=plan.num_microbatches, loss_fn=spec.loss,
                                   loss_scale=1.0 / (plan.num_microbatches * plan.dp), telemetry=tel, timeout=timeout,
                                   autocast_dtype=autocast, device=device, fault=self.fault)
-        self.rt.saved.exclude = {local(p).untyped_storage().data_ptr() for p in params}  # weights autograd saves are not activations
+        self.rt.saved.exclude = {local(p).untyped_storage().data_ptr() for p in working}  # weights autograd saves are not activations
+        if plan.zero > 0:  # FSDP2 gathers the weights in its pre-forward hook: a later hook sees them
+            for m in modules.values():
+                m.register_forward_pre_hook(lambda mod, _a: self.rt.saved.use_params(mod))
+                # and ZeRO-3 frees them after the forward: their addresses may then hold activations (the loss's)
+                m.register_forward_hook(lambda _m, _a, _o: self.rt.saved.live.clear())
 
         self.need_inputs = 0 in runtimes
         self.need_targets = last_index in runtimes
@@ -131,7 +140,9 @@ class Trainer:
         if rank == 0 and self.source is not None:
             warn_dropped(self.sampler, self.source.name)
 
-        self.ckpt = RankState(modules.values(), self.opt, ties)
+        # bf16-mixed without ZeRO: the optimizer steps fp32 masters, which the checkpoint holds
+        masters = {id(w): self.master.master_of(w) for w in working} if self.master is not None else None
+        self.ckpt = RankState(modules.values(), self.opt, ties, masters=masters)
         self.start_step = 0
         if cfg.resume:
             self.start_step = self._resume()
@@ -139,7 +150,17 @@ class Trainer:
                     "stages": sorted(runtimes), "buffers": {st.index: st.buffers for st in my_stages},
                     "device": str(device), "backend": dist.get_backend(), "same_host_clock": getattr(tel, "same_host", True),
                     "start_step": self.start_step, "world_size": plan.world_size, "p2p_groups": len(groups.p2p)})
+        # weights and gradients (bf16-mixed without ZeRO: bf16 working weights, fp32 masters and gradients)
         self.static_bytes = sum(local(p).numel() * p.element_size() for p in params) * 2
+        if self.master is not None:
+            self.static_bytes += sum(local(p).numel() * p.element_size() for p in working)
+        #: the dtypes of the weights the stages computed with and of those the optimizer updates
+        self.param_dtypes = {"master": sorted({str(p.dtype).replace("torch.", "") for p in params}), "working": []}
+        self._working_seen: set[str] = set()
+        for m in modules.values():
+            lin = next((x for x in m.modules() if isinstance(x, torch.nn.Linear)), None)
+            if lin is not None:
+                lin.register_forward_pre_hook(lambda mod, _a: self._working_seen.add(str(local(mod.weight).dtype).replace("torch.", "")))
         self.pool_bytes = sum(r.in_pool.nbytes + (r.grad_pool.nbytes if r.grad_pool else 0) for r in runtimes.values())
         self.grad_scale = grad_scale_hook()
         self._comm_logged = False
@@ -172,11 +193,15 @@ class Trainer:
             self.grad_scale(step, self.modules)
         if rt.progress is not None:
             rt.progress(step, "gradient sync and optimizer step")
+        if self.master is not None:
+            self.master.collect()
         norm = self.sync.sync()
         stage_norms = self.sync.stage_norms
         t0 = tel.now()
         self.opt.step()
         self.opt.zero_grad(set_to_none=self.grads_to_none)
+        if self.master is not None:
+            self.master.copy_to_working()
         tel.add("OPT", self.my_stages[0].index, -1, t0, tel.now())
         loss = None
         if self.need_targets:
@@ -206,7 +231,8 @@ class Trainer:
             "in_flight_peak": {str(k): v for k, v in rt.in_flight_peak.items()},
             "recv_buffer_allocations": sum(r.in_pool.allocations + (r.grad_pool.allocations if r.grad_pool else 0) for r in rts),
             "recv_buffer_storages": sum(len(r.in_pool.used_ptrs) + (len(r.grad_pool.used_ptrs) if r.grad_pool else 0) for r in rts),
-            "memory": mem, **({"comm_order": rt.comm_log} if rt.comm_log and not self._comm_logged else {})})
+            "memory": mem, "param_dtypes": {**self.param_dtypes, "working": sorted(self._working_seen)},
+            **({"comm_order": rt.comm_log} if rt.comm_log and not self._comm_logged else {})})
         self._comm_logged = True
         self.last_step_s = step_s
         return loss
@@ -251,14 +277,15 @@ class Trainer:
         final.mkdir(parents=True, exist_ok=True)
         if self.mesh is not None:  # full tensors in the model's layout (collective: every rank of the mesh gathers)
             states = {s: full_state(m) for s, m in self.modules.items()}
-        else:
-            states = {s: {k: v.detach().cpu() for k, v in m.state_dict().items()} for s, m in self.modules.items()}
+        else:  # bf16-mixed: the fp32 masters, not their bf16 working copies
+            states = {s: {k: v.detach().cpu() for k, v in (self.master.full_precision_state(m) if self.master else m.state_dict()).items()}
+                      for s, m in self.modules.items()}
         torch.save(states, final / f"rank{self.rank}.pt")
 
 
-def _tell_last(module: Any, fn: Callable[[Any, bool], None]) -> Callable[[bool], None]:
-    """``fn(module, last)`` as the stage's before-backward hook."""
-    return lambda last: fn(module, last)
+def _tell_last(module: Any, zero: int, fn: Callable[[Any, int, bool], None]) -> Callable[[bool], None]:
+    """``fn(module, zero, last)`` as the stage's before-backward hook."""
+    return lambda last: fn(module, zero, last)
 
 
 def _stage_of(modules: dict[int, Any]) -> dict[int, int]:

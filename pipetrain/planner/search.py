@@ -403,9 +403,12 @@ class _Searcher:
         costs less time than whole layers and may fit where whole layers were needed (Korthikanti et
         al. 2023, sec. 5). None otherwise."""
         c = sp.candidate
-        if not any(sp.recompute) or c.recompute_mode != "full" or self.job.recompute_mode or (
-                not self.job.simulation_only and executor_supports(c.schedule, tp=c.tp, zero=c.zero, recompute="selective")):
-            return None
+        job = self.job
+        if not any(sp.recompute) or c.recompute_mode != "full" or job.recompute_mode or job.recompute is not None or (
+                not job.simulation_only and executor_supports(c.schedule, tp=c.tp, zero=c.zero, recompute="selective")):
+            return None  # (recompute pinned on without a granularity: whole layers, as plans always meant it)
+        if not self.tables_for(c).dropped.any():
+            return None  # no layer keeps an attention core to drop (no layer shapes, or nothing beyond Q, K, V)
         return self.split_any(replace(c, recompute_mode="selective"))
 
     def cuts(self, tab: StageTables) -> list[int]:
@@ -429,7 +432,7 @@ class _Searcher:
             if self.job.buffers is None:
                 buffers = tuple(max(1, k) for k in peak_in_flight(sched))
         inp = sim_input(tables=tab, topology=self.topo, place=sp.place, schedule=sched, ranges=split.ranges,
-                        buffers=buffers, recompute=rec, in_flight=held, recompute_kind=c.recompute_mode, recompute_layers=layers)
+                        buffers=buffers, recompute=rec, in_flight=held, recompute_mode=c.recompute_mode, recompute_layers=layers)
         return Evaluated(candidate=c, split=split, recompute=rec, recompute_layers=layers, buffers=buffers, in_flight=held,
                          stage_caps_bytes=sp.stage_caps, rank_caps_bytes=sp.rank_caps, fast=fast_evaluate(inp), inp=inp,
                          state=sp)

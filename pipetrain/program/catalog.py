@@ -204,22 +204,24 @@ class ExecutorCombination:
 
 
 #: What the executor runs (schedule x tp x zero x recompute), the one place that says so; the
-#: executor's pre-launch check (:func:`executor_supports`) refuses anything else. Why the gaps:
+#: executor's pre-launch check (:func:`executor_supports`) refuses anything else. Recompute is
+#: layer by layer under ``torch.utils.checkpoint``: whole blocks (``full``) or the attention core
+#: (``selective``), the stage's first ``recompute_layers`` blocks. Why the gaps:
 #:
-#: * recompute is whole stages under ``torch.utils.checkpoint``: ``selective`` (attention core
-#:   only) is not implemented, and a split backward (zb-h1, zbv, dualpipev) cannot replay a
-#:   checkpointed graph in two halves;
-#: * ZeRO-1 is FSDP2 (``fully_shard`` over dp, gradients reduce-scattered at the last micro-batch's
-#:   backward): one FSDP unit per stage, so one stage per rank (not interleaved or the V schedules),
-#:   and the split backward's deferred weight gradients would bypass FSDP's post-backward;
-#:   ZeRO-2/3 are not implemented;
-#: * tensor parallelism (``parallelize_module``) runs with one stage per rank and a full backward:
-#:   the deferred weight gradients of the split backward are not DTensor-aware.
+#: * a split backward (zb-h1, zbv, dualpipev) cannot replay a checkpointed graph in two halves;
+#: * ZeRO is FSDP2 (``fully_shard`` over dp): one FSDP unit per stage, so one stage per rank (not
+#:   interleaved or the V schedules), and the split backward's deferred weight gradients would
+#:   bypass FSDP's post-backward;
+#: * tensor parallelism (``parallelize_module``) runs with a full backward: the deferred weight
+#:   gradients of the split backward are not DTensor-aware; with several stages per rank
+#:   (interleaved) only without ZeRO (one FSDP unit per rank).
 EXECUTOR_COMBINATIONS: tuple[ExecutorCombination, ...] = (
-    ExecutorCombination(schedules=("gpipe", "1f1b", "interleaved"), tensor_parallel=False, zero=(0,), recompute=("none", "full")),
+    ExecutorCombination(schedules=("gpipe", "1f1b", "interleaved"), tensor_parallel=False, zero=(0,),
+                        recompute=("none", "selective", "full")),
     ExecutorCombination(schedules=SPLIT_BACKWARD_SCHEDULES, tensor_parallel=False, zero=(0,), recompute=("none",)),
-    ExecutorCombination(schedules=("gpipe", "1f1b"), tensor_parallel=False, zero=(1,), recompute=("none", "full")),
-    ExecutorCombination(schedules=("gpipe", "1f1b"), tensor_parallel=True, zero=(0, 1), recompute=("none", "full")),
+    ExecutorCombination(schedules=("gpipe", "1f1b"), tensor_parallel=False, zero=(1, 2, 3), recompute=("none", "selective", "full")),
+    ExecutorCombination(schedules=("gpipe", "1f1b"), tensor_parallel=True, zero=(0, 1, 2, 3), recompute=("none", "selective", "full")),
+    ExecutorCombination(schedules=("interleaved",), tensor_parallel=True, zero=(0,), recompute=("none", "selective", "full")),
 )
 
 
@@ -232,10 +234,8 @@ def executor_supports(schedule: str, tp: int = 1, zero: int = 0, recompute: str 
     if schedule not in SCHEDULE_NAMES:
         return f"schedule {schedule!r} is unknown; choose one of {', '.join(SCHEDULE_NAMES)}"
     if not any(zero in c.zero for c in EXECUTOR_COMBINATIONS):
-        return f"the executor does not run {what}: ZeRO-{zero} is not implemented; use zero 0, or 1 (optimizer state sharded over dp)"
-    if recompute == "selective":
-        return (f"the executor does not run {what}: it recomputes whole stages, not the attention core alone; "
-                "use recompute full or none")
+        done = ", ".join(str(z) for z in sorted({z for c in EXECUTOR_COMBINATIONS for z in c.zero}))
+        return f"the executor does not run {what}: ZeRO-{zero} is not implemented; use zero {done}"
     if not rows:
         ok = sorted({s for c in EXECUTOR_COMBINATIONS if c.tensor_parallel == (tp > 1) for s in c.schedules}, key=SCHEDULE_NAMES.index)
         return f"the executor does not run {what}: with tp={tp} use schedule {' or '.join(ok)}"

@@ -169,12 +169,12 @@ class StageCosts:
         """Per node, the share of its forward that selective recompute repeats."""
         return attention_core_share(self.graph)
 
-    def stage_cost(self, dt: DeviceType, start: int, end: int, *, recompute: bool, recompute_kind: str = "full",
+    def stage_cost(self, dt: DeviceType, start: int, end: int, *, recompute: bool, recompute_mode: str = "full",
                    recompute_layers: int = 0) -> StageCost:
         f, b, w = self.node_times(dt)
         return stage_from_node_times(NodeTimes(fwd_s=tuple(f), bwd_s=tuple(b), wgrad_s=tuple(w)), start, end, recompute=recompute,
-                                     recompute_kind=recompute_kind, recompute_layers=recompute_layers,
-                                     core_share=self.core_share if recompute_kind == "selective" else None)
+                                     recompute_mode=recompute_mode, recompute_layers=recompute_layers,
+                                     core_share=self.core_share if recompute_mode == "selective" else None)
 
 
 def _node_times(cost: Any, graph: LayerGraph, dt: DeviceType) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -302,20 +302,20 @@ def plan_stage_memory(plan: Plan, graph: LayerGraph, schedule: Schedule) -> tupl
     wh = peak_pending_wgrad(schedule) if schedule.split_backward else (0,) * len(fb)
     kind = "selective" if plan.recompute == "selective" else "full"
     return tuple(stage_memory(graph, st.block_start, st.block_end, in_flight=max(1, fb[st.index]), wgrad_held=wh[st.index],
-                              buffers=st.buffers, recompute=st.recompute, recompute_kind=kind, recompute_layers=st.recompute_layers,
+                              buffers=st.buffers, recompute=st.recompute, recompute_mode=kind, recompute_layers=st.recompute_layers,
                               optimizer=plan.optimizer, precision=plan.precision, zero=plan.zero, dp=plan.dp)
                  for st in plan.stages)
 
 
 def sim_input(*, tables: StageCosts, topology: Topology, place: Placement, schedule: Schedule,
               ranges: Sequence[tuple[int, int]], buffers: Sequence[int], recompute: Sequence[bool],
-              in_flight: Sequence[int], dp_overlap: bool = False, clip_sync: bool = False, recompute_kind: str = "full",
+              in_flight: Sequence[int], dp_overlap: bool = False, clip_sync: bool = False, recompute_mode: str = "full",
               recompute_layers: Sequence[int] | None = None) -> SimInput:
     """The simulator's input for one split; stage ``s`` runs on pipeline rank ``schedule.stage_to_rank[s]``.
 
     ``in_flight[s]``: the micro-batches whose activations stage ``s`` holds at its peak (the memory
     model's count); ``clip_sync``: the optimizer steps wait for a global gradient-norm all-reduce
-    (as the executor clips); ``recompute_kind`` ("full" | "selective") and ``recompute_layers[s]``
+    (as the executor clips); ``recompute_mode`` ("full" | "selective") and ``recompute_layers[s]``
     (full: the stage's first that many layers, 0 all): how the stages with ``recompute[s]`` recompute.
     """
     layers = list(recompute_layers) if recompute_layers is not None else [0] * len(ranges)
@@ -329,10 +329,10 @@ def sim_input(*, tables: StageCosts, topology: Topology, place: Placement, sched
     for s, (a, b) in enumerate(ranges):
         r = schedule.stage_to_rank[s]
         dt = rank_types[r]
-        c = tables.stage_cost(dt, a, b, recompute=recompute[s], recompute_kind=recompute_kind, recompute_layers=layers[s])
+        c = tables.stage_cost(dt, a, b, recompute=recompute[s], recompute_mode=recompute_mode, recompute_layers=layers[s])
         mem = stage_memory(g, a, b, in_flight=max(1, in_flight[s]), buffers=buffers[s], recompute=recompute[s],
                            optimizer=tables.optimizer, precision=tables.precision, zero=tables.zero, dp=tables.dp,
-                           recompute_kind=recompute_kind, recompute_layers=layers[s])
+                           recompute_mode=recompute_mode, recompute_layers=layers[s])
         act_per_mb = mem.activation_bytes / max(1, in_flight[s])
         static = mem.total_bytes - mem.activation_bytes
         params = mem.param_count
@@ -413,11 +413,11 @@ def lower(plan: Plan, topology: Topology | None = None, cost: CostModel | None =
     if not as_executed:
         inp = sim_input(tables=tables, topology=topology, place=place, schedule=sched, ranges=ranges, buffers=buffers,
                         recompute=recompute, in_flight=held_in_flight(sched),
-                        recompute_kind=kind, recompute_layers=layers)
+                        recompute_mode=kind, recompute_layers=layers)
         return replace(prog, sim_input=inp)
     inp = sim_input(tables=tables, topology=topology, place=place, schedule=sched, ranges=ranges, buffers=buffers,
                     recompute=recompute, in_flight=peak_in_flight(sched), dp_overlap=False, clip_sync=True,
-                    recompute_kind=kind, recompute_layers=layers)
+                    recompute_mode=kind, recompute_layers=layers)
     if inp.compute_groups and all(d.type.kind == "cpu" for d in topology.devices):  # CPU ranks are OS processes: time-sliced
         inp = replace(inp, compute_groups=tuple(replace(g, sharing="time-slice") for g in inp.compute_groups))
     fixed = getattr(tables.cost, "step_overhead_s", None)

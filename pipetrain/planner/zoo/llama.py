@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from pipetrain.graph import LayerShape
 from pipetrain.planner.zoo import common
@@ -82,6 +83,9 @@ class LlamaBlock(nn.Module):
         self.w1 = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)  # gate
         self.w3 = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)  # up
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)  # down
+        #: checkpoint the attention core (Korthikanti et al. 2023's selective recompute, sec. 4.3): the
+        #: executor sets it on the stage's recomputed blocks (``StageModule.set_recompute``)
+        self.recompute_attention = False
         self.trace_signature = ("llama-block", cfg)
         self.layer_shape = LayerShape(hidden=cfg.d_model, heads=cfg.n_head, kv_heads=cfg.n_kv_head, ffn_hidden=cfg.ffn_dim,
                                       gated_mlp=True, norm="rmsnorm", rotary=True)
@@ -94,13 +98,16 @@ class LlamaBlock(nn.Module):
         q = apply_rotary(self.wq(h).unflatten(-1, (self.n_head, self.head_dim)), self.theta, -3).transpose(1, 2)
         k = apply_rotary(self.wk(h).unflatten(-1, (self.n_kv_head, self.head_dim)), self.theta, -3).transpose(1, 2)
         v = self.wv(h).unflatten(-1, (self.n_kv_head, self.head_dim)).transpose(1, 2)
-        y = common.causal_attention(q, k, v, True)
+        if self.recompute_attention:  # saves q, k, v and redoes the core in the backward
+            y = checkpoint(common.causal_attention, q, k, v, True, use_reentrant=False)
+        else:
+            y = common.causal_attention(q, k, v, True)
         x = x + self.wo(y.transpose(1, 2).flatten(2))
         h = self.ffn_norm(x)
         return x + self.w2(F.silu(self.w1(h)) * self.w3(h))
 
     def extra_repr(self) -> str:
-        return f"n_head={self.n_head}, n_kv_head={self.n_kv_head}"
+        return f"n_head={self.n_head}, n_kv_head={self.n_kv_head}, recompute_attention={self.recompute_attention}"
 
 
 class LlamaHead(nn.Module):
