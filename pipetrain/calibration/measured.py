@@ -2,7 +2,8 @@
 
 :class:`Calibration` is what ``pipetrain calibrate`` stores (versioned JSON,
 :data:`CALIBRATION_FILE_VERSION`; :func:`load_calibration` refuses other versions with the fix):
-block profiles, the analytic fit, the point-to-point link, the optimizer step, and on CPU the
+block profiles, the analytic fit, the point-to-point link, the backend's collectives per group
+size, the optimizer step, and on CPU the
 executor's overheads, the host CPU per message, the wake-up latency, co-run speeds and the cost of
 a wait. :class:`MeasuredCostModel` turns it into a cost model (the profiled block times where a
 profile of that model and shape exists, the fitted analytic model elsewhere, the measured
@@ -29,14 +30,16 @@ from pipetrain.costs import NodeTimes, StageCost, stage_from_node_times
 from pipetrain.errors import ConfigError
 from pipetrain.graph import LayerGraph
 from pipetrain.serde import from_dict, median_merge, to_dict
+from pipetrain.sharding import CollectiveFit
 from pipetrain.topology import DeviceType, Topology
 
 __all__ = ["CALIBRATION_FILE_VERSION", "P2PCost", "OptimizerCost", "Calibration", "MeasuredCostModel",
            "combine_calibrations", "calibrated_cost",
            "calibrated_topology", "load_calibration", "calibrated_for"]
 
-#: 2: ``resume`` entries no longer carry ``slowdown``
-CALIBRATION_FILE_VERSION = 3  # 3: the runtime entries measure the host work between steps
+#: 2: ``resume`` entries no longer carry ``slowdown``; 3: the runtime entries measure the host work
+#: between steps; 4: ``collectives``, the measured all-reduce, all-gather and reduce-scatter
+CALIBRATION_FILE_VERSION = 4
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,6 +83,9 @@ class Calibration:
     corun: tuple[CoRunSpeed, ...] = ()
     #: CPU: per model and shape, the next action's slowdown after a wait (empty: not measured)
     resume: tuple[ResumeCost, ...] = ()
+    #: the backend's all-reduce, all-gather and reduce-scatter per group size (empty: not measured;
+    #: :mod:`pipetrain.calibration.collprobe`)
+    collectives: tuple[CollectiveFit, ...] = ()
     created_utc: str = ""
     elapsed_s: float = 0.0
     schema_version: int = CALIBRATION_FILE_VERSION
@@ -226,6 +232,8 @@ class MeasuredCostModel(CalibratedCostModel):
     fitted analytic model. Optimizer step: the measured ``fixed + per-param`` fit, scaled to the
     executor's own end of step for the model (:meth:`Calibration.optimizer_scale`). Transfers: the
     analytic formulas over the links, which :func:`calibrated_topology` sets to the measured ones.
+    Collectives (tensor-parallel, data-parallel and ZeRO): the measured fit of that collective and
+    group size (:meth:`collective_fits`, which the lowering passes on), else the ring formula.
     """
 
     name = "calibrated"
@@ -241,6 +249,10 @@ class MeasuredCostModel(CalibratedCostModel):
     def models_executor_overhead(self) -> bool:
         """Whether the executor's measured overheads (one rank; host CPU per message) are in the costs."""
         return bool(self.calibration.runtime or self.calibration.messages)
+
+    def collective_fits(self, device_type: DeviceType) -> tuple[CollectiveFit, ...]:
+        """The measured collectives, for groups of the calibrated device type (empty elsewhere)."""
+        return self.calibration.collectives if self._matches(device_type) else ()
 
     def message_host_s(self, graph: LayerGraph, device_type: DeviceType) -> float:
         """Host CPU seconds per point-to-point message on CPU ranks of the calibrated type (0 elsewhere)."""

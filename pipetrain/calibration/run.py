@@ -9,7 +9,9 @@ thread per rank, as the executor runs; or the GPU):
   (:func:`pipetrain.calibration.overhead.measure_message_host_s`; the simulator holds a rank's core
   that long per message sent or received);
 * the point-to-point latency and bandwidth of the backend in use (gloo on loopback, NCCL on
-  GPU) by ping-pong and a Hockney fit (:func:`pipetrain.calibration.commprobe.probe_p2p`); on CPU
+  GPU) by ping-pong and a Hockney fit (:func:`pipetrain.calibration.commprobe.probe_p2p`), and its
+  all-reduce, all-gather and reduce-scatter over 2, 4, .. ranks up to a node's devices, each fitted
+  the same way (:func:`pipetrain.calibration.collprobe.probe_collectives`); on CPU
   also the wake-up latency of a blocked receiver while every core computes
   (:func:`pipetrain.calibration.commprobe.probe_wakeup`), which the topology's node then carries,
   and with the cores idle, which sets the link's latency (:meth:`Calibration.pipeline_latency_s`);
@@ -47,6 +49,7 @@ from pipetrain.calibration.measured import Calibration, OptimizerCost
 from pipetrain.calibration.profile import BlockProfile
 from pipetrain.errors import ConfigError
 from pipetrain.graph import LayerGraph
+from pipetrain.sharding import CollectiveFit
 
 __all__ = ["measure_optimizer", "typical_profile", "run_calibration", "describe"]
 
@@ -196,6 +199,7 @@ def run_calibration(topology: str, *, models: Sequence[str] = ("tiny-gpt",), mic
     else:
         link = topo.nodes[0].link
         p2p = P2PCost(backend=backend, latency_s=link.latency_s, bandwidth_bytes_per_s=link.bandwidth_bytes_per_s)
+    collectives = _probe_collectives(topo, backend, say) if probe else ()
     wakeup = None
     if probe and device == "cpu":
         from pipetrain.calibration.commprobe import probe_wakeup
@@ -227,9 +231,23 @@ def run_calibration(topology: str, *, models: Sequence[str] = ("tiny-gpt",), mic
     return Calibration(topology=topo.name, device_type=dt.name, device=local_device_name(device, threads), device_kind=dt.kind,
                        threads=threads, cores=os.cpu_count() or 1, p2p=p2p, optimizers=tuple(opts), fit=fit,
                        profiles=tuple(p for _, p in samples), runtime=tuple(overheads), messages=tuple(messages), wakeup=wakeup,
-                       corun=tuple(corun), resume=tuple(resume),
+                       corun=tuple(corun), resume=tuple(resume), collectives=collectives,
                        created_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                        elapsed_s=time.perf_counter() - t_start)
+
+
+def _probe_collectives(topo: Any, backend: str, say: Callable[[str], None]) -> tuple[CollectiveFit, ...]:
+    """The backend's all-reduce, all-gather and reduce-scatter over 2, 4, 8.. ranks, up to the
+    topology's devices per node (:mod:`pipetrain.calibration.collprobe`): the groups a tensor-parallel
+    or data-parallel collective inside a node can have."""
+    from pipetrain.calibration.collprobe import probe_collectives
+
+    per_node = max(sum(1 for d in topo.devices if d.node == n) for n in range(len(topo.nodes)))
+    sizes = tuple(2 ** k for k in range(1, 8) if 2 ** k <= per_node)
+    if not sizes:
+        return ()
+    say(f"probing {backend} all-reduce, all-gather and reduce-scatter over {', '.join(map(str, sizes))} ranks")
+    return probe_collectives(backend=backend, group_sizes=sizes)
 
 
 def describe(cal: Calibration) -> list[tuple[str, str]]:
@@ -266,6 +284,10 @@ def describe(cal: Calibration) -> list[tuple[str, str]]:
                      f"({r.hot_s * 1e3:.2f} ms right after another, {r.cold_s * 1e3:.2f} ms after {r.gap_s * 1e3:.0f} ms idle, "
                      + (f"{r.after_other_s * 1e3:.2f} ms after the other process; " if r.after_other_s > 0 else "")
                      + f"half the blocks, {r.pairs} pairs)"))
+    for cf in cal.collectives:
+        rows.append((f"{cf.kind.replace('_', '-')} x{cf.ranks} ({cf.backend})",
+                     f"{cf.latency_s * 1e6:.0f} us + {cf.per_byte_s * 1e9:.3f} ns/byte (measured "
+                     + ", ".join(f"{b / 2**10:.0f} KiB {t * 1e3:.2f} ms" for b, t in zip(cf.sizes_bytes, cf.seconds)) + ")"))
     rows.append(("analytic fit", f"mean |error| {cal.fit.error_before * 100:.1f}% -> {cal.fit.error_after * 100:.1f}% "
                                  f"over {cal.fit.num_samples} block times"))
     return rows

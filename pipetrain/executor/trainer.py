@@ -98,7 +98,8 @@ class Trainer:
                 out_dtype=torch_dtype(out_spec.dtype) if out_spec else None,
                 recv_act_group=groups.p2p.get((s - 1, "act")), recv_grad_group=groups.p2p.get((s, "grad")),
                 send_act_group=groups.p2p.get((s, "act")), send_grad_group=groups.p2p.get((s - 1, "grad")),
-                before_backward=_tell_last(modules[s], last_microbatch) if plan.zero > 0 else None)
+                before_backward=_tell_last(modules[s], last_microbatch) if plan.zero > 0 else None,
+                collectives="every" if plan.tp > 1 else "edges" if plan.zero > 0 else "")
         self.runtimes = runtimes
         params = self.params = unique_params(modules.values())
         ocfg = OptimConfig(name=plan.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
