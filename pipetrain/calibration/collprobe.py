@@ -45,7 +45,8 @@ def fit_collective(kind: str, ranks: int, backend: str, sizes_bytes: tuple[int, 
                          sizes_bytes=tuple(int(x) for x in sizes_bytes), seconds=tuple(float(t) for t in seconds))
 
 
-def _worker(rank: int, world: int, port: int, backend: str, sizes: list[int], repeats: int, out: str, parent: int) -> None:
+def _worker(rank: int, world: int, port: int, backend: str, sizes: list[int], repeats: int, out: str, parent: int,
+            work_s: float) -> None:
     import datetime
 
     import torch
@@ -73,6 +74,9 @@ def _worker(rank: int, world: int, port: int, backend: str, sizes: list[int], re
                 for i, n in enumerate(sizes):
                     full, shard = bufs[n]
                     dist.barrier()
+                    t1 = time.perf_counter()
+                    while time.perf_counter() - t1 < work_s:  # compute before it, as a layer does before its all-reduce
+                        pass
                     if backend == "nccl":
                         torch.cuda.synchronize()
                     t0 = time.perf_counter()
@@ -94,9 +98,12 @@ def _worker(rank: int, world: int, port: int, backend: str, sizes: list[int], re
 
 
 def probe_collectives(*, backend: str = "gloo", group_sizes: tuple[int, ...] = (2,), sizes_bytes: tuple[int, ...] = DEFAULT_SIZES_BYTES,
-                      repeats: int = 8, timeout_s: float = 120.0) -> tuple[CollectiveFit, ...]:
+                      repeats: int = 12, work_s: float = 2e-3, timeout_s: float = 120.0) -> tuple[CollectiveFit, ...]:
     """All-reduce, all-gather and reduce-scatter over ``n`` local processes for each ``n`` in
-    ``group_sizes``, fitted per collective and size (module docstring)."""
+    ``group_sizes``, fitted per collective and size (module docstring). Each rank computes
+    ``work_s`` between the barrier and the collective, as ranks compute between collectives in a
+    run: gloo's threads then wake on busy cores, which costs more than back to back (the p2p
+    wake-up probe, :func:`pipetrain.calibration.commprobe.probe_wakeup`, found the same)."""
     import torch.multiprocessing as mp
 
     if not group_sizes or min(group_sizes) < 2 or repeats < 1 or len(sizes_bytes) < 2 or min(sizes_bytes) < 4:
@@ -108,7 +115,7 @@ def probe_collectives(*, backend: str = "gloo", group_sizes: tuple[int, ...] = (
     for n in sorted(set(group_sizes)):
         with tempfile.TemporaryDirectory(prefix="pipetrain-collprobe-") as tmp:
             out = str(Path(tmp) / "times")
-            ctx = mp.start_processes(_worker, args=(n, _free_port(), backend, sizes, repeats, out, os.getpid()),
+            ctx = mp.start_processes(_worker, args=(n, _free_port(), backend, sizes, repeats, out, os.getpid(), work_s),
                                      nprocs=n, join=False, start_method="spawn")
             deadline = time.monotonic() + timeout_s
             try:

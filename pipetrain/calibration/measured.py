@@ -26,6 +26,7 @@ from pipetrain.calibration.corun import CoRunSpeed, ResumeCost, mean_corun
 from pipetrain.calibration.fit import CalibratedCostModel, CalibrationFit
 from pipetrain.calibration.overhead import MessageHostCost, RuntimeOverhead
 from pipetrain.calibration.profile import BlockProfile
+from pipetrain.calibration.tpcost import TensorParallelCost
 from pipetrain.costs import NodeTimes, StageCost, stage_from_node_times
 from pipetrain.errors import ConfigError
 from pipetrain.graph import LayerGraph
@@ -39,7 +40,7 @@ __all__ = ["CALIBRATION_FILE_VERSION", "P2PCost", "OptimizerCost", "Calibration"
 
 #: 2: ``resume`` entries no longer carry ``slowdown``; 3: the runtime entries measure the host work
 #: between steps; 4: ``collectives``, the measured all-reduce, all-gather and reduce-scatter
-CALIBRATION_FILE_VERSION = 4
+CALIBRATION_FILE_VERSION = 4  # and ``tensor_parallel``
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,6 +87,9 @@ class Calibration:
     #: the backend's all-reduce, all-gather and reduce-scatter per group size (empty: not measured;
     #: :mod:`pipetrain.calibration.collprobe`)
     collectives: tuple[CollectiveFit, ...] = ()
+    #: per model, shape and tp: the executor's tensor-parallel compute over the profile (empty: not measured;
+    #: :mod:`pipetrain.calibration.tpcost`)
+    tensor_parallel: tuple[TensorParallelCost, ...] = ()
     created_utc: str = ""
     elapsed_s: float = 0.0
     schema_version: int = CALIBRATION_FILE_VERSION
@@ -167,9 +171,15 @@ class Calibration:
                                 between_steps_per_microbatch_s=o.between_steps_per_microbatch_s * factor) for o in self.runtime)
         messages = tuple(replace(m, host_s=m.host_s * factor) for m in self.messages)
         corun = tuple(replace(c, alone_s=c.alone_s * factor) for c in self.corun)
+        # the tensor-parallel factors are ratios to the profile: they scale with it
         resume = tuple(replace(r, hot_s=r.hot_s * factor, cold_s=r.cold_s * factor, after_other_s=r.after_other_s * factor)
                        for r in self.resume)
         return replace(self, profiles=profiles, optimizers=opts, runtime=runtime, messages=messages, corun=corun, resume=resume)
+
+    def tensor_parallel_for(self, graph: LayerGraph) -> TensorParallelCost | None:
+        """The measured tensor-parallel compute of this tp view's model and shape, if any."""
+        return next((t for t in self.tensor_parallel if (t.model, t.micro_batch_size, t.seq_len, t.tp) == (
+            graph.model, graph.micro_batch_size, graph.seq_len, graph.tp)), None)
 
     def runtime_for(self, model: str, micro_batch_size: int, seq_len: int) -> RuntimeOverhead | None:
         return next((o for o in self.runtime if (o.model, o.micro_batch_size, o.seq_len) == (model, micro_batch_size, seq_len)), None)
@@ -229,8 +239,10 @@ class MeasuredCostModel(CalibratedCostModel):
     Block times: the stored profile of the graph's model and shape when there is one (sum of
     measured block medians, times the executor's measured overhead factor for that shape when
     the calibration ran the executor; W is each block's FLOP share of its backward), else the
-    fitted analytic model. Optimizer step: the measured ``fixed + per-param`` fit, scaled to the
-    executor's own end of step for the model (:meth:`Calibration.optimizer_scale`). Transfers: the
+    fitted analytic model; for a tensor-parallel view of that model and shape, the profile times the
+    executor's measured tensor-parallel compute factors (:mod:`pipetrain.calibration.tpcost`) where
+    the calibration has them (without them, the one-rank times). Optimizer step: the measured
+    ``fixed + per-param`` fit, scaled to the executor's own end of step for the model (:meth:`Calibration.optimizer_scale`). Transfers: the
     analytic formulas over the links, which :func:`calibrated_topology` sets to the measured ones.
     Collectives (tensor-parallel, data-parallel and ZeRO): the measured fit of that collective and
     group size (:meth:`collective_fits`, which the lowering passes on), else the ring formula.
@@ -273,11 +285,14 @@ class MeasuredCostModel(CalibratedCostModel):
         if prof is None:
             return super().node_times(graph, device_type)
         f, b, w = [], [], []
-        k = self.calibration.overhead_for(graph)
+        k = kb = self.calibration.overhead_for(graph)
+        tpc = self.calibration.tensor_parallel_for(graph) if graph.tp > 1 else None
+        if tpc is not None:  # a tp view: the executor's measured compute on tp ranks over the one-rank profile
+            k, kb = tpc.fwd_factor, tpc.bwd_factor
         for node, t in zip(graph.nodes, prof.blocks):
             f.append(t.fwd_s * k)
-            b.append(t.bwd_s * k)
-            w.append(k * min(t.bwd_s, t.bwd_s * node.wgrad_flops / node.bwd_flops) if node.bwd_flops > 0 else 0.0)
+            b.append(t.bwd_s * kb)
+            w.append(kb * min(t.bwd_s, t.bwd_s * node.wgrad_flops / node.bwd_flops) if node.bwd_flops > 0 else 0.0)
         return NodeTimes(fwd_s=tuple(f), bwd_s=tuple(b), wgrad_s=tuple(w))
 
     def stage_costs(self, graph: LayerGraph, start: int, end: int, device_type: DeviceType, *, recompute: bool = False) -> StageCost:

@@ -47,6 +47,7 @@ from typing import Any
 from pipetrain.calibration.commprobe import P2PCost
 from pipetrain.calibration.measured import Calibration, OptimizerCost
 from pipetrain.calibration.profile import BlockProfile
+from pipetrain.calibration.tpcost import TensorParallelCost
 from pipetrain.errors import ConfigError
 from pipetrain.graph import LayerGraph
 from pipetrain.sharding import CollectiveFit
@@ -136,7 +137,7 @@ def typical_profile(profiles: Sequence[BlockProfile]) -> BlockProfile:
 def run_calibration(topology: str, *, models: Sequence[str] = ("tiny-gpt",), micro_batch_sizes: Sequence[int] = (1, 4),
                     seq_len: int | None = None, dtype: str = "fp32", threads: int = 1, warmup: int = 2, repeats: int = 7,
                     optimizers: Sequence[str] = ("adamw", "sgd"), probe: bool = True, rounds: int = 5,
-                    shapes: Sequence[tuple[str, int]] = (), runtime: bool = True,
+                    shapes: Sequence[tuple[str, int]] = (), runtime: bool = True, tensor_parallel: Sequence[int] = (),
                     progress: Callable[[str], None] | None = None) -> Calibration:
     """Measure and fit (module docstring). ``probe`` False skips the p2p probe (keeps the topology's link).
 
@@ -148,7 +149,8 @@ def run_calibration(topology: str, *, models: Sequence[str] = ("tiny-gpt",), mic
     by about that wander).
     ``shapes`` (model, micro-batch size) pairs replace ``models`` x ``micro_batch_sizes``.
     ``runtime`` runs the executor on one rank per shape to measure its overhead over the profile
-    (:mod:`pipetrain.calibration.overhead`; CPU only here).
+    (:mod:`pipetrain.calibration.overhead`; CPU only here). ``tensor_parallel``: tp degrees at which
+    to run the executor per transformer model and shape (:mod:`pipetrain.calibration.tpcost`).
     """
     from pipetrain.calibration.fit import fit_calibration
     from pipetrain.calibration.profile import local_device_name, profile_model
@@ -226,12 +228,13 @@ def run_calibration(topology: str, *, models: Sequence[str] = ("tiny-gpt",), mic
             overheads.append(measure_runtime_overhead(prof, threads=threads))
             say(f"running the executor on one and two ranks for the host cost of a message: {prof.model} micro-batch {prof.micro_batch_size}")
             messages.append(measure_message_host_s(prof, threads=threads))
+    tp_costs = _measure_tensor_parallel(samples, tensor_parallel, topo, threads, say)
     say("fitting the analytic cost model (scipy.optimize.least_squares)")
     fit = fit_calibration(samples, dt)
     return Calibration(topology=topo.name, device_type=dt.name, device=local_device_name(device, threads), device_kind=dt.kind,
                        threads=threads, cores=os.cpu_count() or 1, p2p=p2p, optimizers=tuple(opts), fit=fit,
                        profiles=tuple(p for _, p in samples), runtime=tuple(overheads), messages=tuple(messages), wakeup=wakeup,
-                       corun=tuple(corun), resume=tuple(resume), collectives=collectives,
+                       corun=tuple(corun), resume=tuple(resume), collectives=collectives, tensor_parallel=tp_costs,
                        created_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                        elapsed_s=time.perf_counter() - t_start)
 
@@ -248,6 +251,24 @@ def _probe_collectives(topo: Any, backend: str, say: Callable[[str], None]) -> t
         return ()
     say(f"probing {backend} all-reduce, all-gather and reduce-scatter over {', '.join(map(str, sizes))} ranks")
     return probe_collectives(backend=backend, group_sizes=sizes)
+
+
+def _measure_tensor_parallel(samples: Sequence[tuple[LayerGraph, BlockProfile]], degrees: Sequence[int], topo: Any, threads: int,
+                             say: Callable[[str], None]) -> tuple[TensorParallelCost, ...]:
+    """The executor on each of ``degrees`` tensor-parallel ranks, per profiled model and shape that can split so."""
+    from pipetrain.calibration.tpcost import measure_tensor_parallel
+    from pipetrain.program.shard import tp_block
+
+    out = []
+    for tp in sorted(set(degrees)):
+        if tp < 2 or tp > topo.num_devices:
+            raise ConfigError(f"--tp {tp}: needs 2 <= tp <= the topology's {topo.num_devices} devices")
+        for graph, prof in samples:
+            if tp_block(graph, tp) is not None:
+                continue
+            say(f"running the executor on {tp} tensor-parallel ranks: {prof.model} micro-batch {prof.micro_batch_size}")
+            out.append(measure_tensor_parallel(prof, tp, threads=threads))
+    return tuple(out)
 
 
 def describe(cal: Calibration) -> list[tuple[str, str]]:
@@ -284,6 +305,10 @@ def describe(cal: Calibration) -> list[tuple[str, str]]:
                      f"({r.hot_s * 1e3:.2f} ms right after another, {r.cold_s * 1e3:.2f} ms after {r.gap_s * 1e3:.0f} ms idle, "
                      + (f"{r.after_other_s * 1e3:.2f} ms after the other process; " if r.after_other_s > 0 else "")
                      + f"half the blocks, {r.pairs} pairs)"))
+    for tc in cal.tensor_parallel:
+        rows.append((f"tp={tc.tp} compute {tc.model} mbs {tc.micro_batch_size}",
+                     f"F x{tc.fwd_factor:.2f}, B x{tc.bwd_factor:.2f} the profile's ({tc.measured_fwd_s * 1e3:.2f}, "
+                     f"{tc.measured_bwd_s * 1e3:.2f} ms per micro-batch; collectives {tc.measured_tp_comm_s * 1e3:.2f} ms apart)"))
     for cf in cal.collectives:
         rows.append((f"{cf.kind.replace('_', '-')} x{cf.ranks} ({cf.backend})",
                      f"{cf.latency_s * 1e6:.0f} us + {cf.per_byte_s * 1e9:.3f} ns/byte (measured "
