@@ -144,3 +144,15 @@ def test_tp_run_telemetry_has_collective_spans_and_the_fidelity_table_their_colu
     assert d["meas_tp_comm_s"] == pytest.approx(st.meas_tp_comm_s) and "tp_comm_error" in d
     assert any("tp comm" in line for line in fidelity_lines(f))
     assert replace(f, has_tp=False).to_dict()["stages"][0].get("tp_comm_error") is None
+    from pipetrain.reports.report import fidelity_section
+
+    (table,) = fidelity_section(f.to_dict()).tables
+    assert table[0][-3:] == ("tp comm sim", "tp comm meas", "error") and len(table[1][0]) == len(table[0])
+
+
+def test_calibrate_tp_beyond_the_topology_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
+    from pipetrain.cli import main
+
+    assert main(["calibrate", "--topology", "local-cpu:2", "--model", "tiny-gpt", "--tp", "4", "--no-probe"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error:") and "--tp 4" in err[-1] and "2 devices" in err[-1]

@@ -173,6 +173,9 @@ def run_calibration(topology: str, *, models: Sequence[str] = ("tiny-gpt",), mic
 
     for model, mbs in pairs:  # every mistake before the first measurement
         get_model_spec(model).check_shape(mbs, seq_len)
+    for tp in tensor_parallel:
+        if not 2 <= tp <= topo.num_devices:
+            raise ConfigError(f"--tp {tp}: needs 2 <= tp <= the topology's {topo.num_devices} devices")
     if dt.kind == "gpu":
         import torch
 
@@ -228,7 +231,7 @@ def run_calibration(topology: str, *, models: Sequence[str] = ("tiny-gpt",), mic
             overheads.append(measure_runtime_overhead(prof, threads=threads))
             say(f"running the executor on one and two ranks for the host cost of a message: {prof.model} micro-batch {prof.micro_batch_size}")
             messages.append(measure_message_host_s(prof, threads=threads))
-    tp_costs = _measure_tensor_parallel(samples, tensor_parallel, topo, threads, say)
+    tp_costs = _measure_tensor_parallel(samples, tensor_parallel, threads, say)
     say("fitting the analytic cost model (scipy.optimize.least_squares)")
     fit = fit_calibration(samples, dt)
     return Calibration(topology=topo.name, device_type=dt.name, device=local_device_name(device, threads), device_kind=dt.kind,
@@ -253,16 +256,14 @@ def _probe_collectives(topo: Any, backend: str, say: Callable[[str], None]) -> t
     return probe_collectives(backend=backend, group_sizes=sizes)
 
 
-def _measure_tensor_parallel(samples: Sequence[tuple[LayerGraph, BlockProfile]], degrees: Sequence[int], topo: Any, threads: int,
+def _measure_tensor_parallel(samples: Sequence[tuple[LayerGraph, BlockProfile]], degrees: Sequence[int], threads: int,
                              say: Callable[[str], None]) -> tuple[TensorParallelCost, ...]:
     """The executor on each of ``degrees`` tensor-parallel ranks, per profiled model and shape that can split so."""
     from pipetrain.calibration.tpcost import measure_tensor_parallel
     from pipetrain.program.shard import tp_block
 
     out = []
-    for tp in sorted(set(degrees)):
-        if tp < 2 or tp > topo.num_devices:
-            raise ConfigError(f"--tp {tp}: needs 2 <= tp <= the topology's {topo.num_devices} devices")
+    for tp in sorted(set(degrees)):  # (checked against the topology before measuring anything)
         for graph, prof in samples:
             if tp_block(graph, tp) is not None:
                 continue
