@@ -103,7 +103,10 @@ def _collective_mode() -> Any:
                 out = func(*args, **(kwargs or {}))
                 work: Any = out[-1] if isinstance(out, tuple) and out else None
                 self.tally.zero_spans.append(span)
-                fut = work.get_future() if hasattr(work, "get_future") else None
+                try:
+                    fut = work.get_future() if hasattr(work, "get_future") else None
+                except RuntimeError:  # a backend whose works have no future: the call's own time
+                    fut = None
                 if fut is None:
                     span[1] = time.perf_counter_ns()
                 else:
