@@ -103,6 +103,17 @@ def test_simulator_prices_tp_collectives_with_the_calibrated_fit(graph: Any) -> 
     assert scaled.busy_s_per_stage[0] == pytest.approx(4 * (graph.num_nodes * (1e-3 + 6e-3) + per_mb))
 
 
+def test_calibration_file_keeps_the_collectives(graph: Any, tmp_path: Path) -> None:
+    from pipetrain.calibration.measured import load_calibration
+    from pipetrain.calibration.run import describe
+
+    ar = CollectiveFit(kind="all_reduce", ranks=2, backend="gloo", latency_s=1e-3, per_byte_s=1e-9, sizes_bytes=(1024, 4096),
+                       seconds=(1e-3, 1.1e-3))
+    cal = _calibration(graph, (ar,))
+    assert load_calibration(cal.save(tmp_path / "c.json")) == cal
+    assert ("all-reduce x2 (gloo)", "1000 us + 1.000 ns/byte (measured 1 KiB 1.00 ms, 4 KiB 1.10 ms)") in describe(cal)
+
+
 def test_simulator_prices_the_zero_collective_with_the_calibrated_fit(graph: Any) -> None:
     """dp = 2 with ZeRO-1: the stage's data-parallel collective is the calibrated all-reduce of its bytes."""
     ar = CollectiveFit(kind="all_reduce", ranks=2, backend="gloo", latency_s=2e-3, per_byte_s=3e-9)

@@ -249,6 +249,10 @@ def _probe_collectives(topo: Any, backend: str, say: Callable[[str], None]) -> t
     from pipetrain.calibration.collprobe import probe_collectives
 
     per_node = max(sum(1 for d in topo.devices if d.node == n) for n in range(len(topo.nodes)))
+    if backend == "nccl":  # one process per GPU: NCCL refuses two ranks on one device
+        import torch
+
+        per_node = min(per_node, torch.cuda.device_count())
     sizes = tuple(2 ** k for k in range(1, 8) if 2 ** k <= per_node)
     if not sizes:
         return ()
