@@ -295,6 +295,11 @@ def compute_groups(topology: Topology, place: Placement) -> tuple[ComputeGroup, 
         used = min(on_node, place.pp * place.dp * place.tp)
         capacity = max(1, int(spec.cores // per_rank * len(ranks) // max(used, 1)))
         speed = _group_speed(spec.corun_speed, len(ranks), used)
+        if place.tp > 1 and speed:
+            # a tp rank's stage times, as a calibration measures them (calibration/tpcost.py), are those of
+            # its tp processes computing together: the co-run speed of more is relative to theirs
+            alone = _group_speed(spec.corun_speed, 1, place.tp)[0]
+            speed = tuple(min(1.0, v / alone) for v in speed)
         if capacity < len(ranks) or any(v < 1.0 for v in speed) or spec.resume_s > 0 or spec.switch_s > 0:
             groups.append(ComputeGroup(ranks=tuple(ranks), capacity=capacity, wakeup_s=spec.wakeup_s, speed=speed,
                                        resume_s=spec.resume_s, switch_s=spec.switch_s))

@@ -95,7 +95,14 @@ def measure_run(run_dir: str | Path | Sequence[str | Path], plan: Plan, *, warmu
         events.update(ev)
         complete += comp
         use += used
-    n_st, pp = plan.num_stages, plan.pp
+    n_st, pp, tp = plan.num_stages, plan.pp, plan.tp
+    # a "lane" is one pipeline: replica d's pipeline ranks at tp rank t, global ranks (d*pp + p)*tp + t
+    # (the executor's mesh order); each lane's stages are timed on their own, then averaged over lanes
+    lanes = [(d, t) for d in range(plan.dp) for t in range(tp)]
+
+    def grank(lane: tuple[int, int], p: int) -> int:
+        return (lane[0] * pp + p) * tp + lane[1]
+
     steps_t: list[float] = []
     spans: list[float] = []
     busy: list[list[float]] = [[] for _ in range(n_st)]
@@ -109,8 +116,9 @@ def measure_run(run_dir: str | Path | Sequence[str | Path], plan: Plan, *, warmu
         per_tp: list[list[float]] = [[] for _ in range(n_st)]
         per_zero: list[list[float]] = [[] for _ in range(n_st)]
         per_rank_busy: dict[int, float] = {}
-        for rep in range(plan.dp):
-            evs = [e for e in events[k] if rep * pp <= e["rank"] < (rep + 1) * pp]
+        for lane in lanes:
+            members = {grank(lane, p) for p in range(pp)}
+            evs = [e for e in events[k] if e["rank"] in members]
             span = max(e["end_s"] for e in evs) - min(e["start_s"] for e in evs)
             per_rep_span.append(span)
             for s in range(n_st):
@@ -120,7 +128,7 @@ def measure_run(run_dir: str | Path | Sequence[str | Path], plan: Plan, *, warmu
                 per_stage[s].append(b)
                 per_tp[s].append(sum(float(e.get("tp_comm_s") or 0.0) for e in mine))
                 per_zero[s].append(z)
-                r = plan.stages[s].rank + rep * pp
+                r = grank(lane, plan.stages[s].rank)
                 per_rank_busy[r] = per_rank_busy.get(r, 0.0) + b
         span = statistics.fmean(per_rep_span)
         spans.append(span)
@@ -128,10 +136,11 @@ def measure_run(run_dir: str | Path | Sequence[str | Path], plan: Plan, *, warmu
             busy[s].append(statistics.fmean(per_stage[s]))
             tp_comm[s].append(statistics.fmean(per_tp[s]))
             zero_comm[s].append(statistics.fmean(per_zero[s]))
-            ranks = [plan.stages[s].rank + rep * pp for rep in range(plan.dp)]
+            ranks = [grank(lane, plan.stages[s].rank) for lane in lanes]
             bub[s].append(statistics.fmean(max(0.0, 1.0 - per_rank_busy[r] / sp) for r, sp in zip(ranks, per_rep_span)))
-    peak_act = []
-    for r in range(world):
+    peak_act = []  # per pipeline rank, as replica 0's tp rank 0 measured it
+    for p in range(pp):
+        r = grank((0, 0), p)
         peak_act.append(float(max(int(step_recs[k][r]["memory"].get("activation_bytes_peak", 0)) for k in complete)))
     in_flight = [0] * n_st
     for k in complete:
