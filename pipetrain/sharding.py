@@ -18,8 +18,9 @@ Pure functions of counts, each with its source:
   by an all-gather. Where a calibration measured the collective itself on the backend in use
   (:class:`CollectiveFit`, ``pipetrain calibrate``), its fitted ``latency + bytes * per_byte``
   for that collective and group size replaces the ring formula: a backend's collectives are not
-  the ring over its point-to-point link (gloo's all-reduce on loopback took twice to four times
-  the ring formula's time over the measured p2p link; figures: benchmarks/RESULTS.md).
+  the ring over its point-to-point link (gloo's all-reduce of a tensor-parallel activation on a
+  shared CPU took many times the ring's time over the ping-pong fit's link; figures:
+  benchmarks/RESULTS.md).
 
 ``Ψ`` here is the parameters held per GPU after the tensor- and pipeline-parallel splits.
 """
