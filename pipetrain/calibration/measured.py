@@ -171,9 +171,9 @@ class Calibration:
                                 between_steps_per_microbatch_s=o.between_steps_per_microbatch_s * factor) for o in self.runtime)
         messages = tuple(replace(m, host_s=m.host_s * factor) for m in self.messages)
         corun = tuple(replace(c, alone_s=c.alone_s * factor) for c in self.corun)
-        # the tensor-parallel factors are ratios to the profile: they scale with it
         resume = tuple(replace(r, hot_s=r.hot_s * factor, cold_s=r.cold_s * factor, after_other_s=r.after_other_s * factor)
                        for r in self.resume)
+        # as they are: the collectives (communication) and the tensor-parallel factors (ratios to the profile, which scales)
         return replace(self, profiles=profiles, optimizers=opts, runtime=runtime, messages=messages, corun=corun, resume=resume)
 
     def tensor_parallel_for(self, graph: LayerGraph) -> TensorParallelCost | None:
