@@ -2,7 +2,7 @@
 data-parallel collectives with them, and a tensor-parallel run's telemetry and fidelity table.
 
 The probe runs real gloo process groups (2 local processes); the run is the executor's bare
-launcher on 2 ranks (tp = 2), as tests/test_executor_parallel.py launches it.
+launcher on 4 ranks (tp = 2 x dp = 2, ZeRO-1), as tests/test_executor_parallel.py launches it.
 """
 
 from __future__ import annotations
@@ -126,31 +126,38 @@ def test_simulator_prices_the_zero_collective_with_the_calibrated_fit(graph: Any
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_tp_run_telemetry_has_collective_spans_and_the_fidelity_table_their_columns(tmp_path: Path, graph: Any) -> None:
+def test_tp_zero_run_telemetry_has_collective_spans_and_the_fidelity_table_their_columns(tmp_path: Path, graph: Any) -> None:
+    """tp = 2 x dp = 2 with ZeRO-1 (FSDP2 over dp on the tp shards), 4 ranks, one launch."""
     pytest.importorskip("torch")
     from pipetrain.costs import AnalyticCostModel
     from pipetrain.executor.telemetry import read_telemetry
     from pipetrain.validation.measure import measure_run
 
-    plan = _plan(pp=1, m=2, tp=2)
+    plan = _plan(pp=1, dp=2, m=2, tp=2, zero=1)
     plan.save(tmp_path / "plan.json")
     r = subprocess.run([sys.executable, "-m", "pipetrain.executor.launch", str(tmp_path / "plan.json"), "--run-dir", str(tmp_path / "run"),
                         "--steps", "2", "--dataset", "stdlib-text"], capture_output=True, text=True, timeout=200)
     assert r.returncode == 0, r.stderr[-3000:]
     layers = sum(1 for n in graph.nodes if n.layer is not None)
-    for rank, recs in read_telemetry(tmp_path / "run").items():
+    tel = read_telemetry(tmp_path / "run")
+    assert sorted(tel) == [0, 1, 2, 3]
+    for rank, recs in tel.items():
         fb = [e for e in recs if e.get("type") == "event" and e["kind"] in ("F", "B")]
         assert len(fb) == 2 * 2 * 2, rank
         for e in fb:  # DTensor's row-parallel all-reduces forward, the column-parallel input's backward
             assert e["tp_collectives"] == 2 * layers and 0 < e["tp_comm_s"] < e["end_s"] - e["start_s"], e
-            assert e["zero_collectives"] == 0
+            # FSDP2: the parameters' all-gather in the step's first forward, the gradients' reduce-scatter in its last backward
+            edge = (e["kind"], e["microbatch"]) in (("F", 0), ("B", 1))
+            assert (e["zero_collectives"] > 0) == edge, e
+            assert (e["zero_comm_s"] > 0) == edge and e["tp_comm_s"] + e["zero_comm_s"] < e["end_s"] - e["start_s"], e
     meas = measure_run(tmp_path / "run", plan, warmup_steps=1)
     inp, sim, _ = simulate_plan(plan, cost=AnalyticCostModel(), graph=graph)
     f = compare(plan, inp, sim, meas)
     head = fidelity_table_head(f)
-    assert head[-3:] == ("tp comm sim ms", "meas ms", "err") and "zero comm sim ms" not in head
+    assert head[-6:] == ("tp comm sim ms", "meas ms", "err", "zero comm sim ms", "meas ms", "err")
     (st,) = f.stages
     assert st.sim_tp_comm_s > 0 and 0 < st.meas_tp_comm_s < st.meas_busy_s
+    assert st.sim_zero_comm_s > 0 and st.meas_zero_comm_s > 0
     d = f.to_dict()["stages"][0]
     assert d["meas_tp_comm_s"] == pytest.approx(st.meas_tp_comm_s) and "tp_comm_error" in d
     assert any("tp comm" in line for line in fidelity_lines(f))
@@ -158,7 +165,8 @@ def test_tp_run_telemetry_has_collective_spans_and_the_fidelity_table_their_colu
     from pipetrain.reports.report import fidelity_section
 
     (table,) = fidelity_section(f.to_dict()).tables
-    assert table[0][-3:] == ("tp comm sim", "tp comm meas", "error") and len(table[1][0]) == len(table[0])
+    assert table[0][-6:] == ("tp comm sim", "tp comm meas", "error", "zero comm sim", "zero comm meas", "error")
+    assert len(table[1][0]) == len(table[0])
 
 
 def test_calibrate_tp_beyond_the_topology_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
