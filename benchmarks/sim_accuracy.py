@@ -1,10 +1,12 @@
 """Simulator accuracy: simulated vs measured step time, stage busy time, bubble and activation memory.
 
 For each configuration of a grid (tiny-gpt and the uneven MLP; p in {2, 4}; m in {2, 4, 8, 16};
-GPipe and 1F1B; one data-parallel d=2 configuration) it fixes the plan (blocks split evenly,
+GPipe and 1F1B; one data-parallel d=2 configuration; tiny-gpt with tensor parallelism t=2 at p=1
+and p=2, 1F1B) it fixes the plan (blocks split evenly,
 so the MLP's stages are unbalanced), simulates it with the calibration of this machine
-(``pipetrain calibrate``: profiled blocks, gloo p2p, optimizer step, co-run speed; the local-cpu
-topology's cores give the compute groups), runs it for real (gloo, one thread per rank) and
+(``pipetrain calibrate``: profiled blocks, gloo p2p and collectives, optimizer step, co-run speed, and
+with t=2 configurations the executor's tensor-parallel compute, ``--tp 2``; the local-cpu topology's
+cores give the compute groups), runs it for real (gloo, one thread per rank) and
 compares the medians over the measured steps. Prints one row per configuration (errors are
 (simulated - measured) / measured; bubble in percentage points), the step-time MAPE, the worst
 configuration, the Spearman rank correlation of the configurations by step time, and the share
@@ -55,14 +57,20 @@ from pipetrain.validation.measure import measure_run  # noqa: E402
 SHAPES = {"tiny-gpt": (2, 128), "mlp-uneven": (64, None)}
 
 
-def grid(subset: bool) -> list[tuple[str, int, int, int, str]]:
-    """(model, pp, dp, m, schedule) of every configuration."""
+def grid(subset: bool) -> list[tuple[str, int, int, int, str, int]]:
+    """(model, pp, dp, m, schedule, tp) of every configuration."""
     ms = (2, 8) if subset else (2, 4, 8, 16)
-    out = [(model, p, 1, m, sched) for model in SHAPES for p in (2, 4) for m in ms for sched in ("gpipe", "1f1b")]
+    out = [(model, p, 1, m, sched, 1) for model in SHAPES for p in (2, 4) for m in ms for sched in ("gpipe", "1f1b")]
     if subset:
         out = [c for c in out if not (c[1] == 4 and c[3] == 2)]
-    out.append(("tiny-gpt", 2, 2, 8, "1f1b"))
+    out.append(("tiny-gpt", 2, 2, 8, "1f1b", 1))
+    out += [("tiny-gpt", p, 1, 8, "1f1b", 2) for p in (1, 2)]  # tensor parallelism: 2 and 4 ranks
     return out
+
+
+def config_name(cfg: tuple[str, int, int, int, str, int]) -> str:
+    model, p, d, m, sched, t = cfg
+    return f"{model}-" + (f"t{t}" if t > 1 else "") + f"p{p}d{d}m{m}-{sched}"
 
 
 def loadavg() -> float:
@@ -169,16 +177,16 @@ def wait_idle(max_wait_s: float) -> float:
     return time.monotonic() - t0
 
 
-def config_plan(cfg: tuple[str, int, int, int, str], out: Path) -> tuple[str, object]:
+def config_plan(cfg: tuple[str, int, int, int, str, int], out: Path) -> tuple[str, object]:
     """(name, plan) of a configuration; the plan is saved as OUT/NAME/plan.json."""
     from pipetrain.executor.plans import simple_plan
     from pipetrain.planner.zoo import get_model_spec
 
-    model, p, d, m, sched = cfg
+    model, p, d, m, sched, t = cfg
     mbs, seq = SHAPES[model]
     seq_len = get_model_spec(model).check_shape(mbs, seq)
-    plan = simple_plan(model, pp=p, dp=d, m=m, mbs=mbs, seq_len=seq_len, schedule=sched)
-    name = f"{model}-p{p}d{d}m{m}-{sched}"
+    plan = simple_plan(model, pp=p, dp=d, m=m, mbs=mbs, seq_len=seq_len, schedule=sched, tp=t)
+    name = config_name(cfg)
     plan.save(out / name / "plan.json")
     return name, plan
 
@@ -256,12 +264,19 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
 
     def calibrate(rnd: int) -> object:
-        n = max(p * d for _m, p, d, _mm, _s in grid(a.subset))
-        c = run_calibration(f"local-cpu:{n}", shapes=[(m, s[0]) for m, s in SHAPES.items()],
+        n = max(p * d * t for _m, p, d, _mm, _s, t in configs)
+        tps = sorted({t for *_, t in configs if t > 1})
+        c = run_calibration(f"local-cpu:{n}", shapes=[(m, s[0]) for m, s in SHAPES.items() if any(c[0] == m for c in configs)],
+                            tensor_parallel=tps,
                             progress=lambda msg: print(f"  calibrate: {msg}", flush=True))
         c.save(out / f"calibration{rnd}.json")
         return c
 
+    configs = grid(a.subset)
+    if a.only:
+        configs = [c for c in configs if any(t in config_name(c) for t in a.only)]
+        if len(configs) < 2:
+            ap.error("--only must leave at least two configurations (a rank correlation needs two)")
     if a.reuse:
         cals = [load_calibration(f) for f in sorted(out.glob("calibration[0-9]*.json"))] or [load_calibration(out / "calibration.json")]
     else:
@@ -269,11 +284,6 @@ def main(argv: list[str] | None = None) -> int:
     cal = cals[0]
     print(f"calibration: p2p {cal.p2p.latency_s * 1e6:.0f} us + {cal.p2p.bandwidth_bytes_per_s / 1e9:.2f} GB/s; "
           f"analytic fit error {cal.fit.error_before * 100:.0f}% -> {cal.fit.error_after * 100:.0f}%")
-    configs = grid(a.subset)
-    if a.only:
-        configs = [c for c in configs if any(t in f"{c[0]}-p{c[1]}d{c[2]}m{c[3]}-{c[4]}" for t in a.only)]
-        if len(configs) < 2:
-            ap.error("--only must leave at least two configurations (a rank correlation needs two)")
     if a.rounds < 1 or a.steps <= a.warmup:
         ap.error("--rounds must be >= 1 and --steps larger than --warmup")
     plans = {cfg: config_plan(cfg, out) for cfg in configs}
@@ -329,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{f.label:34s} {f.sim_step_s * 1e3:8.1f} {f.meas_step_s * 1e3:8.1f} {f.step_error * 100:+7.1f}% {iqr:6.1f} "
               f"{worst_busy * 100:+7.1f}% {f.sim_bubble * 100:8.1f}/{f.meas_bubble * 100:<8.1f} {worst_act * 100:+6.1f}% {load * 100:6.0f}% "
               f"{f.quiet_step_error * 100:+6.1f}%", flush=True)
+        if f.has_tp:  # the tensor-parallel collectives inside F and B, per step, simulated (calibrated) vs measured
+            print("    tp comm per step, sim/meas ms: " + ", ".join(
+                f"stage {s.stage} {s.sim_tp_comm_s * 1e3:.1f}/{s.meas_tp_comm_s * 1e3:.1f}" for s in f.stages), flush=True)
     fids = [f for f, _ in results]
     errs = [f.step_error for f in fids]
     busy = [s.busy_error for f in fids for s in f.stages]

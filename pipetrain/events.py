@@ -34,6 +34,10 @@ class Event:
     step: int = 0
     #: measured CPU compute spans: the CPU time of the thread that ran it (None: not measured)
     cpu_s: float | None = None
+    #: measured F/B: seconds of tensor-parallel collectives inside the span (None: not measured)
+    tp_comm_s: float | None = None
+    #: measured F/B: seconds of ZeRO's all-gather / reduce-scatter inside the span (None: not measured)
+    zero_comm_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in EVENT_KINDS:
@@ -50,13 +54,17 @@ class Event:
             "stage": self.stage, "rank": self.rank, "kind": self.kind, "microbatch": self.microbatch,
             "start_s": self.start_s, "end_s": self.end_s, "bytes": self.bytes, "step": self.step,
             **({"cpu_s": self.cpu_s} if self.cpu_s is not None else {}),
+            **({"tp_comm_s": self.tp_comm_s} if self.tp_comm_s is not None else {}),
+            **({"zero_comm_s": self.zero_comm_s} if self.zero_comm_s is not None else {}),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Event:
         return cls(**{k: d[k] for k in ("stage", "rank", "kind", "microbatch", "start_s", "end_s")},
                    bytes=int(d.get("bytes", 0)), step=int(d.get("step", 0)),
-                   cpu_s=float(d["cpu_s"]) if d.get("cpu_s") is not None else None)
+                   cpu_s=float(d["cpu_s"]) if d.get("cpu_s") is not None else None,
+                   tp_comm_s=float(d["tp_comm_s"]) if d.get("tp_comm_s") is not None else None,
+                   zero_comm_s=float(d["zero_comm_s"]) if d.get("zero_comm_s") is not None else None)
 
 
 _COLORS = {"F": "thread_state_running", "B": "thread_state_iowait", "W": "thread_state_unknown",
@@ -75,7 +83,9 @@ def to_chrome_trace(events: Iterable[Event], *, process_name: str = "pipetrain")
             "name": name, "cat": e.kind, "ph": "X", "pid": 0, "tid": e.rank,
             "ts": e.start_s * 1e6, "dur": max(e.duration_s * 1e6, 0.0), "cname": _COLORS[e.kind],
             "args": {"stage": e.stage, "microbatch": e.microbatch, "bytes": e.bytes, "step": e.step,
-                     **({"cpu_ms": e.cpu_s * 1e3} if e.cpu_s is not None else {})},
+                     **({"cpu_ms": e.cpu_s * 1e3} if e.cpu_s is not None else {}),
+                     **({"tp_comm_ms": e.tp_comm_s * 1e3} if e.tp_comm_s else {}),
+                     **({"zero_comm_ms": e.zero_comm_s * 1e3} if e.zero_comm_s else {})},
         })
     return {"traceEvents": out, "displayTimeUnit": "ms"}
 

@@ -15,13 +15,19 @@ Pure functions of counts, each with its source:
   al. 2022, sec. 4.2.2), so the bytes on the wire stay the same.
 * :func:`collective_time_s`: ring all-reduce, all-gather and reduce-scatter in the alpha-beta
   model (Patarasuk & Yuan 2009; Thakur et al. 2005): an all-reduce is a reduce-scatter followed
-  by an all-gather.
+  by an all-gather. Where a calibration measured the collective itself on the backend in use
+  (:class:`CollectiveFit`, ``pipetrain calibrate``), its fitted ``latency + bytes * per_byte``
+  for that collective and group size replaces the ring formula: a backend's collectives are not
+  the ring over its point-to-point link (gloo's all-reduce of a tensor-parallel activation on a
+  shared CPU took many times the ring's time over the ping-pong fit's link; figures:
+  benchmarks/RESULTS.md).
 
 ``Ψ`` here is the parameters held per GPU after the tensor- and pipeline-parallel splits.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -29,7 +35,7 @@ from pipetrain.errors import ConfigError
 
 __all__ = ["precision_for_dtype", "dp_allreduce_bytes_per_param",
            "PRECISIONS", "ZERO_STAGES", "COLLECTIVES", "ModelStateBytes", "param_state_bytes", "model_state_bytes",
-           "Collective", "AlphaBeta", "tp_collectives_per_layer", "collective_time_s"]
+           "Collective", "CollectiveFit", "AlphaBeta", "tp_collectives_per_layer", "collective_time_s", "find_fit"]
 
 #: ``bf16-mixed``: bf16 working weights, fp32 gradients and master weights (Megatron, torchtitan);
 #: ``amp-autocast``: fp32 weights and gradients, half-precision copies made per op (what torch.autocast does);
@@ -174,14 +180,51 @@ def tp_collectives_per_layer(*, micro_batch_size: int, seq_len: int, hidden: int
     return tuple(Collective(kind=k, phase=ph, nbytes=n) for ph in ("F", "B") for k in ("all_gather", "reduce_scatter") * 2)
 
 
-def collective_time_s(kind: str, nbytes: float, n: int, link: AlphaBeta) -> float:
-    """Ring ``kind`` of a tensor of ``nbytes`` (full size) over ``n`` ranks on ``link`` (alpha-beta)."""
+@dataclass(frozen=True, kw_only=True)
+class CollectiveFit:
+    """A collective measured on a backend: ``kind`` over ``ranks`` ranks of a tensor of ``nbytes``
+    (its full size, as :class:`Collective` counts it) takes ``latency_s + nbytes * per_byte_s``
+    (the Hockney model fitted to ``seconds`` at ``sizes_bytes``, the medians over repeats)."""
+
+    kind: str
+    ranks: int
+    backend: str
+    latency_s: float
+    per_byte_s: float
+    sizes_bytes: tuple[int, ...] = ()
+    seconds: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in COLLECTIVES:
+            raise ConfigError(f"collective kind must be one of {COLLECTIVES}, got {self.kind!r}")
+        if self.ranks < 2:
+            raise ConfigError(f"a measured collective needs >= 2 ranks, got {self.ranks}")
+        if not (self.latency_s >= 0 and self.per_byte_s >= 0):
+            raise ConfigError(f"collective fit {self.kind} x{self.ranks}: latency_s and per_byte_s must be >= 0")
+        if len(self.sizes_bytes) != len(self.seconds):
+            raise ConfigError(f"collective fit {self.kind} x{self.ranks}: {len(self.sizes_bytes)} sizes but {len(self.seconds)} times")
+
+    def time_s(self, nbytes: float) -> float:
+        return self.latency_s + nbytes * self.per_byte_s if nbytes > 0 else 0.0
+
+
+def find_fit(fits: Sequence[CollectiveFit], kind: str, n: int) -> CollectiveFit | None:
+    """The measured ``kind`` over ``n`` ranks among ``fits``, or None."""
+    return next((f for f in fits if f.kind == kind and f.ranks == n), None)
+
+
+def collective_time_s(kind: str, nbytes: float, n: int, link: AlphaBeta, fits: Sequence[CollectiveFit] = ()) -> float:
+    """``kind`` of a tensor of ``nbytes`` (full size) over ``n`` ranks: the measured fit of that
+    collective and group size among ``fits`` where there is one, else the ring on ``link`` (alpha-beta)."""
     if kind not in COLLECTIVES:
         raise ConfigError(f"collective kind must be one of {COLLECTIVES}, got {kind!r}")
     if n < 1:
         raise ConfigError(f"a collective needs n >= 1 ranks, got {n}")
     if n == 1 or nbytes == 0:
         return 0.0
+    fit = find_fit(fits, kind, n)
+    if fit is not None:
+        return fit.time_s(nbytes)
     # each rank sends (n-1)/n of the tensor once per phase: twice for an all-reduce
     phases = 2 if kind == "all_reduce" else 1
     return phases * ((n - 1) / n * nbytes / link.bandwidth_bytes_per_s + (n - 1) * link.latency_s)

@@ -2,7 +2,8 @@
 
 :class:`Calibration` is what ``pipetrain calibrate`` stores (versioned JSON,
 :data:`CALIBRATION_FILE_VERSION`; :func:`load_calibration` refuses other versions with the fix):
-block profiles, the analytic fit, the point-to-point link, the optimizer step, and on CPU the
+block profiles, the analytic fit, the point-to-point link, the backend's collectives per group
+size, the optimizer step, and on CPU the
 executor's overheads, the host CPU per message, the wake-up latency, co-run speeds and the cost of
 a wait. :class:`MeasuredCostModel` turns it into a cost model (the profiled block times where a
 profile of that model and shape exists, the fitted analytic model elsewhere, the measured
@@ -25,18 +26,21 @@ from pipetrain.calibration.corun import CoRunSpeed, ResumeCost, mean_corun
 from pipetrain.calibration.fit import CalibratedCostModel, CalibrationFit
 from pipetrain.calibration.overhead import MessageHostCost, RuntimeOverhead
 from pipetrain.calibration.profile import BlockProfile
+from pipetrain.calibration.tpcost import TensorParallelCost
 from pipetrain.costs import NodeTimes, StageCost, stage_from_node_times
 from pipetrain.errors import ConfigError
 from pipetrain.graph import LayerGraph
 from pipetrain.serde import from_dict, median_merge, to_dict
+from pipetrain.sharding import CollectiveFit
 from pipetrain.topology import DeviceType, Topology
 
 __all__ = ["CALIBRATION_FILE_VERSION", "P2PCost", "OptimizerCost", "Calibration", "MeasuredCostModel",
            "combine_calibrations", "calibrated_cost",
            "calibrated_topology", "load_calibration", "calibrated_for"]
 
-#: 2: ``resume`` entries no longer carry ``slowdown``
-CALIBRATION_FILE_VERSION = 3  # 3: the runtime entries measure the host work between steps
+#: 2: ``resume`` entries no longer carry ``slowdown``; 3: the runtime entries measure the host work
+#: between steps; 4: ``collectives``, the measured all-reduce, all-gather and reduce-scatter
+CALIBRATION_FILE_VERSION = 4  # and ``tensor_parallel``
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,6 +84,12 @@ class Calibration:
     corun: tuple[CoRunSpeed, ...] = ()
     #: CPU: per model and shape, the next action's slowdown after a wait (empty: not measured)
     resume: tuple[ResumeCost, ...] = ()
+    #: the backend's all-reduce, all-gather and reduce-scatter per group size (empty: not measured;
+    #: :mod:`pipetrain.calibration.collprobe`)
+    collectives: tuple[CollectiveFit, ...] = ()
+    #: per model, shape and tp: the executor's tensor-parallel compute over the profile (empty: not measured;
+    #: :mod:`pipetrain.calibration.tpcost`)
+    tensor_parallel: tuple[TensorParallelCost, ...] = ()
     created_utc: str = ""
     elapsed_s: float = 0.0
     schema_version: int = CALIBRATION_FILE_VERSION
@@ -163,7 +173,13 @@ class Calibration:
         corun = tuple(replace(c, alone_s=c.alone_s * factor) for c in self.corun)
         resume = tuple(replace(r, hot_s=r.hot_s * factor, cold_s=r.cold_s * factor, after_other_s=r.after_other_s * factor)
                        for r in self.resume)
+        # as they are: the collectives (communication) and the tensor-parallel factors (ratios to the profile, which scales)
         return replace(self, profiles=profiles, optimizers=opts, runtime=runtime, messages=messages, corun=corun, resume=resume)
+
+    def tensor_parallel_for(self, graph: LayerGraph) -> TensorParallelCost | None:
+        """The measured tensor-parallel compute of this tp view's model and shape, if any."""
+        return next((t for t in self.tensor_parallel if (t.model, t.micro_batch_size, t.seq_len, t.tp) == (
+            graph.model, graph.micro_batch_size, graph.seq_len, graph.tp)), None)
 
     def runtime_for(self, model: str, micro_batch_size: int, seq_len: int) -> RuntimeOverhead | None:
         return next((o for o in self.runtime if (o.model, o.micro_batch_size, o.seq_len) == (model, micro_batch_size, seq_len)), None)
@@ -223,9 +239,13 @@ class MeasuredCostModel(CalibratedCostModel):
     Block times: the stored profile of the graph's model and shape when there is one (sum of
     measured block medians, times the executor's measured overhead factor for that shape when
     the calibration ran the executor; W is each block's FLOP share of its backward), else the
-    fitted analytic model. Optimizer step: the measured ``fixed + per-param`` fit, scaled to the
-    executor's own end of step for the model (:meth:`Calibration.optimizer_scale`). Transfers: the
+    fitted analytic model; for a tensor-parallel view of that model and shape, the profile times the
+    executor's measured tensor-parallel compute factors (:mod:`pipetrain.calibration.tpcost`) where
+    the calibration has them (without them, the one-rank times). Optimizer step: the measured
+    ``fixed + per-param`` fit, scaled to the executor's own end of step for the model (:meth:`Calibration.optimizer_scale`). Transfers: the
     analytic formulas over the links, which :func:`calibrated_topology` sets to the measured ones.
+    Collectives (tensor-parallel, data-parallel and ZeRO): the measured fit of that collective and
+    group size (:meth:`collective_fits`, which the lowering passes on), else the ring formula.
     """
 
     name = "calibrated"
@@ -241,6 +261,10 @@ class MeasuredCostModel(CalibratedCostModel):
     def models_executor_overhead(self) -> bool:
         """Whether the executor's measured overheads (one rank; host CPU per message) are in the costs."""
         return bool(self.calibration.runtime or self.calibration.messages)
+
+    def collective_fits(self, device_type: DeviceType) -> tuple[CollectiveFit, ...]:
+        """The measured collectives, for groups of the calibrated device type (empty elsewhere)."""
+        return self.calibration.collectives if self._matches(device_type) else ()
 
     def message_host_s(self, graph: LayerGraph, device_type: DeviceType) -> float:
         """Host CPU seconds per point-to-point message on CPU ranks of the calibrated type (0 elsewhere)."""
@@ -261,11 +285,14 @@ class MeasuredCostModel(CalibratedCostModel):
         if prof is None:
             return super().node_times(graph, device_type)
         f, b, w = [], [], []
-        k = self.calibration.overhead_for(graph)
+        k = kb = self.calibration.overhead_for(graph)
+        tpc = self.calibration.tensor_parallel_for(graph) if graph.tp > 1 else None
+        if tpc is not None:  # a tp view: the executor's measured compute on tp ranks over the one-rank profile
+            k, kb = tpc.fwd_factor, tpc.bwd_factor
         for node, t in zip(graph.nodes, prof.blocks):
             f.append(t.fwd_s * k)
-            b.append(t.bwd_s * k)
-            w.append(k * min(t.bwd_s, t.bwd_s * node.wgrad_flops / node.bwd_flops) if node.bwd_flops > 0 else 0.0)
+            b.append(t.bwd_s * kb)
+            w.append(kb * min(t.bwd_s, t.bwd_s * node.wgrad_flops / node.bwd_flops) if node.bwd_flops > 0 else 0.0)
         return NodeTimes(fwd_s=tuple(f), bwd_s=tuple(b), wgrad_s=tuple(w))
 
     def stage_costs(self, graph: LayerGraph, start: int, end: int, device_type: DeviceType, *, recompute: bool = False) -> StageCost:

@@ -9,7 +9,9 @@ thread per rank, as the executor runs; or the GPU):
   (:func:`pipetrain.calibration.overhead.measure_message_host_s`; the simulator holds a rank's core
   that long per message sent or received);
 * the point-to-point latency and bandwidth of the backend in use (gloo on loopback, NCCL on
-  GPU) by ping-pong and a Hockney fit (:func:`pipetrain.calibration.commprobe.probe_p2p`); on CPU
+  GPU) by ping-pong and a Hockney fit (:func:`pipetrain.calibration.commprobe.probe_p2p`), and its
+  all-reduce, all-gather and reduce-scatter over 2, 4, .. ranks up to a node's devices, each fitted
+  the same way (:func:`pipetrain.calibration.collprobe.probe_collectives`); on CPU
   also the wake-up latency of a blocked receiver while every core computes
   (:func:`pipetrain.calibration.commprobe.probe_wakeup`), which the topology's node then carries,
   and with the cores idle, which sets the link's latency (:meth:`Calibration.pipeline_latency_s`);
@@ -45,8 +47,10 @@ from typing import Any
 from pipetrain.calibration.commprobe import P2PCost
 from pipetrain.calibration.measured import Calibration, OptimizerCost
 from pipetrain.calibration.profile import BlockProfile
+from pipetrain.calibration.tpcost import TensorParallelCost
 from pipetrain.errors import ConfigError
 from pipetrain.graph import LayerGraph
+from pipetrain.sharding import CollectiveFit
 
 __all__ = ["measure_optimizer", "typical_profile", "run_calibration", "describe"]
 
@@ -133,7 +137,7 @@ def typical_profile(profiles: Sequence[BlockProfile]) -> BlockProfile:
 def run_calibration(topology: str, *, models: Sequence[str] = ("tiny-gpt",), micro_batch_sizes: Sequence[int] = (1, 4),
                     seq_len: int | None = None, dtype: str = "fp32", threads: int = 1, warmup: int = 2, repeats: int = 7,
                     optimizers: Sequence[str] = ("adamw", "sgd"), probe: bool = True, rounds: int = 5,
-                    shapes: Sequence[tuple[str, int]] = (), runtime: bool = True,
+                    shapes: Sequence[tuple[str, int]] = (), runtime: bool = True, tensor_parallel: Sequence[int] = (),
                     progress: Callable[[str], None] | None = None) -> Calibration:
     """Measure and fit (module docstring). ``probe`` False skips the p2p probe (keeps the topology's link).
 
@@ -145,7 +149,8 @@ def run_calibration(topology: str, *, models: Sequence[str] = ("tiny-gpt",), mic
     by about that wander).
     ``shapes`` (model, micro-batch size) pairs replace ``models`` x ``micro_batch_sizes``.
     ``runtime`` runs the executor on one rank per shape to measure its overhead over the profile
-    (:mod:`pipetrain.calibration.overhead`; CPU only here).
+    (:mod:`pipetrain.calibration.overhead`; CPU only here). ``tensor_parallel``: tp degrees at which
+    to run the executor per transformer model and shape (:mod:`pipetrain.calibration.tpcost`).
     """
     from pipetrain.calibration.fit import fit_calibration
     from pipetrain.calibration.profile import local_device_name, profile_model
@@ -168,6 +173,9 @@ def run_calibration(topology: str, *, models: Sequence[str] = ("tiny-gpt",), mic
 
     for model, mbs in pairs:  # every mistake before the first measurement
         get_model_spec(model).check_shape(mbs, seq_len)
+    for tp in tensor_parallel:
+        if not 2 <= tp <= topo.num_devices:
+            raise ConfigError(f"--tp {tp}: needs 2 <= tp <= the topology's {topo.num_devices} devices")
     if dt.kind == "gpu":
         import torch
 
@@ -196,6 +204,7 @@ def run_calibration(topology: str, *, models: Sequence[str] = ("tiny-gpt",), mic
     else:
         link = topo.nodes[0].link
         p2p = P2PCost(backend=backend, latency_s=link.latency_s, bandwidth_bytes_per_s=link.bandwidth_bytes_per_s)
+    collectives = _probe_collectives(topo, backend, say) if probe else ()
     wakeup = None
     if probe and device == "cpu":
         from pipetrain.calibration.commprobe import probe_wakeup
@@ -222,14 +231,49 @@ def run_calibration(topology: str, *, models: Sequence[str] = ("tiny-gpt",), mic
             overheads.append(measure_runtime_overhead(prof, threads=threads))
             say(f"running the executor on one and two ranks for the host cost of a message: {prof.model} micro-batch {prof.micro_batch_size}")
             messages.append(measure_message_host_s(prof, threads=threads))
+    tp_costs = _measure_tensor_parallel(samples, tensor_parallel, threads, say)
     say("fitting the analytic cost model (scipy.optimize.least_squares)")
     fit = fit_calibration(samples, dt)
     return Calibration(topology=topo.name, device_type=dt.name, device=local_device_name(device, threads), device_kind=dt.kind,
                        threads=threads, cores=os.cpu_count() or 1, p2p=p2p, optimizers=tuple(opts), fit=fit,
                        profiles=tuple(p for _, p in samples), runtime=tuple(overheads), messages=tuple(messages), wakeup=wakeup,
-                       corun=tuple(corun), resume=tuple(resume),
+                       corun=tuple(corun), resume=tuple(resume), collectives=collectives, tensor_parallel=tp_costs,
                        created_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                        elapsed_s=time.perf_counter() - t_start)
+
+
+def _probe_collectives(topo: Any, backend: str, say: Callable[[str], None]) -> tuple[CollectiveFit, ...]:
+    """The backend's all-reduce, all-gather and reduce-scatter over 2, 4, 8.. ranks, up to the
+    topology's devices per node (:mod:`pipetrain.calibration.collprobe`): the groups a tensor-parallel
+    or data-parallel collective inside a node can have."""
+    from pipetrain.calibration.collprobe import probe_collectives
+
+    per_node = max(sum(1 for d in topo.devices if d.node == n) for n in range(len(topo.nodes)))
+    if backend == "nccl":  # one process per GPU: NCCL refuses two ranks on one device
+        import torch
+
+        per_node = min(per_node, torch.cuda.device_count())
+    sizes = tuple(2 ** k for k in range(1, 8) if 2 ** k <= per_node)
+    if not sizes:
+        return ()
+    say(f"probing {backend} all-reduce, all-gather and reduce-scatter over {', '.join(map(str, sizes))} ranks")
+    return probe_collectives(backend=backend, group_sizes=sizes)
+
+
+def _measure_tensor_parallel(samples: Sequence[tuple[LayerGraph, BlockProfile]], degrees: Sequence[int], threads: int,
+                             say: Callable[[str], None]) -> tuple[TensorParallelCost, ...]:
+    """The executor on each of ``degrees`` tensor-parallel ranks, per profiled model and shape that can split so."""
+    from pipetrain.calibration.tpcost import measure_tensor_parallel
+    from pipetrain.program.shard import tp_block
+
+    out = []
+    for tp in sorted(set(degrees)):  # (checked against the topology before measuring anything)
+        for graph, prof in samples:
+            if tp_block(graph, tp) is not None:
+                continue
+            say(f"running the executor on {tp} tensor-parallel ranks: {prof.model} micro-batch {prof.micro_batch_size}")
+            out.append(measure_tensor_parallel(prof, tp, threads=threads))
+    return tuple(out)
 
 
 def describe(cal: Calibration) -> list[tuple[str, str]]:
@@ -266,6 +310,14 @@ def describe(cal: Calibration) -> list[tuple[str, str]]:
                      f"({r.hot_s * 1e3:.2f} ms right after another, {r.cold_s * 1e3:.2f} ms after {r.gap_s * 1e3:.0f} ms idle, "
                      + (f"{r.after_other_s * 1e3:.2f} ms after the other process; " if r.after_other_s > 0 else "")
                      + f"half the blocks, {r.pairs} pairs)"))
+    for tc in cal.tensor_parallel:
+        rows.append((f"tp={tc.tp} compute {tc.model} mbs {tc.micro_batch_size}",
+                     f"F x{tc.fwd_factor:.2f}, B x{tc.bwd_factor:.2f} the profile's ({tc.measured_fwd_s * 1e3:.2f}, "
+                     f"{tc.measured_bwd_s * 1e3:.2f} ms per micro-batch; collectives {tc.measured_tp_comm_s * 1e3:.2f} ms apart)"))
+    for cf in cal.collectives:
+        rows.append((f"{cf.kind.replace('_', '-')} x{cf.ranks} ({cf.backend})",
+                     f"{cf.latency_s * 1e6:.0f} us + {cf.per_byte_s * 1e9:.3f} ns/byte (measured "
+                     + ", ".join(f"{b / 2**10:.0f} KiB {t * 1e3:.2f} ms" for b, t in zip(cf.sizes_bytes, cf.seconds)) + ")"))
     rows.append(("analytic fit", f"mean |error| {cal.fit.error_before * 100:.1f}% -> {cal.fit.error_after * 100:.1f}% "
                                  f"over {cal.fit.num_samples} block times"))
     return rows

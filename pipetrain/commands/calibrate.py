@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="whole calibrations in a row; every measured number is their median (default 1)")
     parser.add_argument("--no-probe", action="store_true", help="skip the p2p probe (keep the topology's link figures)")
     parser.add_argument("--no-runtime", action="store_true", help="skip the one-rank executor run that measures its overhead")
+    parser.add_argument("--tp", type=int, action="append", default=None, metavar="N",
+                        help="also run the executor on N tensor-parallel ranks per transformer model and shape, for the simulator's "
+                             "cost of a tp stage (repeatable; default none)")
     parser.add_argument("-o", "--output", default="calibration.json", help="where to write the calibration (default calibration.json)")
     parser.add_argument("--inter-node-rank", type=int, default=None,
                         help="measure the link between two nodes instead: run on both, 0 on the node that listens, 1 on the other")
@@ -106,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
             say(f"calibration {i + 1} of {args.repeat}")
         cals.append(run_calibration(args.topology, models=models, micro_batch_sizes=sizes, seq_len=args.seq_len, dtype=args.dtype,
                                     threads=args.threads, repeats=args.repeats, rounds=args.rounds, probe=not args.no_probe,
-                                    runtime=not args.no_runtime, progress=say))
+                                    runtime=not args.no_runtime, tensor_parallel=tuple(args.tp or ()), progress=say))
     cal = combine_calibrations(cals)
     path = cal.save(args.output)
     if args.json:

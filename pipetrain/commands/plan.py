@@ -58,10 +58,12 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
                    "distributed optimizer), 2 and gradients, 3 and weights")
     k.add_argument("--microbatches", type=int, help="micro-batches per step (m)")
     k.add_argument("--microbatch-size", type=int, help="samples per micro-batch")
-    k.add_argument("--schedule", help="gpipe | 1f1b | interleaved | zb-h1 (zero bubble: chosen unasked on GPUs only)")
+    k.add_argument("--schedule", help="gpipe | 1f1b | interleaved | zb-h1 | zbv | dualpipev (zero bubble: chosen unasked on GPUs only)")
     k.add_argument("--chunks", type=int, help="virtual stages per rank (interleaved)")
     k.add_argument("--buffers", help="activation buffers: one number, or one per stage ('2,2,1,1')")
-    k.add_argument("--recompute", help="none | full (every layer of every stage), or per stage true/false ('1,1,0,0')")
+    k.add_argument("--recompute", help="none | selective (every layer's attention core) | full (every layer of every stage), "
+                                      "or per stage true/false ('1,1,0,0'); unpinned, the planner recomputes where memory "
+                                      "needs it: the fewest whole layers per stage, or the attention cores")
     k.add_argument("--boundaries", help="first block of every stage after the first ('12,24,36')")
     k.add_argument("--seed", type=int, help="seed recorded in the plan")
     parser.add_argument("--simulation-only", action="store_true", default=None,

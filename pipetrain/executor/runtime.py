@@ -59,6 +59,10 @@ class StageRuntime:
     #: told before each backward of this stage whether it is the step's last one (ZeRO: when FSDP2
     #: reduce-scatters and reshards, :func:`pipetrain.executor.parallel.before_backward`)
     before_backward: Callable[[bool], None] | None = None
+    #: which actions telemetry tallies collectives in (:meth:`Telemetry.collectives`): "every" F and B
+    #: (tensor parallelism), "edges": the step's first F and last B (ZeRO: FSDP2's all-gather and
+    #: reduce-scatter), "" none (the dispatch mode costs time per op)
+    collectives: str = ""
 
 
 class SavedBytes:
@@ -224,6 +228,7 @@ class PipelineRuntime:
         ctx: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, int, Any]] = {}
         in_flight = {s: 0 for s in self.stages}
         backwards = {s: 0 for s in self.stages}  # backwards run so far this step, per stage
+        forwards = {s: 0 for s in self.stages}
         self.in_flight_peak = {s: 0 for s in self.stages}
         losses: list[torch.Tensor] = []
         hooks = torch.autograd.graph.saved_tensors_hooks(self.saved.pack, self.saved.unpack)
@@ -276,7 +281,10 @@ class PipelineRuntime:
                 self.saved.begin()
                 wq = WeightGradQueue() if s in self._linears else None
                 known = self._saved_bytes.get(s) if step > self._measure_saved_until else None
-                with (hooks if known is None else nullcontext()), (self._linears[s].capture(wq) if wq is not None else nullcontext()):
+                comm = st.collectives == "every" or (st.collectives == "edges" and forwards[s] == 0)
+                forwards[s] += 1
+                with (hooks if known is None else nullcontext()), (self._linears[s].capture(wq) if wq is not None else nullcontext()), \
+                        tel.collectives(comm) as tally:
                     if self.autocast_dtype is not None:
                         with torch.autocast(self.device.type, dtype=self.autocast_dtype):
                             out = self._forward(st, x)
@@ -294,7 +302,7 @@ class PipelineRuntime:
                 self.saved.end((s, mb))
                 if known is None:
                     self._saved_bytes[s] = self.saved.per_mb[(s, mb)]
-                tel.add_span("F", s, mb, t0, tel.mark())
+                tel.add_span("F", s, mb, t0, tel.mark(), tally)
                 ctx[(s, mb)] = (x, out, i, wq)
                 in_flight[s] += 1
                 if in_flight[s] > self.in_flight_peak[s]:
@@ -316,28 +324,31 @@ class PipelineRuntime:
                     gi, g = got.pop((1, s, mb))
                 if st.before_backward is not None:
                     st.before_backward(backwards[s] == self.num_microbatches - 1)
+                comm = st.collectives == "every" or (st.collectives == "edges" and backwards[s] == self.num_microbatches - 1)
                 backwards[s] += 1
-                t0 = tel.mark()
-                split_state = None
-                if st.is_last:
-                    out = out * self.loss_scale
-                if wq is not None:
-                    gx = self._linears[s].backward_input(out, g, x, wq)
-                    if a.kind == "I":
-                        split_state = wq
-                        # I freed the autograd graph: until W the micro-batch holds the queued inputs and gradients
-                        self.saved.hold((s, mb), wq.nbytes())
-                    else:  # a full B on a stage whose forward deferred its linear layers: their weight gradients now
-                        wq.run()
-                elif a.kind == "I":
-                    gx, split_state = backward_input(out, g, x, no_alias=(g,) if g is not None else ())
-                else:
+                with tel.collectives(comm) as tally:  # the span ends inside: the mode's exit is not the action's
+                    t0 = tel.mark()
+                    split_state = None
                     if st.is_last:
-                        out.backward()
+                        out = out * self.loss_scale
+                    if wq is not None:
+                        gx = self._linears[s].backward_input(out, g, x, wq)
+                        if a.kind == "I":
+                            split_state = wq
+                            # I freed the autograd graph: until W the micro-batch holds the queued inputs and gradients
+                            self.saved.hold((s, mb), wq.nbytes())
+                        else:  # a full B on a stage whose forward deferred its linear layers: their weight gradients now
+                            wq.run()
+                    elif a.kind == "I":
+                        gx, split_state = backward_input(out, g, x, no_alias=(g,) if g is not None else ())
                     else:
-                        torch.autograd.backward(out, g)
-                    gx = x.grad
-                tel.add_span("B", s, mb, t0, tel.mark())
+                        if st.is_last:
+                            out.backward()
+                        else:
+                            torch.autograd.backward(out, g)
+                        gx = x.grad
+                    t1 = tel.mark()
+                tel.add_span("B", s, mb, t0, t1, tally)
                 if gi >= 0:
                     assert st.grad_pool is not None
                     st.grad_pool.release(gi)

@@ -101,7 +101,10 @@ class Trainer:
                 out_dtype=torch_dtype(out_spec.dtype) if out_spec else None,
                 recv_act_group=groups.p2p.get((s - 1, "act")), recv_grad_group=groups.p2p.get((s, "grad")),
                 send_act_group=groups.p2p.get((s, "act")), send_grad_group=groups.p2p.get((s - 1, "grad")),
-                before_backward=_tell_last(modules[s], plan.zero, before_backward) if plan.zero > 0 else None)
+                before_backward=_tell_last(modules[s], plan.zero, before_backward) if plan.zero > 0 else None,
+                # where collectives run inside F/B: tp's in every one, ZeRO-1's at the step's edges (the
+                # first F's gather, the last B's reduce-scatter), ZeRO-2/3's in every micro-batch
+                collectives="every" if plan.tp > 1 or plan.zero >= 2 else "edges" if plan.zero > 0 else "")
         self.runtimes = runtimes
         working = unique_params(modules.values())
         params = self.params = self.master.masters if self.master else working

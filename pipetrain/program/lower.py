@@ -51,11 +51,11 @@ from pipetrain.program.catalog import held_in_flight, pool_sizes
 from pipetrain.program.shard import shard_graph, tp_comm_times_s
 from pipetrain.program.spec import POST, RUN, BoundarySpec, ComputeGroup, DataParallelSpec, Link, Op, SimInput, StageSpec, TieSpec
 from pipetrain.schedules import Action, Schedule, make_schedule, peak_in_flight, peak_pending_wgrad
-from pipetrain.sharding import dp_allreduce_bytes_per_param
+from pipetrain.sharding import CollectiveFit, dp_allreduce_bytes_per_param
 from pipetrain.topology import Device, DeviceType, Topology
 
 __all__ = ["POST", "RUN", "Op", "Program", "StageCosts", "Placement", "placement", "rank_device_type", "compute_groups",
-           "sim_input", "lower_ops", "lower", "lower_schedule", "tp_link", "dp_link", "plan_stage_memory"]
+           "sim_input", "lower_ops", "lower", "lower_schedule", "tp_link", "dp_link", "plan_stage_memory", "measured_collectives"]
 
 #: Gradients are all-reduced in fp32 whatever the training dtype: pipetrain's executor keeps fp32
 #: master weights under autocast and reduces one flat fp32 buffer per stage after the pipeline
@@ -146,11 +146,15 @@ class StageCosts:
     """A graph's per-node times under a cost model, cached per device type, summed per stage."""
 
     def __init__(self, graph: LayerGraph, cost: CostModel | None = None, *, optimizer: str = "adamw",
-                 tp_link: Link | None = None, precision: str | None = None, zero: int = 0, dp: int = 1) -> None:
+                 tp_link: Link | None = None, precision: str | None = None, zero: int = 0, dp: int = 1,
+                 tp_fits: Sequence[CollectiveFit] | None = None) -> None:
         self.graph = graph
         self.cost: Any = cost or AnalyticCostModel()
         self.optimizer = optimizer
         self.tp_link = tp_link  # the tensor-parallel group's link, for a tp > 1 view of the model
+        # the tp group's collectives as a calibration measured them (empty: the ring on tp_link; None:
+        # the cost model's for the device type, as for a group inside one node, where placement puts it)
+        self.tp_fits = None if tp_fits is None else tuple(tp_fits)
         # how the model state is kept: None is the graph dtype's default table (memory.bytes_per_param)
         self.precision, self.zero, self.dp = precision, zero, dp
         self._node_times: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
@@ -160,7 +164,7 @@ class StageCosts:
         the tensor-parallel collectives included (in F and in the input-gradient part of B)."""
         if dt.name not in self._node_times:
             f, b, w = _node_times(self.cost, self.graph, dt)
-            cf, cb = tp_comm_times_s(self.graph, self.tp_link)
+            cf, cb = self._tp_comm(dt)
             self._node_times[dt.name] = (f + cf, b + cb, w)
         return self._node_times[dt.name]
 
@@ -168,6 +172,25 @@ class StageCosts:
     def core_share(self) -> tuple[float, ...]:
         """Per node, the share of its forward that selective recompute repeats."""
         return attention_core_share(self.graph)
+
+    def _tp_comm(self, dt: DeviceType) -> tuple[np.ndarray, np.ndarray]:
+        fits = self.tp_fits
+        if fits is None:
+            get = getattr(self.cost, "collective_fits", None)
+            fits = tuple(get(dt)) if get is not None else ()
+        return tp_comm_times_s(self.graph, self.tp_link, fits)
+
+    def tp_comm_s(self, dt: DeviceType, start: int, end: int, *, recompute: bool, recompute_mode: str = "full",
+                  recompute_layers: int = 0) -> float:
+        """Seconds of the tensor-parallel collectives of one micro-batch through nodes [start, end)
+        (part of :meth:`node_times`; a full recompute repeats the forward's of the layers it
+        recomputes, a selective one none: the attention core lies between the collectives)."""
+        cf, cb = self._tp_comm(dt)
+        again = 0.0
+        if recompute and recompute_mode == "full":
+            k = end - start if recompute_layers <= 0 else min(recompute_layers, end - start)
+            again = float(cf[start:start + k].sum())
+        return float(cf[start:end].sum() + again + cb[start:end].sum())
 
     def stage_cost(self, dt: DeviceType, start: int, end: int, *, recompute: bool, recompute_mode: str = "full",
                    recompute_layers: int = 0) -> StageCost:
@@ -249,6 +272,17 @@ def _slowest_link(topology: Topology, pairs: Iterable[tuple[int, int]]) -> Link:
     return min(links.values(), key=lambda lk: lk.bandwidth_bytes_per_s)
 
 
+def measured_collectives(cost: Any, topology: Topology, devices: Sequence[int]) -> tuple[CollectiveFit, ...]:
+    """The collectives ``cost`` (a calibrated cost model) measured for the devices' type, when all
+    ``devices`` sit on one node of one type: the calibration measured them between processes of
+    one machine, so a group crossing nodes keeps the ring over its links. Empty otherwise."""
+    get = getattr(cost, "collective_fits", None)
+    devs = [topology.devices[i] for i in devices]
+    if get is None or not devs or len({d.node for d in devs}) > 1 or len({d.type.name for d in devs}) > 1:
+        return ()
+    return tuple(get(devs[0].type))
+
+
 def rank_device_type(topology: Topology, place: Placement, rank: int) -> DeviceType:
     """The slowest device type among the replicas of pipeline rank ``rank`` (it sets the pace)."""
     types = [d.type for d in place.rank_devices(topology, rank)]
@@ -287,6 +321,11 @@ def compute_groups(topology: Topology, place: Placement) -> tuple[ComputeGroup, 
         used = min(on_node, place.pp * place.dp * place.tp)
         capacity = max(1, int(spec.cores // per_rank * len(ranks) // max(used, 1)))
         speed = _group_speed(spec.corun_speed, len(ranks), used)
+        if place.tp > 1 and speed:
+            # a tp rank's stage times, as a calibration measures them (calibration/tpcost.py), are those of
+            # its tp processes computing together: the co-run speed of more is relative to theirs
+            alone = _group_speed(spec.corun_speed, 1, place.tp)[0]
+            speed = tuple(min(1.0, v / alone) for v in speed)
         if capacity < len(ranks) or any(v < 1.0 for v in speed) or spec.resume_s > 0 or spec.switch_s > 0:
             groups.append(ComputeGroup(ranks=tuple(ranks), capacity=capacity, wakeup_s=spec.wakeup_s, speed=speed,
                                        resume_s=spec.resume_s, switch_s=spec.switch_s))
@@ -344,7 +383,8 @@ def sim_input(*, tables: StageCosts, topology: Topology, place: Placement, sched
             t_fwd_s=c.t_fwd_s, t_bwd_s=(c.t_bwd_s - c.t_wgrad_s) if schedule.split_backward else c.t_bwd_s,
             t_wgrad_s=c.t_wgrad_s if schedule.split_backward else 0.0, t_recompute_s=c.t_recompute_s,
             recompute=recompute[s], activation_bytes=act_per_mb, static_bytes=static, buffers=buffers[s],
-            grad_bytes=float(params * dp_bytes),
+            grad_bytes=float(params * dp_bytes), t_tp_comm_s=tables.tp_comm_s(dt, a, b, recompute=recompute[s], recompute_mode=recompute_mode,
+                                                                       recompute_layers=layers[s]),
             # ZeRO >= 1: each replica updates its 1/dp shard of the optimizer state
             t_optimizer_s=tables.cost.optimizer_step_time_s(params // (place.dp if tables.zero else 1), dt, optimizer=tables.optimizer,
                                                             dtype=g.dtype, model=g.model)))
@@ -355,7 +395,9 @@ def sim_input(*, tables: StageCosts, topology: Topology, place: Placement, sched
         link = _sim_link(topology, place.devices[0][ra], place.devices[0][rb]) if ra != rb else Link(name=f"local{ra}")
         bounds.append(BoundarySpec(fwd_bytes=nbytes, bwd_bytes=nbytes, link=link))
     if place.dp > 1:
-        dpl = DataParallelSpec(width=place.dp, link=dp_link(topology, place), overlap=dp_overlap)
+        dp_devices = [row[r] for row in place.devices for r in range(place.pp)]
+        dpl = DataParallelSpec(width=place.dp, link=dp_link(topology, place), overlap=dp_overlap,
+                               fits=measured_collectives(tables.cost, topology, dp_devices))
     else:
         dpl = DataParallelSpec(width=1)
     ties = []
@@ -408,8 +450,9 @@ def lower(plan: Plan, topology: Topology | None = None, cost: CostModel | None =
     layers = [st.recompute_layers for st in plan.stages]
     place = placement(topology, plan.pp, plan.dp, plan.tp)
     graph = shard_graph(graph, plan.tp, sequence_parallel=plan.sequence_parallel)
+    tp_devices = [first + j for row in place.devices for first in row for j in range(place.tp)]
     tables = StageCosts(graph, cost, optimizer=plan.optimizer, tp_link=tp_link(topology, place), precision=plan.precision,
-                        zero=plan.zero, dp=plan.dp)
+                        zero=plan.zero, dp=plan.dp, tp_fits=measured_collectives(cost, topology, tp_devices) if plan.tp > 1 else ())
     if not as_executed:
         inp = sim_input(tables=tables, topology=topology, place=place, schedule=sched, ranges=ranges, buffers=buffers,
                         recompute=recompute, in_flight=held_in_flight(sched),

@@ -19,6 +19,7 @@ partitioner price a tp plan with no other change; the tensor-parallel collective
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -26,7 +27,7 @@ import numpy as np
 from pipetrain.activations import layer_activation_bytes
 from pipetrain.errors import InfeasibleError
 from pipetrain.graph import LayerGraph, Node
-from pipetrain.sharding import AlphaBeta, collective_time_s, tp_collectives_per_layer
+from pipetrain.sharding import AlphaBeta, CollectiveFit, collective_time_s, tp_collectives_per_layer
 
 __all__ = ["shard_graph", "tp_block", "tp_comm_times_s"]
 
@@ -91,12 +92,13 @@ def shard_graph(graph: LayerGraph, tp: int, *, sequence_parallel: bool = False) 
     return replace(graph, nodes=nodes, tied=tied, tp=tp, sequence_parallel=sequence_parallel, model_fingerprint=graph.fingerprint)
 
 
-def tp_comm_times_s(graph: LayerGraph, link: AlphaBeta | None) -> tuple[np.ndarray, np.ndarray]:
+def tp_comm_times_s(graph: LayerGraph, link: AlphaBeta | None, fits: Sequence[CollectiveFit] = ()) -> tuple[np.ndarray, np.ndarray]:
     """Per node, the seconds of its tensor-parallel collectives in forward and in backward on the
     node's ``link`` (Megatron's count: two all-reduces of b*s*h forward and two backward per
     layer, or the same volume as all-gather plus reduce-scatter with sequence parallelism;
     :func:`pipetrain.sharding.tp_collectives_per_layer`). They run on the compute stream, on the
-    critical path, as Megatron runs them without overlap."""
+    critical path, as Megatron runs them without overlap. ``fits``: collectives a calibration
+    measured (:func:`pipetrain.sharding.collective_time_s` prices with them where they match)."""
     n = graph.num_nodes
     fwd, bwd = np.zeros(n), np.zeros(n)
     if graph.tp == 1 or link is None:
@@ -107,7 +109,7 @@ def tp_comm_times_s(graph: LayerGraph, link: AlphaBeta | None) -> tuple[np.ndarr
             continue
         for c in tp_collectives_per_layer(micro_batch_size=graph.micro_batch_size, seq_len=graph.seq_len, hidden=node.layer.hidden,
                                           tp=graph.tp, sequence_parallel=graph.sequence_parallel, dtype_bytes=db):
-            t = collective_time_s(c.kind, c.nbytes, graph.tp, link)
+            t = collective_time_s(c.kind, c.nbytes, graph.tp, link, fits)
             if c.phase == "F":
                 fwd[i] += t
             else:

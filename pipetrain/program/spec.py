@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from pipetrain.errors import ConfigError
 from pipetrain.schedules import Action, Schedule, make_schedule, schedule_chunks
-from pipetrain.sharding import collective_time_s
+from pipetrain.sharding import CollectiveFit, collective_time_s
 
 __all__ = [
     "POST", "RUN", "RECV_MODES", "Op", "Link", "StageSpec", "TieSpec", "BoundarySpec", "ComputeGroup", "DataParallelSpec", "SimInput",
@@ -116,9 +116,12 @@ class StageSpec:
     buffers: int | None = None
     grad_bytes: float = 0.0
     t_optimizer_s: float = 0.0
+    #: of the times above, the seconds per micro-batch of the tensor-parallel collectives (forward,
+    #: backward and a recompute's forward): already in them, kept apart for the fidelity table
+    t_tp_comm_s: float = 0.0
 
     def __post_init__(self) -> None:
-        _nonneg("stage", t_fwd_s=self.t_fwd_s, t_bwd_s=self.t_bwd_s, t_wgrad_s=self.t_wgrad_s,
+        _nonneg("stage", t_tp_comm_s=self.t_tp_comm_s, t_fwd_s=self.t_fwd_s, t_bwd_s=self.t_bwd_s, t_wgrad_s=self.t_wgrad_s,
                 t_recompute_s=self.t_recompute_s, activation_bytes=self.activation_bytes,
                 wgrad_stash_bytes=self.wgrad_stash_bytes,
                 static_bytes=self.static_bytes, grad_bytes=self.grad_bytes, t_optimizer_s=self.t_optimizer_s)
@@ -254,17 +257,20 @@ class DataParallelSpec:
     width: int = 1
     link: Link = field(default_factory=lambda: Link(name="dp"))
     overlap: bool = False
+    #: the all-reduce as a calibration measured it on the backend (empty: the ring on ``link``)
+    fits: tuple[CollectiveFit, ...] = ()
 
     def __post_init__(self) -> None:
         _need(isinstance(self.width, int) and self.width >= 1, f"data-parallel width must be >= 1, got {self.width}")
 
 
-def ring_allreduce_time_s(nbytes: float, n: int, link: Link) -> float:
-    """Ring all-reduce of ``nbytes`` over ``n`` replicas: 2(n-1)/n · bytes/bw + 2(n-1) · latency
+def ring_allreduce_time_s(nbytes: float, n: int, link: Link, fits: Sequence[CollectiveFit] = ()) -> float:
+    """Ring all-reduce of ``nbytes`` over ``n`` replicas: 2(n-1)/n · bytes/bw + 2(n-1) · latency,
+    or the measured all-reduce of ``n`` ranks among ``fits``
     (:func:`pipetrain.sharding.collective_time_s`; nothing for one replica or no bytes)."""
     if n <= 1 or nbytes <= 0:
         return 0.0
-    return collective_time_s("all_reduce", nbytes, n, link)
+    return collective_time_s("all_reduce", nbytes, n, link, fits)
 
 
 @dataclass(frozen=True, kw_only=True)

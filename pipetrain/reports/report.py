@@ -139,13 +139,21 @@ def landscape_section(land: Landscape | None, sink: FigureSink, *, chosen: tuple
 
 def fidelity_section(d: dict[str, Any], *, where: str = FIDELITY_FILE) -> Section:
     """Simulated against measured per stage, from ``fidelity.json`` (written by ``pipetrain run``)."""
-    head = ("stage", "rank", "busy sim", "busy meas", "error", "bubble sim", "bubble meas", "diff", "activations sim",
-            "activations meas", "error")
+    head: tuple[str, ...] = ("stage", "rank", "busy sim", "busy meas", "error", "bubble sim", "bubble meas", "diff", "activations sim",
+                             "activations meas", "error")
+    # tensor parallelism / ZeRO: their collectives per step (older fidelity files have no such columns)
+    stages = d.get("stages") if isinstance(d, dict) else None
+    comm = [w for w in ("tp", "zero") if stages and isinstance(stages[0], dict) and f"sim_{w}_comm_s" in stages[0]]
+    for w in comm:
+        head += (f"{w} comm sim", f"{w} comm meas", "error")
     try:
         rows = tuple((str(s["stage"]), str(s["rank"]), f"{s['sim_busy_s'] * 1e3:.2f} ms", f"{s['meas_busy_s'] * 1e3:.2f} ms",
                       f"{s['busy_error'] * 100:+.1f}%", f"{s['sim_bubble'] * 100:.1f}%", f"{s['meas_bubble'] * 100:.1f}%",
                       f"{(s['sim_bubble'] - s['meas_bubble']) * 100:+.1f} pp", f"{s['sim_activation_bytes'] / 2**20:.2f} MiB",
-                      f"{s['meas_activation_bytes'] / 2**20:.2f} MiB", f"{s['activation_error'] * 100:+.1f}%") for s in d["stages"])
+                      f"{s['meas_activation_bytes'] / 2**20:.2f} MiB", f"{s['activation_error'] * 100:+.1f}%")
+                     + tuple(f"{s[f'{side}_{what}_comm_s'] * 1e3:.2f} ms" if side != "err" else f"{s[f'{what}_comm_error'] * 100:+.1f}%"
+                             for what in comm for side in ("sim", "meas", "err"))
+                     for s in d["stages"])
         para = (f"Simulated with {d['cost_source']} against the median of {d['steps_measured']} measured steps after warm-up: "
                 f"step time {d['sim_step_s'] * 1e3:.2f} ms simulated vs {d['meas_step_s'] * 1e3:.2f} ms measured "
                 f"(error {d['step_error'] * 100:+.1f}%); pipeline span {d['sim_pipeline_s'] * 1e3:.2f} vs "

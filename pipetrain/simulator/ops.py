@@ -230,7 +230,7 @@ def end_of_step(inp: SimInput, rank_end_s: list[float], grad_start_s: list[float
         t = rank_end_s[r]
         for s in stages:
             spec = inp.stages[s]
-            t_ar = ring_allreduce_time_s(spec.grad_bytes, dp.width, dp.link)
+            t_ar = ring_allreduce_time_s(spec.grad_bytes, dp.width, dp.link, dp.fits)
             if t_ar <= 0.0:
                 continue
             start = max(link_free, grad_start_s[s] if dp.overlap else rank_end_s[r])

@@ -27,7 +27,7 @@ from pipetrain.plan import Plan
 from pipetrain.validation.measure import Measured, measure_run
 
 __all__ = ["StageFidelity", "Fidelity", "simulate_plan", "executor_sim_input", "plan_topology", "cost_for_plan",
-           "compare", "run_fidelity", "mape", "spearman", "fidelity_lines", "fidelity_table_rows",
+           "compare", "run_fidelity", "mape", "spearman", "fidelity_lines", "fidelity_table_head", "fidelity_table_rows",
            "FIDELITY_FILE", "PREDICTIONS_FILE", "load_run_calibration", "report_run_fidelity", "describe_plan"]
 
 
@@ -49,6 +49,13 @@ class StageFidelity:
     #: simulation as on the machine, so busy on both sides is the wall time of the actions, waiting
     #: for a core included (see :func:`compare`)
     shared: bool = False
+    #: seconds per step of the tensor-parallel collectives inside the stage's F/B (part of busy on both sides)
+    sim_tp_comm_s: float = 0.0
+    meas_tp_comm_s: float = 0.0
+    #: seconds per step of ZeRO's collectives: simulated as the stage's data-parallel collective after
+    #: its backward pass, measured as FSDP2's all-gather and reduce-scatter (left out of busy on both sides)
+    sim_zero_comm_s: float = 0.0
+    meas_zero_comm_s: float = 0.0
 
     @property
     def quiet_busy_error(self) -> float:
@@ -57,6 +64,14 @@ class StageFidelity:
     @property
     def busy_error(self) -> float:
         return _rel(self.sim_busy_s, self.meas_busy_s)
+
+    @property
+    def tp_comm_error(self) -> float:
+        return _rel(self.sim_tp_comm_s, self.meas_tp_comm_s)
+
+    @property
+    def zero_comm_error(self) -> float:
+        return _rel(self.sim_zero_comm_s, self.meas_zero_comm_s)
 
     @property
     def bubble_error_pp(self) -> float:
@@ -82,6 +97,9 @@ class Fidelity:
     stages: tuple[StageFidelity, ...]
     steps_measured: int
     meas_step_iqr_s: tuple[float, float] = (0.0, 0.0)
+    #: the run used tensor parallelism / ZeRO: the per-stage collective columns apply
+    has_tp: bool = False
+    has_zero: bool = False
 
     @property
     def step_error(self) -> float:
@@ -114,7 +132,11 @@ class Fidelity:
                             "sim_activation_bytes": s.sim_activation_bytes, "meas_activation_bytes": s.meas_activation_bytes,
                             "activation_error": s.activation_error, "sim_in_flight": s.sim_in_flight,
                             "meas_in_flight": s.meas_in_flight, "meas_quiet_busy_s": s.meas_quiet_busy_s,
-                            "quiet_busy_error": s.quiet_busy_error, "shared": s.shared} for s in self.stages]}
+                            "quiet_busy_error": s.quiet_busy_error, "shared": s.shared,
+                            **({"sim_tp_comm_s": s.sim_tp_comm_s, "meas_tp_comm_s": s.meas_tp_comm_s, "tp_comm_error": s.tp_comm_error}
+                               if self.has_tp else {}),
+                            **({"sim_zero_comm_s": s.sim_zero_comm_s, "meas_zero_comm_s": s.meas_zero_comm_s,
+                                "zero_comm_error": s.zero_comm_error} if self.has_zero else {})} for s in self.stages]}
 
 
 def _rel(sim: float, meas: float) -> float:
@@ -190,6 +212,13 @@ def compare(plan: Plan, inp: Any, sim: Any, meas: Measured, *, label: str = "", 
         if e[2] in ("F", "B", "W"):
             spans[e[0]] += e[5] - e[4]
     sim_busy = spans if sim.raw_events else list(sim.busy_s_per_stage)
+    # ZeRO: the stage's data-parallel collective (the simulator's ALLREDUCE of its gradient bytes; tied
+    # weights' all-reduces carry other sizes)
+    sim_zero = [0.0] * len(plan.stages)
+    for e in sim.raw_events if plan.zero > 0 else ():
+        if e[2] == "ALLREDUCE" and e[6] == int(inp.stages[e[0]].grad_bytes):
+            sim_zero[e[0]] += e[5] - e[4]
+    m = inp.schedule.num_microbatches
     stages = []
     for st in plan.stages:
         s, r = st.index, st.rank
@@ -203,15 +232,20 @@ def compare(plan: Plan, inp: Any, sim: Any, meas: Measured, *, label: str = "", 
             meas_activation_bytes=meas.peak_activation_bytes_per_rank[r] * share,
             sim_in_flight=int(sim.peak_in_flight_per_stage[s]), meas_in_flight=int(meas.peak_in_flight_per_stage[s]),
             meas_quiet_busy_s=meas.quiet_busy_s_per_stage[s] if meas.quiet_busy_s_per_stage else meas.busy_s_per_stage[s],
-            shared=any(r in g.ranks and g.capacity < len(g.ranks) for g in inp.compute_groups)))
-    return Fidelity(label=label or describe_plan(plan), cost_source=cost_source, sim_step_s=sim.step_time_s, meas_step_s=meas.step_time_s,
+            shared=any(r in g.ranks and g.capacity < len(g.ranks) for g in inp.compute_groups),
+            sim_tp_comm_s=inp.stages[s].t_tp_comm_s * m,
+            meas_tp_comm_s=meas.tp_comm_s_per_stage[s] if meas.tp_comm_s_per_stage else 0.0,
+            sim_zero_comm_s=sim_zero[s], meas_zero_comm_s=meas.zero_comm_s_per_stage[s] if meas.zero_comm_s_per_stage else 0.0))
+    return Fidelity(has_tp=plan.tp > 1, has_zero=plan.zero > 0,
+                    label=label or describe_plan(plan), cost_source=cost_source, sim_step_s=sim.step_time_s, meas_step_s=meas.step_time_s,
                     sim_pipeline_s=sim.pipeline_time_s, meas_pipeline_s=meas.pipeline_time_s, sim_bubble=sim.bubble_fraction,
                     meas_bubble=meas.bubble_fraction, stages=tuple(stages), steps_measured=len(meas.steps),
                     meas_step_iqr_s=meas.step_time_iqr_s)
 
 
 def describe_plan(plan: Plan) -> str:
-    return f"{plan.model} p{plan.pp}" + (f"d{plan.dp}" if plan.dp > 1 else "") + f" m{plan.num_microbatches} {plan.schedule}"
+    return (f"{plan.model} " + (f"t{plan.tp}" if plan.tp > 1 else "") + f"p{plan.pp}" + (f"d{plan.dp}" if plan.dp > 1 else "")
+            + (f"z{plan.zero}" if plan.zero else "") + f" m{plan.num_microbatches} {plan.schedule}")
 
 
 def run_fidelity(run_dir: str | Path, plan: Plan, *, calibration: Any = None, warmup_steps: int = 1, label: str = "") -> Fidelity:
@@ -253,20 +287,38 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     return cov / (va * vb) if va > 0 and vb > 0 else 0.0
 
 
+def fidelity_table_head(f: Fidelity) -> tuple[str, ...]:
+    """The header of :func:`fidelity_table_rows`."""
+    head: tuple[str, ...] = ("stage", "rank", "busy sim ms", "meas ms", "err", "bubble sim %", "meas %", "diff pp", "act sim MiB", "meas MiB",
+                             "err")
+    if f.has_tp:
+        head += ("tp comm sim ms", "meas ms", "err")
+    if f.has_zero:
+        head += ("zero comm sim ms", "meas ms", "err")
+    return head
+
+
 def fidelity_table_rows(f: Fidelity) -> list[tuple[str, ...]]:
-    """Per-stage rows (stage, rank, busy sim/meas/err, bubble sim/meas/diff, act sim/meas/err) for tables."""
+    """Per-stage rows (stage, rank, busy sim/meas/err, bubble sim/meas/diff, act sim/meas/err, and with tensor
+    parallelism or ZeRO their collectives' seconds per step sim/meas/err) for tables."""
     rows: list[tuple[str, ...]] = []
     for s in f.stages:
-        rows.append((str(s.stage), f"{s.rank}{'*' if s.shared else ''}", f"{s.sim_busy_s * 1e3:.2f}", f"{s.meas_busy_s * 1e3:.2f}",
-                     f"{s.busy_error * 100:+.1f}%",
-                     f"{s.sim_bubble * 100:.1f}", f"{s.meas_bubble * 100:.1f}", f"{s.bubble_error_pp:+.1f}",
-                     f"{s.sim_activation_bytes / 2**20:.2f}", f"{s.meas_activation_bytes / 2**20:.2f}", f"{s.activation_error * 100:+.1f}%"))
+        row: tuple[str, ...] = (
+            str(s.stage), f"{s.rank}{'*' if s.shared else ''}", f"{s.sim_busy_s * 1e3:.2f}", f"{s.meas_busy_s * 1e3:.2f}",
+            f"{s.busy_error * 100:+.1f}%",
+            f"{s.sim_bubble * 100:.1f}", f"{s.meas_bubble * 100:.1f}", f"{s.bubble_error_pp:+.1f}",
+            f"{s.sim_activation_bytes / 2**20:.2f}", f"{s.meas_activation_bytes / 2**20:.2f}", f"{s.activation_error * 100:+.1f}%")
+        if f.has_tp:
+            row += (f"{s.sim_tp_comm_s * 1e3:.2f}", f"{s.meas_tp_comm_s * 1e3:.2f}", f"{s.tp_comm_error * 100:+.1f}%")
+        if f.has_zero:
+            row += (f"{s.sim_zero_comm_s * 1e3:.2f}", f"{s.meas_zero_comm_s * 1e3:.2f}", f"{s.zero_comm_error * 100:+.1f}%")
+        rows.append(row)
     return rows
 
 
 def fidelity_lines(f: Fidelity) -> list[str]:
     """Plain-text summary (for the terminal after ``pipetrain run``)."""
-    head = ("stage", "rank", "busy sim ms", "meas ms", "err", "bubble sim %", "meas %", "diff pp", "act sim MiB", "meas MiB", "err")
+    head = fidelity_table_head(f)
     rows = [head] + fidelity_table_rows(f)
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     out = [f"simulated vs measured ({f.cost_source}; median of {f.steps_measured} steps):",
@@ -277,6 +329,11 @@ def fidelity_lines(f: Fidelity) -> list[str]:
         out.append("  " + "  ".join(c.rjust(w) for c, w in zip(r, widths)))
     if any(s.shared for s in f.stages):
         out.append("  * the rank shares cores with other ranks: busy (simulated and measured) includes its waits for a core")
+    if f.has_tp:
+        out.append("  tp comm: per step, the tensor-parallel collectives inside the stage's F and B (part of busy on both sides)")
+    if f.has_zero:
+        out.append("  zero comm: per step, ZeRO's all-gather and reduce-scatter (measured inside the first F and last B; "
+                   "left out of busy on both sides)")
     return out
 
 

@@ -1,0 +1,177 @@
+"""Measured collectives: the calibration's probe and fits, the simulator pricing tensor- and
+data-parallel collectives with them, and a tensor-parallel run's telemetry and fidelity table.
+
+The probe runs real gloo process groups (2 local processes); the run is the executor's bare
+launcher on 4 ranks (tp = 2 x dp = 2, ZeRO-1), as tests/test_executor_parallel.py launches it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipetrain.calibration.fit import CalibrationFit
+from pipetrain.calibration.measured import Calibration, OptimizerCost, P2PCost, calibrated_topology
+from pipetrain.calibration.profile import BlockProfile, BlockTiming
+from pipetrain.calibration.tpcost import TensorParallelCost
+from pipetrain.planner.trace import trace_graph
+from pipetrain.sharding import CollectiveFit, collective_time_s
+from pipetrain.topology import topology_preset
+from pipetrain.validation.fidelity import compare, fidelity_lines, fidelity_table_head, simulate_plan
+
+SEQ = 16
+
+
+def test_probe_fit_reproduces_the_measured_gloo_collectives() -> None:
+    """2 gloo processes: each collective's alpha-beta fit against its own measured medians."""
+    pytest.importorskip("torch")
+    from pipetrain.calibration.collprobe import probe_collectives
+
+    sizes = (16 << 10, 256 << 10, 2 << 20)
+    fits = probe_collectives(backend="gloo", group_sizes=(2,), sizes_bytes=sizes, repeats=6)
+    assert [(f.kind, f.ranks, f.backend) for f in fits] == [(k, 2, "gloo") for k in ("all_reduce", "all_gather", "reduce_scatter")]
+    for f in fits:
+        assert f.sizes_bytes == sizes and len(f.seconds) == 3 and all(t > 0 for t in f.seconds)
+        # moving 128 times the bytes takes longer (a probe timing nothing would fail here)
+        assert f.seconds[-1] > f.seconds[0], (f.kind, f.seconds)
+        errors = [abs(f.time_s(b) - t) / t for b, t in zip(f.sizes_bytes, f.seconds)]
+        # the machine is shared: one size may be off by a burst of load, the fit must hold at the others
+        assert statistics.median(errors) < 0.5, (f.kind, f.seconds, errors)
+        assert f.time_s(2 << 20) > f.time_s(16 << 10) > 0
+
+
+def test_collective_time_uses_a_matching_fit_else_the_ring() -> None:
+    link = P2PCost(backend="gloo", latency_s=1e-4, bandwidth_bytes_per_s=1e9)
+    fit = CollectiveFit(kind="all_reduce", ranks=2, backend="gloo", latency_s=3e-4, per_byte_s=2e-9)
+    assert collective_time_s("all_reduce", 1e6, 2, link, (fit,)) == pytest.approx(3e-4 + 2e-3)
+    ring = 2 * (0.5 * 1e6 / 1e9 + 1e-4)
+    assert collective_time_s("all_reduce", 1e6, 2, link) == pytest.approx(ring)
+    assert collective_time_s("all_reduce", 1e6, 4, link, (fit,)) != pytest.approx(3e-4 + 2e-3)  # another group size: the ring
+    assert collective_time_s("all_gather", 1e6, 2, link, (fit,)) == pytest.approx(ring / 2)
+
+
+def _calibration(graph: Any, collectives: tuple[CollectiveFit, ...] = (), tp_costs: tuple[TensorParallelCost, ...] = ()) -> Calibration:
+    blocks = tuple(BlockTiming(name=n.name, kind=n.kind, fwd_s=2e-3, bwd_s=3e-3) for n in graph.nodes)
+    prof = BlockProfile(model=graph.model, micro_batch_size=graph.micro_batch_size, seq_len=graph.seq_len, dtype=graph.dtype,
+                        device="cpu:test:1thr", device_kind="cpu", warmup=0, repeats=1, blocks=blocks)
+    fit = CalibrationFit(device_type="local-cpu", dtype="fp32", efficiency_by_kind={}, default_efficiency=0.3,
+                         bwd_efficiency_scale=1.0, memory_efficiency=0.8, overhead_fwd_s=0.0, overhead_bwd_s=0.0,
+                         error_before=0.5, error_after=0.1, num_samples=2)
+    return Calibration(topology="local-cpu:4", device_type="local-cpu", device="cpu:test:1thr", device_kind="cpu", threads=1, cores=4,
+                       p2p=P2PCost(backend="gloo", latency_s=1e-4, bandwidth_bytes_per_s=1e9),
+                       optimizers=(OptimizerCost(optimizer="adamw", fixed_s=1e-3, per_param_s=1e-8),), fit=fit, profiles=(prof,),
+                       collectives=collectives, tensor_parallel=tp_costs)
+
+
+def _plan(**kw: Any) -> Any:
+    pytest.importorskip("torch")
+    from pipetrain.executor.plans import simple_plan
+
+    return simple_plan("tiny-gpt", mbs=1, seq_len=SEQ, **kw)
+
+
+@pytest.fixture(scope="module")
+def graph() -> Any:
+    return trace_graph("tiny-gpt", micro_batch_size=1, seq_len=SEQ)
+
+
+def test_simulator_prices_tp_collectives_with_the_calibrated_fit(graph: Any) -> None:
+    """tp = 2, one stage, 4 micro-batches: each layer's 2 forward and 2 backward all-reduces of
+    b*s*h fp32 cost exactly the calibrated 1 ms + 1 ns/byte; the busy time is the profile plus them."""
+    ar = CollectiveFit(kind="all_reduce", ranks=2, backend="gloo", latency_s=1e-3, per_byte_s=1e-9)
+    cal = _calibration(graph, (ar,))
+    plan = _plan(pp=1, m=4, tp=2)
+    topo = calibrated_topology(topology_preset("local-cpu:2"), cal)
+    inp, sim, _ = simulate_plan(plan, calibration=cal, graph=graph, topology=topo)
+    layers = [n for n in graph.nodes if n.layer is not None]
+    hidden = layers[0].layer.hidden
+    per_mb = len(layers) * 4 * (1e-3 + 1 * SEQ * hidden * 4 * 1e-9)
+    assert inp.stages[0].t_tp_comm_s == pytest.approx(per_mb)
+    assert sim.busy_s_per_stage[0] == pytest.approx(4 * (graph.num_nodes * 5e-3 + per_mb))
+    ring = simulate_plan(plan, calibration=_calibration(graph), graph=graph, topology=topo)[0]
+    assert ring.stages[0].t_tp_comm_s != pytest.approx(per_mb)  # without the fit: the ring on the link
+    # measured tp compute: the profile times the executor's factors
+    tpc = TensorParallelCost(model="tiny-gpt", micro_batch_size=1, seq_len=SEQ, tp=2, fwd_factor=0.5, bwd_factor=2.0,
+                             measured_fwd_s=1.0, measured_bwd_s=1.0, measured_tp_comm_s=0.0, steps=3)
+    scaled = simulate_plan(plan, calibration=_calibration(graph, (ar,), (tpc,)), graph=graph, topology=topo)[1]
+    assert scaled.busy_s_per_stage[0] == pytest.approx(4 * (graph.num_nodes * (1e-3 + 6e-3) + per_mb))
+
+
+def test_calibration_file_keeps_the_collectives(graph: Any, tmp_path: Path) -> None:
+    from pipetrain.calibration.measured import load_calibration
+    from pipetrain.calibration.run import describe
+
+    ar = CollectiveFit(kind="all_reduce", ranks=2, backend="gloo", latency_s=1e-3, per_byte_s=1e-9, sizes_bytes=(1024, 4096),
+                       seconds=(1e-3, 1.1e-3))
+    cal = _calibration(graph, (ar,))
+    assert load_calibration(cal.save(tmp_path / "c.json")) == cal
+    assert ("all-reduce x2 (gloo)", "1000 us + 1.000 ns/byte (measured 1 KiB 1.00 ms, 4 KiB 1.10 ms)") in describe(cal)
+
+
+def test_simulator_prices_the_zero_collective_with_the_calibrated_fit(graph: Any) -> None:
+    """dp = 2 with ZeRO-1: the stage's data-parallel collective is the calibrated all-reduce of its bytes."""
+    ar = CollectiveFit(kind="all_reduce", ranks=2, backend="gloo", latency_s=2e-3, per_byte_s=3e-9)
+    cal = _calibration(graph, (ar,))
+    plan = _plan(pp=1, dp=2, m=2, zero=1)
+    inp, sim, _ = simulate_plan(plan, calibration=cal, graph=graph, topology=calibrated_topology(topology_preset("local-cpu:2"), cal))
+    (e,) = [e for e in sim.raw_events if e[2] == "ALLREDUCE" and e[6] == int(inp.stages[0].grad_bytes)]
+    assert e[5] - e[4] == pytest.approx(2e-3 + 3e-9 * inp.stages[0].grad_bytes)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_tp_zero_run_telemetry_has_collective_spans_and_the_fidelity_table_their_columns(tmp_path: Path, graph: Any) -> None:
+    """tp = 2 x dp = 2 with ZeRO-1 (FSDP2 over dp on the tp shards), 4 ranks, one launch."""
+    pytest.importorskip("torch")
+    from pipetrain.costs import AnalyticCostModel
+    from pipetrain.executor.telemetry import read_telemetry
+    from pipetrain.validation.measure import measure_run
+
+    plan = _plan(pp=1, dp=2, m=2, tp=2, zero=1)
+    plan.save(tmp_path / "plan.json")
+    r = subprocess.run([sys.executable, "-m", "pipetrain.executor.launch", str(tmp_path / "plan.json"), "--run-dir", str(tmp_path / "run"),
+                        "--steps", "2", "--dataset", "stdlib-text"], capture_output=True, text=True, timeout=200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    layers = sum(1 for n in graph.nodes if n.layer is not None)
+    tel = read_telemetry(tmp_path / "run")
+    assert sorted(tel) == [0, 1, 2, 3]
+    for rank, recs in tel.items():
+        fb = [e for e in recs if e.get("type") == "event" and e["kind"] in ("F", "B")]
+        assert len(fb) == 2 * 2 * 2, rank
+        for e in fb:  # DTensor's row-parallel all-reduces forward, the column-parallel input's backward
+            assert e["tp_collectives"] == 2 * layers and 0 < e["tp_comm_s"] < e["end_s"] - e["start_s"], e
+            # FSDP2: the parameters' all-gather in the step's first forward, the gradients' reduce-scatter in its last backward
+            edge = (e["kind"], e["microbatch"]) in (("F", 0), ("B", 1))
+            assert (e["zero_collectives"] > 0) == edge, e
+            assert (e["zero_comm_s"] > 0) == edge and e["tp_comm_s"] + e["zero_comm_s"] < e["end_s"] - e["start_s"], e
+    meas = measure_run(tmp_path / "run", plan, warmup_steps=1)
+    inp, sim, _ = simulate_plan(plan, cost=AnalyticCostModel(), graph=graph)
+    f = compare(plan, inp, sim, meas)
+    head = fidelity_table_head(f)
+    assert head[-6:] == ("tp comm sim ms", "meas ms", "err", "zero comm sim ms", "meas ms", "err")
+    (st,) = f.stages
+    assert st.sim_tp_comm_s > 0 and 0 < st.meas_tp_comm_s < st.meas_busy_s
+    assert st.sim_zero_comm_s > 0 and st.meas_zero_comm_s > 0
+    d = f.to_dict()["stages"][0]
+    assert d["meas_tp_comm_s"] == pytest.approx(st.meas_tp_comm_s) and "tp_comm_error" in d
+    assert any("tp comm" in line for line in fidelity_lines(f))
+    assert replace(f, has_tp=False).to_dict()["stages"][0].get("tp_comm_error") is None
+    from pipetrain.reports.report import fidelity_section
+
+    (table,) = fidelity_section(f.to_dict()).tables
+    assert table[0][-6:] == ("tp comm sim", "tp comm meas", "error", "zero comm sim", "zero comm meas", "error")
+    assert len(table[1][0]) == len(table[0])
+
+
+def test_calibrate_tp_beyond_the_topology_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
+    from pipetrain.cli import main
+
+    assert main(["calibrate", "--topology", "local-cpu:2", "--model", "tiny-gpt", "--tp", "4", "--no-probe"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error:") and "--tp 4" in err[-1] and "2 devices" in err[-1]
