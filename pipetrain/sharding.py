@@ -183,8 +183,9 @@ def tp_collectives_per_layer(*, micro_batch_size: int, seq_len: int, hidden: int
 @dataclass(frozen=True, kw_only=True)
 class CollectiveFit:
     """A collective measured on a backend: ``kind`` over ``ranks`` ranks of a tensor of ``nbytes``
-    (its full size, as :class:`Collective` counts it) takes ``latency_s + nbytes * per_byte_s``
-    (the Hockney model fitted to ``seconds`` at ``sizes_bytes``, the medians over repeats)."""
+    (its full size, as :class:`Collective` counts it) takes ``seconds`` at ``sizes_bytes`` (the
+    medians over repeats) and, fitted to them, ``latency_s + nbytes * per_byte_s`` (the Hockney
+    model; :meth:`time_s` says which applies where)."""
 
     kind: str
     ranks: int
@@ -205,7 +206,24 @@ class CollectiveFit:
             raise ConfigError(f"collective fit {self.kind} x{self.ranks}: {len(self.sizes_bytes)} sizes but {len(self.seconds)} times")
 
     def time_s(self, nbytes: float) -> float:
-        return self.latency_s + nbytes * self.per_byte_s if nbytes > 0 else 0.0
+        """Between the measured sizes the measured times, linearly interpolated; above them the
+        largest one plus the fit's per-byte cost; below them the smallest one (latency-bound). A
+        single straight line through every size misprices the sizes that matter: on gloo the
+        largest sizes pull it, and a tensor-parallel message of a small model then costs a third
+        less than measured at its own size (benchmarks/RESULTS.md). Without sizes, the fit."""
+        if nbytes <= 0:
+            return 0.0
+        if len(self.sizes_bytes) < 2:
+            return self.latency_s + nbytes * self.per_byte_s
+        pts = sorted(zip(self.sizes_bytes, self.seconds))
+        if nbytes <= pts[0][0]:
+            return pts[0][1]
+        if nbytes >= pts[-1][0]:
+            return pts[-1][1] + (nbytes - pts[-1][0]) * self.per_byte_s
+        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+            if nbytes <= x1:
+                return y0 + (y1 - y0) * (nbytes - x0) / (x1 - x0)
+        raise AssertionError("unreachable: nbytes lies inside the measured sizes")
 
 
 def find_fit(fits: Sequence[CollectiveFit], kind: str, n: int) -> CollectiveFit | None:

@@ -72,3 +72,17 @@ def test_ring_collectives_alpha_beta() -> None:
     assert collective_time_s("all_gather", nbytes, 1, link) == 0.0
     with pytest.raises(ConfigError, match="collective kind"):
         collective_time_s("broadcast", nbytes, n, link)
+
+
+def test_a_measured_collective_follows_its_measurements_between_sizes() -> None:
+    from pipetrain.sharding import CollectiveFit
+
+    fit = CollectiveFit(kind="all_reduce", ranks=2, backend="gloo", latency_s=1e-4, per_byte_s=1e-9,
+                        sizes_bytes=(1000, 3000, 2000), seconds=(2e-4, 8e-4, 4e-4))
+    assert fit.time_s(0) == 0.0
+    assert fit.time_s(500) == 2e-4  # below the smallest size: its time (latency-bound)
+    assert fit.time_s(1500) == pytest.approx(3e-4)  # between 1000 and 2000 (sizes sorted)
+    assert fit.time_s(2500) == pytest.approx(6e-4)
+    assert fit.time_s(5000) == pytest.approx(8e-4 + 2000 * 1e-9)  # above: the largest + the fit's per-byte cost
+    bare = CollectiveFit(kind="all_reduce", ranks=2, backend="gloo", latency_s=1e-4, per_byte_s=1e-9)
+    assert bare.time_s(1000) == pytest.approx(1e-4 + 1e-6)
