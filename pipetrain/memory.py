@@ -38,6 +38,7 @@ A stage holding layer-graph nodes ``[start, end)`` needs (all in bytes):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from pipetrain.activations import layer_activation_bytes, zb_w_held_bytes
@@ -227,6 +228,12 @@ def recompute_memory(graph: LayerGraph, start: int, end: int, *, in_flight: int,
     return kept, float(max(per_node_saved[start:start + k]))
 
 
+# Per-layer figures depend only on the layer's shape and the graph's sizes: the planner asks for
+# them for every stage it prices, hundreds of thousands of times on a large grid.
+_layer_bytes = functools.lru_cache(maxsize=4096)(layer_activation_bytes)
+_w_held_bytes = functools.lru_cache(maxsize=4096)(zb_w_held_bytes)
+
+
 def selective_dropped_bytes(graph: LayerGraph) -> tuple[int, ...]:
     """Per node, the saved bytes that selective recompute does not keep: the attention core's
     (softmax output, its dropout and mask, the causal mask, the log-sum-exp; Korthikanti et al.
@@ -239,8 +246,8 @@ def selective_dropped_bytes(graph: LayerGraph) -> tuple[int, ...]:
         if nd.layer is None:
             out.append(0)
             continue
-        kept = [layer_activation_bytes(nd.layer, seq_len=graph.seq_len, micro_batch_size=graph.micro_batch_size, dtype_bytes=db,
-                                       tp=graph.tp, sequence_parallel=graph.sequence_parallel, recompute=kind)
+        kept = [_layer_bytes(nd.layer, seq_len=graph.seq_len, micro_batch_size=graph.micro_batch_size, dtype_bytes=db,
+                             tp=graph.tp, sequence_parallel=graph.sequence_parallel, recompute=kind)
                 for kind in ("none", "selective")]
         drop = kept[0] - kept[1]
         out.append(max(0, min(nd.saved_bytes, drop)))
@@ -259,8 +266,8 @@ def wgrad_held_bytes(graph: LayerGraph) -> tuple[int, ...]:
         if nd.layer is None:
             out.append(nd.saved_bytes)
         else:
-            out.append(min(nd.saved_bytes, zb_w_held_bytes(nd.layer, seq_len=graph.seq_len, micro_batch_size=graph.micro_batch_size,
-                                                          dtype_bytes=db, tp=graph.tp, sequence_parallel=graph.sequence_parallel)))
+            out.append(min(nd.saved_bytes, _w_held_bytes(nd.layer, seq_len=graph.seq_len, micro_batch_size=graph.micro_batch_size,
+                                                         dtype_bytes=db, tp=graph.tp, sequence_parallel=graph.sequence_parallel)))
     return tuple(out)
 
 

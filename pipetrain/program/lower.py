@@ -155,6 +155,7 @@ class StageCosts:
         # the tp group's collectives as a calibration measured them (empty: the ring on tp_link; None:
         # the cost model's for the device type, as for a group inside one node, where placement puts it)
         self.tp_fits = None if tp_fits is None else tuple(tp_fits)
+        self._tp_comms: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         # how the model state is kept: None is the graph dtype's default table (memory.bytes_per_param)
         self.precision, self.zero, self.dp = precision, zero, dp
         self._node_times: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
@@ -174,11 +175,15 @@ class StageCosts:
         return attention_core_share(self.graph)
 
     def _tp_comm(self, dt: DeviceType) -> tuple[np.ndarray, np.ndarray]:
-        fits = self.tp_fits
-        if fits is None:
-            get = getattr(self.cost, "collective_fits", None)
-            fits = tuple(get(dt)) if get is not None else ()
-        return tp_comm_times_s(self.graph, self.tp_link, fits)
+        """Per node, the tp collectives' seconds in F and in B on ``dt`` (once per device type: the
+        planner asks for every stage it screens)."""
+        if dt.name not in self._tp_comms:
+            fits = self.tp_fits
+            if fits is None:
+                get = getattr(self.cost, "collective_fits", None)
+                fits = tuple(get(dt)) if get is not None else ()
+            self._tp_comms[dt.name] = tp_comm_times_s(self.graph, self.tp_link, fits)
+        return self._tp_comms[dt.name]
 
     def tp_comm_s(self, dt: DeviceType, start: int, end: int, *, recompute: bool, recompute_mode: str = "full",
                   recompute_layers: int = 0) -> float:
