@@ -418,3 +418,22 @@ def test_tied_weight_allreduce_waits_for_both_ranks_exact() -> None:
         assert res.step_time_s == pytest.approx(15.0 + 4.0 / 8.0 + 2 * 0.25 + 0.5)
         ar = sorted((e.rank, e.start_s, e.end_s) for e in res.events if e.kind == "ALLREDUCE")
         assert ar == [(0, pytest.approx(15.0), pytest.approx(16.0)), (1, pytest.approx(13.0), pytest.approx(16.0))]
+
+
+def test_blocking_sends_hold_the_sender_until_the_data_arrived() -> None:
+    """recv_mode "blocking" (Megatron's p2p waits on its send where it issues it): 2 stages, GPipe,
+    m=2, F 1 s, B 2 s, 0.5 s per transfer. Each send holds its rank 0.5 s, so rank 0's second F and
+    everything after it slip: 11 s against 10 s with asynchronous sends; 1F1B 10.5 s."""
+    from dataclasses import replace
+
+    from pipetrain.simulator import simulate, uniform
+
+    for sched, post_s, blocking_s in (("gpipe", 10.0, 11.0), ("1f1b", 10.0, 10.5)):
+        inp = uniform(2, 2, sched, t_fwd_s=1.0, t_bwd_s=2.0, t_comm_s=0.5)
+        assert simulate(inp).step_time_s == pytest.approx(post_s)
+        got = simulate(replace(inp, recv_mode="blocking"))
+        assert got.step_time_s == pytest.approx(blocking_s)
+        comp = {(e[0], e[2], e[3]): (e[4], e[5]) for e in got.raw_events if e[2] in ("F", "B")}
+        assert comp[(0, "F", 1)] == pytest.approx((1.5, 2.5))  # after its first send arrived, not at 1.0
+        if sched == "1f1b":  # rank 1 sends B0's gradient (4.5 .. 5.0) before it may run F1
+            assert comp[(1, "F", 1)] == pytest.approx((5.0, 6.0))

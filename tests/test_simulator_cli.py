@@ -37,6 +37,15 @@ def test_json_stdout_and_file(capsys: pytest.CaptureFixture[str], tmp_path: Path
     assert any(e.get("cat") == "W" for e in json.loads(trace.read_text())["traceEvents"])
 
 
+def test_recv_mode_blocking_is_a_what_if(capsys: pytest.CaptureFixture[str]) -> None:
+    """Megatron's blocking sends on the same program (tests/test_simulator.py has the timeline)."""
+    argv = ["simulate", "-p", "2", "-m", "2", "--t-fwd", "1", "--t-bwd", "2", "--t-comm", "0.5", "--schedule", "gpipe", "--json", "-"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["step_time_s"] == pytest.approx(10e-3)
+    assert main([*argv, "--recv-mode", "blocking"]) == 0
+    assert json.loads(capsys.readouterr().out)["step_time_s"] == pytest.approx(11e-3)
+
+
 def test_fast_evaluator_and_comm(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(BASE + ["--t-comm", "0.5", "--evaluator", "fast", "--json", "-"]) == 0
     fast = json.loads(capsys.readouterr().out)

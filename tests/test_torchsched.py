@@ -188,7 +188,8 @@ def test_untested_torch_version_is_refused(monkeypatch: pytest.MonkeyPatch, caps
     (["--torch-schedule", "ScheduleWarp", *FLAGS], "torch schedule 'ScheduleWarp' is unknown"),
     (["--torch-schedule", "Schedule1F1B", "--recv-mode", "fifo", *FLAGS], "--recv-mode 'fifo' is unknown"),
     (["--torch-schedule", "Schedule1F1B", "--evaluator", "fast", *FLAGS], "needs the simpy engine"),
-    (["--recv-mode", "in-order", *FLAGS], "add --torch-schedule"),
+    (["--defer-pp-recv", *FLAGS], "add --torch-schedule"),
+    (["--recv-mode", "blocking", "--evaluator", "fast", *FLAGS], "needs the simpy engine"),
     (["--torch-schedule", "Schedule1F1B", "-p", "4", "-m", "2", "--t-fwd", "1", "--t-bwd", "2"], "refuses p=4, m=2"),
 ])
 def test_refusals(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from pipetrain.errors import ConfigError
@@ -45,9 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also simulate torch's schedule: Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B, ScheduleLoopedBFS, "
                              "ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble, ScheduleDualPipeV, or a CSV file as torch's "
                              "_load_csv reads it; printed beside the plan's (or --schedule's) own schedule")
-    parser.add_argument("--recv-mode", default="post", metavar="post|in-order",
-                        help="torch's program: post (gloo: a posted receive blocks nothing, default) or in-order (an NCCL stream: "
-                             "a posted receive holds back the rank's later sends until its data is there)")
+    parser.add_argument("--recv-mode", default="post", metavar="post|in-order|blocking",
+                        help="post (gloo, pipetrain's runtime: a posted receive blocks nothing, sends are asynchronous; default), "
+                             "in-order (an NCCL stream: a posted receive holds back the rank's later sends until its data is "
+                             "there) or blocking (Megatron's p2p: each send holds its rank until its data arrived)")
     parser.add_argument("--defer-pp-recv", action="store_true",
                         help="torch's program with defer_pp_recv=True: each receive posted just before the compute that reads it")
     parser.add_argument("--stages", "-p", type=int, default=None, help="pipeline stages (ranks), P >= 1")
@@ -134,13 +136,21 @@ def run(args: argparse.Namespace) -> int:
         args.plan = args.plan_file
     if args.torch_schedule is not None:
         return _run_torch(args)
-    if args.recv_mode != "post" or args.defer_pp_recv:
-        raise ConfigError("--recv-mode and --defer-pp-recv apply to torch's program: add --torch-schedule NAME "
+    if args.defer_pp_recv:
+        raise ConfigError("--defer-pp-recv applies to torch's program: add --torch-schedule NAME "
                           "(pipetrain's own schedules post their receives as its runtime does)")
+    from pipetrain.program import RECV_MODES
+
+    if args.recv_mode not in RECV_MODES:
+        raise ConfigError(f"--recv-mode {args.recv_mode!r} is unknown; choose one of {', '.join(RECV_MODES)}")
+    if args.recv_mode != "post" and args.evaluator != "simpy":
+        raise ConfigError(f"--recv-mode {args.recv_mode} needs the simpy engine: drop --evaluator fast")
     if args.plan is not None:
         inp = _simulate_plan(args)
     else:
         inp = _from_flags(args)
+    if args.recv_mode != "post":  # a what-if of the same program: sends that block (Megatron), or an NCCL stream
+        inp = replace(inp, recv_mode=args.recv_mode)
     result = simulate(inp) if args.evaluator == "simpy" else fast_evaluate(inp, events=args.trace is not None or args.json is not None)
     if args.trace:
         result.write_chrome_trace(args.trace)

@@ -50,8 +50,10 @@ POST, RUN = "post", "run"
 #: anything else back; ``in-order`` (an NCCL stream): a rank's point-to-point operations with one peer
 #: run one after another in the order they were issued (NCCL puts each pair of ranks' send/recv on one
 #: communicator and stream), so a posted receive whose data is not there yet holds back every later
-#: send to and receive from that peer until it completes.
-RECV_MODES = ("post", "in-order")
+#: send to and receive from that peer until it completes; ``blocking`` (Megatron-LM's
+#: ``p2p_communication``, which waits on its send and receive requests where it issues them): as
+#: ``post``, and a SEND holds its rank until its data has arrived, on the critical path.
+RECV_MODES = ("post", "in-order", "blocking")
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,9 @@ does:
   their latency). A stage without remote input (stage 0) is checked at each F: no more than
   ``buffers`` micro-batches in flight.
 * **receive modes** (``SimInput.recv_mode``): in ``post`` mode (above; gloo, pipetrain's runtime)
-  a posted receive holds nothing back. In ``in-order`` mode (an NCCL stream) each rank's posts and
+  a posted receive holds nothing back. In ``blocking`` mode (Megatron's p2p: each send and receive
+  waited on where it is issued) a SEND holds its rank until its data has arrived. In ``in-order``
+  mode (an NCCL stream) each rank's posts and
   sends, to any peer, queue on one stream (the pipeline group's communicator) in the order the
   rank issues them: an operation starts only once the one before it completed. A send starts its
   transfer when it heads its stream (NCCL pushes into the peer's buffers; it needs no posted
@@ -77,6 +79,8 @@ def _why(what: tuple[str, int, int] | None, caps: list[int]) -> str:
         return f"a free activation buffer of stage {s} (it has {caps[s]}) for {s}F{mb}"
     if why == "recv":
         return f"the data of {s}RECV{mb}"
+    if why == "send":
+        return f"its receiver to take {s}SEND{mb} (blocking sends)"
     return f"its compute group for stage {s} micro-batch {mb}"
 
 
@@ -125,6 +129,9 @@ def simulate(inp: SimInput) -> SimResult:
     # pipetrain.program.lower): POST ops in each rank's list
     posted: set[int] = set()
     pending: dict[int, tuple[int, int, int, int]] = {}
+    # blocking mode (Megatron's send/recv on the critical path): a SEND returns once its data arrived
+    blocking = inp.recv_mode == "blocking"
+    send_done: dict[int, simpy.Event] = {}
 
     def transfer(msg: int, r: int, s: int, mb: int, slot: int) -> float:
         now = env.now
@@ -136,6 +143,9 @@ def simulate(inp: SimInput) -> SimResult:
         link_free[name] = done
         arrive = done + lat_of[slot]
         push((s, r, "SEND", mb, begin, arrive, bytes_of[slot]))
+        blocked = send_done.pop(msg, None)
+        if blocked is not None:  # a blocking sender waited for its receiver's post: it goes on once the data is there
+            done_at(arrive, blocked.succeed)
         if in_order:  # the receive's completion lands it (stream order)
             return arrive
         w = recv_wait.pop(msg, None)
@@ -301,8 +311,16 @@ def simulate(inp: SimInput) -> SimResult:
                         landed[msg] = arrive
                     else:
                         _land(env, waiter, arrive - now, arrive)
+                    if blocking:
+                        waiting_on[r] = ("send", s, mb)
+                        yield timeout(arrive - now)
                 else:  # the receiver has no free buffer yet: the transfer starts when it posts one
                     pending[msg] = (r, s, mb, slot)
+                    if blocking:
+                        waiting_on[r] = ("send", s, mb)
+                        w = env.event()
+                        send_done[msg] = w
+                        yield w
             else:
                 _, s, mb, msg, slot = op
                 t0 = env.now
