@@ -145,7 +145,10 @@ def simulate(inp: SimInput) -> SimResult:
         push((s, r, "SEND", mb, begin, arrive, bytes_of[slot]))
         blocked = send_done.pop(msg, None)
         if blocked is not None:  # a blocking sender waited for its receiver's post: it goes on once the data is there
-            done_at(arrive, blocked.succeed)
+            def release(ev: simpy.Event = blocked) -> None:
+                ev.succeed()
+
+            done_at(arrive, release)
         if in_order:  # the receive's completion lands it (stream order)
             return arrive
         w = recv_wait.pop(msg, None)
