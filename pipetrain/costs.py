@@ -192,7 +192,7 @@ def analytic_node_times(graph: LayerGraph, device_type: DeviceType, params: Anal
     meff = params.memory_efficiency if params.memory_efficiency is not None else device_type.memory_efficiency
     inputs = node_input_bytes(graph)
     fwd, bwd, wg = [], [], []
-    gemm = GEMM_CONSTANTS.get(device_type.name) if graph.dtype in ("bf16", "fp16") else None
+    gemm = (device_type.gemm or GEMM_CONSTANTS.get(device_type.name)) if graph.dtype in ("bf16", "fp16") else None
     for node, inb in zip(graph.nodes, inputs):
         if gemm is not None and node.layer is not None and node.kind not in params.efficiency_by_kind:
             lt = _shaped_layer_times(graph, node, peak, bw, gemm)

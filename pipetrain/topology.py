@@ -48,6 +48,7 @@ from typing import Any
 import yaml
 
 from pipetrain.errors import ConfigError
+from pipetrain.gemm import GemmConstants
 
 __all__ = [
     "DTYPES", "INTRA_LINK_KINDS", "INTER_LINK_KINDS", "GiB",
@@ -113,6 +114,9 @@ class DeviceType:
     efficiency: float = 0.5
     memory_efficiency: float = 0.8
     cores: int = 0  # CPU cores one rank of this type computes on (CPU ranks only)
+    #: the shape-aware GEMM model's constants (SM count, tile, best efficiency, cost per kernel);
+    #: None: the built-in ones of a known GPU (gemm.GEMM_CONSTANTS), else the flat efficiency
+    gemm: GemmConstants | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -327,8 +331,8 @@ def topology_preset(name: str) -> Topology:
 # ----- YAML ------------------------------------------------------------------------------------
 def _device_type_from(name: str, d: Any) -> DeviceType:
     where = f"device_types.{name}"
-    d = _mapping(d, where, ("kind", "peak_flops", "memory_bytes", "memory_bandwidth_bytes_per_s", "efficiency", "memory_efficiency", "cores"),
-                 ("peak_flops", "memory_bytes", "memory_bandwidth_bytes_per_s"))
+    d = _mapping(d, where, ("kind", "peak_flops", "memory_bytes", "memory_bandwidth_bytes_per_s", "efficiency", "memory_efficiency", "cores",
+                            "gemm"), ("peak_flops", "memory_bytes", "memory_bandwidth_bytes_per_s"))
     pf = d["peak_flops"]
     if isinstance(pf, Mapping):
         pf = _mapping(pf, f"{where}.peak_flops", DTYPES, ("fp32",))
@@ -345,7 +349,19 @@ def _device_type_from(name: str, d: Any) -> DeviceType:
                       memory_bandwidth_bytes_per_s=_num(d["memory_bandwidth_bytes_per_s"], f"{where}.memory_bandwidth_bytes_per_s", positive=True),
                       efficiency=_num(d.get("efficiency", 0.5), f"{where}.efficiency", positive=True),
                       memory_efficiency=_num(d.get("memory_efficiency", 0.8), f"{where}.memory_efficiency", positive=True),
-                      cores=_int(d.get("cores", 0), f"{where}.cores"))
+                      cores=_int(d.get("cores", 0), f"{where}.cores"), gemm=_gemm_from(d["gemm"], f"{where}.gemm") if "gemm" in d else None)
+
+
+def _gemm_from(d: Any, where: str) -> GemmConstants:
+    """A device type's own GEMM constants (``gemm:`` in YAML), e.g. fitted to a GPU's measured GEMMs."""
+    keys = ("sm_count", "tile_m", "tile_n", "max_efficiency", "kernel_overhead_s", "memory_efficiency", "attention_efficiency")
+    d = _mapping(d, where, keys, keys[:5])
+    floats = {k: _num(d[k], f"{where}.{k}", positive=k != "kernel_overhead_s") for k in keys[3:] if k in d}
+    try:
+        return GemmConstants(sm_count=_int(d["sm_count"], f"{where}.sm_count"), tile_m=_int(d["tile_m"], f"{where}.tile_m"),
+                             tile_n=_int(d["tile_n"], f"{where}.tile_n"), **floats)
+    except ConfigError as exc:
+        raise ConfigError(f"topology: {where}: {exc}") from None
 
 
 def _link_from(d: Any, where: str) -> Link:

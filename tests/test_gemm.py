@@ -58,3 +58,39 @@ def test_layer_shapes_split_over_tp_and_bad_shapes() -> None:
     assert transformer_layer_gemms(tokens=10, hidden=64, kv_hidden=16, ffn_hidden=172)[0] == (10, 96, 64)
     with pytest.raises(ConfigError, match="divisible by tp=3"):
         transformer_layer_gemms(tokens=10, hidden=64, tp=3)
+
+
+def test_a_device_type_carries_its_own_gemm_constants_from_yaml() -> None:
+    """A topology's device type may carry the GEMM model's constants (fitted to its own measured
+    GEMMs); they replace the built-in ones of a known GPU in the layer times."""
+    from pipetrain.costs import analytic_node_times
+    from pipetrain.graph import Edge, LayerGraph, LayerShape, Node
+    from pipetrain.topology import load_topology
+
+    h, b, s = 8192, 1, 4096
+    shape = LayerShape(hidden=h, heads=64, kv_heads=64, ffn_hidden=4 * h)
+    f = 24.0 * b * s * h * h
+    g = LayerGraph(model="x", granularity="block", micro_batch_size=b, seq_len=s, dtype="bf16", nodes=tuple(
+        Node(name=f"l{i}", kind="transformer", fwd_flops=f, bwd_flops=2 * f, wgrad_flops=f, param_count=12 * h * h,
+             param_bytes=24 * h * h, output_bytes=2 * b * s * h, output_shape=(b, s, h), output_dtype="bfloat16",
+             saved_bytes=34 * b * s * h, layer=shape) for i in range(2)), edges=(Edge(src=0, dst=1),),
+        input_shape=(b, s, h), input_dtype="bfloat16")
+    yaml = """
+device_types:
+  h100-sxm: {peak_flops: {fp32: 67e12, bf16: 989.4e12}, memory_bytes: 80e9, memory_bandwidth_bytes_per_s: 3.35e12%s}
+nodes:
+  - devices: [h100-sxm]
+    link: {kind: nvswitch, bandwidth_bytes_per_s: 450e9, latency_s: 3e-6}
+"""
+    builtin = load_topology(yaml % "").devices[0].type
+    assert builtin.gemm is None  # the built-in constants of a known name apply
+    slow = load_topology(yaml % (", gemm: {sm_count: 132, tile_m: 128, tile_n: 256, max_efficiency: 0.4, "
+                                 "kernel_overhead_s: 5e-6}")).devices[0].type
+    assert slow.gemm is not None and slow.gemm.max_efficiency == 0.4
+    t_builtin = analytic_node_times(g, builtin).fwd_s[0]
+    t_slow = analytic_node_times(g, slow).fwd_s[0]
+    assert t_builtin < t_slow < 2.0 * t_builtin  # the weight GEMMs at half the efficiency, attention as before
+    with pytest.raises(ConfigError, match="gemm: unknown key 'tiles'"):
+        load_topology(yaml % ", gemm: {sm_count: 132, tiles: 128}")
+    with pytest.raises(ConfigError, match="max_efficiency|efficiencies must be in"):
+        load_topology(yaml % ", gemm: {sm_count: 132, tile_m: 128, tile_n: 256, max_efficiency: 1.5, kernel_overhead_s: 0}")
