@@ -107,9 +107,9 @@ class Calibration:
 
         Its compute spans' part is the two-rank pipeline's back-to-back actions over the profile where
         the calibration ran one (:func:`pipetrain.calibration.overhead.pipeline_action_costs`), else the
-        one-rank run's: a rank that computes without a pause shares its core with whatever else runs,
-        where a pipeline rank that blocks between actions gets it back at once when it wakes (on a busy
-        machine the one-rank spans came out several times the pipeline's; figures: benchmarks/RESULTS.md)."""
+        one-rank run's: that rank computes without a pause, a pipeline's ranks between waits, and on a
+        busy machine the one-rank spans came out several times the pipeline's (figures:
+        benchmarks/RESULTS.md). Plans without a pipeline get the same factor."""
         o = self.runtime_for(graph.model, graph.micro_batch_size, graph.seq_len)
         if o is None:
             return 1.0

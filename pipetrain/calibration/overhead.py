@@ -25,6 +25,15 @@ The calibration stores them per model and shape; :class:`~pipetrain.calibration.
 scales the profiled block times by ``factor``, the optimizer fit by ``end_of_step_s`` over the
 fit's own prediction for the model, and adds ``fixed_s`` to each rank's end-of-step work.
 Nothing in it is fitted to a pipeline: it is measured without one.
+
+:func:`measure_message_host_s` runs the same model as a two-rank pipeline too; besides the host
+CPU per message it reads that run's own compute actions and messages (:func:`pipeline_action_costs`,
+:func:`pipeline_message_latency`): what a wait costs the next action, the speed of two ranks
+computing at once, the latency to a blocked receiver, and the actions back to back over the profile,
+which replaces ``factor``'s spans part in :meth:`~pipetrain.calibration.measured.Calibration.overhead_for`
+(a one-rank run computes without a pause, a pipeline's ranks between waits; on a loaded machine
+the one-rank run's spans came out several times slower than the pipeline's, figures:
+benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
