@@ -110,6 +110,7 @@ def test_calibration_prefers_the_pipelines_own_measurements() -> None:
                     pipeline_corun_actions=acts.corun_actions, pipeline_latency_s=1.5e-3, pipeline_latency_messages=120)
     cal = _cal((piped,))
     assert cal.pipeline_latency_s() == pytest.approx(1.5e-3)
+    assert replace(cal, p2p=replace(cal.p2p, latency_s=5e-3)).pipeline_latency_s() == pytest.approx(1.5e-3)  # not the ping-pong's
     assert cal.resume_s() == pytest.approx(6e-5)
     assert cal.corun_speed() == (1.0, 0.97, 0.3)  # two ranks from the pipeline; more from the probe
     assert cal.overhead_for(graph) == pytest.approx(2.7 - 2.5 + 1.1)  # the pipeline's spans, the one rank's host work
