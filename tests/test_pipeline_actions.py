@@ -52,10 +52,12 @@ RECORDS = {
 def test_wait_cost_and_corun_speed_from_the_pipelines_actions() -> None:
     got = pipeline_action_costs(RECORDS, PROFILED, warmup=1, min_corun=1)
     assert got is not None
-    assert got.hot_ratio == pytest.approx(1.1)  # median of 1.1, 1.1, 0.9
-    assert got.resume_s == pytest.approx(0.3 * MS)  # 2.5 ms - 1.1 x 2 ms
+    ratio = (1.1 + 1.1 + 0.9) / 3  # the mean of the actions back to back, alone
+    assert got.hot_ratio == pytest.approx(ratio)
+    assert got.resume_s == pytest.approx(2.5 * MS - ratio * 2 * MS)  # the wait's cost: the action after it less its hot time
     assert (got.hot_actions, got.waited_actions, got.corun_actions) == (3, 1, 1)
-    assert got.corun_speed == pytest.approx(1 / 1.25)
+    slowdown = (3.05 * MS - got.resume_s) / (ratio * 2 * MS) - 1.0  # fully overlapped: per unit of overlap as it is
+    assert got.corun_speed == pytest.approx(1 / (1 + slowdown)) and 0.75 < got.corun_speed < 0.85
     # too few co-running actions: no speed (the probe's stays); no waited action: nothing
     assert pipeline_action_costs(RECORDS, PROFILED, warmup=1, min_corun=2) == replace(got, corun_speed=0.0, corun_actions=0)
     back_to_back = {0: [_ev("F", 0, 0, 100.0, 101.0), _ev("F", 0, 1, 101.05, 102.15), _ev("B", 0, 0, 102.2, 104.4)]}

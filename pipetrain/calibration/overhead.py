@@ -216,16 +216,20 @@ def pipeline_action_costs(records: dict[int, list[dict[str, Any]]], profiled_s: 
     start; the first action of a step follows the step's boundary work and is left out) and an
     overlap (the share of its span during which another rank computed):
 
-    * ``hot_ratio``: the median span over the profile of the actions computing alone with a gap
+    * ``hot_ratio``: the mean span over the profile of the actions computing alone with a gap
       under ``hot_gap_s`` (back to back, as the profile runs them);
-    * ``resume_s``: the median of ``span - hot_ratio * profiled`` over the actions computing alone
+    * ``resume_s``: the mean of ``span - hot_ratio * profiled`` over the actions computing alone
       with a gap of ``wait_gap_s`` or more (their rank waited for a message or a buffer): what a
       wait costs the next action in this pipeline (the simulator's ``resume_s``);
     * ``corun_speed``: the speed of a rank while both compute (the simulator's ``speed[1]``), from
       the co-running actions: each one's slowdown ``(span - resume) / (hot_ratio * profiled) - 1``
-      per unit of overlap, median over them, as ``1 / (1 + slowdown)``.
+      per unit of overlap, mean over them, as ``1 / (1 + slowdown)``.
 
-    All come from one run, so a drift of the machine's speed between windows cancels in them. The
+    All come from one run, so a drift of the machine's speed between windows cancels in them. Means,
+    not medians: a step is the sum of the actions and messages on its critical path, and where other
+    processes share the cores these have heavy tails (an action or a wake-up now and then held back
+    by milliseconds); the typical step of such a sum is near the sum of their means, where the sum of
+    their medians leaves the tails out (figures: benchmarks/RESULTS.md). The
     probes of :mod:`pipetrain.calibration.corun` measure the same two costs with one process that
     sleeps and with processes that compute without a pause; a pipeline's ranks wait for each other's
     messages and compute about half the time. None when hot or waited actions are missing."""
@@ -254,23 +258,24 @@ def pipeline_action_costs(records: dict[int, list[dict[str, Any]]], profiled_s: 
     waited_alone = [(span, base) for span, base, gap, ov in acts if gap >= wait_gap_s and ov < ALONE_OVERLAP]
     if not hot or not waited_alone:
         return None
-    ratio = statistics.median(hot)
-    resume = max(0.0, statistics.median(span - ratio * base for span, base in waited_alone))
+    ratio = statistics.fmean(hot)
+    resume = max(0.0, statistics.fmean(span - ratio * base for span, base in waited_alone))
     slow = [((span - (resume if gap >= wait_gap_s else 0.0)) / (ratio * base) - 1.0) / ov
             for span, base, gap, ov in acts if ov >= CORUN_OVERLAP]
     speed = 0.0
     if len(slow) >= min_corun:
-        speed = min(1.0, max(0.05, 1.0 / (1.0 + statistics.median(slow))))  # co-running faster than alone is noise: 1
+        speed = min(1.0, max(0.05, 1.0 / (1.0 + statistics.fmean(slow))))  # co-running faster than alone is noise: 1
     return PipelineActions(hot_ratio=ratio, resume_s=resume, hot_actions=len(hot), waited_actions=len(waited_alone),
                            corun_speed=speed, corun_actions=len(slow) if speed else 0)
 
 
 def pipeline_message_latency(records: dict[int, list[dict[str, Any]]], *, warmup: int) -> tuple[float, int]:
-    """(median seconds, count) from a SEND's start to the end of its RECV's wait, over the messages
+    """(mean seconds, count) from a SEND's start to the end of its RECV's wait, over the messages
     of a real pipeline run (telemetry ``records`` per rank) whose receiver was blocked on them: its
     rank's last compute action ended before the send started. That is the latency the simulator
     gives a message to a blocked receiver (the link's ``latency_s``), measured where a pipeline's
-    receivers block: on a core that went idle while the sender computed. ``(0.0, 0)`` when none."""
+    receivers block: on a core that went idle while the sender computed. A mean, as
+    :func:`pipeline_action_costs`'s figures are. ``(0.0, 0)`` when none."""
     sends: dict[tuple[int, int, int], list[tuple[float, int]]] = {}  # (step, mb, to stage) -> [(start, from stage)]
     for recs in records.values():
         for e in recs:
@@ -290,7 +295,7 @@ def pipeline_message_latency(records: dict[int, list[dict[str, Any]]], *, warmup
             idle_since = max((t for t in ends if t <= e["end_s"]), default=None)
             if idle_since is not None and idle_since <= sent:
                 lat.append(e["end_s"] - sent)
-    return (statistics.median(lat), len(lat)) if lat else (0.0, 0)
+    return (statistics.fmean(lat), len(lat)) if lat else (0.0, 0)
 
 
 def _outside_spans_s(run_dir: Path, warmup: int) -> list[float]:
