@@ -164,8 +164,8 @@ class Calibration:
         """The node's extra seconds of an action after a wait: measured in the calibration's two-rank
         pipeline where it ran (:func:`pipetrain.calibration.overhead.pipeline_action_costs`), else by the
         one-process probe; the median over the measured models (0: not measured). The pipeline's own
-        actions come first: they wait as the simulated ones do, for a message from a rank on the other
-        core, where the probe sleeps (figures: benchmarks/RESULTS.md)."""
+        actions come first: they wait as the simulated ones do, for the other rank's message, where
+        the probe sleeps (figures: benchmarks/RESULTS.md)."""
         piped = [m.pipeline_resume_s for m in self.messages if m.pipeline_waited_actions > 0]
         if piped:
             return min(0.5, statistics.median(piped))

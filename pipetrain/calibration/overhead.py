@@ -164,7 +164,7 @@ class MessageHostCost:
     outside_two_ranks_s: tuple[float, ...]
     messages_per_rank: int
     #: the same two-rank run's compute actions, as the simulator's compute groups price them
-    #: (:func:`pipeline_action_costs`): the median span over the profile of the actions that follow
+    #: (:func:`pipeline_action_costs`): the mean span over the profile of the actions that follow
     #: another at once, the extra seconds of an action after a wait, and how many actions of each
     #: kind were measured (0: not measured, an older calibration)
     pipeline_hot_ratio: float = 0.0
