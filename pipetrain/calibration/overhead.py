@@ -320,7 +320,7 @@ def _outside_spans_s(run_dir: Path, warmup: int) -> list[float]:
     return out
 
 
-def measure_message_host_s(profile: Any, *, num_microbatches: int = 8, steps: int = 16, warmup: int = 2, threads: int = 1,
+def measure_message_host_s(profile: Any, *, num_microbatches: int = 8, steps: int = 30, warmup: int = 2, threads: int = 1,
                            timeout_s: float = 120.0) -> MessageHostCost:
     """Host CPU per message: the executor on one rank and on two (a 1F1B pipeline of the same model,
     shape and ``m``), each rank's CPU time (all its threads) outside its F/B/OPT spans per step.
@@ -331,7 +331,8 @@ def measure_message_host_s(profile: Any, *, num_microbatches: int = 8, steps: in
     and the executor's host code do, which holds a CPU core (:attr:`SimInput.t_message_host_s`).
     The two-rank run also gives what a wait costs the next action in a pipeline and the speed of two
     ranks computing at once (:func:`pipeline_action_costs`), and the latency of a message to a
-    blocked receiver (:func:`pipeline_message_latency`).
+    blocked receiver (:func:`pipeline_message_latency`). Its ``steps`` give those means a few
+    hundred actions and messages: under load they have heavy tails, and the run costs a second or two.
     """
     from pipetrain.executor.config import RunConfig
     from pipetrain.executor.launch import launch
