@@ -36,14 +36,14 @@ RECORDS = {
         _ev("F", 0, 0, 0.0, 50.0, step=0),  # warm-up: left out however slow
         _ev("F", 0, 0, 100.0, 101.0),  # the step's first action: follows the boundary work, left out
         _ev("F", 0, 1, 101.05, 102.15),  # right after another, alone: 1.1 x profile
-        _ev("B", 0, 0, 106.0, 108.5),  # after a 3.85 ms wait, alone: 1.1 x 2 ms + 0.3 ms
+        _ev("B", 0, 0, 106.0, 108.5),  # after a 3.85 ms wait, alone: 2.5 ms for 2 ms of profile
         _ev("F", 0, 2, 108.55, 109.65),  # right after another, alone: 1.1 x
-        _ev("B", 0, 1, 112.0, 115.05),  # after a wait, fully under rank 1's F: (3.05 - 0.3) / 2.2 = 1.25 x
+        _ev("B", 0, 1, 112.0, 115.05),  # after a wait, fully under rank 1's F: 3.05 ms for 2 ms of profile
         _ev("OPT", -1, -1, 116.0, 117.0),
     ],
     1: [
         _ev("F", 1, 0, 103.0, 104.1),  # the step's first action
-        _ev("B", 1, 0, 104.15, 105.95),  # right after another, alone: 0.9 x
+        _ev("B", 1, 0, 104.15, 105.95),  # right after another, alone: 1.8 ms for 2 ms
         _ev("F", 1, 1, 112.0, 120.0),  # after a wait, 38% under rank 0's B: neither alone nor co-running
     ],
 }
@@ -52,12 +52,12 @@ RECORDS = {
 def test_wait_cost_and_corun_speed_from_the_pipelines_actions() -> None:
     got = pipeline_action_costs(RECORDS, PROFILED, warmup=1, min_corun=1)
     assert got is not None
-    ratio = (1.1 + 1.1 + 0.9) / 3  # the mean of the actions back to back, alone
-    assert got.hot_ratio == pytest.approx(ratio)
-    assert got.resume_s == pytest.approx(2.5 * MS - ratio * 2 * MS)  # the wait's cost: the action after it less its hot time
+    # the actions back to back, alone: total span over total profile, (1.1 + 1.1 + 1.8) / (1 + 1 + 2)
+    assert got.hot_ratio == pytest.approx(1.0)
+    assert got.resume_s == pytest.approx(0.5 * MS)  # the wait's cost: 2.5 ms after it, 2 ms back to back
     assert (got.hot_actions, got.waited_actions, got.corun_actions) == (3, 1, 1)
-    slowdown = (3.05 * MS - got.resume_s) / (ratio * 2 * MS) - 1.0  # fully overlapped: per unit of overlap as it is
-    assert got.corun_speed == pytest.approx(1 / (1 + slowdown)) and 0.75 < got.corun_speed < 0.85
+    # fully overlapped, after a wait: 3.05 ms less 0.5 ms of the wait is 2.55 ms for 2 ms of work
+    assert got.corun_speed == pytest.approx(2.0 / 2.55)
     # too few co-running actions: no speed (the probe's stays); no waited action: nothing
     assert pipeline_action_costs(RECORDS, PROFILED, warmup=1, min_corun=2) == replace(got, corun_speed=0.0, corun_actions=0)
     back_to_back = {0: [_ev("F", 0, 0, 100.0, 101.0), _ev("F", 0, 1, 101.05, 102.15), _ev("B", 0, 0, 102.2, 104.4)]}

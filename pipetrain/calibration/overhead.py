@@ -164,7 +164,7 @@ class MessageHostCost:
     outside_two_ranks_s: tuple[float, ...]
     messages_per_rank: int
     #: the same two-rank run's compute actions, as the simulator's compute groups price them
-    #: (:func:`pipeline_action_costs`): the mean span over the profile of the actions that follow
+    #: (:func:`pipeline_action_costs`): the total span over the profile of the actions that follow
     #: another at once, the extra seconds of an action after a wait, and how many actions of each
     #: kind were measured (0: not measured, an older calibration)
     pipeline_hot_ratio: float = 0.0
@@ -216,24 +216,25 @@ def pipeline_action_costs(records: dict[int, list[dict[str, Any]]], profiled_s: 
     start; the first action of a step follows the step's boundary work and is left out) and an
     overlap (the share of its span during which another rank computed):
 
-    * ``hot_ratio``: the mean span over the profile of the actions computing alone with a gap
-      under ``hot_gap_s`` (back to back, as the profile runs them);
+    * ``hot_ratio``: the actions computing alone with a gap under ``hot_gap_s`` (back to back, as
+      the profile runs them): their total span over their total profile;
     * ``resume_s``: the mean of ``span - hot_ratio * profiled`` over the actions computing alone
       with a gap of ``wait_gap_s`` or more (their rank waited for a message or a buffer): what a
       wait costs the next action in this pipeline (the simulator's ``resume_s``);
     * ``corun_speed``: the speed of a rank while both compute (the simulator's ``speed[1]``), from
-      the co-running actions: each one's slowdown ``(span - resume) / (hot_ratio * profiled) - 1``
-      per unit of overlap, mean over them, as ``1 / (1 + slowdown)``.
+      the co-running actions: their total extra time ``span - resume - hot_ratio * profiled`` over
+      their total work while overlapped ``hot_ratio * profiled * overlap`` is the slowdown, and
+      ``1 / (1 + slowdown)`` the speed (the time-sliced simulator stretches overlapped work so).
 
-    All come from one run, so a drift of the machine's speed between windows cancels in them. Means,
-    not medians: a step is the sum of the actions and messages on its critical path, and where other
+    All come from one run, so a drift of the machine's speed between windows cancels in them. Totals
+    and means, not medians: a step is the sum of the actions and messages on its critical path, and where other
     processes share the cores these have heavy tails (an action or a wake-up now and then held back
     by milliseconds); the typical step of such a sum is near the sum of their means, where the sum of
     their medians leaves the tails out (figures: benchmarks/RESULTS.md). The
     probes of :mod:`pipetrain.calibration.corun` measure the same two costs with one process that
     sleeps and with processes that compute without a pause; a pipeline's ranks wait for each other's
     messages and compute about half the time. None when hot or waited actions are missing."""
-    hot: list[float] = []
+    hot: list[tuple[float, float]] = []  # (span, profiled)
     acts: list[tuple[float, float, float, float]] = []  # (span, profiled, gap, overlap share)
     computing = {r: [(e["start_s"], e["end_s"]) for e in recs if e.get("type") == "event" and e.get("kind") in ("F", "B", "W")]
                  for r, recs in records.items()}
@@ -254,19 +255,20 @@ def pipeline_action_costs(records: dict[int, list[dict[str, Any]]], profiled_s: 
             ov = _overlap_s(e["start_s"], e["end_s"], others) / span
             acts.append((span, base, gap, ov))
             if gap < hot_gap_s and ov < ALONE_OVERLAP:
-                hot.append(span / base)
+                hot.append((span, base))
     waited_alone = [(span, base) for span, base, gap, ov in acts if gap >= wait_gap_s and ov < ALONE_OVERLAP]
     if not hot or not waited_alone:
         return None
-    ratio = statistics.fmean(hot)
+    ratio = sum(span for span, _ in hot) / sum(base for _, base in hot)
     resume = max(0.0, statistics.fmean(span - ratio * base for span, base in waited_alone))
-    slow = [((span - (resume if gap >= wait_gap_s else 0.0)) / (ratio * base) - 1.0) / ov
-            for span, base, gap, ov in acts if ov >= CORUN_OVERLAP]
+    co = [(span - (resume if gap >= wait_gap_s else 0.0) - ratio * base, ratio * base * ov)
+          for span, base, gap, ov in acts if ov >= CORUN_OVERLAP]
     speed = 0.0
-    if len(slow) >= min_corun:
-        speed = min(1.0, max(0.05, 1.0 / (1.0 + statistics.fmean(slow))))  # co-running faster than alone is noise: 1
+    if len(co) >= min_corun:
+        slowdown = sum(extra for extra, _ in co) / sum(shared for _, shared in co)
+        speed = min(1.0, max(0.05, 1.0 / (1.0 + slowdown)))  # co-running faster than alone is noise: 1
     return PipelineActions(hot_ratio=ratio, resume_s=resume, hot_actions=len(hot), waited_actions=len(waited_alone),
-                           corun_speed=speed, corun_actions=len(slow) if speed else 0)
+                           corun_speed=speed, corun_actions=len(co) if speed else 0)
 
 
 def pipeline_message_latency(records: dict[int, list[dict[str, Any]]], *, warmup: int) -> tuple[float, int]:
