@@ -123,25 +123,3 @@ def test_calibration_prefers_the_pipelines_own_measurements() -> None:
     slow = cal.rescaled(2.0)
     assert slow.resume_s() == pytest.approx(1.2e-4) and slow.corun_speed() == cal.corun_speed()
     assert slow.pipeline_latency_s() == pytest.approx(1.5e-3)
-
-
-def test_host_work_between_steps_as_a_pipeline_rank_does_it() -> None:
-    from pipetrain.calibration.measured import MeasuredCostModel
-    from pipetrain.calibration.overhead import pipeline_between_steps_s
-
-    recs = {0: [_ev("OPT", -1, -1, 10.0, 11.0, step=1), _ev("RECV", 0, 0, 13.0, 14.0, step=2), _ev("F", 0, 0, 13.5, 14.5, step=2),
-                _ev("OPT", -1, -1, 20.0, 21.0, step=2), _ev("F", 0, 0, 22.0, 23.0, step=3)],
-            1: [_ev("OPT", -1, -1, 10.0, 11.5, step=1), _ev("RECV", 1, 0, 15.5, 16.0, step=2)]}
-    # from each OPT's end to the rank's next step's first event: 2, 1 and 4 ms; step 0 has none
-    assert pipeline_between_steps_s(recs, warmup=1) == pytest.approx(7 / 3 * MS)
-    assert pipeline_between_steps_s(recs, warmup=2) == pytest.approx(1 * MS) and pipeline_between_steps_s({}, warmup=0) == 0.0
-    one_rank = _cal(())  # no pipeline run
-    rt = replace(RUNTIME, fixed_s=1e-4, between_steps_s=5e-4, between_steps_per_microbatch_s=5e-5)
-    plain = MessageHostCost(model="tiny-gpt", micro_batch_size=1, seq_len=32, host_s=1e-4, outside_one_rank_s=1e-3,
-                            outside_two_ranks_s=(2e-3, 2e-3), messages_per_rank=16)
-    assert MeasuredCostModel(replace(one_rank, runtime=(rt,))).step_overhead_s("tiny-gpt", 1, 32, 8) == pytest.approx(1e-4 + 5e-4 + 8 * 5e-5)
-    piped = replace(one_rank, runtime=(rt,), messages=(replace(plain, pipeline_between_steps_s=2e-3, pipeline_microbatches=8),))
-    cost = MeasuredCostModel(piped)
-    assert cost.step_overhead_s("tiny-gpt", 1, 32, 8) == pytest.approx(1e-4 + 2e-3)  # the pipeline's, at its m
-    assert cost.step_overhead_s("tiny-gpt", 1, 32, 12) == pytest.approx(1e-4 + 2e-3 + 4 * 5e-5)  # moved by the one rank's growth
-    assert cost.step_overhead_s("tiny-gpt", 4, 32, 8) == 0.0  # a shape not run

@@ -190,8 +190,7 @@ class Calibration:
         runtime = tuple(replace(o, fixed_s=o.fixed_s * factor, end_of_step_s=o.end_of_step_s * factor,
                                 between_steps_s=o.between_steps_s * factor,
                                 between_steps_per_microbatch_s=o.between_steps_per_microbatch_s * factor) for o in self.runtime)
-        messages = tuple(replace(m, host_s=m.host_s * factor, pipeline_resume_s=m.pipeline_resume_s * factor,
-                                 pipeline_between_steps_s=m.pipeline_between_steps_s * factor) for m in self.messages)
+        messages = tuple(replace(m, host_s=m.host_s * factor, pipeline_resume_s=m.pipeline_resume_s * factor) for m in self.messages)
         corun = tuple(replace(c, alone_s=c.alone_s * factor) for c in self.corun)
         resume = tuple(replace(r, hot_s=r.hot_s * factor, cold_s=r.cold_s * factor, after_other_s=r.after_other_s * factor)
                        for r in self.resume)
@@ -282,21 +281,11 @@ class MeasuredCostModel(CalibratedCostModel):
 
     def step_overhead_s(self, model: str, micro_batch_size: int, seq_len: int, num_microbatches: int = 0) -> float:
         """The executor's measured per-step work besides the optimizer update, per rank (0: not measured):
-        the rest of its one-rank step and the host work between two steps at ``num_microbatches``. The
-        latter as the calibration's two-rank pipeline measured it where it ran, moved by the one-rank
-        run's growth per micro-batch to ``num_microbatches``: a pipeline rank's boundary has more to do
-        than one rank's (the records of its messages, the receives to post; figures: benchmarks/RESULTS.md)."""
+        the rest of its one-rank step and the host work between two steps at ``num_microbatches``."""
         rt = self.calibration.runtime_for(model, micro_batch_size, seq_len)
         if rt is None:
             return 0.0
-        between = rt.between_steps_s + rt.between_steps_per_microbatch_s * num_microbatches
-        piped = [m for m in self.calibration.messages if m.pipeline_between_steps_s > 0
-                 and (m.model, m.micro_batch_size, m.seq_len) == (model, micro_batch_size, seq_len)]
-        if piped:
-            m = piped[0]
-            between = max(0.0, m.pipeline_between_steps_s
-                          + rt.between_steps_per_microbatch_s * (num_microbatches - m.pipeline_microbatches))
-        return rt.fixed_s + between
+        return rt.fixed_s + rt.between_steps_s + rt.between_steps_per_microbatch_s * num_microbatches
 
     def node_times(self, graph: LayerGraph, device_type: DeviceType) -> NodeTimes:
         prof = self.calibration.profile_for(graph) if self._matches(device_type) else None

@@ -47,7 +47,7 @@ from typing import Any
 from pipetrain.errors import ConfigError
 
 __all__ = ["RuntimeOverhead", "measure_runtime_overhead", "MessageHostCost", "measure_message_host_s", "PipelineActions",
-           "pipeline_action_costs", "pipeline_message_latency", "pipeline_between_steps_s", "HOT_GAP_S", "WAIT_GAP_S"]
+           "pipeline_action_costs", "pipeline_message_latency", "HOT_GAP_S", "WAIT_GAP_S"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,10 +177,6 @@ class MessageHostCost:
     #: the same run's latency of a message to a blocked receiver (:func:`pipeline_message_latency`; 0: none)
     pipeline_latency_s: float = 0.0
     pipeline_latency_messages: int = 0
-    #: the same run's host work between two steps (:func:`pipeline_between_steps_s`; 0: not measured)
-    #: at its ``pipeline_microbatches``
-    pipeline_between_steps_s: float = 0.0
-    pipeline_microbatches: int = 0
 
 
 #: an action that starts within this long of its rank's previous action ran "right after another"
@@ -304,26 +300,6 @@ def pipeline_message_latency(records: dict[int, list[dict[str, Any]]], *, warmup
     return (statistics.fmean(lat), len(lat)) if lat else (0.0, 0)
 
 
-def pipeline_between_steps_s(records: dict[int, list[dict[str, Any]]], *, warmup: int) -> float:
-    """Mean seconds from the end of a step's optimizer update (its OPT event) to the next step's first
-    event on the same rank, over the ranks and steps after ``warmup`` of a real run (telemetry
-    ``records`` per rank); 0.0 when there are none. What :func:`measure_runtime_overhead` calls the
-    host work between steps, as a pipeline rank does it."""
-    gaps = []
-    for recs in records.values():
-        opt: dict[int, float] = {}
-        first: dict[int, float] = {}
-        for e in recs:
-            if e.get("type") != "event":
-                continue
-            k = e["step"]
-            first[k] = min(first.get(k, e["start_s"]), e["start_s"])
-            if e["kind"] == "OPT":
-                opt[k] = e["end_s"]
-        gaps += [first[k + 1] - opt[k] for k in opt if k >= warmup and k + 1 in first]
-    return statistics.fmean(gaps) if gaps else 0.0
-
-
 def _outside_spans_s(run_dir: Path, warmup: int) -> list[float]:
     """Per rank: median over the steps after ``warmup`` of the process's CPU time outside its compute spans
     (their thread CPU time where the telemetry has it, else their wall time)."""
@@ -372,7 +348,6 @@ def measure_message_host_s(profile: Any, *, num_microbatches: int = 8, steps: in
     outside = []
     actions = None
     latency = (0.0, 0)
-    between = 0.0
     for pp in (1, 2):
         plan = simple_plan(p.model, pp=pp, m=num_microbatches, mbs=p.micro_batch_size, seq_len=p.seq_len, dtype=p.dtype)
         with tempfile.TemporaryDirectory(prefix="pipetrain-msgcost-") as tmp:
@@ -389,12 +364,10 @@ def measure_message_host_s(profile: Any, *, num_microbatches: int = 8, steps: in
                 recs = read_telemetry(Path(tmp) / "run")
                 actions = pipeline_action_costs(recs, profiled, warmup=warmup)
                 latency = pipeline_message_latency(recs, warmup=warmup)
-                between = pipeline_between_steps_s(recs, warmup=warmup)
     one, two = outside[0][0], tuple(outside[1])
     msgs = 2 * num_microbatches
     host = max(0.0, statistics.mean(t - one for t in two) / msgs)
-    extra: dict[str, Any] = {"pipeline_latency_s": latency[0], "pipeline_latency_messages": latency[1],
-                             "pipeline_between_steps_s": between, "pipeline_microbatches": num_microbatches if between > 0 else 0}
+    extra: dict[str, Any] = {"pipeline_latency_s": latency[0], "pipeline_latency_messages": latency[1]}
     extra |= {} if actions is None else {
         "pipeline_hot_ratio": actions.hot_ratio, "pipeline_resume_s": actions.resume_s,
         "pipeline_hot_actions": actions.hot_actions, "pipeline_waited_actions": actions.waited_actions,
