@@ -14,7 +14,10 @@ and the measured median step, and prints:
 * the machine's own run-to-run spread: for each run, |its measured median - the median of the
   other runs' medians| / the latter, and the mean of these (a MAPE). A prediction cannot be
   expected to beat it: the same plan on the same machine moves that much between runs;
-* the first demo's wall time (calibration included) against the 3-minute target.
+* the first demo's wall time (calibration included) against the 3-minute target;
+* the load averages (1, 5, 15 minutes) before the first run and after the last, and the
+  calibration's own rows (``pipetrain calibrate``'s table: its probes beside its two-rank pipeline's
+  own actions and messages).
 
 Both predictions are deterministic for a given calibration, so across the reusing runs only the
 measurement moves. Writes ``OUT/demo_fidelity.json``.
@@ -61,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "PIPETRAIN_PROFILE_CACHE": str(out / "cache")}  # empty: the first demo calibrates
     cmd = " ".join(shlex.quote(x) for x in [Path(sys.executable).name, "benchmarks/demo_fidelity.py", *(argv if argv is not None else sys.argv[1:])])
     print(f"command: {cmd}", flush=True)
+    load_start = os.getloadavg()
+    print(f"load average before: {' '.join(f'{v:.2f}' for v in load_start)} on {os.cpu_count()} cores", flush=True)
     runs = []
     for i in range(a.runs):
         rd = out / f"run{i}"
@@ -86,11 +91,13 @@ def main(argv: list[str] | None = None) -> int:
               f"({_rel(row['analytic_step_s'], row['measured_step_s']) * 100:+.1f}%), calibrated {row['calibrated_step_s'] * 1e3:.2f} ms "
               f"({_rel(row['calibrated_step_s'], row['measured_step_s']) * 100:+.1f}%)", flush=True)
 
+    load_end = os.getloadavg()
     meas = [r["measured_step_s"] for r in runs]
     med_meas = statistics.median(meas)
     spread = [abs(m - statistics.median(meas[:i] + meas[i + 1:])) / statistics.median(meas[:i] + meas[i + 1:]) for i, m in enumerate(meas)]
     summary = {"runs": runs, "median_measured_step_s": med_meas, "spread_mape": statistics.fmean(spread), "spread_per_run": spread,
-               "first_wall_s": runs[0]["wall_s"], "target_s": TARGET_S, "command": cmd}
+               "first_wall_s": runs[0]["wall_s"], "target_s": TARGET_S, "command": cmd, "load_before": list(load_start),
+               "load_after": list(load_end)}
     print()
     print(f"{'prediction':<12} {'median error':>13} {'median |error|':>15} {'vs median measured':>19}")
     for key in ("analytic", "calibrated"):
@@ -106,6 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"first demo (calibration included): {runs[0]['wall_s']:.1f} s against the {TARGET_S:.0f} s target "
           f"({'within' if runs[0]['wall_s'] <= TARGET_S else 'OVER'}); reusing demos: median "
           f"{statistics.median(r['wall_s'] for r in runs[1:]):.1f} s")
+    print(f"load average before the first run {' '.join(f'{v:.2f}' for v in load_start)}, after the last "
+          f"{' '.join(f'{v:.2f}' for v in load_end)} (1, 5, 15 min) on {os.cpu_count()} cores")
+    from pipetrain.calibration.measured import load_calibration
+    from pipetrain.calibration.run import describe
+
+    cal_files = sorted((out / "cache").glob("calibration_*.json"))
+    if cal_files:
+        print("the calibration (measured by run 0):")
+        for what, value in describe(load_calibration(cal_files[0])):
+            print(f"  {what}: {value}")
     (out / "demo_fidelity.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"wrote {out / 'demo_fidelity.json'}")
     print(f"reproduce: {cmd}")

@@ -4,7 +4,7 @@ A calibration is valid for the machine and the software that measured it: the CP
 GPU) and the threads per rank (:func:`pipetrain.calibration.profile.local_device_name`), the
 number of cores (the co-run speed and the wake-up latency depend on how many cores the ranks
 share), the torch version (its kernels set the block times) and what was calibrated (topology,
-model shapes, dtype, the calibration file's version). :class:`CalibrationKey` holds exactly
+model shapes, dtype, the calibration file's version and what it measures). :class:`CalibrationKey` holds exactly
 those; the host name is left out on purpose, so that identical machines (CI runners, a cluster's
 nodes) share a cache directory. The file lives under the profile cache
 (:func:`pipetrain.calibration.profile.default_cache_dir`, ``PIPETRAIN_PROFILE_CACHE``).
@@ -39,6 +39,9 @@ class CalibrationKey:
     shapes: tuple[tuple[str, int, int], ...]  # (model, micro-batch size, sequence length)
     dtype: str
     schema_version: int = CALIBRATION_FILE_VERSION
+    #: what the calibration measures within its file version: a calibration cached before a change
+    #: of what it measures is not reused (2: the two-rank pipeline's own actions and messages)
+    measures: int = 2
 
     def __post_init__(self) -> None:
         if self.cores < 1:

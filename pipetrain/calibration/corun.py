@@ -28,6 +28,13 @@ transformer block and a whole model, whose own times differ many times over, and
 thread CPU time of a pipeline's actions sits above their profile by about that much where they
 follow a wait (1F1B) and by less where they mostly follow one another (GPipe)
 (figures: benchmarks/RESULTS.md).
+
+Both probes are the fallback: where the calibration also ran a two-rank pipeline of the model, the
+node's ``resume_s`` and its speed with two ranks computing come from that run's own actions
+(:func:`pipetrain.calibration.overhead.pipeline_action_costs`). The probes' processes sleep or
+compute without a pause; a pipeline's ranks block on each other's messages and compute about half
+the time, and on a loaded machine the co-run probe put two ranks at a third of their speed where
+the pipeline's co-running actions ran as fast as its others (figures: benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -113,9 +113,21 @@ class Calibration:
         return None
 
     def overhead_for(self, graph: LayerGraph) -> float:
-        """The executor's measured overhead factor for this model and shape (1.0 when not measured)."""
+        """The executor's measured overhead factor for this model and shape (1.0 when not measured).
+
+        Its compute spans' part is the two-rank pipeline's back-to-back actions over the profile where
+        the calibration ran one (:func:`pipetrain.calibration.overhead.pipeline_action_costs`), else the
+        one-rank run's: that rank computes without a pause, a pipeline's ranks between waits, and on a
+        busy machine the one-rank spans came out several times the pipeline's (figures:
+        benchmarks/RESULTS.md). Plans without a pipeline get the same factor."""
         o = self.runtime_for(graph.model, graph.micro_batch_size, graph.seq_len)
-        return o.factor if o is not None else 1.0
+        if o is None:
+            return 1.0
+        piped = [m.pipeline_hot_ratio for m in self.messages if m.pipeline_hot_actions > 0
+                 and (m.model, m.micro_batch_size, m.seq_len) == (graph.model, graph.micro_batch_size, graph.seq_len)]
+        if piped and o.span_factor > 0:
+            return max(1e-3, o.factor - o.span_factor + statistics.median(piped))
+        return o.factor
 
     def optimizer_scale(self, model: str) -> float:
         """The executor's end of step in its own run over the adamw fit's prediction for the same
@@ -129,8 +141,14 @@ class Calibration:
     def corun_speed(self) -> tuple[float, ...]:
         """The node's co-run speed table: per ``k``, the mean over the measured models and shapes
         (the models' tables agree within the machine's noise, so one table serves the node;
-        figures: benchmarks/RESULTS.md)."""
-        return mean_corun(self.corun).speed if self.corun else ()
+        figures: benchmarks/RESULTS.md). The entry for two ranks is the one measured in the
+        calibration's two-rank pipeline where it ran (:func:`pipetrain.calibration.overhead.pipeline_action_costs`):
+        the probe's processes compute without a pause, a pipeline's ranks about half the time."""
+        table = mean_corun(self.corun).speed if self.corun else ()
+        piped = [m.pipeline_corun_speed for m in self.messages if m.pipeline_corun_actions > 0]
+        if piped and len(table) >= 2:  # two ranks computing at once, as measured in the two-rank pipeline
+            table = (table[0], statistics.median(piped), *table[2:])
+        return table
 
     def pipeline_latency_s(self) -> float:
         """The one-way latency of a message to a rank that has been blocked on it while its sender
@@ -140,14 +158,27 @@ class Calibration:
         receive that way, and simulating with this latency instead of the ping-pong's predicted the
         same measured runs' step times markedly better (figures: benchmarks/RESULTS.md). Without a
         wake-up probe (GPU, --no-probe):
-        the ping-pong fit's latency."""
+        the ping-pong fit's latency. Where the calibration ran a two-rank pipeline, the latency its
+        blocked receivers saw comes first (:func:`pipetrain.calibration.overhead.pipeline_message_latency`):
+        the probe's round trips are not a pipeline's pattern of compute and blocking waits, and on a
+        loaded machine its wake-ups came out several times the pipeline's (figures: benchmarks/RESULTS.md)."""
+        piped = [m.pipeline_latency_s for m in self.messages if m.pipeline_latency_messages > 0]
+        if piped:  # measured where pipeline ranks block, end to end: not floored by the ping-pong's fit, which load inflates too
+            return statistics.median(piped)
         w = self.wakeup
         if w is None:
             return self.p2p.latency_s
         return max(self.p2p.latency_s, w.idle_one_way_s - w.nbytes / self.p2p.bandwidth_bytes_per_s)
 
     def resume_s(self) -> float:
-        """The node's extra seconds of an action after a wait: the median over the measured models (0: not measured)."""
+        """The node's extra seconds of an action after a wait: measured in the calibration's two-rank
+        pipeline where it ran (:func:`pipetrain.calibration.overhead.pipeline_action_costs`), else by the
+        one-process probe; the median over the measured models (0: not measured). The pipeline's own
+        actions come first: they wait as the simulated ones do, for the other rank's message, where
+        the probe sleeps (figures: benchmarks/RESULTS.md)."""
+        piped = [m.pipeline_resume_s for m in self.messages if m.pipeline_waited_actions > 0]
+        if piped:
+            return min(0.5, statistics.median(piped))
         return min(0.5, statistics.median(r.resume_s for r in self.resume)) if self.resume else 0.0
 
     def switch_s(self) -> float:
@@ -169,7 +200,7 @@ class Calibration:
         runtime = tuple(replace(o, fixed_s=o.fixed_s * factor, end_of_step_s=o.end_of_step_s * factor,
                                 between_steps_s=o.between_steps_s * factor,
                                 between_steps_per_microbatch_s=o.between_steps_per_microbatch_s * factor) for o in self.runtime)
-        messages = tuple(replace(m, host_s=m.host_s * factor) for m in self.messages)
+        messages = tuple(replace(m, host_s=m.host_s * factor, pipeline_resume_s=m.pipeline_resume_s * factor) for m in self.messages)
         corun = tuple(replace(c, alone_s=c.alone_s * factor) for c in self.corun)
         resume = tuple(replace(r, hot_s=r.hot_s * factor, cold_s=r.cold_s * factor, after_other_s=r.after_other_s * factor)
                        for r in self.resume)
@@ -327,7 +358,7 @@ def calibrated_topology(topology: Topology, calibration: Calibration) -> Topolog
                 node = replace(node, wakeup_s=calibration.wakeup.wakeup_s)
             if calibration.corun and node.cores > 0:
                 node = replace(node, corun_speed=calibration.corun_speed())
-            if calibration.resume and node.cores > 0:
+            if (calibration.resume or calibration.resume_s() > 0) and node.cores > 0:
                 node = replace(node, resume_s=calibration.resume_s(), switch_s=calibration.switch_s())
         nodes.append(node)
     return replace(topology, nodes=tuple(nodes))

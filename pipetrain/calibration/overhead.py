@@ -25,6 +25,15 @@ The calibration stores them per model and shape; :class:`~pipetrain.calibration.
 scales the profiled block times by ``factor``, the optimizer fit by ``end_of_step_s`` over the
 fit's own prediction for the model, and adds ``fixed_s`` to each rank's end-of-step work.
 Nothing in it is fitted to a pipeline: it is measured without one.
+
+:func:`measure_message_host_s` runs the same model as a two-rank pipeline too; besides the host
+CPU per message it reads that run's own compute actions and messages (:func:`pipeline_action_costs`,
+:func:`pipeline_message_latency`): what a wait costs the next action, the speed of two ranks
+computing at once, the latency to a blocked receiver, and the actions back to back over the profile,
+which replaces ``factor``'s spans part in :meth:`~pipetrain.calibration.measured.Calibration.overhead_for`
+(a one-rank run computes without a pause, a pipeline's ranks between waits; on a loaded machine
+the one-rank run's spans came out several times slower than the pipeline's, figures:
+benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -37,7 +46,8 @@ from typing import Any
 
 from pipetrain.errors import ConfigError
 
-__all__ = ["RuntimeOverhead", "measure_runtime_overhead", "MessageHostCost", "measure_message_host_s"]
+__all__ = ["RuntimeOverhead", "measure_runtime_overhead", "MessageHostCost", "measure_message_host_s", "PipelineActions",
+           "pipeline_action_costs", "pipeline_message_latency", "HOT_GAP_S", "WAIT_GAP_S"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,6 +70,9 @@ class RuntimeOverhead:
     #: and its growth per micro-batch (0: not measured, an older calibration)
     between_steps_s: float = 0.0
     between_steps_per_microbatch_s: float = 0.0
+    #: the compute spans' part of ``factor`` (the rest is the host work between a micro-batch's actions;
+    #: 0: not recorded, an older calibration)
+    span_factor: float = 0.0
 
     def __post_init__(self) -> None:
         if not (self.end_of_step_s >= 0 and self.param_count >= 0 and self.between_steps_s >= 0
@@ -106,7 +119,7 @@ def measure_runtime_overhead(profile: Any, *, num_microbatches: tuple[int, int] 
     return RuntimeOverhead(model=p.model, micro_batch_size=p.micro_batch_size, seq_len=p.seq_len, factor=factor, fixed_s=fixed,
                            measured_step_s=(runs[0][2], runs[1][2]), profiled_microbatch_s=per_mb, num_microbatches=(m1, m2),
                            steps=steps, end_of_step_s=end, param_count=params, between_steps_s=max(0.0, between[0] - m1 * grow),
-                           between_steps_per_microbatch_s=grow)
+                           between_steps_per_microbatch_s=grow, span_factor=span_factor)
 
 
 def _step_parts(run_dir: Path, warmup: int) -> list[tuple[float, float, float, float]]:
@@ -150,10 +163,146 @@ class MessageHostCost:
     outside_one_rank_s: float
     outside_two_ranks_s: tuple[float, ...]
     messages_per_rank: int
+    #: the same two-rank run's compute actions, as the simulator's compute groups price them
+    #: (:func:`pipeline_action_costs`): the total span over the profile of the actions that follow
+    #: another at once, the extra seconds of an action after a wait, and how many actions of each
+    #: kind were measured (0: not measured, an older calibration)
+    pipeline_hot_ratio: float = 0.0
+    pipeline_resume_s: float = 0.0
+    pipeline_hot_actions: int = 0
+    pipeline_waited_actions: int = 0
+    #: the same run's speed of a rank while both compute (0: too few co-running actions)
+    pipeline_corun_speed: float = 0.0
+    pipeline_corun_actions: int = 0
+    #: the same run's latency of a message to a blocked receiver (:func:`pipeline_message_latency`; 0: none)
+    pipeline_latency_s: float = 0.0
+    pipeline_latency_messages: int = 0
+
+
+#: an action that starts within this long of its rank's previous action ran "right after another"
+HOT_GAP_S = 1e-4
+#: an action that starts this long or longer after its rank's previous action ran "after a wait":
+#: the simulator's threshold for the extra compute after a wait (``ComputeGroup.resume_after_s``)
+WAIT_GAP_S = 1e-3
+#: an action counts as computing alone below this share of its span overlapped by other ranks'
+#: actions, and as co-running from this share up
+ALONE_OVERLAP, CORUN_OVERLAP = 0.1, 0.5
+#: fewest co-running actions for a co-run speed (fewer: not measured)
+MIN_CORUN_ACTIONS = 8
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineActions:
+    """What a pipeline's compute actions cost against their profile (see :func:`pipeline_action_costs`)."""
+
+    hot_ratio: float
+    resume_s: float
+    hot_actions: int
+    waited_actions: int
+    corun_speed: float = 0.0  # 0: too few co-running actions
+    corun_actions: int = 0
+
+
+def _overlap_s(a: float, b: float, spans: list[tuple[float, float]]) -> float:
+    return sum(max(0.0, min(b, e) - max(a, s)) for s, e in spans if e > a and s < b)
+
+
+def pipeline_action_costs(records: dict[int, list[dict[str, Any]]], profiled_s: dict[tuple[int, str], float], *,
+                          warmup: int, hot_gap_s: float = HOT_GAP_S, wait_gap_s: float = WAIT_GAP_S,
+                          min_corun: int = MIN_CORUN_ACTIONS) -> PipelineActions | None:
+    """The F and B actions of a real pipeline run (telemetry ``records`` per rank) against their
+    profiled seconds ``profiled_s[(stage, kind)]``, priced as the simulator's compute groups price
+    them. Each action has a gap (from its rank's previous compute action in the same step to its
+    start; the first action of a step follows the step's boundary work and is left out) and an
+    overlap (the share of its span during which another rank computed):
+
+    * ``hot_ratio``: the actions computing alone with a gap under ``hot_gap_s`` (back to back, as
+      the profile runs them): their total span over their total profile;
+    * ``resume_s``: the mean of ``span - hot_ratio * profiled`` over the actions computing alone
+      with a gap of ``wait_gap_s`` or more (their rank waited for a message or a buffer): what a
+      wait costs the next action in this pipeline (the simulator's ``resume_s``);
+    * ``corun_speed``: the speed of a rank while both compute (the simulator's ``speed[1]``), from
+      the co-running actions: their total extra time ``span - resume - hot_ratio * profiled`` over
+      their total work while overlapped ``hot_ratio * profiled * overlap`` is the slowdown, and
+      ``1 / (1 + slowdown)`` the speed (the time-sliced simulator stretches overlapped work so).
+
+    All come from one run, so a drift of the machine's speed between windows cancels in them. Totals
+    and means, not medians: a step is the sum of the actions and messages on its critical path, and where other
+    processes share the cores these have heavy tails (an action or a wake-up now and then held back
+    by milliseconds); the typical step of such a sum is near the sum of their means, where the sum of
+    their medians leaves the tails out (figures: benchmarks/RESULTS.md). The
+    probes of :mod:`pipetrain.calibration.corun` measure the same two costs with one process that
+    sleeps and with processes that compute without a pause; a pipeline's ranks wait for each other's
+    messages and compute about half the time. None when hot or waited actions are missing."""
+    hot: list[tuple[float, float]] = []  # (span, profiled)
+    acts: list[tuple[float, float, float, float]] = []  # (span, profiled, gap, overlap share)
+    computing = {r: [(e["start_s"], e["end_s"]) for e in recs if e.get("type") == "event" and e.get("kind") in ("F", "B", "W")]
+                 for r, recs in records.items()}
+    for r, recs in records.items():
+        others = [sp for q, spans in computing.items() if q != r for sp in spans]
+        seq = sorted((e for e in recs if e.get("type") == "event" and e.get("kind") in ("F", "B", "W", "OPT")),
+                     key=lambda e: e["start_s"])
+        prev: dict[str, Any] | None = None
+        for e in seq:
+            before, prev = prev, e
+            if e["kind"] not in ("F", "B") or e["step"] < warmup or before is None or before["step"] != e["step"]:
+                continue
+            base = profiled_s.get((e["stage"], e["kind"]), 0.0)
+            span = e["end_s"] - e["start_s"]
+            if not (base > 0 and span > 0):
+                continue
+            gap = e["start_s"] - before["end_s"]
+            ov = _overlap_s(e["start_s"], e["end_s"], others) / span
+            acts.append((span, base, gap, ov))
+            if gap < hot_gap_s and ov < ALONE_OVERLAP:
+                hot.append((span, base))
+    waited_alone = [(span, base) for span, base, gap, ov in acts if gap >= wait_gap_s and ov < ALONE_OVERLAP]
+    if not hot or not waited_alone:
+        return None
+    ratio = sum(span for span, _ in hot) / sum(base for _, base in hot)
+    resume = max(0.0, statistics.fmean(span - ratio * base for span, base in waited_alone))
+    co = [(span - (resume if gap >= wait_gap_s else 0.0) - ratio * base, ratio * base * ov)
+          for span, base, gap, ov in acts if ov >= CORUN_OVERLAP]
+    speed = 0.0
+    if len(co) >= min_corun:
+        slowdown = sum(extra for extra, _ in co) / sum(shared for _, shared in co)
+        speed = min(1.0, max(0.05, 1.0 / (1.0 + slowdown)))  # co-running faster than alone is noise: 1
+    return PipelineActions(hot_ratio=ratio, resume_s=resume, hot_actions=len(hot), waited_actions=len(waited_alone),
+                           corun_speed=speed, corun_actions=len(co) if speed else 0)
+
+
+def pipeline_message_latency(records: dict[int, list[dict[str, Any]]], *, warmup: int) -> tuple[float, int]:
+    """(mean seconds, count) from a SEND's start to the end of its RECV's wait, over the messages
+    of a real pipeline run (telemetry ``records`` per rank) whose receiver was blocked on them: its
+    rank's last compute action ended before the send started. That is the latency the simulator
+    gives a message to a blocked receiver (the link's ``latency_s``), measured where a pipeline's
+    receivers block: on a core that went idle while the sender computed. A mean, as
+    :func:`pipeline_action_costs`'s figures are. ``(0.0, 0)`` when none."""
+    sends: dict[tuple[int, int, int], list[tuple[float, int]]] = {}  # (step, mb, to stage) -> [(start, from stage)]
+    for recs in records.values():
+        for e in recs:
+            if e.get("type") == "event" and e.get("kind") == "SEND" and e["step"] >= warmup:
+                for to in (e["stage"] - 1, e["stage"] + 1):
+                    sends.setdefault((e["step"], e["microbatch"], to), []).append((e["start_s"], e["stage"]))
+    lat = []
+    for recs in records.values():
+        ends = sorted(e["end_s"] for e in recs if e.get("type") == "event" and e.get("kind") in ("F", "B", "W", "OPT"))
+        for e in recs:
+            if not (e.get("type") == "event" and e.get("kind") == "RECV" and e["step"] >= warmup):
+                continue
+            cands = [t for t, _ in sends.get((e["step"], e["microbatch"], e["stage"]), []) if t <= e["end_s"]]
+            if not cands:
+                continue
+            sent = max(cands)
+            idle_since = max((t for t in ends if t <= e["end_s"]), default=None)
+            if idle_since is not None and idle_since <= sent:
+                lat.append(e["end_s"] - sent)
+    return (statistics.fmean(lat), len(lat)) if lat else (0.0, 0)
 
 
 def _outside_spans_s(run_dir: Path, warmup: int) -> list[float]:
-    """Per rank: median over the steps after ``warmup`` of the process's CPU time outside its compute spans."""
+    """Per rank: median over the steps after ``warmup`` of the process's CPU time outside its compute spans
+    (their thread CPU time where the telemetry has it, else their wall time)."""
     from pipetrain.executor.telemetry import read_telemetry
 
     out = []
@@ -161,7 +310,10 @@ def _outside_spans_s(run_dir: Path, warmup: int) -> list[float]:
         spans: dict[int, float] = {}
         for e in recs:
             if e["type"] == "event" and e["kind"] in ("F", "B", "W", "OPT"):
-                spans[e["step"]] = spans.get(e["step"], 0.0) + e["end_s"] - e["start_s"]
+                # the span's own CPU where recorded: on shared cores a span's wall time also holds the
+                # time it waited for a core, which is no CPU of the process's (its CPU less the spans'
+                # walls came out negative under load)
+                spans[e["step"]] = spans.get(e["step"], 0.0) + e.get("cpu_s", e["end_s"] - e["start_s"])
         gaps = [r["cpu_process_s"] - spans.get(r["step"], 0.0) for r in recs
                 if r["type"] == "step" and r["step"] >= warmup and "cpu_process_s" in r]
         if not gaps:
@@ -170,7 +322,7 @@ def _outside_spans_s(run_dir: Path, warmup: int) -> list[float]:
     return out
 
 
-def measure_message_host_s(profile: Any, *, num_microbatches: int = 8, steps: int = 10, warmup: int = 2, threads: int = 1,
+def measure_message_host_s(profile: Any, *, num_microbatches: int = 8, steps: int = 30, warmup: int = 2, threads: int = 1,
                            timeout_s: float = 120.0) -> MessageHostCost:
     """Host CPU per message: the executor on one rank and on two (a 1F1B pipeline of the same model,
     shape and ``m``), each rank's CPU time (all its threads) outside its F/B/OPT spans per step.
@@ -179,6 +331,10 @@ def measure_message_host_s(profile: Any, *, num_microbatches: int = 8, steps: in
     sends ``m`` messages and receives ``m``; so ``host_s = (outside(two) - outside(one)) / 2m``,
     averaged over the two ranks. It is the posting, copying and completing of messages that gloo's
     and the executor's host code do, which holds a CPU core (:attr:`SimInput.t_message_host_s`).
+    The two-rank run also gives what a wait costs the next action in a pipeline and the speed of two
+    ranks computing at once (:func:`pipeline_action_costs`), and the latency of a message to a
+    blocked receiver (:func:`pipeline_message_latency`). Its ``steps`` give those means a few
+    hundred actions and messages: under load they have heavy tails, and the run costs a second or two.
     """
     from pipetrain.executor.config import RunConfig
     from pipetrain.executor.launch import launch
@@ -187,7 +343,11 @@ def measure_message_host_s(profile: Any, *, num_microbatches: int = 8, steps: in
     if steps <= warmup:
         raise ConfigError(f"message host cost needs more steps ({steps}) than warm-up steps ({warmup})")
     p = profile
+    from pipetrain.executor.telemetry import read_telemetry
+
     outside = []
+    actions = None
+    latency = (0.0, 0)
     for pp in (1, 2):
         plan = simple_plan(p.model, pp=pp, m=num_microbatches, mbs=p.micro_batch_size, seq_len=p.seq_len, dtype=p.dtype)
         with tempfile.TemporaryDirectory(prefix="pipetrain-msgcost-") as tmp:
@@ -195,8 +355,22 @@ def measure_message_host_s(profile: Any, *, num_microbatches: int = 8, steps: in
             launch(RunConfig(plan_path=str(plan_path), run_dir=str(Path(tmp) / "run"), steps=steps, threads=threads,
                              timeout_s=timeout_s))
             outside.append(_outside_spans_s(Path(tmp) / "run", warmup))
+            if pp == 2:
+                profiled = {}
+                for st in plan.stages:
+                    blocks = p.blocks[st.block_start:st.block_end]
+                    profiled[(st.index, "F")] = sum(b.fwd_s for b in blocks)
+                    profiled[(st.index, "B")] = sum(b.bwd_s for b in blocks)
+                recs = read_telemetry(Path(tmp) / "run")
+                actions = pipeline_action_costs(recs, profiled, warmup=warmup)
+                latency = pipeline_message_latency(recs, warmup=warmup)
     one, two = outside[0][0], tuple(outside[1])
     msgs = 2 * num_microbatches
     host = max(0.0, statistics.mean(t - one for t in two) / msgs)
+    extra: dict[str, Any] = {"pipeline_latency_s": latency[0], "pipeline_latency_messages": latency[1]}
+    extra |= {} if actions is None else {
+        "pipeline_hot_ratio": actions.hot_ratio, "pipeline_resume_s": actions.resume_s,
+        "pipeline_hot_actions": actions.hot_actions, "pipeline_waited_actions": actions.waited_actions,
+        "pipeline_corun_speed": actions.corun_speed, "pipeline_corun_actions": actions.corun_actions}
     return MessageHostCost(model=p.model, micro_batch_size=p.micro_batch_size, seq_len=p.seq_len, host_s=host,
-                           outside_one_rank_s=one, outside_two_ranks_s=two, messages_per_rank=msgs)
+                           outside_one_rank_s=one, outside_two_ranks_s=two, messages_per_rank=msgs, **extra)

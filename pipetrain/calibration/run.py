@@ -296,6 +296,12 @@ def describe(cal: Calibration) -> list[tuple[str, str]]:
         rows.append((f"host CPU per message {mc.model} mbs {mc.micro_batch_size}",
                      f"{mc.host_s * 1e6:.0f} us (outside compute per step: one rank {mc.outside_one_rank_s * 1e3:.2f} ms, "
                      f"two ranks {', '.join(f'{t * 1e3:.2f}' for t in mc.outside_two_ranks_s)} ms; {mc.messages_per_rank} messages)"))
+        if mc.pipeline_waited_actions or mc.pipeline_latency_messages:
+            rows.append((f"two-rank pipeline {mc.model} mbs {mc.micro_batch_size}",
+                         f"+{mc.pipeline_resume_s * 1e3:.2f} ms after a wait ({mc.pipeline_waited_actions} actions; back to back "
+                         f"x{mc.pipeline_hot_ratio:.2f} the profile, {mc.pipeline_hot_actions} actions); speed "
+                         f"{mc.pipeline_corun_speed:.2f} with both computing ({mc.pipeline_corun_actions} actions, 0: too few); "
+                         f"{mc.pipeline_latency_s * 1e6:.0f} us to a blocked receiver ({mc.pipeline_latency_messages} messages)"))
     if cal.wakeup is not None:
         w = cal.wakeup
         rows.append(("wake-up on busy cores", f"{w.wakeup_s * 1e6:.0f} us ({w.nbytes} B ping-pong one way: {w.idle_one_way_s * 1e6:.0f} us "

@@ -1,0 +1,125 @@
+"""A pipeline run's own actions and messages as the calibration reads them (pure, hand-made telemetry):
+what a wait costs the next action, the speed of two ranks computing at once, the latency to a blocked
+receiver, and the calibration preferring these over its one-process probes."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+
+from pipetrain.calibration.commprobe import WakeupCost
+from pipetrain.calibration.corun import CoRunSpeed, ResumeCost
+from pipetrain.calibration.fit import CalibrationFit
+from pipetrain.calibration.measured import Calibration, OptimizerCost, P2PCost, calibrated_topology
+from pipetrain.calibration.overhead import MessageHostCost, PipelineActions, RuntimeOverhead, pipeline_action_costs, pipeline_message_latency
+from pipetrain.calibration.profile import BlockProfile, BlockTiming
+from pipetrain.graph import LayerGraph
+from pipetrain.topology import topology_preset
+
+MS = 1e-3
+
+
+def _ev(kind: str, stage: int, mb: int, start_ms: float, end_ms: float, step: int = 1) -> dict[str, Any]:
+    return {"type": "event", "kind": kind, "stage": stage, "microbatch": mb, "start_s": start_ms * MS, "end_s": end_ms * MS,
+            "step": step}
+
+
+#: profiled seconds of each stage's F and B
+PROFILED = {(0, "F"): 1 * MS, (0, "B"): 2 * MS, (1, "F"): 1 * MS, (1, "B"): 2 * MS}
+
+#: rank 0 runs stage 0, rank 1 stage 1; step 0 is warm-up
+RECORDS = {
+    0: [
+        _ev("F", 0, 0, 0.0, 50.0, step=0),  # warm-up: left out however slow
+        _ev("F", 0, 0, 100.0, 101.0),  # the step's first action: follows the boundary work, left out
+        _ev("F", 0, 1, 101.05, 102.15),  # right after another, alone: 1.1 x profile
+        _ev("B", 0, 0, 106.0, 108.5),  # after a 3.85 ms wait, alone: 2.5 ms for 2 ms of profile
+        _ev("F", 0, 2, 108.55, 109.65),  # right after another, alone: 1.1 x
+        _ev("B", 0, 1, 112.0, 115.05),  # after a wait, fully under rank 1's F: 3.05 ms for 2 ms of profile
+        _ev("OPT", -1, -1, 116.0, 117.0),
+    ],
+    1: [
+        _ev("F", 1, 0, 103.0, 104.1),  # the step's first action
+        _ev("B", 1, 0, 104.15, 105.95),  # right after another, alone: 1.8 ms for 2 ms
+        _ev("F", 1, 1, 112.0, 120.0),  # after a wait, 38% under rank 0's B: neither alone nor co-running
+    ],
+}
+
+
+def test_wait_cost_and_corun_speed_from_the_pipelines_actions() -> None:
+    got = pipeline_action_costs(RECORDS, PROFILED, warmup=1, min_corun=1)
+    assert got is not None
+    # the actions back to back, alone: total span over total profile, (1.1 + 1.1 + 1.8) / (1 + 1 + 2)
+    assert got.hot_ratio == pytest.approx(1.0)
+    assert got.resume_s == pytest.approx(0.5 * MS)  # the wait's cost: 2.5 ms after it, 2 ms back to back
+    assert (got.hot_actions, got.waited_actions, got.corun_actions) == (3, 1, 1)
+    # fully overlapped, after a wait: 3.05 ms less 0.5 ms of the wait is 2.55 ms for 2 ms of work
+    assert got.corun_speed == pytest.approx(2.0 / 2.55)
+    # too few co-running actions: no speed (the probe's stays); no waited action: nothing
+    assert pipeline_action_costs(RECORDS, PROFILED, warmup=1, min_corun=2) == replace(got, corun_speed=0.0, corun_actions=0)
+    back_to_back = {0: [_ev("F", 0, 0, 100.0, 101.0), _ev("F", 0, 1, 101.05, 102.15), _ev("B", 0, 0, 102.2, 104.4)]}
+    assert pipeline_action_costs(back_to_back, PROFILED, warmup=1, min_corun=1) is None
+
+
+def test_latency_to_a_blocked_receiver() -> None:
+    recs = {
+        0: [_ev("F", 0, 0, 0.0, 1.0), _ev("SEND", 0, 0, 1.0, 1.5), _ev("SEND", 0, 1, 2.0, 2.7), _ev("RECV", 0, 0, 0.1, 3.6),
+            _ev("F", 0, 1, 1.1, 1.9)],
+        1: [_ev("B", 1, 9, 0.0, 0.5),
+            _ev("RECV", 1, 0, 0.2, 1.4),  # blocked since 0.5, sent at 1.0: 0.4 ms
+            _ev("F", 1, 0, 1.45, 2.6),
+            _ev("RECV", 1, 1, 0.3, 2.65),  # computing when it was sent (at 2.0): left out
+            _ev("SEND", 1, 0, 3.0, 3.2)],  # the gradient to rank 0, idle since 1.9: 0.6 ms
+    }
+    assert pipeline_message_latency(recs, warmup=1) == (pytest.approx(0.5 * MS), 2)
+    assert pipeline_message_latency(recs, warmup=2) == (0.0, 0)
+
+
+#: the one-rank run: its spans 2.5 x the profile (a busy machine), 0.2 of host work between actions
+RUNTIME = RuntimeOverhead(model="tiny-gpt", micro_batch_size=1, seq_len=32, factor=2.7, fixed_s=0.0, measured_step_s=(0.03, 0.08),
+                          profiled_microbatch_s=3e-3, num_microbatches=(2, 8), steps=20, span_factor=2.5)
+
+
+def _cal(messages: tuple[MessageHostCost, ...]) -> Calibration:
+    fit = CalibrationFit(device_type="local-cpu", dtype="fp32", efficiency_by_kind={}, default_efficiency=0.3,
+                         bwd_efficiency_scale=1.0, memory_efficiency=0.8, overhead_fwd_s=0.0, overhead_bwd_s=0.0,
+                         error_before=0.5, error_after=0.1, num_samples=2)
+    prof = BlockProfile(model="tiny-gpt", micro_batch_size=1, seq_len=32, dtype="fp32", device="cpu:test:1thr", device_kind="cpu",
+                        warmup=0, repeats=1, blocks=(BlockTiming(name="b0", kind="linear", fwd_s=1e-3, bwd_s=2e-3),))
+    return Calibration(topology="local-cpu:2", device_type="local-cpu", device="cpu:test:1thr", device_kind="cpu", threads=1, cores=2,
+                       p2p=P2PCost(backend="gloo", latency_s=2e-5, bandwidth_bytes_per_s=1e9),
+                       optimizers=(OptimizerCost(optimizer="adamw", fixed_s=1e-3, per_param_s=1e-8),), fit=fit, profiles=(prof,),
+                       messages=messages, runtime=(RUNTIME,), wakeup=WakeupCost(nbytes=1000, busy_processes=2, idle_one_way_s=4e-3, busy_one_way_s=8e-3),
+                       corun=(CoRunSpeed(model="tiny-gpt", micro_batch_size=1, seq_len=32, cores=2, speed=(1.0, 0.35, 0.3), alone_s=3e-3),),
+                       resume=(ResumeCost(model="tiny-gpt", micro_batch_size=1, seq_len=32, gap_s=3e-3, hot_s=1e-3, cold_s=1.25e-3,
+                                          pairs=10),))
+
+
+def test_calibration_prefers_the_pipelines_own_measurements() -> None:
+    plain = MessageHostCost(model="tiny-gpt", micro_batch_size=1, seq_len=32, host_s=1e-4, outside_one_rank_s=1e-3,
+                            outside_two_ranks_s=(2e-3, 2e-3), messages_per_rank=16)
+    probes = _cal((plain,))  # an older calibration: the probes' numbers
+    assert probes.pipeline_latency_s() == pytest.approx(4e-3 - 1000 / 1e9)
+    assert probes.resume_s() == pytest.approx(0.25e-3) and probes.corun_speed() == (1.0, 0.35, 0.3)
+    graph = cast(LayerGraph, SimpleNamespace(model="tiny-gpt", micro_batch_size=1, seq_len=32))  # all overhead_for reads
+    assert probes.overhead_for(graph) == pytest.approx(2.7)
+    acts = PipelineActions(hot_ratio=1.1, resume_s=6e-5, hot_actions=100, waited_actions=120, corun_speed=0.97, corun_actions=80)
+    piped = replace(plain, pipeline_hot_ratio=acts.hot_ratio, pipeline_resume_s=acts.resume_s, pipeline_hot_actions=acts.hot_actions,
+                    pipeline_waited_actions=acts.waited_actions, pipeline_corun_speed=acts.corun_speed,
+                    pipeline_corun_actions=acts.corun_actions, pipeline_latency_s=1.5e-3, pipeline_latency_messages=120)
+    cal = _cal((piped,))
+    assert cal.pipeline_latency_s() == pytest.approx(1.5e-3)
+    assert replace(cal, p2p=replace(cal.p2p, latency_s=5e-3)).pipeline_latency_s() == pytest.approx(1.5e-3)  # not the ping-pong's
+    assert cal.resume_s() == pytest.approx(6e-5)
+    assert cal.corun_speed() == (1.0, 0.97, 0.3)  # two ranks from the pipeline; more from the probe
+    assert cal.overhead_for(graph) == pytest.approx(2.7 - 2.5 + 1.1)  # the pipeline's spans, the one rank's host work
+    assert _cal((replace(piped, model="gpt2"),)).overhead_for(graph) == pytest.approx(2.7)  # another model's pipeline: not this one's
+    node = calibrated_topology(topology_preset("local-cpu:2"), cal).nodes[0]
+    assert (node.link.latency_s, node.resume_s, node.corun_speed) == (pytest.approx(1.5e-3), pytest.approx(6e-5), (1.0, 0.97, 0.3))
+    # a machine twice as slow: the wait's cost doubles, the speed and the latency stay
+    slow = cal.rescaled(2.0)
+    assert slow.resume_s() == pytest.approx(1.2e-4) and slow.corun_speed() == cal.corun_speed()
+    assert slow.pipeline_latency_s() == pytest.approx(1.5e-3)
