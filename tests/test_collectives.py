@@ -101,6 +101,18 @@ def test_simulator_prices_tp_collectives_with_the_calibrated_fit(graph: Any) -> 
                              measured_fwd_s=1.0, measured_bwd_s=1.0, measured_tp_comm_s=0.0, steps=3)
     scaled = simulate_plan(plan, calibration=_calibration(graph, (ar,), (tpc,)), graph=graph, topology=topo)[1]
     assert scaled.busy_s_per_stage[0] == pytest.approx(4 * (graph.num_nodes * (1e-3 + 6e-3) + per_mb))
+    # the tp run also timed its collectives in place (per micro-batch, F 8 ms, B 12 ms, the whole model):
+    # they replace the fit, spread over the layers
+    timed = replace(tpc, tp_comm_fwd_s=8e-3, tp_comm_bwd_s=12e-3)
+    inp2, sim2, _ = simulate_plan(plan, calibration=_calibration(graph, (ar,), (timed,)), graph=graph, topology=topo)
+    assert inp2.stages[0].t_tp_comm_s == pytest.approx(20e-3)
+    assert sim2.busy_s_per_stage[0] == pytest.approx(4 * (graph.num_nodes * (1e-3 + 6e-3) + 20e-3))
+    topo4 = calibrated_topology(topology_preset("local-cpu:4"), cal)
+    two = simulate_plan(_plan(pp=2, m=4, tp=2), calibration=_calibration(graph, (ar,), (timed,)), graph=graph, topology=topo4)[0]
+    per_layer = 20e-3 / len(layers)
+    assert [st.t_tp_comm_s for st in two.stages] == pytest.approx(
+        [per_layer * sum(1 for n in graph.nodes[a:b] if n.layer is not None) for a, b in
+         ((st.block_start, st.block_end) for st in _plan(pp=2, m=4, tp=2).stages)])
 
 
 def test_calibration_file_keeps_the_collectives(graph: Any, tmp_path: Path) -> None:

@@ -297,6 +297,15 @@ class MeasuredCostModel(CalibratedCostModel):
         """The measured collectives, for groups of the calibrated device type (empty elsewhere)."""
         return self.calibration.collectives if self._matches(device_type) else ()
 
+    def tp_comm_per_layer_s(self, graph: LayerGraph, device_type: DeviceType) -> tuple[float, float] | None:
+        """Seconds of one transformer layer's tensor-parallel collectives per micro-batch, in F and in
+        B, as the calibration's tp run measured them for this model, shape and tp (None: not measured)."""
+        tpc = self.calibration.tensor_parallel_for(graph) if graph.tp > 1 and self._matches(device_type) else None
+        layers = sum(1 for n in graph.nodes if n.layer is not None)
+        if tpc is None or layers == 0 or tpc.tp_comm_fwd_s + tpc.tp_comm_bwd_s <= 0:
+            return None
+        return tpc.tp_comm_fwd_s / layers, tpc.tp_comm_bwd_s / layers
+
     def message_host_s(self, graph: LayerGraph, device_type: DeviceType) -> float:
         """Host CPU seconds per point-to-point message on CPU ranks of the calibrated type (0 elsewhere)."""
         if not self._matches(device_type) or device_type.kind != "cpu":

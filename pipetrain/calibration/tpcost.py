@@ -7,11 +7,15 @@ which on small models and CPUs costs more than the GEMMs it saves: the FLOP shar
 predict it. :func:`measure_tensor_parallel` runs the real executor on ``tp`` ranks (``pp = dp =
 1``) and takes, over the measured steps and the ranks, the median forward and backward span of a
 micro-batch less the tensor-parallel collectives inside it (the telemetry's ``tp_comm_s``: the
-calibrated collectives price those apart, :mod:`pipetrain.calibration.collprobe`); over the
+calibrated collectives price those apart); over the
 profile's ``sum(F)`` and ``sum(B)`` these are ``fwd_factor`` and ``bwd_factor``, which
 :class:`~pipetrain.calibration.measured.MeasuredCostModel` applies to the profiled block times of
-a ``tp`` view of that model and shape. The run's ranks share the machine's cores as a plan's tp
-ranks do. Nothing in it is fitted to a pipeline.
+a ``tp`` view of that model and shape. The collectives inside F and B, as the run's telemetry
+timed them (``tp_comm_fwd_s``, ``tp_comm_bwd_s``, means per micro-batch), price a tp stage's
+collectives per layer: a probe's isolated collectives (:mod:`pipetrain.calibration.collprobe`)
+time a pattern a tp layer does not have (a peer that arrives at once), and misprice the in-run
+ones by 0.6-1.6x either way (benchmarks/RESULTS.md). The run's ranks share the machine's cores as
+a plan's tp ranks do. Nothing in it is fitted to a pipeline.
 """
 
 from __future__ import annotations
@@ -42,6 +46,11 @@ class TensorParallelCost:
     measured_bwd_s: float
     measured_tp_comm_s: float  # per micro-batch, F and B: what the run's collectives took (for comparison)
     steps: int
+    # per micro-batch, the means of the run's collectives inside F and inside B (the whole model, pp=1):
+    # what the simulator charges per layer (MeasuredCostModel.tp_comm_per_layer_s). Means, not
+    # medians: a step sums them, heavy tail included. 0: not measured (older files)
+    tp_comm_fwd_s: float = 0.0
+    tp_comm_bwd_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.tp < 2:
@@ -82,4 +91,5 @@ def measure_tensor_parallel(profile: Any, tp: int, *, num_microbatches: int = 4,
     prof_b = sum(b.bwd_s for b in p.blocks)
     return TensorParallelCost(model=p.model, micro_batch_size=p.micro_batch_size, seq_len=p.seq_len, tp=tp,
                               fwd_factor=max(f_s / prof_f, 1e-3), bwd_factor=max(b_s / prof_b, 1e-3), measured_fwd_s=f_s,
-                              measured_bwd_s=b_s, measured_tp_comm_s=statistics.median(comm["F"]) + statistics.median(comm["B"]), steps=steps)
+                              measured_bwd_s=b_s, measured_tp_comm_s=statistics.median(comm["F"]) + statistics.median(comm["B"]), steps=steps,
+                              tp_comm_fwd_s=statistics.fmean(comm["F"]), tp_comm_bwd_s=statistics.fmean(comm["B"]))

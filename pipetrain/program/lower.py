@@ -178,11 +178,17 @@ class StageCosts:
         """Per node, the tp collectives' seconds in F and in B on ``dt`` (once per device type: the
         planner asks for every stage it screens)."""
         if dt.name not in self._tp_comms:
-            fits = self.tp_fits
-            if fits is None:
-                get = getattr(self.cost, "collective_fits", None)
-                fits = tuple(get(dt)) if get is not None else ()
-            self._tp_comms[dt.name] = tp_comm_times_s(self.graph, self.tp_link, fits)
+            measured = getattr(self.cost, "tp_comm_per_layer_s", None)
+            per_layer = measured(self.graph, dt) if measured is not None and self.graph.tp > 1 else None
+            if per_layer is not None:  # the calibration's tp run timed this model's collectives in place
+                on = np.array([1.0 if n.layer is not None else 0.0 for n in self.graph.nodes])
+                self._tp_comms[dt.name] = (on * per_layer[0], on * per_layer[1])
+            else:
+                fits = self.tp_fits
+                if fits is None:
+                    get = getattr(self.cost, "collective_fits", None)
+                    fits = tuple(get(dt)) if get is not None else ()
+                self._tp_comms[dt.name] = tp_comm_times_s(self.graph, self.tp_link, fits)
         return self._tp_comms[dt.name]
 
     def tp_comm_s(self, dt: DeviceType, start: int, end: int, *, recompute: bool, recompute_mode: str = "full",
