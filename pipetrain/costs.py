@@ -39,7 +39,7 @@ from typing import Protocol, runtime_checkable
 from pipetrain.errors import ConfigError
 from pipetrain.gemm import GEMM_CONSTANTS, GemmConstants, LayerTimes, layer_times_s, transformer_layer_gemms
 from pipetrain.graph import LayerGraph, Node
-from pipetrain.memory import node_input_bytes
+from pipetrain.memory import node_input_bytes, recomputed_layers
 from pipetrain.sharding import collective_time_s
 from pipetrain.topology import DeviceType, Link
 
@@ -257,7 +257,7 @@ def stage_from_node_times(times: NodeTimes, start: int, end: int, *, recompute: 
             raise ConfigError("selective recompute needs each node's attention-core share")
         rec = sum(t * c for t, c in zip(times.fwd_s[start:end], core_share[start:end]))
     elif recompute:
-        k = end - start if recompute_layers <= 0 else min(recompute_layers, end - start)
+        k = recomputed_layers(start, end, recompute_layers)
         rec = sum(times.fwd_s[start:start + k])
     return StageCost(t_fwd_s=f, t_bwd_s=sum(times.bwd_s[start:end]), t_wgrad_s=sum(times.wgrad_s[start:end]),
                      t_recompute_s=rec)

@@ -49,7 +49,7 @@ from pipetrain.sharding import model_state_bytes, precision_for_dtype
 __all__ = [
     "GiB", "ParamStateBytes", "StageMemory", "bytes_per_param", "activation_bytes_per_microbatch",
     "block_activation_bytes", "loss_saved_bytes", "autocast_cast_params", "autocast_cast_params_per_node", "stage_input_bytes",
-    "stage_output_bytes", "tied_extra_params", "stage_memory", "node_input_bytes", "recompute_memory", "selective_dropped_bytes",
+    "stage_output_bytes", "tied_extra_params", "stage_memory", "node_input_bytes", "recompute_memory", "selective_dropped_bytes", "recomputed_layers",
     "wgrad_held_bytes",
     "check_stage_memory",
 ]
@@ -213,6 +213,12 @@ def node_input_bytes(graph: LayerGraph) -> tuple[int, ...]:
     return tuple(inp)
 
 
+def recomputed_layers(start: int, end: int, layers: int) -> int:
+    """How many of stage ``[start, end)``'s layers recompute: its first ``layers``, or all at 0
+    (Megatron's ``--recompute-num-layers``; the executor's ``StageModule.set_recompute``)."""
+    return end - start if layers <= 0 else min(layers, end - start)
+
+
 def recompute_memory(graph: LayerGraph, start: int, end: int, *, in_flight: int, per_node_saved: tuple[float, ...],
                      layers: int = 0) -> tuple[float, float]:
     """(kept, working) bytes of a stage recomputing layer by layer, as Megatron's full recompute
@@ -222,7 +228,7 @@ def recompute_memory(graph: LayerGraph, start: int, end: int, *, in_flight: int,
     sec. 5: "only the input to each transformer layer is stored"). ``layers`` > 0 recomputes only
     the stage's first ``layers`` layers and keeps the others' activations (Megatron's
     ``--recompute-method block --recompute-num-layers``); 0 recomputes all of them."""
-    k = end - start if layers <= 0 else min(layers, end - start)
+    k = recomputed_layers(start, end, layers)
     inputs = node_input_bytes(graph)
     kept = in_flight * (float(sum(inputs[start:start + k])) + float(sum(per_node_saved[start + k:end])))
     return kept, float(max(per_node_saved[start:start + k]))
@@ -317,7 +323,7 @@ def stage_memory(graph: LayerGraph, start: int, end: int, *, in_flight: int, buf
         saved = [s + 2.0 * c for s, c in zip(saved, autocast_cast_params_per_node(graph))]
     loss = loss_saved_bytes(graph) if end == graph.num_nodes else 0
     if recompute and recompute_mode == "selective":  # the first recompute_layers layers (0: all), as the executor's
-        k = end - start if recompute_layers <= 0 else min(recompute_layers, end - start)
+        k = recomputed_layers(start, end, recompute_layers)
         dropped = selective_dropped_bytes(graph)[start:start + k]
         activation = in_flight * (sum(saved[start:end]) - sum(dropped) + loss)
         working = float(max(dropped))

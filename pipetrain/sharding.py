@@ -208,9 +208,9 @@ class CollectiveFit:
     def time_s(self, nbytes: float) -> float:
         """Between the measured sizes the measured times, linearly interpolated; above them the
         largest one plus the fit's per-byte cost; below them the smallest one (latency-bound). A
-        single straight line through every size misprices the sizes that matter: on gloo the
-        largest sizes pull it, and a tensor-parallel message of a small model then costs a third
-        less than measured at its own size (benchmarks/RESULTS.md). Without sizes, the fit."""
+        single straight line through every size misprices the sizes that matter: the largest
+        sizes pull it, and a tensor-parallel message of a small model is then priced below what
+        was measured at its own size (benchmarks/RESULTS.md). Without sizes, the fit."""
         if nbytes <= 0:
             return 0.0
         if len(self.sizes_bytes) < 2:

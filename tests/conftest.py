@@ -42,3 +42,15 @@ def two_nodes_fixture() -> Iterator[TwoNodes]:
         yield nodes
     finally:
         nodes.close()
+
+
+@pytest.fixture()
+def one_rank_group(tmp_path):  # type: ignore[no-untyped-def]
+    """A real one-rank gloo process group (a file store under ``tmp_path``), destroyed after the test."""
+    import datetime
+
+    dist = pytest.importorskip("torch.distributed")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=30))
+    yield
+    dist.destroy_process_group()

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from calibration_data import block_profile, make_calibration  # (tests/)
 from pipetrain.calibration.cache import CalibrationKey, cache_path, cached_calibration, calibration_key
-from pipetrain.calibration.fit import CalibrationFit
-from pipetrain.calibration.measured import Calibration, OptimizerCost, P2PCost, load_calibration
-from pipetrain.calibration.profile import BlockProfile, BlockTiming
+from pipetrain.calibration.measured import Calibration, load_calibration
 from pipetrain.errors import ConfigError
 
 pytest.importorskip("torch")  # local_device_name asks torch for its threads
@@ -18,14 +17,7 @@ SHAPES = (("tiny-gpt", 1, 32),)
 
 
 def _cal(latency_s: float = 1e-4) -> Calibration:
-    fit = CalibrationFit(device_type="local-cpu", dtype="fp32", efficiency_by_kind={}, default_efficiency=0.3,
-                         bwd_efficiency_scale=1.0, memory_efficiency=0.8, overhead_fwd_s=0.0, overhead_bwd_s=0.0,
-                         error_before=0.5, error_after=0.1, num_samples=2)
-    prof = BlockProfile(model="tiny-gpt", micro_batch_size=1, seq_len=32, dtype="fp32", device="cpu:test:1thr", device_kind="cpu",
-                        warmup=0, repeats=1, blocks=(BlockTiming(name="b0", kind="linear", fwd_s=1e-3, bwd_s=2e-3),))
-    return Calibration(topology="local-cpu:2", device_type="local-cpu", device="cpu:test:1thr", device_kind="cpu", threads=1, cores=2,
-                       p2p=P2PCost(backend="gloo", latency_s=latency_s, bandwidth_bytes_per_s=1e9),
-                       optimizers=(OptimizerCost(optimizer="adamw", fixed_s=1e-3, per_param_s=1e-8),), fit=fit, profiles=(prof,))
+    return make_calibration((block_profile("tiny-gpt", 1, 32, (("b0", "linear", 1e-3, 2e-3),)),), latency_s=latency_s)
 
 
 def _key(**kw: object) -> CalibrationKey:

@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 
 torch = pytest.importorskip("torch")
-import torch.distributed as dist  # noqa: E402
 
 from pipetrain.errors import RunError  # noqa: E402
 from pipetrain.executor.checkpoint import (  # noqa: E402
@@ -136,14 +135,6 @@ def test_a_real_full_filesystem(tmp_path: Path) -> None:
         assert latest_step(mnt) == 1
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
-
-
-@pytest.fixture()
-def one_rank_group(tmp_path: Path):  # type: ignore[no-untyped-def]
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=30))
-    yield
-    dist.destroy_process_group()
 
 
 def test_resume_under_another_stage_split_on_one_rank(one_rank_group: None, tmp_path: Path) -> None:

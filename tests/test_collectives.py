@@ -16,9 +16,8 @@ from typing import Any
 
 import pytest
 
-from pipetrain.calibration.fit import CalibrationFit
-from pipetrain.calibration.measured import Calibration, OptimizerCost, P2PCost, calibrated_topology
-from pipetrain.calibration.profile import BlockProfile, BlockTiming
+from calibration_data import block_profile, make_calibration  # (tests/)
+from pipetrain.calibration.measured import Calibration, P2PCost, calibrated_topology
 from pipetrain.calibration.tpcost import TensorParallelCost
 from pipetrain.planner.trace import trace_graph
 from pipetrain.sharding import CollectiveFit, collective_time_s
@@ -57,16 +56,8 @@ def test_collective_time_uses_a_matching_fit_else_the_ring() -> None:
 
 
 def _calibration(graph: Any, collectives: tuple[CollectiveFit, ...] = (), tp_costs: tuple[TensorParallelCost, ...] = ()) -> Calibration:
-    blocks = tuple(BlockTiming(name=n.name, kind=n.kind, fwd_s=2e-3, bwd_s=3e-3) for n in graph.nodes)
-    prof = BlockProfile(model=graph.model, micro_batch_size=graph.micro_batch_size, seq_len=graph.seq_len, dtype=graph.dtype,
-                        device="cpu:test:1thr", device_kind="cpu", warmup=0, repeats=1, blocks=blocks)
-    fit = CalibrationFit(device_type="local-cpu", dtype="fp32", efficiency_by_kind={}, default_efficiency=0.3,
-                         bwd_efficiency_scale=1.0, memory_efficiency=0.8, overhead_fwd_s=0.0, overhead_bwd_s=0.0,
-                         error_before=0.5, error_after=0.1, num_samples=2)
-    return Calibration(topology="local-cpu:4", device_type="local-cpu", device="cpu:test:1thr", device_kind="cpu", threads=1, cores=4,
-                       p2p=P2PCost(backend="gloo", latency_s=1e-4, bandwidth_bytes_per_s=1e9),
-                       optimizers=(OptimizerCost(optimizer="adamw", fixed_s=1e-3, per_param_s=1e-8),), fit=fit, profiles=(prof,),
-                       collectives=collectives, tensor_parallel=tp_costs)
+    prof = block_profile(graph.model, graph.micro_batch_size, graph.seq_len, tuple((n.name, n.kind, 2e-3, 3e-3) for n in graph.nodes))
+    return make_calibration((prof,), topology="local-cpu:4", cores=4, collectives=collectives, tensor_parallel=tp_costs)
 
 
 def _plan(**kw: Any) -> Any:

@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import pytest
 
 torch = pytest.importorskip("torch")
-import torch.distributed as dist  # noqa: E402
 
 from pipetrain.errors import PlanError, RunError, ScheduleError  # noqa: E402
 from pipetrain.executor.config import RunConfig  # noqa: E402
@@ -87,14 +86,6 @@ def test_zero_bubble_runnable_but_not_with_recompute() -> None:
     with pytest.raises(ScheduleError, match="recomputation"):
         PipelineRuntime(stages={0: st}, ops=lower_schedule(sched, [4, 4]).ops[0], num_stages=2, num_microbatches=4, loss_fn=None,  # type: ignore[arg-type, dict-item]
                         loss_scale=1.0, telemetry=None, timeout=datetime.timedelta(seconds=1))  # type: ignore[arg-type]
-
-
-@pytest.fixture()
-def one_rank_group(tmp_path: Path):  # type: ignore[no-untyped-def]
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=30))
-    yield
-    dist.destroy_process_group()
 
 
 def test_two_stages_on_one_rank_hand_over_in_memory(one_rank_group: None, tmp_path: Path) -> None:

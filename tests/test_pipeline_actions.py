@@ -10,12 +10,11 @@ from typing import Any, cast
 
 import pytest
 
+from calibration_data import block_profile, make_calibration  # (tests/)
 from pipetrain.calibration.commprobe import WakeupCost
 from pipetrain.calibration.corun import CoRunSpeed, ResumeCost
-from pipetrain.calibration.fit import CalibrationFit
-from pipetrain.calibration.measured import Calibration, OptimizerCost, P2PCost, calibrated_topology
+from pipetrain.calibration.measured import Calibration, calibrated_topology
 from pipetrain.calibration.overhead import MessageHostCost, PipelineActions, RuntimeOverhead, pipeline_action_costs, pipeline_message_latency
-from pipetrain.calibration.profile import BlockProfile, BlockTiming
 from pipetrain.graph import LayerGraph
 from pipetrain.topology import topology_preset
 
@@ -84,18 +83,12 @@ RUNTIME = RuntimeOverhead(model="tiny-gpt", micro_batch_size=1, seq_len=32, fact
 
 
 def _cal(messages: tuple[MessageHostCost, ...]) -> Calibration:
-    fit = CalibrationFit(device_type="local-cpu", dtype="fp32", efficiency_by_kind={}, default_efficiency=0.3,
-                         bwd_efficiency_scale=1.0, memory_efficiency=0.8, overhead_fwd_s=0.0, overhead_bwd_s=0.0,
-                         error_before=0.5, error_after=0.1, num_samples=2)
-    prof = BlockProfile(model="tiny-gpt", micro_batch_size=1, seq_len=32, dtype="fp32", device="cpu:test:1thr", device_kind="cpu",
-                        warmup=0, repeats=1, blocks=(BlockTiming(name="b0", kind="linear", fwd_s=1e-3, bwd_s=2e-3),))
-    return Calibration(topology="local-cpu:2", device_type="local-cpu", device="cpu:test:1thr", device_kind="cpu", threads=1, cores=2,
-                       p2p=P2PCost(backend="gloo", latency_s=2e-5, bandwidth_bytes_per_s=1e9),
-                       optimizers=(OptimizerCost(optimizer="adamw", fixed_s=1e-3, per_param_s=1e-8),), fit=fit, profiles=(prof,),
-                       messages=messages, runtime=(RUNTIME,), wakeup=WakeupCost(nbytes=1000, busy_processes=2, idle_one_way_s=4e-3, busy_one_way_s=8e-3),
-                       corun=(CoRunSpeed(model="tiny-gpt", micro_batch_size=1, seq_len=32, cores=2, speed=(1.0, 0.35, 0.3), alone_s=3e-3),),
-                       resume=(ResumeCost(model="tiny-gpt", micro_batch_size=1, seq_len=32, gap_s=3e-3, hot_s=1e-3, cold_s=1.25e-3,
-                                          pairs=10),))
+    prof = block_profile("tiny-gpt", 1, 32, (("b0", "linear", 1e-3, 2e-3),))
+    return make_calibration((prof,), latency_s=2e-5,
+                            messages=messages, runtime=(RUNTIME,), wakeup=WakeupCost(nbytes=1000, busy_processes=2, idle_one_way_s=4e-3, busy_one_way_s=8e-3),
+                            corun=(CoRunSpeed(model="tiny-gpt", micro_batch_size=1, seq_len=32, cores=2, speed=(1.0, 0.35, 0.3), alone_s=3e-3),),
+                            resume=(ResumeCost(model="tiny-gpt", micro_batch_size=1, seq_len=32, gap_s=3e-3, hot_s=1e-3, cold_s=1.25e-3,
+                                               pairs=10),))
 
 
 def test_calibration_prefers_the_pipelines_own_measurements() -> None:

@@ -14,7 +14,7 @@ a ``tp`` view of that model and shape. The collectives inside F and B, as the ru
 timed them (``tp_comm_fwd_s``, ``tp_comm_bwd_s``, means per micro-batch), price a tp stage's
 collectives per layer: a probe's isolated collectives (:mod:`pipetrain.calibration.collprobe`)
 time a pattern a tp layer does not have (a peer that arrives at once), and misprice the in-run
-ones by 0.6-1.6x either way (benchmarks/RESULTS.md). The run's ranks share the machine's cores as
+ones, too high on a quiet machine and too low on a loaded one (benchmarks/RESULTS.md). The run's ranks share the machine's cores as
 a plan's tp ranks do. Nothing in it is fitted to a pipeline.
 """
 

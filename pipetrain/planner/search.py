@@ -531,7 +531,7 @@ def _gc_paused() -> Iterator[None]:
     """CPython's cyclic collector paused for the search. The search allocates millions of small,
     acyclic objects (a 64-rank schedule of 1024 micro-batches holds half a million actions), and
     every few hundred allocations the collector rescans the young ones, and now and then all of
-    them: about a quarter of the search's CPU time on llama2-70b (benchmarks/RESULTS.md). Nothing
+    them: a large share of the search's CPU time (benchmarks/RESULTS.md). Nothing
     is leaked: reference counting frees the acyclic objects, and the collector, switched back on
     afterwards, finds any cycles."""
     was = gc.isenabled()

@@ -45,7 +45,7 @@ import numpy as np
 from pipetrain.costs import AnalyticCostModel, CostModel, NodeTimes, StageCost, attention_core_share, stage_from_node_times
 from pipetrain.errors import InfeasibleError, PlanError, ScheduleError
 from pipetrain.graph import LayerGraph
-from pipetrain.memory import StageMemory, stage_memory, stage_output_bytes, wgrad_held_bytes
+from pipetrain.memory import StageMemory, recomputed_layers, stage_memory, stage_output_bytes, wgrad_held_bytes
 from pipetrain.plan import Plan
 from pipetrain.program.catalog import held_in_flight, pool_sizes
 from pipetrain.program.shard import shard_graph, tp_comm_times_s
@@ -199,7 +199,7 @@ class StageCosts:
         cf, cb = self._tp_comm(dt)
         again = 0.0
         if recompute and recompute_mode == "full":
-            k = end - start if recompute_layers <= 0 else min(recompute_layers, end - start)
+            k = recomputed_layers(start, end, recompute_layers)
             again = float(cf[start:start + k].sum())
         return float(cf[start:end].sum() + again + cb[start:end].sum())
 
