@@ -132,9 +132,10 @@ def parallelize_stage(module: nn.Module, tp_mesh: Any, *, sequence_parallel: boo
     kinds = _tp_blocks()
     blocks = [b for b in module.modules() if isinstance(b, kinds)]
     sp = sequence_parallel
-    # with sequence parallelism the column-parallel inputs arrive sequence-sharded (the norms' output)
-    # and are all-gathered there; the row-parallel outputs are reduce-scattered back to sequence shards
-    col = ColwiseParallel(input_layouts=Shard(1)) if sp else ColwiseParallel()
+    # the column-parallel inputs arrive replicated: with sequence parallelism each norm's output is
+    # all-gathered once, at the norm (below); the row-parallel outputs are reduce-scattered back to
+    # sequence shards
+    col = ColwiseParallel()
     row = RowwiseParallel(output_layouts=Shard(1)) if sp else RowwiseParallel()
     for b in blocks:
         if isinstance(b, GPTBlock):
@@ -154,6 +155,14 @@ def parallelize_stage(module: nn.Module, tp_mesh: Any, *, sequence_parallel: boo
         if sp:
             style.update({n: SequenceParallel() for n in norms})
         parallelize_module(b, tp_mesh, style)
+        if sp:
+            # one all-gather per norm, as torchtitan's PrepareModuleInput on attention and feed-forward:
+            # with ColwiseParallel(input_layouts=Shard(1)) every column-parallel linear gathers and its
+            # matmul saves its own copy, five a Llama layer (q, k, v, w1, w3) where Megatron's count of
+            # collectives and Korthikanti's of activations (``activations.py``) have two
+            for n in norms:
+                parallelize_module(getattr(b, n), tp_mesh, PrepareModuleOutput(output_layouts=Shard(1), desired_output_layouts=Replicate(),
+                                                                               use_local_output=False))
     if sp and blocks:
         # the stage's boundary tensors are full: its first block takes its sequence slice (no
         # communication; the backward all-gathers the slice gradients), its last block all-gathers

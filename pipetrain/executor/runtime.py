@@ -83,8 +83,12 @@ class SavedBytes:
         self._acc = 0
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
+        # a DTensor (tensor parallelism) is a wrapper whose own storage has no data pointer: what
+        # this rank holds is its local tensor. ``_local_tensor``, not ``to_local()``, which is an
+        # autograd op and must not run inside a pack hook.
+        lt = getattr(t, "_local_tensor", t)
         try:
-            st = t.untyped_storage()
+            st = lt.untyped_storage()
             key = st.data_ptr()
             if key not in self._seen and key not in self.exclude and key not in self.live and t.device.type != "meta":
                 self._seen.add(key)
