@@ -15,6 +15,7 @@ token file (read through a numpy memmap).
 
 from __future__ import annotations
 
+import functools
 import os
 import sysconfig
 import warnings
@@ -91,8 +92,7 @@ class BatchSampler:
         return self.num_samples - self.steps_per_epoch * self.global_batch
 
     def permutation(self, epoch: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, epoch])
-        return rng.permutation(self.num_samples)
+        return _permutation(self.seed, epoch, self.num_samples)
 
     def indices(self, step: int) -> np.ndarray:
         """Sample ids of 0-based ``step``, shaped ``[dp, m, micro_batch_size]``."""
@@ -100,6 +100,16 @@ class BatchSampler:
         perm = self.permutation(epoch)
         ids = perm[k * self.global_batch:(k + 1) * self.global_batch]
         return ids.reshape(self.dp, self.num_microbatches, self.micro_batch_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _permutation(seed: int, epoch: int, num_samples: int) -> np.ndarray:
+    # once per epoch, not per step: a step needs a slice of it, and permuting a corpus of 10^5
+    # windows costs milliseconds, which every rank would otherwise spend between two steps, on the
+    # pipeline's critical path. Read-only, since every caller shares the cached array.
+    perm = np.random.default_rng([seed, epoch]).permutation(num_samples)
+    perm.flags.writeable = False
+    return perm
 
 
 def stdlib_py_files() -> list[Path]:
