@@ -403,7 +403,8 @@ def test_an_action_after_another_rank_ran_on_its_core() -> None:
 
 def test_tied_weight_allreduce_waits_for_both_ranks_exact() -> None:
     """GPT-2's tie across ranks: after the backward pass both ranks all-reduce the tied gradient, so
-    the first to finish waits for the other; then the transfer (ring over 2 ranks: bytes/bw + 2 latency)."""
+    the first to finish waits for the other; then the transfer (ring over 2 ranks: bytes/bw + 2 latency),
+    or the calibration's measured all-reduce where there is one, for the tie and the clip barrier."""
     from dataclasses import replace
 
     from pipetrain.program import Link, TieSpec
@@ -418,6 +419,20 @@ def test_tied_weight_allreduce_waits_for_both_ranks_exact() -> None:
         assert res.step_time_s == pytest.approx(15.0 + 4.0 / 8.0 + 2 * 0.25 + 0.5)
         ar = sorted((e.rank, e.start_s, e.end_s) for e in res.events if e.kind == "ALLREDUCE")
         assert ar == [(0, pytest.approx(15.0), pytest.approx(16.0)), (1, pytest.approx(13.0), pytest.approx(16.0))]
+    # a calibration's measured all-reduce of 2 ranks replaces the ring for the tie (2 s at 4 bytes)
+    # and for the clip barrier's scalar (1.5 s, its smallest measured size); one of 4 ranks is ignored
+    from pipetrain.sharding import CollectiveFit
+
+    fit = CollectiveFit(kind="all_reduce", ranks=2, backend="gloo", latency_s=1.5, per_byte_s=0.125)
+    other = CollectiveFit(kind="all_reduce", ranks=4, backend="gloo", latency_s=100.0, per_byte_s=0.0)
+    measured = replace(tied, ties=(TieSpec(ranks=(0, 1), nbytes=4.0, link=link, fits=(other, fit)),))
+    for res in (simulate(measured), fast_evaluate(measured, events=True)):
+        assert res.step_time_s == pytest.approx(15.0 + 2.0 + 0.5)
+    clipped = replace(measured, clip_sync_link=link, clip_sync_fits=(fit,))
+    for res in (simulate(clipped), fast_evaluate(clipped, events=True)):
+        assert res.step_time_s == pytest.approx(15.0 + 2.0 + (1.5 + 8 * 0.125) + 0.5)
+        opt = sorted(e.start_s for e in res.events if e.kind == "OPT")
+        assert opt == [pytest.approx(19.5)] * 2
 
 
 def test_blocking_sends_hold_the_sender_until_the_data_arrived() -> None:

@@ -418,8 +418,10 @@ def sim_input(*, tables: StageCosts, topology: Topology, place: Placement, sched
         if len(ranks) >= 2:
             link = min((_sim_link(topology, place.devices[0][ra], place.devices[0][rb]) for ra, rb in zip(ranks, ranks[1:])),
                        key=lambda lk: lk.bandwidth_bytes_per_s)
-            ties.append(TieSpec(ranks=ranks, nbytes=float(t.param_count * _ALLREDUCE_BYTES_PER_PARAM), link=link))
+            ties.append(TieSpec(ranks=ranks, nbytes=float(t.param_count * _ALLREDUCE_BYTES_PER_PARAM), link=link,
+                                fits=measured_collectives(tables.cost, topology, [place.devices[0][r] for r in ranks])))
     host = getattr(tables.cost, "message_host_s", None)  # a measured cost model: the host CPU per message
+    sync = clip_sync and place.pp * place.dp > 1
     return SimInput(ties=tuple(ties), schedule=schedule, stages=tuple(stages), boundaries=tuple(bounds),
                     compute_groups=compute_groups(topology, place), data_parallel=dpl,
                     t_message_host_s=host(g, rank_device_type(topology, place, 0)) if host is not None else 0.0,
@@ -427,7 +429,8 @@ def sim_input(*, tables: StageCosts, topology: Topology, place: Placement, sched
                     model_flops_per_sample=(g.fwd_flops + g.bwd_flops) / g.micro_batch_size,
                     peak_flops_per_device=peak_flops,
                     clip_sync_link=_sim_link(topology, place.devices[0][0], place.devices[0][1] if place.pp > 1 else place.devices[1][0])
-                    if clip_sync and place.pp * place.dp > 1 else None)
+                    if sync else None,
+                    clip_sync_fits=measured_collectives(tables.cost, topology, [d for row in place.devices for d in row]) if sync else ())
 
 
 # ----- a plan, lowered ---------------------------------------------------------------------------

@@ -151,6 +151,8 @@ class TieSpec:
     ranks: tuple[int, ...]
     nbytes: float
     link: Link
+    #: the all-reduce as a calibration measured it on the backend (empty: the ring on ``link``)
+    fits: tuple[CollectiveFit, ...] = ()
 
     def __post_init__(self) -> None:
         _need(len(self.ranks) >= 2 and len(set(self.ranks)) == len(self.ranks),
@@ -298,6 +300,9 @@ class SimInput:
     #: global gradient-norm clipping: before any optimizer step every rank all-reduces one scalar over
     #: all ranks on this link, so the optimizer steps wait for the slowest rank (None: no such barrier)
     clip_sync_link: Link | None = None
+    #: that all-reduce as a calibration measured it (empty: the ring on ``clip_sync_link``); a scalar
+    #: all-reduce costs the backend's fixed latency, which on gloo is far above the link's
+    clip_sync_fits: tuple[CollectiveFit, ...] = ()
     #: host CPU time a rank spends on each point-to-point message it sends or receives (posting it,
     #: copying, completing it): it holds the rank's compute like an action does, but is not busy
     #: time (calibrated on CPU ranks, where gloo's host work competes with compute; 0: free)

@@ -243,12 +243,12 @@ def end_of_step(inp: SimInput, rank_end_s: list[float], grad_start_s: list[float
         ready.append(t)
     for tie in inp.ties:  # a tied weight's gradient: all-reduced among its ranks once each of them is there
         arrive = [ready[r] for r in tie.ranks]
-        end = max(arrive) + ring_allreduce_time_s(tie.nbytes, len(tie.ranks), tie.link)
+        end = max(arrive) + ring_allreduce_time_s(tie.nbytes, len(tie.ranks), tie.link, tie.fits)
         for r, t0 in zip(tie.ranks, arrive):
             events.append((min(sched.stages_of(r)), r, "ALLREDUCE", -1, t0, end, int(tie.nbytes)))
             ready[r] = end
     if inp.clip_sync_link is not None:  # global-norm clipping: one scalar all-reduced over every rank first
-        t_sync = max(ready) + ring_allreduce_time_s(8.0, sched.num_ranks * dp.width, inp.clip_sync_link)
+        t_sync = max(ready) + ring_allreduce_time_s(8.0, sched.num_ranks * dp.width, inp.clip_sync_link, inp.clip_sync_fits)
         ready = [t_sync] * len(ready)
     # ranks of a time-sliced compute group share its cores for their optimizer steps too (after the
     # clip barrier they all start at once): each rank's steps stretch by its share
