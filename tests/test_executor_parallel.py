@@ -200,7 +200,8 @@ def test_bf16_mixed_trains_near_fp32_with_fp32_masters(runs: Any, cfg: Cfg) -> N
 
 def test_tensor_parallel_shards_the_blocks(runs: Any) -> None:
     """tp=2: each rank holds half of every transformer block and of the vocabulary (the embedding
-    table, which the head shares); the norms, the row-parallel biases and the positions stay whole."""
+    table, which the head shares); the norms, the row-parallel biases and the positions stay whole.
+    The tied table counts once: vocabulary-parallel, it is still one Parameter in both blocks."""
     run = runs(CONFIGS[0])
     whole = ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias", "c_proj.bias", "mlp_proj.bias", "wpe.weight",
              "ln_f.weight", "ln_f.bias")  # replicated over tp

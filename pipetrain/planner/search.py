@@ -705,7 +705,10 @@ def _parallelism(job: Job, topology: Topology, graph: LayerGraph, device_kind: s
         tps = tuple(t for t in range(1, per + 1) if per % t == 0 and tp_block(graph, t) is None)
     else:
         tps = (1,)
-    sp = (job.sequence_parallel,) if job.sequence_parallel is not None else (_sequence_parallel_splits(job.model),)
+    if job.sequence_parallel is not None:
+        sp: tuple[bool, ...] = (job.sequence_parallel,)
+    else:  # (the grid tries sp only where tp > 1: no model look-up otherwise)
+        sp = (max(tps) == 1 or _sequence_parallel_splits(job.model),)
     if job.zero is not None:
         zeros: tuple[int, ...] = (job.zero,)
     else:
