@@ -138,11 +138,13 @@ def loss_saved_bytes(graph: LayerGraph) -> int:
 
     The output's last dimension is the class/vocabulary axis; the targets have the other
     dimensions (``F.cross_entropy`` of ``ModelSpec.loss``; measured in tests/test_profile.py).
+    On a tp view the head is vocabulary-parallel and the loss runs on its logits' shard
+    (``loss_parallel``): a rank's log-softmax is ``1/tp`` of it, its targets whole.
     """
     shape = graph.nodes[-1].output_shape
     if not shape:
         return 0
-    return _numel(shape) * 4 + _numel(shape[:-1]) * 8
+    return _numel(shape) * 4 // graph.tp + _numel(shape[:-1]) * 8
 
 
 def activation_bytes_per_microbatch(graph: LayerGraph, start: int, end: int, *, include_loss: bool = True) -> int:

@@ -147,8 +147,9 @@ def test_tp_zero_run_telemetry_has_collective_spans_and_the_fidelity_table_their
     for rank, recs in tel.items():
         fb = [e for e in recs if e.get("type") == "event" and e["kind"] in ("F", "B")]
         assert len(fb) == 2 * 2 * 2, rank
-        for e in fb:  # DTensor's row-parallel all-reduces forward, the column-parallel input's backward
-            assert e["tp_collectives"] == 2 * layers and 0 < e["tp_comm_s"] < e["end_s"] - e["start_s"], e
+        for e in fb:  # DTensor's row-parallel all-reduces forward, the column-parallel input's backward, per layer;
+            # and the vocabulary-parallel embedding's all-reduce forward, the head's input gradient's backward
+            assert e["tp_collectives"] == 2 * layers + 1 and 0 < e["tp_comm_s"] < e["end_s"] - e["start_s"], e
             # FSDP2: the parameters' all-gather in the step's first forward, the gradients' reduce-scatter in its last backward
             edge = (e["kind"], e["microbatch"]) in (("F", 0), ("B", 1))
             assert (e["zero_collectives"] > 0) == edge, e

@@ -75,6 +75,7 @@ CONFIGS = [
     Cfg("tiny-gpt", 2, 2, 1, 2, rc=(1,), layers=2),  # ZeRO-2; the last stage's 2 transformer blocks recompute whole, its head not
     Cfg("tiny-llama", 1, 2, 2, 0, sp=True),  # grouped-query attention (4 query heads, 2 KV heads); dp all-reduce of tp shards
     Cfg("tiny-gpt", 2, 2, 1, 3, rc=(0, 1), mode="selective"),  # ZeRO-3; every block's attention core recomputed
+    Cfg("tiny-bert", 1, 1, 2, 0),  # post-LN blocks; the tied MLM decoder and its bias vocabulary-parallel (no sp)
 ]
 #: bf16-mixed: without ZeRO (fp32 master copies in the optimizer) and with (FSDP2's mixed precision)
 BF16_CONFIGS = [
@@ -198,18 +199,37 @@ def test_bf16_mixed_trains_near_fp32_with_fp32_masters(runs: Any, cfg: Cfg) -> N
 
 
 def test_tensor_parallel_shards_the_blocks(runs: Any) -> None:
-    """tp=2: each rank holds half of every transformer block (embedding and head stay whole)."""
+    """tp=2: each rank holds half of every transformer block and of the vocabulary (the embedding
+    table, which the head shares); the norms, the row-parallel biases and the positions stay whole.
+    The tied table counts once: vocabulary-parallel, it is still one Parameter in both blocks."""
     run = runs(CONFIGS[0])
-    whole = ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias", "c_proj.bias", "mlp_proj.bias")  # replicated over tp
+    whole = ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias", "c_proj.bias", "mlp_proj.bias", "wpe.weight",
+             "ln_f.weight", "ln_f.bias")  # replicated over tp
     want = 0
     for k, v in run["ref"].state.items():
         if k == "blocks.5.wte.weight":  # the head's tied copy of blocks.0.wte.weight: one parameter
             continue
-        block = int(k.split(".")[1])
-        want += v.numel() if block in (0, 5) or k.endswith(whole) else v.numel() // 2
+        want += v.numel() if k.endswith(whole) else v.numel() // 2
     for recs in read_telemetry(run["dir"]).values():
         step = next(x for x in recs if x["type"] == "step")
         assert step["memory"]["param_bytes"] == 4 * want
+
+
+def test_tensor_parallel_refuses_sequence_parallel_for_post_ln() -> None:
+    """BERT's post-LN blocks split over tp without sequence parallelism only: the planner does not
+    pick it for them and the executor refuses a plan that asks for it, before any worker starts."""
+    from pipetrain.planner.job import job_from_mapping
+    from pipetrain.planner.search import search
+
+    for model, sp in (("tiny-bert", False), ("tiny-llama", True)):
+        job = job_from_mapping({"model": model, "topology": "dgx-h100:1", "global_batch": 8, "seq_len": 16, "tp": 2, "pp": 1, "dp": 1},
+                               source="test")
+        c = search(job, top_k=1, explain=False).best.candidate
+        assert c.tp == 2 and c.sequence_parallel is sp, (model, c.describe())
+    cfg = RunConfig(plan_path="unused", dataset=DATA)
+    preflight(cfg, simple_plan("tiny-bert", pp=1, m=2, mbs=1, seq_len=8, tp=2))
+    with pytest.raises(PlanError, match="BertBlock.*re-plan with sequence_parallel off"):
+        preflight(cfg, simple_plan("tiny-bert", pp=1, m=2, mbs=1, seq_len=8, tp=2, sequence_parallel=True))
 
 
 @pytest.mark.parametrize("cfg", [CONFIGS[3], CONFIGS[5]], ids=["zero2", "zero3"])

@@ -170,7 +170,7 @@ def check_executor_runs(plan: Plan, cfg: RunConfig, model: Any = None) -> None:
             model = build_meta(load_spec(plan.model))
         from pipetrain.executor.parallel import check_tensor_parallel
 
-        check_tensor_parallel(model, plan.tp)
+        check_tensor_parallel(model, plan.tp, sequence_parallel=plan.sequence_parallel)
 
 
 def preflight(cfg: RunConfig, plan: Plan) -> Any:

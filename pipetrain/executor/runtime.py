@@ -63,6 +63,9 @@ class StageRuntime:
     #: (tensor parallelism), "edges": the step's first F and last B (ZeRO: FSDP2's all-gather and
     #: reduce-scatter), "" none (the dispatch mode costs time per op)
     collectives: str = ""
+    #: the last stage's loss context, entered around its loss and its backward: ``loss_parallel``
+    #: under tensor parallelism (:func:`pipetrain.executor.parallel.loss_context`), else None
+    loss_context: Callable[[], Any] | None = None
 
 
 class SavedBytes:
@@ -296,7 +299,8 @@ class PipelineRuntime:
                         out = self._forward(st, x)
                     if st.is_last:
                         assert targets is not None
-                        out = self.loss_fn(out.float(), targets[mb])
+                        with st.loss_context() if st.loss_context is not None else nullcontext():
+                            out = self.loss_fn(out.float(), targets[mb])
                     elif st.out_dtype is not None and out.dtype != st.out_dtype:
                         out = out.to(st.out_dtype)
                 if known is not None:  # shapes are static: the bytes measured in the first step
@@ -312,7 +316,7 @@ class PipelineRuntime:
                 if in_flight[s] > self.in_flight_peak[s]:
                     self.in_flight_peak[s] = in_flight[s]
                 if st.is_last:
-                    losses.append(out.detach())
+                    losses.append(_local(out.detach()))  # a replicated DTensor under loss_parallel
                 elif st.next_local:
                     local[(0, s + 1, mb)] = out
                 else:
@@ -330,7 +334,8 @@ class PipelineRuntime:
                     st.before_backward(backwards[s] == self.num_microbatches - 1)
                 comm = st.collectives == "every" or (st.collectives == "edges" and backwards[s] == self.num_microbatches - 1)
                 backwards[s] += 1
-                with tel.collectives(comm) as tally:  # the span ends inside: the mode's exit is not the action's
+                loss_ctx = st.loss_context() if st.is_last and st.loss_context is not None else nullcontext()
+                with tel.collectives(comm) as tally, loss_ctx:  # the span ends inside: the mode's exit is not the action's
                     t0 = tel.mark()
                     split_state = None
                     if st.is_last:
@@ -403,6 +408,12 @@ class PipelineRuntime:
 
             return checkpoint(st.module, x, use_reentrant=False)
         return st.module(x)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from pipetrain.executor.parallel import local
+
+    return local(t)
 
 
 def _peer(rank: int | None, a: Any) -> int:

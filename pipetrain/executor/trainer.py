@@ -36,6 +36,7 @@ class Trainer:
             before_backward,
             counts_in_norm,
             local,
+            loss_context,
             make_mesh,
             parallelize_stage,
             shard_stage,
@@ -104,7 +105,8 @@ class Trainer:
                 before_backward=_tell_last(modules[s], plan.zero, before_backward) if plan.zero > 0 else None,
                 # where collectives run inside F/B: tp's in every one, ZeRO-1's at the step's edges (the
                 # first F's gather, the last B's reduce-scatter), ZeRO-2/3's in every micro-batch
-                collectives="every" if plan.tp > 1 or plan.zero >= 2 else "edges" if plan.zero > 0 else "")
+                collectives="every" if plan.tp > 1 or plan.zero >= 2 else "edges" if plan.zero > 0 else "",
+                loss_context=loss_context(plan) if s == last_index else None)
         self.runtimes = runtimes
         working = unique_params(modules.values())
         params = self.params = self.master.masters if self.master else working

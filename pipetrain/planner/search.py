@@ -693,7 +693,8 @@ def _parallelism(job: Job, topology: Topology, graph: LayerGraph, device_kind: s
     tp: the divisors of a node's GPU count that split the model's heads and MLP (Megatron keeps a
     tp group inside a node, where its per-layer collectives run over NVLink), on GPUs; CPU ranks
     only when pinned. Sequence parallelism with every tp > 1: it moves the same bytes as tp alone
-    and keeps less memory and element-wise work (Korthikanti et al. 2023, sec. 4.2.2). ZeRO 0 and 1
+    and keeps less memory and element-wise work (Korthikanti et al. 2023, sec. 4.2.2); without it
+    for post-LN models (BERT), which the executor splits without it. ZeRO 0 and 1
     (Megatron's distributed optimizer) where dp > 1; 2 and 3, which pipeline engines do not
     combine with pipelining, only for what-ifs. Recompute: whole layers (as few as fit), or the
     attention core of every layer (selective), whichever the search finds faster."""
@@ -704,7 +705,10 @@ def _parallelism(job: Job, topology: Topology, graph: LayerGraph, device_kind: s
         tps = tuple(t for t in range(1, per + 1) if per % t == 0 and tp_block(graph, t) is None)
     else:
         tps = (1,)
-    sp = (job.sequence_parallel,) if job.sequence_parallel is not None else (True,)
+    if job.sequence_parallel is not None:
+        sp: tuple[bool, ...] = (job.sequence_parallel,)
+    else:  # (the grid tries sp only where tp > 1: no model look-up otherwise)
+        sp = (max(tps) == 1 or _sequence_parallel_splits(job.model),)
     if job.zero is not None:
         zeros: tuple[int, ...] = (job.zero,)
     else:
@@ -713,6 +717,19 @@ def _parallelism(job: Job, topology: Topology, graph: LayerGraph, device_kind: s
     # that needs recompute (_Searcher.selective_twin)
     modes: tuple[str, ...] = (job.recompute_mode,) if job.recompute_mode else ("full",)
     return Parallelism(tps=tps, sequence_parallel=sp, zeros=zeros, recompute_modes=modes)
+
+
+def _sequence_parallel_splits(model: str) -> bool:
+    """Whether the model's blocks take sequence parallelism (its spec's ``sequence_parallel``: not
+    BERT's post-LN blocks, which the executor splits over tp without it). A model the zoo cannot
+    name (a graph given directly) is assumed pre-LN, as the activation model assumes."""
+    from pipetrain.errors import ModelError
+    from pipetrain.planner.zoo import get_model_spec
+
+    try:
+        return bool(get_model_spec(model).sequence_parallel)
+    except ModelError:
+        return True
 
 
 def _runnable(job: Job, points: list[Candidate]) -> tuple[list[Candidate], list[tuple[str, str]]]:

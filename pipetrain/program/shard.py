@@ -57,9 +57,14 @@ def _shard_node(node: Node, tp: int, sp: bool, graph: LayerGraph, dtype_bytes: i
     if node.layer is None:
         if node.kind not in _VOCAB_PARALLEL:
             return node
+        # what an embedding or head saves is token ids or hidden-sized (a norm's input, the projection's
+        # input, BERT's MLM transform), never vocabulary-sized: whole on every rank without sp, the norm
+        # region on sequence shards with it (taken as 1/tp). The vocabulary-sized log-softmax is the
+        # loss's (memory.loss_saved_bytes, 1/tp under loss_parallel)
         return replace(node, fwd_flops=node.fwd_flops / tp, bwd_flops=node.bwd_flops / tp, wgrad_flops=node.wgrad_flops / tp,
                        param_count=node.param_count // tp, param_bytes=node.param_bytes // tp,
-                       saved_bytes=node.saved_bytes // tp, output_bytes=node.output_bytes // tp if sp else node.output_bytes)
+                       saved_bytes=node.saved_bytes // tp if sp else node.saved_bytes,
+                       output_bytes=node.output_bytes // tp if sp else node.output_bytes)
     # The activation model's change from tp=1 to this tp, applied to the traced bytes: exact where the
     # model equals the trace (tests/test_activations.py checks the zoo's blocks), and it keeps what
     # the model does not name. With sp the column-parallel linears keep the all-gathered norm

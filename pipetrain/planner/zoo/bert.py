@@ -108,11 +108,15 @@ def build_bert(cfg: BertConfig) -> PipelineModel:
     return PipelineModel(blocks, names, init_std=0.02)
 
 
-BERT_PRESETS: dict[str, BertConfig] = {"bert-large": BertConfig()}
+BERT_PRESETS: dict[str, BertConfig] = {
+    "bert-large": BertConfig(),
+    # byte-level, small enough for CPU tests (the executor's tensor-parallel split of a post-LN block)
+    "tiny-bert": BertConfig(vocab_size=256, n_ctx=128, d_model=64, n_layer=2, n_head=4, ffn_dim=128),
+}
 
 
 def bert_spec(name: str) -> ModelSpec:
     cfg = BERT_PRESETS[name]
     return ModelSpec(name=name, task="lm", default_seq_len=cfg.n_ctx, vocab_size=cfg.vocab_size,
-                     factory=lambda: build_bert(cfg),
-                     description=f"BERT-large encoder, {cfg.n_layer} post-LN layers, d={cfg.d_model}, tied MLM head")
+                     factory=lambda: build_bert(cfg), sequence_parallel=False,
+                     description=f"BERT encoder, {cfg.n_layer} post-LN layers, d={cfg.d_model}, tied MLM head")

@@ -87,6 +87,10 @@ class ModelSpec:
     input_kind: str = "tokens"
     input_size: tuple[int, ...] = ()
     description: str = ""
+    #: whether its tensor-parallel split can shard the norms' regions over the sequence
+    #: (Korthikanti et al. 2023): pre-LN blocks, whose residual stream and norm outputs are separate
+    #: tensors; not post-LN ones (BERT), whose norm output is the residual stream
+    sequence_parallel: bool = True
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
