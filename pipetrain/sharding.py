@@ -35,7 +35,8 @@ from pipetrain.errors import ConfigError
 
 __all__ = ["precision_for_dtype", "dp_allreduce_bytes_per_param",
            "PRECISIONS", "ZERO_STAGES", "COLLECTIVES", "ModelStateBytes", "param_state_bytes", "model_state_bytes",
-           "Collective", "CollectiveFit", "AlphaBeta", "tp_collectives_per_layer", "collective_time_s", "find_fit"]
+           "Collective", "CollectiveFit", "AlphaBeta", "tp_collectives_per_layer", "tp_collectives_vocab", "collective_time_s",
+           "find_fit"]
 
 #: ``bf16-mixed``: bf16 working weights, fp32 gradients and master weights (Megatron, torchtitan);
 #: ``amp-autocast``: fp32 weights and gradients, half-precision copies made per op (what torch.autocast does);
@@ -178,6 +179,39 @@ def tp_collectives_per_layer(*, micro_batch_size: int, seq_len: int, hidden: int
     # each region's all-reduce splits into the all-gather entering it and the reduce-scatter leaving it;
     # the backward pass runs the conjugates (Korthikanti et al. 2022, fig. 6)
     return tuple(Collective(kind=k, phase=ph, nbytes=n) for ph in ("F", "B") for k in ("all_gather", "reduce_scatter") * 2)
+
+
+def tp_collectives_vocab(part: str, *, micro_batch_size: int, seq_len: int, hidden: int, tp: int,
+                         sequence_parallel: bool = False, dtype_bytes: int = 2) -> tuple[Collective, ...]:
+    """The tensor-parallel collectives of the vocabulary-parallel ``part`` ("embedding" or "head")
+    for one micro-batch (Megatron-LM's ``VocabParallelEmbedding``, its parallel LM head and
+    ``vocab_parallel_cross_entropy``; Narayanan et al. 2021, sec. 2.3):
+
+    * embedding: each rank looks up the tokens of its vocabulary shard and the b·s·h outputs are
+      summed, an all-reduce in the forward pass (a reduce-scatter with sequence parallelism,
+      whose backward all-gathers the output gradient);
+    * head: a column-parallel projection, so the backward all-reduces the gradient of its b·s·h
+      input (with sequence parallelism: an all-gather of the input forward, a reduce-scatter of
+      its gradient backward); the cross-entropy over vocabulary shards all-reduces three fp32
+      values per token forward (the logits' max, the sum of exponentials, the target's logit).
+    """
+    if part not in ("embedding", "head"):
+        raise ConfigError(f"vocabulary-parallel part must be 'embedding' or 'head', got {part!r}")
+    if min(micro_batch_size, seq_len, hidden, tp, dtype_bytes) < 1:
+        raise ConfigError("micro_batch_size, seq_len, hidden, tp and dtype_bytes must be >= 1")
+    if tp == 1:
+        return ()
+    n = float(micro_batch_size * seq_len * hidden * dtype_bytes)
+    sp = sequence_parallel
+    if part == "embedding":
+        if sp:
+            return (Collective(kind="reduce_scatter", phase="F", nbytes=n), Collective(kind="all_gather", phase="B", nbytes=n))
+        return (Collective(kind="all_reduce", phase="F", nbytes=n),)
+    per_token = float(micro_batch_size * seq_len * 4)
+    loss = tuple(Collective(kind="all_reduce", phase="F", nbytes=per_token) for _ in range(3))
+    if sp:
+        return (Collective(kind="all_gather", phase="F", nbytes=n), *loss, Collective(kind="reduce_scatter", phase="B", nbytes=n))
+    return (*loss, Collective(kind="all_reduce", phase="B", nbytes=n))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -74,7 +74,9 @@ def graph() -> Any:
 
 def test_simulator_prices_tp_collectives_with_the_calibrated_fit(graph: Any) -> None:
     """tp = 2, one stage, 4 micro-batches: each layer's 2 forward and 2 backward all-reduces of
-    b*s*h fp32 cost exactly the calibrated 1 ms + 1 ns/byte; the busy time is the profile plus them."""
+    b*s*h fp32, the embedding's forward and the head's backward one, and the vocabulary-parallel
+    cross-entropy's 3 forward all-reduces of s*b fp32 cost exactly the calibrated 1 ms + 1 ns/byte;
+    the busy time is the profile plus them."""
     ar = CollectiveFit(kind="all_reduce", ranks=2, backend="gloo", latency_s=1e-3, per_byte_s=1e-9)
     cal = _calibration(graph, (ar,))
     plan = _plan(pp=1, m=4, tp=2)
@@ -82,7 +84,7 @@ def test_simulator_prices_tp_collectives_with_the_calibrated_fit(graph: Any) -> 
     inp, sim, _ = simulate_plan(plan, calibration=cal, graph=graph, topology=topo)
     layers = [n for n in graph.nodes if n.layer is not None]
     hidden = layers[0].layer.hidden
-    per_mb = len(layers) * 4 * (1e-3 + 1 * SEQ * hidden * 4 * 1e-9)
+    per_mb = (len(layers) * 4 + 2) * (1e-3 + 1 * SEQ * hidden * 4 * 1e-9) + 3 * (1e-3 + SEQ * 4 * 1e-9)
     assert inp.stages[0].t_tp_comm_s == pytest.approx(per_mb)
     assert sim.busy_s_per_stage[0] == pytest.approx(4 * (graph.num_nodes * 5e-3 + per_mb))
     ring = simulate_plan(plan, calibration=_calibration(graph), graph=graph, topology=topo)[0]

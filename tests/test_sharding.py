@@ -6,7 +6,7 @@ import pytest
 
 from pipetrain.costs import ring_allreduce_time_s
 from pipetrain.errors import ConfigError
-from pipetrain.sharding import collective_time_s, model_state_bytes, param_state_bytes, tp_collectives_per_layer
+from pipetrain.sharding import collective_time_s, model_state_bytes, param_state_bytes, tp_collectives_per_layer, tp_collectives_vocab
 from pipetrain.topology import Link
 
 PSI = 7.5e9  # the ZeRO paper's example: a 7.5B-parameter model
@@ -60,6 +60,26 @@ def test_tp_volume_per_layer_is_megatrons_count() -> None:
     assert t_plain == pytest.approx(t_sp, rel=1e-12)
     assert t_plain == pytest.approx(4 * 2 * 7 / 8 * b * s * h * 2 / 450e9, rel=1e-12)
     assert tp_collectives_per_layer(micro_batch_size=b, seq_len=s, hidden=h, tp=1) == ()
+
+
+def test_vocabulary_parallel_collectives_are_megatrons() -> None:
+    """The embedding all-reduces its b*s*h output forward; the head all-reduces its input's gradient
+    backward, and the vocabulary-parallel cross-entropy three fp32 values per token forward (max,
+    sum of exponentials, target logit); with sequence parallelism the same bytes as reduce-scatter
+    and all-gather."""
+    b, s, h = 2, 1024, 4096
+    kw = {"micro_batch_size": b, "seq_len": s, "hidden": h, "dtype_bytes": 2}
+    emb = tp_collectives_vocab("embedding", tp=4, **kw)
+    assert [(c.kind, c.phase, c.nbytes) for c in emb] == [("all_reduce", "F", b * s * h * 2)]
+    head = tp_collectives_vocab("head", tp=4, **kw)
+    assert sorted((c.kind, c.phase, c.nbytes) for c in head) == sorted([("all_reduce", "F", b * s * 4)] * 3 + [("all_reduce", "B", b * s * h * 2)])
+    emb_sp = tp_collectives_vocab("embedding", tp=4, sequence_parallel=True, **kw)
+    assert [(c.kind, c.phase) for c in emb_sp] == [("reduce_scatter", "F"), ("all_gather", "B")]
+    head_sp = tp_collectives_vocab("head", tp=4, sequence_parallel=True, **kw)
+    assert [(c.kind, c.phase) for c in head_sp if c.nbytes == b * s * h * 2] == [("all_gather", "F"), ("reduce_scatter", "B")]
+    assert tp_collectives_vocab("head", tp=1, **kw) == ()
+    with pytest.raises(ConfigError, match="embedding"):
+        tp_collectives_vocab("mlp", tp=2, **kw)
 
 
 def test_ring_collectives_alpha_beta() -> None:

@@ -27,7 +27,7 @@ import numpy as np
 from pipetrain.activations import layer_activation_bytes
 from pipetrain.errors import InfeasibleError
 from pipetrain.graph import LayerGraph, Node
-from pipetrain.sharding import AlphaBeta, CollectiveFit, collective_time_s, tp_collectives_per_layer
+from pipetrain.sharding import AlphaBeta, CollectiveFit, collective_time_s, tp_collectives_per_layer, tp_collectives_vocab
 
 __all__ = ["shard_graph", "tp_block", "tp_comm_times_s"]
 
@@ -101,7 +101,8 @@ def tp_comm_times_s(graph: LayerGraph, link: AlphaBeta | None, fits: Sequence[Co
     """Per node, the seconds of its tensor-parallel collectives in forward and in backward on the
     node's ``link`` (Megatron's count: two all-reduces of b*s*h forward and two backward per
     layer, or the same volume as all-gather plus reduce-scatter with sequence parallelism;
-    :func:`pipetrain.sharding.tp_collectives_per_layer`). They run on the compute stream, on the
+    :func:`pipetrain.sharding.tp_collectives_per_layer`; and the vocabulary-parallel embedding's,
+    head's and cross-entropy's, :func:`pipetrain.sharding.tp_collectives_vocab`). They run on the compute stream, on the
     critical path, as Megatron runs them without overlap. ``fits``: collectives a calibration
     measured (:func:`pipetrain.sharding.collective_time_s` prices with them where they match)."""
     n = graph.num_nodes
@@ -109,11 +110,16 @@ def tp_comm_times_s(graph: LayerGraph, link: AlphaBeta | None, fits: Sequence[Co
     if graph.tp == 1 or link is None:
         return fwd, bwd
     db = _DTYPE_BYTES.get(graph.dtype, 4)
+    hidden = next((nd.layer.hidden for nd in graph.nodes if nd.layer is not None), 0)
     for i, node in enumerate(graph.nodes):
-        if node.layer is None:
+        b, s, tp, sp = graph.micro_batch_size, graph.seq_len, graph.tp, graph.sequence_parallel
+        if node.layer is not None:
+            cs = tp_collectives_per_layer(micro_batch_size=b, seq_len=s, hidden=node.layer.hidden, tp=tp, sequence_parallel=sp, dtype_bytes=db)
+        elif node.kind in _VOCAB_PARALLEL and hidden:
+            cs = tp_collectives_vocab(node.kind, micro_batch_size=b, seq_len=s, hidden=hidden, tp=tp, sequence_parallel=sp, dtype_bytes=db)
+        else:
             continue
-        for c in tp_collectives_per_layer(micro_batch_size=graph.micro_batch_size, seq_len=graph.seq_len, hidden=node.layer.hidden,
-                                          tp=graph.tp, sequence_parallel=graph.sequence_parallel, dtype_bytes=db):
+        for c in cs:
             t = collective_time_s(c.kind, c.nbytes, graph.tp, link, fits)
             if c.phase == "F":
                 fwd[i] += t
