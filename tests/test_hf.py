@@ -165,7 +165,9 @@ def test_plan_llama_3_8b_on_one_dgx(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["plan", "--model", "hf:llama-3-8b", "--topology", "dgx-h100:1", "--global-batch", "64", "--seq-len", "1024",
                  "--pp", "4", "--schedule", "1f1b", "--no-pin-cost", "--top-k", "1", "-o", str(out)]) == 0
     plan = json.loads(out.read_text())
-    assert plan["model"] == "hf:llama-3-8b" and plan["pp"] == 4 and plan["pp"] * plan["dp"] == 8
+    # tp = 1: the executor does not split Hugging Face modules over tensor-parallel ranks, so the
+    # planner does not offer tp for them (it would on the zoo's llama; simulation-only plans may)
+    assert plan["model"] == "hf:llama-3-8b" and plan["pp"] == 4 and plan["tp"] == 1 and plan["pp"] * plan["dp"] == 8
     assert plan["stages"][0]["block_start"] == 0 and plan["stages"][-1]["block_end"] == 34  # embed, 32 layers, head
     assert "predicted" in capsys.readouterr().out
 
@@ -263,3 +265,19 @@ def test_executor_pp2_matches_llama_for_causal_lm(tmp_path: Path) -> None:
     for got, want in zip(res.grad_norms, want_norms):
         assert abs(got - want) <= 1e-5 * want, (res.grad_norms, want_norms)
     assert want_losses[-1] < want_losses[0]  # the optimizer moved the weights between the compared steps
+
+
+def test_planner_offers_tp_to_hf_modules_only_for_simulation() -> None:
+    """The executor splits the zoo's blocks over tp, not Hugging Face modules: unpinned, the search
+    tries tp > 1 for the zoo's llama and for an hf: llama only when the plan is simulation-only."""
+    from pipetrain.planner.job import Job
+    from pipetrain.planner.search import _parallelism
+    from pipetrain.planner.trace import trace_graph
+    from pipetrain.topology import topology_preset
+
+    topo = topology_preset("dgx-h100:1")
+    graph = trace_graph("tiny-llama", micro_batch_size=1, seq_len=16)  # its 4 heads split 1, 2 or 4 ways
+    for model, sim_only, want in (("llama2-7b", False, (1, 2, 4)), ("hf:llama-3-8b", False, (1,)),
+                                  ("hf:llama-3-8b", True, (1, 2, 4))):
+        job = Job(model=model, topology="dgx-h100:1", global_batch=8, seq_len=16, simulation_only=sim_only)
+        assert _parallelism(job, topo, graph, "gpu").tps == want, (model, sim_only)

@@ -691,7 +691,8 @@ def _parallelism(job: Job, topology: Topology, graph: LayerGraph, device_kind: s
     """The tp, sequence-parallel, ZeRO and recompute-granularity values the search tries.
 
     tp: the divisors of a node's GPU count that split the model's heads and MLP (Megatron keeps a
-    tp group inside a node, where its per-layer collectives run over NVLink), on GPUs; CPU ranks
+    tp group inside a node, where its per-layer collectives run over NVLink), on GPUs, for models
+    whose blocks the executor splits (not Hugging Face modules, unless simulation-only); CPU ranks
     only when pinned. Sequence parallelism with every tp > 1: it moves the same bytes as tp alone
     and keeps less memory and element-wise work (Korthikanti et al. 2023, sec. 4.2.2); without it
     for post-LN models (BERT), which the executor splits without it. ZeRO 0 and 1
@@ -700,7 +701,7 @@ def _parallelism(job: Job, topology: Topology, graph: LayerGraph, device_kind: s
     attention core of every layer (selective), whichever the search finds faster."""
     if job.tp is not None:
         tps: tuple[int, ...] = (job.tp,)
-    elif device_kind == "gpu":
+    elif device_kind == "gpu" and (job.simulation_only or _spec_allows(job.model, "tensor_parallel")):
         per = _gpus_per_node(topology)
         tps = tuple(t for t in range(1, per + 1) if per % t == 0 and tp_block(graph, t) is None)
     else:
@@ -708,7 +709,7 @@ def _parallelism(job: Job, topology: Topology, graph: LayerGraph, device_kind: s
     if job.sequence_parallel is not None:
         sp: tuple[bool, ...] = (job.sequence_parallel,)
     else:  # (the grid tries sp only where tp > 1: no model look-up otherwise)
-        sp = (max(tps) == 1 or _sequence_parallel_splits(job.model),)
+        sp = (max(tps) == 1 or _spec_allows(job.model, "sequence_parallel"),)
     if job.zero is not None:
         zeros: tuple[int, ...] = (job.zero,)
     else:
@@ -719,15 +720,16 @@ def _parallelism(job: Job, topology: Topology, graph: LayerGraph, device_kind: s
     return Parallelism(tps=tps, sequence_parallel=sp, zeros=zeros, recompute_modes=modes)
 
 
-def _sequence_parallel_splits(model: str) -> bool:
-    """Whether the model's blocks take sequence parallelism (its spec's ``sequence_parallel``: not
-    BERT's post-LN blocks, which the executor splits over tp without it). A model the zoo cannot
-    name (a graph given directly) is assumed pre-LN, as the activation model assumes."""
+def _spec_allows(model: str, what: str) -> bool:
+    """Whether the executor splits the model's blocks so (its spec's ``tensor_parallel`` or
+    ``sequence_parallel``: not Hugging Face modules over tp, not BERT's post-LN blocks over the
+    sequence). A model the zoo cannot name (a graph given directly) is assumed to allow both, as
+    the activation model assumes a pre-LN layer."""
     from pipetrain.errors import ModelError
     from pipetrain.planner.zoo import get_model_spec
 
     try:
-        return bool(get_model_spec(model).sequence_parallel)
+        return bool(getattr(get_model_spec(model), what))
     except ModelError:
         return True
 

@@ -91,6 +91,10 @@ class ModelSpec:
     #: (Korthikanti et al. 2023): pre-LN blocks, whose residual stream and norm outputs are separate
     #: tensors; not post-LN ones (BERT), whose norm output is the residual stream
     sequence_parallel: bool = True
+    #: whether pipetrain's executor splits its blocks over tensor-parallel ranks (the zoo's GPT-2,
+    #: Llama and BERT blocks); Hugging Face modules it does not, so the planner gives them tp > 1
+    #: only when pinned or for a simulation-only plan (an export or a what-if)
+    tensor_parallel: bool = True
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:

@@ -368,7 +368,7 @@ def hf_spec(name: str) -> ModelSpec:
     max_len = int(config.max_position_embeddings)
     weights = where is not None and bool(weight_files(where))
     return ModelSpec(name=name, task="lm", default_seq_len=min(max_len, 4096), max_seq_len=max_len,
-                     vocab_size=int(config.vocab_size), factory=lambda: _build(name, config, where),
+                     vocab_size=int(config.vocab_size), factory=lambda: _build(name, config, where), tensor_parallel=False,
                      description=f"Hugging Face {config.model_type}, {config.num_hidden_layers} layers, "
                                  f"d={config.hidden_size}, {config.num_attention_heads} heads, dropout off, "
                                  + ("weights from the directory" if weights else "random init"))
