@@ -176,9 +176,35 @@ def test_bad_input_is_one_line_exit_2(argv: list[str], msg: str, tmp_path: Path,
     assert err.startswith("error: ") and msg in err and "\n" not in err
 
 
+#: the probes' sizes in test_probe_measures_the_gloo_link: each still measures what its assertions check
+#: (several sizes for a fit, busy against idle cores, 1 and 2 co-running ranks, paired timings), at a
+#: fraction of `pipetrain calibrate`'s defaults, which a calibration needs for precise figures. The
+#: p2p probe keeps its defaults: on a loaded machine every size's round trip can be a scheduler
+#: wake-up (a 4-byte message as slow as a 1 MiB one), its time is mostly the processes' start, and
+#: its fit's own bounds are tests/test_commprobe.py's
+COLL_SIZES, COLL_REPEATS = (16 << 10, 256 << 10, 2 << 20), 6
+WAKEUP_REPEATS, CORUN_PHASE_S, RESUME_PAIRS = 40, 0.4, 20
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_probe_measures_the_gloo_link(tmp_path: Path) -> None:
+def test_probe_measures_the_gloo_link(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pipetrain calibrate` with its probes: each probe's figures are sane and the calibrated topology
+    carries them. Most probes run with fewer repeats and rounds than a calibration's (functools.partial
+    over the same functions, which run_calibration looks up when it calls them); this one launch of
+    the wake-up and collective probes also holds the checks of their own figures (busy cores slowing a
+    blocked receiver, the collectives' fits), so no other test launches them again."""
+    import functools
+    import os
+    import statistics
+
+    from pipetrain.calibration import collprobe, commprobe, corun
+
+    monkeypatch.setattr(collprobe, "probe_collectives",
+                        functools.partial(collprobe.probe_collectives, sizes_bytes=COLL_SIZES, repeats=COLL_REPEATS))
+    monkeypatch.setattr(commprobe, "probe_wakeup", functools.partial(commprobe.probe_wakeup, repeats=WAKEUP_REPEATS, rounds=1))
+    monkeypatch.setattr(corun, "probe_corun", functools.partial(corun.probe_corun, phase_s=CORUN_PHASE_S, rounds=1))
+    monkeypatch.setattr(corun, "probe_resume", functools.partial(corun.probe_resume, pairs=RESUME_PAIRS))
     out = tmp_path / "c.json"
     assert main(["calibrate", "--topology", "local-cpu:2", "--model", "mlp-uneven", "--microbatch-sizes", "2",
                  "--repeats", "1", "--rounds", "1", "--no-runtime", "-o", str(out)]) == 0
@@ -191,20 +217,35 @@ def test_probe_measures_the_gloo_link(tmp_path: Path) -> None:
     topo = calibrated_topology(topology_preset("local-cpu:2"), cal)
     link = topo.link_between(0, 1)
     assert link.bandwidth_bytes_per_s == cal.p2p.bandwidth_bytes_per_s
-    # the latency a blocked receiver sees: the wake-up probe's idle one-way time less the wire time
+    # with as many busy processes as cores, a blocked receiver waits for a core: the one-way time of
+    # the same ping-pong grows (by a scheduler time slice's order: 0.3-3 ms seen here)
     w = cal.wakeup
-    assert w is not None and link.latency_s == pytest.approx(max(cal.p2p.latency_s, w.idle_one_way_s - w.nbytes / cal.p2p.bandwidth_bytes_per_s))
+    assert w is not None and w.busy_processes == (os.cpu_count() or 1) and w.nbytes == 16384
+    assert 0 < w.idle_one_way_s < 0.05
+    assert w.busy_one_way_s > w.idle_one_way_s and w.wakeup_s == pytest.approx(w.busy_one_way_s - w.idle_one_way_s)
+    # the latency a blocked receiver sees: the wake-up probe's idle one-way time less the wire time
+    assert link.latency_s == pytest.approx(max(cal.p2p.latency_s, w.idle_one_way_s - w.nbytes / cal.p2p.bandwidth_bytes_per_s))
     assert link.latency_s >= cal.p2p.latency_s
     from dataclasses import replace
 
     assert calibrated_topology(topology_preset("local-cpu:2"), replace(cal, wakeup=None)).link_between(0, 1).latency_s == cal.p2p.latency_s
+    # the collectives over the node's 2 ranks: each one's alpha-beta fit against its own measured medians
+    assert [(f.kind, f.ranks, f.backend) for f in cal.collectives] == [(k, 2, "gloo") for k in ("all_reduce", "all_gather", "reduce_scatter")]
+    for f in cal.collectives:
+        assert f.sizes_bytes == COLL_SIZES and len(f.seconds) == 3 and all(t > 0 for t in f.seconds)
+        # moving 128 times the bytes takes longer (a probe timing nothing would fail here)
+        assert f.seconds[-1] > f.seconds[0], (f.kind, f.seconds)
+        errors = [abs(f.time_s(b) - t) / t for b, t in zip(f.sizes_bytes, f.seconds)]
+        # the machine is shared: one size may be off by a burst of load, the fit must hold at the others
+        assert statistics.median(errors) < 0.5, (f.kind, f.seconds, errors)
+        assert f.time_s(2 << 20) > f.time_s(16 << 10) > 0
     # the co-run speed of 1 and 2 ranks computing at once, carried by the node
     (c,) = cal.corun
     assert (c.model, c.micro_batch_size, len(c.speed)) == ("mlp-uneven", 2, 2) and c.speed[0] == 1.0 and 0 < c.speed[1] <= 1.5
     assert topo.nodes[0].corun_speed == cal.corun_speed() == c.speed
     # what a wait costs the next action, carried by the node too
     (rc,) = cal.resume
-    assert rc.model == "mlp-uneven" and rc.pairs == 60 and rc.gap_s == pytest.approx(3e-3) and 0 < rc.hot_s < 1.0
+    assert rc.model == "mlp-uneven" and rc.pairs == RESUME_PAIRS and rc.gap_s == pytest.approx(3e-3) and 0 < rc.hot_s < 1.0
     assert rc.resume_s == max(0.0, rc.cold_s - rc.hot_s)
     # after another process ran the same blocks on its core (Linux: both pinned to one core)
     assert rc.after_other_s > 0 and rc.switch_s == max(0.0, rc.after_other_s - rc.hot_s)

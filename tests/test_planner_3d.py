@@ -5,9 +5,12 @@ Analytic cost model on the datasheet GPU presets; every search traces on the met
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from pipetrain.errors import InfeasibleError
+from pipetrain.graph import LayerGraph
 from pipetrain.planner.explain import plan_job
 from pipetrain.planner.job import job_from_mapping
 from pipetrain.planner.search import _tracer, search
@@ -52,14 +55,23 @@ def test_llama2_7b_data_parallel_on_one_node_fits_with_zero() -> None:
     assert best.candidate.zero >= 1 and best.fits()
 
 
+GPT2_XL_64 = {"model": "gpt2-xl", "topology": "dgx-a100-80g:8", "global_batch": 960, "seq_len": 1024, "tp": 1}
+
+
+@pytest.fixture(scope="module")
+def gpt2_xl_graphs() -> Callable[[int], LayerGraph]:
+    """One tracer (graphs cached per micro-batch size) for the three pinned gpt2-xl jobs below: the
+    model, sequence and dtype are theirs, so each traces the same graphs (tracing is a good part of a search)."""
+    return _tracer(job_from_mapping(GPT2_XL_64, source="test"))
+
+
 @pytest.mark.parametrize("pins", [{"pp": 20, "dp": 3}, {"pp": 12, "dp": 5}, {"pp": 16, "dp": 4}])
-def test_non_divisor_depths_are_searched_and_pins_never_cost_less_than_nothing(pins: dict) -> None:
+def test_non_divisor_depths_are_searched_and_pins_never_cost_less_than_nothing(pins: dict, gpt2_xl_graphs: Callable[[int], LayerGraph]) -> None:
     """Depths that leave GPUs idle are in the search: a pinned pp=20 dp=3 on 64 GPUs (4 idle) is one
     of its points, so the free search is at least as good -- found by the search itself, not by
     falling back on the pinned plan -- and no "pins cost" is negative."""
-    job = job_from_mapping({"model": "gpt2-xl", "topology": "dgx-a100-80g:8", "global_batch": 960, "seq_len": 1024, "tp": 1,
-                            **pins}, source="test")
-    out = plan_job(job, top_k=2)
+    job = job_from_mapping({**GPT2_XL_64, **pins}, source="test")
+    out = plan_job(job, top_k=2, graph_for=gpt2_xl_graphs)
     assert out.plan.idle_gpus == 64 - pins["pp"] * pins["dp"]
     assert out.unpinned is not None and out.unpinned is not out.result, "the free search missed the pinned point"
     assert out.pin_cost_fraction is not None and out.pin_cost_fraction >= 0.0
