@@ -26,7 +26,8 @@ from pipetrain.validation.reference import reference_run  # noqa: E402
 STEPS = 20
 DATA = "stdlib-text"
 M, MBS, SEQ = 4, 2, 16
-CONFIGS = [(2, 1, "1f1b"), (2, 1, "gpipe"), (4, 1, "1f1b"), (4, 1, "gpipe"), (2, 2, "1f1b"), (2, 2, "gpipe"),
+#: (GPipe at p=4 runs in tests/test_program_comm.py, which checks its communication against the lowering)
+CONFIGS = [(2, 1, "1f1b"), (2, 1, "gpipe"), (4, 1, "1f1b"), (2, 2, "1f1b"), (2, 2, "gpipe"),
            (2, 1, "interleaved"), (2, 1, "zb-h1")]
 #: per configuration: optimizer (SGD with momentum on one DPxPP run, AdamW elsewhere), chunks
 OPTIMIZER = {(2, 2, "gpipe"): "sgd"}
