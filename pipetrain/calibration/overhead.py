@@ -300,6 +300,18 @@ def pipeline_message_latency(records: dict[int, list[dict[str, Any]]], *, warmup
     return (statistics.fmean(lat), len(lat)) if lat else (0.0, 0)
 
 
+def _median_actions(runs: list[PipelineActions]) -> PipelineActions | None:
+    """Each figure of :class:`PipelineActions` as its median over ``runs`` (counts summed); the
+    co-run speed over the runs that measured one. None without runs."""
+    if not runs:
+        return None
+    corun = [a for a in runs if a.corun_speed > 0]
+    return PipelineActions(hot_ratio=statistics.median(a.hot_ratio for a in runs), resume_s=statistics.median(a.resume_s for a in runs),
+                           hot_actions=sum(a.hot_actions for a in runs), waited_actions=sum(a.waited_actions for a in runs),
+                           corun_speed=statistics.median(a.corun_speed for a in corun) if corun else 0.0,
+                           corun_actions=sum(a.corun_actions for a in corun))
+
+
 def _outside_spans_s(run_dir: Path, warmup: int) -> list[float]:
     """Per rank: median over the steps after ``warmup`` of the process's CPU time outside its compute spans
     (their thread CPU time where the telemetry has it, else their wall time)."""
@@ -323,7 +335,7 @@ def _outside_spans_s(run_dir: Path, warmup: int) -> list[float]:
 
 
 def measure_message_host_s(profile: Any, *, num_microbatches: int = 8, steps: int = 30, warmup: int = 2, threads: int = 1,
-                           timeout_s: float = 120.0) -> MessageHostCost:
+                           timeout_s: float = 120.0, pipeline_runs: int = 3) -> MessageHostCost:
     """Host CPU per message: the executor on one rank and on two (a 1F1B pipeline of the same model,
     shape and ``m``), each rank's CPU time (all its threads) outside its F/B/OPT spans per step.
 
@@ -335,6 +347,10 @@ def measure_message_host_s(profile: Any, *, num_microbatches: int = 8, steps: in
     ranks computing at once (:func:`pipeline_action_costs`), and the latency of a message to a
     blocked receiver (:func:`pipeline_message_latency`). Its ``steps`` give those means a few
     hundred actions and messages: under load they have heavy tails, and the run costs a second or two.
+    The two-rank pipeline is launched ``pipeline_runs`` times and each figure is the median over
+    the launches: on shared cores a launch of the same plan lands in a slow or a fast regime as a
+    whole (its blocked-receiver latency and co-run speed both move, by about 2x and 1.5x; figures:
+    benchmarks/RESULTS.md), so one launch would calibrate whichever regime it happened to get.
     """
     from pipetrain.executor.config import RunConfig
     from pipetrain.executor.launch import launch
@@ -342,13 +358,15 @@ def measure_message_host_s(profile: Any, *, num_microbatches: int = 8, steps: in
 
     if steps <= warmup:
         raise ConfigError(f"message host cost needs more steps ({steps}) than warm-up steps ({warmup})")
+    if pipeline_runs < 1:
+        raise ConfigError(f"message host cost needs at least one two-rank pipeline run, got {pipeline_runs}")
     p = profile
     from pipetrain.executor.telemetry import read_telemetry
 
-    outside = []
-    actions = None
-    latency = (0.0, 0)
-    for pp in (1, 2):
+    outside: list[list[float]] = []
+    runs_actions: list[PipelineActions] = []
+    latencies: list[tuple[float, int]] = []
+    for pp in (1, *([2] * pipeline_runs)):
         plan = simple_plan(p.model, pp=pp, m=num_microbatches, mbs=p.micro_batch_size, seq_len=p.seq_len, dtype=p.dtype)
         with tempfile.TemporaryDirectory(prefix="pipetrain-msgcost-") as tmp:
             plan_path = plan.save(Path(tmp) / "plan.json")
@@ -362,8 +380,16 @@ def measure_message_host_s(profile: Any, *, num_microbatches: int = 8, steps: in
                     profiled[(st.index, "F")] = sum(b.fwd_s for b in blocks)
                     profiled[(st.index, "B")] = sum(b.bwd_s for b in blocks)
                 recs = read_telemetry(Path(tmp) / "run")
-                actions = pipeline_action_costs(recs, profiled, warmup=warmup)
-                latency = pipeline_message_latency(recs, warmup=warmup)
+                got = pipeline_action_costs(recs, profiled, warmup=warmup)
+                if got is not None:
+                    runs_actions.append(got)
+                lat = pipeline_message_latency(recs, warmup=warmup)
+                if lat[1]:
+                    latencies.append(lat)
+    actions = _median_actions(runs_actions)
+    latency = (statistics.median(t for t, _ in latencies), sum(n for _, n in latencies)) if latencies else (0.0, 0)
+    # per rank, the median over the pipeline launches of its CPU outside the spans
+    outside = [outside[0], [statistics.median(run[r] for run in outside[1:]) for r in range(len(outside[1]))]]
     one, two = outside[0][0], tuple(outside[1])
     msgs = 2 * num_microbatches
     host = max(0.0, statistics.mean(t - one for t in two) / msgs)
