@@ -52,7 +52,7 @@ from pipetrain.gemm import GemmConstants
 
 __all__ = [
     "DTYPES", "INTRA_LINK_KINDS", "INTER_LINK_KINDS", "GiB",
-    "DeviceType", "Link", "InterNodeLink", "NodeSpec", "Device", "Topology",
+    "JITTER_MEAN_TOL", "check_latency_jitter", "DeviceType", "Link", "InterNodeLink", "NodeSpec", "Device", "Topology",
     "load_topology", "topology_preset", "resolve_topology",
 ]
 
@@ -146,6 +146,22 @@ class DeviceType:
         return self.memory_bandwidth_bytes_per_s * self.memory_efficiency
 
 
+#: how far a latency distribution's mean may be from 1 (its quantiles, renormalized, are stored rounded)
+JITTER_MEAN_TOL = 1e-3
+
+
+def check_latency_jitter(jitter: tuple[float, ...], where: str) -> None:
+    """A link's latency distribution: multipliers of its ``latency_s``, each a message's latency
+    drawn uniformly among them, so ``latency_s`` stays the mean (they average to 1). Empty: fixed."""
+    if not jitter:
+        return
+    if not isinstance(jitter, tuple) or any(not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0 for x in jitter):
+        raise ConfigError(f"{where}: latency_jitter must be a tuple of finite numbers >= 0, got {jitter!r}")
+    mean = sum(jitter) / len(jitter)
+    if abs(mean - 1.0) > JITTER_MEAN_TOL:
+        raise ConfigError(f"{where}: latency_jitter must average 1 (latency_s is the mean latency), got a mean of {mean:.4f}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Link:
     """A point-to-point path: time for ``b`` bytes is ``latency_s + b / bandwidth_bytes_per_s``.
@@ -159,12 +175,16 @@ class Link:
     bandwidth_bytes_per_s: float
     latency_s: float
     resource: str = ""
+    #: the latency's measured distribution as multipliers of ``latency_s`` (:func:`check_latency_jitter`;
+    #: a calibration's); empty: every message takes ``latency_s``
+    latency_jitter: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in INTRA_LINK_KINDS + INTER_LINK_KINDS + ("local",):
             raise ConfigError(f"topology: link kind {self.kind!r} is unknown; choose one of {', '.join(INTRA_LINK_KINDS + INTER_LINK_KINDS)}")
         _num(self.bandwidth_bytes_per_s, f"{self.kind} link bandwidth_bytes_per_s", positive=True)
         _num(self.latency_s, f"{self.kind} link latency_s")
+        check_latency_jitter(self.latency_jitter, f"{self.kind} link")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -132,13 +132,13 @@ def test_json_roundtrip_and_version_error(cal_file: Path, tmp_path: Path) -> Non
 
 def test_older_calibration_file_is_a_one_line_error(cal_file: Path, tmp_path: Path) -> None:
     """Files from before ``ResumeCost.slowdown`` was dropped (version 1) and before the runtime entries
-    measured the host work between steps (version 2) and before the measured collectives (version 3)
-    name both versions and the fix."""
+    measured the host work between steps (version 2), before the measured collectives (version 3) and
+    before the pipeline's latency distribution (version 4) name both versions and the fix."""
     from pipetrain.calibration.measured import CALIBRATION_FILE_VERSION, load_calibration
     from pipetrain.errors import ConfigError
 
-    assert CALIBRATION_FILE_VERSION == 4
-    for version in (1, 2, 3):
+    assert CALIBRATION_FILE_VERSION == 5
+    for version in (1, 2, 3, 4):
         data = json.loads(cal_file.read_text())
         data.pop("collectives", None)
         data["schema_version"] = version
@@ -151,7 +151,7 @@ def test_older_calibration_file_is_a_one_line_error(cal_file: Path, tmp_path: Pa
         with pytest.raises(ConfigError) as e:
             load_calibration(old)
         msg = str(e.value)
-        assert "\n" not in msg and f"version {version}" in msg and "reads version 4" in msg and "re-run `pipetrain calibrate`" in msg
+        assert "\n" not in msg and f"version {version}" in msg and "reads version 5" in msg and "re-run `pipetrain calibrate`" in msg
 
 
 @pytest.mark.parametrize("argv, msg", [

@@ -14,7 +14,14 @@ from calibration_data import block_profile, make_calibration  # (tests/)
 from pipetrain.calibration.commprobe import WakeupCost
 from pipetrain.calibration.corun import CoRunSpeed, ResumeCost
 from pipetrain.calibration.measured import Calibration, calibrated_topology
-from pipetrain.calibration.overhead import MessageHostCost, PipelineActions, RuntimeOverhead, pipeline_action_costs, pipeline_message_latency
+from pipetrain.calibration.overhead import (
+    MessageHostCost,
+    PipelineActions,
+    RuntimeOverhead,
+    latency_jitter,
+    pipeline_action_costs,
+    pipeline_message_latency,
+)
 from pipetrain.graph import LayerGraph
 from pipetrain.topology import topology_preset
 
@@ -73,8 +80,21 @@ def test_latency_to_a_blocked_receiver() -> None:
             _ev("RECV", 1, 1, 0.3, 2.65),  # computing when it was sent (at 2.0): left out
             _ev("SEND", 1, 0, 3.0, 3.2)],  # the gradient to rank 0, idle since 1.9: 0.6 ms
     }
-    assert pipeline_message_latency(recs, warmup=1) == (pytest.approx(0.5 * MS), 2)
-    assert pipeline_message_latency(recs, warmup=2) == (0.0, 0)
+    mean, count, ratios = pipeline_message_latency(recs, warmup=1)
+    assert (mean, count) == (pytest.approx(0.5 * MS), 2)
+    assert sorted(ratios) == [pytest.approx(0.8), pytest.approx(1.2)]  # 0.4 and 0.6 ms over their mean
+    assert pipeline_message_latency(recs, warmup=2) == (0.0, 0, ())
+
+
+def test_latency_distribution_kept_as_quantiles_of_mean_one() -> None:
+    # five fast messages and one slow one (a descheduled receiver), as ratios to their mean
+    ratios = [0.1] * 5 + [5.5]
+    # 4 quantiles at the midpoints 1/8, 3/8, 5/8, 7/8 of 6 sorted values: ranks 0, 2, 3, 5
+    q = latency_jitter(ratios, k=4)
+    assert q == (pytest.approx(0.1 / 1.45, abs=1e-4),) * 3 + (pytest.approx(5.5 / 1.45, abs=1e-4),)
+    assert sum(q) / 4 == pytest.approx(1.0, abs=1e-3)
+    assert len(latency_jitter(ratios)) == 32  # fewer messages than quantiles: ranks repeat
+    assert latency_jitter([]) == () and latency_jitter([0.0, 0.0]) == ()
 
 
 #: the one-rank run: its spans 2.5 x the profile (a busy machine), 0.2 of host work between actions
@@ -112,6 +132,14 @@ def test_calibration_prefers_the_pipelines_own_measurements() -> None:
     assert _cal((replace(piped, model="gpt2"),)).overhead_for(graph) == pytest.approx(2.7)  # another model's pipeline: not this one's
     node = calibrated_topology(topology_preset("local-cpu:2"), cal).nodes[0]
     assert (node.link.latency_s, node.resume_s, node.corun_speed) == (pytest.approx(1.5e-3), pytest.approx(6e-5), (1.0, 0.97, 0.3))
+    assert node.link.latency_jitter == () and probes.pipeline_latency_jitter() == ()  # no distribution measured: a fixed latency
+    # with the distribution: two models' quantiles, quantile by quantile their median, scaled to average 1
+    jit = replace(piped, pipeline_latency_jitter=(0.2, 0.2, 2.6))
+    other = replace(piped, model="gpt2", pipeline_latency_jitter=(0.4, 0.4, 2.2))
+    both = _cal((jit, other, replace(piped, model="bert", pipeline_latency_jitter=(0.3, 0.3, 2.4))))
+    assert both.pipeline_latency_jitter() == pytest.approx((0.3, 0.3, 2.4))
+    link = calibrated_topology(topology_preset("local-cpu:2"), _cal((jit,))).nodes[0].link
+    assert link.latency_jitter == pytest.approx((0.2, 0.2, 2.6)) and link.latency_s == pytest.approx(1.5e-3)
     # a machine twice as slow: the wait's cost doubles, the speed and the latency stay
     slow = cal.rescaled(2.0)
     assert slow.resume_s() == pytest.approx(1.2e-4) and slow.corun_speed() == cal.corun_speed()

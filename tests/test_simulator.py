@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -452,3 +453,56 @@ def test_blocking_sends_hold_the_sender_until_the_data_arrived() -> None:
         assert comp[(0, "F", 1)] == pytest.approx((1.5, 2.5))  # after its first send arrived, not at 1.0
         if sched == "1f1b":  # rank 1 sends B0's gradient (4.5 .. 5.0) before it may run F1
             assert comp[(1, "F", 1)] == pytest.approx((5.0, 6.0))
+
+
+def _jittered(inp: SimInput, jitter: tuple[float, ...]) -> SimInput:
+    """``inp`` with every boundary link's latency drawn from ``jitter`` (both directions)."""
+    bounds = tuple(replace(b, link=replace(b.link, latency_jitter=jitter), bwd_link=None) for b in inp.boundaries)
+    return replace(inp, boundaries=bounds)
+
+
+def test_latency_distribution_samples_steps_closed_form() -> None:
+    # GPipe p=2 m=1: F0 (1) -> 0.5·j1 -> F1 (1) B1 (2) -> 0.5·j2 -> B0 (2); every step is 6 + 0.5(j1 + j2)
+    base = uniform(2, 1, "gpipe", t_fwd_s=1.0, t_bwd_s=2.0, t_comm_s=0.5)
+    assert simulate(base).step_time_s == pytest.approx(7.0) and simulate(base).sampled_steps == 1
+    res = simulate(_jittered(base, (0.0, 2.0)))
+    # j1 + j2 in {0, 2, 4} with probabilities 1/4, 1/2, 1/4: steps 6, 7, 8; the median is 7, the quartiles
+    # of 63 draws at 6 or 7 and 7 or 8
+    assert res.sampled_steps == 63 and res.step_time_s == pytest.approx(7.0)
+    lo, hi = res.step_time_quartiles_s
+    assert 6.0 <= lo <= 7.0 <= hi <= 8.0 and lo < hi
+    # the result is the median step's own timeline: its last optimizer event ends at the step time
+    assert max(e.end_s for e in res.events) == pytest.approx(res.step_time_s)
+    # rank 1 waited 1 + 0.5·j1 for F0's output (j1 = 0 or 2), rank 0 from F0's end to the gradient's arrival
+    waits = {e.rank: e.end_s - e.start_s for e in res.events if e.kind == "RECV"}
+    assert waits[1] in (pytest.approx(1.0), pytest.approx(2.0)) and waits[0] == pytest.approx(res.step_time_s - 3.0)
+    # reproducible (seeded), and another seed draws other latencies
+    assert simulate(_jittered(base, (0.0, 2.0))).to_dict() == res.to_dict()
+    seeds = {simulate(_jittered(base, (0.0, 2.0)), steps=1, seed=s).step_time_s for s in range(12)}
+    assert seeds == {6.0, 7.0, 8.0}
+    # a distribution of one value is the fixed latency
+    assert simulate(_jittered(base, (1.0,))).step_time_s == pytest.approx(7.0)
+
+
+def test_latency_distribution_lengthens_the_median_1f1b_step() -> None:
+    # 1F1B p=2 m=8: each steady-state micro-batch waits for the later of two messages (Jensen): a
+    # latency of 0.5 now 0.1, now 0.9 makes the median step longer than one at a fixed 0.5
+    base = uniform(2, 8, "1f1b", t_fwd_s=1.0, t_bwd_s=2.0, t_comm_s=0.5)
+    fixed = simulate(base).step_time_s
+    assert fixed == pytest.approx(31.0)
+    sampled = simulate(_jittered(base, (0.2, 1.8)))
+    assert sampled.step_time_s > fixed + 0.5
+    assert fast_evaluate(_jittered(base, (0.2, 1.8))).step_time_s == pytest.approx(fixed)  # the fast evaluator: the mean latency
+
+
+def test_latency_distribution_is_validated_and_sized() -> None:
+    with pytest.raises(ConfigError, match="average 1"):
+        Link(name="x", latency_s=1e-3, latency_jitter=(0.5, 0.6))
+    with pytest.raises(ConfigError, match=">= 0"):
+        Link(name="x", latency_s=1e-3, latency_jitter=(-1.0, 3.0))
+    from pipetrain.simulator.engine import SAMPLED_ACTIONS, sampled_steps
+
+    assert sampled_steps(uniform(2, 8, "1f1b", t_fwd_s=1.0, t_bwd_s=1.0)) == 63
+    big = uniform(8, 512, "1f1b", t_fwd_s=1.0, t_bwd_s=1.0)  # 8192 compute actions a step
+    assert sampled_steps(big) == 11 and 11 * big.schedule.num_compute_actions <= SAMPLED_ACTIONS + big.schedule.num_compute_actions
+    assert sampled_steps(uniform(8, 4096, "1f1b", t_fwd_s=1.0, t_bwd_s=1.0)) == 9

@@ -39,8 +39,10 @@ __all__ = ["CALIBRATION_FILE_VERSION", "P2PCost", "OptimizerCost", "Calibration"
            "calibrated_topology", "load_calibration", "calibrated_for"]
 
 #: 2: ``resume`` entries no longer carry ``slowdown``; 3: the runtime entries measure the host work
-#: between steps; 4: ``collectives``, the measured all-reduce, all-gather and reduce-scatter
-CALIBRATION_FILE_VERSION = 4  # and ``tensor_parallel``
+#: between steps; 4: ``collectives``, the measured all-reduce, all-gather and reduce-scatter (and
+#: ``tensor_parallel``); 5: the two-rank pipeline's latency distribution (``pipeline_latency_jitter``),
+#: which the simulator samples: a version-4 file would predict with a fixed latency, so it is measured again
+CALIBRATION_FILE_VERSION = 5
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -169,6 +171,19 @@ class Calibration:
         if w is None:
             return self.p2p.latency_s
         return max(self.p2p.latency_s, w.idle_one_way_s - w.nbytes / self.p2p.bandwidth_bytes_per_s)
+
+    def pipeline_latency_jitter(self) -> tuple[float, ...]:
+        """The distribution of that latency as multipliers of its mean (``Link.latency_jitter``): the
+        two-rank pipeline's (:func:`pipetrain.calibration.overhead.latency_jitter`), quantile by
+        quantile the median over the measured models, scaled to average 1. Empty without a pipeline
+        run (the simulated latency is then fixed)."""
+        piped = [m.pipeline_latency_jitter for m in self.messages if m.pipeline_latency_messages > 0 and m.pipeline_latency_jitter]
+        if not piped:
+            return ()
+        k = min(len(j) for j in piped)
+        q = [statistics.median(j[i] for j in piped if len(j) == k) for i in range(k)]
+        mean = sum(q) / k
+        return tuple(v / mean for v in q) if mean > 0 else ()
 
     def resume_s(self) -> float:
         """The node's extra seconds of an action after a wait: measured in the calibration's two-rank
@@ -356,11 +371,12 @@ def calibrated_topology(topology: Topology, calibration: Calibration) -> Topolog
     """``topology`` with the measured p2p link inside every node whose devices are the calibrated
     type, and on such nodes with shared cores the measured wake-up latency and co-run speed.
 
-    The link's latency is the one a pipeline sees (:meth:`Calibration.pipeline_latency_s`)."""
+    The link's latency is the one a pipeline sees (:meth:`Calibration.pipeline_latency_s`), with its
+    measured distribution where the calibration has one (:meth:`Calibration.pipeline_latency_jitter`)."""
     nodes = []
     for node in topology.nodes:
         if all(t == calibration.device_type for t in node.device_types):
-            link = replace(node.link, latency_s=calibration.pipeline_latency_s(),
+            link = replace(node.link, latency_s=calibration.pipeline_latency_s(), latency_jitter=calibration.pipeline_latency_jitter(),
                            bandwidth_bytes_per_s=calibration.p2p.bandwidth_bytes_per_s)
             node = replace(node, link=link)
             if calibration.wakeup is not None and node.cores > 0:

@@ -29,7 +29,8 @@ Nothing in it is fitted to a pipeline: it is measured without one.
 :func:`measure_message_host_s` runs the same model as a two-rank pipeline too; besides the host
 CPU per message it reads that run's own compute actions and messages (:func:`pipeline_action_costs`,
 :func:`pipeline_message_latency`): what a wait costs the next action, the speed of two ranks
-computing at once, the latency to a blocked receiver, and the actions back to back over the profile,
+computing at once, the latency to a blocked receiver and its distribution (:func:`latency_jitter`:
+the simulator samples it), and the actions back to back over the profile,
 which replaces ``factor``'s spans part in :meth:`~pipetrain.calibration.measured.Calibration.overhead_for`
 (a one-rank run computes without a pause, a pipeline's ranks between waits; on a loaded machine
 the one-rank run's spans came out several times slower than the pipeline's, figures:
@@ -47,7 +48,7 @@ from typing import Any
 from pipetrain.errors import ConfigError
 
 __all__ = ["RuntimeOverhead", "measure_runtime_overhead", "MessageHostCost", "measure_message_host_s", "PipelineActions",
-           "pipeline_action_costs", "pipeline_message_latency", "HOT_GAP_S", "WAIT_GAP_S"]
+           "pipeline_action_costs", "pipeline_message_latency", "latency_jitter", "JITTER_QUANTILES", "HOT_GAP_S", "WAIT_GAP_S"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,6 +178,8 @@ class MessageHostCost:
     #: the same run's latency of a message to a blocked receiver (:func:`pipeline_message_latency`; 0: none)
     pipeline_latency_s: float = 0.0
     pipeline_latency_messages: int = 0
+    #: their distribution: :data:`JITTER_QUANTILES` quantiles over the mean (:func:`latency_jitter`; empty: not measured)
+    pipeline_latency_jitter: tuple[float, ...] = ()
 
 
 #: an action that starts within this long of its rank's previous action ran "right after another"
@@ -271,13 +274,14 @@ def pipeline_action_costs(records: dict[int, list[dict[str, Any]]], profiled_s: 
                            corun_speed=speed, corun_actions=len(co) if speed else 0)
 
 
-def pipeline_message_latency(records: dict[int, list[dict[str, Any]]], *, warmup: int) -> tuple[float, int]:
-    """(mean seconds, count) from a SEND's start to the end of its RECV's wait, over the messages
-    of a real pipeline run (telemetry ``records`` per rank) whose receiver was blocked on them: its
-    rank's last compute action ended before the send started. That is the latency the simulator
-    gives a message to a blocked receiver (the link's ``latency_s``), measured where a pipeline's
-    receivers block: on a core that went idle while the sender computed. A mean, as
-    :func:`pipeline_action_costs`'s figures are. ``(0.0, 0)`` when none."""
+def pipeline_message_latency(records: dict[int, list[dict[str, Any]]], *, warmup: int) -> tuple[float, int, tuple[float, ...]]:
+    """(mean seconds, count, each latency over the mean) from a SEND's start to the end of its RECV's
+    wait, over the messages of a real pipeline run (telemetry ``records`` per rank) whose receiver
+    was blocked on them: its rank's last compute action ended before the send started. That is the
+    latency the simulator gives a message to a blocked receiver (the link's ``latency_s``), measured
+    where a pipeline's receivers block: on a core that went idle while the sender computed. A mean,
+    as :func:`pipeline_action_costs`'s figures are; the ratios (in the records' order) give its
+    distribution (:func:`latency_jitter`). ``(0.0, 0, ())`` when none."""
     sends: dict[tuple[int, int, int], list[tuple[float, int]]] = {}  # (step, mb, to stage) -> [(start, from stage)]
     for recs in records.values():
         for e in recs:
@@ -297,7 +301,32 @@ def pipeline_message_latency(records: dict[int, list[dict[str, Any]]], *, warmup
             idle_since = max((t for t in ends if t <= e["end_s"]), default=None)
             if idle_since is not None and idle_since <= sent:
                 lat.append(e["end_s"] - sent)
-    return (statistics.fmean(lat), len(lat)) if lat else (0.0, 0)
+    if not lat:
+        return 0.0, 0, ()
+    mean = statistics.fmean(lat)
+    return mean, len(lat), tuple(t / mean for t in lat) if mean > 0 else ()
+
+
+#: a latency distribution is kept as this many quantiles (multipliers of the mean)
+JITTER_QUANTILES = 32
+
+
+def latency_jitter(ratios: list[float] | tuple[float, ...], k: int = JITTER_QUANTILES) -> tuple[float, ...]:
+    """``k`` quantiles (at the midpoints ``(i + 1/2) / k``, nearest rank) of latencies given as
+    ratios to their mean, scaled to average exactly 1 and rounded to 4 decimals: drawing uniformly
+    among them reproduces the measured distribution's shape around the link's mean latency
+    (``Link.latency_jitter``). A blocked receiver's latency on shared CPU cores is bimodal: most
+    messages in tens of microseconds, a sixth or so near a millisecond (a descheduled receiver;
+    benchmarks/RESULTS.md), so the mean alone misstates a pipeline's critical path. Empty without
+    ratios or when all are 0."""
+    xs = sorted(ratios)
+    if not xs or k < 1:
+        return ()
+    q = [xs[min(len(xs) - 1, int((i + 0.5) / k * len(xs)))] for i in range(k)]
+    mean = sum(q) / k
+    if mean <= 0:
+        return ()
+    return tuple(round(v / mean, 4) for v in q)
 
 
 def _median_actions(runs: list[PipelineActions]) -> PipelineActions | None:
@@ -366,6 +395,7 @@ def measure_message_host_s(profile: Any, *, num_microbatches: int = 8, steps: in
     outside: list[list[float]] = []
     runs_actions: list[PipelineActions] = []
     latencies: list[tuple[float, int]] = []
+    ratios: list[float] = []  # each launch's latencies over its own mean, pooled: the shape, not the regime's level
     for pp in (1, *([2] * pipeline_runs)):
         plan = simple_plan(p.model, pp=pp, m=num_microbatches, mbs=p.micro_batch_size, seq_len=p.seq_len, dtype=p.dtype)
         with tempfile.TemporaryDirectory(prefix="pipetrain-msgcost-") as tmp:
@@ -383,9 +413,10 @@ def measure_message_host_s(profile: Any, *, num_microbatches: int = 8, steps: in
                 got = pipeline_action_costs(recs, profiled, warmup=warmup)
                 if got is not None:
                     runs_actions.append(got)
-                lat = pipeline_message_latency(recs, warmup=warmup)
-                if lat[1]:
-                    latencies.append(lat)
+                mean, count, rel = pipeline_message_latency(recs, warmup=warmup)
+                if count:
+                    latencies.append((mean, count))
+                    ratios.extend(rel)
     actions = _median_actions(runs_actions)
     latency = (statistics.median(t for t, _ in latencies), sum(n for _, n in latencies)) if latencies else (0.0, 0)
     # per rank, the median over the pipeline launches of its CPU outside the spans
@@ -393,7 +424,8 @@ def measure_message_host_s(profile: Any, *, num_microbatches: int = 8, steps: in
     one, two = outside[0][0], tuple(outside[1])
     msgs = 2 * num_microbatches
     host = max(0.0, statistics.mean(t - one for t in two) / msgs)
-    extra: dict[str, Any] = {"pipeline_latency_s": latency[0], "pipeline_latency_messages": latency[1]}
+    extra: dict[str, Any] = {"pipeline_latency_s": latency[0], "pipeline_latency_messages": latency[1],
+                             "pipeline_latency_jitter": latency_jitter(ratios)}
     extra |= {} if actions is None else {
         "pipeline_hot_ratio": actions.hot_ratio, "pipeline_resume_s": actions.resume_s,
         "pipeline_hot_actions": actions.hot_actions, "pipeline_waited_actions": actions.waited_actions,

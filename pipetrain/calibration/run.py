@@ -301,7 +301,8 @@ def describe(cal: Calibration) -> list[tuple[str, str]]:
                          f"+{mc.pipeline_resume_s * 1e3:.2f} ms after a wait ({mc.pipeline_waited_actions} actions; back to back "
                          f"x{mc.pipeline_hot_ratio:.2f} the profile, {mc.pipeline_hot_actions} actions); speed "
                          f"{mc.pipeline_corun_speed:.2f} with both computing ({mc.pipeline_corun_actions} actions, 0: too few); "
-                         f"{mc.pipeline_latency_s * 1e6:.0f} us to a blocked receiver ({mc.pipeline_latency_messages} messages)"))
+                         f"{mc.pipeline_latency_s * 1e6:.0f} us to a blocked receiver ({mc.pipeline_latency_messages} messages"
+                         f"{_jitter_text(mc.pipeline_latency_jitter)})"))
     if cal.wakeup is not None:
         w = cal.wakeup
         rows.append(("wake-up on busy cores", f"{w.wakeup_s * 1e6:.0f} us ({w.nbytes} B ping-pong one way: {w.idle_one_way_s * 1e6:.0f} us "
@@ -327,3 +328,11 @@ def describe(cal: Calibration) -> list[tuple[str, str]]:
     rows.append(("analytic fit", f"mean |error| {cal.fit.error_before * 100:.1f}% -> {cal.fit.error_after * 100:.1f}% "
                                  f"over {cal.fit.num_samples} block times"))
     return rows
+
+
+def _jitter_text(jitter: tuple[float, ...]) -> str:
+    """``; quartiles x0.12 / x0.16 / x0.31 of the mean`` (nothing without a distribution)."""
+    if not jitter:
+        return ""
+    k = len(jitter)
+    return "; quartiles " + " / ".join(f"x{jitter[min(k - 1, int(q * k))]:.2f}" for q in (0.25, 0.5, 0.75)) + " of the mean, sampled"

@@ -302,7 +302,8 @@ def rank_device_type(topology: Topology, place: Placement, rank: int) -> DeviceT
 
 def _sim_link(topology: Topology, a: int, b: int) -> Link:
     lk = topology.link_between(a, b)
-    return Link(name=lk.resource or f"{a}->{b}", latency_s=lk.latency_s, bandwidth_bytes_per_s=lk.bandwidth_bytes_per_s)
+    return Link(name=lk.resource or f"{a}->{b}", latency_s=lk.latency_s, bandwidth_bytes_per_s=lk.bandwidth_bytes_per_s,
+                latency_jitter=lk.latency_jitter)
 
 
 def _group_speed(node_speed: tuple[float, ...], ranks: int, used: int) -> tuple[float, ...]:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pipetrain.errors import ConfigError
 from pipetrain.schedules import Action, Schedule, make_schedule, schedule_chunks
 from pipetrain.sharding import CollectiveFit, collective_time_s
+from pipetrain.topology import check_latency_jitter
 
 __all__ = [
     "POST", "RUN", "RECV_MODES", "Op", "Link", "StageSpec", "TieSpec", "BoundarySpec", "ComputeGroup", "DataParallelSpec", "SimInput",
@@ -90,10 +91,15 @@ class Link:
     name: str
     latency_s: float = 0.0
     bandwidth_bytes_per_s: float = math.inf
+    #: the latency's distribution, multipliers of ``latency_s`` averaging 1 (the topology link's,
+    #: :func:`pipetrain.topology.check_latency_jitter`): the simulator draws each message's latency
+    #: from them and simulates several steps (:func:`pipetrain.simulator.simulate`); empty: fixed
+    latency_jitter: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         _nonneg(f"link {self.name}", latency_s=self.latency_s)
         _need(self.bandwidth_bytes_per_s > 0, f"link {self.name}: bandwidth_bytes_per_s must be > 0, got {self.bandwidth_bytes_per_s}")
+        check_latency_jitter(self.latency_jitter, f"link {self.name}")
 
     def wire_time_s(self, nbytes: float) -> float:
         return nbytes / self.bandwidth_bytes_per_s if nbytes else 0.0
@@ -178,7 +184,8 @@ class BoundarySpec:
         _nonneg("boundary", fwd_bytes=self.fwd_bytes, bwd_bytes=self.bwd_bytes)
         if self.bwd_link is None:
             object.__setattr__(self, "bwd_link", Link(name=self.link.name + ":bwd", latency_s=self.link.latency_s,
-                                                      bandwidth_bytes_per_s=self.link.bandwidth_bytes_per_s))
+                                                      bandwidth_bytes_per_s=self.link.bandwidth_bytes_per_s,
+                                                      latency_jitter=self.link.latency_jitter))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -44,21 +44,31 @@ that really wait create simpy events.
 
 from __future__ import annotations
 
+import random
 from collections import deque
 from collections.abc import Callable, Generator
+from dataclasses import replace
 
 import simpy
 from simpy.events import NORMAL
 
-from pipetrain.errors import ScheduleError
+from pipetrain.errors import ConfigError, ScheduleError
 from pipetrain.program.spec import ComputeGroup, SimInput
-from pipetrain.simulator.ops import COMPUTE, POST, SEND, EventTuple, end_of_step, sim_skeleton, tables
+from pipetrain.simulator.ops import COMPUTE, POST, SEND, EventTuple, Tables, end_of_step, sim_skeleton, tables
 from pipetrain.simulator.result import SimResult, build_result, busy_s_per_stage
 from pipetrain.simulator.sharing import SharedCores
 
-__all__ = ["simulate"]
+__all__ = ["simulate", "sampled_steps", "SAMPLED_STEPS", "MIN_SAMPLED_STEPS", "SAMPLED_ACTIONS"]
 
 _UNLIMITED = 1 << 60
+#: steps sampled where a latency is a distribution: the median of 63 draws of the demo's step moves
+#: by about 1% between seeds (benchmarks/RESULTS.md)
+SAMPLED_STEPS = 63
+#: fewest steps sampled, whatever the schedule's size
+MIN_SAMPLED_STEPS = 9
+#: compute actions simulated over all sampled steps, at most (above MIN_SAMPLED_STEPS): a large
+#: schedule samples fewer steps, so its simulation stays within a few times one step's
+SAMPLED_ACTIONS = 100_000
 
 
 def _land(env: simpy.Environment, ev: simpy.Event, delay: float, value: float) -> None:
@@ -84,12 +94,58 @@ def _why(what: tuple[str, int, int] | None, caps: list[int]) -> str:
     return f"its compute group for stage {s} micro-batch {mb}"
 
 
-def simulate(inp: SimInput) -> SimResult:
-    """Simulate one training step of ``inp`` with simpy; see the module docstring."""
+def sampled_steps(inp: SimInput) -> int:
+    """How many steps :func:`simulate` samples where a latency is a distribution: :data:`SAMPLED_STEPS`,
+    fewer for a large schedule (:data:`SAMPLED_ACTIONS`), at least :data:`MIN_SAMPLED_STEPS`; odd, so
+    the median is one of them."""
+    n = max(MIN_SAMPLED_STEPS, min(SAMPLED_STEPS, SAMPLED_ACTIONS // max(1, inp.schedule.num_compute_actions)))
+    return n if n % 2 else n - 1
+
+
+def simulate(inp: SimInput, *, steps: int | None = None, seed: int = 0) -> SimResult:
+    """Simulate one training step of ``inp`` with simpy; see the module docstring.
+
+    Where a link's latency is a distribution (``Link.latency_jitter``, a calibration's measured
+    one), one step with every message at the mean latency is not the typical step: a step is a
+    longest path through maxima of message arrivals, and a max of random delays averages more than
+    the max of their means (Jensen), so the deterministic step under-predicts a machine whose
+    messages now take 0.03 ms and now 1 ms. Then ``steps`` independent steps (default
+    :func:`sampled_steps`) are simulated, each message's latency drawn from its link's distribution
+    with a ``random.Random(seed)`` (reproducible), and the result is the median step's, with the
+    sampled steps' quartiles in ``step_time_quartiles_s``: a measured run's median step is the
+    figure it predicts."""
+    tab = tables(inp)
+    if not any(tab.jitter):
+        return _simulate(inp, tab, None)
+    n = steps if steps is not None else sampled_steps(inp)
+    if n < 1:
+        raise ConfigError(f"simulate: steps must be >= 1, got {n}")
+    rng = random.Random(seed)
+    runs = sorted((_simulate(inp, tab, rng) for _ in range(n)), key=lambda res: res.step_time_s)
+    times = [res.step_time_s for res in runs]
+    return replace(runs[(n - 1) // 2], sampled_steps=n,
+                   step_time_quartiles_s=(_quantile(times, 0.25), _quantile(times, 0.75)))
+
+
+def _quantile(sorted_xs: list[float], q: float) -> float:
+    """Linear interpolation between the order statistics (numpy's default)."""
+    pos = q * (len(sorted_xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_xs) - 1)
+    return float(sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo))
+
+
+def _simulate(inp: SimInput, tab: Tables, rng: random.Random | None) -> SimResult:
+    """One step; with ``rng``, each message's latency drawn from its link's ``latency_jitter``."""
     sched = inp.schedule
     ops_per_rank = sim_skeleton(inp)
-    tab = tables(inp)
     dur_of, link_of, wire_of, lat_of, bytes_of = tab.dur, tab.link, tab.wire, tab.latency, tab.nbytes
+    jitter_of = tab.jitter
+    sampled = rng is not None and any(jitter_of)
+
+    def latency(slot: int) -> float:
+        j = jitter_of[slot]
+        return lat_of[slot] * j[rng.randrange(len(j))] if rng is not None and j else lat_of[slot]
     env = simpy.Environment()
     n_st, n_rk = sched.num_stages, sched.num_ranks
     resource: list[simpy.Resource | SharedCores | None] = [None] * n_rk
@@ -133,7 +189,8 @@ def simulate(inp: SimInput) -> SimResult:
     blocking = inp.recv_mode == "blocking"
     send_done: dict[int, simpy.Event] = {}
 
-    def transfer(msg: int, r: int, s: int, mb: int, slot: int) -> float:
+    def transfer(msg: int, r: int, s: int, mb: int, slot: int) -> tuple[float, float]:
+        """(off the wire, landed) of ``msg``'s transfer, started now or when its link frees."""
         now = env.now
         name = link_of[slot]
         begin = link_free.get(name, 0.0)
@@ -141,7 +198,7 @@ def simulate(inp: SimInput) -> SimResult:
             begin = now
         done = begin + wire_of[slot]
         link_free[name] = done
-        arrive = done + lat_of[slot]
+        arrive = done + latency(slot)
         push((s, r, "SEND", mb, begin, arrive, bytes_of[slot]))
         blocked = send_done.pop(msg, None)
         if blocked is not None:  # a blocking sender waited for its receiver's post: it goes on once the data is there
@@ -150,13 +207,13 @@ def simulate(inp: SimInput) -> SimResult:
 
             done_at(arrive, release)
         if in_order:  # the receive's completion lands it (stream order)
-            return arrive
+            return done, arrive
         w = recv_wait.pop(msg, None)
         if w is None:
             landed[msg] = arrive
         else:
             _land(env, w, arrive - now, arrive)
-        return arrive
+        return done, arrive
 
     # in-order mode: one FIFO stream per rank (the pipeline group's communicator). A SEND heading
     # its stream starts its transfer (NCCL pushes into the peer's buffers: it needs no posted
@@ -179,8 +236,8 @@ def simulate(inp: SimInput) -> SimResult:
         msg = entry[1]
         if entry[0] == SEND:
             _, _, r, s, mb, slot = entry
-            arrive = transfer(msg, r, s, mb, slot)
-            done_at(arrive - lat_of[slot], lambda: complete(key))  # off the wire: the sender's kernel is done
+            off_wire, arrive = transfer(msg, r, s, mb, slot)
+            done_at(off_wire, lambda: complete(key))  # off the wire: the sender's kernel is done
             waiting = recv_head.pop(msg, None)
             if waiting is None:
                 arrived[msg] = arrive
@@ -307,7 +364,7 @@ def simulate(inp: SimInput) -> SimResult:
                         begin = now
                     done = begin + wire_of[slot]
                     link_free[name] = done
-                    arrive = done + lat_of[slot]
+                    arrive = done + (latency(slot) if sampled else lat_of[slot])
                     push((s, r, "SEND", mb, begin, arrive, bytes_of[slot]))
                     waiter = recv_wait.pop(msg, None)
                     if waiter is None:

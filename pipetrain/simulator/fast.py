@@ -6,7 +6,8 @@ compute); edges are each rank's program order (weight: the node's duration) and 
 ``max(end of the previous node on its rank, end of the sender's node + wire + latency) + duration``:
 exactly what the simpy engine computes when nothing contends. It ignores what only the simpy
 engine models — shared compute groups, link contention (FIFO queues), buffer back-pressure and
-the host work per message (``SimInput.t_message_host_s``), and where receives are posted (it
+the host work per message (``SimInput.t_message_host_s``), a latency's distribution
+(``Link.latency_jitter``: it takes every message at the mean latency), and where receives are posted (it
 takes each as posted in time: ``SimInput.ops`` is ignored; ``recv_mode`` ``in-order`` is refused)
 — and is meant for the planner's
 screening of many candidates; the planner confirms its best ones in the simpy engine.

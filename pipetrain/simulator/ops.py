@@ -179,13 +179,15 @@ _ACTION_INDEX: dict[int, tuple[weakref.ref, list[dict]]] = {}
 
 @dataclass(frozen=True)
 class Tables:
-    """Per-input lookups by slot: ``dur[dur_slot]``; ``link/wire/latency/nbytes[link_slot]``."""
+    """Per-input lookups by slot: ``dur[dur_slot]``; ``link/wire/latency/nbytes/jitter[link_slot]``
+    (``jitter``: the link's latency multipliers, empty where its latency is fixed)."""
 
     dur: list[float]
     link: list[str]
     wire: list[float]
     latency: list[float]
     nbytes: list[int]
+    jitter: list[tuple[float, ...]]
 
 
 def tables(inp: SimInput) -> Tables:
@@ -194,6 +196,7 @@ def tables(inp: SimInput) -> Tables:
     wire: list[float] = []
     lat: list[float] = []
     nbytes: list[int] = []
+    jitter: list[tuple[float, ...]] = []
     for b in inp.boundaries:
         bwd = b.bwd_link
         assert bwd is not None  # BoundarySpec.__post_init__ sets it
@@ -202,7 +205,8 @@ def tables(inp: SimInput) -> Tables:
             wire.append(lk.wire_time_s(n))
             lat.append(lk.latency_s)
             nbytes.append(int(n))
-    return Tables(dur=dur, link=link, wire=wire, latency=lat, nbytes=nbytes)
+            jitter.append(lk.latency_jitter)
+    return Tables(dur=dur, link=link, wire=wire, latency=lat, nbytes=nbytes, jitter=jitter)
 
 
 def end_of_step(inp: SimInput, rank_end_s: list[float], grad_start_s: list[float],

@@ -38,7 +38,8 @@ class SimResult:
     during ``pipeline_time_s``; ``bubble_fraction`` their mean; a stage's bubble is its rank's.
     ``tflops_per_device`` and ``mfu`` are ``None`` when the input gave no FLOPs or peak.
     ``memory_timeline_per_stage[s]`` is ``((time_s, bytes), ...)`` at every change (simpy only;
-    empty from the fast evaluator).
+    empty from the fast evaluator). Where links' latencies are distributions, it is the median of
+    ``sampled_steps`` sampled steps (its own events and timeline), ``step_time_quartiles_s`` their spread.
     """
 
     evaluator: str
@@ -63,6 +64,11 @@ class SimResult:
     peak_memory_bytes_per_stage: tuple[float, ...]
     memory_timeline_per_stage: tuple[tuple[tuple[float, float], ...], ...] = ()
     num_compute_actions: int = 0
+    #: steps simulated, each with its messages' latencies drawn from their links' distributions
+    #: (:func:`pipetrain.simulator.simulate`); the result is the median one's. 1: one deterministic step
+    sampled_steps: int = 1
+    #: the sampled steps' step time at the first and third quartile (empty: one deterministic step)
+    step_time_quartiles_s: tuple[float, ...] = ()
     raw_events: tuple[EventTuple, ...] = field(default=(), repr=False, compare=False)
 
     @property

@@ -97,6 +97,8 @@ class Fidelity:
     stages: tuple[StageFidelity, ...]
     steps_measured: int
     meas_step_iqr_s: tuple[float, float] = (0.0, 0.0)
+    #: the simulation's own quartiles where it sampled steps (a link's latency distribution; empty: one step)
+    sim_step_iqr_s: tuple[float, ...] = ()
     #: the run used tensor parallelism / ZeRO: the per-stage collective columns apply
     has_tp: bool = False
     has_zero: bool = False
@@ -126,7 +128,8 @@ class Fidelity:
         return {"label": self.label, "cost_source": self.cost_source, "sim_step_s": self.sim_step_s, "meas_step_s": self.meas_step_s,
                 "step_error": self.step_error, "sim_pipeline_s": self.sim_pipeline_s, "meas_pipeline_s": self.meas_pipeline_s,
                 "sim_bubble": self.sim_bubble, "meas_bubble": self.meas_bubble, "steps_measured": self.steps_measured,
-                "meas_step_iqr_s": list(self.meas_step_iqr_s), "quiet_step_error": self.quiet_step_error,
+                "meas_step_iqr_s": list(self.meas_step_iqr_s), "sim_step_iqr_s": list(self.sim_step_iqr_s),
+                "quiet_step_error": self.quiet_step_error,
                 "stages": [{"stage": s.stage, "rank": s.rank, "sim_busy_s": s.sim_busy_s, "meas_busy_s": s.meas_busy_s,
                             "busy_error": s.busy_error, "sim_bubble": s.sim_bubble, "meas_bubble": s.meas_bubble,
                             "sim_activation_bytes": s.sim_activation_bytes, "meas_activation_bytes": s.meas_activation_bytes,
@@ -240,7 +243,7 @@ def compare(plan: Plan, inp: Any, sim: Any, meas: Measured, *, label: str = "", 
                     label=label or describe_plan(plan), cost_source=cost_source, sim_step_s=sim.step_time_s, meas_step_s=meas.step_time_s,
                     sim_pipeline_s=sim.pipeline_time_s, meas_pipeline_s=meas.pipeline_time_s, sim_bubble=sim.bubble_fraction,
                     meas_bubble=meas.bubble_fraction, stages=tuple(stages), steps_measured=len(meas.steps),
-                    meas_step_iqr_s=meas.step_time_iqr_s)
+                    meas_step_iqr_s=meas.step_time_iqr_s, sim_step_iqr_s=sim.step_time_quartiles_s)
 
 
 def describe_plan(plan: Plan) -> str:
@@ -316,6 +319,10 @@ def fidelity_table_rows(f: Fidelity) -> list[tuple[str, ...]]:
     return rows
 
 
+def _ms_pair(xs: Sequence[float]) -> str:
+    return " - ".join(f"{x * 1e3:.2f}" for x in xs) + " ms"
+
+
 def fidelity_lines(f: Fidelity) -> list[str]:
     """Plain-text summary (for the terminal after ``pipetrain run``)."""
     head = fidelity_table_head(f)
@@ -323,6 +330,8 @@ def fidelity_lines(f: Fidelity) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     out = [f"simulated vs measured ({f.cost_source}; median of {f.steps_measured} steps):",
            f"  step      sim {f.sim_step_s * 1e3:.2f} ms  measured {f.meas_step_s * 1e3:.2f} ms  error {f.step_error * 100:+.1f}%",
+           *([f"  step quartiles  sim {_ms_pair(f.sim_step_iqr_s)} (sampled message latencies)  measured {_ms_pair(f.meas_step_iqr_s)}"]
+             if f.sim_step_iqr_s else []),
            f"  pipeline  sim {f.sim_pipeline_s * 1e3:.2f} ms  measured {f.meas_pipeline_s * 1e3:.2f} ms  error {f.pipeline_error * 100:+.1f}%",
            f"  bubble    sim {f.sim_bubble * 100:.1f}%  measured {f.meas_bubble * 100:.1f}%"]
     for r in rows:
