@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -94,26 +95,55 @@ def _plan(c: Cfg) -> Any:
                        dtype="bf16" if c.precision == "bf16-mixed" else "fp32", precision=c.precision)
 
 
+#: launches in flight at once: a launch's wall time is mostly its interpreters starting (torch imports,
+#: the elastic agent, the rendezvous), which leaves a 2-core machine partly idle; two overlap well, and
+#: the in-process references run while they do
+CONCURRENT_LAUNCHES = 2
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    cache: dict[Cfg, dict[str, Any]] = {}
+def runs(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """``get(cfg)``: the launch of ``cfg`` and its fp32 reference. Every configuration this module's
+    selected tests use is launched, in test order, :data:`CONCURRENT_LAUNCHES` at a time, from the
+    first request on; a test waits for its own launch only."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     base = tmp_path_factory.mktemp("par")
+    cache: dict[Cfg, dict[str, Any]] = {}
+    pool = ThreadPoolExecutor(max_workers=CONCURRENT_LAUNCHES)
+    launched: dict[Cfg, Future[subprocess.CompletedProcess[str]]] = {}
+    selected = []  # the configurations of this module's selected tests, in the order they run
+    for it in request.session.items:
+        cs = getattr(it, "callspec", None)
+        if getattr(it, "module", None) is request.module and cs is not None and "cfg" in cs.params:
+            selected.append(cs.params["cfg"])
+
+    def start(cfg: Cfg) -> None:
+        if cfg in launched:
+            return
+        d = base / cfg.id
+        _plan(cfg).save(d / "plan.json")
+        cmd = [sys.executable, "-m", "pipetrain.executor.launch", str(d / "plan.json"), "--run-dir", str(d / "run"),
+               "--steps", str(STEPS), "--dataset", DATA, "--save-final"]
+        launched[cfg] = pool.submit(subprocess.run, cmd, capture_output=True, text=True, timeout=240)
 
     def get(cfg: Cfg) -> dict[str, Any]:
         if cfg not in cache:
+            for c in [cfg, *selected]:
+                start(c)
             plan = _plan(cfg)
-            d = base / cfg.id
-            plan.save(d / "plan.json")
-            cmd = [sys.executable, "-m", "pipetrain.executor.launch", str(d / "plan.json"), "--run-dir", str(d / "run"),
-                   "--steps", str(STEPS), "--dataset", DATA, "--save-final"]
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-            assert r.returncode == 0, r.stderr[-3000:]
             fp32 = plan if not cfg.precision else _plan(replace(cfg, precision=""))
-            cache[cfg] = {"plan": plan, "dir": d / "run", "result": load_result(d / "run"),
-                          "ref": reference_run(fp32, steps=STEPS, dataset=DATA)}
+            ref = reference_run(fp32, steps=STEPS, dataset=DATA)  # while the launches run
+            r = launched[cfg].result()
+            assert r.returncode == 0, r.stderr[-3000:]
+            d = base / cfg.id
+            cache[cfg] = {"plan": plan, "dir": d / "run", "result": load_result(d / "run"), "ref": ref}
         return cache[cfg]
 
-    return get
+    try:
+        yield get
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _t(xs: Any) -> Any:
