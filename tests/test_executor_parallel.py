@@ -12,9 +12,6 @@ with the fp32 reference at :data:`BF16_RTOL`.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -95,55 +92,34 @@ def _plan(c: Cfg) -> Any:
                        dtype="bf16" if c.precision == "bf16-mixed" else "fp32", precision=c.precision)
 
 
-#: launches in flight at once: a launch's wall time is mostly its interpreters starting (torch imports,
-#: the elastic agent, the rendezvous), which leaves a 2-core machine partly idle; two overlap well, and
-#: the in-process references run while they do
-CONCURRENT_LAUNCHES = 2
+#: the launch's arguments (tests/test_collectives.py reads the tp=2 x dp=2 ZeRO-1 run's telemetry: one launch for both)
+LAUNCH_ARGS = ("--steps", str(STEPS), "--dataset", DATA, "--save-final")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Any]:
-    """``get(cfg)``: the launch of ``cfg`` and its fp32 reference. Every configuration this module's
-    selected tests use is launched, in test order, :data:`CONCURRENT_LAUNCHES` at a time, from the
-    first request on; a test waits for its own launch only."""
-    from concurrent.futures import Future, ThreadPoolExecutor
-
-    base = tmp_path_factory.mktemp("par")
+def runs(launches: Any, request: pytest.FixtureRequest) -> Any:
+    """``get(cfg)``: the launch of ``cfg`` and its fp32 reference. From the first request on, every
+    configuration this module's selected tests use is queued, in test order (``launches`` runs two
+    at once); a test waits for its own launch only, and computes its reference while it runs."""
     cache: dict[Cfg, dict[str, Any]] = {}
-    pool = ThreadPoolExecutor(max_workers=CONCURRENT_LAUNCHES)
-    launched: dict[Cfg, Future[subprocess.CompletedProcess[str]]] = {}
     selected = []  # the configurations of this module's selected tests, in the order they run
     for it in request.session.items:
         cs = getattr(it, "callspec", None)
         if getattr(it, "module", None) is request.module and cs is not None and "cfg" in cs.params:
             selected.append(cs.params["cfg"])
 
-    def start(cfg: Cfg) -> None:
-        if cfg in launched:
-            return
-        d = base / cfg.id
-        _plan(cfg).save(d / "plan.json")
-        cmd = [sys.executable, "-m", "pipetrain.executor.launch", str(d / "plan.json"), "--run-dir", str(d / "run"),
-               "--steps", str(STEPS), "--dataset", DATA, "--save-final"]
-        launched[cfg] = pool.submit(subprocess.run, cmd, capture_output=True, text=True, timeout=240)
-
     def get(cfg: Cfg) -> dict[str, Any]:
         if cfg not in cache:
             for c in [cfg, *selected]:
-                start(c)
+                launches.start(_plan(c), *LAUNCH_ARGS)
             plan = _plan(cfg)
             fp32 = plan if not cfg.precision else _plan(replace(cfg, precision=""))
             ref = reference_run(fp32, steps=STEPS, dataset=DATA)  # while the launches run
-            r = launched[cfg].result()
-            assert r.returncode == 0, r.stderr[-3000:]
-            d = base / cfg.id
-            cache[cfg] = {"plan": plan, "dir": d / "run", "result": load_result(d / "run"), "ref": ref}
+            run_dir = launches.wait(plan, *LAUNCH_ARGS)
+            cache[cfg] = {"plan": plan, "dir": run_dir, "result": load_result(run_dir), "ref": ref}
         return cache[cfg]
 
-    try:
-        yield get
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    return get
 
 
 def _t(xs: Any) -> Any:
