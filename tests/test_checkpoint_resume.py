@@ -55,7 +55,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         plans[name] = simple_plan("tiny-gpt", m=4, mbs=1, seq_len=16, **kw)
         plans[name].save(base / f"{name}.json")
     first = base / "first"
-    rc, _, err = _wait(_start(base / "pp2.json", first, "--steps", str(SAVE_AT), "--checkpoint-every", str(SAVE_AT)))
+    started_first = _start(base / "pp2.json", first, "--steps", str(SAVE_AT), "--checkpoint-every", str(SAVE_AT))
+    ref = reference_run(plans["pp1"], steps=STEPS, dataset=DATA)  # while the first run runs (2 ranks: cores to spare)
+    rc, _, err = _wait(started_first)
     assert rc == 0, err[-3000:]
     out: dict[str, Any] = {"base": base, "plans": plans, "first": first}
     started = {}
@@ -63,7 +65,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         out[name] = base / name
         shutil.copytree(first, out[name])
         started[name] = _start(base / f"{name}.json", out[name], "--steps", str(STEPS), "--resume", "--save-final")
-    out["ref"] = reference_run(plans["pp1"], steps=STEPS, dataset=DATA)
+    out["ref"] = ref
     for p in started.values():
         rc, stdout, err = _wait(p)
         assert rc == 0, err[-3000:]

@@ -3,13 +3,12 @@ data-parallel collectives with them, and a tensor-parallel run's telemetry and f
 
 The probe's fits against its own measurements are checked on the one launch of it that `pipetrain
 calibrate` makes (tests/test_calibrate_cli.py::test_probe_measures_the_gloo_link); the run is the
-executor's bare launcher on 4 ranks (tp = 2 x dp = 2, ZeRO-1), as tests/test_executor_parallel.py launches it.
+executor's bare launcher on 4 ranks (tp = 2 x dp = 2, ZeRO-1): the launch tests/test_executor_parallel.py
+compares with the reference (its plan and arguments; one launch per session for both, conftest's ``launches``).
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,7 @@ def _plan(**kw: Any) -> Any:
     pytest.importorskip("torch")
     from pipetrain.executor.plans import simple_plan
 
-    return simple_plan("tiny-gpt", mbs=1, seq_len=SEQ, **kw)
+    return simple_plan("tiny-gpt", **{"mbs": 1, "seq_len": SEQ, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -113,32 +112,31 @@ def test_simulator_prices_the_zero_collective_with_the_calibrated_fit(graph: Any
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_tp_zero_run_telemetry_has_collective_spans_and_the_fidelity_table_their_columns(tmp_path: Path, graph: Any) -> None:
-    """tp = 2 x dp = 2 with ZeRO-1 (FSDP2 over dp on the tp shards), 4 ranks, one launch."""
+def test_tp_zero_run_telemetry_has_collective_spans_and_the_fidelity_table_their_columns(launches: Any) -> None:
+    """tp = 2 x dp = 2 with ZeRO-1 (FSDP2 over dp on the tp shards), 4 ranks, 4 micro-batches of 2, 3 steps."""
     pytest.importorskip("torch")
     from pipetrain.costs import AnalyticCostModel
     from pipetrain.executor.telemetry import read_telemetry
     from pipetrain.validation.measure import measure_run
 
-    plan = _plan(pp=1, dp=2, m=2, tp=2, zero=1)
-    plan.save(tmp_path / "plan.json")
-    r = subprocess.run([sys.executable, "-m", "pipetrain.executor.launch", str(tmp_path / "plan.json"), "--run-dir", str(tmp_path / "run"),
-                        "--steps", "2", "--dataset", "stdlib-text"], capture_output=True, text=True, timeout=200)
-    assert r.returncode == 0, r.stderr[-3000:]
+    m, mbs, steps = 4, 2, 3  # tests/test_executor_parallel.py's M, MBS and STEPS: its launch
+    plan = _plan(pp=1, dp=2, m=m, tp=2, zero=1, mbs=mbs)
+    run_dir = launches.wait(plan, "--steps", str(steps), "--dataset", "stdlib-text", "--save-final")
+    graph = trace_graph("tiny-gpt", micro_batch_size=mbs, seq_len=SEQ)
     layers = sum(1 for n in graph.nodes if n.layer is not None)
-    tel = read_telemetry(tmp_path / "run")
+    tel = read_telemetry(run_dir)
     assert sorted(tel) == [0, 1, 2, 3]
     for rank, recs in tel.items():
         fb = [e for e in recs if e.get("type") == "event" and e["kind"] in ("F", "B")]
-        assert len(fb) == 2 * 2 * 2, rank
+        assert len(fb) == steps * m * 2, rank
         for e in fb:  # DTensor's row-parallel all-reduces forward, the column-parallel input's backward, per layer;
             # and the vocabulary-parallel embedding's all-reduce forward, the head's input gradient's backward
             assert e["tp_collectives"] == 2 * layers + 1 and 0 < e["tp_comm_s"] < e["end_s"] - e["start_s"], e
             # FSDP2: the parameters' all-gather in the step's first forward, the gradients' reduce-scatter in its last backward
-            edge = (e["kind"], e["microbatch"]) in (("F", 0), ("B", 1))
+            edge = (e["kind"], e["microbatch"]) in (("F", 0), ("B", m - 1))
             assert (e["zero_collectives"] > 0) == edge, e
             assert (e["zero_comm_s"] > 0) == edge and e["tp_comm_s"] + e["zero_comm_s"] < e["end_s"] - e["start_s"], e
-    meas = measure_run(tmp_path / "run", plan, warmup_steps=1)
+    meas = measure_run(run_dir, plan, warmup_steps=1)
     inp, sim, _ = simulate_plan(plan, cost=AnalyticCostModel(), graph=graph)
     f = compare(plan, inp, sim, meas)
     head = fidelity_table_head(f)

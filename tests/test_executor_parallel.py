@@ -12,8 +12,6 @@ with the fp32 reference at :data:`BF16_RTOL`.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -94,23 +92,31 @@ def _plan(c: Cfg) -> Any:
                        dtype="bf16" if c.precision == "bf16-mixed" else "fp32", precision=c.precision)
 
 
+#: the launch's arguments (tests/test_collectives.py reads the tp=2 x dp=2 ZeRO-1 run's telemetry: one launch for both)
+LAUNCH_ARGS = ("--steps", str(STEPS), "--dataset", DATA, "--save-final")
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Any:
+def runs(launches: Any, request: pytest.FixtureRequest) -> Any:
+    """``get(cfg)``: the launch of ``cfg`` and its fp32 reference. From the first request on, every
+    configuration this module's selected tests use is queued, in test order (``launches`` runs two
+    at once); a test waits for its own launch only, and computes its reference while it runs."""
     cache: dict[Cfg, dict[str, Any]] = {}
-    base = tmp_path_factory.mktemp("par")
+    selected = []  # the configurations of this module's selected tests, in the order they run
+    for it in request.session.items:
+        cs = getattr(it, "callspec", None)
+        if getattr(it, "module", None) is request.module and cs is not None and "cfg" in cs.params:
+            selected.append(cs.params["cfg"])
 
     def get(cfg: Cfg) -> dict[str, Any]:
         if cfg not in cache:
+            for c in [cfg, *selected]:
+                launches.start(_plan(c), *LAUNCH_ARGS)
             plan = _plan(cfg)
-            d = base / cfg.id
-            plan.save(d / "plan.json")
-            cmd = [sys.executable, "-m", "pipetrain.executor.launch", str(d / "plan.json"), "--run-dir", str(d / "run"),
-                   "--steps", str(STEPS), "--dataset", DATA, "--save-final"]
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-            assert r.returncode == 0, r.stderr[-3000:]
             fp32 = plan if not cfg.precision else _plan(replace(cfg, precision=""))
-            cache[cfg] = {"plan": plan, "dir": d / "run", "result": load_result(d / "run"),
-                          "ref": reference_run(fp32, steps=STEPS, dataset=DATA)}
+            ref = reference_run(fp32, steps=STEPS, dataset=DATA)  # while the launches run
+            run_dir = launches.wait(plan, *LAUNCH_ARGS)
+            cache[cfg] = {"plan": plan, "dir": run_dir, "result": load_result(run_dir), "ref": ref}
         return cache[cfg]
 
     return get
