@@ -20,6 +20,7 @@ from pipetrain.calibration.overhead import (
     RuntimeOverhead,
     latency_jitter,
     pipeline_action_costs,
+    pipeline_allreduce,
     pipeline_message_latency,
 )
 from pipetrain.graph import LayerGraph
@@ -144,3 +145,39 @@ def test_calibration_prefers_the_pipelines_own_measurements() -> None:
     slow = cal.rescaled(2.0)
     assert slow.resume_s() == pytest.approx(1.2e-4) and slow.corun_speed() == cal.corun_speed()
     assert slow.pipeline_latency_s() == pytest.approx(1.5e-3)
+
+
+def _ar(rank_stage: int, start_ms: float, end_ms: float, step: int, nbytes: int = 65536) -> dict[str, Any]:
+    return {**_ev("ALLREDUCE", rank_stage, -1, start_ms, end_ms, step=step), "bytes": nbytes}
+
+
+def test_allreduce_as_the_pipeline_ran_it_prices_two_rank_allreduces() -> None:
+    from pipetrain.sharding import CollectiveFit, collective_time_s
+
+    recs = {
+        0: [_ar(0, 0.0, 9.0, step=0), _ar(0, 10.0, 10.5, step=1), _ar(0, 20.0, 23.0, step=2), _ar(0, 30.0, 30.9, step=3)],
+        # rank 1 enters first in steps 1 and 3 (it waits for rank 0), last in step 2
+        1: [_ar(1, 0.0, 9.0, step=0), _ar(1, 8.0, 10.5, step=1), _ar(1, 22.0, 23.0, step=2), _ar(1, 29.0, 30.9, step=3)],
+    }
+    # the last to enter: 0.5, 1.0, 0.9 ms (step 0 is warm-up) -> the median 0.9 ms at 64 KiB over 3 steps
+    assert pipeline_allreduce(recs, warmup=1) == (pytest.approx(0.9 * MS), 3, 65536)
+    assert pipeline_allreduce({0: recs[0]}, warmup=1) == (0.0, 0, 0)  # one rank: no collective to read
+    mixed = {0: recs[0], 1: [_ar(1, 8.0, 10.5, step=1, nbytes=4)]}
+    assert pipeline_allreduce(mixed, warmup=1) == (0.0, 0, 0)  # sizes differ: not one collective
+    probe = CollectiveFit(kind="all_reduce", ranks=2, backend="gloo", latency_s=1.5e-3, per_byte_s=1e-9,
+                          sizes_bytes=(16384, 1 << 20), seconds=(3.1e-3, 2.6e-3))
+    gather = CollectiveFit(kind="all_gather", ranks=2, backend="gloo", latency_s=3e-4, per_byte_s=6e-10)
+    plain = MessageHostCost(model="tiny-gpt", micro_batch_size=1, seq_len=32, host_s=1e-4, outside_one_rank_s=1e-3,
+                            outside_two_ranks_s=(2e-3, 2e-3), messages_per_rank=16)
+    cal = replace(_cal((replace(plain, pipeline_allreduce_s=0.9e-3, pipeline_allreduce_bytes=65536, pipeline_allreduce_steps=3),)),
+                  collectives=(probe, gather))
+    fits = cal.collectives_as_run()
+    # the probe's other collectives stay; the two-rank all-reduce is the pipeline's at its size plus the probe's per byte
+    assert fits[0] == gather and len(fits) == 2
+    link = topology_preset("local-cpu:2").nodes[0].link
+    assert collective_time_s("all_reduce", 65536, 2, link, fits) == pytest.approx(0.9e-3)
+    assert collective_time_s("all_reduce", 8, 2, link, fits) == pytest.approx(0.9e-3 - 65528 * 1e-9)  # the clipping's scalar
+    assert collective_time_s("all_reduce", 1 << 20, 2, link, fits) == pytest.approx(0.9e-3 + ((1 << 20) - 65536) * 1e-9)
+    assert _cal((plain,)).collectives_as_run() == ()  # nothing measured in a pipeline: the probe's (none here)
+    assert replace(_cal((plain,)), collectives=(probe,)).collectives_as_run() == (probe,)
+

@@ -31,7 +31,7 @@ from pipetrain.costs import NodeTimes, StageCost, stage_from_node_times
 from pipetrain.errors import ConfigError
 from pipetrain.graph import LayerGraph
 from pipetrain.serde import from_dict, median_merge, to_dict
-from pipetrain.sharding import CollectiveFit
+from pipetrain.sharding import CollectiveFit, find_fit
 from pipetrain.topology import DeviceType, Topology
 
 __all__ = ["CALIBRATION_FILE_VERSION", "P2PCost", "OptimizerCost", "Calibration", "MeasuredCostModel",
@@ -185,6 +185,25 @@ class Calibration:
         mean = sum(q) / k
         return tuple(v / mean for v in q) if mean > 0 else ()
 
+    def collectives_as_run(self) -> tuple[CollectiveFit, ...]:
+        """The measured collectives, the all-reduce of two ranks anchored where the calibration's
+        two-rank pipeline ran one (:func:`pipetrain.calibration.overhead.pipeline_allreduce`, the
+        tied weights' gradient after the backward pass): ``latency_s`` is that in-run time less the
+        probe's per-byte cost at its size, and larger tensors add the probe's per-byte cost (the
+        p2p link's without a probe). The probe times collectives between bursts of compute, and its
+        small sizes, all latency, moved 2-4x between calibrations minutes apart (0.8 and 3.1 ms at
+        16 KiB), where the pipeline's own all-reduce took 0.5-0.9 ms (benchmarks/RESULTS.md); the
+        simulator prices the tie and the clipping's scalar with it. Median over the measured models."""
+        piped = sorted((m.pipeline_allreduce_s, m.pipeline_allreduce_bytes) for m in self.messages if m.pipeline_allreduce_steps > 0)
+        if not piped:
+            return self.collectives
+        t, n = piped[(len(piped) - 1) // 2]
+        probe = find_fit(self.collectives, "all_reduce", 2)
+        beta = probe.per_byte_s if probe is not None else 1.0 / self.p2p.bandwidth_bytes_per_s
+        fit = CollectiveFit(kind="all_reduce", ranks=2, backend=probe.backend if probe is not None else self.p2p.backend,
+                            latency_s=max(0.0, t - n * beta), per_byte_s=beta, sizes_bytes=(n,), seconds=(t,))
+        return tuple(f for f in self.collectives if (f.kind, f.ranks) != ("all_reduce", 2)) + (fit,)
+
     def resume_s(self) -> float:
         """The node's extra seconds of an action after a wait: measured in the calibration's two-rank
         pipeline where it ran (:func:`pipetrain.calibration.overhead.pipeline_action_costs`), else by the
@@ -309,8 +328,9 @@ class MeasuredCostModel(CalibratedCostModel):
         return bool(self.calibration.runtime or self.calibration.messages)
 
     def collective_fits(self, device_type: DeviceType) -> tuple[CollectiveFit, ...]:
-        """The measured collectives, for groups of the calibrated device type (empty elsewhere)."""
-        return self.calibration.collectives if self._matches(device_type) else ()
+        """The measured collectives (:meth:`Calibration.collectives_as_run`), for groups of the
+        calibrated device type (empty elsewhere)."""
+        return self.calibration.collectives_as_run() if self._matches(device_type) else ()
 
     def tp_comm_per_layer_s(self, graph: LayerGraph, device_type: DeviceType) -> tuple[float, float] | None:
         """Seconds of one transformer layer's tensor-parallel collectives per micro-batch, in F and in

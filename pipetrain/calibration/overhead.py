@@ -30,7 +30,8 @@ Nothing in it is fitted to a pipeline: it is measured without one.
 CPU per message it reads that run's own compute actions and messages (:func:`pipeline_action_costs`,
 :func:`pipeline_message_latency`): what a wait costs the next action, the speed of two ranks
 computing at once, the latency to a blocked receiver and its distribution (:func:`latency_jitter`:
-the simulator samples it), and the actions back to back over the profile,
+the simulator samples it), the all-reduce of tied weights between the two ranks as the executor
+runs it (:func:`pipeline_allreduce`), and the actions back to back over the profile,
 which replaces ``factor``'s spans part in :meth:`~pipetrain.calibration.measured.Calibration.overhead_for`
 (a one-rank run computes without a pause, a pipeline's ranks between waits; on a loaded machine
 the one-rank run's spans came out several times slower than the pipeline's, figures:
@@ -48,7 +49,7 @@ from typing import Any
 from pipetrain.errors import ConfigError
 
 __all__ = ["RuntimeOverhead", "measure_runtime_overhead", "MessageHostCost", "measure_message_host_s", "PipelineActions",
-           "pipeline_action_costs", "pipeline_message_latency", "latency_jitter", "JITTER_QUANTILES", "HOT_GAP_S", "WAIT_GAP_S"]
+           "pipeline_action_costs", "pipeline_message_latency", "pipeline_allreduce", "latency_jitter", "JITTER_QUANTILES", "HOT_GAP_S", "WAIT_GAP_S"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -180,6 +181,11 @@ class MessageHostCost:
     pipeline_latency_messages: int = 0
     #: their distribution: :data:`JITTER_QUANTILES` quantiles over the mean (:func:`latency_jitter`; empty: not measured)
     pipeline_latency_jitter: tuple[float, ...] = ()
+    #: the same run's all-reduce of the tied weights' gradient between its two ranks (:func:`pipeline_allreduce`):
+    #: seconds, at that many bytes, over that many steps (0: not measured)
+    pipeline_allreduce_s: float = 0.0
+    pipeline_allreduce_bytes: int = 0
+    pipeline_allreduce_steps: int = 0
 
 
 #: an action that starts within this long of its rank's previous action ran "right after another"
@@ -307,6 +313,28 @@ def pipeline_message_latency(records: dict[int, list[dict[str, Any]]], *, warmup
     return mean, len(lat), tuple(t / mean for t in lat) if mean > 0 else ()
 
 
+def pipeline_allreduce(records: dict[int, list[dict[str, Any]]], *, warmup: int) -> tuple[float, int, int]:
+    """(median seconds, steps, bytes) of an all-reduce among the pipeline's ranks as the executor runs
+    it after the backward pass (the tied embedding/head's gradient, telemetry ``ALLREDUCE``): per
+    step after ``warmup`` where every rank ran one of the same size, the span of the rank that
+    entered last, whose partners were already waiting, so the span is the collective's own cost
+    and none of the pipeline's skew. ``(0.0, 0, 0)`` without such steps (a model without ties)."""
+    per_step: dict[int, list[dict[str, Any]]] = {}
+    for recs in records.values():
+        for e in recs:
+            if e.get("type") == "event" and e.get("kind") == "ALLREDUCE" and e["step"] >= warmup:
+                per_step.setdefault(e["step"], []).append(e)
+    spans, sizes = [], set()
+    for evs in per_step.values():
+        if len(evs) == len(records) >= 2 and len({e["bytes"] for e in evs}) == 1:
+            last = max(evs, key=lambda e: e["start_s"])
+            spans.append(last["end_s"] - last["start_s"])
+            sizes.add(int(last["bytes"]))
+    if not spans or len(sizes) != 1:
+        return 0.0, 0, 0
+    return statistics.median(spans), len(spans), sizes.pop()
+
+
 #: a latency distribution is kept as this many quantiles (multipliers of the mean)
 JITTER_QUANTILES = 32
 
@@ -396,6 +424,7 @@ def measure_message_host_s(profile: Any, *, num_microbatches: int = 8, steps: in
     runs_actions: list[PipelineActions] = []
     latencies: list[tuple[float, int]] = []
     ratios: list[float] = []  # each launch's latencies over its own mean, pooled: the shape, not the regime's level
+    allreduces: list[tuple[float, int, int]] = []
     for pp in (1, *([2] * pipeline_runs)):
         plan = simple_plan(p.model, pp=pp, m=num_microbatches, mbs=p.micro_batch_size, seq_len=p.seq_len, dtype=p.dtype)
         with tempfile.TemporaryDirectory(prefix="pipetrain-msgcost-") as tmp:
@@ -417,6 +446,9 @@ def measure_message_host_s(profile: Any, *, num_microbatches: int = 8, steps: in
                 if count:
                     latencies.append((mean, count))
                     ratios.extend(rel)
+                ar = pipeline_allreduce(recs, warmup=warmup)
+                if ar[1]:
+                    allreduces.append(ar)
     actions = _median_actions(runs_actions)
     latency = (statistics.median(t for t, _ in latencies), sum(n for _, n in latencies)) if latencies else (0.0, 0)
     # per rank, the median over the pipeline launches of its CPU outside the spans
@@ -426,6 +458,9 @@ def measure_message_host_s(profile: Any, *, num_microbatches: int = 8, steps: in
     host = max(0.0, statistics.mean(t - one for t in two) / msgs)
     extra: dict[str, Any] = {"pipeline_latency_s": latency[0], "pipeline_latency_messages": latency[1],
                              "pipeline_latency_jitter": latency_jitter(ratios)}
+    if allreduces:  # the launches ran the same plan: one size
+        extra |= {"pipeline_allreduce_s": statistics.median(t for t, _, _ in allreduces), "pipeline_allreduce_bytes": allreduces[0][2],
+                  "pipeline_allreduce_steps": sum(n for _, n, _ in allreduces)}
     extra |= {} if actions is None else {
         "pipeline_hot_ratio": actions.hot_ratio, "pipeline_resume_s": actions.resume_s,
         "pipeline_hot_actions": actions.hot_actions, "pipeline_waited_actions": actions.waited_actions,

@@ -302,7 +302,9 @@ def describe(cal: Calibration) -> list[tuple[str, str]]:
                          f"x{mc.pipeline_hot_ratio:.2f} the profile, {mc.pipeline_hot_actions} actions); speed "
                          f"{mc.pipeline_corun_speed:.2f} with both computing ({mc.pipeline_corun_actions} actions, 0: too few); "
                          f"{mc.pipeline_latency_s * 1e6:.0f} us to a blocked receiver ({mc.pipeline_latency_messages} messages"
-                         f"{_jitter_text(mc.pipeline_latency_jitter)})"))
+                         f"{_jitter_text(mc.pipeline_latency_jitter)})"
+                         + (f"; tied weights' all-reduce {mc.pipeline_allreduce_s * 1e3:.2f} ms at {mc.pipeline_allreduce_bytes // 1024} KiB "
+                            f"({mc.pipeline_allreduce_steps} steps; it prices 2-rank all-reduces)" if mc.pipeline_allreduce_steps else "")))
     if cal.wakeup is not None:
         w = cal.wakeup
         rows.append(("wake-up on busy cores", f"{w.wakeup_s * 1e6:.0f} us ({w.nbytes} B ping-pong one way: {w.idle_one_way_s * 1e6:.0f} us "

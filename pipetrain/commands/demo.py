@@ -164,8 +164,10 @@ def run(args: argparse.Namespace) -> int:
         _inp, csim, csource = simulate_plan(plan, calibration=cal, graph=res.graph())
     analytic_source = "analytic roofline (what `pipetrain plan` predicts without --calibration)"
     pr.say(f"analytic model:   step {sim.step_time_s * 1e3:.3g} ms, bubble {sim.bubble_fraction * 100:.1f}%, {sim.tokens_per_s:,.0f} tokens/s")
+    sampled = (f"; the median of {csim.sampled_steps} steps with the measured message latencies drawn, quartiles "
+               f"{csim.step_time_quartiles_s[0] * 1e3:.3g}-{csim.step_time_quartiles_s[1] * 1e3:.3g} ms") if csim.sampled_steps > 1 else ""
     pr.say(f"calibrated model: step {csim.step_time_s * 1e3:.3g} ms, bubble {csim.bubble_fraction * 100:.1f}%, "
-           f"{csim.tokens_per_s:,.0f} tokens/s ({csource}, the plan as the executor runs it)")
+           f"{csim.tokens_per_s:,.0f} tokens/s ({csource}, the plan as the executor runs it{sampled})")
 
     pr.phase(f"running {args.steps} steps on 2 gloo processes (stdlib-text corpus)")
     cfg = RunConfig(plan_path=str(plan_path), run_dir=str(run_dir), steps=args.steps, dataset="stdlib-text", save_final=True,

@@ -268,6 +268,9 @@ def _print(result: SimResult, inp: SimInput) -> None:
     head.add_column("metric")
     head.add_column("value", justify="right")
     head.add_row("step time", f"{result.step_time_s * 1e3:.4g} ms")
+    if result.sampled_steps > 1:
+        lo, hi = result.step_time_quartiles_s
+        head.add_row("sampled steps (latency distribution)", f"median of {result.sampled_steps}; quartiles {lo * 1e3:.4g} - {hi * 1e3:.4g} ms")
     head.add_row("bubble", f"{result.bubble_fraction * 100:.1f} %")
     head.add_row("samples/s per device", f"{result.samples_per_s_per_device:.4g}")
     head.add_row("samples/s", f"{result.samples_per_s:.4g}")
