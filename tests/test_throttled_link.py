@@ -53,7 +53,13 @@ def test_simulator_predicts_the_throttled_step_from_the_measured_link(two_nodes:
     t0 = time.time()
     two_nodes.shape(RATE_BIT_S)
     link = probe_link(two_nodes, port=29600, sizes_bytes=(4, 65536, 262144), repeats=3)
-    assert 0.85 <= link.bandwidth_bytes_per_s * 8 / RATE_BIT_S <= 1.05, link
+    # The shaping, from the two largest messages (their difference leaves the latency out): tbf
+    # counts wire bytes, headers too, so the payload rate is a few percent under the tbf rate.
+    (s1, s2), (t1, t2) = link.sizes_bytes[-2:], link.one_way_s[-2:]
+    assert 0.85 <= (s2 - s1) / (t2 - t1) * 8 / RATE_BIT_S <= 1.02, link
+    # The Hockney fit weighs every size's relative error alike, so a small message slowed on the busy
+    # machine tilts its slope: in one CI run a 2.0 ms 4-byte one-way took the fit to 1.07x the rate.
+    assert 0.85 <= link.bandwidth_bytes_per_s * 8 / RATE_BIT_S <= 1.15, link
     throttled = _step_s(two_nodes, plan_path, tmp_path, "throttled", 29601)
     two_nodes.unshape()
     unthrottled = _step_s(two_nodes, plan_path, tmp_path, "unthrottled", 29602)

@@ -8,7 +8,7 @@ start-up (see :mod:`pipetrain.executor.comm`); tied blocks on one rank share the
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from pipetrain.planner.zoo import ModelSpec, PipelineModel
 
 __all__ = ["StageModule", "load_spec", "build_meta", "materialize_blocks", "retie", "boundary_specs",
-           "check_boundaries", "stage_modules", "vocab_size_of", "dtype_name"]
+           "check_boundaries", "stage_modules", "vocab_size_of", "dtype_name", "microbatch_mean_loss"]
 
 
 def dtype_name(dt: torch.dtype) -> str:
@@ -74,6 +74,15 @@ class StageModule(nn.Module):
         for i in self.order:
             x = self.blocks[str(i)](x)
         return x
+
+
+def microbatch_mean_loss(losses: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A step's loss, the mean of its micro-batches' losses (fp32, shape ``[1]``).
+
+    The executor and the single-process reference both reduce through here: a sequential sum and
+    ``torch.sum``'s vectorised one differ in the last bit for some losses, and the parity tests
+    compare losses bit for bit."""
+    return torch.stack([x.reshape(()).float() for x in losses]).sum().reshape(1) / len(losses)
 
 
 def load_spec(name: str) -> ModelSpec:

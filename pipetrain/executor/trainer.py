@@ -186,6 +186,7 @@ class Trainer:
         import torch
         import torch.distributed as dist
 
+        from pipetrain.executor.stage import microbatch_mean_loss
         from pipetrain.executor.telemetry import rss_bytes
         plan, tel, rt, device = self.plan, self.telemetry, self.rt, self.device
         tel.begin_step()
@@ -210,7 +211,7 @@ class Trainer:
         tel.add("OPT", self.my_stages[0].index, -1, t0, tel.now())
         loss = None
         if self.need_targets:
-            lsum = torch.stack(losses).sum().float().reshape(1) / plan.num_microbatches
+            lsum = microbatch_mean_loss(losses)
             if self.groups.dp_group is not None:
                 dist.all_reduce(lsum, group=self.groups.dp_group)
                 lsum /= plan.dp

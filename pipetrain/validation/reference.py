@@ -49,7 +49,7 @@ def _run(plan: Plan, *, steps: int, dataset: str, lr: float, weight_decay: float
     from pipetrain.executor.comm import torch_dtype
     from pipetrain.executor.data import BatchSampler, batch_tensor, make_source
     from pipetrain.executor.optim import OptimConfig, clip_coefficient, grad_of, make_optimizer, squared_norms, unique_params
-    from pipetrain.executor.stage import build_meta, load_spec, materialize_blocks, stage_modules, vocab_size_of
+    from pipetrain.executor.stage import build_meta, load_spec, materialize_blocks, microbatch_mean_loss, stage_modules, vocab_size_of
 
     spec = load_spec(plan.model)
     model = build_meta(spec)
@@ -83,7 +83,7 @@ def _run(plan: Plan, *, steps: int, dataset: str, lr: float, weight_decay: float
         for d in range(dp):
             for p in params:
                 p.grad = None
-            lsum = torch.zeros((), dtype=torch.float32)
+            mb_losses = []
             for ids in idx[d]:
                 x = batch_tensor(source.inputs, ids, dev)
                 y = batch_tensor(source.targets, ids, dev)
@@ -97,9 +97,9 @@ def _run(plan: Plan, *, steps: int, dataset: str, lr: float, weight_decay: float
                         x = x.to(casts[s])
                 loss = spec.loss(x.float(), y)
                 (loss * (1.0 / (m * dp))).backward()
-                lsum = lsum + loss.detach().float()
+                mb_losses.append(loss.detach())
             replica_grads.append([p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params])
-            replica_loss.append(lsum / m)
+            replica_loss.append(microbatch_mean_loss(mb_losses))
         for k, p in enumerate(params):
             g = replica_grads[0][k]
             for d in range(1, dp):
