@@ -237,10 +237,11 @@ def test_probe_measures_the_gloo_link(tmp_path: Path, monkeypatch: pytest.Monkey
         # most at a memcpy's 50 GB/s (the sizes' own order is not asserted: on a loaded machine the
         # 16 KiB median came out above the 2 MiB one, gloo's fixed cost being most of both)
         assert f.seconds[-1] >= COLL_SIZES[-1] / 50e9, (f.kind, f.seconds)
-        errors = [abs(f.time_s(b) - t) / t for b, t in zip(f.sizes_bytes, f.seconds)]
+        errors = [abs(f.latency_s + b * f.per_byte_s - t) / t for b, t in zip(f.sizes_bytes, f.seconds)]
         # the machine is shared: one size may be off by a burst of load, the fit must hold at the others
         assert statistics.median(errors) < 0.5, (f.kind, f.seconds, errors)
-        assert f.time_s(2 << 20) > f.time_s(16 << 10) > 0
+        # and the price the simulator takes is the measurement at the measured sizes
+        assert [f.time_s(b) for b in f.sizes_bytes] == pytest.approx(list(f.seconds))
     # the co-run speed of 1 and 2 ranks computing at once, carried by the node
     (c,) = cal.corun
     assert (c.model, c.micro_batch_size, len(c.speed)) == ("mlp-uneven", 2, 2) and c.speed[0] == 1.0 and 0 < c.speed[1] <= 1.5
