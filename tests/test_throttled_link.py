@@ -58,7 +58,7 @@ def test_simulator_predicts_the_throttled_step_from_the_measured_link(two_nodes:
     (s1, s2), (t1, t2) = link.sizes_bytes[-2:], link.one_way_s[-2:]
     assert 0.85 <= (s2 - s1) / (t2 - t1) * 8 / RATE_BIT_S <= 1.02, link
     # The Hockney fit weighs every size's relative error alike, so a small message slowed on the busy
-    # machine tilts its slope: in one CI run a 2.0 ms 4-byte one-way took the fit to 1.07x the rate.
+    # machine tilts its slope above the rate (the shaping check above is the strict one).
     assert 0.85 <= link.bandwidth_bytes_per_s * 8 / RATE_BIT_S <= 1.15, link
     throttled = _step_s(two_nodes, plan_path, tmp_path, "throttled", 29601)
     two_nodes.unshape()
